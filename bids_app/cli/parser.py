@@ -1,0 +1,165 @@
+"""Command-line parsing: argv -> validated :class:`~bids_app.config.RunConfig`.
+
+Only the standard library and the app's light modules are imported here, so that
+``epvs-bids --help`` and ``--version`` answer at once (no torch, no nipype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from .. import __version__
+from ..config import METHODS, RunConfig
+from ..errors import MissingInputError, OutputError, UsageError
+
+_MEM_UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UsageError` (exit 64) instead of exiting with 2."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory size with a unit into MB.
+
+    Examples
+    --------
+    >>> parse_memory("8G"), parse_memory("500MB"), parse_memory("1.5GB")
+    (8192, 500, 1536)
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT])(?:i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r}: give a number and a unit, e.g. 8G or 16000MB")
+    value = float(match.group(1)) * _MEM_UNITS[match.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"memory size {text!r} is below 1 MB")
+    return int(round(value))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``epvs-bids`` argument parser (BIDS-App conventions)."""
+    parser = _Parser(
+        prog="epvs-bids",
+        description="Find and measure enlarged perivascular spaces (ePVS) in a BIDS dataset. "
+        "Run 'epvs-bids demo' for a worked example on real MRI shipped with the package.",
+        epilog="Exit codes: 0 success, 1 failure, 16 BIDS validation failed, 18 filters or labels selected "
+        "nothing, 64 usage error, 65 bad input data, 66 required input missing, 73 cannot create output, "
+        "74 I/O error while writing.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset (never written to)")
+    parser.add_argument("output_dir", type=Path, help="root of the output derivatives dataset")
+    parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
+    parser.add_argument("--version", action="version", version=f"epvs-bids {__version__}")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument(
+        "--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+        help="participants to process ('sub-01' or '01'; several allowed); default: all",
+    )
+    sel.add_argument(
+        "--session-label", "--session_label", nargs="+", metavar="LABEL",
+        help="sessions to process ('ses-1' or '1'); default: all",
+    )
+    sel.add_argument(
+        "--bids-filter-file", type=Path, metavar="FILE",
+        help="JSON file of pybids filters per role, e.g. {\"t2w\": {\"acquisition\": \"highres\"}}; "
+        "roles: t2w, t1w, flair, swi",
+    )
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                     help="do not run the BIDS validator on the input")
+
+    proc = parser.add_argument_group("processing")
+    proc.add_argument("--method", choices=METHODS, default="frangi",
+                      help="ePVS detection method (default: %(default)s)")
+    proc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where networks run: auto uses CUDA when present (default: %(default)s)")
+    proc.add_argument("--random-seed", type=int, default=42, help="master random seed (default: %(default)s)")
+    proc.add_argument("--overwrite", action="store_true",
+                      help="recompute participants whose outputs are already complete")
+
+    perf = parser.add_argument_group("resources")
+    perf.add_argument("-w", "--work-dir", type=Path, help="working directory (default: <output_dir>/../work)")
+    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, help="CPU cores to use (default: all)")
+    perf.add_argument("--omp-nthreads", type=_positive_int, help="threads per process (default: nprocs)")
+    perf.add_argument("--mem", type=parse_memory, metavar="SIZE", help="memory limit with a unit, e.g. 8G")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    return parser
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse and validate the command line.
+
+    Raises
+    ------
+    UsageError
+        Bad options (exit 64), including an output or work directory inside ``bids_dir``.
+    OutputError
+        The output or work directory cannot be created (exit 73).
+    """
+    opts = build_parser().parse_args(argv)
+    from ..query import load_filters, normalize_labels  # after parsing: --help stays light
+
+    bids_dir = opts.bids_dir.expanduser().absolute()
+    output_dir = opts.output_dir.expanduser().absolute()
+    work_dir = (opts.work_dir or output_dir.parent / "work").expanduser().absolute()
+    for name, path in (("output directory", output_dir), ("work directory", work_dir)):
+        if _is_within(path, bids_dir):
+            raise UsageError(f"the {name} {path} is inside the BIDS dataset {bids_dir}; choose a folder outside it")
+    if not bids_dir.is_dir():
+        raise MissingInputError("BIDS directory does not exist", bids_dir)
+    if bids_dir.resolve() == output_dir.resolve():
+        raise UsageError("output directory and BIDS directory are the same folder")
+    nprocs = opts.nprocs or os.cpu_count() or 1
+    omp = min(opts.omp_nthreads or nprocs, nprocs)
+    filters = load_filters(opts.bids_filter_file) if opts.bids_filter_file else {}
+    for path in (output_dir, work_dir):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create directory ({exc.strerror or exc})", path) from exc
+        if not os.access(path, os.W_OK):
+            raise OutputError("directory is not writable", path)
+    labels = normalize_labels(opts.participant_label, "sub")
+    sessions = normalize_labels(opts.session_label, "ses")
+    return RunConfig(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=opts.analysis_level,
+        work_dir=work_dir,
+        participant_label=tuple(labels) if labels else None,
+        session_label=tuple(sessions) if sessions else None,
+        bids_filters=filters,
+        nprocs=nprocs,
+        omp_nthreads=omp,
+        mem_mb=opts.mem,
+        skip_bids_validation=opts.skip_bids_validation,
+        device=opts.device,
+        method=opts.method,
+        overwrite=opts.overwrite,
+        random_seed=opts.random_seed,
+        verbosity=opts.verbose,
+    )

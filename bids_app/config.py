@@ -1,0 +1,88 @@
+"""The run configuration: one frozen dataclass, built by the parser, passed explicitly.
+
+Compute code never reads it: runners pass the few fields a function needs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+#: Detection methods available with ``--method``.
+METHODS = ("frangi",)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs, validated by :func:`bids_app.cli.parser.parse_args`."""
+
+    #: Root of the input BIDS dataset (read only; never written).
+    bids_dir: Path
+    #: Root of the output BIDS-Derivatives dataset.
+    output_dir: Path
+    #: ``participant`` or ``group``.
+    analysis_level: str
+    #: Working directory for intermediate files (reruns resume from it).
+    work_dir: Path
+    #: Participant labels without ``sub-`` (None = all).
+    participant_label: tuple[str, ...] | None = None
+    #: Session labels without ``ses-`` (None = all).
+    session_label: tuple[str, ...] | None = None
+    #: Extra pybids filters per role (``t2w``, ``t1w``, ``flair``, ``swi``), from ``--bids-filter-file``.
+    bids_filters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Maximum number of CPU cores used in total.
+    nprocs: int = 1
+    #: Threads per process (ITK, torch, BLAS).
+    omp_nthreads: int = 1
+    #: Memory limit in MB (None = no limit given).
+    mem_mb: int | None = None
+    #: Skip the BIDS validator.
+    skip_bids_validation: bool = False
+    #: ``auto``, ``cpu`` or ``cuda``.
+    device: str = "auto"
+    #: ePVS detection method.
+    method: str = "frangi"
+    #: Recompute participants whose outputs are already complete.
+    overwrite: bool = False
+    #: Master random seed (registration sampling, any stochastic step).
+    random_seed: int = 42
+    #: Logging verbosity count (``-v``).
+    verbosity: int = 0
+    #: Unique identifier of this run (log and config file names).
+    run_uuid: str = field(default_factory=lambda: f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/TOML-ready dictionary (paths as strings, None dropped)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
+
+    def to_toml(self) -> str:
+        """The configuration as TOML text (``[execution]`` table; filters as a JSON string)."""
+        lines = ["[execution]"]
+        for key, value in self.to_dict().items():
+            if key == "bids_filters":
+                value = json.dumps(value, sort_keys=True)
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string

@@ -1,0 +1,515 @@
+"""Participant level: query -> plan -> preprocess -> detect -> measure -> derivatives + report.
+
+Each subject x session is a separate unit of work. A failing unit is recorded (with
+its error and exit code) and the others go on; a unit whose outputs are complete is
+skipped on a rerun unless ``--overwrite`` is given, and expensive intermediate
+images are cached in the work directory so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import RunConfig
+from .derivatives import (
+    bids_name,
+    bids_uri,
+    init_output_dir,
+    source_entities,
+    subject_dir,
+    write_json,
+    write_nifti,
+    write_tsv,
+)
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EpvsError,
+    InputError,
+    exit_code_for,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+#: Polarity of ePVS (CSF-like) per contrast: True = brighter than tissue.
+BRIGHT_EPVS = {"T2w": True, "T1w": False, "FLAIR": False, "SWI": False}
+
+#: Single-sequence inputs the Frangi baseline can use, in ranking order.
+FRANGI_SUPPORTED = (("T2w",), ("T1w",), ("FLAIR",))
+
+
+@dataclass
+class UnitResult:
+    """Outcome of one subject x session unit."""
+
+    label: str
+    status: str  # "complete", "skipped", "failed"
+    exit_code: int = EXIT_OK
+    message: str = ""
+    outputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- helpers
+def sha256sum(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def status_path(output_dir: Path, label: str) -> Path:
+    """Where the completion record of a unit lives (``logs/status/<label>.json``)."""
+    return Path(output_dir) / "logs" / "status" / f"{label}.json"
+
+
+def _cached(work: Path, name: str, key: str, compute: Callable[[], Any]):
+    """Return ``compute()``, cached as NIfTI in ``work`` under ``name`` + ``key``."""
+    import nibabel as nib
+
+    from .derivatives import atomic_path
+
+    path = work / f"{name}-{key[:12]}.nii.gz"
+    if path.exists():
+        try:
+            img = nib.load(str(path))
+            return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
+        except Exception:  # a damaged cache entry is recomputed
+            LOGGER.debug("recomputing damaged cache entry %s", path)
+    img = compute()
+    with atomic_path(path) as tmp:
+        img.to_filename(str(tmp))
+    return img
+
+
+def set_threads(n: int) -> None:
+    """Limit the threads of ITK, BLAS/OpenMP and torch in this process."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+
+        torch.set_num_threads(n)
+    except Exception:  # pragma: no cover - torch missing or already initialised
+        pass
+
+
+def validate_bids(bids_dir: Path) -> list[str]:
+    """Run bids-validator-deno on the input dataset.
+
+    Returns
+    -------
+    list of str
+        Warning codes (deduplicated).
+
+    Raises
+    ------
+    ValidationError
+        When the validator reports errors (exit 16), listing the first few.
+    """
+    import shutil
+    import subprocess
+
+    from .errors import ValidationError
+
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    if exe is None:
+        LOGGER.warning("bids-validator-deno not found: skipping BIDS validation")
+        return []
+    proc = subprocess.run(
+        [exe, str(bids_dir), "--format", "json", "--ignoreNiftiHeaders"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        report = json.loads(proc.stdout)
+        issues = report.get("issues", {}).get("issues", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise ValidationError(f"the BIDS validator failed: {proc.stderr.strip()[:300]}", bids_dir) from None
+    errors = [i for i in issues if i.get("severity") == "error"]
+    if errors:
+        shown = "; ".join(f"{i.get('code')} at {i.get('location', '?')}" for i in errors[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValidationError(
+            f"BIDS validation failed with {len(errors)} error(s): {shown}{more}. "
+            "Fix the dataset or pass --skip-bids-validation.",
+            bids_dir,
+        )
+    return sorted({str(i.get("code")) for i in issues})
+
+
+# ------------------------------------------------------------------------ the run
+def run_participant_level(config: RunConfig) -> int:
+    """Run every selected subject x session; return the exit code.
+
+    The exit code is 0 when every unit completed (or was already complete), otherwise
+    the code of the units' errors (e.g. 65 for a corrupt image), or 1 when the failing
+    units have different codes. Other units' outputs are always kept.
+    """
+    from .plan import plan_session
+    from .query import check_dataset, collect_sessions, load_layout
+
+    check_dataset(config.bids_dir)
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        warnings_ = validate_bids(config.bids_dir)
+        LOGGER.info("BIDS validation passed%s", f" with warnings: {', '.join(warnings_)}" if warnings_ else "")
+    # one index per run: concurrent runs (other participants, same work dir) never share it
+    db_dir = config.work_dir / "pybids_db" / config.run_uuid
+    try:
+        layout = load_layout(config.bids_dir, database_dir=db_dir, reset_database=True)
+        units = collect_sessions(
+            layout,
+            participant_labels=config.participant_label,
+            session_labels=config.session_label,
+            bids_filters=config.bids_filters,
+        )
+    finally:
+        shutil.rmtree(db_dir, ignore_errors=True)
+    init_output_dir(config.output_dir, config.bids_dir)
+    LOGGER.info("%d unit(s) of work: %s", len(units), ", ".join(u.label for u in units))
+
+    jobs = []
+    results: list[UnitResult] = []
+    for unit in units:
+        try:
+            plan = plan_session(unit, method=config.method, supported=FRANGI_SUPPORTED)
+        except EpvsError as exc:
+            LOGGER.error("%s: %s", unit.label, exc)
+            results.append(UnitResult(unit.label, "failed", exc.exit_code, str(exc)))
+            _write_status(config.output_dir, results[-1], None)
+            continue
+        for sentence in plan.reasons:
+            LOGGER.info("%s: %s", plan.label, sentence)
+        jobs.append(plan)
+
+    kwargs = {
+        "bids_dir": config.bids_dir,
+        "output_dir": config.output_dir,
+        "work_dir": config.work_dir,
+        "overwrite": config.overwrite,
+        "seed": config.random_seed,
+        "omp_nthreads": config.omp_nthreads,
+        "device": config.device,
+    }
+    n_workers = max(1, min(len(jobs), config.nprocs // max(1, config.omp_nthreads)))
+    if n_workers == 1:
+        set_threads(config.omp_nthreads)
+        results += [run_unit(plan, **kwargs) for plan in jobs]
+    else:
+        with ProcessPoolExecutor(n_workers) as pool:
+            results += list(pool.map(_run_unit_star, [(plan, kwargs) for plan in jobs]))
+
+    _log_summary(results)
+    failed = [r for r in results if r.status == "failed"]
+    if not failed:
+        return EXIT_OK
+    codes = {r.exit_code for r in failed}
+    return codes.pop() if len(codes) == 1 else EXIT_FAILURE
+
+
+def _run_unit_star(args):
+    plan, kwargs = args
+    set_threads(kwargs["omp_nthreads"])
+    return run_unit(plan, **kwargs)
+
+
+def _log_summary(results: list[UnitResult]) -> None:
+    done = [r for r in results if r.status in ("complete", "skipped")]
+    LOGGER.info("participant level finished: %d of %d unit(s) complete", len(done), len(results))
+    for r in results:
+        if r.status == "failed":
+            LOGGER.error("FAILED %s (exit %d): %s", r.label, r.exit_code, r.message)
+
+
+def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrite: bool = False,
+             seed: int = 42, omp_nthreads: int = 1, device: str = "auto") -> UnitResult:
+    """Process one planned subject x session, never raising: failures become a result."""
+    label = plan.label
+    started = time.monotonic()
+    inputs_key = _inputs_key(plan)
+    status_file = status_path(output_dir, label)
+    if not overwrite and _is_complete(status_file, inputs_key, output_dir):
+        LOGGER.info("%s: outputs complete, skipping (use --overwrite to recompute)", label)
+        return UnitResult(label, "skipped")
+    try:
+        outputs = process_unit(plan, bids_dir=bids_dir, output_dir=output_dir,
+                               work_dir=Path(work_dir) / label, seed=seed, device=device)
+    except Exception as exc:
+        code = exit_code_for(exc)
+        message = str(exc) if isinstance(exc, (EpvsError, OSError)) else f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, EpvsError):
+            LOGGER.debug("%s: unexpected error", label, exc_info=True)
+        LOGGER.error("%s: %s", label, message)
+        result = UnitResult(label, "failed", code, message, seconds=time.monotonic() - started)
+        _write_status(output_dir, result, inputs_key)
+        return result
+    result = UnitResult(label, "complete", outputs=outputs, seconds=time.monotonic() - started)
+    _write_status(output_dir, result, inputs_key)
+    LOGGER.info("%s: done in %.0f s", label, result.seconds)
+    return result
+
+
+def _inputs_key(plan) -> str:
+    h = hashlib.sha256()
+    h.update(__version__.encode())
+    h.update(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode())
+    for role in sorted(plan.images):
+        st = Path(plan.images[role].path).stat()
+        h.update(f"{role}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _is_complete(status_file: Path, key: str, output_dir: Path) -> bool:
+    try:
+        status = json.loads(status_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (
+        status.get("status") == "complete"
+        and status.get("inputs_key") == key
+        and all((output_dir / rel).exists() for rel in status.get("outputs", []))
+    )
+
+
+def _write_status(output_dir: Path, result: UnitResult, key: str | None) -> None:
+    write_json(status_path(output_dir, result.label), {
+        "label": result.label, "status": result.status, "exit_code": result.exit_code,
+        "message": result.message, "outputs": result.outputs, "inputs_key": key,
+        "seconds": round(result.seconds, 1), "version": __version__,
+    })
+
+
+# ------------------------------------------------------------------ one unit of work
+def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed: int = 42,
+                 device: str = "auto") -> list[str]:
+    """Preprocess, detect and write every output of one unit; return output paths (relative).
+
+    Raises
+    ------
+    InputError
+        An input image is unreadable or unusable (names the file).
+    """
+    import nibabel as nib
+
+    from epvsprep import ops
+    from epvsseg import frangi, postproc
+
+    from .reports.participant import make_figures, write_report
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    def tick(step: str) -> None:
+        nonlocal t0
+        timings[step] = round(time.monotonic() - t0, 2)
+        t0 = time.monotonic()
+
+    ref_role = plan.reference
+    ref_path = Path(plan.images[ref_role].path)
+    originals, conformed, digests = {}, {}, {}
+    for role, image in plan.images.items():
+        path = Path(image.path)
+        try:
+            originals[role] = ops.load(path)
+            conformed[role] = ops.conform(originals[role], name=path)
+        except ops.ImageError as exc:
+            raise InputError(exc.problem, path) from exc
+        digests[role] = sha256sum(path)
+    tick("load")
+    ref_img = conformed[ref_role]
+    key = digests[ref_role]
+
+    n4 = _cached(work_dir, f"{ref_role}_n4", key, lambda: ops.n4_bias_correct(ref_img))
+    tick("n4")
+    try:
+        brain = _cached(work_dir, "brainmask", key, lambda: ops.brain_mask(n4))
+    except ops.ImageError as exc:
+        raise InputError(exc.problem, ref_path) from exc
+    tick("brain_mask")
+    mask = np.asanyarray(brain.dataobj) > 0
+    voxel_mm3 = ops.voxel_volume_mm3(ref_img)
+    brain_mm3 = float(mask.sum() * voxel_mm3)
+
+    qc: dict[str, Any] = {"brain_volume_mm3": round(brain_mm3, 1)}
+    lo, hi = ops.BRAIN_VOLUME_RANGE_MM3
+    warnings_: list[str] = []
+    if not lo <= brain_mm3 <= hi:
+        warnings_.append(
+            f"brain mask volume {brain_mm3 / 1e3:.0f} cm³ is outside the usual adult range "
+            f"{lo / 1e3:.0f}-{hi / 1e3:.0f} cm³: check the brain mask figure"
+        )
+
+    coregistered = {}
+    for role, img in conformed.items():
+        if role == ref_role:
+            continue
+        rkey = hashlib.sha256((digests[role] + key + str(seed)).encode()).hexdigest()
+        moving = _cached(work_dir, f"{role}_n4", digests[role], lambda img=img: ops.n4_bias_correct(img))
+        reg_json = work_dir / f"{role}_to_{ref_role}-{rkey[:12]}.json"
+
+        def _register(moving=moving, reg_json=reg_json):
+            result = ops.register_rigid(moving, n4, fixed_mask=brain, seed=seed)
+            reg_json.write_text(json.dumps({
+                "similarity_before": result.similarity_before, "similarity_after": result.similarity_after,
+                "ok": result.ok, "matrix": result.matrix.tolist(),
+            }))
+            return result.image
+
+        coregistered[role] = _cached(work_dir, f"{role}_to_{ref_role}", rkey, _register)
+        reg = json.loads(reg_json.read_text())
+        qc[f"{role}_to_{ref_role}_mi_before"] = round(reg["similarity_before"], 4)
+        qc[f"{role}_to_{ref_role}_mi_after"] = round(reg["similarity_after"], 4)
+        qc[f"{role}_to_{ref_role}_ok"] = bool(reg["ok"])
+        if not reg["ok"]:
+            warnings_.append(f"co-registration of {role} to {ref_role} looks failed (mutual information did "
+                             "not improve, or rotation > 45°): check the registration figure")
+        tick(f"coreg_{role}")
+
+    params = frangi.FrangiParams()
+    bright = BRIGHT_EPVS[ref_role]
+    data = np.asanyarray(n4.dataobj).astype(np.float32)
+    spacing = ops.spacing_mm(n4)
+    score, detected = frangi.detect(data, spacing, mask, bright=bright, params=params)
+    tick("detect")
+    labels, n_clusters = postproc.label_clusters(detected)
+    table = postproc.cluster_table(labels, n4.affine, score=score)
+    total_mm3 = float(detected.sum() * voxel_mm3)
+    tick("clusters")
+
+    # ---- outputs, in the reference image's own grid and orientation
+    original_ref = originals[ref_role]
+    if len(original_ref.shape) == 4:
+        original_ref = original_ref.slicer[..., 0]
+    back = lambda arr: ops.restore_orientation(arr, original_ref)  # noqa: E731
+    ents = source_entities(plan.images[ref_role].entities)
+    desc = "".join(plan.combination)
+    out_dir = subject_dir(output_dir, plan.subject, plan.session)
+    rel_source = {role: Path(img.path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+                  for role, img in plan.images.items()}
+    sources = [bids_uri("raw", rel_source[r]) for r in plan.combination]
+    common = {
+        "Sources": sources,
+        "SpatialReference": bids_uri("raw", rel_source[ref_role]),
+        "EpvsMethod": plan.method,
+        "ModelId": plan.model_id,
+        "InputSequences": list(plan.combination),
+        "SequenceSelection": list(plan.reasons),
+        "SoftwareVersion": __version__,
+    }
+    written: list[Path] = []
+
+    def name(suffix: str, ext: str, **extra) -> Path:
+        return out_dir / bids_name({**ents, **extra}, suffix, ext)
+
+    # ePVS mask
+    p = name("mask", ".nii.gz", label="PVS", desc=desc)
+    written.append(write_nifti(p, back(detected.astype(np.uint8)), original_ref, np.uint8))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        **common, "Type": "ROI",
+        "Description": "Binary mask of enlarged perivascular spaces (1 = ePVS) detected by multiscale "
+                       "Frangi vesselness on the bias-corrected, brain-masked reference image.",
+        "Threshold": params.threshold, "Connectivity": 26, "Parameters": params.to_dict(),
+    }))
+    # score map
+    p = name("probseg", ".nii.gz", label="PVS", desc=desc)
+    written.append(write_nifti(p, back(score.astype(np.float32)), original_ref, np.float32))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        **common,
+        "Description": "ePVS score in [0, 1]: multiscale Frangi vesselness normalised as described in "
+                       "docs/frangi.md. It is a detection score, not a calibrated probability.",
+        "Parameters": params.to_dict(),
+    }))
+    # cluster map + per-cluster table (a dseg look-up table with measures)
+    p = name("dseg", ".nii.gz", seg="PVSclusters", desc=desc)
+    written.append(write_nifti(p, back(labels.astype(np.int32)), original_ref, np.int32))
+    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), table))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        **common,
+        "Description": "26-connected ePVS clusters; each voxel holds its cluster index. The TSV lists "
+                       "one row per cluster; centroids are in the voxel grid of this image and in "
+                       "scanner millimetres (RAS+).",
+        **postproc.CLUSTER_COLUMNS,
+    }))
+    # brain mask and preprocessed reference
+    p = name("mask", ".nii.gz", desc="brain")
+    written.append(write_nifti(p, back(mask.astype(np.uint8)), original_ref, np.uint8))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        "Type": "Brain", "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
+        "Description": "Brain mask from deepbet on the bias-corrected reference image.",
+        "BrainVolume_mm3": round(brain_mm3, 1),
+    }))
+    preproc_ents = {k: v for k, v in ents.items()}
+    p = out_dir / bids_name({**preproc_ents, "desc": "preproc"}, ref_role, ".nii.gz")
+    written.append(write_nifti(p, back(data), original_ref, np.float32))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        "SkullStripped": False, "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
+        "Description": "Reference image after N4 bias-field correction (antspyx), in its original grid.",
+    }))
+    tick("write")
+
+    summary = {
+        "label": plan.label, "subject": plan.subject, "session": plan.session,
+        "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
+        "n_clusters": int(n_clusters), "total_volume_mm3": round(total_mm3, 2),
+        "brain_volume_mm3": round(brain_mm3, 1), "qc": qc, "warnings": warnings_,
+        "version": __version__, "device": "cpu", "timings_s": timings,
+    }
+    figures = make_figures(
+        figure_dir=Path(output_dir) / f"sub-{plan.subject}" / "figures",
+        stem=bids_name({"sub": plan.subject, **({"ses": plan.session} if plan.session else {})}, "", "").rstrip("_"),
+        reference=data, mask=mask, epvs=detected, affine=n4.affine, ref_role=ref_role,
+        coregistered={r: np.asanyarray(im.dataobj) for r, im in coregistered.items()},
+    )
+    provenance = {
+        **summary,
+        "inputs": {role: {"path": rel_source[role], "sha256": digests[role]} for role in plan.images},
+        "plan": plan.to_dict(), "parameters": params.to_dict(), "random_seed": seed,
+        "software": _software_versions(),
+    }
+    prov_path = Path(output_dir) / "logs" / f"{plan.label}_provenance.json"
+    written.append(write_json(prov_path, provenance))
+    report = write_report(
+        Path(output_dir) / f"{plan.label}.html", summary=summary, plan=plan.to_dict(), figures=figures,
+        table=table, outputs=[str(w.relative_to(output_dir)) for w in written],
+    )
+    written += [Path(f) for f in figures.values()] + [report]
+    return [str(Path(w).relative_to(output_dir)) for w in written]
+
+
+def _software_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "epvs-bids": __version__}
+    for pkg in ("numpy", "scipy", "nibabel", "antspyx", "torch", "deepbet", "pybids", "scikit-image"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def summaries(output_dir: Path) -> Mapping[str, Any]:  # used by the group level
+    """Read every unit's provenance summary from ``<out>/logs``."""
+    out = {}
+    for path in sorted((Path(output_dir) / "logs").glob("*_provenance.json")):
+        data = json.loads(path.read_text())
+        out[data["label"]] = data
+    return out

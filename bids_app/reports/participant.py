@@ -1,0 +1,243 @@
+"""Participant report: reportlet figures written to disk, then assembled into one HTML file.
+
+Figures are PNG files under ``<out>/sub-<label>/figures/`` (reportlets); the HTML
+report inlines them (base64) so that it is a single self-contained file that can be
+mailed or archived, and it can be rebuilt from the files on disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..derivatives import atomic_path, write_text
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _window(img: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    values = img[mask] if mask is not None and mask.any() else img[img > 0]
+    if values.size == 0:
+        values = img.ravel()
+    lo, hi = np.percentile(values, [1, 99.5])
+    return float(lo), float(hi if hi > lo else lo + 1)
+
+
+def _bbox(mask: np.ndarray, pad: int = 4) -> tuple[slice, slice]:
+    idx = np.argwhere(mask.any(axis=2))
+    if idx.size == 0:
+        return slice(None), slice(None)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, mask.shape[:2])
+    return slice(lo[0], hi[0]), slice(lo[1], hi[1])
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor="black", bbox_inches="tight", pad_inches=0.05)
+    return path
+
+
+def axial_slices(mask: np.ndarray, n: int, lo: float = 0.30, hi: float = 0.85) -> list[int]:
+    """``n`` axial (k) indices spread over the ``lo``-``hi`` fraction of the brain's extent.
+
+    The default range runs from the basal ganglia to the centrum semiovale on a RAS+ grid.
+    """
+    ks = np.flatnonzero(mask.any(axis=(0, 1)))
+    if ks.size == 0:
+        return [mask.shape[2] // 2] * n
+    first, last = ks.min(), ks.max()
+    return sorted({int(round(first + f * (last - first))) for f in np.linspace(lo, hi, n)})
+
+
+def make_figures(
+    *,
+    figure_dir: Path,
+    stem: str,
+    reference: np.ndarray,
+    mask: np.ndarray,
+    epvs: np.ndarray,
+    affine: np.ndarray,
+    ref_role: str,
+    coregistered: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Path]:
+    """Render the participant's reportlets to PNG files.
+
+    Parameters
+    ----------
+    figure_dir : Path
+        ``<out>/sub-<label>/figures``.
+    stem : str
+        File-name stem, e.g. ``sub-01_ses-1``.
+    reference, mask, epvs : ndarray, shape (I, J, K)
+        Preprocessed reference image, brain mask and ePVS mask on the RAS+ working grid.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-mm affine of that grid (used for the aspect ratio of anisotropic voxels).
+    ref_role : str
+        Contrast of the reference (figure titles).
+    coregistered : mapping, optional
+        Other contrasts resampled onto the reference grid (registration check figure).
+
+    Returns
+    -------
+    dict
+        Figure key -> PNG path (``epvs``, ``mask``, and ``coreg`` when there are other contrasts).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    figure_dir = Path(figure_dir)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    aspect_axial = zooms[1] / zooms[0]
+    vmin, vmax = _window(reference, mask)
+    si, sj = _bbox(mask)
+    red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 1.0)])
+    out: dict[str, Path] = {}
+
+    # 1. ePVS overlay mosaic: six axial slices, ePVS in red, brain-mask outline in yellow
+    ks = axial_slices(mask, 6)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 9.5), dpi=90, facecolor="black")
+    for ax, k in zip(axes.ravel(), ks):
+        ax.imshow(reference[si, sj, k].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=aspect_axial, interpolation="nearest")
+        ax.imshow(epvs[si, sj, k].T.astype(np.uint8), cmap=red, vmin=0, vmax=1, origin="lower",
+                  aspect=aspect_axial, interpolation="nearest")
+        ax.contour(mask[si, sj, k].T, levels=[0.5], colors=["#f5d142"], linewidths=0.6)
+        ax.set_title(f"slice k={k}: {int(epvs[:, :, k].sum())} ePVS voxels", color="white", fontsize=10)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle(f"{ref_role}: detected ePVS (red), brain mask (yellow); image right = subject left",
+                 color="white", fontsize=11)
+    fig.tight_layout()
+    out["epvs"] = _save(fig, figure_dir / f"{stem}_desc-epvs_overlay.png")
+    plt.close(fig)
+
+    # 1b. zoom on the central (basal ganglia) region of the slice with most central ePVS
+    ci, cj = [(s.start or 0) + ((s.stop or n) - (s.start or 0)) // 2 for s, n in zip((si, sj), mask.shape[:2])]
+    half = [max(8, int(round(35 / z))) for z in zooms[:2]]  # +-35 mm around the centre
+    zi = slice(max(ci - half[0], 0), ci + half[0])
+    zj = slice(max(cj - half[1], 0), cj + half[1])
+    lower = [k for k in ks[: max(2, len(ks) // 2)]]
+    k_zoom = max(lower, key=lambda k: int(epvs[zi, zj, k].sum())) if lower else ks[0]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.2), dpi=90, facecolor="black")
+    for ax, overlay in zip(axes, (False, True)):
+        ax.imshow(reference[zi, zj, k_zoom].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=aspect_axial, interpolation="nearest")
+        if overlay:
+            ax.contour(epvs[zi, zj, k_zoom].T.astype(float), levels=[0.5], colors=["#ff3b2f"], linewidths=1.0)
+        ax.set_axis_off()
+        ax.set_title("central region, slice k=%d%s" % (k_zoom, ": ePVS outlined" if overlay else ""),
+                     color="white", fontsize=10)
+    fig.tight_layout()
+    out["zoom"] = _save(fig, figure_dir / f"{stem}_desc-epvs_zoom.png")
+    plt.close(fig)
+
+    # 2. brain mask in three orthogonal planes
+    centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int) if mask.any() else np.array(mask.shape) // 2
+    views = [
+        (reference[:, :, centre[2]].T, mask[:, :, centre[2]].T, zooms[1] / zooms[0], "axial"),
+        (reference[:, centre[1], :].T, mask[:, centre[1], :].T, zooms[2] / zooms[0], "coronal"),
+        (reference[centre[0], :, :].T, mask[centre[0], :, :].T, zooms[2] / zooms[1], "sagittal"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3), dpi=80, facecolor="black")
+    for ax, (img, msk, asp, title) in zip(axes, views):
+        ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, origin="lower", aspect=asp)
+        ax.contour(msk, levels=[0.5], colors=["#f5d142"], linewidths=0.8)
+        ax.set_axis_off()
+        ax.set_title(title, color="white", fontsize=9)
+    out["mask"] = _save(fig, figure_dir / f"{stem}_desc-brain_mask.png")
+    plt.close(fig)
+
+    # 3. co-registration check: each other contrast with the reference brain-mask outline
+    if coregistered:
+        k = ks[len(ks) // 2]
+        roles = list(coregistered)
+        fig, axes = plt.subplots(1, len(roles) + 1, figsize=(4.3 * (len(roles) + 1), 4.6), dpi=80,
+                                 facecolor="black")
+        axes = np.atleast_1d(axes)
+        panels = [(ref_role + " (reference)", reference)] + [(r + " registered", coregistered[r]) for r in roles]
+        for ax, (title, img) in zip(axes, panels):
+            lo, hi = _window(img, mask)
+            ax.imshow(img[si, sj, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect_axial)
+            ax.contour(mask[si, sj, k].T, levels=[0.5], colors=["#3fd0ff"], linewidths=0.8)
+            ax.set_axis_off()
+            ax.set_title(title, color="white", fontsize=9)
+        out["coreg"] = _save(fig, figure_dir / f"{stem}_desc-coreg_check.png")
+        plt.close(fig)
+    return out
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def write_report(
+    path: Path,
+    *,
+    summary: Mapping[str, Any],
+    plan: Mapping[str, Any],
+    figures: Mapping[str, Path],
+    table,
+    outputs: Sequence[str],
+) -> Path:
+    """Assemble the participant HTML report from the reportlets on disk.
+
+    Parameters
+    ----------
+    path : Path
+        ``<out>/sub-<label>[_ses-<label>].html``.
+    summary : mapping
+        Counts, volumes, QC measures, warnings, timings (see ``participant.process_unit``).
+    plan : mapping
+        ``SessionPlan.to_dict()``: images used, ignored files, reasons.
+    figures : mapping
+        Figure key -> PNG path (from :func:`make_figures`).
+    table : pandas.DataFrame
+        Per-cluster table (the largest clusters are listed).
+    outputs : sequence of str
+        Output files, relative to the output directory.
+    """
+    import jinja2
+
+    template_text = resources.files("bids_app.data").joinpath("report.html.j2").read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
+    template = env.from_string(template_text)
+    top = table.sort_values("volume_mm3", ascending=False).head(15) if len(table) else table
+    columns = [c for c in ("index", "n_voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
+                           "mean_score", "max_score") if c in table.columns]
+    rows = [[_fmt(r[c]) for c in columns] for _, r in top.iterrows()]
+    images = []
+    for key, title, caption in (
+        ("epvs", "Detected ePVS", "Axial slices from below the basal ganglia to the centrum semiovale: "
+         "detected ePVS in red, brain-mask outline in yellow, on the bias-corrected reference image."),
+        ("zoom", "Central region, magnified", "The deep grey matter and surrounding white matter at full "
+         "resolution, without (left) and with (right) the detected ePVS outlined in red."),
+        ("mask", "Brain mask", "Brain mask outline (yellow) on the bias-corrected reference image."),
+        ("coreg", "Co-registration", "Every other sequence after rigid co-registration to the reference, "
+         "with the reference brain-mask outline (blue): edges should line up."),
+    ):
+        if key in figures:
+            images.append({"title": title, "caption": caption, "src": _data_uri(figures[key]),
+                           "file": Path(figures[key]).name})
+    text = template.render(
+        summary=summary, plan=plan, images=images, columns=columns, rows=rows, n_rows=len(table),
+        outputs=list(outputs), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    return write_text(Path(path), text)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+    return html.escape(str(value))

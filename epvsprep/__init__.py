@@ -1,0 +1,1 @@
+"""Preprocessing of structural MRI for ePVS segmentation: pure functions, thin nipype wrappers."""

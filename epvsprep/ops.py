@@ -1,0 +1,397 @@
+"""Preprocessing operations as pure functions on nibabel images.
+
+Every function here takes and returns in-memory images (``nibabel.Nifti1Image``) or
+arrays; none reads a path except :func:`load`, and none knows about BIDS or the
+app's configuration. Arrays keep nibabel's voxel order ``(i, j, k)``; after
+:func:`conform` that order is RAS+ (``i`` towards Right, ``j`` Anterior, ``k`` Superior).
+
+ANTs (antspyx) works in LPS physical space; :func:`nib_to_ants` and :func:`ants_to_nib`
+convert exactly (a sign flip of the first two world axes), so no file round trip is needed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+LOGGER = logging.getLogger(__name__)
+
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+class ImageError(ValueError):
+    """An image cannot be used; ``str()`` names the image and the problem."""
+
+    def __init__(self, problem: str, path: str | os.PathLike | None = None):
+        self.problem = problem
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+# --------------------------------------------------------------------------- loading
+def load(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Load a NIfTI file fully into memory, turning every failure into :class:`ImageError`.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.nii`` or ``.nii.gz`` file.
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        The image with its data array read (so that a truncated file fails here, not later).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError("file does not exist", path)
+    if not os.access(path, os.R_OK):
+        raise ImageError("file is not readable (permission denied)", path)
+    size = path.stat().st_size
+    if size < 348:
+        raise ImageError(f"file is {size} bytes, too small to be a NIfTI image (header alone is 348)", path)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ImageError(f"not a readable NIfTI image ({exc.__class__.__name__}: {exc})", path) from exc
+    except (ValueError, TypeError, MemoryError) as exc:
+        raise ImageError(f"corrupt NIfTI header or data ({exc})", path) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ImageError(f"expected a NIfTI image, got {type(img).__name__}", path)
+    return nib.Nifti1Image(data, img.affine, img.header)
+
+
+# ------------------------------------------------------------------------- geometry
+def conform(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "image") -> nib.Nifti1Image:
+    """Check an anatomical image and return it as 3D float32 in RAS+ voxel order.
+
+    Fixed where safe: a 4D file with a singleton 4th axis is squeezed; a few non-finite
+    voxels are set to 0 (with a warning). Refused with :class:`ImageError`: other 4D
+    shapes, non-positive voxel sizes, a singular or non-finite affine, an image that is
+    entirely non-finite, or constant (including all-zero).
+
+    Parameters
+    ----------
+    img : SpatialImage
+        Input image, any orientation.
+    name : str or path-like
+        What to call the image in error messages (usually its path).
+
+    Returns
+    -------
+    nibabel.Nifti1Image
+        float32 image reoriented to the closest canonical (RAS+) orientation. Only a
+        permutation/flip of the voxel axes happens; no resampling.
+    """
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ImageError(f"expected a 3D image, got shape {data.shape}", name)
+    if min(data.shape) < 2:
+        raise ImageError(f"image has a degenerate shape {data.shape}", name)
+    affine = np.asarray(img.affine, dtype=float)
+    if not np.all(np.isfinite(affine)):
+        raise ImageError("affine contains NaN or infinite values", name)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    pixdim = np.asarray(img.header.get_zooms()[:3], dtype=float)
+    if np.any(pixdim <= 0) or np.any(zooms <= 1e-6):
+        raise ImageError(f"voxel size must be positive, header says {tuple(pixdim)} mm", name)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ImageError("affine is singular (cannot map voxels to millimetres)", name)
+    if np.any(zooms > 20):
+        raise ImageError(f"voxel size {tuple(np.round(zooms, 2))} mm is implausible for brain MRI", name)
+    data = data.astype(np.float32, copy=False)
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise ImageError("image contains no finite values (all NaN/inf)", name)
+    if not finite.all():
+        LOGGER.warning("%s: %d non-finite voxels set to 0", name, int((~finite).sum()))
+        data = np.where(finite, data, 0).astype(np.float32)
+    if float(data.max()) - float(data.min()) <= 0:
+        raise ImageError(f"image is constant (every voxel = {float(data.flat[0])})", name)
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    out = nib.Nifti1Image(data, affine, header)
+    return nib.as_closest_canonical(out)
+
+
+def restore_orientation(data: np.ndarray, original: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Map an array on the canonical (RAS+) grid of ``original`` back to its own voxel order.
+
+    Parameters
+    ----------
+    data : ndarray, shape (I, J, K)
+        Array on the grid returned by ``conform(original)``.
+    original : SpatialImage
+        The image as read from disk.
+
+    Returns
+    -------
+    ndarray
+        ``data`` with axes permuted/flipped so that it aligns voxel-for-voxel with
+        ``original`` (whose affine then applies unchanged).
+    """
+    orig_ornt = nib.orientations.io_orientation(original.affine)
+    ras_ornt = nib.orientations.axcodes2ornt(("R", "A", "S"))
+    xfm = nib.orientations.ornt_transform(ras_ornt, orig_ornt)
+    return nib.orientations.apply_orientation(data, xfm)
+
+
+def voxel_volume_mm3(img: nib.spatialimages.SpatialImage) -> float:
+    """Volume of one voxel in mm³ (absolute determinant of the affine's linear part)."""
+    return float(abs(np.linalg.det(np.asarray(img.affine)[:3, :3])))
+
+
+def spacing_mm(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float]:
+    """Voxel edge lengths in mm along ``(i, j, k)``, from the affine."""
+    a = np.asarray(img.affine)[:3, :3]
+    return tuple(float(v) for v in np.sqrt((a**2).sum(axis=0)))  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------- ANTs bridging
+def nib_to_ants(img: nib.spatialimages.SpatialImage, dtype=np.float32):
+    """Convert a 3D nibabel image to an ``ants.ANTsImage`` without touching disk."""
+    import ants
+
+    affine = np.asarray(img.affine, dtype=float)
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    direction = _LPS @ (affine[:3, :3] / zooms)
+    origin = _LPS @ affine[:3, 3]
+    data = np.asanyarray(img.dataobj).astype(dtype, copy=False)
+    return ants.from_numpy(
+        np.ascontiguousarray(data), origin=tuple(origin), spacing=tuple(zooms), direction=direction
+    )
+
+
+def ants_to_nib(aimg, header: nib.Nifti1Header | None = None) -> nib.Nifti1Image:
+    """Convert an ``ants.ANTsImage`` back to a nibabel image (inverse of :func:`nib_to_ants`)."""
+    direction = _LPS @ np.asarray(aimg.direction, dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(aimg.spacing, dtype=float)
+    affine[:3, 3] = _LPS @ np.asarray(aimg.origin, dtype=float)
+    out = nib.Nifti1Image(aimg.numpy(), affine, header)
+    out.header.set_xyzt_units("mm")
+    return out
+
+
+# -------------------------------------------------------------------- intensities
+def n4_bias_correct(
+    img: nib.Nifti1Image,
+    mask: nib.Nifti1Image | None = None,
+    *,
+    shrink_factor: int = 4,
+    iterations: tuple[int, ...] = (50, 50, 30),
+) -> nib.Nifti1Image:
+    """N4 bias-field correction (Tustison et al. 2010) with antspyx.
+
+    Parameters
+    ----------
+    img : Nifti1Image
+        3D image with positive intensities (negative values are clipped to 0 first).
+    mask : Nifti1Image, optional
+        Voxels used to fit the field (same grid); the whole image if omitted.
+    shrink_factor : int
+        Downsampling factor for fitting (speed); the field is applied at full resolution.
+    iterations : tuple of int
+        Iterations per fitting level (coarse to fine).
+
+    Returns
+    -------
+    Nifti1Image
+        Bias-corrected image, float32, same grid.
+    """
+    import ants
+
+    data = np.clip(np.asanyarray(img.dataobj).astype(np.float32), 0, None)
+    clipped = nib.Nifti1Image(data, img.affine)
+    kwargs = {}
+    if mask is not None:
+        kwargs["mask"] = nib_to_ants(mask)
+    corrected = ants.n4_bias_field_correction(
+        nib_to_ants(clipped),
+        shrink_factor=shrink_factor,
+        convergence={"iters": list(iterations), "tol": 1e-6},
+        **kwargs,
+    )
+    out = nib.Nifti1Image(corrected.numpy().astype(np.float32), img.affine, img.header)
+    out.set_data_dtype(np.float32)
+    return out
+
+
+def robust_normalise(data: np.ndarray, mask: np.ndarray, *, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Scale intensities so that the ``low``/``high`` percentiles inside ``mask`` map to 0/1.
+
+    Returns float32; values outside the range are not clipped.
+    """
+    values = data[mask > 0]
+    if values.size == 0:
+        raise ImageError("brain mask is empty: cannot normalise intensities")
+    lo, hi = np.percentile(values, [low, high])
+    scale = hi - lo if hi > lo else 1.0
+    return ((data - lo) / scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------- brain mask
+@lru_cache(maxsize=1)
+def _deepbet():
+    from deepbet.bet import BrainExtraction
+
+    return BrainExtraction(no_gpu=True)
+
+
+#: Plausible adult intracranial/brain-mask volumes (mm³); outside this a mask is flagged.
+BRAIN_VOLUME_RANGE_MM3 = (800e3, 2200e3)
+
+
+def brain_mask(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Brain mask with deepbet (Fisch et al. 2024), whose weights ship in its wheel.
+
+    deepbet was trained on T1w images but, measured on the real T2w images in our
+    development data, also gives usable masks on T2w (see ``docs/preprocessing.md``).
+
+    Parameters
+    ----------
+    img : Nifti1Image
+        3D image, any contrast, skull on or off.
+
+    Returns
+    -------
+    Nifti1Image
+        uint8 mask (1 = brain), same grid as ``img``.
+    """
+    import torch
+
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    x = nib.Nifti1Image(np.clip(data, 0, None), img.affine)
+    with torch.inference_mode():
+        _, mask_img, _ = _deepbet().run(x)
+    mask = (np.asanyarray(mask_img.dataobj) > 0).astype(np.uint8)
+    if mask.shape != data.shape:  # deepbet reorients internally and back; guard the contract
+        raise ImageError(f"brain mask shape {mask.shape} differs from image shape {data.shape}")
+    if mask.sum() == 0:
+        raise ImageError("brain extraction found no brain")
+    out = nib.Nifti1Image(mask, img.affine)
+    out.set_data_dtype(np.uint8)
+    return out
+
+
+# ------------------------------------------------------------------ registration
+@dataclass(frozen=True)
+class RigidResult:
+    """Outcome of a rigid co-registration.
+
+    Attributes
+    ----------
+    image : Nifti1Image
+        Moving image resampled onto the fixed grid (linear interpolation).
+    matrix : ndarray, shape (4, 4)
+        RAS+ world-to-world transform mapping fixed-space points (mm) to moving-space points.
+    similarity_before, similarity_after : float
+        Mattes mutual information (ANTs sign convention: more negative is better) between
+        the fixed image and the moving image before (identity, header alignment) and after.
+    ok : bool
+        False when the registration looks failed (see :func:`register_rigid`).
+    """
+
+    image: nib.Nifti1Image
+    matrix: np.ndarray
+    similarity_before: float
+    similarity_after: float
+    ok: bool
+
+
+def register_rigid(
+    moving: nib.Nifti1Image,
+    fixed: nib.Nifti1Image,
+    *,
+    fixed_mask: nib.Nifti1Image | None = None,
+    seed: int = 42,
+) -> RigidResult:
+    """Rigidly co-register ``moving`` to ``fixed`` with Mattes mutual information (antspyx).
+
+    The registration is initialised by aligning centres of mass, then optimised
+    coarse to fine (shrink 4, 2, 1). It is flagged as failed (``ok=False``) when the
+    mutual information does not improve on the header alignment or the resulting
+    rotation exceeds 45°, which in practice means a wrong local optimum.
+
+    Parameters
+    ----------
+    moving, fixed : Nifti1Image
+        3D images in any orientation (physical space is used, not voxel indices).
+    fixed_mask : Nifti1Image, optional
+        Mask on the fixed grid restricting the similarity metric.
+    seed : int
+        Random seed for the metric's sampling (reproducibility).
+
+    Returns
+    -------
+    RigidResult
+    """
+    import ants
+
+    afix = nib_to_ants(fixed)
+    amov = nib_to_ants(moving)
+    kwargs = {}
+    if fixed_mask is not None:
+        kwargs["mask"] = nib_to_ants(fixed_mask)
+    reg = ants.registration(
+        fixed=afix,
+        moving=amov,
+        type_of_transform="Rigid",
+        aff_metric="mattes",
+        aff_sampling=32,
+        aff_random_sampling_rate=0.25,
+        aff_iterations=(200, 100, 50),
+        aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0),
+        random_seed=seed,
+        **kwargs,
+    )
+    warped = ants.apply_transforms(afix, amov, reg["fwdtransforms"], interpolator="linear")
+    identity = ants.resample_image_to_target(amov, afix, interp_type="linear")
+    metric_mask = kwargs.get("mask")
+    before = float(
+        ants.image_similarity(afix, identity, metric_type="MattesMutualInformation", fixed_mask=metric_mask)
+    )
+    after = float(
+        ants.image_similarity(afix, warped, metric_type="MattesMutualInformation", fixed_mask=metric_mask)
+    )
+    matrix = _ants_rigid_to_ras(reg["fwdtransforms"][0])
+    angle = np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1)))
+    ok = bool(after <= before + 1e-3 and angle <= 45.0)
+    out = ants_to_nib(warped)
+    out = nib.Nifti1Image(out.get_fdata(dtype=np.float32), fixed.affine)
+    return RigidResult(out, matrix, before, after, ok)
+
+
+def _ants_rigid_to_ras(tfm_path: str) -> np.ndarray:
+    """Read an ANTs affine transform file as a 4x4 RAS world matrix (fixed -> moving)."""
+    import ants
+
+    tx = ants.read_transform(tfm_path)
+    params = np.asarray(tx.parameters, dtype=float)
+    center = np.asarray(tx.fixed_parameters, dtype=float)
+    rot = params[:9].reshape(3, 3)
+    trans = params[9:12]
+    offset = trans + center - rot @ center
+    lps = np.eye(4)
+    lps[:3, :3] = rot
+    lps[:3, 3] = offset
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ lps @ flip
+
+
+def apply_mask(img: nib.Nifti1Image, mask: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Zero ``img`` outside ``mask`` (same grid)."""
+    data = np.asanyarray(img.dataobj) * (np.asanyarray(mask.dataobj) > 0)
+    return nib.Nifti1Image(data.astype(np.float32), img.affine, img.header)

@@ -1,0 +1,1 @@
+"""ePVS segmentation: detectors, networks, synthetic data, training, inference, post-processing, metrics."""

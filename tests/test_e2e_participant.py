@@ -1,0 +1,188 @@
+"""End to end: the participant level on a real T2w scan, then the group level.
+
+One module-scoped run (about a minute on 2 cores) serves every check: outputs and
+names, sidecars, exit code when another participant is corrupt, resume, the BIDS
+validator on the outputs, the group table and the report in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import t1_like_copy
+from layouts import make_bids, snapshot
+
+from bids_app.cli.run import main
+
+EXPECTED = [
+    "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.nii.gz",
+    "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json",
+    "sub-01/anat/sub-01_label-PVS_desc-T2w_probseg.nii.gz",
+    "sub-01/anat/sub-01_label-PVS_desc-T2w_probseg.json",
+    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.nii.gz",
+    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.tsv",
+    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.json",
+    "sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+    "sub-01/anat/sub-01_desc-preproc_T2w.nii.gz",
+    "sub-01/figures/sub-01_desc-epvs_overlay.png",
+    "sub-01/figures/sub-01_desc-coreg_check.png",
+    "sub-01.html",
+    "dataset_description.json",
+    ".bidsignore",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, demo_t2w):
+    root = tmp_path_factory.mktemp("e2e")
+    bids = make_bids(root / "bids", {
+        "sub-02/anat/sub-02_T2w.nii.gz": None,  # replaced below by a corrupt file
+        "sub-02/anat/sub-02_T2w.json": {"MRAcquisitionType": "3D"},
+        "sub-01/anat/sub-01_T2w.json": {"MRAcquisitionType": "3D"},
+        "sub-01/anat/sub-01_T1w.json": {"MRAcquisitionType": "3D"},
+    })
+    shutil.copyfile(demo_t2w, bids / "sub-01/anat/sub-01_T2w.nii.gz")
+    t1, move = t1_like_copy(nib.load(demo_t2w))
+    t1.to_filename(bids / "sub-01/anat/sub-01_T1w.nii.gz")
+    (bids / "sub-02/anat/sub-02_T2w.nii.gz").write_text("<html><body>Not a NIfTI</body></html>" * 20)
+    before = snapshot(bids)
+    out, work = root / "out", root / "work"
+    code = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--skip-bids-validation"])
+    return {"bids": bids, "out": out, "work": work, "code": code, "before": before, "move": move}
+
+
+def test_exit_code_is_that_of_the_bad_participant(run):
+    assert run["code"] == 65
+
+
+def test_all_outputs_of_the_good_participant(run):
+    missing = [p for p in EXPECTED if not (run["out"] / p).exists()]
+    assert not missing
+
+
+def test_input_untouched(run):
+    assert snapshot(run["bids"]) == run["before"]
+
+
+def test_outputs_in_reference_grid(run):
+    ref = nib.load(run["bids"] / "sub-01/anat/sub-01_T2w.nii.gz")
+    for name in ("label-PVS_desc-T2w_mask", "label-PVS_desc-T2w_probseg", "seg-PVSclusters_desc-T2w_dseg"):
+        img = nib.load(run["out"] / f"sub-01/anat/sub-01_{name}.nii.gz")
+        assert img.shape == ref.shape
+        assert np.allclose(img.affine, ref.affine)
+    mask = np.asanyarray(nib.load(run["out"] / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.nii.gz").dataobj)
+    brain = np.asanyarray(nib.load(run["out"] / "sub-01/anat/sub-01_desc-brain_mask.nii.gz").dataobj)
+    assert set(np.unique(mask)) <= {0, 1}
+    assert mask.sum() > 0
+    assert np.all(brain[mask > 0] > 0), "ePVS outside the brain mask"
+    brain_ml = brain.sum() / 1000
+    assert 900 < brain_ml < 2000
+
+
+def test_cluster_table_matches_cluster_map(run):
+    anat = run["out"] / "sub-01/anat"
+    table = pd.read_csv(anat / "sub-01_seg-PVSclusters_desc-T2w_dseg.tsv", sep="\t")
+    labels = np.asanyarray(nib.load(anat / "sub-01_seg-PVSclusters_desc-T2w_dseg.nii.gz").dataobj)
+    assert list(table.columns[:2]) == ["index", "name"]
+    assert len(table) == labels.max() > 0
+    counts = np.bincount(labels.ravel())[1:]
+    assert np.array_equal(table["n_voxels"].to_numpy(), counts)
+    assert np.allclose(table["volume_mm3"], counts * 1.0)  # 1 mm isotropic
+    sidecar = json.loads((anat / "sub-01_seg-PVSclusters_desc-T2w_dseg.json").read_text())
+    for column in table.columns:
+        assert column in sidecar, f"column {column} not described"
+    assert sidecar["volume_mm3"]["Units"] == "mm^3"
+
+
+def test_sidecars_record_selection_and_sources(run):
+    meta = json.loads((run["out"] / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json").read_text())
+    assert meta["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
+    assert meta["InputSequences"] == ["T2w"]
+    assert any("T2w" in r for r in meta["SequenceSelection"])
+    assert meta["EpvsMethod"] == "frangi"
+    desc = json.loads((run["out"] / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "epvs-bids"
+
+
+def test_coregistration_recovers_known_motion(run):
+    reg = list(run["work"].glob("sub-01/T1w_to_T2w-*.json"))
+    assert len(reg) == 1
+    data = json.loads(reg[0].read_text())
+    assert data["ok"]
+    assert data["similarity_after"] < data["similarity_before"]
+    matrix = np.asarray(data["matrix"])  # fixed (T2w) -> moving (T1w) world transform
+    err = matrix @ np.linalg.inv(run["move"])
+    angle = np.degrees(np.arccos(np.clip((np.trace(err[:3, :3]) - 1) / 2, -1, 1)))
+    assert angle < 1.0
+    centre = np.array([0.0, 0.0, 0.0, 1.0])
+    assert np.linalg.norm((err @ centre)[:3]) < 1.5
+
+
+def test_failure_recorded_and_rerun_resumes(run):
+    status = json.loads((run["out"] / "logs/status/sub-02.json").read_text())
+    assert status["status"] == "failed" and status["exit_code"] == 65
+    assert "sub-02_T2w.nii.gz" in status["message"]
+    mtime = (run["out"] / EXPECTED[0]).stat().st_mtime_ns
+    code = main([str(run["bids"]), str(run["out"]), "participant", "-w", str(run["work"]),
+                 "--participant-label", "01", "--skip-bids-validation"])
+    assert code == 0
+    assert (run["out"] / EXPECTED[0]).stat().st_mtime_ns == mtime, "complete participant was recomputed"
+
+
+def test_no_temporary_files_left(run):
+    leftovers = [p for p in run["out"].rglob("*") if ".tmp" in p.name]
+    assert not leftovers
+
+
+def test_outputs_pass_bids_validator(run):
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno not installed")
+    proc = subprocess.run([exe, str(run["out"]), "--format", "json", "--ignoreNiftiHeaders"],
+                          capture_output=True, text=True, timeout=300)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert not errors, errors
+
+
+def test_group_level(run):
+    code = main([str(run["bids"]), str(run["out"]), "group", "-w", str(run["work"])])
+    assert code == 0
+    cohort = pd.read_csv(run["out"] / "group/cohort.tsv", sep="\t")
+    assert cohort["participant_id"].tolist() == ["sub-01"]
+    table = pd.read_csv(run["out"] / "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.tsv", sep="\t")
+    assert cohort.loc[0, "n_clusters"] == len(table)
+    assert cohort.loc[0, "total_volume_mm3"] == pytest.approx(table["volume_mm3"].sum(), rel=1e-6)
+    failed = pd.read_csv(run["out"] / "group/failed.tsv", sep="\t")
+    assert failed["unit"].tolist() == ["sub-02"]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_chromium(run, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    report = run["out"] / "sub-01.html"
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+             f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0
+    assert "epvs-bids: sub-01" in dom.stdout
+    assert dom.stdout.count("data:image/png;base64,") >= 3
+    assert "Uncaught" not in dom.stderr
+    shot_proc = subprocess.run([exe, *flags, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
+                               capture_output=True, text=True, timeout=120)
+    assert shot_proc.returncode == 0 and shot.stat().st_size > 20_000
