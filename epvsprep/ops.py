@@ -63,7 +63,8 @@ def load(path: str | os.PathLike) -> nib.Nifti1Image:
         data = np.asanyarray(img.dataobj)
     except (nib.filebasedimages.ImageFileError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
         raise ImageError(f"not a readable NIfTI image ({exc.__class__.__name__}: {exc})", path) from exc
-    except (ValueError, TypeError, MemoryError) as exc:
+    except (ValueError, TypeError, MemoryError, nib.spatialimages.HeaderDataError,
+            np.linalg.LinAlgError) as exc:
         raise ImageError(f"corrupt NIfTI header or data ({exc})", path) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(f"expected a NIfTI image, got {type(img).__name__}", path)
@@ -121,8 +122,11 @@ def conform(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "i
         raise ImageError(f"image is constant (every voxel = {float(data.flat[0])})", name)
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
-    out = nib.Nifti1Image(data, affine, header)
-    return nib.as_closest_canonical(out)
+    try:
+        out = nib.Nifti1Image(data, affine, header)
+        return nib.as_closest_canonical(out)
+    except (nib.spatialimages.HeaderDataError, np.linalg.LinAlgError, ValueError) as exc:
+        raise ImageError(f"cannot interpret the affine ({exc})", name) from exc
 
 
 def restore_orientation(data: np.ndarray, original: nib.spatialimages.SpatialImage) -> np.ndarray:

@@ -27,7 +27,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import ndimage
@@ -43,7 +43,10 @@ DEFAULT_SCALES_MM: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
 
 #: Voxels processed at once in the eigen-decomposition (bounds memory to ~100 MB).
 _CHUNK = 1 << 18
-_VOXEL_VAR = 0.0
+
+#: Variance of the acquisition blur per axis, as a fraction of the squared voxel size: a box average over the
+#: voxel (1/12) plus a scanner point-spread function of ~0.5 voxel standard deviation (1/4).
+VOXEL_BLUR_VAR: float = 1.0 / 3.0
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,15 @@ class FrangiParams:
     scales_mm: tuple[float, ...] = DEFAULT_SCALES_MM
     alpha: float = 0.5
     beta: float = 0.5
-    c: float | None = 0.1
+    c: float | None = 1.0
+    c_mode: Literal["absolute", "median"] = "median"
     threshold: float = 0.2
     min_cluster_voxels: int = 5
     max_cluster_mm3: float | None = 200.0
     edge_margin_mm: float = 4.0
     min_contrast: float = 0.1
     background_sigma_mm: float = 3.0
-    csf_level: float | None = 0.5
+    csf_level: float | None = 0.3
 
     def __post_init__(self) -> None:
         scales = tuple(float(s) for s in self.scales_mm)
@@ -97,6 +101,12 @@ class FrangiParams:
             raise ValueError(f"scales_mm must be positive finite mm values, got {self.scales_mm!r}")
         if self.alpha <= 0 or self.beta <= 0:
             raise ValueError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.c is not None and not self.c > 0:
+            raise ValueError(f"c must be > 0 or None, got {self.c}")
+        if self.c_mode not in ("absolute", "median"):
+            raise ValueError(f"c_mode must be 'absolute' or 'median', got {self.c_mode!r}")
+        if self.csf_level is not None and not self.csf_level > 0:
+            raise ValueError(f"csf_level must be > 0 or None, got {self.csf_level}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
         if self.min_cluster_voxels < 0:
@@ -192,6 +202,7 @@ def vesselness(
     alpha: float = 0.5,
     beta: float = 0.5,
     c: float | None = None,
+    c_mode: Literal["absolute", "median"] = "absolute",
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Multiscale 3D Hessian vesselness of Frangi et al. (1998) in physical units.
@@ -260,7 +271,7 @@ def vesselness(
     two_a2 = 2.0 * alpha**2
     two_b2 = 2.0 * beta**2
     for sigma in scales:
-        eff = np.sqrt(sigma**2 + _VOXEL_VAR * spacing**2)
+        eff = np.sqrt(sigma**2 + VOXEL_BLUR_VAR * spacing**2)
         norm_outer = np.outer(eff, eff)
         smoothed = ndimage.gaussian_filter(sub, sigma / spacing, mode="nearest", truncate=4.0)
         padded = np.pad(smoothed, 1, mode="edge")
@@ -288,8 +299,8 @@ def vesselness(
             shape_term[start + cand] = np.where(ok, term, 0.0)
         if c is None:
             c_scale = 0.5 * math.sqrt(float(s2.max()))
-        elif c < 0:
-            c_scale = -c * math.sqrt(float(np.median(s2)))
+        elif c_mode == "median":
+            c_scale = c * math.sqrt(float(np.median(s2)))
         else:
             c_scale = float(c)
         if c_scale <= 0:
@@ -418,12 +429,6 @@ def score_map(
     spacing = _as_spacing(spacing_mm)
     norm = normalise_intensity(data, mask, bright=bright)
     region = _inner_mask(mask, spacing, params.edge_margin_mm)
-    if math.isfinite(params.min_contrast):
-        contrast = _local_contrast(norm, mask, spacing, params.background_sigma_mm)
-        if not bright:
-            contrast = -contrast
-        region &= contrast >= params.min_contrast
-        del contrast
     score = vesselness(
         norm,
         spacing,
@@ -432,8 +437,15 @@ def score_map(
         alpha=params.alpha,
         beta=params.beta,
         c=params.c,
+        c_mode=params.c_mode,
         mask=region,
     )
+    if math.isfinite(params.min_contrast):
+        contrast = _local_contrast(norm, mask, spacing, params.background_sigma_mm)
+        if not bright:
+            contrast = -contrast
+        score[contrast < params.min_contrast] = 0.0
+        del contrast
     return score, norm
 
 

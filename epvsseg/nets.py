@@ -1,0 +1,111 @@
+"""Networks for ePVS segmentation, and the explicit architecture registry.
+
+The shipped model is a lightweight 2.5D multi-channel U-Net (the seed study, Rashid
+et al. 2023, used a 2D multi-channel U-Net on axial slices). Its input for one axial
+slice ``k`` is, for every contrast of :data:`CONTRASTS` in order, the slices
+``k - c ... k + c`` (``c`` = context), followed by one constant presence channel per
+contrast (1 if the contrast was given, else 0, its image channels then being zeros).
+One network thus serves every sequence combination (trained with modality dropout).
+
+Tensor layout at the network edge: axial slices of an ``(I, J, K)`` volume (nibabel
+voxel order, RAS+ after conforming) are fed as ``(batch, channels, I, J)``, the same
+layout in training and inference, so no transpose happens anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Contrast order of the input channels of every shipped model.
+CONTRASTS: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
+
+
+def n_input_channels(context: int, contrasts: Sequence[str] = CONTRASTS) -> int:
+    """Input channels of a 2.5D model: ``(2 * context + 1)`` slices per contrast + one presence flag each."""
+    return len(contrasts) * (2 * context + 1) + len(contrasts)
+
+
+class _Block(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class UNet2D(nn.Module):
+    """A small 2D U-Net returning one logit map (ePVS vs background).
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels (see :func:`n_input_channels`).
+    base : int
+        Feature maps at full resolution; doubled at each of the ``depth`` down-steps.
+    depth : int
+        Number of 2x down-samplings. Input height and width must be multiples of ``2**depth``
+        (:func:`pad_to_multiple` does that).
+
+    Notes
+    -----
+    Input ``(N, in_channels, H, W)`` float32; output ``(N, 1, H, W)`` logits.
+    """
+
+    def __init__(self, in_channels: int, base: int = 16, depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(_Block(cin, w))
+            cin = w
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.up.append(nn.ConvTranspose2d(w_low, w, 2, stride=2))
+            self.dec.append(_Block(2 * w, w))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec, skip in zip(self.up, self.dec, skips[::-1]):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+#: Explicit architecture registry: name -> class (``model.json`` names one).
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet2d": UNet2D}
+
+
+def build(architecture: str, **kwargs) -> nn.Module:
+    """Instantiate a registered architecture with its keyword arguments."""
+    try:
+        cls = ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(ARCHITECTURES)}") from None
+    return cls(**kwargs)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad the last two axes of ``x`` up to multiples of ``multiple``; return the padded tensor and the
+    original (H, W) to crop back to."""
+    h, w = x.shape[-2:]
+    ph = (-h) % multiple
+    pw = (-w) % multiple
+    if ph or pw:
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+    return x, (h, w)

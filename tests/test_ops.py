@@ -1,0 +1,162 @@
+"""epvsprep.ops: loading, header checks, orientation, ANTs bridging, N4, rigid registration."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import rotation_z, t1_like_copy
+
+from epvsprep import ops
+
+
+def _img(shape=(20, 22, 18), zooms=(1.0, 1.0, 1.0), value=None, seed=0):
+    rng = np.random.default_rng(seed)
+    data = rng.random(shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+    return nib.Nifti1Image(data, np.diag([*zooms, 1.0]))
+
+
+# ---------------------------------------------------------------- bad files
+@pytest.mark.parametrize("content,match", [
+    (b"", "too small"),
+    (b"x", "too small"),
+    (b"<html><body>404 Not Found</body></html>" * 20, "not a readable NIfTI"),
+])
+def test_load_rejects_non_nifti(tmp_path, content, match):
+    path = tmp_path / "sub-01_T2w.nii"
+    path.write_bytes(content)
+    with pytest.raises(ops.ImageError, match=match) as info:
+        ops.load(path)
+    assert "sub-01_T2w.nii" in str(info.value)
+
+
+def test_load_rejects_header_only(tmp_path):
+    img = _img()
+    path = tmp_path / "full.nii"
+    img.to_filename(path)
+    header_only = tmp_path / "header.nii.gz"
+    header_only.write_bytes(gzip.compress(path.read_bytes()[:352]))
+    with pytest.raises(ops.ImageError, match="header.nii.gz"):
+        ops.load(header_only)
+
+
+def test_load_rejects_truncated_gzip(tmp_path):
+    path = tmp_path / "t.nii.gz"
+    _img().to_filename(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ops.ImageError):
+        ops.load(path)
+
+
+# --------------------------------------------------------------- conform
+def test_conform_squeezes_singleton_4d():
+    img = nib.Nifti1Image(np.random.default_rng(0).random((10, 11, 12, 1)).astype(np.float32), np.eye(4))
+    out = ops.conform(img)
+    assert out.shape == (10, 11, 12)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: nib.Nifti1Image(np.ones((10, 10, 10, 3), np.float32), np.eye(4)), "3D"),
+    (lambda: _img(value=np.nan), "no finite"),
+    (lambda: _img(value=0.0), "constant"),
+    (lambda: nib.Nifti1Image(np.random.default_rng(1).random((9, 9, 9)).astype(np.float32),
+                             np.diag([1.0, 1.0, 50.0, 1.0])), "implausible"),
+])
+def test_conform_refuses_unusable(make, match):
+    with pytest.raises(ops.ImageError, match=match):
+        ops.conform(make(), name="x.nii.gz")
+
+
+def test_conform_singular_affine():
+    img = _img()
+    img._affine = np.diag([1.0, 0.0, 1.0, 1.0])  # as a corrupt sform would give
+    with pytest.raises(ops.ImageError, match="voxel size|singular"):
+        ops.conform(img, name="x.nii.gz")
+
+
+def test_conform_zero_pixdim_in_header():
+    img = _img()
+    img.header["pixdim"][1:4] = 0
+    with pytest.raises(ops.ImageError, match="voxel size"):
+        ops.conform(img)
+
+
+def test_conform_sets_partial_nan_to_zero():
+    img = _img()
+    data = np.asanyarray(img.dataobj).copy()
+    data[0, 0, :3] = np.nan
+    out = ops.conform(nib.Nifti1Image(data, img.affine))
+    assert np.isfinite(np.asanyarray(out.dataobj)).all()
+
+
+@pytest.mark.parametrize("codes", [("L", "A", "S"), ("L", "I", "A"), ("P", "S", "R"), ("R", "A", "S")])
+def test_conform_to_ras_and_back(codes):
+    rng = np.random.default_rng(3)
+    ras_data = rng.random((7, 8, 9)).astype(np.float32)
+    ras_affine = np.diag([1.2, 1.0, 3.0, 1.0])
+    xfm = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")),
+                                          nib.orientations.axcodes2ornt(codes))
+    data = nib.orientations.apply_orientation(ras_data, xfm)
+    img = nib.Nifti1Image(data, ras_affine @ nib.orientations.inv_ornt_aff(xfm, ras_data.shape))
+    assert nib.aff2axcodes(img.affine) == codes
+    out = ops.conform(img)
+    assert nib.aff2axcodes(out.affine) == ("R", "A", "S")
+    # same world position of every voxel centre
+    ijk = np.array([2, 5, 4, 1.0])
+    world = img.affine @ ijk
+    back_ijk = np.linalg.solve(out.affine, world)
+    assert np.isclose(np.asanyarray(out.dataobj)[tuple(np.round(back_ijk[:3]).astype(int))], data[2, 5, 4])
+    assert np.array_equal(ops.restore_orientation(np.asanyarray(out.dataobj), img), data)
+
+
+def test_ants_bridge_round_trip_oblique():
+    img = _img(zooms=(0.8, 0.9, 2.5))
+    rot = rotation_z(17.0)
+    rot[:3, 3] = [10.0, -20.0, 5.0]
+    img = nib.Nifti1Image(np.asanyarray(img.dataobj), rot @ img.affine)
+    back = ops.ants_to_nib(ops.nib_to_ants(img))
+    assert np.allclose(back.affine, img.affine, atol=1e-5)
+    assert np.array_equal(back.get_fdata(), img.get_fdata())
+
+
+def test_spacing_and_voxel_volume():
+    img = _img(zooms=(0.5, 0.5, 1.0))
+    assert ops.spacing_mm(img) == (0.5, 0.5, 1.0)
+    assert ops.voxel_volume_mm3(img) == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------ N4
+def test_n4_removes_a_smooth_bias_field():
+    shape = (48, 48, 40)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    ball = (grid[0] ** 2 + grid[1] ** 2 + grid[2] ** 2) < 0.8
+    tissue = np.where(ball, 100.0, 0.0) + np.where(ball & (grid[2] > 0.2), 40.0, 0.0)
+    bias = np.exp(0.35 * grid[0] + 0.25 * grid[1])
+    img = nib.Nifti1Image((tissue * bias).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    mask = nib.Nifti1Image(ball.astype(np.uint8), img.affine)
+    out = np.asanyarray(ops.n4_bias_correct(img, mask, shrink_factor=2).dataobj)
+    inner = ball & (grid[2] < 0.0)  # one tissue class
+
+    def cv(x):
+        return x[inner].std() / x[inner].mean()
+
+    assert cv(out) < 0.5 * cv(tissue * bias)
+
+
+# ------------------------------------------------------------ registration
+def test_rigid_registration_recovers_rotated_oblique_las_copy(demo_t2w):
+    t2 = ops.conform(ops.load(demo_t2w))
+    small = nib.Nifti1Image(np.asanyarray(t2.dataobj)[::2, ::2, ::2].astype(np.float32),
+                            t2.affine @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    moving, move = t1_like_copy(small, degrees=12.0, shift_mm=(6.0, -4.0, 3.0), voxel_mm=1.0)
+    assert nib.aff2axcodes(moving.affine)[0] == "L"
+    result = ops.register_rigid(ops.conform(moving), small, seed=1)
+    err = result.matrix @ np.linalg.inv(move)
+    angle = np.degrees(np.arccos(np.clip((np.trace(err[:3, :3]) - 1) / 2, -1, 1)))
+    assert angle < 1.5
+    assert np.linalg.norm(err[:3, 3]) < 2.0
+    assert result.ok and result.similarity_after < result.similarity_before
+    assert result.image.shape == small.shape
