@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 #: Detection methods available with ``--method``.
-METHODS = ("frangi",)
+METHODS = ("unet", "frangi")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from .errors import (
     EXIT_OK,
     EpvsError,
     InputError,
+    MissingInputError,
     exit_code_for,
 )
 
@@ -185,11 +186,12 @@ def run_participant_level(config: RunConfig) -> int:
     init_output_dir(config.output_dir, config.bids_dir)
     LOGGER.info("%d unit(s) of work: %s", len(units), ", ".join(u.label for u in units))
 
+    supported, model_ids = method_support(config.method)
     jobs = []
     results: list[UnitResult] = []
     for unit in units:
         try:
-            plan = plan_session(unit, method=config.method, supported=FRANGI_SUPPORTED)
+            plan = plan_session(unit, method=config.method, supported=supported, model_ids=model_ids)
         except EpvsError as exc:
             LOGGER.error("%s: %s", unit.label, exc)
             results.append(UnitResult(unit.label, "failed", exc.exit_code, str(exc)))
@@ -222,6 +224,26 @@ def run_participant_level(config: RunConfig) -> int:
         return EXIT_OK
     codes = {r.exit_code for r in failed}
     return codes.pop() if len(codes) == 1 else EXIT_FAILURE
+
+
+def method_support(method: str) -> tuple[tuple[tuple[str, ...], ...], dict | None]:
+    """Input combinations a method can use, and the model id serving each (None for Frangi).
+
+    Raises
+    ------
+    MissingInputError
+        The learned model's weights are not installed.
+    """
+    if method == "frangi":
+        return FRANGI_SUPPORTED, None
+    from epvsseg import infer
+
+    if infer.DEFAULT_MODEL not in infer.available_models():
+        raise MissingInputError(f"model weights {infer.DEFAULT_MODEL!r} are not installed (found: "
+                                f"{infer.available_models() or 'none'}); use --method frangi",
+                                infer.weights_root())
+    combos = infer.SERVED_COMBINATIONS
+    return combos, {c: infer.DEFAULT_MODEL for c in combos}
 
 
 def _run_unit_star(args):
@@ -309,7 +331,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     import nibabel as nib
 
     from epvsprep import ops
-    from epvsseg import frangi, postproc
+    from epvsseg import postproc
 
     from .reports.participant import make_figures, write_report
 
@@ -383,12 +405,14 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                              "not improve, or rotation > 45°): check the registration figure")
         tick(f"coreg_{role}")
 
-    params = frangi.FrangiParams()
-    bright = BRIGHT_EPVS[ref_role]
     data = np.asanyarray(n4.dataobj).astype(np.float32)
-    spacing = ops.spacing_mm(n4)
-    score, detected = frangi.detect(data, spacing, mask, bright=bright, params=params)
+    volumes = {ref_role: data, **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in coregistered.items()}}
+    det = detect_epvs(plan, volumes, mask, n4.affine, device=device)
+    score, detected, params = det["score"], det["mask"], det["parameters"]
     tick("detect")
+    if det["excluded"] is not None and len(det["excluded"]):
+        for reason, count in det["excluded"]["reason"].value_counts().items():
+            warnings_.append(f"{count} cluster(s) excluded as {reason.replace('_', ' ')} (see the mask sidecar)")
     labels, n_clusters = postproc.label_clusters(detected)
     table = postproc.cluster_table(labels, n4.affine, score=score)
     total_mm3 = float(detected.sum() * voxel_mm3)
@@ -424,18 +448,17 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     written.append(write_nifti(p, back(detected.astype(np.uint8)), original_ref, np.uint8))
     written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
         **common, "Type": "ROI",
-        "Description": "Binary mask of enlarged perivascular spaces (1 = ePVS) detected by multiscale "
-                       "Frangi vesselness on the bias-corrected, brain-masked reference image.",
-        "Threshold": params.threshold, "Connectivity": 26, "Parameters": params.to_dict(),
+        "Description": "Binary mask of enlarged perivascular spaces (1 = ePVS): " + det["description"],
+        "Threshold": params["threshold"], "Connectivity": 26, "Parameters": params,
+        "ExcludedClusters": ([] if det["excluded"] is None else det["excluded"].round(3).to_dict("records")),
     }))
     # score map
     p = name("probseg", ".nii.gz", label="PVS", desc=desc)
     written.append(write_nifti(p, back(score.astype(np.float32)), original_ref, np.float32))
     written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
         **common,
-        "Description": "ePVS score in [0, 1]: multiscale Frangi vesselness normalised as described in "
-                       "docs/frangi.md. It is a detection score, not a calibrated probability.",
-        "Parameters": params.to_dict(),
+        "Description": det["score_description"],
+        "Parameters": params,
     }))
     # cluster map + per-cluster table (a dseg look-up table with measures)
     p = name("dseg", ".nii.gz", seg="PVSclusters", desc=desc)
@@ -470,7 +493,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
         "n_clusters": int(n_clusters), "total_volume_mm3": round(total_mm3, 2),
         "brain_volume_mm3": round(brain_mm3, 1), "qc": qc, "warnings": warnings_,
-        "version": __version__, "device": "cpu", "timings_s": timings,
+        "version": __version__, "device": det["device"], "timings_s": timings,
     }
     figures = make_figures(
         figure_dir=Path(output_dir) / f"sub-{plan.subject}" / "figures",
@@ -481,7 +504,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     provenance = {
         **summary,
         "inputs": {role: {"path": rel_source[role], "sha256": digests[role]} for role in plan.images},
-        "plan": plan.to_dict(), "parameters": params.to_dict(), "random_seed": seed,
+        "plan": plan.to_dict(), "parameters": params, "random_seed": seed,
         "software": _software_versions(),
     }
     prov_path = Path(output_dir) / "logs" / f"{plan.label}_provenance.json"
@@ -492,6 +515,83 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     )
     written += [Path(f) for f in figures.values()] + [report]
     return [str(Path(w).relative_to(output_dir)) for w in written]
+
+
+def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,
+                device: str = "auto") -> dict[str, Any]:
+    """Run the plan's detector on preprocessed volumes of the reference grid.
+
+    Parameters
+    ----------
+    plan : SessionPlan
+        ``plan.method`` is ``frangi`` or ``unet``; ``plan.combination`` the inputs, reference first.
+    volumes : mapping
+        Contrast -> bias-corrected ``(I, J, K)`` volume on the reference's RAS+ grid.
+    mask : ndarray of bool
+        Brain mask on that grid.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-mm affine of the grid.
+
+    Returns
+    -------
+    dict
+        ``score`` (float32 in [0, 1]), ``mask`` (bool), ``parameters`` (JSON-able), ``description``,
+        ``score_description``, ``excluded`` (DataFrame of excluded mimic clusters or None), ``device``.
+    """
+    from epvsprep import ops
+    from epvsseg import exclusions, postproc
+
+    ref_role = plan.reference
+    spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+    if plan.method == "frangi":
+        from epvsseg import frangi
+
+        params = frangi.FrangiParams()
+        score, detected = frangi.detect(volumes[ref_role], spacing, mask, bright=BRIGHT_EPVS[ref_role],
+                                        params=params)
+        return {
+            "score": score, "mask": detected, "parameters": params.to_dict(), "excluded": None, "device": "cpu",
+            "description": "multiscale Frangi vesselness on the bias-corrected, brain-masked reference image "
+                           "(docs/frangi.md).",
+            "score_description": "ePVS score in [0, 1]: multiscale Frangi vesselness normalised as described in "
+                                 "docs/frangi.md. It is a detection score, not a calibrated probability.",
+        }
+    from epvsseg import infer
+
+    dev = infer.resolve_device(device)
+    model = infer.load_model(plan.model_id if plan.model_id != plan.method else None, device=dev)
+    images = {c: volumes[c] for c in plan.combination}
+    voxel = float(model.meta.get("voxel_mm", 1.0))
+    resample = max(abs(s - voxel) / voxel for s in spacing) > 0.15
+    if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
+        from scipy import ndimage
+
+        zoom = [s / voxel for s in spacing]
+        small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
+        small_mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
+        prob_small = infer.predict(small, small_mask, model)
+        back = [a / b for a, b in zip(mask.shape, prob_small.shape)]
+        prob = ndimage.zoom(prob_small, back, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+        pad = [(0, m - p) for m, p in zip(mask.shape, prob.shape)]
+        prob = np.pad(prob, pad) * mask
+    else:
+        prob = infer.predict(images, mask, model)
+    threshold = model.threshold
+    min_vox = int(model.meta.get("min_cluster_voxels", 2))
+    detected = postproc.remove_small_clusters(prob >= threshold, min_vox)
+    exc_params = exclusions.ExclusionParams()
+    detected, excluded = exclusions.exclude_mimics(
+        detected, affine, brain=mask, flair=volumes.get("FLAIR") if "FLAIR" in plan.combination else None,
+        params=exc_params)
+    return {
+        "score": prob.astype(np.float32), "mask": detected, "device": dev, "excluded": excluded,
+        "parameters": {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": threshold,
+                       "min_cluster_voxels": min_vox, "resampled_to_mm": voxel if resample else None,
+                       "exclusions": exc_params.to_dict()},
+        "description": f"2.5D multi-channel U-Net {model.model_id} on {' + '.join(plan.combination)} "
+                       f"(probability >= {threshold}, clusters >= {min_vox} voxels, mimic exclusions).",
+        "score_description": f"ePVS probability from the U-Net {model.model_id} (sigmoid output).",
+    }
 
 
 def _software_versions() -> dict[str, str]:

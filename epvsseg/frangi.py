@@ -84,9 +84,9 @@ class FrangiParams:
     scales_mm: tuple[float, ...] = DEFAULT_SCALES_MM
     alpha: float = 0.5
     beta: float = 0.5
-    c: float | None = 1.0
+    c: float | None = 1.5
     c_mode: Literal["absolute", "median"] = "median"
-    threshold: float = 0.2
+    threshold: float = 0.3
     min_cluster_voxels: int = 5
     max_cluster_mm3: float | None = 200.0
     edge_margin_mm: float = 4.0
@@ -193,6 +193,36 @@ def _hessian(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> n
     return hess
 
 
+AXIAL_GAMMA = None
+
+
+def _gradient(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Gradient (intensity / mm) by central differences at the given voxels, shape (N, 3)."""
+    f = padded.ravel()
+    strides = (padded.shape[1] * padded.shape[2], padded.shape[2], 1)
+    out = np.empty((flat_idx.size, 3), dtype=np.float64)
+    for a in range(3):
+        out[:, a] = (f[flat_idx + strides[a]].astype(np.float64) - f[flat_idx - strides[a]]) / (2.0 * spacing[a])
+    return out
+
+
+def _first_eigenvector(hess: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """Unit eigenvectors of the symmetric (N, 3, 3) ``hess`` for the eigenvalues ``lam`` (N,), shape (N, 3).
+
+    The eigenvector is orthogonal to the rows of ``hess - lam I``: the largest cross product of two rows.
+    """
+    m = hess - lam[:, None, None] * np.eye(3)
+    crosses = np.stack(
+        [np.cross(m[:, 0], m[:, 1]), np.cross(m[:, 0], m[:, 2]), np.cross(m[:, 1], m[:, 2])], axis=1
+    )
+    norms = np.linalg.norm(crosses, axis=2)
+    best = np.argmax(norms, axis=1)
+    vec = crosses[np.arange(len(best)), best]
+    nrm = norms[np.arange(len(best)), best]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(nrm[:, None] > 0, vec / nrm[:, None], 0.0)
+
+
 def vesselness(
     data: np.ndarray,
     spacing_mm: Sequence[float],
@@ -296,6 +326,13 @@ def vesselness(
                 ra2 = np.where(ok, (l2 / l3) ** 2, 0.0)
                 rb2 = np.where(ok, l1**2 / np.abs(l2 * l3), 0.0)
             term = (1.0 - np.exp(-ra2 / two_a2)) * np.exp(-rb2 / two_b2)
+            if AXIAL_GAMMA is not None:
+                grad = _gradient(padded, flat_idx[sl][cand], spacing) * eff
+                axis = _first_eigenvector(hess[cand], l1)
+                along = np.einsum("na,na->n", grad, axis)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    r2 = np.where(ok, along**2 / (l2**2), 0.0)
+                term = term * np.exp(-r2 / (2.0 * AXIAL_GAMMA**2))
             shape_term[start + cand] = np.where(ok, term, 0.0)
         if c is None:
             c_scale = 0.5 * math.sqrt(float(s2.max()))

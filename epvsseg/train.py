@@ -1,0 +1,301 @@
+"""Train the 2.5D multi-channel ePVS U-Net on synthetic data, reproducibly.
+
+``python -m epvsseg.train --out epvsseg/weights/epvs-unet25d-v1`` renders seeded synthetic
+cases with :mod:`epvsseg.synth` (the parameters of every case are saved), trains one
+network for every served sequence combination with modality dropout, keeps the
+checkpoint with the best validation score, and writes ``weights.pt``, ``model.json``
+(architecture, input contrasts, voxel size, normalisation, threshold, sha256,
+commit) and ``MODEL_CARD.md``.
+
+Everything random flows from ``--seed``: case parameters, batch sampling, the
+combination drawn per sample, augmentation, and torch's initialisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .infer import SERVED_COMBINATIONS, normalise, stack_channels
+from .nets import CONTRASTS, n_input_channels
+
+LOGGER = logging.getLogger(__name__)
+
+#: Regions the training crops are centred on, and how often.
+ROI_WEIGHTS = {"basal_ganglia": 0.35, "centrum_semiovale": 0.35, "random": 0.30}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe (saved in ``model.json`` and the model card)."""
+
+    out: str
+    seed: int = 20261121
+    n_train: int = 160
+    n_val: int = 24
+    crop_vox: tuple[int, int, int] = (112, 112, 48)
+    iterations: int = 4000
+    batch: int = 12
+    patch: int = 96
+    lr: float = 2e-3
+    base: int = 16
+    depth: int = 3
+    context: int = 1
+    pos_fraction: float = 0.7
+    val_every: int = 500
+    threads: int = 2
+    workers: int = 2
+    cache_dir: str = "work/synth-cache"
+    combinations: tuple[tuple[str, ...], ...] = field(default=SERVED_COMBINATIONS)
+
+
+# ------------------------------------------------------------------- data
+def _render_case(args) -> str:
+    seed, path, crop = args
+    from . import synth
+
+    path = Path(path)
+    if path.exists():
+        return str(path)
+    rng = np.random.default_rng(seed)
+    roi = rng.choice(list(ROI_WEIGHTS), p=list(ROI_WEIGHTS.values()))
+    params = synth.sample_params(rng, contrasts=CONTRASTS, roi=str(roi), shape_vox=tuple(crop))
+    case = synth.render(params, synth.load_priors())
+    mask = brain_mask_of(case)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp, **{f"img_{c}": case.images[c].astype(np.float16) for c in CONTRASTS},
+        label=case.label.astype(np.uint8), mimics=case.mimics.astype(np.uint8), mask=mask,
+        params=json.dumps(case.params),
+    )
+    os.replace(tmp, path)
+    return str(path)
+
+
+def brain_mask_of(case) -> np.ndarray:
+    """Brain-tissue mask of a synthetic case (where the anatomy has brain tissue)."""
+    mask = getattr(case, "brain", None)
+    if mask is None:
+        mask = case.images["T1w"] > 0.05 * float(np.percentile(case.images["T1w"], 99))
+    return np.asarray(mask, bool)
+
+
+def generate(seeds: list[int], folder: Path, crop, workers: int) -> list[Path]:
+    """Render (or reuse) one cached ``.npz`` per seed, in parallel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) for s in seeds]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            return [Path(p) for p in pool.map(_render_case, jobs)]
+    return [Path(_render_case(j)) for j in jobs]
+
+
+@dataclass
+class Case:
+    """A cached case, normalised as at inference."""
+
+    images: dict[str, np.ndarray]
+    label: np.ndarray
+    mimics: np.ndarray
+    mask: np.ndarray
+
+
+def load_case(path: Path) -> Case:
+    with np.load(path) as z:
+        mask = z["mask"].astype(bool)
+        images = {c: normalise(z[f"img_{c}"].astype(np.float32), mask) for c in CONTRASTS}
+        return Case(images, z["label"].astype(bool), z["mimics"], mask)
+
+
+def sample_batch(cases: list[Case], rng: np.random.Generator, cfg: TrainConfig):
+    """A batch of 2.5D patches with modality dropout and augmentation.
+
+    Returns
+    -------
+    x : ndarray, shape (B, C, P, P)
+    y : ndarray, shape (B, 1, P, P)
+    """
+    n_ch = n_input_channels(cfg.context)
+    x = np.zeros((cfg.batch, n_ch, cfg.patch, cfg.patch), np.float32)
+    y = np.zeros((cfg.batch, 1, cfg.patch, cfg.patch), np.float32)
+    for b in range(cfg.batch):
+        case = cases[rng.integers(len(cases))]
+        ni, nj, nk = case.label.shape
+        if rng.random() < cfg.pos_fraction and case.label.any():
+            pos = np.argwhere(case.label)
+            ci, cj, k = pos[rng.integers(len(pos))]
+            i0 = int(np.clip(ci - rng.integers(8, cfg.patch - 8), 0, ni - cfg.patch))
+            j0 = int(np.clip(cj - rng.integers(8, cfg.patch - 8), 0, nj - cfg.patch))
+        else:
+            k = rng.integers(nk)
+            i0 = rng.integers(0, ni - cfg.patch + 1)
+            j0 = rng.integers(0, nj - cfg.patch + 1)
+        combo = cfg.combinations[rng.integers(len(cfg.combinations))]
+        vols = {}
+        for c in combo:
+            v = case.images[c][i0:i0 + cfg.patch, j0:j0 + cfg.patch]
+            gamma = float(np.exp(rng.normal(0, 0.15)))
+            scale = float(np.exp(rng.normal(0, 0.1)))
+            vols[c] = np.clip(scale * np.power(v, gamma), 0, 6)
+        ks = np.clip(np.arange(k - cfg.context, k + cfg.context + 1), 0, nk - 1)
+        sub = {c: v[:, :, ks] for c, v in vols.items()}
+        xs = stack_channels(sub, (cfg.patch, cfg.patch, len(ks)), cfg.context)[cfg.context]
+        ys = case.label[i0:i0 + cfg.patch, j0:j0 + cfg.patch, k].astype(np.float32)
+        if rng.random() < 0.5:  # left-right flip (axis i is R-L)
+            xs, ys = xs[:, ::-1], ys[::-1]
+        if rng.random() < 0.5:
+            xs, ys = xs[:, :, ::-1], ys[:, ::-1]
+        x[b], y[b, 0] = xs, ys
+    return x, y
+
+
+# --------------------------------------------------------------- training
+def _loss(logits, target):
+    import torch
+    import torch.nn.functional as F
+
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0))
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    dice = 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
+    return bce + dice
+
+
+def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float = 0.5,
+             min_cluster_voxels: int = 2) -> dict:
+    """Voxel Dice and cluster F1 per combination on whole validation cases."""
+    from .infer import LoadedModel, predict
+    from .metrics import cluster_agreement, dice
+    from .postproc import remove_small_clusters
+
+    model = LoadedModel(net, {"context_slices": context, "threshold": threshold, "model_id": "val"}, Path("."), "cpu")
+    net.eval()
+    out = {}
+    for combo in combos:
+        dices, tp_ref, n_ref, tp_pred, n_pred = [], 0, 0, 0, 0
+        for case in cases:
+            prob = predict({c: case.images[c] for c in combo}, case.mask, model)
+            pred = remove_small_clusters(prob >= threshold, min_cluster_voxels)
+            dices.append(dice(pred, case.label))
+            ag = cluster_agreement(pred, case.label)
+            tp_ref += ag.ref_detected
+            n_ref += ag.n_ref
+            tp_pred += ag.pred_true
+            n_pred += ag.n_pred
+        sens = tp_ref / max(n_ref, 1)
+        prec = tp_pred / max(n_pred, 1)
+        f1 = 2 * sens * prec / max(sens + prec, 1e-9)
+        out["+".join(combo)] = {"dice": float(np.mean(dices)), "cluster_sensitivity": sens,
+                                "cluster_precision": prec, "cluster_f1": f1}
+    net.train()
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the recipe; write the model folder; return the final validation metrics."""
+    import torch
+
+    from .infer import sha256_file
+    from .nets import build
+
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    seeds = rng.integers(0, 2**31 - 1, size=cfg.n_train + cfg.n_val).tolist()
+    t0 = time.time()
+    paths = generate(seeds, Path(cfg.cache_dir), cfg.crop_vox, cfg.workers)
+    t_data = time.time() - t0
+    LOGGER.info("rendered %d cases in %.0f s", len(paths), t_data)
+    train_cases = [load_case(p) for p in paths[: cfg.n_train]]
+    val_cases = [load_case(p) for p in paths[cfg.n_train:]]
+
+    kwargs = {"in_channels": n_input_channels(cfg.context), "base": cfg.base, "depth": cfg.depth}
+    net = build("unet2d", **kwargs)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
+    best, best_state, history = -1.0, None, []
+    t0 = time.time()
+    val_combos = [("T2w",), ("T2w", "FLAIR", "T1w", "SWI"), ("T1w",), ("FLAIR",)]
+    for it in range(1, cfg.iterations + 1):
+        x, y = sample_batch(train_cases, rng, cfg)
+        logits = net(torch.from_numpy(x))
+        loss = _loss(logits, torch.from_numpy(y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if it % 50 == 0:
+            LOGGER.info("it %d loss %.4f (%.2f s/it)", it, loss.item(), (time.time() - t0) / it)
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            scores = evaluate(net, val_cases[: max(4, len(val_cases) // 2)], val_combos, context=cfg.context)
+            score = float(np.mean([v["cluster_f1"] + v["dice"] for v in scores.values()]))
+            history.append({"iteration": it, "score": score, "val": scores, "elapsed_s": time.time() - t0})
+            LOGGER.info("it %d validation %s", it, json.dumps(scores))
+            if score > best:
+                best = score
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    t_train = time.time() - t0
+    net.load_state_dict(best_state)
+    final = evaluate(net, val_cases, cfg.combinations, context=cfg.context)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "weights.pt"
+    torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}, weights)
+    meta = {
+        "model_id": out.name,
+        "architecture": "unet2d",
+        "architecture_kwargs": kwargs,
+        "input_contrasts": list(CONTRASTS),
+        "context_slices": cfg.context,
+        "served_combinations": ["+".join(c) for c in cfg.combinations],
+        "voxel_mm": 1.0,
+        "normalisation": "median-in-mask",
+        "labels": {"0": "background", "1": "ePVS"},
+        "threshold": 0.5,
+        "min_cluster_voxels": 2,
+        "training": {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
+                     "history": history},
+        "validation": final,
+        "commit": git_commit(),
+        "sha256": sha256_file(weights),
+        "torch": torch.__version__,
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epvsseg.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="model folder to write")
+    for f, default in TrainConfig.__dataclass_fields__.items():
+        if f in ("out", "combinations", "crop_vox"):
+            continue
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
+    opts = vars(parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = TrainConfig(**{k: v for k, v in opts.items()})
+    meta = train(cfg)
+    print(json.dumps(meta["validation"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
