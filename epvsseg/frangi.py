@@ -1,24 +1,30 @@
 """Classical unsupervised ePVS detector: multiscale 3D Hessian vesselness (Frangi et al., 1998).
 
 This is the ``--method frangi`` baseline of epvs-bids, the reference that learned models must beat. It needs no
-training data. The pipeline of :func:`detect` is
+training data. :func:`detect` = :func:`score_map` then :func:`segment_score`:
 
-1. robust intensity normalisation inside the brain mask, so that 0 is the median brain intensity and 1 (bright
-   contrasts, T2w) or -1 (dark contrasts, T1w/FLAIR) is the CSF-like 99th (1st) percentile;
-2. multiscale Hessian vesselness (:func:`vesselness`) in physical units (mm), the score in [0, 1];
-3. restriction to the brain mask eroded by ``edge_margin_mm`` (cortical ribbon and sulcal CSF excluded) and to
-   voxels brighter (T2w) or darker (T1w/FLAIR) than their local tissue background by ``min_contrast``;
-4. threshold, 26-connected clusters, and removal of clusters that are too small (noise) or too large
-   (ventricles, sulci, lacunes).
+1. robust intensity normalisation inside the brain mask (:func:`normalise_intensity`): 0 is the median brain
+   intensity, +1 (T2w, bright ePVS) or -1 (T1w/FLAIR, dark ePVS) the CSF-like 99th (1st) percentile;
+2. multiscale Hessian vesselness (:func:`vesselness`) in physical units (mm) inside the brain mask eroded by
+   ``edge_margin_mm`` (cortex and sulcal CSF), with ``c`` tied to the median Hessian norm of the scan so the
+   score in [0, 1] means the same on every scan, and a term against the tube-like rims of round blobs;
+3. a polarity test: voxels must be brighter (T2w) or darker (T1w/FLAIR) than their local tissue background by
+   ``min_contrast``;
+4. threshold, 26-connected clusters, and removal of clusters that belong to a large CSF-like structure
+   (sulci, ventricles), that are too small (noise) or too large (lacunes), or wider than an ePVS can be.
 
 All arrays keep nibabel's voxel axis order ``(i, j, k)``; ``spacing_mm`` gives the voxel size along those axes,
-so anisotropic voxels (e.g. 0.5 x 0.5 x 3 mm) are handled in mm. The default parameters were chosen by
-measurement on synthetic phantoms (``benchmarks/calibrate_frangi.py``, ``docs/frangi.md``).
+so anisotropic voxels (e.g. 0.5 x 0.5 x 3 mm) are handled in mm. The defaults were chosen by measurement on
+synthetic phantoms and checked on a real T2w (``benchmarks/calibrate_frangi.py``, ``docs/frangi.md``).
 
 References
 ----------
 Frangi AF, Niessen WJ, Vincken KL, Viergever MA (1998). Multiscale vessel enhancement filtering.
 MICCAI 1998, LNCS 1496, 130-137.
+Boutinaud P, et al. (2021). 3D segmentation of perivascular spaces on T1-weighted 3 Tesla MR images with a
+convolutional autoencoder and a U-shaped neural network. Front. Neuroinform. 15:641600 (cluster rules).
+Wardlaw JM, et al. (2013). Neuroimaging standards for research into small vessel disease (STRIVE).
+Lancet Neurol. 12:822-838 (ePVS < 3 mm wide; lacunes 3-15 mm, round).
 """
 
 from __future__ import annotations
@@ -32,11 +38,20 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
-from .postproc import filter_clusters, label_clusters
+from .postproc import cluster_principal_sd, filter_clusters, label_clusters
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FrangiParams", "vesselness", "normalise_intensity", "detect", "DEFAULT_SCALES_MM"]
+__all__ = [
+    "DEFAULT_SCALES_MM",
+    "VOXEL_BLUR_VAR",
+    "FrangiParams",
+    "vesselness",
+    "normalise_intensity",
+    "score_map",
+    "segment_score",
+    "detect",
+]
 
 #: Default Gaussian scales (sigma, mm) of the vesselness filter.
 DEFAULT_SCALES_MM: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5)
@@ -51,7 +66,7 @@ VOXEL_BLUR_VAR: float = 1.0 / 3.0
 
 @dataclass(frozen=True)
 class FrangiParams:
-    """Parameters of the Frangi ePVS detector (:func:`detect`).
+    """Parameters of the Frangi ePVS detector (:func:`detect`); the defaults are calibrated (docs/frangi.md).
 
     Attributes
     ----------
@@ -62,37 +77,60 @@ class FrangiParams:
     beta : float
         Frangi's blob-vs-line sensitivity (weight of R_B = |l1|/sqrt(|l2 l3|)), dimensionless.
     c : float or None
-        Structureness sensitivity, in units of the scale-normalised Hessian of the normalised intensity (see
-        :func:`normalise_intensity`). None uses Frangi's rule, half the maximum Hessian (Frobenius) norm of the
-        scan at each scale, which makes the score depend on the strongest edges of the scan.
+        Structureness sensitivity. With ``c_mode="median"`` a multiple of the median scale-normalised Hessian
+        (Frobenius) norm over the analysis region, per scale; with ``c_mode="absolute"`` a value in units of the
+        normalised intensity. None uses Frangi's rule, half the maximum Hessian norm at each scale, which ties the
+        score to the strongest edge of the scan.
+    c_mode : {"median", "absolute"}
+        How ``c`` is read (see above).
+    axial_gamma : float or None
+        Width of the axial-gradient term (dimensionless): the vesselness is multiplied by
+        ``exp(-r**2 / (2 axial_gamma**2))`` with ``r = |g . e1| / |l2|`` in scale-normalised units, ``g`` the
+        gradient and ``e1`` the tube axis. On a tube's centreline ``r ~ 0``; on the rim of a round blob, where
+        plain Frangi answers as if it were a curved tube, ``r >= 1``. None disables it (plain Frangi).
     threshold : float
         Threshold on the vesselness score (0-1).
+    seed_threshold : float or None
+        Hysteresis: a cluster is kept only if one of its voxels reaches this score (0-1); None disables it.
     min_cluster_voxels : int
-        26-connected clusters with fewer voxels are dropped (voxels). SHIVA dropped clusters < 5 voxels.
+        26-connected clusters with fewer voxels are dropped (voxels). SHIVA dropped clusters < 5 voxels at 1 mm.
+        It counts voxels, so raise it for sub-millimetre voxels.
     max_cluster_mm3 : float or None
-        Clusters larger than this (mm^3) are dropped as not ePVS (ventricles, sulci, lacunes); None keeps them.
+        Clusters larger than this (mm^3) are dropped as not ePVS (lacunes, ventricles, sulci); None keeps them.
+        It also bounds the CSF-like structure a candidate may belong to (``csf_level``).
+    max_width_mm : float or None
+        Clusters wider than this (mm) are dropped: width = 4 x the second principal standard deviation of the
+        cluster's voxel positions, the diameter for a solid tube. ePVS are < 3 mm wide (STRIVE); the rims that
+        round lacunes leave are wider. None disables it.
     edge_margin_mm : float
-        Voxels closer than this (mm) to the brain-mask edge are ignored (cortex, sulcal CSF).
+        Voxels closer than this (mm) to the brain-mask edge are ignored (cortical ribbon, sulcal CSF).
     min_contrast : float
         Candidate voxels must exceed their local background (Gaussian-weighted mean of the normalised intensity
         in the mask at ``background_sigma_mm``) by this much, in normalised units (1 = median-to-CSF contrast),
         with the polarity of the contrast (brighter on T2w, darker on T1w/FLAIR). ``-inf`` disables it.
     background_sigma_mm : float
         Scale (mm) of the local background of ``min_contrast``.
+    csf_level : float or None
+        Normalised intensity (0-1, signed by polarity) from which a voxel counts as CSF-like. Candidate clusters
+        that are 26-connected through CSF-like voxels to a structure larger than ``max_cluster_mm3`` (sulcal
+        CSF, ventricles) are dropped. None disables it.
     """
 
     scales_mm: tuple[float, ...] = DEFAULT_SCALES_MM
     alpha: float = 0.5
     beta: float = 0.5
-    c: float | None = 1.5
+    c: float | None = 2.0
     c_mode: Literal["absolute", "median"] = "median"
-    threshold: float = 0.3
+    axial_gamma: float | None = 1.0
+    threshold: float = 0.22
+    seed_threshold: float | None = None
     min_cluster_voxels: int = 5
     max_cluster_mm3: float | None = 200.0
-    edge_margin_mm: float = 4.0
+    edge_margin_mm: float = 6.0
     min_contrast: float = 0.1
     background_sigma_mm: float = 3.0
     csf_level: float | None = 0.3
+    max_width_mm: float | None = 4.0
 
     def __post_init__(self) -> None:
         scales = tuple(float(s) for s in self.scales_mm)
@@ -105,16 +143,22 @@ class FrangiParams:
             raise ValueError(f"c must be > 0 or None, got {self.c}")
         if self.c_mode not in ("absolute", "median"):
             raise ValueError(f"c_mode must be 'absolute' or 'median', got {self.c_mode!r}")
+        if self.axial_gamma is not None and not self.axial_gamma > 0:
+            raise ValueError(f"axial_gamma must be > 0 or None, got {self.axial_gamma}")
         if self.csf_level is not None and not self.csf_level > 0:
             raise ValueError(f"csf_level must be > 0 or None, got {self.csf_level}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.seed_threshold is not None and not 0.0 <= self.seed_threshold <= 1.0:
+            raise ValueError(f"seed_threshold must lie in [0, 1] or be None, got {self.seed_threshold}")
         if self.min_cluster_voxels < 0:
             raise ValueError(f"min_cluster_voxels must be >= 0, got {self.min_cluster_voxels}")
         if self.max_cluster_mm3 is not None and self.max_cluster_mm3 <= 0:
             raise ValueError(f"max_cluster_mm3 must be > 0 or None, got {self.max_cluster_mm3}")
         if self.edge_margin_mm < 0:
             raise ValueError(f"edge_margin_mm must be >= 0, got {self.edge_margin_mm}")
+        if self.max_width_mm is not None and not self.max_width_mm > 0:
+            raise ValueError(f"max_width_mm must be > 0 or None, got {self.max_width_mm}")
         if self.background_sigma_mm <= 0:
             raise ValueError(f"background_sigma_mm must be > 0, got {self.background_sigma_mm}")
 
@@ -193,9 +237,6 @@ def _hessian(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> n
     return hess
 
 
-AXIAL_GAMMA = None
-
-
 def _gradient(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Gradient (intensity / mm) by central differences at the given voxels, shape (N, 3)."""
     f = padded.ravel()
@@ -233,14 +274,18 @@ def vesselness(
     beta: float = 0.5,
     c: float | None = None,
     c_mode: Literal["absolute", "median"] = "absolute",
+    axial_gamma: float | None = None,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Multiscale 3D Hessian vesselness of Frangi et al. (1998) in physical units.
 
     At each scale ``sigma`` (mm) the image is smoothed with a Gaussian of per-axis standard deviation
-    ``sigma / spacing`` voxels, the Hessian ``H`` is taken by central finite differences in mm (exact on
-    quadratics and blind to constant intensity even when ``sigma`` is below one voxel along a thick-slice
-    axis), and scale-normalised as ``sigma**2 * H``. With its eigenvalues ordered
+    ``sigma / spacing`` voxels and the Hessian ``H`` is taken by central finite differences in mm (exact on
+    quadratics and blind to constant or linear intensity even when ``sigma`` is below one voxel along a
+    thick-slice axis). ``H`` is scale-normalised per axis pair as ``H_ab * s_a * s_b`` with the effective scale
+    ``s_a = sqrt(sigma**2 + VOXEL_BLUR_VAR * spacing_a**2)`` (mm), which counts the blur of the acquisition
+    itself; it tends to Frangi's ``sigma**2`` normalisation for scales much larger than the voxel, and on thick
+    slices it stops in-plane tubes from looking like plates. With its eigenvalues ordered
     ``|l1| <= |l2| <= |l3|``,
 
     .. math::
@@ -249,8 +294,10 @@ def vesselness(
             \\left(1 - e^{-S^2 / 2c^2}\\right),\\quad
         R_A = \\frac{|l_2|}{|l_3|},\\ R_B = \\frac{|l_1|}{\\sqrt{|l_2 l_3|}},\\ S = \\lVert H \\rVert_F,
 
-    and ``V = 0`` unless ``l2, l3 < 0`` (bright tubes) or ``l2, l3 > 0`` (dark tubes). The result is the
-    maximum of ``V`` over the scales.
+    and ``V = 0`` unless ``l2, l3 < 0`` (bright tubes) or ``l2, l3 > 0`` (dark tubes). With ``axial_gamma``,
+    ``V`` is further multiplied by ``exp(-r**2 / (2 axial_gamma**2))``, ``r = |g . e1| / |l2|`` (``g`` the
+    scale-normalised gradient, ``e1`` the eigenvector of ``l1``, the tube axis), which removes the tube-like
+    response on the rim of round blobs. The result is the maximum of ``V`` over the scales.
 
     Parameters
     ----------
@@ -265,10 +312,16 @@ def vesselness(
     alpha, beta : float
         Frangi's sensitivities to R_A (plate vs line) and R_B (blob vs line), dimensionless.
     c : float or None
-        Sensitivity to the structureness S, in the units of ``data`` (scale-normalised Hessians have the units
-        of the intensity). None: half of the maximum S over the evaluated voxels, per scale (Frangi 1998).
+        Sensitivity to the structureness S. None: half of the maximum S over the evaluated voxels, per scale
+        (Frangi 1998). Otherwise read according to ``c_mode``.
+    c_mode : {"absolute", "median"}
+        ``"absolute"``: ``c`` in the units of ``data`` (scale-normalised Hessians have the units of the
+        intensity). ``"median"``: ``c`` times the median S over the evaluated voxels, per scale.
+    axial_gamma : float or None
+        Width of the axial-gradient term (dimensionless); None gives plain Frangi.
     mask : (I, J, K) ndarray of bool, optional
-        Voxels where V is evaluated (others are 0); the smoothing still sees every voxel.
+        Voxels where V is evaluated (others are 0) and over which the median or maximum of S is taken; the
+        smoothing still sees every voxel.
 
     Returns
     -------
@@ -282,6 +335,12 @@ def vesselness(
         raise ValueError(f"scales_mm must be positive finite mm values, got {scales_mm!r}")
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+    if c is not None and not c > 0:
+        raise ValueError(f"c must be > 0 or None, got {c}")
+    if c_mode not in ("absolute", "median"):
+        raise ValueError(f"c_mode must be 'absolute' or 'median', got {c_mode!r}")
+    if axial_gamma is not None and not axial_gamma > 0:
+        raise ValueError(f"axial_gamma must be > 0 or None, got {axial_gamma}")
     out = np.zeros(data.shape, dtype=np.float32)
     if mask is None:
         mask = np.ones(data.shape, dtype=bool)
@@ -300,6 +359,7 @@ def vesselness(
 
     two_a2 = 2.0 * alpha**2
     two_b2 = 2.0 * beta**2
+    two_g2 = 2.0 * axial_gamma**2 if axial_gamma is not None else 0.0
     for sigma in scales:
         eff = np.sqrt(sigma**2 + VOXEL_BLUR_VAR * spacing**2)
         norm_outer = np.outer(eff, eff)
@@ -326,13 +386,13 @@ def vesselness(
                 ra2 = np.where(ok, (l2 / l3) ** 2, 0.0)
                 rb2 = np.where(ok, l1**2 / np.abs(l2 * l3), 0.0)
             term = (1.0 - np.exp(-ra2 / two_a2)) * np.exp(-rb2 / two_b2)
-            if AXIAL_GAMMA is not None:
+            if axial_gamma is not None:
                 grad = _gradient(padded, flat_idx[sl][cand], spacing) * eff
                 axis = _first_eigenvector(hess[cand], l1)
                 along = np.einsum("na,na->n", grad, axis)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     r2 = np.where(ok, along**2 / (l2**2), 0.0)
-                term = term * np.exp(-r2 / (2.0 * AXIAL_GAMMA**2))
+                term = term * np.exp(-r2 / two_g2)
             shape_term[start + cand] = np.where(ok, term, 0.0)
         if c is None:
             c_scale = 0.5 * math.sqrt(float(s2.max()))
@@ -450,8 +510,8 @@ def score_map(
     Parameters
     ----------
     data, spacing_mm, mask, bright, params
-        As in :func:`detect`; only ``scales_mm``, ``alpha``, ``beta``, ``c``, ``edge_margin_mm``,
-        ``min_contrast`` and ``background_sigma_mm`` of ``params`` are used.
+        As in :func:`detect`; only ``scales_mm``, ``alpha``, ``beta``, ``c``, ``c_mode``, ``axial_gamma``,
+        ``edge_margin_mm``, ``min_contrast`` and ``background_sigma_mm`` of ``params`` are used.
 
     Returns
     -------
@@ -465,7 +525,16 @@ def score_map(
         raise ValueError("the brain mask is empty: nothing to search for ePVS")
     spacing = _as_spacing(spacing_mm)
     norm = normalise_intensity(data, mask, bright=bright)
+    csf_like = float(np.mean(np.abs(norm[mask]) >= 0.5))
+    if csf_like > 0.25:
+        logger.warning(
+            "%.0f%% of the brain mask is CSF-like after normalisation; the %s percentile is probably not CSF "
+            "(is the contrast polarity right, bright=%s?); ePVS detection will be unreliable",
+            100 * csf_like, "99th" if bright else "1st", bright,
+        )
     region = _inner_mask(mask, spacing, params.edge_margin_mm)
+    if not region.any():
+        logger.warning("no voxel of the mask is farther than %.1f mm from its edge", params.edge_margin_mm)
     score = vesselness(
         norm,
         spacing,
@@ -475,6 +544,7 @@ def score_map(
         beta=params.beta,
         c=params.c,
         c_mode=params.c_mode,
+        axial_gamma=params.axial_gamma,
         mask=region,
     )
     if math.isfinite(params.min_contrast):
@@ -510,7 +580,8 @@ def segment_score(
     bright : bool
         Polarity of ePVS in this contrast.
     params : FrangiParams
-        Only ``threshold``, ``csf_level``, ``min_cluster_voxels`` and ``max_cluster_mm3`` are used.
+        Only ``threshold``, ``csf_level``, ``min_cluster_voxels``, ``max_cluster_mm3``, ``seed_threshold`` and
+        ``max_width_mm`` are used, in this order.
 
     Returns
     -------
@@ -518,7 +589,8 @@ def segment_score(
         Detected ePVS voxels.
     counts : dict
         Cluster counts of :func:`epvsseg.postproc.filter_clusters`, plus ``n_removed_csf`` (candidate clusters
-        dropped because they belong to a large CSF-like structure).
+        in a large CSF-like structure), ``n_removed_weak`` (no voxel reaches ``seed_threshold``) and
+        ``n_removed_wide`` (wider than ``max_width_mm``); ``n_kept`` and ``voxels_kept`` describe ``epvs``.
     """
     spacing = _as_spacing(spacing_mm)
     candidates = np.asarray(score) >= params.threshold
@@ -539,6 +611,27 @@ def segment_score(
         candidates, spacing, min_voxels=params.min_cluster_voxels, max_mm3=params.max_cluster_mm3
     )
     counts["n_removed_csf"] = n_csf
+    n_weak = 0
+    if params.seed_threshold is not None and params.seed_threshold > params.threshold:
+        labels, n = label_clusters(epvs)
+        if n:
+            peak = ndimage.maximum(score, labels, index=np.arange(1, n + 1))
+            keep = np.concatenate([[False], np.asarray(peak) >= params.seed_threshold])
+            n_weak = int(n - keep.sum())
+            epvs = keep[labels]
+    counts["n_removed_weak"] = n_weak
+    n_wide = 0
+    if params.max_width_mm is not None:
+        labels, n = label_clusters(epvs)
+        if n:
+            width = 4.0 * cluster_principal_sd(labels, spacing)[:, 1]
+            keep = width <= params.max_width_mm
+            keep[0] = False
+            n_wide = int(n - keep[1:].sum())
+            epvs = keep[labels]
+    counts["n_removed_wide"] = n_wide
+    counts["n_kept"] = int(counts["n_kept"]) - n_weak - n_wide
+    counts["voxels_kept"] = int(np.count_nonzero(epvs))
     return epvs, counts
 
 
@@ -572,8 +665,9 @@ def detect(
         the same for every scan), set to 0 outside the analysis region (eroded mask) and where the local
         contrast test fails.
     epvs : (I, J, K) ndarray of bool
-        ``score >= params.threshold``, then 26-connected clusters outside ``[min_cluster_voxels,
-        max_cluster_mm3]`` removed.
+        ``score >= params.threshold``, then 26-connected clusters removed when they belong to a CSF-like
+        structure larger than ``max_cluster_mm3``, have fewer than ``min_cluster_voxels`` voxels, are larger
+        than ``max_cluster_mm3``, have no voxel reaching ``seed_threshold`` or are wider than ``max_width_mm``.
 
     Raises
     ------
@@ -584,11 +678,13 @@ def detect(
     epvs, counts = segment_score(score, norm, mask, spacing_mm, bright=bright, params=params)
     logger.info(
         "Frangi ePVS: %d candidate clusters, %d in large CSF structures, %d too small, %d too large, "
-        "%d kept (%d voxels)",
+        "%d without a voxel above the seed threshold, %d wider than max_width_mm, %d kept (%d voxels)",
         counts["n_clusters_in"] + counts["n_removed_csf"],
         counts["n_removed_csf"],
         counts["n_removed_small"],
         counts["n_removed_large"],
+        counts["n_removed_weak"],
+        counts["n_removed_wide"],
         counts["n_kept"],
         counts["voxels_kept"],
     )

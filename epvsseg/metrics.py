@@ -77,3 +77,55 @@ def cluster_agreement(pred: np.ndarray, ref: np.ndarray) -> ClusterAgreement:
 def count_clusters(mask: np.ndarray) -> int:
     """Number of 26-connected clusters."""
     return int(ndimage.label(np.asarray(mask, bool), _S26)[1])
+
+
+def icc(ratings: np.ndarray, kind: str = "ICC(2,1)") -> float:
+    """Intraclass correlation of an ``(n_targets, k_raters)`` table (Shrout & Fleiss 1979).
+
+    Parameters
+    ----------
+    ratings : ndarray, shape (n, k)
+        One row per target (participant), one column per rater (method, session...).
+    kind : str
+        ``ICC(1,1)``, ``ICC(2,1)`` (two-way random, absolute agreement, single measure; the
+        seed papers' choice) or ``ICC(3,1)`` (two-way mixed, consistency).
+
+    Returns
+    -------
+    float
+        NaN when the table has fewer than 2 targets or no variance.
+
+    Notes
+    -----
+    With mean squares for rows (BMS), columns (JMS), residual (EMS) and within rows (WMS):
+
+    .. math::
+        ICC(1,1) = \\frac{BMS - WMS}{BMS + (k-1) WMS}, \\quad
+        ICC(2,1) = \\frac{BMS - EMS}{BMS + (k-1) EMS + k (JMS - EMS) / n}, \\quad
+        ICC(3,1) = \\frac{BMS - EMS}{BMS + (k-1) EMS}
+    """
+    y = np.asarray(ratings, dtype=float)
+    if y.ndim != 2 or y.shape[0] < 2 or y.shape[1] < 2:
+        return float("nan")
+    n, k = y.shape
+    grand = y.mean()
+    ss_rows = k * ((y.mean(axis=1) - grand) ** 2).sum()
+    ss_cols = n * ((y.mean(axis=0) - grand) ** 2).sum()
+    ss_total = ((y - grand) ** 2).sum()
+    ss_err = ss_total - ss_rows - ss_cols
+    bms = ss_rows / (n - 1)
+    jms = ss_cols / (k - 1)
+    ems = ss_err / ((n - 1) * (k - 1))
+    wms = (ss_cols + ss_err) / (n * (k - 1))
+    if kind == "ICC(1,1)":
+        denom = bms + (k - 1) * wms
+        num = bms - wms
+    elif kind == "ICC(2,1)":
+        denom = bms + (k - 1) * ems + k * (jms - ems) / n
+        num = bms - ems
+    elif kind == "ICC(3,1)":
+        denom = bms + (k - 1) * ems
+        num = bms - ems
+    else:
+        raise ValueError(f"unknown ICC kind {kind!r}")
+    return float(num / denom) if denom > 0 else float("nan")

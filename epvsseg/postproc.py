@@ -24,6 +24,7 @@ __all__ = [
     "cluster_sizes",
     "remove_small_clusters",
     "filter_clusters",
+    "cluster_principal_sd",
     "cluster_table",
 ]
 
@@ -225,6 +226,48 @@ def filter_clusters(
     }
     logger.debug("filter_clusters: %s", counts)
     return keep[labels], counts
+
+
+def cluster_principal_sd(labels: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """Standard deviations of each cluster's voxel positions along its principal axes.
+
+    Parameters
+    ----------
+    labels : (I, J, K) ndarray of int
+        Label image in nibabel voxel order, 0 for background.
+    spacing_mm : sequence of 3 float
+        Voxel size along (i, j, k), mm (the voxel grid is taken as orthogonal).
+
+    Returns
+    -------
+    sd : (labels.max() + 1, 3) ndarray of float64
+        Row ``l`` holds the principal standard deviations (mm) of label ``l``, largest first; row 0 and absent
+        labels are 0. For a solid cylinder of radius R and length L they are ``L / sqrt(12)`` and ``R / 2``
+        (twice), so ``4 * sd[:, 1]`` estimates the width of a tube (mm) and ``sd[:, 0] / sd[:, 1]`` its
+        elongation. Voxels are treated as points, so a one-voxel-wide cluster has a width of 0.
+    """
+    labels = _check_3d(labels, "labels")
+    spacing = np.asarray(spacing_mm, dtype=float)
+    if spacing.shape != (3,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing_mm must be 3 positive voxel sizes in mm, got {spacing_mm!r}")
+    n_labels = int(labels.max()) + 1 if labels.size else 1
+    out = np.zeros((n_labels, 3))
+    ijk = np.nonzero(labels)
+    if not ijk[0].size:
+        return out
+    lab = labels[ijk].astype(np.int64)
+    pos = [ax * s for ax, s in zip(ijk, spacing)]
+    count = np.bincount(lab, minlength=n_labels).astype(float)
+    present = count > 0
+    mean = [np.bincount(lab, weights=p, minlength=n_labels)[present] / count[present] for p in pos]
+    cov = np.zeros((int(present.sum()), 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            m = np.bincount(lab, weights=pos[a] * pos[b], minlength=n_labels)[present] / count[present]
+            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    eig = np.clip(np.linalg.eigvalsh(cov), 0.0, None)[:, ::-1]
+    out[present] = np.sqrt(eig)
+    return out
 
 
 _TABLE_DTYPES: dict[str, str] = {

@@ -200,6 +200,16 @@ def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float =
     return out
 
 
+def synth_source_hash() -> str:
+    """sha256 over the source files of :mod:`epvsseg.synth` (ties weights to the data generator)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).parent / "synth").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -275,6 +285,7 @@ def train(cfg: TrainConfig) -> dict:
                      "history": history},
         "validation": final,
         "commit": git_commit(),
+        "synth_sha256": synth_source_hash(),
         "sha256": sha256_file(weights),
         "torch": torch.__version__,
     }

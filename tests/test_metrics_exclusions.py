@@ -95,3 +95,13 @@ def test_normalise_median_in_mask():
     mask[0] = False
     out = infer.normalise(data, mask)
     assert np.allclose(out[mask], 1.0) and not out[~mask].any()
+
+
+def test_icc_shrout_fleiss_example():
+    # Shrout & Fleiss (1979), Table 2: 6 targets x 4 judges
+    table = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]])
+    assert metrics.icc(table, "ICC(1,1)") == pytest.approx(0.17, abs=0.005)
+    assert metrics.icc(table, "ICC(2,1)") == pytest.approx(0.29, abs=0.005)
+    assert metrics.icc(table, "ICC(3,1)") == pytest.approx(0.71, abs=0.005)
+    same = np.repeat(np.arange(5.0)[:, None], 2, axis=1)
+    assert metrics.icc(same) == pytest.approx(1.0)

@@ -12,6 +12,7 @@ import pytest
 from epvsseg.postproc import (
     CLUSTER_COLUMNS,
     CONNECTIVITY_26,
+    cluster_principal_sd,
     cluster_sizes,
     cluster_table,
     filter_clusters,
@@ -222,3 +223,20 @@ def test_cluster_columns_sidecar_is_complete_bids_style():
         assert desc.get("LongName"), name
     assert CLUSTER_COLUMNS["volume_mm3"]["Units"] == "mm^3"
     assert all(CLUSTER_COLUMNS[f"centroid_{a}"]["Units"] == "mm" for a in "xyz")
+
+
+def test_cluster_principal_sd_of_a_cylinder_and_a_ball():
+    # cylinder of radius 1.5 mm and length 12 mm along k at 0.5 x 0.5 x 1 mm: sd L/sqrt(12) and R/2 (x2)
+    spacing = (0.5, 0.5, 1.0)
+    i, j, k = np.meshgrid(np.arange(20) * 0.5, np.arange(20) * 0.5, np.arange(30) * 1.0, indexing="ij")
+    labels = np.zeros(i.shape, np.int32)
+    labels[((i - 5.0) ** 2 + (j - 5.0) ** 2 <= 1.5**2) & (np.abs(k - 15.0) <= 6.0)] = 1
+    labels[_ball(i.shape, spacing, (2.0, 2.0, 3.0), 1.0)] = 3  # label 2 absent
+    sd = cluster_principal_sd(labels, spacing)
+    assert sd.shape == (4, 3)
+    np.testing.assert_array_equal(sd[0], 0.0)
+    np.testing.assert_array_equal(sd[2], 0.0)
+    assert sd[1, 0] == pytest.approx(math.sqrt((13**2 - 1) / 12.0), rel=0.01)  # 13 samples, 1 mm apart
+    assert 4 * sd[1, 1] == pytest.approx(3.0, rel=0.15)  # width ~ diameter
+    assert sd[1, 1] == pytest.approx(sd[1, 2], rel=0.1)
+    assert sd[3, 0] == pytest.approx(sd[3, 2], rel=0.35)  # a ball is round

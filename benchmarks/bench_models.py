@@ -1,0 +1,241 @@
+"""Accuracy, mimic rejection and speed of the shipped ePVS models against the Frangi baseline.
+
+Two held-out test sets, none of whose cases was seen in training:
+
+1. **synthetic**: whole synthetic brains from :mod:`epvsseg.synth`, rendered with seeds outside the
+   training range (new deformations, burdens, contrasts, mimics);
+2. **real T2w + injected ePVS**: the real T2w scans of ``../shared`` (bias-corrected, deepbet-masked),
+   with synthetic ePVS tubes written into their white matter and basal ganglia at CSF intensity with
+   partial volume. Real, unlabelled ePVS in these scans count as false positives, so precision there is a
+   lower bound.
+
+For every model combination and for Frangi: voxel Dice, cluster-level sensitivity, precision and F1
+(26-connected), count and volume ICC(2,1) against the truth across cases; the fraction of WMH and
+lacune mimics labelled ePVS; inference time per 1 mm brain and peak RAM on this machine's CPU.
+Writes ``benchmarks/results/models.md`` and ``.json``.
+
+Usage: python benchmarks/bench_models.py [--n-synth 12] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from epvsseg import exclusions, frangi, infer, metrics, postproc, synth  # noqa: E402
+from epvsseg.nets import CONTRASTS  # noqa: E402
+
+BRIGHT = {"T2w": True, "T1w": False, "FLAIR": False}
+TEST_SEED = 990_000  # training seeds come from a generator seeded with the training seed; these are apart
+
+
+def detect_unet(model, images, mask, affine, combo):
+    prob = infer.predict({c: images[c] for c in combo}, mask, model)
+    pred = postproc.remove_small_clusters(prob >= model.threshold, int(model.meta.get("min_cluster_voxels", 2)))
+    pred, _ = exclusions.exclude_mimics(pred, affine, brain=mask, flair=images.get("FLAIR") if "FLAIR" in combo else None)
+    return pred
+
+
+def detect_frangi(images, mask, affine, combo):
+    ref = combo[0]
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    _, pred = frangi.detect(images[ref], spacing, mask, bright=BRIGHT[ref])
+    return pred
+
+
+def mimic_rate(pred: np.ndarray, mimics: np.ndarray, cls: int) -> tuple[int, int]:
+    """(mimic clusters overlapped by the prediction, mimic clusters)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mimics == cls, np.ones((3, 3, 3), bool))
+    if n == 0:
+        return 0, 0
+    hit = np.unique(lab[pred & (lab > 0)])
+    return int(hit.size), int(n)
+
+
+def score_cases(name, cases, detect):
+    """Metrics over a list of (images, mask, affine, truth, mimics) with one detector."""
+    dices, counts, vols, ag_sum = [], [], [], np.zeros(4)
+    wmh, lac = np.zeros(2), np.zeros(2)
+    times = []
+    for images, mask, affine, truth, mimics in cases:
+        t0 = time.perf_counter()
+        pred = detect(images, mask, affine)
+        times.append(time.perf_counter() - t0)
+        dices.append(metrics.dice(pred, truth))
+        ag = metrics.cluster_agreement(pred, truth)
+        ag_sum += [ag.n_ref, ag.n_pred, ag.ref_detected, ag.pred_true]
+        counts.append([metrics.count_clusters(truth), ag.n_pred])
+        vox = abs(np.linalg.det(affine[:3, :3]))
+        vols.append([truth.sum() * vox, pred.sum() * vox])
+        if mimics is not None:
+            wmh += mimic_rate(pred, mimics, 1)
+            lac += mimic_rate(pred, mimics, 2)
+    n_ref, n_pred, det, true = ag_sum
+    sens, prec = det / max(n_ref, 1), true / max(n_pred, 1)
+    return {
+        "method": name, "n_cases": len(cases), "dice": float(np.mean(dices)),
+        "cluster_sensitivity": sens, "cluster_precision": prec,
+        "cluster_f1": 2 * sens * prec / max(sens + prec, 1e-9),
+        "count_icc21": metrics.icc(np.array(counts)), "volume_icc21": metrics.icc(np.array(vols)),
+        "wmh_labelled_fraction": wmh[0] / wmh[1] if wmh[1] else None,
+        "lacune_labelled_fraction": lac[0] / lac[1] if lac[1] else None,
+        "seconds_per_case": float(np.mean(times)),
+    }
+
+
+def synthetic_cases(n: int):
+    priors = synth.load_priors()
+    cases = []
+    for i in range(n):
+        rng = np.random.default_rng(TEST_SEED + i)
+        params = synth.sample_params(rng, contrasts=CONTRASTS)
+        case = synth.render(params, priors)
+        from epvsseg.train import brain_mask_of
+
+        cases.append((case.images, brain_mask_of(case), case.affine, case.label.astype(bool), case.mimics))
+    return cases
+
+
+def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
+    """Write synthetic ePVS tubes into a real T2w: CSF-level signal blended by partial-volume occupancy.
+
+    Seeds lie at least 10 mm inside the brain mask, away from CSF (intensity below the brain's 75th
+    percentile); directions are near-vertical (lenticulostriate / medullary course) within 30 degrees;
+    lengths 3-15 mm; radii 0.4-1.1 mm. Returns the injected image and the label (occupancy >= 0.5).
+    """
+    from scipy import ndimage
+
+    from epvsseg.synth.lesions import Tubes, rasterise_tubes, trace_centrelines
+
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min())))
+    values = data[mask]
+    deep &= data < np.percentile(values, 75)
+    idx = np.argwhere(deep)
+    n = int(rng.integers(*n_tubes))
+    seeds_vox = idx[rng.choice(len(idx), size=n, replace=False)]
+    seeds = (affine[:3, :3] @ seeds_vox.T).T + affine[:3, 3]
+    tilt = np.radians(rng.uniform(0, 30, n))
+    az = rng.uniform(0, 2 * np.pi, n)
+    direction = np.stack([np.sin(tilt) * np.cos(az), np.sin(tilt) * np.sin(az), np.cos(tilt)], axis=1)
+    length = rng.uniform(3, 15, n)
+    points = trace_centrelines(rng, seeds, direction, length, tortuosity=0.05)
+    radii = np.repeat(rng.uniform(0.4, 1.1, n)[:, None], points.shape[1], axis=1)
+    occ, _ = rasterise_tubes(Tubes(points, radii, np.zeros(n, int)), affine, data.shape)
+    occ = occ * mask
+    csf = np.percentile(values, 98) * rng.uniform(0.85, 1.0)
+    return (data * (1 - occ) + csf * occ).astype(np.float32), occ >= 0.5
+
+
+def real_t2w_cases(n_per_image: int = 2):
+    """Real T2w scans with injected synthetic ePVS (label = injected tubes)."""
+    import nibabel as nib
+
+    from epvsprep import ops
+
+    files = [SHARED / "github_neurolabusc_Clinical/T2.nii.gz", SHARED / "github_neurolabusc_T2lesion/M2265_T2w.nii.gz",
+             SHARED / "github_niivue-demo-images/register_T2w.nii.gz"]
+    cases = []
+    for f in files:
+        if not f.exists():
+            continue
+        img = ops.conform(ops.load(f))
+        n4 = ops.n4_bias_correct(img)
+        mask = np.asanyarray(ops.brain_mask(n4).dataobj) > 0
+        data = np.asanyarray(n4.dataobj).astype(np.float32)
+        for j in range(n_per_image):
+            rng = np.random.default_rng(TEST_SEED + 500 + 10 * len(cases) + j)
+            injected, truth = inject_epvs(data, mask, n4.affine, rng)
+            cases.append(({"T2w": injected}, mask, n4.affine, truth, None))
+    return cases
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-synth", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=infer.DEFAULT_MODEL)
+    opts = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    model = infer.load_model(opts.model)
+    results = {"synthetic": [], "real_t2w_injected": []}
+    synth_cases = synthetic_cases(opts.n_synth)
+    for combo in infer.SERVED_COMBINATIONS:
+        results["synthetic"].append(score_cases(
+            "unet " + "+".join(combo), synth_cases,
+            lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
+        print(json.dumps(results["synthetic"][-1]), flush=True)
+    for ref in ("T2w", "T1w", "FLAIR"):
+        results["synthetic"].append(score_cases(
+            f"frangi {ref}", synth_cases, lambda im, m, a, ref=ref: detect_frangi(im, m, a, (ref,))))
+        print(json.dumps(results["synthetic"][-1]), flush=True)
+    real = real_t2w_cases()
+    results["real_t2w_injected"].append(score_cases(
+        "unet T2w", real, lambda im, m, a: detect_unet(model, im, m, a, ("T2w",))))
+    results["real_t2w_injected"].append(score_cases(
+        "frangi T2w", real, lambda im, m, a: detect_frangi(im, m, a, ("T2w",))))
+    for r in results["real_t2w_injected"]:
+        print(json.dumps(r), flush=True)
+
+    # inference time and peak RAM of the T2w model on a whole 1 mm real brain (fresh process)
+    import subprocess
+
+    code = ("import time,resource,numpy as np,torch;torch.set_num_threads(%d);"
+            "from epvsprep import ops;from epvsseg import infer;"
+            "img=ops.conform(ops.load('%s'));d=np.asanyarray(img.dataobj).astype(np.float32);"
+            "m=d>np.percentile(d,40);model=infer.load_model('%s');t=time.perf_counter();"
+            "p=infer.predict({'T2w':d},m,model);dt=time.perf_counter()-t;"
+            "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024, d.shape)"
+            % (opts.threads, SHARED / "github_neurolabusc_Clinical/T2.nii.gz", opts.model))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    results["speed"] = {"seconds_per_1mm_brain": float(out[0]), "peak_ram_mb": float(out[1]),
+                        "threads": opts.threads, "cpu": platform.processor() or platform.machine()}
+    (ROOT / "benchmarks/results/models.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, model)
+
+
+def _f(v, nd=3):
+    return "n/a" if v is None or v != v else f"{v:.{nd}f}"
+
+
+def write_markdown(results, model) -> None:
+    head = ("| method | Dice | cluster sens. | cluster prec. | cluster F1 | count ICC(2,1) | volume ICC(2,1) "
+            "| WMH labelled | lacunes labelled | s/case |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = [f"# Model benchmark: {model.model_id} vs Frangi\n",
+             "Produced by `benchmarks/bench_models.py` (seeded; held-out cases only).\n"]
+    for key, title in (("synthetic", "Held-out synthetic brains"),
+                       ("real_t2w_injected", "Real T2w scans with injected synthetic ePVS")):
+        lines.append(f"\n## {title}\n\n" + head)
+        for r in results[key]:
+            lines.append(f"| {r['method']} | {_f(r['dice'])} | {_f(r['cluster_sensitivity'])} | "
+                         f"{_f(r['cluster_precision'])} | {_f(r['cluster_f1'])} | {_f(r['count_icc21'])} | "
+                         f"{_f(r['volume_icc21'])} | {_f(r['wmh_labelled_fraction'])} | "
+                         f"{_f(r['lacune_labelled_fraction'])} | {_f(r['seconds_per_case'], 1)} |\n")
+    s = results["speed"]
+    lines.append(f"\n## Speed\n\nT2w model, whole 1 mm real brain, {s['threads']} CPU threads ({s['cpu']}): "
+                 f"**{s['seconds_per_1mm_brain']:.1f} s**, peak RAM {s['peak_ram_mb']:.0f} MB.\n")
+    (ROOT / "benchmarks/results/models.md").write_text("".join(lines))
+    print("".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Synthetic multi-contrast ePVS training data: ``sample_params(rng)`` then a pure ``render(params, priors)``.
+
+No public ePVS weights or labelled scans exist, so the networks of epvs-bids are trained on
+cases rendered here from real anatomical priors (ICBM 2009a tissue maps from nilearn, the
+CIT168 subcortical atlas shipped in ``epvsprep/data/atlases``), with partial-volume ePVS tubes,
+their mimics (WMH, lacunes, vessels, microbleeds) and randomised contrasts and acquisitions.
+See ``docs/synthetic_data.md``.
+
+Example
+-------
+>>> import numpy as np
+>>> from epvsseg import synth
+>>> params = synth.sample_params(np.random.default_rng(0), roi="basal_ganglia", shape_vox=(96, 96, 48))
+>>> case = synth.render(params, synth.load_priors())   # doctest: +SKIP
+"""
+
+from .contrast import CONTRASTS
+from .priors import AnatomyPriors, load_priors
+from .render import (
+    MIMIC_CLASSES,
+    ROI_CENTRES,
+    SynthCase,
+    params_from_json,
+    params_to_json,
+    render,
+    sample_params,
+)
+
+__all__ = [
+    "CONTRASTS", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "load_priors",
+    "params_from_json",
+    "params_to_json", "render", "sample_params",
+]
