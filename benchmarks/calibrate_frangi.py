@@ -24,6 +24,7 @@ The script is seeded (``SEED``) and deterministic.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+import epvsseg.frangi as frangi_module
 from epvsseg.frangi import FrangiParams, detect, score_map, segment_score
 from epvsseg.postproc import label_clusters
 
@@ -145,9 +147,11 @@ def sample_params(rng: np.random.Generator) -> dict:
             continue
         if any(np.min(np.linalg.norm(pts - bc, axis=1)) < br for bc, br in blockers):
             continue
-        if placed and min(
-            np.min(np.linalg.norm(pts[:, None, :] - q[None, :, :], axis=2)) for q in placed
-        ) < diam / 2 + 3.0 + 1.5:
+        if (
+            placed
+            and min(np.min(np.linalg.norm(pts[:, None, :] - q[None, :, :], axis=2)) for q in placed)
+            < diam / 2 + 3.0 + 1.5
+        ):
             continue
         tubes.append(Tube(tuple(c.tolist()), tuple(d.tolist()), length, diam))
         placed.append(pts)
@@ -177,9 +181,7 @@ def _occupancy(inside, lo_mm, hi_mm, shape, spacing) -> tuple[tuple[slice, ...],
     hi = np.clip(np.ceil(np.asarray(hi_mm) / spacing).astype(int) + 1, 0, shape)
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     nsub = np.maximum(np.ceil(spacing / SUBSAMPLE_MM).astype(int), 1)
-    sub_axes = [
-        ((np.arange((b - a) * m) + 0.5) / m + a) * s for a, b, m, s in zip(lo, hi, nsub, spacing)
-    ]
+    sub_axes = [((np.arange((b - a) * m) + 0.5) / m + a) * s for a, b, m, s in zip(lo, hi, nsub, spacing)]
     frac = np.zeros(tuple(hi - lo), dtype=np.float32)
     # chunk along the first axis to bound memory
     step = max(1, int(2_000_000 // max(1, len(sub_axes[1]) * len(sub_axes[2]))) // nsub[0] * nsub[0])
@@ -232,7 +234,7 @@ def _plate(pl: dict):
 def render(params: dict, spacing_mm) -> dict[str, np.ndarray]:
     """Render a phantom on the grid of ``spacing_mm``: image, brain mask, tube labels and distractor labels."""
     spacing = np.asarray(spacing_mm, dtype=float)
-    shape = tuple(int(round(f / s)) for f, s in zip(FOV_MM, spacing))
+    shape = tuple(round(f / s) for f, s in zip(FOV_MM, spacing))
     full = ((0, 0, 0), FOV_MM)
 
     def paint(img, box, frac, value):
@@ -276,7 +278,9 @@ def render(params: dict, spacing_mm) -> dict[str, np.ndarray]:
         distract[box][f > 0] = 2
     for la in params["lacunes"]:
         c, r = np.asarray(la["centre"]), la["radius"]
-        box, f = _occupancy(lambda p: np.sum((p - c) ** 2, -1) <= r * r, c - r, c + r, shape, spacing)
+        box, f = _occupancy(
+            lambda p, c=c, r=r: np.sum((p - c) ** 2, -1) <= r * r, c - r, c + r, shape, spacing
+        )
         paint(img, box, f, INTENSITY["lacune"])
         distract[box][f > 0] = 3
 
@@ -379,7 +383,7 @@ def render_null(spacing_mm, seed: int) -> dict[str, np.ndarray]:
     noise clusters appear first. Every detection is a false positive.
     """
     spacing = np.asarray(spacing_mm, dtype=float)
-    shape = tuple(int(round(f / s)) for f, s in zip(FOV_MM, spacing))
+    shape = tuple(round(f / s) for f, s in zip(FOV_MM, spacing))
     img = np.full(shape, INTENSITY["wm"], np.float32)
     c = FOV_MM / 2
     box, f = _occupancy(lambda p: np.sum((p - c) ** 2, -1) <= 144.0, c - 12, c + 12, shape, spacing)
@@ -407,7 +411,9 @@ def _sweep(data: dict, scores: dict, params: FrangiParams, thresholds) -> list[d
                 evals.append(evaluate(pred, ph["tubes"], ph["distractors"]))
             row[res] = _pool(evals)
             nul = data["null"][res]
-            _, counts = segment_score(*scores["null"][res], nul["mask"], nul["spacing"], bright=True, params=p)
+            _, counts = segment_score(
+                *scores["null"][res], nul["mask"], nul["spacing"], bright=True, params=p
+            )
             volume_cm3 = nul["mask"].sum() * float(np.prod(nul["spacing"])) / 1000.0
             row[res]["null_fp_per_100cm3"] = 100.0 * counts["n_kept"] / volume_cm3
         row["mean_f1"] = float(np.mean([row[r]["f1"] for r in RESOLUTIONS]))
@@ -451,8 +457,12 @@ def run(n_phantoms: int, out_md: Path | None) -> dict:
         "null": {res: render_null(spacing, SEED + 1) for res, spacing in RESOLUTIONS.items()},
     }
     n_tubes = sum(len(p["tubes"]) for p in params_list)
-    logger.info("rendered %d phantoms (%d tubes per resolution) in %.1f s",
-                n_phantoms * len(RESOLUTIONS), n_tubes, time.perf_counter() - t0)
+    logger.info(
+        "rendered %d phantoms (%d tubes per resolution) in %.1f s",
+        n_phantoms * len(RESOLUTIONS),
+        n_tubes,
+        time.perf_counter() - t0,
+    )
     base = FrangiParams()
 
     def scores_for(p: FrangiParams) -> dict:
@@ -467,20 +477,45 @@ def run(n_phantoms: int, out_md: Path | None) -> dict:
     score_keys = ("scales_mm", "c", "c_mode", "axial_gamma", "min_contrast")
     # Stage 1: score parameters; cluster rules fixed at the defaults; best admissible threshold per row.
     stage1_grid: list[dict] = []
-    for scales in [(0.5, 0.75, 1.0, 1.5), (0.5, 1.0, 1.5), (0.75, 1.0, 1.5), (0.5, 0.75, 1.0), (0.75, 1.0, 1.5, 2.0)]:
-        for c, c_mode in [(1.0, "median"), (2.0, "median"), (3.0, "median"), (None, "median"), (0.1, "absolute")]:
+    for scales in [
+        (0.5, 0.75, 1.0, 1.5),
+        (0.5, 1.0, 1.5),
+        (0.75, 1.0, 1.5),
+        (0.5, 0.75, 1.0),
+        (0.75, 1.0, 1.5, 2.0),
+    ]:
+        for c, c_mode in [
+            (1.0, "median"),
+            (2.0, "median"),
+            (3.0, "median"),
+            (None, "median"),
+            (0.1, "absolute"),
+        ]:
             stage1_grid.append({"scales_mm": scales, "c": c, "c_mode": c_mode})
     for ag in (None, 0.7, 1.5):
         stage1_grid.append({"axial_gamma": ag})
     for mc in (-math.inf, 0.0, 0.2):
         stage1_grid.append({"min_contrast": mc})
+    # the acquisition-blur term of the scale normalisation (a module constant): 0 = plain sigma^2 normalisation
+    stage1_grid.append({"voxel_blur_var": 0.0})
     stage1 = []
     for cfg in stage1_grid:
+        cfg = dict(cfg)
+        blur = cfg.pop("voxel_blur_var", frangi_module.VOXEL_BLUR_VAR)
         p = replace(base, **cfg)
-        best = _best(_sweep(data, scores_for(p), p, THRESHOLDS))
-        stage1.append({**{k: getattr(p, k) for k in score_keys}, **best})
-        logger.info("stage 1 %s: threshold %.2f, mean F1 %.3f, null FP %.1f", cfg, best["threshold"],
-                    best["mean_f1"], best["null_fp"])
+        saved, frangi_module.VOXEL_BLUR_VAR = frangi_module.VOXEL_BLUR_VAR, blur
+        try:
+            best = _best(_sweep(data, scores_for(p), p, THRESHOLDS))
+        finally:
+            frangi_module.VOXEL_BLUR_VAR = saved
+        stage1.append({**{k: getattr(p, k) for k in score_keys}, "voxel_blur_var": blur, **best})
+        logger.info(
+            "stage 1 %s: threshold %.2f, mean F1 %.3f, null FP %.1f",
+            cfg,
+            best["threshold"],
+            best["mean_f1"],
+            best["null_fp"],
+        )
 
     # Stage 2: cluster rules with the default score parameters; best admissible threshold per row.
     # 2a: joint grid of the two shape rules; 2b: one parameter at a time around the defaults.
@@ -496,15 +531,26 @@ def run(n_phantoms: int, out_md: Path | None) -> dict:
         p = replace(base, **cfg)
         best = _best(_sweep(data, scores, p, THRESHOLDS))
         stage2.append({**{k: getattr(p, k) for k in CLUSTER_KEYS}, **best})
-        logger.info("stage 2 %s: threshold %.2f, mean F1 %.3f, null FP %.1f", cfg, best["threshold"],
-                    best["mean_f1"], best["null_fp"])
+        logger.info(
+            "stage 2 %s: threshold %.2f, mean F1 %.3f, null FP %.1f",
+            cfg,
+            best["threshold"],
+            best["mean_f1"],
+            best["null_fp"],
+        )
     logger.info("stage 2 done (%.0f s)", time.perf_counter() - t0)
 
     # The defaults of FrangiParams, end to end with detect() on every phantom.
     final = {}
+    per_tube = []
     for res, phs in data["phantoms"].items():
-        evals = [evaluate(detect(ph["image"], ph["spacing"], ph["mask"], bright=True)[1], ph["tubes"],
-                          ph["distractors"]) for ph in phs]
+        evals = []
+        for ph, prm in zip(phs, params_list):
+            pred = detect(ph["image"], ph["spacing"], ph["mask"], bright=True)[1]
+            evals.append(evaluate(pred, ph["tubes"], ph["distractors"]))
+            found = set(np.unique(ph["tubes"][pred & (ph["tubes"] > 0)]).tolist())
+            for idx, tube in enumerate(prm["tubes"], start=1):
+                per_tube.append({"resolution": res, "found": idx in found, **tube})
         final[res] = _pool(evals)
     sweep_default = _sweep(data, scores, base, THRESHOLDS)
     default_row = next(r for r in sweep_default if abs(r["threshold"] - base.threshold) < 1e-9)
@@ -512,43 +558,74 @@ def run(n_phantoms: int, out_md: Path | None) -> dict:
         final[res]["null_fp_per_100cm3"] = default_row[res]["null_fp_per_100cm3"]
 
     if out_md is not None:
-        out_md.write_text(_report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final,
-                                  time.perf_counter() - t0))
+        out_md.write_text(
+            _report(
+                per_tube,
+                n_phantoms,
+                n_tubes,
+                base,
+                stage1,
+                stage2,
+                sweep_default,
+                final,
+                time.perf_counter() - t0,
+            )
+        )
         logger.info("wrote %s", out_md)
     return {"defaults": base.to_dict(), "final": final, "stage1": stage1, "stage2": stage2}
 
 
-def _report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, seconds) -> str:
+def _found_by(per_tube: list[dict], key, bins: list[float], label: str) -> list[str]:
+    """Markdown rows: fraction of tubes found per bin of ``key(tube)``, per resolution."""
+    rows = []
+    for lo, hi in itertools.pairwise(bins):
+        cells = []
+        for res in RESOLUTIONS:
+            hit = [t["found"] for t in per_tube if t["resolution"] == res and lo <= key(t) < hi]
+            cells.append(f"{np.mean(hit):.2f} ({sum(hit)}/{len(hit)})" if hit else "-")
+        rows.append(f"| {label} {lo:g}-{round(hi, 2):g} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _report(per_tube, n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, seconds) -> str:
     hdr_res = " | ".join(f"{r} sens | prec | F1 | Dice" for r in RESOLUTIONS) + " | null FP/100 cm^3"
     sep_res = "|".join(["---"] * (4 * len(RESOLUTIONS) + 1))
     lines = [
         "# Frangi baseline: calibration on synthetic phantoms",
         "",
-        f"Produced by `python benchmarks/calibrate_frangi.py` (seed {SEED}, {n_phantoms} phantoms per resolution, "
-        f"{n_tubes} tubes per resolution, {seconds:.0f} s on 1 CPU core). Do not edit by hand.",
+        (
+            f"Produced by `python benchmarks/calibrate_frangi.py` (seed {SEED}, {n_phantoms} phantoms per resolution, "
+            f"{n_tubes} tubes per resolution, {seconds:.0f} s on 1 CPU core). Do not edit by hand."
+        ),
         "",
-        "**Phantoms.** T2w-like ellipsoidal brain, 96 x 96 x 64 mm field of view (WM 0.30, deep GM 0.42, "
-        "cortical GM 0.45, CSF 1.0) with a 1.5 mm CSF shell and a 3 mm GM ribbon at the edge, smooth texture "
-        "(SD 0.03, 3 mm), multiplicative bias field (+-15% linear, +-7.5% quadratic per axis), scanner blur "
-        f"({PSF_SIGMA_VOXELS} voxel SD) and Gaussian noise (SD {NOISE_SD[0]}-{NOISE_SD[1]}, i.e. 0.04-0.07 of the "
-        "median-to-CSF contrast; the real 1 mm clinical T2w measures ~0.03). Tubes: diameter 1-3 mm, length "
-        f"3-20 mm, random orientation, contrast {TUBE_CONTRAST[0]}-{TUBE_CONTRAST[1]} above the local tissue, "
-        f"partial volume by supersampling at {SUBSAMPLE_MM} mm; ~40% in the deep-GM nucleus. Distractors: a "
-        "ventricle with a 3 mm x 10 mm horn, a detached 1.5 mm plate, six sulcus-like plates entering from the "
-        "surface (8-16 mm deep), an 8 mm lacune and two 4-6 mm lacunes. Ground truth: voxels with tube volume "
-        f"fraction >= {GT_FRACTION}. Resolutions: {', '.join(RESOLUTIONS)}.",
+        (
+            "**Phantoms.** T2w-like ellipsoidal brain, 96 x 96 x 64 mm field of view (WM 0.30, deep GM 0.42, "
+            "cortical GM 0.45, CSF 1.0) with a 1.5 mm CSF shell and a 3 mm GM ribbon at the edge, smooth texture "
+            "(SD 0.03, 3 mm), multiplicative bias field (+-15% linear, +-7.5% quadratic per axis), scanner blur "
+            f"({PSF_SIGMA_VOXELS} voxel SD) and Gaussian noise (SD {NOISE_SD[0]}-{NOISE_SD[1]}, i.e. 0.04-0.07 of the "
+            "median-to-CSF contrast; the real 1 mm clinical T2w measures ~0.03). Tubes: diameter 1-3 mm, length "
+            f"3-20 mm, random orientation, contrast {TUBE_CONTRAST[0]}-{TUBE_CONTRAST[1]} above the local tissue, "
+            f"partial volume by supersampling at {SUBSAMPLE_MM} mm; ~40% in the deep-GM nucleus. Distractors: a "
+            "ventricle with a 3 mm x 10 mm horn, a detached 1.5 mm plate, six sulcus-like plates entering from the "
+            "surface (8-16 mm deep), an 8 mm lacune and two 4-6 mm lacunes. Ground truth: voxels with tube volume "
+            f"fraction >= {GT_FRACTION}. Resolutions: {', '.join(RESOLUTIONS)}."
+        ),
         "",
-        "**Null phantom.** Same field of view, flat WM, one 24 mm CSF ball, white noise SD "
-        f"{NULL_NOISE_SD}, no texture, no bias, no tubes: every detection is a noise false positive. Without "
-        "texture the median Hessian norm, hence `c`, is set by the noise alone, so this is the harshest case for "
-        "noise clusters.",
+        (
+            "**Null phantom.** Same field of view, flat WM, one 24 mm CSF ball, white noise SD "
+            f"{NULL_NOISE_SD}, no texture, no bias, no tubes: every detection is a noise false positive. Without "
+            "texture the median Hessian norm, hence `c`, is set by the noise alone, so this is the harshest case for "
+            "noise clusters."
+        ),
         "",
-        "**Metrics** (SHIVA, Boutinaud et al. 2021): 26-connected clusters; sensitivity = tubes touched by a "
-        "predicted cluster / tubes; precision = predicted clusters touching a tube / predicted clusters; F1 = "
-        "their harmonic mean (Dice-CL); Dice = voxel Dice against the ground truth (mean over phantoms). Counts "
-        "are pooled over phantoms. **Selection**: highest mean F1 over the two resolutions at one common "
-        f"threshold, among thresholds giving <= {NULL_FP_LIMIT:g} false-positive clusters per 100 cm^3 on the null "
-        "phantom (both resolutions); the null column shows the worse resolution.",
+        (
+            "**Metrics** (SHIVA, Boutinaud et al. 2021): 26-connected clusters; sensitivity = tubes touched by a "
+            "predicted cluster / tubes; precision = predicted clusters touching a tube / predicted clusters; F1 = "
+            "their harmonic mean (Dice-CL); Dice = voxel Dice against the ground truth (mean over phantoms). Counts "
+            "are pooled over phantoms. **Selection**: highest mean F1 over the two resolutions at one common "
+            f"threshold, among thresholds giving <= {NULL_FP_LIMIT:g} false-positive clusters per 100 cm^3 on the null "
+            "phantom (both resolutions); the null column shows the worse resolution."
+        ),
         "",
         "## Chosen defaults (`FrangiParams()`)",
         "",
@@ -558,8 +635,10 @@ def _report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, sec
         "",
         "End-to-end result of `detect()` with these defaults:",
         "",
-        "| resolution | tubes | found | sensitivity | predicted clusters | false-positive clusters | precision | F1 | "
-        "voxel Dice | false positives by site | null FP/100 cm^3 |",
+        (
+            "| resolution | tubes | found | sensitivity | predicted clusters | false-positive clusters | precision | F1 | "
+            "voxel Dice | false positives by site | null FP/100 cm^3 |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res, m in final.items():
@@ -568,6 +647,22 @@ def _report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, sec
             f"| {res} | {m['n_tubes']} | {m['n_found']} | {m['sensitivity']:.2f} | {m['n_pred']} | {m['n_fp']} | "
             f"{m['precision']:.2f} | {m['f1']:.3f} | {m['dice']:.2f} | {sites} | {m['null_fp_per_100cm3']:.1f} |"
         )
+    lines += [
+        "",
+        "Tubes found with the defaults, by tube property (fraction, found/total):",
+        "",
+        "| tube | " + " | ".join(RESOLUTIONS) + " |",
+        "|---|" + "---|" * len(RESOLUTIONS),
+    ]
+    lines += _found_by(per_tube, lambda t: t["diameter_mm"], [1.0, 1.5, 2.0, 2.5, 3.0001], "diameter (mm)")
+    lines += _found_by(per_tube, lambda t: t["length_mm"], [3.0, 6.0, 10.0, 20.0001], "length (mm)")
+    lines += _found_by(per_tube, lambda t: t["contrast"], [0.2, 0.3, 0.45, 0.7001], "contrast")
+    lines += _found_by(
+        per_tube,
+        lambda t: math.degrees(math.asin(min(1.0, abs(t["direction"][2])))),
+        [0, 15, 45, 90.001],
+        "angle to the (i, j) plane (deg)",
+    )
     lines += [
         "",
         "## Threshold sweep with the defaults",
@@ -582,17 +677,24 @@ def _report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, sec
         "",
         "## Stage 1: score parameters (cluster rules at the defaults; best admissible threshold per row)",
         "",
-        "`c_mode=median`: c = factor x median Hessian norm over the analysis region, per scale; `c=none`: "
-        "Frangi's half of the maximum Hessian norm; `absolute`: c in normalised-intensity units. Unlisted "
-        "parameters are at their defaults.",
+        (
+            "`c_mode=median`: c = factor x median Hessian norm over the analysis region, per scale; `c=none`: "
+            "Frangi's half of the maximum Hessian norm; `absolute`: c in normalised-intensity units. voxel blur var: "
+            "`VOXEL_BLUR_VAR` of the effective scale (0 = plain sigma^2 normalisation). Unlisted parameters are at "
+            "their defaults."
+        ),
         "",
-        f"| scales (mm) | c | c_mode | axial_gamma | min_contrast | threshold | {hdr_res} | mean F1 |",
-        f"|---|---|---|---|---|---|{sep_res}|---|",
+        (
+            f"| scales (mm) | c | c_mode | axial_gamma | min_contrast | voxel blur var | threshold | {hdr_res} "
+            "| mean F1 |"
+        ),
+        f"|---|---|---|---|---|---|---|{sep_res}|---|",
     ]
     for r in sorted(stage1, key=lambda r: (not r["admissible"], -r["mean_f1"])):
         lines.append(
             f"| {_fmt(tuple(r['scales_mm']))} | {_fmt(r['c'])} | {r['c_mode']} | {_fmt(r['axial_gamma'])} | "
-            f"{_fmt(r['min_contrast'])} | {r['threshold']:.2f} | {_metrics_cells(r)} | {r['mean_f1']:.3f} |"
+            f"{_fmt(r['min_contrast'])} | {r['voxel_blur_var']:.3g} | {r['threshold']:.2f} | {_metrics_cells(r)} | "
+            f"{r['mean_f1']:.3f} |"
         )
     lines += [
         "",
@@ -600,8 +702,10 @@ def _report(n_phantoms, n_tubes, base, stage1, stage2, sweep_default, final, sec
         "",
         "A joint grid of `min_cluster_voxels` x `max_width_mm`, then one parameter at a time around the defaults.",
         "",
-        f"| csf_level | min_cluster_voxels | max_cluster_mm3 | max_width_mm | seed_threshold | threshold | {hdr_res} "
-        "| mean F1 |",
+        (
+            f"| csf_level | min_cluster_voxels | max_cluster_mm3 | max_width_mm | seed_threshold | threshold | {hdr_res} "
+            "| mean F1 |"
+        ),
         f"|---|---|---|---|---|---|{sep_res}|---|",
     ]
     for r in stage2:
@@ -635,7 +739,9 @@ def crude_brain_mask(data: np.ndarray, threshold: float, radius_vox: int = 6) ->
     return m
 
 
-def run_real(image: Path, mask_path: Path | None, png: Path, slices: list[int] | None, crop: str | None) -> None:
+def run_real(
+    image: Path, mask_path: Path | None, png: Path, slices: list[int] | None, crop: str | None
+) -> None:
     """Time ``detect`` on a real T2w and render axial slices with the detections overlaid."""
     import matplotlib
 
@@ -658,9 +764,16 @@ def run_real(image: Path, mask_path: Path | None, png: Path, slices: list[int] |
     seconds = time.perf_counter() - t0
     labels, n = label_clusters(epvs)
     table = cluster_table(labels, img.affine, score=score)
-    logger.info("%s: shape %s, mask %d voxels, detect %.1f s, %d clusters, %.0f mm^3, median %.1f mm^3",
-                image.name, data.shape, int(mask.sum()), seconds, n, table.volume_mm3.sum(),
-                table.volume_mm3.median() if n else 0.0)
+    logger.info(
+        "%s: shape %s, mask %d voxels, detect %.1f s, %d clusters, %.0f mm^3, median %.1f mm^3",
+        image.name,
+        data.shape,
+        int(mask.sum()),
+        seconds,
+        n,
+        table.volume_mm3.sum(),
+        table.volume_mm3.median() if n else 0.0,
+    )
     if slices is None:
         centre = int(np.mean(np.nonzero(mask.any(axis=(0, 1)))[0]))
         slices = [centre - 6, centre - 3, centre, centre + 3]
@@ -677,8 +790,9 @@ def run_real(image: Path, mask_path: Path | None, png: Path, slices: list[int] |
             ax.imshow(data[sl].T, origin="lower", cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
             ax.set_axis_off()
         hit = epvs[sl].T
-        axes[1, col].imshow(np.ma.masked_where(~hit, hit), origin="lower", cmap="autumn", alpha=0.9,
-                            interpolation="nearest")
+        axes[1, col].imshow(
+            np.ma.masked_where(~hit, hit), origin="lower", cmap="autumn", alpha=0.9, interpolation="nearest"
+        )
         axes[0, col].set_title(f"k = {k}")
     # last column: every detection projected along k, over the mean of the slices shown
     mean_slice = data[box[0], box[1], :][..., slices].mean(axis=-1).T
@@ -687,8 +801,9 @@ def run_real(image: Path, mask_path: Path | None, png: Path, slices: list[int] |
         ax = axes[row, -1]
         ax.imshow(mean_slice, origin="lower", cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_axis_off()
-    axes[1, -1].imshow(np.ma.masked_where(~proj, proj), origin="lower", cmap="autumn", alpha=0.9,
-                       interpolation="nearest")
+    axes[1, -1].imshow(
+        np.ma.masked_where(~proj, proj), origin="lower", cmap="autumn", alpha=0.9, interpolation="nearest"
+    )
     axes[0, -1].set_title("all detections, projected along k")
     fig.suptitle(f"{image.name}: Frangi ePVS (red), {n} clusters, detect {seconds:.1f} s")
     fig.tight_layout()
@@ -697,13 +812,19 @@ def run_real(image: Path, mask_path: Path | None, png: Path, slices: list[int] |
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--phantoms", type=int, default=3, help="phantoms per resolution (default 3)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "frangi_calibration.md")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "frangi_calibration.md"
+    )
     parser.add_argument("--real", type=Path, help="instead of calibrating: run detect() on this real T2w")
     parser.add_argument("--mask", type=Path, help="brain mask for --real (default: a crude threshold mask)")
     parser.add_argument("--png", type=Path, default=Path("frangi_real.png"), help="overlay figure for --real")
-    parser.add_argument("--slices", type=lambda s: [int(v) for v in s.split(",")], help="axial slices, e.g. 57,61")
+    parser.add_argument(
+        "--slices", type=lambda s: [int(v) for v in s.split(",")], help="axial slices, e.g. 57,61"
+    )
     parser.add_argument("--crop", help="i0,i1,j0,j1 voxel crop of the figure")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -45,7 +45,7 @@ class RunConfig:
     #: ``auto``, ``cpu`` or ``cuda``.
     device: str = "auto"
     #: ePVS detection method.
-    method: str = "frangi"
+    method: str = "unet"
     #: Recompute participants whose outputs are already complete.
     overwrite: bool = False
     #: Master random seed (registration sampling, any stochastic step).

@@ -344,66 +344,10 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         timings[step] = round(time.monotonic() - t0, 2)
         t0 = time.monotonic()
 
-    ref_role = plan.reference
-    ref_path = Path(plan.images[ref_role].path)
-    originals, conformed, digests = {}, {}, {}
-    for role, image in plan.images.items():
-        path = Path(image.path)
-        try:
-            originals[role] = ops.load(path)
-            conformed[role] = ops.conform(originals[role], name=path)
-        except ops.ImageError as exc:
-            raise InputError(exc.problem, path) from exc
-        digests[role] = sha256sum(path)
-    tick("load")
-    ref_img = conformed[ref_role]
-    key = digests[ref_role]
-
-    n4 = _cached(work_dir, f"{ref_role}_n4", key, lambda: ops.n4_bias_correct(ref_img))
-    tick("n4")
-    try:
-        brain = _cached(work_dir, "brainmask", key, lambda: ops.brain_mask(n4))
-    except ops.ImageError as exc:
-        raise InputError(exc.problem, ref_path) from exc
-    tick("brain_mask")
-    mask = np.asanyarray(brain.dataobj) > 0
-    voxel_mm3 = ops.voxel_volume_mm3(ref_img)
-    brain_mm3 = float(mask.sum() * voxel_mm3)
-
-    qc: dict[str, Any] = {"brain_volume_mm3": round(brain_mm3, 1)}
-    lo, hi = ops.BRAIN_VOLUME_RANGE_MM3
-    warnings_: list[str] = []
-    if not lo <= brain_mm3 <= hi:
-        warnings_.append(
-            f"brain mask volume {brain_mm3 / 1e3:.0f} cm³ is outside the usual adult range "
-            f"{lo / 1e3:.0f}-{hi / 1e3:.0f} cm³: check the brain mask figure"
-        )
-
-    coregistered = {}
-    for role, img in conformed.items():
-        if role == ref_role:
-            continue
-        rkey = hashlib.sha256((digests[role] + key + str(seed)).encode()).hexdigest()
-        moving = _cached(work_dir, f"{role}_n4", digests[role], lambda img=img: ops.n4_bias_correct(img))
-        reg_json = work_dir / f"{role}_to_{ref_role}-{rkey[:12]}.json"
-
-        def _register(moving=moving, reg_json=reg_json):
-            result = ops.register_rigid(moving, n4, fixed_mask=brain, seed=seed)
-            reg_json.write_text(json.dumps({
-                "similarity_before": result.similarity_before, "similarity_after": result.similarity_after,
-                "ok": result.ok, "matrix": result.matrix.tolist(),
-            }))
-            return result.image
-
-        coregistered[role] = _cached(work_dir, f"{role}_to_{ref_role}", rkey, _register)
-        reg = json.loads(reg_json.read_text())
-        qc[f"{role}_to_{ref_role}_mi_before"] = round(reg["similarity_before"], 4)
-        qc[f"{role}_to_{ref_role}_mi_after"] = round(reg["similarity_after"], 4)
-        qc[f"{role}_to_{ref_role}_ok"] = bool(reg["ok"])
-        if not reg["ok"]:
-            warnings_.append(f"co-registration of {role} to {ref_role} looks failed (mutual information did "
-                             "not improve, or rotation > 45°): check the registration figure")
-        tick(f"coreg_{role}")
+    pre = preprocess_unit(plan, work_dir=work_dir, seed=seed, tick=tick)
+    ref_role, originals, digests = plan.reference, pre.originals, pre.digests
+    n4, brain, mask, coregistered = pre.n4, pre.brain, pre.mask, pre.coregistered
+    qc, warnings_, voxel_mm3, brain_mm3 = pre.qc, pre.warnings, pre.voxel_mm3, pre.brain_mm3
 
     data = np.asanyarray(n4.dataobj).astype(np.float32)
     volumes = {ref_role: data, **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in coregistered.items()}}
@@ -515,6 +459,99 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     )
     written += [Path(f) for f in figures.values()] + [report]
     return [str(Path(w).relative_to(output_dir)) for w in written]
+
+
+@dataclass
+class Preprocessed:
+    """Preprocessed images of one unit, all on the reference's RAS+ grid (see :func:`preprocess_unit`)."""
+
+    originals: dict
+    digests: dict
+    n4: Any
+    brain: Any
+    mask: np.ndarray
+    coregistered: dict
+    qc: dict
+    warnings: list
+    voxel_mm3: float
+    brain_mm3: float
+
+
+def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str], None] = lambda step: None
+                    ) -> Preprocessed:
+    """Load, check, bias-correct, brain-mask and co-register the images of a plan (cached in ``work_dir``).
+
+    Raises
+    ------
+    InputError
+        An image is unreadable or unusable (names the file).
+    """
+    from epvsprep import ops
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ref_role = plan.reference
+    ref_path = Path(plan.images[ref_role].path)
+    originals, conformed, digests = {}, {}, {}
+    for role, image in plan.images.items():
+        path = Path(image.path)
+        try:
+            originals[role] = ops.load(path)
+            conformed[role] = ops.conform(originals[role], name=path)
+        except ops.ImageError as exc:
+            raise InputError(exc.problem, path) from exc
+        digests[role] = sha256sum(path)
+    tick("load")
+    ref_img = conformed[ref_role]
+    key = digests[ref_role]
+
+    n4 = _cached(work_dir, f"{ref_role}_n4", key, lambda: ops.n4_bias_correct(ref_img))
+    tick("n4")
+    try:
+        brain = _cached(work_dir, "brainmask", key, lambda: ops.brain_mask(n4))
+    except ops.ImageError as exc:
+        raise InputError(exc.problem, ref_path) from exc
+    tick("brain_mask")
+    mask = np.asanyarray(brain.dataobj) > 0
+    voxel_mm3 = ops.voxel_volume_mm3(ref_img)
+    brain_mm3 = float(mask.sum() * voxel_mm3)
+
+    qc: dict[str, Any] = {"brain_volume_mm3": round(brain_mm3, 1)}
+    lo, hi = ops.BRAIN_VOLUME_RANGE_MM3
+    warnings_: list[str] = []
+    if not lo <= brain_mm3 <= hi:
+        warnings_.append(
+            f"brain mask volume {brain_mm3 / 1e3:.0f} cm³ is outside the usual adult range "
+            f"{lo / 1e3:.0f}-{hi / 1e3:.0f} cm³: check the brain mask figure"
+        )
+
+    coregistered = {}
+    for role, img in conformed.items():
+        if role == ref_role:
+            continue
+        rkey = hashlib.sha256((digests[role] + key + str(seed)).encode()).hexdigest()
+        moving = _cached(work_dir, f"{role}_n4", digests[role], lambda img=img: ops.n4_bias_correct(img))
+        reg_json = work_dir / f"{role}_to_{ref_role}-{rkey[:12]}.json"
+
+        def _register(moving=moving, reg_json=reg_json):
+            result = ops.register_rigid(moving, n4, fixed_mask=brain, seed=seed)
+            reg_json.write_text(json.dumps({
+                "similarity_before": result.similarity_before, "similarity_after": result.similarity_after,
+                "ok": result.ok, "matrix": result.matrix.tolist(),
+            }))
+            return result.image
+
+        coregistered[role] = _cached(work_dir, f"{role}_to_{ref_role}", rkey, _register)
+        reg = json.loads(reg_json.read_text())
+        qc[f"{role}_to_{ref_role}_mi_before"] = round(reg["similarity_before"], 4)
+        qc[f"{role}_to_{ref_role}_mi_after"] = round(reg["similarity_after"], 4)
+        qc[f"{role}_to_{ref_role}_ok"] = bool(reg["ok"])
+        if not reg["ok"]:
+            warnings_.append(f"co-registration of {role} to {ref_role} looks failed (mutual information did "
+                             "not improve, or rotation > 45°): check the registration figure")
+        tick(f"coreg_{role}")
+
+    return Preprocessed(originals, digests, n4, brain, mask, coregistered, qc, warnings_, voxel_mm3, brain_mm3)
 
 
 def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,

@@ -46,11 +46,11 @@ __all__ = [
     "DEFAULT_SCALES_MM",
     "VOXEL_BLUR_VAR",
     "FrangiParams",
-    "vesselness",
+    "detect",
     "normalise_intensity",
     "score_map",
     "segment_score",
-    "detect",
+    "vesselness",
 ]
 
 #: Default Gaussian scales (sigma, mm) of the vesselness filter.
@@ -122,7 +122,7 @@ class FrangiParams:
     c: float | None = 2.0
     c_mode: Literal["absolute", "median"] = "median"
     axial_gamma: float | None = 1.0
-    threshold: float = 0.22
+    threshold: float = 0.26
     seed_threshold: float | None = None
     min_cluster_voxels: int = 5
     max_cluster_mm3: float | None = 200.0
@@ -243,7 +243,9 @@ def _gradient(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> 
     strides = (padded.shape[1] * padded.shape[2], padded.shape[2], 1)
     out = np.empty((flat_idx.size, 3), dtype=np.float64)
     for a in range(3):
-        out[:, a] = (f[flat_idx + strides[a]].astype(np.float64) - f[flat_idx - strides[a]]) / (2.0 * spacing[a])
+        out[:, a] = (f[flat_idx + strides[a]].astype(np.float64) - f[flat_idx - strides[a]]) / (
+            2.0 * spacing[a]
+        )
     return out
 
 
@@ -530,7 +532,9 @@ def score_map(
         logger.warning(
             "%.0f%% of the brain mask is CSF-like after normalisation; the %s percentile is probably not CSF "
             "(is the contrast polarity right, bright=%s?); ePVS detection will be unreliable",
-            100 * csf_like, "99th" if bright else "1st", bright,
+            100 * csf_like,
+            "99th" if bright else "1st",
+            bright,
         )
     region = _inner_mask(mask, spacing, params.edge_margin_mm)
     if not region.any():

@@ -18,14 +18,14 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CONNECTIVITY_26",
     "CLUSTER_COLUMNS",
-    "label_clusters",
-    "cluster_sizes",
-    "remove_small_clusters",
-    "filter_clusters",
+    "CONNECTIVITY_26",
     "cluster_principal_sd",
+    "cluster_sizes",
     "cluster_table",
+    "filter_clusters",
+    "label_clusters",
+    "remove_small_clusters",
 ]
 
 #: Structuring element of 26-connectivity, shape ``(3, 3, 3)``, all ``True``.
@@ -286,9 +286,7 @@ _TABLE_DTYPES: dict[str, str] = {
 }
 
 
-def cluster_table(
-    labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray | None = None
-) -> pd.DataFrame:
+def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray | None = None) -> pd.DataFrame:
     """One row per cluster of a label image: size, volume, centroid and score summary.
 
     The ``index`` and ``name`` columns make the table a valid BIDS ``dseg.tsv`` look-up table for

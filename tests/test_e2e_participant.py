@@ -106,7 +106,9 @@ def test_sidecars_record_selection_and_sources(run):
     assert meta["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
     assert meta["InputSequences"] == ["T2w"]
     assert any("T2w" in r for r in meta["SequenceSelection"])
-    assert meta["EpvsMethod"] == "frangi"
+    assert meta["EpvsMethod"] == "unet"
+    assert meta["Parameters"]["weights_sha256"]
+    assert isinstance(meta["ExcludedClusters"], list)
     desc = json.loads((run["out"] / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
     assert desc["GeneratedBy"][0]["Name"] == "epvs-bids"
@@ -135,6 +137,17 @@ def test_failure_recorded_and_rerun_resumes(run):
                  "--participant-label", "01", "--skip-bids-validation"])
     assert code == 0
     assert (run["out"] / EXPECTED[0]).stat().st_mtime_ns == mtime, "complete participant was recomputed"
+
+
+def test_frangi_baseline_reuses_preprocessing(run):
+    out = run["out"].parent / "out-frangi"
+    code = main([str(run["bids"]), str(out), "participant", "-w", str(run["work"]), "--participant-label", "01",
+                 "--method", "frangi", "--skip-bids-validation"])
+    assert code == 0
+    meta = json.loads((out / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json").read_text())
+    assert meta["EpvsMethod"] == "frangi" and "scales_mm" in meta["Parameters"]
+    prov = json.loads((out / "logs/sub-01_provenance.json").read_text())
+    assert prov["timings_s"]["n4"] < 5, "N4 was not taken from the work-directory cache"
 
 
 def test_no_temporary_files_left(run):

@@ -74,7 +74,7 @@ def _ball(centre, radius):
 def _render(fov_mm, spacing, objects, *, noise=0.0, seed=0, contrast=CSF - WM, csf_objects=()):
     """WM background, objects at ``WM + contrast * fraction``, CSF objects (ventricles) at full CSF intensity,
     optional Gaussian noise (seeded). A brain always holds some CSF, which the intensity normalisation uses."""
-    shape = tuple(int(round(f / s)) for f, s in zip(fov_mm, spacing))
+    shape = tuple(round(f / s) for f, s in zip(fov_mm, spacing))
     img = np.full(shape, WM, np.float32)
     for obj in objects:
         img += contrast * _fraction(shape, spacing, obj)
@@ -307,7 +307,9 @@ def test_edge_margin_removes_detections_at_mask_rim():
     rim_tube = _tube((24.0, 41.5, 16.0), (1.0, 0.0, 0.0), 10.0, 2.0)
     deep_tube = _tube((24.0, 22.0, 16.0), (0.0, 1.0, 0.3), 10.0, 2.0)
     ventricle = _ball((24.0, 10.0, 16.0), 5.0)
-    img = _render(fov, (1, 1, 1), [rim_tube, deep_tube], noise=0.02, seed=2, contrast=0.5, csf_objects=[ventricle])
+    img = _render(
+        fov, (1, 1, 1), [rim_tube, deep_tube], noise=0.02, seed=2, contrast=0.5, csf_objects=[ventricle]
+    )
     rim_truth = _fraction(shape, (1, 1, 1), rim_tube) > 0.25
     deep_truth = _fraction(shape, (1, 1, 1), deep_tube) > 0.25
     assert rim_truth.any() and np.all(mask[rim_truth])
@@ -328,7 +330,7 @@ def test_large_bright_structures_are_not_epvs():
         _ball((44.0, 18.0, 24.0), 4.0),  # 8 mm lacune-like cavity
     ]
     img = _render(fov, (1, 1, 1), objects, noise=0.02, seed=4)
-    score, epvs = detect(img, (1, 1, 1), _box_mask(img.shape), bright=True)
+    _, epvs = detect(img, (1, 1, 1), _box_mask(img.shape), bright=True)
     assert epvs.sum() == 0
 
 
@@ -363,7 +365,7 @@ def test_local_contrast_gate_rejects_dim_ridges():
     assert not score.any() and not epvs.any()
     # a smooth field has no ridges: zero score
     smooth = ndimage.gaussian_filter(np.random.default_rng(0).normal(size=(24, 24, 24)), 6).astype(np.float32)
-    s, e = detect(smooth, (1, 1, 1), np.ones(smooth.shape, bool), bright=True)
+    _, e = detect(smooth, (1, 1, 1), np.ones(smooth.shape, bool), bright=True)
     assert not e.any()
 
 
@@ -372,7 +374,11 @@ def test_small_round_lacune_is_not_epvs(radius_mm):
     # a 4-6 mm round cavity: the rim of a ball looks like a curved tube to the Hessian; max_width_mm removes it
     fov = (64.0, 64.0, 48.0)
     img = _render(
-        fov, (1, 1, 1), [_ball((20.0, 20.0, 24.0), radius_mm)], noise=0.02, seed=4,
+        fov,
+        (1, 1, 1),
+        [_ball((20.0, 20.0, 24.0), radius_mm)],
+        noise=0.02,
+        seed=4,
         csf_objects=[_ball((46.0, 46.0, 24.0), 9.0)],
     )
     mask = _box_mask(img.shape)
@@ -413,7 +419,7 @@ def test_segment_score_csf_rule_on_synthetic_maps():
     assert not epvs[10:12].any()
     assert epvs[30:32, 14:16, 14:16].all()
     assert counts["n_removed_csf"] == 1 and counts["n_kept"] == 1
-    epvs2, counts2 = segment_score(score, norm, mask, (1, 1, 1), bright=True, params=replace(p, csf_level=None))
+    _, counts2 = segment_score(score, norm, mask, (1, 1, 1), bright=True, params=replace(p, csf_level=None))
     assert counts2["n_kept"] == 2 and counts2["n_removed_csf"] == 0
     # dark polarity: the same maps with the sign of the intensity flipped
     epvs3, _ = segment_score(score, -norm, mask, (1, 1, 1), bright=False, params=p)
@@ -429,7 +435,9 @@ def test_segment_score_seed_threshold_and_size_rules():
     score[10:12, 10:12, 2:4] = 0.3
     score[10, 10, 2] = 0.9  # strong seed, 8 voxels
     score[20, 20, 2:4] = 0.9  # strong but 2 voxels
-    p = FrangiParams(threshold=0.2, seed_threshold=0.5, min_cluster_voxels=5, max_width_mm=None, csf_level=None)
+    p = FrangiParams(
+        threshold=0.2, seed_threshold=0.5, min_cluster_voxels=5, max_width_mm=None, csf_level=None
+    )
     epvs, counts = segment_score(score, norm, mask, (1, 1, 1), bright=True, params=p)
     assert epvs.sum() == 8 and epvs[10, 10, 2]
     assert counts["n_removed_weak"] == 1

@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not run the BIDS validator on the input")
 
     proc = parser.add_argument_group("processing")
-    proc.add_argument("--method", choices=METHODS, default="frangi",
-                      help="ePVS detection method (default: %(default)s)")
+    proc.add_argument("--method", choices=METHODS, default="unet",
+                      help="ePVS detection method: 'unet', the shipped 2.5D multi-sequence network, or 'frangi', "
+                      "the classical vesselness baseline (default: %(default)s)")
     proc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="where networks run: auto uses CUDA when present (default: %(default)s)")
     proc.add_argument("--random-seed", type=int, default=42, help="master random seed (default: %(default)s)")

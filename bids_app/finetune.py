@@ -1,0 +1,108 @@
+"""``epvs-bids-finetune``: fine-tune the shipped model on a user's manual ePVS masks, with k-fold evaluation.
+
+Manual masks are a BIDS-Derivatives folder of ``sub-<l>[_ses-<s>]..._label-PVS[_desc-<d>]_mask.nii.gz``
+files on the grid of the reference image (the first sequence of ``--contrasts``). The source images
+are found in the BIDS dataset and preprocessed exactly as at the participant level; the k-fold
+metrics before and after fine-tuning are printed and saved with the new model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EXIT_OK, EpvsError, InputError, MissingInputError, UsageError
+
+LOGGER = logging.getLogger(__name__)
+_MASK = re.compile(r"sub-(?P<sub>[a-zA-Z0-9]+)(?:_ses-(?P<ses>[a-zA-Z0-9]+))?_.*label-PVS.*_mask\.nii(\.gz)?$")
+
+
+def find_masks(masks_dir: Path) -> list[tuple[str, str | None, Path]]:
+    """(subject, session, path) of every manual ePVS mask in a derivatives folder."""
+    out = []
+    for path in sorted(Path(masks_dir).rglob("*_mask.nii*")):
+        m = _MASK.match(path.name)
+        if m:
+            out.append((m["sub"], m["ses"], path))
+    return out
+
+
+def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int = 42):
+    """Preprocess every unit with a manual mask into training cases (normalised as at inference)."""
+    from epvsprep import ops
+    from epvsseg.train import Case
+    from epvsseg.infer import normalise
+
+    from .participant import preprocess_unit
+    from .plan import plan_session
+    from .query import check_dataset, collect_sessions, load_layout
+
+    check_dataset(bids_dir)
+    masks = find_masks(masks_dir)
+    if not masks:
+        raise MissingInputError("no *_label-PVS*_mask.nii.gz files found", masks_dir)
+    layout = load_layout(bids_dir, database_dir=work_dir / "pybids_db_finetune", reset_database=True)
+    cases = []
+    for sub, ses, mpath in masks:
+        units = collect_sessions(layout, participant_labels=[sub], session_labels=[ses] if ses else None)
+        plan = plan_session(units[0], method="unet", supported=(contrasts,))
+        pre = preprocess_unit(plan, work_dir=work_dir / plan.label, seed=seed)
+        label_img = ops.load(mpath)
+        ref = pre.originals[plan.reference]
+        if label_img.shape[:3] != ref.shape[:3] or not np.allclose(label_img.affine, ref.affine, atol=1e-3):
+            raise InputError(f"mask grid {label_img.shape} does not match the reference image "
+                             f"{plan.images[plan.reference].filename} {ref.shape}", mpath)
+        label = np.asanyarray(ops.conform(label_img, name=mpath).dataobj) > 0.5 if np.ptp(
+            np.asanyarray(label_img.dataobj)) > 0 else np.zeros(pre.mask.shape, bool)
+        vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
+                **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
+        images = {c: normalise(vols[c], pre.mask) for c in contrasts}
+        cases.append(Case(images, label & pre.mask, np.zeros(label.shape, np.uint8), pre.mask))
+        LOGGER.info("%s: %d labelled ePVS voxels", plan.label, int(label.sum()))
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="epvs-bids-finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("masks_dir", type=Path, help="BIDS-Derivatives folder with *_label-PVS*_mask.nii.gz")
+    parser.add_argument("output_model", type=Path, help="folder to write the fine-tuned model to")
+    parser.add_argument("--contrasts", nargs="+", default=["T2w"], help="input sequences, reference first")
+    parser.add_argument("--base-model", default=None, help="model id or folder (default: the shipped model)")
+    parser.add_argument("--folds", type=int, default=5, help="k for k-fold; >= number of cases = leave-one-out")
+    parser.add_argument("--iterations", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=20261121)
+    parser.add_argument("-w", "--work-dir", type=Path, default=None)
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
+    try:
+        from epvsseg.infer import SERVED_COMBINATIONS, load_model
+        from epvsseg.train import FinetuneConfig, finetune
+
+        contrasts = tuple(opts.contrasts)
+        if contrasts not in SERVED_COMBINATIONS:
+            raise UsageError(f"--contrasts {' '.join(contrasts)} is not a served combination: "
+                             f"{['+'.join(c) for c in SERVED_COMBINATIONS]}")
+        work = (opts.work_dir or opts.output_model.parent / "work-finetune").absolute()
+        cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, contrasts, work, opts.seed)
+        base = load_model(opts.base_model)
+        cfg = FinetuneConfig(folds=opts.folds, iterations=opts.iterations, threads=opts.threads, seed=opts.seed,
+                             combination=contrasts)
+        summary = finetune(base, cases, cfg, out=opts.output_model)
+    except EpvsError as exc:
+        LOGGER.error("%s", exc)
+        return exc.exit_code
+    print(json.dumps({"mean_before": summary["mean_before"], "mean_after": summary["mean_after"]}, indent=2))
+    print(f"fine-tuned model: {opts.output_model}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

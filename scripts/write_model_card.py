@@ -1,0 +1,93 @@
+"""Write ``MODEL_CARD.md`` for a model folder from its ``model.json`` and the committed benchmark.
+
+Usage: python scripts/write_model_card.py epvsseg/weights/epvs-unet25d-v1
+Every number in the card is read from ``model.json`` (training and validation) or
+``benchmarks/results/models.json`` (held-out benchmark); nothing is typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _f(v, nd=3):
+    return "n/a" if v is None or v != v else f"{v:.{nd}f}"
+
+
+def main(folder: str) -> None:
+    folder = Path(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    tr = meta["training"]
+    bench_path = ROOT / "benchmarks" / "results" / "models.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    lines = [
+        f"# Model card: {meta['model_id']}\n",
+        "\n## What it is\n",
+        f"A 2.5D multi-channel U-Net (`{meta['architecture']}`, {meta['architecture_kwargs']}) that segments enlarged "
+        "perivascular spaces (ePVS) on axial slices. Input per slice: for each of "
+        f"{', '.join(meta['input_contrasts'])} (in this order) the slice and {meta['context_slices']} neighbour(s) on "
+        "each side, then one presence channel per contrast; absent contrasts are zeros. One network serves every "
+        f"combination: {', '.join(meta['served_combinations'])}.\n",
+        "\n## Inputs and preprocessing it expects\n",
+        f"- co-registered images on the reference grid, bias-corrected (N4), at about {meta['voxel_mm']} mm (other "
+        "voxel sizes are resampled to it and back);\n",
+        f"- normalisation `{meta['normalisation']}`: each image divided by its median inside the brain mask, 0 outside, "
+        "clipped to [0, 6];\n",
+        f"- output: sigmoid probability; ePVS = probability >= {meta['threshold']}, 26-connected clusters of at least "
+        f"{meta['min_cluster_voxels']} voxels, then the lacune/WMH mimic exclusions of `epvsseg.exclusions`.\n",
+        "\n## Training data and recipe\n",
+        "Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from the "
+        "ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, randomised multi-contrast "
+        "intensities, bias, noise, blur and 2D/3D acquisitions, partial-volume ePVS tubes and mimics (WMH, "
+        "lacunes, vessels, microbleeds), see `docs/synthetic_data.md`.\n\n",
+        f"- seed {tr['seed']}; {tr['n_train']} training and {tr['n_val']} validation crops of {tr['crop_vox']} voxels "
+        f"(case seeds listed in model.json); {tr['iterations']} iterations, batch {tr['batch']}, patches "
+        f"{tr['patch']}x{tr['patch']}, AdamW, one-cycle LR {tr['lr']}, BCE (pos_weight 3) + soft Dice loss; "
+        "modality dropout: each sample draws one served combination; flips, gamma and scale augmentation;\n",
+        f"- time on CPU ({tr['threads']} thread(s) of this project's 2-core machine, shared with other work): "
+        f"rendering {tr['render_s']:.0f} s, training {tr['train_s'] / 60:.1f} min. No GPU was available;\n",
+        f"- code: commit `{meta['commit']}`, synth source sha256 `{meta.get('synth_sha256', 'n/a')[:16]}...`, torch "
+        f"{meta['torch']}.\n",
+        "\nReproduce: `python -m epvsseg.train --out DIR --n-train {n_train} --n-val {n_val} --iterations {it} "
+        "--val-every {ve} --threads {th}` at that commit.\n".format(n_train=tr["n_train"], n_val=tr["n_val"],
+                                                                      it=tr["iterations"], ve=tr["val_every"],
+                                                                      th=tr["threads"]),
+        "\n## Validation (synthetic validation crops, best checkpoint)\n\n",
+        "| combination | voxel Dice | cluster sensitivity | cluster precision | cluster F1 |\n|---|---|---|---|---|\n",
+    ]
+    for combo, v in meta["validation"].items():
+        lines.append(f"| {combo} | {_f(v['dice'])} | {_f(v['cluster_sensitivity'])} | {_f(v['cluster_precision'])} "
+                     f"| {_f(v['cluster_f1'])} |\n")
+    if bench:
+        lines.append("\n## Held-out benchmark (`benchmarks/results/models.md`)\n\n")
+        lines.append("| set | method | Dice | cluster F1 | count ICC(2,1) | WMH labelled | lacunes labelled |\n"
+                     "|---|---|---|---|---|---|---|\n")
+        for key in ("synthetic", "real_t2w_injected"):
+            for r in bench.get(key, []):
+                lines.append(f"| {key} | {r['method']} | {_f(r['dice'])} | {_f(r['cluster_f1'])} | "
+                             f"{_f(r['count_icc21'])} | {_f(r['wmh_labelled_fraction'])} | "
+                             f"{_f(r['lacune_labelled_fraction'])} |\n")
+        s = bench.get("speed")
+        if s:
+            lines.append(f"\nInference: {s['seconds_per_1mm_brain']:.1f} s per 1 mm brain on {s['threads']} CPU "
+                         f"threads, peak RAM {s['peak_ram_mb']:.0f} MB.\n")
+    lines += [
+        "\n## Limitations\n",
+        "- Never trained or validated on manually labelled real scans: real-data accuracy is unknown. The "
+        "real-T2w benchmark injects synthetic ePVS into real backgrounds; it tests robustness to real anatomy "
+        "and noise, not agreement with raters.\n",
+        "- Thick-slice (e.g. 5 mm) inputs are resampled to 1 mm before inference; small ePVS between slices are "
+        "missed.\n",
+        "- Fine-tune on your own manual masks before reporting absolute numbers.\n",
+        f"\n## Files\n\n`weights.pt` (float16 state dict, sha256 `{meta['sha256']}`), `model.json`.\n",
+    ]
+    (folder / "MODEL_CARD.md").write_text("".join(lines))
+    print(folder / "MODEL_CARD.md")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
