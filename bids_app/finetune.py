@@ -53,7 +53,10 @@ def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], wor
         units = collect_sessions(layout, participant_labels=[sub], session_labels=[ses] if ses else None)
         plan = plan_session(units[0], method="unet", supported=(contrasts,))
         pre = preprocess_unit(plan, work_dir=work_dir / plan.label, seed=seed)
-        label_img = ops.load(mpath)
+        try:
+            label_img = ops.load(mpath)
+        except ops.ImageError as exc:
+            raise InputError(exc.problem, mpath) from exc
         ref = pre.originals[plan.reference]
         if label_img.shape[:3] != ref.shape[:3] or not np.allclose(label_img.affine, ref.affine, atol=1e-3):
             raise InputError(f"mask grid {label_img.shape} does not match the reference image "

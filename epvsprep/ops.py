@@ -56,8 +56,9 @@ def load(path: str | os.PathLike) -> nib.Nifti1Image:
     if not os.access(path, os.R_OK):
         raise ImageError("file is not readable (permission denied)", path)
     size = path.stat().st_size
-    if size < 348:
-        raise ImageError(f"file is {size} bytes, too small to be a NIfTI image (header alone is 348)", path)
+    minimum = 18 if path.name.endswith(".gz") else 348  # gzip framing / uncompressed NIfTI-1 header
+    if size < minimum:
+        raise ImageError(f"file is {size} bytes, too small to be a NIfTI image", path)
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)

@@ -22,6 +22,7 @@ def _img(shape=(20, 22, 18), zooms=(1.0, 1.0, 1.0), value=None, seed=0):
 @pytest.mark.parametrize("content,match", [
     (b"", "too small"),
     (b"x", "too small"),
+    (b"\x1f\x8b" + b"\x00" * 400, "not a readable NIfTI"),
     (b"<html><body>404 Not Found</body></html>" * 20, "not a readable NIfTI"),
 ])
 def test_load_rejects_non_nifti(tmp_path, content, match):
