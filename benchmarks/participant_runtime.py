@@ -62,7 +62,7 @@ def main_cli() -> None:
     text = (
         "# Participant-level wall time (T2w + T1w, 1 mm)\n\n"
         f"Measured by `benchmarks/participant_runtime.py` on {platform.processor() or platform.machine()}, "
-        f"{opts.nprocs} CPU cores, epvs-bids method `frangi`; dataset: MNI152 T2w/T1w 1 mm pair "
+        f"{opts.nprocs} CPU cores, epvs-bids default method (U-Net); dataset: MNI152 T2w/T1w 1 mm pair "
         "(182x218x182), T1w moved by 10 degrees and 5 mm.\n\n"
         f"- exit code: {res['exit_code']}\n"
         f"- **total wall time (CLI start to end, incl. BIDS validation and report): {res['wall_s']:.1f} s** "
