@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from epvsseg import exclusions, frangi, infer, metrics, postproc, synth  # noqa: E402
+from epvsseg import frangi, infer, metrics, synth  # noqa: E402
 from epvsseg.nets import CONTRASTS  # noqa: E402
 
 BRIGHT = {"T2w": True, "T1w": False, "FLAIR": False}
@@ -42,8 +42,8 @@ TEST_SEED = 990_000  # training seeds come from a generator seeded with the trai
 
 def detect_unet(model, images, mask, affine, combo):
     prob = infer.predict({c: images[c] for c in combo}, mask, model)
-    pred = postproc.remove_small_clusters(prob >= model.threshold, int(model.meta.get("min_cluster_voxels", 2)))
-    pred, _ = exclusions.exclude_mimics(pred, affine, brain=mask, flair=images.get("FLAIR") if "FLAIR" in combo else None)
+    pred, _ = infer.segment(prob, model, affine=affine, brain=mask,
+                            flair=images.get("FLAIR") if "FLAIR" in combo else None)
     return pred
 
 
@@ -67,7 +67,7 @@ def mimic_rate(pred: np.ndarray, mimics: np.ndarray, cls: int) -> tuple[int, int
 
 def score_cases(name, cases, detect):
     """Metrics over a list of (images, mask, affine, truth, mimics) with one detector."""
-    dices, counts, vols, ag_sum = [], [], [], np.zeros(4)
+    dices, counts, vols, agreements = [], [], [], []
     wmh, lac = np.zeros(2), np.zeros(2)
     times = []
     for images, mask, affine, truth, mimics in cases:
@@ -76,19 +76,18 @@ def score_cases(name, cases, detect):
         times.append(time.perf_counter() - t0)
         dices.append(metrics.dice(pred, truth))
         ag = metrics.cluster_agreement(pred, truth)
-        ag_sum += [ag.n_ref, ag.n_pred, ag.ref_detected, ag.pred_true]
+        agreements.append(ag)
         counts.append([metrics.count_clusters(truth), ag.n_pred])
         vox = abs(np.linalg.det(affine[:3, :3]))
         vols.append([truth.sum() * vox, pred.sum() * vox])
         if mimics is not None:
             wmh += mimic_rate(pred, mimics, 1)
             lac += mimic_rate(pred, mimics, 2)
-    n_ref, n_pred, det, true = ag_sum
-    sens, prec = det / max(n_ref, 1), true / max(n_pred, 1)
+    sens, prec, f1 = metrics.pooled_rates(agreements)
     return {
         "method": name, "n_cases": len(cases), "dice": float(np.mean(dices)),
         "cluster_sensitivity": sens, "cluster_precision": prec,
-        "cluster_f1": 2 * sens * prec / max(sens + prec, 1e-9),
+        "cluster_f1": f1,
         "count_icc21": metrics.icc(np.array(counts)), "volume_icc21": metrics.icc(np.array(vols)),
         "wmh_labelled_fraction": wmh[0] / wmh[1] if wmh[1] else None,
         "lacune_labelled_fraction": lac[0] / lac[1] if lac[1] else None,
@@ -142,7 +141,6 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
 
 def real_t2w_cases(n_per_image: int = 2):
     """Real T2w scans with injected synthetic ePVS (label = injected tubes)."""
-    import nibabel as nib
 
     from epvsprep import ops
 

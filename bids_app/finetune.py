@@ -15,6 +15,7 @@ import re
 import sys
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 
 from .errors import EXIT_OK, EpvsError, InputError, MissingInputError, UsageError
@@ -61,8 +62,8 @@ def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], wor
         if label_img.shape[:3] != ref.shape[:3] or not np.allclose(label_img.affine, ref.affine, atol=1e-3):
             raise InputError(f"mask grid {label_img.shape} does not match the reference image "
                              f"{plan.images[plan.reference].filename} {ref.shape}", mpath)
-        label = np.asanyarray(ops.conform(label_img, name=mpath).dataobj) > 0.5 if np.ptp(
-            np.asanyarray(label_img.dataobj)) > 0 else np.zeros(pre.mask.shape, bool)
+        # same grid as the reference: reorienting to RAS+ (as conform did to the image) aligns it
+        label = np.asanyarray(nib.as_closest_canonical(label_img).dataobj) > 0.5
         vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
                 **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
         images = {c: normalise(vols[c], pre.mask) for c in contrasts}

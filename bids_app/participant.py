@@ -328,7 +328,6 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     InputError
         An input image is unreadable or unusable (names the file).
     """
-    import nibabel as nib
 
     from epvsprep import ops
     from epvsseg import postproc
@@ -346,7 +345,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
 
     pre = preprocess_unit(plan, work_dir=work_dir, seed=seed, tick=tick)
     ref_role, originals, digests = plan.reference, pre.originals, pre.digests
-    n4, brain, mask, coregistered = pre.n4, pre.brain, pre.mask, pre.coregistered
+    n4, mask, coregistered = pre.n4, pre.mask, pre.coregistered
     qc, warnings_, voxel_mm3, brain_mm3 = pre.qc, pre.warnings, pre.voxel_mm3, pre.brain_mm3
 
     data = np.asanyarray(n4.dataobj).astype(np.float32)
@@ -423,8 +422,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         "Description": "Brain mask from deepbet on the bias-corrected reference image.",
         "BrainVolume_mm3": round(brain_mm3, 1),
     }))
-    preproc_ents = {k: v for k, v in ents.items()}
-    p = out_dir / bids_name({**preproc_ents, "desc": "preproc"}, ref_role, ".nii.gz")
+    p = out_dir / bids_name({**ents, "desc": "preproc"}, ref_role, ".nii.gz")
     written.append(write_nifti(p, back(data), original_ref, np.float32))
     written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
         "SkullStripped": False, "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
@@ -575,8 +573,7 @@ def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affin
         ``score`` (float32 in [0, 1]), ``mask`` (bool), ``parameters`` (JSON-able), ``description``,
         ``score_description``, ``excluded`` (DataFrame of excluded mimic clusters or None), ``device``.
     """
-    from epvsprep import ops
-    from epvsseg import exclusions, postproc
+    from epvsseg import exclusions
 
     ref_role = plan.reference
     spacing = tuple(float(v) for v in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
@@ -615,11 +612,10 @@ def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affin
         prob = infer.predict(images, mask, model)
     threshold = model.threshold
     min_vox = int(model.meta.get("min_cluster_voxels", 2))
-    detected = postproc.remove_small_clusters(prob >= threshold, min_vox)
     exc_params = exclusions.ExclusionParams()
-    detected, excluded = exclusions.exclude_mimics(
-        detected, affine, brain=mask, flair=volumes.get("FLAIR") if "FLAIR" in plan.combination else None,
-        params=exc_params)
+    detected, excluded = infer.segment(
+        prob, model, affine=affine, brain=mask,
+        flair=volumes.get("FLAIR") if "FLAIR" in plan.combination else None, params=exc_params)
     return {
         "score": prob.astype(np.float32), "mask": detected, "device": dev, "excluded": excluded,
         "parameters": {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": threshold,
@@ -640,13 +636,4 @@ def _software_versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "not installed"
-    return out
-
-
-def summaries(output_dir: Path) -> Mapping[str, Any]:  # used by the group level
-    """Read every unit's provenance summary from ``<out>/logs``."""
-    out = {}
-    for path in sorted((Path(output_dir) / "logs").glob("*_provenance.json")):
-        data = json.loads(path.read_text())
-        out[data["label"]] = data
     return out

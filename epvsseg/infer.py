@@ -175,6 +175,26 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
     return out
 
 
+def segment(prob: np.ndarray, model: LoadedModel, *, affine: np.ndarray, brain: np.ndarray,
+            flair: np.ndarray | None = None, params=None):
+    """Turn a probability map into the ePVS mask as the model card says.
+
+    Threshold at ``model.threshold``, keep 26-connected clusters of at least the model's
+    ``min_cluster_voxels``, then exclude lacune-like and (with ``flair``) WMH-like clusters.
+
+    Returns
+    -------
+    mask : ndarray of bool
+    excluded : pandas.DataFrame
+        The excluded clusters and why (see :func:`epvsseg.exclusions.exclude_mimics`).
+    """
+    from .exclusions import ExclusionParams, exclude_mimics
+    from .postproc import remove_small_clusters
+
+    kept = remove_small_clusters(prob >= model.threshold, int(model.meta.get("min_cluster_voxels", 2)))
+    return exclude_mimics(kept, affine, brain=brain, flair=flair, params=params or ExclusionParams())
+
+
 def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedModel, *, batch: int = 8,
             flip_tta: bool = False) -> np.ndarray:
     """ePVS probability map for co-registered images on a common ~1 mm RAS+ grid.

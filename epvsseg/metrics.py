@@ -64,6 +64,18 @@ class ClusterAgreement:
         return {**asdict(self), "sensitivity": self.sensitivity, "precision": self.precision, "f1": self.f1}
 
 
+def pooled_rates(agreements) -> tuple[float, float, float]:
+    """Cluster sensitivity, precision and F1 from counts pooled over several cases.
+
+    Empty denominators count as 0 (not NaN), so a set of cases without any cluster scores 0.
+    """
+    n_ref = sum(a.n_ref for a in agreements)
+    n_pred = sum(a.n_pred for a in agreements)
+    sens = sum(a.ref_detected for a in agreements) / max(n_ref, 1)
+    prec = sum(a.pred_true for a in agreements) / max(n_pred, 1)
+    return sens, prec, 2 * sens * prec / max(sens + prec, 1e-9)
+
+
 def cluster_agreement(pred: np.ndarray, ref: np.ndarray) -> ClusterAgreement:
     """Cluster-level agreement of two masks (see :class:`ClusterAgreement`)."""
     p, r = np.asarray(pred, bool), np.asarray(ref, bool)

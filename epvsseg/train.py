@@ -174,26 +174,20 @@ def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float =
              min_cluster_voxels: int = 2) -> dict:
     """Voxel Dice and cluster F1 per combination on whole validation cases."""
     from .infer import LoadedModel, predict
-    from .metrics import cluster_agreement, dice
+    from .metrics import cluster_agreement, dice, pooled_rates
     from .postproc import remove_small_clusters
 
     model = LoadedModel(net, {"context_slices": context, "threshold": threshold, "model_id": "val"}, Path("."), "cpu")
     net.eval()
     out = {}
     for combo in combos:
-        dices, tp_ref, n_ref, tp_pred, n_pred = [], 0, 0, 0, 0
+        dices, agreements = [], []
         for case in cases:
             prob = predict({c: case.images[c] for c in combo}, case.mask, model)
             pred = remove_small_clusters(prob >= threshold, min_cluster_voxels)
             dices.append(dice(pred, case.label))
-            ag = cluster_agreement(pred, case.label)
-            tp_ref += ag.ref_detected
-            n_ref += ag.n_ref
-            tp_pred += ag.pred_true
-            n_pred += ag.n_pred
-        sens = tp_ref / max(n_ref, 1)
-        prec = tp_pred / max(n_pred, 1)
-        f1 = 2 * sens * prec / max(sens + prec, 1e-9)
+            agreements.append(cluster_agreement(pred, case.label))
+        sens, prec, f1 = pooled_rates(agreements)
         out["+".join(combo)] = {"dice": float(np.mean(dices)), "cluster_sensitivity": sens,
                                 "cluster_precision": prec, "cluster_f1": f1}
     net.train()

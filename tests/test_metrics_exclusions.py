@@ -105,3 +105,11 @@ def test_icc_shrout_fleiss_example():
     assert metrics.icc(table, "ICC(3,1)") == pytest.approx(0.71, abs=0.005)
     same = np.repeat(np.arange(5.0)[:, None], 2, axis=1)
     assert metrics.icc(same) == pytest.approx(1.0)
+
+
+def test_pooled_rates_sum_counts_over_cases():
+    a = metrics.ClusterAgreement(n_ref=4, n_pred=2, ref_detected=2, pred_true=2)
+    b = metrics.ClusterAgreement(n_ref=0, n_pred=2, ref_detected=0, pred_true=0)
+    sens, prec, f1 = metrics.pooled_rates([a, b])
+    assert (sens, prec) == (0.5, 0.5) and f1 == pytest.approx(0.5)
+    assert metrics.pooled_rates([metrics.ClusterAgreement(0, 0, 0, 0)]) == (0.0, 0.0, 0.0)
