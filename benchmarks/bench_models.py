@@ -113,11 +113,12 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
 
     Seeds lie at least 10 mm inside the brain mask, away from CSF (intensity below the brain's 75th
     percentile); directions are near-vertical (lenticulostriate / medullary course) within 30 degrees;
-    lengths 3-15 mm; radii 0.4-1.1 mm. Returns the injected image and the label (occupancy >= 0.5).
+    lengths 3-15 mm; radii 0.4-1.1 mm. Returns the injected image and the label (the synthetic-data rule,
+    :func:`epvsseg.synth.lesions.epvs_label`).
     """
     from scipy import ndimage
 
-    from epvsseg.synth.lesions import Tubes, rasterise_tubes, trace_centrelines
+    from epvsseg.synth.lesions import Tubes, centreline_voxels, epvs_label, rasterise_tubes, trace_centrelines
 
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min())))
@@ -133,10 +134,12 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
     length = rng.uniform(3, 15, n)
     points = trace_centrelines(rng, seeds, direction, length, tortuosity=0.05)
     radii = np.repeat(rng.uniform(0.4, 1.1, n)[:, None], points.shape[1], axis=1)
-    occ, _ = rasterise_tubes(Tubes(points, radii, np.zeros(n, int)), affine, data.shape)
+    tubes = Tubes(points, radii, np.zeros(n, int))
+    occ, _ = rasterise_tubes(tubes, affine, data.shape)
     occ = occ * mask
     csf = np.percentile(values, 98) * rng.uniform(0.85, 1.0)
-    return (data * (1 - occ) + csf * occ).astype(np.float32), occ >= 0.5
+    truth = epvs_label(occ, centreline_voxels(tubes, affine, data.shape)) > 0
+    return (data * (1 - occ) + csf * occ).astype(np.float32), truth
 
 
 def real_t2w_cases(n_per_image: int = 2):

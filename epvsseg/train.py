@@ -55,6 +55,8 @@ class TrainConfig:
     threads: int = 2
     workers: int = 2
     cache_dir: str = "work/synth-cache"
+    init: str = ""
+    thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
     combinations: tuple[tuple[str, ...], ...] = field(default=SERVED_COMBINATIONS)
 
 
@@ -171,27 +173,40 @@ def _loss(logits, target):
 
 
 def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float = 0.5,
-             min_cluster_voxels: int = 2) -> dict:
-    """Voxel Dice and cluster F1 per combination on whole validation cases."""
+             min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None) -> dict:
+    """Voxel Dice and cluster F1 per combination on whole validation cases.
+
+    With ``thresholds``, returns ``{threshold: {combination: scores}}`` (one prediction per case and
+    combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
+    """
     from .infer import LoadedModel, predict
     from .metrics import cluster_agreement, dice, pooled_rates
     from .postproc import remove_small_clusters
 
     model = LoadedModel(net, {"context_slices": context, "threshold": threshold, "model_id": "val"}, Path("."), "cpu")
     net.eval()
-    out = {}
+    ths = tuple(thresholds) if thresholds else (threshold,)
+    out: dict = {t: {} for t in ths}
     for combo in combos:
-        dices, agreements = [], []
+        dices: dict = {t: [] for t in ths}
+        agreements: dict = {t: [] for t in ths}
         for case in cases:
             prob = predict({c: case.images[c] for c in combo}, case.mask, model)
-            pred = remove_small_clusters(prob >= threshold, min_cluster_voxels)
-            dices.append(dice(pred, case.label))
-            agreements.append(cluster_agreement(pred, case.label))
-        sens, prec, f1 = pooled_rates(agreements)
-        out["+".join(combo)] = {"dice": float(np.mean(dices)), "cluster_sensitivity": sens,
-                                "cluster_precision": prec, "cluster_f1": f1}
+            for t in ths:
+                pred = remove_small_clusters(prob >= t, min_cluster_voxels)
+                dices[t].append(dice(pred, case.label))
+                agreements[t].append(cluster_agreement(pred, case.label))
+        for t in ths:
+            sens, prec, f1 = pooled_rates(agreements[t])
+            out[t]["+".join(combo)] = {"dice": float(np.mean(dices[t])), "cluster_sensitivity": sens,
+                                       "cluster_precision": prec, "cluster_f1": f1}
     net.train()
-    return out
+    return out if thresholds else out[threshold]
+
+
+def _score(scores: dict) -> float:
+    """Model-selection score: mean over combinations of cluster F1 + voxel Dice."""
+    return float(np.mean([v["cluster_f1"] + v["dice"] for v in scores.values()]))
 
 
 def synth_source_hash() -> str:
@@ -232,6 +247,15 @@ def train(cfg: TrainConfig) -> dict:
 
     kwargs = {"in_channels": n_input_channels(cfg.context), "base": cfg.base, "depth": cfg.depth}
     net = build("unet2d", **kwargs)
+    init = {}
+    if cfg.init:  # warm start from an earlier model (its id and hash are recorded)
+        from .infer import load_model
+
+        base = load_model(cfg.init)
+        if base.meta["architecture_kwargs"] != kwargs:
+            raise ValueError(f"--init {cfg.init}: architecture {base.meta['architecture_kwargs']} != {kwargs}")
+        net.load_state_dict(base.net.state_dict())
+        init = {"model_id": base.model_id, "sha256": base.meta["sha256"]}
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     best, best_state, history = -1.0, None, []
@@ -249,7 +273,7 @@ def train(cfg: TrainConfig) -> dict:
             LOGGER.info("it %d loss %.4f (%.2f s/it)", it, loss.item(), (time.time() - t0) / it)
         if it % cfg.val_every == 0 or it == cfg.iterations:
             scores = evaluate(net, val_cases[: max(4, len(val_cases) // 2)], val_combos, context=cfg.context)
-            score = float(np.mean([v["cluster_f1"] + v["dice"] for v in scores.values()]))
+            score = _score(scores)
             history.append({"iteration": it, "score": score, "val": scores, "elapsed_s": time.time() - t0})
             LOGGER.info("it %d validation %s", it, json.dumps(scores))
             if score > best:
@@ -257,7 +281,11 @@ def train(cfg: TrainConfig) -> dict:
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     t_train = time.time() - t0
     net.load_state_dict(best_state)
-    final = evaluate(net, val_cases, cfg.combinations, context=cfg.context)
+    # operating threshold: the best mean (F1 + Dice) over all combinations on all validation cases
+    by_threshold = evaluate(net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds)
+    threshold = max(by_threshold, key=lambda t: _score(by_threshold[t]))
+    final = by_threshold[threshold]
+    LOGGER.info("threshold %.2f selected: %s", threshold, {t: round(_score(v), 4) for t, v in by_threshold.items()})
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -273,10 +301,11 @@ def train(cfg: TrainConfig) -> dict:
         "voxel_mm": 1.0,
         "normalisation": "median-in-mask",
         "labels": {"0": "background", "1": "ePVS"},
-        "threshold": 0.5,
+        "threshold": float(threshold),
         "min_cluster_voxels": 2,
         "training": {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
-                     "history": history},
+                     "history": history, "initialised_from": init or None,
+                     "threshold_selection": {str(t): v for t, v in by_threshold.items()}},
         "validation": final,
         "commit": git_commit(),
         "synth_sha256": synth_source_hash(),
@@ -291,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epvsseg.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="model folder to write")
     for f, default in TrainConfig.__dataclass_fields__.items():
-        if f in ("out", "combinations", "crop_vox"):
+        if f in ("out", "combinations", "crop_vox", "thresholds"):
             continue
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
     opts = vars(parser.parse_args(argv))

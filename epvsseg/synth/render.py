@@ -33,6 +33,8 @@ from .lesions import (
     EPVS_REGIONS,
     Blobs,
     Tubes,
+    centreline_voxels,
+    epvs_label,
     rasterise_blobs,
     rasterise_tubes,
     sample_blobs,
@@ -44,7 +46,7 @@ from .priors import DIST_STEP_MM, TISSUES, AnatomyPriors
 LOGGER = logging.getLogger(__name__)
 
 #: Version of the parameter format and of the rendering model.
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 
 #: Mimic classes of :attr:`SynthCase.mimics`.
 MIMIC_CLASSES: dict[int, str] = {0: "none", 1: "WMH", 2: "lacune", 3: "vessel", 4: "microbleed"}
@@ -86,7 +88,8 @@ class SynthCase:
         Contrast -> unnormalised positive intensities, all on the same output grid (nibabel
         voxel order, RAS axes).
     label : ndarray, shape (I, J, K), uint8
-        ePVS ground truth: 1 where :attr:`occupancy` >= 0.5, else 0.
+        ePVS ground truth (:func:`~epvsseg.synth.lesions.epvs_label`): 1 where :attr:`occupancy` >= 0.5,
+        or >= 0.25 on a tube's centreline (thin tubes stay connected traces), else 0.
     mimics : ndarray, shape (I, J, K), uint8
         Mimic classes (:data:`MIMIC_CLASSES`): 0 none, 1 WMH, 2 lacune, 3 vessel, 4 microbleed.
         Never overlaps the label.
@@ -426,7 +429,8 @@ def render(params: dict, priors: AnatomyPriors) -> SynthCase:
 
     Steps: output grid; warp of the template tissue fractions by the case deformation; per-case
     atrophy and sharpening; ePVS tubes (partial volume); mimics; ground truth (the ePVS
-    occupancy is set to 0 inside mimics and beyond tissue, the label is occupancy >= 0.5);
+    occupancy is set to 0 inside mimics and beyond tissue, the label is occupancy >= 0.5 or >= 0.25 on
+    a centreline);
     per-contrast intensities; acquisition (bias, resolution, noise, gain).
 
     Parameters
@@ -459,7 +463,7 @@ def render(params: dict, priors: AnatomyPriors) -> SynthCase:
     fields = _render_mimics(params, priors, deform, affine, shape, frac, tissue, dist_vent)
     mimics = fields.classes()
     occ[mimics > 0] = 0.0
-    label = (occ >= 0.5).astype(np.uint8)
+    label = epvs_label(occ, centreline_voxels(tubes, affine, shape))
 
     texture = _smooth_noise(np.random.default_rng(int(params["seeds"]["texture"])), shape,
                             float(params["texture"]["scale_vox"]))
