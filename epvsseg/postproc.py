@@ -9,7 +9,7 @@ Boutinaud et al. (2021, SHIVA).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,10 +20,12 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CLUSTER_COLUMNS",
     "CONNECTIVITY_26",
+    "cluster_geometry",
     "cluster_principal_sd",
     "cluster_sizes",
     "cluster_table",
     "filter_clusters",
+    "intensity_column",
     "label_clusters",
     "remove_small_clusters",
 ]
@@ -90,7 +92,48 @@ CLUSTER_COLUMNS: dict[str, dict[str, str]] = {
         "LongName": "Maximum detection score",
         "Description": "Maximum of the detector's voxel score (0 to 1) over the cluster; n/a when no score was given.",
     },
+    "length_mm": {
+        "LongName": "Cluster length",
+        "Description": "4 x the standard deviation of the voxel centres (scanner mm) along the cluster's first "
+                       "principal axis, at least one voxel edge: the length of a tube (same definition as the "
+                       "mimic exclusions).",
+        "Units": "mm",
+    },
+    "width_mm": {
+        "LongName": "Cluster width",
+        "Description": "4 x the standard deviation along the second principal axis, at least one voxel edge: the "
+                       "diameter of a tube.",
+        "Units": "mm",
+    },
+    "axis_x": {
+        "LongName": "Principal axis, x component",
+        "Description": "Unit vector of the first principal axis in scanner coordinates (sign chosen so that "
+                       "axis_z >= 0); n/a for clusters of fewer than 3 voxels.",
+    },
+    "axis_y": {"LongName": "Principal axis, y component", "Description": "See axis_x."},
+    "axis_z": {"LongName": "Principal axis, z component", "Description": "See axis_x."},
+    "inclination_deg": {
+        "LongName": "Inclination from the scanner z axis",
+        "Description": "Angle between the first principal axis and the scanner z (inferior-superior for RAS) "
+                       "axis: 0 for a vertical tube, 90 for one lying in the axial plane; n/a under 3 voxels.",
+        "Units": "degrees",
+    },
+    "touches_brain_edge": {
+        "LongName": "Touches the brain-mask edge",
+        "Description": "true when a voxel of the cluster lies on the brain mask's outer layer (26-connected "
+                       "boundary): such clusters may be sulcal CSF rather than ePVS; n/a without a brain mask.",
+    },
 }
+
+
+def intensity_column(contrast: str) -> tuple[str, dict[str, str]]:
+    """Name and description of the per-sequence mean-intensity column of :func:`cluster_table`."""
+    return f"mean_{contrast}", {
+        "LongName": f"Mean {contrast} intensity",
+        "Description": f"Mean of the bias-corrected {contrast} image over the cluster, divided by its median "
+                       f"inside the brain mask (1 = typical brain tissue; CSF-like ePVS are > 1 on T2w, < 1 on "
+                       f"T1w and FLAIR).",
+    }
 
 
 def _check_3d(arr: np.ndarray, name: str) -> np.ndarray:
@@ -270,6 +313,55 @@ def cluster_principal_sd(labels: np.ndarray, spacing_mm: Sequence[float]) -> np.
     return out
 
 
+def cluster_geometry(labels: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
+    """Length, width and orientation of every cluster, from the principal axes of its voxel centres.
+
+    Parameters
+    ----------
+    labels : (I, J, K) ndarray of int
+        Label image, 0 for background.
+    affine : (4, 4) ndarray
+        Voxel-to-scanner affine (mm).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by label (present labels only), columns ``length_mm`` and ``width_mm`` (4 x the sample
+        standard deviation along the first and second principal axes in scanner mm, floored at one voxel
+        edge ``cbrt(|det|)``), ``axis_x/y/z`` (unit first principal axis, ``axis_z >= 0``) and
+        ``inclination_deg`` (angle to the scanner z axis); axis and inclination are NaN under 3 voxels.
+    """
+    labels = _check_3d(labels, "labels")
+    affine = np.asarray(affine, float)
+    ijk = np.nonzero(labels)
+    lab = labels[ijk].astype(np.int64)
+    cols = ["length_mm", "width_mm", "axis_x", "axis_y", "axis_z", "inclination_deg"]
+    if lab.size == 0:
+        return pd.DataFrame(columns=cols, dtype=float)
+    xyz = np.stack(ijk, 1) @ affine[:3, :3].T
+    count = np.bincount(lab).astype(float)
+    present = np.flatnonzero(count)
+    n = count[present]
+    mean = [np.bincount(lab, weights=xyz[:, a])[present] / n for a in range(3)]
+    cov = np.zeros((present.size, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            m = np.bincount(lab, weights=xyz[:, a] * xyz[:, b])[present] / n
+            cov[:, a, b] = cov[:, b, a] = (m - mean[a] * mean[b]) * n / np.maximum(n - 1, 1)  # sample covariance
+    w, v = np.linalg.eigh(cov)  # ascending
+    w = np.clip(w, 0.0, None)
+    edge = float(np.cbrt(abs(np.linalg.det(affine[:3, :3]))))
+    axis = v[:, :, 2] * np.where(v[:, 2, 2] < 0, -1.0, 1.0)[:, None]
+    axis[n < 3] = np.nan
+    table = pd.DataFrame({
+        "length_mm": np.maximum(4.0 * np.sqrt(w[:, 2]), edge),
+        "width_mm": np.maximum(4.0 * np.sqrt(w[:, 1]), edge),
+        "axis_x": axis[:, 0], "axis_y": axis[:, 1], "axis_z": axis[:, 2],
+        "inclination_deg": np.degrees(np.arccos(np.clip(axis[:, 2], -1.0, 1.0))),
+    }, index=present)
+    return table
+
+
 _TABLE_DTYPES: dict[str, str] = {
     "index": "int64",
     "name": "object",
@@ -283,11 +375,18 @@ _TABLE_DTYPES: dict[str, str] = {
     "centroid_z": "float64",
     "mean_score": "float64",
     "max_score": "float64",
+    "length_mm": "float64",
+    "width_mm": "float64",
+    "axis_x": "float64",
+    "axis_y": "float64",
+    "axis_z": "float64",
+    "inclination_deg": "float64",
 }
 
 
-def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per cluster of a label image: size, volume, centroid and score summary.
+def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray | None = None,
+                  images: Mapping[str, np.ndarray] | None = None, brain: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cluster of a label image: size, volume, centroid, shape, score and intensities.
 
     The ``index`` and ``name`` columns make the table a valid BIDS ``dseg.tsv`` look-up table for
     ``labels``; the columns are described in :data:`CLUSTER_COLUMNS`.
@@ -301,6 +400,11 @@ def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray |
         Voxel-to-scanner affine (mm) of the image.
     score : (I, J, K) ndarray of float, optional
         Voxel score of the detector (0 to 1), same shape as ``labels``.
+    images : mapping of str to (I, J, K) ndarray, optional
+        Sequence name -> co-registered image on the same grid: adds ``mean_<name>`` (see
+        :func:`intensity_column`; divided by the median in ``brain`` when given).
+    brain : (I, J, K) ndarray of bool, optional
+        Brain mask: adds ``touches_brain_edge``.
 
     Returns
     -------
@@ -308,7 +412,8 @@ def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray |
         Columns ``index``, ``name`` (``"cluster-<index>"``), ``n_voxels`` (voxels), ``volume_mm3``
         (``n_voxels * |det(affine[:3, :3])|``, mm^3), ``centroid_i/j/k`` (voxels), ``centroid_x/y/z``
         (scanner mm, ``affine @ [i, j, k, 1]`` at the voxel centroid), ``mean_score``, ``max_score``
-        (NaN when ``score`` is None). Rows are sorted by ``index``.
+        (NaN when ``score`` is None), the shape columns of :func:`cluster_geometry`, then the optional
+        ``mean_<name>`` and ``touches_brain_edge``. Rows are sorted by ``index``.
     """
     labels = _check_3d(labels, "labels")
     if not np.issubdtype(labels.dtype, np.integer):
@@ -323,8 +428,13 @@ def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray |
 
     ijk = np.nonzero(labels)
     lab = labels[ijk].astype(np.int64)
+    extra = {}
+    for name in images or {}:
+        extra[intensity_column(name)[0]] = "float64"
+    if brain is not None:
+        extra["touches_brain_edge"] = "bool"
     if lab.size == 0:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in _TABLE_DTYPES.items()})
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in {**_TABLE_DTYPES, **extra}.items()})
     if lab.min() < 0:
         raise ValueError("labels must be >= 0")
 
@@ -363,4 +473,21 @@ def cluster_table(labels: np.ndarray, affine: np.ndarray, *, score: np.ndarray |
             "max_score": max_score,
         }
     )
-    return table.astype(_TABLE_DTYPES)
+    geometry = cluster_geometry(labels, affine).loc[present]
+    for col in geometry.columns:
+        table[col] = geometry[col].to_numpy()
+    brain_mask = None if brain is None else np.asarray(brain, bool)
+    for name, img in (images or {}).items():
+        img = np.asarray(img, float)
+        if img.shape != labels.shape:
+            raise ValueError(f"image {name!r} shape {img.shape} differs from labels shape {labels.shape}")
+        ref = float(np.median(img[brain_mask])) if brain_mask is not None and brain_mask.any() else 1.0
+        mean = np.bincount(lab, weights=img[ijk])[present] / counts
+        table[intensity_column(name)[0]] = mean / (ref if ref > 0 else 1.0)
+    if brain_mask is not None:
+        if brain_mask.shape != labels.shape:
+            raise ValueError(f"brain shape {brain_mask.shape} differs from labels shape {labels.shape}")
+        shell = brain_mask & ~ndimage.binary_erosion(brain_mask, CONNECTIVITY_26, border_value=0)
+        on_edge = np.bincount(lab, weights=shell[ijk].astype(float), minlength=present.max() + 1)[present] > 0
+        table["touches_brain_edge"] = on_edge
+    return table.astype({**_TABLE_DTYPES, **extra})

@@ -188,7 +188,7 @@ def test_cluster_table_scores_names_and_columns():
     score[1, 1, 1:4] = [0.2, 0.4, 0.9]
     score[5, 5, 5] = 0.5
     table = cluster_table(labels, np.eye(4), score=score)
-    assert list(table.columns) == list(CLUSTER_COLUMNS)
+    assert list(table.columns) == [c for c in CLUSTER_COLUMNS if c != "touches_brain_edge"]
     assert table["index"].tolist() == [3, 9]
     assert table["name"].tolist() == ["cluster-3", "cluster-9"]
     assert table["n_voxels"].tolist() == [3, 1]
@@ -204,7 +204,7 @@ def test_cluster_table_empty_has_columns():
     table = cluster_table(np.zeros((4, 4, 4), np.int32), np.eye(4))
     assert isinstance(table, pd.DataFrame)
     assert len(table) == 0
-    assert list(table.columns) == list(CLUSTER_COLUMNS)
+    assert list(table.columns) == [c for c in CLUSTER_COLUMNS if c != "touches_brain_edge"]
 
 
 def test_cluster_table_input_errors():
@@ -240,3 +240,27 @@ def test_cluster_principal_sd_of_a_cylinder_and_a_ball():
     assert 4 * sd[1, 1] == pytest.approx(3.0, rel=0.15)  # width ~ diameter
     assert sd[1, 1] == pytest.approx(sd[1, 2], rel=0.1)
     assert sd[3, 0] == pytest.approx(sd[3, 2], rel=0.35)  # a ball is round
+
+
+def test_cluster_table_shape_orientation_intensity_and_edge():
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])  # anisotropic voxels: shape is measured in mm
+    labels = np.zeros((40, 40, 12), np.int32)
+    labels[10:12, 10:12, 1:11] = 1  # vertical rod: 1 x 1 mm cross-section, 20 mm long
+    labels[20, 5:35, 6] = 2  # in-plane line along j: 15 mm long
+    labels[0:2, 0:2, 0:2] = 3  # a cube at the corner of the brain box
+    brain = np.zeros(labels.shape, bool)
+    brain[:, :, :] = True
+    t2 = np.ones(labels.shape, np.float32)
+    t2[labels == 1] = 3.0
+    table = cluster_table(labels, affine, images={"T2w": t2}, brain=brain).set_index("index")
+    rod, line = table.loc[1], table.loc[2]
+    expected = 4 * np.std(np.repeat(np.arange(10) * 2.0, 4), ddof=1)  # 4 sample sd along the rod, mm
+    assert rod["length_mm"] == pytest.approx(expected)
+    assert rod["inclination_deg"] == pytest.approx(0.0, abs=1e-6) and rod["axis_z"] == pytest.approx(1.0)
+    assert line["inclination_deg"] == pytest.approx(90.0) and abs(line["axis_y"]) == pytest.approx(1.0)
+    assert line["width_mm"] == pytest.approx(np.cbrt(0.5 * 0.5 * 2.0))  # floor: one voxel edge
+    # intensity relative to the brain median (1): the rod is 3x brighter
+    assert rod["mean_T2w"] == pytest.approx(3.0) and line["mean_T2w"] == pytest.approx(1.0)
+    assert table["touches_brain_edge"].tolist() == [False, False, True]
+    with pytest.raises(ValueError, match="image 'T2w' shape"):
+        cluster_table(labels, affine, images={"T2w": t2[:, :, :5]})
