@@ -50,6 +50,14 @@ class RunConfig:
     overwrite: bool = False
     #: Master random seed (registration sampling, any stochastic step).
     random_seed: int = 42
+    #: Group level: folder of reference (manual) ePVS masks in BIDS-derivatives form.
+    reference_derivatives: Path | None = None
+    #: Group level: output folder of another epvs-bids run to compare with.
+    compare_dir: Path | None = None
+    #: Group level: ``participants.tsv`` columns for the covariate models.
+    covariates: tuple[str, ...] | None = None
+    #: Group level: cluster matching across sessions (``rigid``, ``header`` or ``none``).
+    longitudinal_matching: str = "rigid"
     #: Logging verbosity count (``-v``).
     verbosity: int = 0
     #: Unique identifier of this run (log and config file names).

@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--overwrite", action="store_true",
                       help="recompute participants whose outputs are already complete")
 
+    grp = parser.add_argument_group("group level")
+    grp.add_argument("--reference-derivatives", type=Path, metavar="DIR",
+                     help="reference (manual) ePVS masks in BIDS-derivatives form, on the reference image's grid: "
+                     "agreement per participant and region")
+    grp.add_argument("--compare", type=Path, metavar="DIR",
+                     help="output folder of another epvs-bids run (method, model) to compare with")
+    grp.add_argument("--covariates", nargs="+", metavar="COLUMN",
+                     help="participants.tsv columns for linear models of ICV-normalised ePVS volume per region")
+    grp.add_argument("--longitudinal-matching", choices=["rigid", "header", "none"], default="rigid",
+                     help="match ePVS clusters across sessions after rigid registration of the sessions (rigid, "
+                     "about 10-30 s per session pair), in scanner coordinates as they are (header), or not at "
+                     "all (none) (default: %(default)s)")
+
     perf = parser.add_argument_group("resources")
     perf.add_argument("-w", "--work-dir", type=Path, help="working directory (default: <output_dir>/../work)")
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, help="CPU cores to use (default: all)")
@@ -144,6 +157,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             raise OutputError(f"cannot create directory ({exc.strerror or exc})", path) from exc
         if not os.access(path, os.W_OK):
             raise OutputError("directory is not writable", path)
+    group_dirs = {}
+    for name, path in (("--reference-derivatives", opts.reference_derivatives), ("--compare", opts.compare)):
+        if path is not None:
+            path = path.expanduser().absolute()
+            if not path.is_dir():
+                raise MissingInputError(f"the {name} folder does not exist", path)
+            group_dirs[name] = path
     labels = normalize_labels(opts.participant_label, "sub")
     sessions = normalize_labels(opts.session_label, "ses")
     return RunConfig(
@@ -163,4 +183,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         overwrite=opts.overwrite,
         random_seed=opts.random_seed,
         verbosity=opts.verbose,
+        reference_derivatives=group_dirs.get("--reference-derivatives"),
+        compare_dir=group_dirs.get("--compare"),
+        covariates=tuple(opts.covariates) if opts.covariates else None,
+        longitudinal_matching=opts.longitudinal_matching,
     )

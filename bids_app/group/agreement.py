@@ -1,0 +1,135 @@
+"""Agreement of this run's ePVS masks with reference masks or with another run, per region.
+
+``--reference-derivatives DIR``: manual masks in BIDS-derivatives form; ``--compare DIR``: the
+output folder of another epvs-bids run (method, model, version). In both cases the other folder
+holds, for a unit ``<stem>`` of this run, ``sub-<l>[/ses-<s>]/anat/<stem>*_label-PVS*_mask.nii.gz``
+on the same voxel grid as this run's outputs (the reference image's own grid). The other mask is
+the reference: sensitivity is the fraction of *its* ePVS that this run finds, and Bland-Altman
+differences are this run minus the other.
+
+Per region, both masks are restricted to the region's voxels of this run's region atlas
+(``<stem>_seg-regions_dseg.nii.gz``; whole brain only when absent), so a cluster that crosses a
+region border is counted in both regions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from epvsseg import metrics
+
+from .collect import WHOLE_BRAIN, TableError, Unit, _read_tsv, region_sort_key
+
+LOGGER = logging.getLogger(__name__)
+
+#: Per-unit measures (:func:`epvsseg.metrics.agreement_suite`).
+UNIT_MEASURES = ("voxel_sensitivity", "voxel_precision", "dice", "volumetric_similarity", "n_ref_clusters",
+                 "n_pred_clusters", "cluster_sensitivity", "cluster_precision", "cluster_f1",
+                 "magnitude_accuracy", "hd95_mm", "ref_volume_mm3", "pred_volume_mm3")
+#: Measures averaged over units in the summary.
+RATE_MEASURES = ("voxel_sensitivity", "voxel_precision", "dice", "volumetric_similarity", "cluster_sensitivity",
+                 "cluster_precision", "cluster_f1", "magnitude_accuracy", "hd95_mm")
+
+
+def find_other_mask(root, unit: Unit) -> object:
+    """The other folder's ePVS mask for ``unit``, or None when it has none.
+
+    Looks in ``<root>/sub-<l>[/ses-<s>]/anat`` for ``<stem>*_label-PVS*_mask.nii.gz``; with several,
+    the one with this unit's ``desc`` wins, else the choice is ambiguous and a :class:`TableError`
+    names the folder.
+    """
+    from pathlib import Path
+
+    anat = Path(root) / unit.participant_id / (unit.session_id or "") / "anat"
+    hits = sorted(p for p in anat.glob(f"{unit.stem}_*mask.nii.gz") if "_label-PVS" in p.name
+                  and p.name[len(unit.stem)] == "_")
+    if len(hits) > 1:
+        same = [p for p in hits if f"_desc-{unit.combo}_" in p.name]
+        if len(same) == 1:
+            return same[0]
+        raise TableError(f"{anat}: several ePVS masks for {unit.stem} ({', '.join(p.name for p in hits)}); "
+                         "keep one per unit")
+    return hits[0] if hits else None
+
+
+def _load_mask(path, like: nib.spatialimages.SpatialImage | None = None) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for a bad file
+        raise TableError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
+    if data.ndim != 3:
+        raise TableError(f"{path}: expected a 3D mask, got shape {data.shape}")
+    if like is not None and (data.shape != like.shape or not np.allclose(img.affine, like.affine, atol=1e-3)):
+        raise TableError(f"{path}: not on the voxel grid of this run's outputs (shape {data.shape} vs "
+                         f"{tuple(like.shape)}, or a different affine); resample it to the reference image")
+    return data > 0, img.affine
+
+
+def compare_unit(unit: Unit, other_path) -> list[dict]:
+    """Agreement rows of one unit: the whole brain, then every region of the unit's atlas."""
+    ours_img = nib.load(str(unit.epvs_mask))
+    ours = np.asanyarray(ours_img.dataobj) > 0
+    other, _ = _load_mask(other_path, like=ours_img)
+    spacing = tuple(float(z) for z in ours_img.header.get_zooms()[:3])
+    key = {"participant_id": unit.participant_id, "session_id": unit.session_id,
+           "source_entities": unit.source_entities, "input_sequences": unit.combo, "other_mask": str(other_path)}
+    rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
+             **metrics.agreement_suite(ours, other, spacing)}]
+    if unit.atlas_map.exists() and unit.atlas_tsv.exists():
+        atlas = np.asarray(nib.load(str(unit.atlas_map)).dataobj).astype(np.int64)
+        if atlas.shape != ours.shape:
+            raise TableError(f"{unit.atlas_map}: shape {atlas.shape} differs from the ePVS mask {ours.shape}")
+        table = _read_tsv(unit.atlas_tsv, ("index", "name", "region", "hemisphere"))
+        for rec in table.to_dict("records"):
+            inside = atlas == int(rec["index"])
+            if not inside.any():
+                continue
+            idx = np.argwhere(inside)
+            box = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+            reg = inside[box]
+            rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
+                         "hemisphere": str(rec["hemisphere"]),
+                         **metrics.agreement_suite(ours[box] & reg, other[box] & reg, spacing)})
+    return rows
+
+
+def agreement_summary(per_unit: pd.DataFrame) -> pd.DataFrame:
+    """Per region: mean and median rates over units, ICC(2,1) and Bland-Altman of count and volume.
+
+    Returns
+    -------
+    DataFrame
+        One row per region name: ``n_units``, ``mean_<m>`` for :data:`RATE_MEASURES`, ``median_sensitivity``
+        and ``median_precision`` (cluster level) with ``magnitude_of_medians`` (the distance of the
+        median point from the origin, as plotted by Rashid et al. 2023), ICC(2,1) of the cluster count
+        and of the volume (``count_icc``, ``count_icc_ci_low``, ``count_icc_ci_high``, ``count_icc_p``,
+        ``volume_icc``...) and their Bland-Altman bias and 95% limits (this run minus the other;
+        ``count_ba_bias``, ``count_ba_loa_low``, ``count_ba_loa_high``, ``volume_ba_*`` in mm³).
+    """
+    rows = []
+    if per_unit.empty:
+        return pd.DataFrame(rows)
+    first = per_unit.drop_duplicates("name")
+    order = sorted(first.itertuples(index=False), key=lambda r: region_sort_key(r.name, r.region, r.hemisphere))
+    for r in order:
+        sub = per_unit.loc[per_unit["name"] == r.name]
+        row = {"name": r.name, "region": r.region, "hemisphere": r.hemisphere, "n_units": len(sub)}
+        for m in RATE_MEASURES:
+            row[f"mean_{m}"] = float(sub[m].mean())
+        ms, mp = float(sub["cluster_sensitivity"].median()), float(sub["cluster_precision"].median())
+        row.update(median_sensitivity=ms, median_precision=mp, magnitude_of_medians=float(np.hypot(ms, mp)))
+        for what, ours, other in (("count", "n_pred_clusters", "n_ref_clusters"),
+                                  ("volume", "pred_volume_mm3", "ref_volume_mm3")):
+            icc = metrics.icc_all(sub[[ours, other]].to_numpy(float))["ICC(2,1)"]
+            ba = metrics.bland_altman(sub[other].to_numpy(float), sub[ours].to_numpy(float))
+            row.update({f"{what}_icc": icc.value, f"{what}_icc_ci_low": icc.ci_low,
+                        f"{what}_icc_ci_high": icc.ci_high, f"{what}_icc_p": icc.p_value,
+                        f"{what}_ba_bias": ba.bias, f"{what}_ba_loa_low": ba.loa_low,
+                        f"{what}_ba_loa_high": ba.loa_high})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,300 @@
+"""The group level: read the participant derivatives, compute cohort statistics, write tables and
+the group report. See ``docs/group.md`` for every output."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import RunConfig
+from ..derivatives import init_output_dir, write_json, write_tsv
+from ..errors import EXIT_DATAERR, EXIT_OK, InputError, MissingInputError
+from . import agreement, collect, columns, longitudinal, stats
+
+LOGGER = logging.getLogger(__name__)
+
+#: Wide-table measures per region (``<name>__<measure>`` columns).
+WIDE_MEASURES = ("n_clusters", "volume_mm3", "volume_ppm_icv")
+
+
+def _write(group: Path, name: str, table: pd.DataFrame, sidecar: dict) -> Path:
+    """Write ``group/<name>.tsv`` and its JSON sidecar (only the columns present are described)."""
+    write_tsv(group / f"{name}.tsv", table)
+    write_json(group / f"{name}.json", {c: sidecar.get(c, {"Description": c}) for c in table.columns})
+    return group / f"{name}.tsv"
+
+
+def _age_lookup(participants: pd.DataFrame | None) -> dict[str, float]:
+    if participants is None:
+        return {}
+    col = next((c for c in participants.columns if c.lower() == "age"), None)
+    if col is None:
+        return {}
+    ages = pd.to_numeric(participants[col], errors="coerce")
+    return {pid: float(a) for pid, a in ages.items() if pd.notna(a)}
+
+
+def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
+    """Read every unit and build the cohort tables.
+
+    Returns
+    -------
+    dict
+        ``units`` (list of read :class:`~bids_app.group.collect.Unit`), ``cohort`` (wide),
+        ``long``, ``failed``, ``participants`` (or None), ``dates`` and ``unreadable`` (count).
+    """
+    units = collect.find_units(output_dir)
+    if not units:
+        raise MissingInputError(
+            "no participant outputs found (no sub-*/[ses-*/]anat/*_seg-PVSclusters_desc-*_dseg.tsv): "
+            "run the participant level first", output_dir)
+    participants = None
+    if bids_dir is not None:
+        try:
+            participants = collect.read_participants(bids_dir)
+        except collect.TableError as exc:
+            LOGGER.warning("%s (ages and covariates unavailable)", exc)
+    ages = _age_lookup(participants)
+    base_rows, long_rows, failed_rows, ok_units = [], [], [], []
+    for unit, error in collect.iter_read(units):
+        if error is not None:
+            LOGGER.error("%s", error)
+            failed_rows.append({"unit": unit.label, "status": "unreadable", "exit_code": EXIT_DATAERR,
+                                "message": str(error)})
+            continue
+        ok_units.append(unit)
+        base_rows.append({"unit": unit.key, "participant_id": unit.participant_id, "session_id": unit.session_id,
+                          "source_entities": unit.source_entities, "input_sequences": unit.combo, **unit.summary})
+        long_rows += collect.unit_rows(unit)
+        unit.regions = None  # keep memory bounded: the long rows hold what is needed
+    long = pd.DataFrame(long_rows, columns=["unit", *stats.UNIT_KEY, "name", "region", "hemisphere", *collect.MEASURES])
+    base = pd.DataFrame(base_rows, columns=[c for c in columns.COHORT if c not in
+                                            ("qc_outlier", "age", "acq_datetime", "report")])
+
+    # acquisition dates (participants with several sessions only: they are what dates are for)
+    dates_rows = []
+    multi = {u.participant_id for u in ok_units if u.session_id} if bids_dir is not None else set()
+    counts = pd.Series([u.participant_id for u in ok_units if u.session_id]).value_counts()
+    multi = {p for p in multi if counts.get(p, 0) >= 2}
+    session_tables = {pid: collect.read_sessions(bids_dir, pid) for pid in sorted(multi)}
+    session_age = {}
+    for unit in ok_units:
+        if unit.participant_id not in multi:
+            continue
+        sessions = session_tables.get(unit.participant_id)
+        when, source = collect.acquisition_date(bids_dir, unit, sessions)
+        dates_rows.append({"participant_id": unit.participant_id, "session_id": unit.session_id,
+                           "acq_datetime": when, "date_source": source})
+        if sessions is not None and unit.session_id in sessions.index:
+            col = next((c for c in sessions.columns if c.lower() == "age"), None)
+            if col is not None:
+                age = pd.to_numeric(pd.Series([sessions.at[unit.session_id, col]]), errors="coerce").iloc[0]
+                if pd.notna(age):
+                    session_age[(unit.participant_id, unit.session_id)] = float(age)
+    dates = pd.DataFrame(dates_rows, columns=["participant_id", "session_id", "acq_datetime", "date_source"])
+
+    cohort = base.copy()
+    cohort["age"] = [session_age.get((p, s), ages.get(p, math.nan))
+                     for p, s in zip(cohort["participant_id"], cohort["session_id"])]
+    if len(dates):
+        when = dates.drop_duplicates(["participant_id", "session_id"]).set_index(["participant_id", "session_id"])
+        cohort["acq_datetime"] = [when["acq_datetime"].get((p, s)) for p, s in
+                                  zip(cohort["participant_id"], cohort["session_id"])]
+        cohort["acq_datetime"] = [None if w is None or pd.isna(w) else w.isoformat() for w in cohort["acq_datetime"]]
+    else:
+        cohort["acq_datetime"] = None
+    reports = []
+    for p, s in zip(cohort["participant_id"], cohort["session_id"]):
+        rel = f"{p}_{s}.html" if isinstance(s, str) else f"{p}.html"
+        reports.append(rel if (Path(output_dir) / rel).exists() else None)
+    cohort["report"] = reports
+    outliers = stats.qc_outliers(cohort)
+    flagged = outliers.loc[outliers["source"] == "tukey"].groupby("unit")["measure"].agg("; ".join)
+    cohort["qc_outlier"] = cohort["unit"].map(flagged)
+
+    # wide form: the whole-brain columns, then <name>__<measure> for every region
+    regional = long.loc[long["name"] != collect.WHOLE_BRAIN]
+    if len(regional):
+        order = sorted(regional.drop_duplicates("name").itertuples(index=False),
+                       key=lambda r: collect.region_sort_key(r.name, r.region, r.hemisphere))
+        wide = regional.pivot_table(index="unit", columns="name", values=list(WIDE_MEASURES),
+                                    aggfunc="first", dropna=False)
+        wide.columns = [f"{name}__{measure}" for measure, name in wide.columns]
+        wide = wide[[f"{r.name}__{m}" for r in order for m in WIDE_MEASURES if f"{r.name}__{m}" in wide.columns]]
+        cohort = cohort.merge(wide.reset_index(), on="unit", how="left")
+
+    failed_rows += failed_units(output_dir, ok_units, bids_dir, skip={r["unit"] for r in failed_rows})
+    failed = pd.DataFrame(failed_rows, columns=list(columns.FAILED))
+    return {"units": ok_units, "cohort": cohort, "long": long, "failed": failed, "outliers": outliers,
+            "participants": participants, "dates": dates,
+            "unreadable": int((failed["status"] == "unreadable").sum())}
+
+
+def failed_units(output_dir: Path, units: list, bids_dir: Path | None = None, skip=frozenset()) -> list[dict]:
+    """Units that failed at the participant level, are incomplete, or were never run.
+
+    ``skip``: unit labels already listed (unreadable derivatives).
+    """
+    done = {u.label for u in units} | set(skip)
+    rows = []
+    records = collect.status_records(output_dir)
+    for label, status in records.items():
+        if status.get("status") == "failed":
+            rows.append({"unit": label, "status": "failed", "exit_code": status.get("exit_code"),
+                         "message": status.get("message")})
+        elif status.get("status") == "complete" and label not in done:
+            rows.append({"unit": label, "status": "incomplete", "exit_code": None,
+                         "message": "marked complete but no readable cluster table was found; rerun the "
+                                    "participant level with --overwrite"})
+    if bids_dir is not None and Path(bids_dir).is_dir():
+        raw = collect.raw_units(bids_dir)
+        with_sessions = {x.split("_ses-")[0] for x in raw if "_ses-" in x}
+        for label in raw:
+            # a subject with sessions is processed per session: its own label is not a unit
+            if label in done or label in records or label in with_sessions:
+                continue
+            rows.append({"unit": label, "status": "not_run", "exit_code": None,
+                         "message": "in the raw dataset but without participant-level outputs or status"})
+    return rows
+
+
+def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
+    """Reliability, change and (unless ``mode == "none"``) cluster matching across sessions."""
+    long = tables["long"]
+    series = stats.session_series(long, tables["dates"])
+    icc, agree = stats.longitudinal_reliability(long, series)
+    change = stats.longitudinal_change(long, series)
+    rows = []
+    if mode != "none" and len(series):
+        by_key = {u.key: u for u in tables["units"]}
+        for (pid, combo), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
+            grp = grp.sort_values("order")
+            first = grp.iloc[0]
+            base = by_key[first["unit"]]
+            for _, later in grp.iloc[1:].iterrows():
+                fol = by_key[later["unit"]]
+                t0 = time.monotonic()
+                try:
+                    matched = longitudinal.match_sessions(base, fol, mode=mode, seed=seed)
+                except Exception as exc:  # noqa: BLE001 - one pair must not stop the cohort
+                    LOGGER.warning("%s %s -> %s: cluster matching failed (%s: %s)", pid, later["session_id"],
+                                   first["session_id"], type(exc).__name__, exc)
+                    continue
+                LOGGER.info("%s: clusters of %s matched to %s (%s, %.1f s)", pid, later["session_id"],
+                            first["session_id"], mode, time.monotonic() - t0)
+                matched.insert(0, "followup_session", later["session_id"])
+                matched.insert(0, "baseline_session", first["session_id"])
+                matched.insert(0, "input_sequences", combo)
+                matched.insert(0, "participant_id", pid)
+                matched["tolerance_mm"] = longitudinal.TOLERANCE_MM
+                rows.append(matched)
+    clusters = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(columns.LONG_CLUSTERS))
+    return {"series": series, "icc": icc, "agreement": agree, "change": change, "clusters": clusters}
+
+
+def run_agreement(units: list, other_root: Path) -> dict:
+    """Per-unit and per-region agreement with the masks of ``other_root``."""
+    rows, missing, errors = [], [], []
+    for unit in units:
+        try:
+            other = agreement.find_other_mask(other_root, unit)
+            if other is None:
+                missing.append(unit.label)
+                continue
+            rows += agreement.compare_unit(unit, other)
+        except (collect.TableError, OSError) as exc:
+            LOGGER.error("%s", exc)
+            errors.append(str(exc))
+    per_unit = pd.DataFrame(rows)
+    if missing:
+        LOGGER.warning("%d unit(s) have no mask in %s: %s", len(missing), other_root,
+                       ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    return {"units": per_unit, "summary": agreement.agreement_summary(per_unit), "missing": missing,
+            "errors": errors, "root": str(other_root)}
+
+
+def run_group_level(config: RunConfig) -> int:
+    """Write the group tables under ``<out>/group/`` and the report ``<out>/group.html``.
+
+    Returns
+    -------
+    int
+        0, or 65 when a derivative (or a reference mask) could not be read: everything else is
+        still written and the unreadable files are listed in ``group/failed.tsv``.
+
+    Raises
+    ------
+    MissingInputError
+        No participant outputs (exit 66), or a ``--covariates`` column missing from
+        ``participants.tsv``.
+    """
+    t0 = time.monotonic()
+    output_dir = Path(config.output_dir)
+    tables = collect_tables(output_dir, config.bids_dir)
+    if config.covariates:
+        participants = tables["participants"]
+        path = Path(config.bids_dir) / "participants.tsv"
+        if participants is None:
+            raise MissingInputError("--covariates needs participants.tsv, which is missing or unreadable", path)
+        absent = [c for c in config.covariates if c not in participants.columns]
+        if absent:
+            raise MissingInputError(f"no column(s) {', '.join(absent)} (columns: "
+                                    f"{', '.join(participants.columns)})", path)
+    init_output_dir(output_dir, config.bids_dir)
+    group = output_dir / "group"
+    written = [
+        _write(group, "cohort", tables["cohort"], {**columns.COHORT, **columns.cohort_region_columns(
+            tables["long"]["name"].unique())}),
+        _write(group, "cohort_long", tables["long"], columns.LONG),
+        _write(group, "regions", stats.region_statistics(tables["long"]), columns.REGIONS),
+        _write(group, "qc_outliers", tables["outliers"], columns.OUTLIERS),
+    ]
+    longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed)
+    if len(longi["series"]):
+        written += [_write(group, "longitudinal_icc", longi["icc"], columns.LONG_ICC),
+                    _write(group, "longitudinal_agreement", longi["agreement"], columns.LONG_AGREEMENT),
+                    _write(group, "longitudinal_change", longi["change"], columns.LONG_CHANGE)]
+        if config.longitudinal_matching != "none":
+            written.append(_write(group, "longitudinal_clusters", longi["clusters"], columns.LONG_CLUSTERS))
+    comparisons = {}
+    for kind, root in (("reference", config.reference_derivatives), ("compare", config.compare_dir)):
+        if root is None:
+            continue
+        res = run_agreement(tables["units"], Path(root))
+        comparisons[kind] = res
+        for message in res["errors"]:
+            tables["failed"].loc[len(tables["failed"])] = [message.split(":")[0], "unreadable", EXIT_DATAERR,
+                                                           message]
+        if len(res["units"]):
+            written += [_write(group, f"agreement-{kind}_units", res["units"], columns.AGREEMENT_UNITS),
+                        _write(group, f"agreement-{kind}_summary", res["summary"],
+                               columns.agreement_summary_columns(res["summary"].columns))]
+        elif not res["errors"]:
+            raise MissingInputError(f"no ePVS mask (*_label-PVS*_mask.nii.gz) for any of the "
+                                    f"{len(tables['units'])} unit(s)", root)
+    assoc = None
+    if config.covariates:
+        assoc = stats.associations(tables["long"], tables["participants"], list(config.covariates),
+                                   longi["series"])
+        written.append(_write(group, "associations", assoc, columns.ASSOCIATIONS))
+    written.append(_write(group, "failed", tables["failed"], columns.FAILED))
+
+    from ..reports.group import write_group_report
+
+    report = write_group_report(output_dir / "group.html", tables=tables, longitudinal=longi,
+                                comparisons=comparisons, associations=assoc,
+                                covariates=list(config.covariates or []),
+                                outputs=[str(p.relative_to(output_dir)) for p in written])
+    n_failed = int((tables["failed"]["status"] != "not_run").sum()) if len(tables["failed"]) else 0
+    LOGGER.info("group level: %d unit(s) of %d participant(s) in %s; %d failed or unreadable unit(s) in %s; "
+                "report %s (%.1f s)", len(tables["cohort"]), tables["cohort"]["participant_id"].nunique(),
+                group / "cohort.tsv", n_failed, group / "failed.tsv", report, time.monotonic() - t0)
+    unreadable = tables["unreadable"] + sum(len(c["errors"]) for c in comparisons.values())
+    if unreadable:
+        LOGGER.error("%d derivative file(s) could not be read: see %s", unreadable, group / "failed.tsv")
+        return InputError.exit_code
+    return EXIT_OK

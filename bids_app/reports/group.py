@@ -1,0 +1,394 @@
+"""Group report: one self-contained HTML file (``<out>/group.html``) with inline SVG plots.
+
+Plots are matplotlib figures saved as SVG and inlined, so that every participant point is a link
+(``<a href="sub-01_ses-1.html">``) to the participant report beside the group report. With many
+units the distribution plot shows boxes and links only the outlying points, so the file stays
+small (about 0.1 kB per linked point).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..derivatives import write_text
+
+LOGGER = logging.getLogger(__name__)
+
+#: Above this many units, the per-region distribution links only Tukey outliers.
+ALL_POINTS_MAX = 300
+_BLUE, _RED, _GREY = "#1f6fb4", "#c62828", "#7a8594"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _svg(fig, salt: str) -> str:
+    """The figure as inline SVG markup (no XML prolog; ids salted so several figures can share a page)."""
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    _plt().close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _links(frame: pd.DataFrame) -> list[str | None]:
+    return [r if isinstance(r, str) else None for r in frame.get("report", pd.Series([None] * len(frame)))]
+
+
+def _unit_labels(frame: pd.DataFrame) -> list[str]:
+    return [p + (f"_{s}" if isinstance(s, str) else "") for p, s in zip(frame["participant_id"], frame["session_id"])]
+
+
+def _scatter(ax, x, y, urls, **kw):
+    sc = ax.scatter(x, y, **kw)
+    sc.set_urls(list(urls))
+    return sc
+
+
+def figure_distribution(long: pd.DataFrame, cohort: pd.DataFrame, salt: str = "dist") -> str | None:
+    """Per-region distribution of ePVS volume (ppm ICV when known, else mm³), points linked."""
+    if long.empty:
+        return None
+    plt = _plt()
+    use_ppm = long["volume_ppm_icv"].notna().all()
+    col, label = ("volume_ppm_icv", "ePVS volume (ppm of ICV)") if use_ppm else ("volume_mm3", "ePVS volume (mm³)")
+    names = list(dict.fromkeys(long["name"]))
+    from ..group.collect import region_sort_key
+
+    first = long.drop_duplicates("name").set_index("name")
+    names.sort(key=lambda n: region_sort_key(n, first.at[n, "region"], first.at[n, "hemisphere"]))
+    links = dict(zip(_unit_labels(cohort), _links(cohort)))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(names) + 1.4), dpi=90)
+    rng = np.random.default_rng(0)
+    all_points = len(cohort) <= ALL_POINTS_MAX
+    for i, name in enumerate(names):
+        sub = long.loc[long["name"] == name]
+        v = sub[col].to_numpy(float)
+        keep = np.isfinite(v)
+        if not keep.any():
+            continue
+        ax.boxplot(v[keep], positions=[i], vert=False, widths=0.6, showfliers=False,
+                   medianprops={"color": _RED}, boxprops={"color": _GREY}, whiskerprops={"color": _GREY},
+                   capprops={"color": _GREY})
+        q1, q3 = np.percentile(v[keep], [25, 75])
+        lo, hi = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
+        show = keep if all_points else keep & ((v < lo) | (v > hi))
+        if show.any():
+            labels = [lab for lab, s in zip(_unit_labels(sub), show) if s]
+            _scatter(ax, v[show], i + rng.uniform(-0.18, 0.18, int(show.sum())), [links.get(lb) for lb in labels],
+                     s=10, color=_BLUE, alpha=0.6, zorder=3)
+    ax.set_yticks(range(len(names)), [n.replace("_", " ") for n in names], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title("ePVS burden per region" + ("" if all_points else " (boxes; points: outliers only)"), fontsize=10)
+    return _svg(fig, salt)
+
+
+def figure_count_volume(cohort: pd.DataFrame, salt: str = "cv") -> str | None:
+    """Whole-brain ePVS count against volume, one linked point per unit; QC outliers in red."""
+    if cohort.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.2, 4.6), dpi=90)
+    out = cohort["qc_outlier"].notna().to_numpy() if "qc_outlier" in cohort else np.zeros(len(cohort), bool)
+    urls = np.array(_links(cohort), dtype=object)
+    for sel, color, lab in ((~out, _BLUE, "unit"), (out, _RED, "QC outlier (Tukey)")):
+        if sel.any():
+            _scatter(ax, cohort["total_volume_mm3"].to_numpy(float)[sel], cohort["n_clusters"].to_numpy(float)[sel],
+                     urls[sel], s=14, color=color, alpha=0.7, label=lab)
+    ax.set_xlabel("ePVS volume (mm³)")
+    ax.set_ylabel("ePVS count (clusters)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Count against volume (whole brain)", fontsize=10)
+    return _svg(fig, salt)
+
+
+def figure_age(cohort: pd.DataFrame, salt: str = "age") -> str | None:
+    """Normalised whole-brain ePVS volume against age (when ``participants.tsv`` has ages)."""
+    if "age" not in cohort or cohort["age"].notna().sum() < 2:
+        return None
+    plt = _plt()
+    use_icv = cohort["epvs_ppm_icv"].notna().any()
+    col = "epvs_ppm_icv" if use_icv else "epvs_ppm_brain"
+    sel = (cohort["age"].notna() & cohort[col].notna()).to_numpy()
+    fig, ax = plt.subplots(figsize=(6.2, 4.6), dpi=90)
+    x, y = cohort["age"].to_numpy(float)[sel], cohort[col].to_numpy(float)[sel]
+    _scatter(ax, x, y, np.array(_links(cohort), dtype=object)[sel], s=14, color=_BLUE, alpha=0.7)
+    if sel.sum() >= 3 and np.ptp(x) > 0:
+        slope, icpt = np.polyfit(x, y, 1)
+        xs = np.array([x.min(), x.max()])
+        ax.plot(xs, icpt + slope * xs, color=_RED, lw=1, label=f"least squares: {slope:+.3g} ppm/year")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("age (years)")
+    ax.set_ylabel("ePVS volume (ppm of " + ("ICV)" if use_icv else "brain volume)"))
+    ax.grid(alpha=0.3)
+    ax.set_title("ePVS burden against age", fontsize=10)
+    return _svg(fig, salt)
+
+
+def figure_pair(x, y, urls, *, xlabel: str, ylabel: str, title: str, salt: str) -> str:
+    """Scatter of paired values with the identity line, and their Bland-Altman plot, side by side."""
+    from epvsseg import metrics
+
+    plt = _plt()
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10.5, 4.2), dpi=90)
+    _scatter(a1, x, y, urls, s=14, color=_BLUE, alpha=0.7)
+    finite = np.isfinite(x) & np.isfinite(y)
+    top = float(max(x[finite].max(), y[finite].max())) if finite.any() else 1.0
+    a1.plot([0, top], [0, top], color=_GREY, lw=1, ls="--", label="identity")
+    a1.set_xlabel(xlabel)
+    a1.set_ylabel(ylabel)
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+    ba = metrics.bland_altman(x, y)
+    _scatter(a2, (x + y) / 2, y - x, urls, s=14, color=_BLUE, alpha=0.7)
+    if math.isfinite(ba.sd):
+        for v, ls, lab in ((ba.bias, "-", f"bias {ba.bias:+.3g}"), (ba.loa_low, "--", f"95% limits {ba.loa_low:+.3g}"),
+                           (ba.loa_high, "--", f"{ba.loa_high:+.3g}")):
+            a2.axhline(v, color=_RED, ls=ls, lw=1, label=lab)
+        a2.legend(fontsize=8)
+    a2.axhline(0, color=_GREY, lw=0.6)
+    a2.set_xlabel("mean of the two")
+    a2.set_ylabel("difference (y - x)")
+    a2.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _svg(fig, salt)
+
+
+def figure_sens_prec(per_unit: pd.DataFrame, urls, salt: str) -> str:
+    """Cluster sensitivity against precision per unit, with the medians (Rashid et al. 2023, Fig. 4)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4.6), dpi=90)
+    s, p = per_unit["cluster_sensitivity"].to_numpy(float), per_unit["cluster_precision"].to_numpy(float)
+    _scatter(ax, s, p, urls, s=14, color=_BLUE, alpha=0.7)
+    ms, mp = np.nanmedian(s), np.nanmedian(p)
+    ax.plot([0, ms], [0, mp], color=_RED, lw=1)
+    ax.scatter([ms], [mp], color=_RED, marker="x", s=50,
+               label=f"medians: S {ms:.2f}, P {mp:.2f}; magnitude {np.hypot(ms, mp):.2f}")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("cluster sensitivity S")
+    ax.set_ylabel("cluster precision P")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(alpha=0.3)
+    ax.set_title("Sensitivity and precision per unit (whole brain)", fontsize=10)
+    return _svg(fig, salt)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "n/a"
+        return f"{value:.{digits}g}" if abs(value) < 1e5 else f"{value:.0f}"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return "n/a" if value is pd.NA or value is pd.NaT else str(value)
+
+
+def _table(frame: pd.DataFrame | None, columns: Sequence[str], limit: int | None = None) -> dict | None:
+    if frame is None or frame.empty:
+        return None
+    cols = [c for c in columns if c in frame.columns]
+    shown = frame if limit is None else frame.head(limit)
+    rows = [[_fmt(v) for v in rec] for rec in shown[cols].itertuples(index=False)]
+    return {"columns": cols, "rows": rows, "n": len(frame), "truncated": limit is not None and len(frame) > limit}
+
+
+def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: Mapping[str, Any],
+                       comparisons: Mapping[str, Mapping[str, Any]], associations: pd.DataFrame | None,
+                       covariates: Sequence[str], outputs: Sequence[str]) -> Path:
+    """Assemble ``<out>/group.html`` from the group tables (see :func:`bids_app.group.run_group_level`).
+
+    Parameters
+    ----------
+    path : Path
+        Where the report goes; participant reports are linked relative to its folder.
+    tables : mapping
+        :func:`bids_app.group.collect_tables` output (``cohort``, ``long``, ``failed``, ``outliers``).
+    longitudinal : mapping
+        :func:`bids_app.group.run.run_longitudinal` output.
+    comparisons : mapping
+        ``reference`` and/or ``compare`` -> :func:`bids_app.group.run.run_agreement` output.
+    associations : DataFrame or None
+        Covariate model estimates.
+    covariates : sequence of str
+        The ``--covariates`` columns.
+    outputs : sequence of str
+        The group tables written, relative to the output folder.
+    """
+    import jinja2
+
+    from ..group.stats import region_statistics
+
+    cohort, long = tables["cohort"], tables["long"]
+    figures = []
+    for title, caption, svg in (
+        ("ePVS burden per region", ("One point per unit (participant and session), linked to its report; boxes "
+                                    "show the quartiles and whiskers the last values within 1.5 IQR."),
+         figure_distribution(long, cohort)),
+        ("Count against volume", ("Whole-brain ePVS count against volume; red points lie outside Tukey's fences "
+                                  "on a whole-brain measure (see the QC table). Click a point to open the "
+                                  "participant report."),
+         figure_count_volume(cohort)),
+        ("Burden against age", ("ICV-normalised (else brain-normalised) whole-brain ePVS volume against age "
+                                "from the raw dataset's participants.tsv or sessions.tsv."), figure_age(cohort)),
+    ):
+        if svg:
+            figures.append({"title": title, "caption": caption, "svg": svg})
+
+    stats_table = region_statistics(long)
+    pivot = None
+    if len(stats_table):
+        measure = "volume_ppm_icv" if long["volume_ppm_icv"].notna().any() else "volume_mm3"
+        sub = stats_table.loc[stats_table["measure"].isin(["n_clusters", measure])]
+        pivot = sub.pivot_table(index=["name"], columns="measure", values=["median", "q1", "q3", "n_zero"],
+                                aggfunc="first", sort=False)
+        region_rows = []
+        for name in dict.fromkeys(sub["name"]):
+            n_units = int(sub.loc[sub["name"] == name, "n_units"].max())
+            region_rows.append([name.replace("_", " "), str(n_units)] + [
+                f"{_fmt(pivot.at[name, ('median', m)])} [{_fmt(pivot.at[name, ('q1', m)])}, "
+                f"{_fmt(pivot.at[name, ('q3', m)])}]" for m in ("n_clusters", measure)
+            ] + [_fmt(pivot.at[name, ("n_zero", "n_clusters")])])
+        pivot = {"columns": ["region", "units", "count: median [Q1, Q3]",
+                             ("ppm ICV" if measure == "volume_ppm_icv" else "mm³") + ": median [Q1, Q3]",
+                             "units without ePVS"], "rows": region_rows, "n": len(region_rows), "truncated": False}
+
+    longi = None
+    if len(longitudinal["series"]):
+        icc = longitudinal["icc"]
+        agree = longitudinal["agreement"]
+        rel = {(r.name, r.measure, r.kind): r for r in icc.itertuples(index=False)}
+        rel_rows = []
+        for rec in agree.itertuples(index=False):
+            cells = []
+            for kind in ("ICC(2,1)", "ICC(3,1)"):
+                r = rel.get((rec.name, rec.measure, kind))
+                cells.append("n/a" if r is None else
+                             f"{_fmt(r.value, 2)} [{_fmt(r.ci_low, 2)}, {_fmt(r.ci_high, 2)}]")
+            rel_rows.append([rec.name.replace("_", " "), rec.measure, str(rec.n_participants)] + cells + [
+                _fmt(rec.wcv * 100, 3) + " %" if np.isfinite(rec.wcv) else "n/a", _fmt(rec.ba_bias),
+                f"[{_fmt(rec.ba_loa_low)}, {_fmt(rec.ba_loa_high)}]"])
+        series = longitudinal["series"]
+        firsts = series.loc[series["order"] == 0]
+        seconds = series.loc[series["order"] == 1]
+        wb = long.loc[long["name"] == "whole_brain"]
+        pair = firsts.merge(seconds, on=["participant_id", "input_sequences"], suffixes=("_1", "_2"))
+        v1 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_1", "source_entities_1"],
+                        right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
+        v2 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_2", "source_entities_2"],
+                        right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
+        links = dict(zip(_unit_labels(cohort), _links(cohort)))
+        urls = [links.get(f"{p}_{s}") for p, s in zip(v1["participant_id"], v1["session_id"])]
+        ba_svg = figure_pair(v1["volume_mm3"], v2["volume_mm3"], urls, xlabel="first session: ePVS volume (mm³)",
+                             ylabel="second session: ePVS volume (mm³)",
+                             title="Whole-brain ePVS volume across sessions (points link to the first session)",
+                             salt="long") if len(v1) >= 2 else None
+        clusters = longitudinal["clusters"]
+        cl_tab = None
+        if len(clusters):
+            tot = clusters.groupby("name", sort=False)[["n_baseline", "n_followup", "persisting", "vanished", "new"]] \
+                .sum().reset_index()
+            tot["pairs"] = clusters.groupby("name", sort=False).size().to_numpy()
+            tot["registration failed"] = clusters.groupby("name", sort=False)["registration_ok"] \
+                .apply(lambda s: int((~s.astype(bool)).sum())).to_numpy()
+            cl_tab = _table(tot, ["name", "pairs", "n_baseline", "n_followup", "persisting", "vanished", "new",
+                                  "registration failed"])
+        change = longitudinal["change"]
+        ch = change.loc[change["name"] == "whole_brain"] if len(change) else change
+        longi = {
+            "n_participants": int(series["participant_id"].nunique()),
+            "n_sessions": len(series),
+            "reliability": {"columns": ["region", "measure", "participants", "ICC(2,1) [95% CI]",
+                                        "ICC(3,1) [95% CI]", "wCV", "BA bias (2nd - 1st)", "95% limits"],
+                            "rows": rel_rows, "n": len(rel_rows), "truncated": False},
+            "ba_svg": ba_svg,
+            "clusters": cl_tab,
+            "change": _table(ch, ["participant_id", "first_session", "last_session", "interval_years",
+                                  "n_clusters_change", "volume_mm3_change", "n_clusters_per_year",
+                                  "volume_mm3_per_year"], limit=50),
+        }
+
+    comps = []
+    for kind, res in comparisons.items():
+        per_unit = res["units"]
+        if per_unit.empty:
+            comps.append({"kind": kind, "root": res["root"], "missing": res["missing"], "errors": res["errors"],
+                          "figures": [], "summary": None})
+            continue
+        wb = per_unit.loc[per_unit["name"] == "whole_brain"]
+        links = dict(zip(_unit_labels(cohort), _links(cohort)))
+        urls = [links.get(lb) for lb in _unit_labels(wb)]
+        other = "reference" if kind == "reference" else "compared run"
+        figs = []
+        if len(wb) >= 2:
+            figs.append(figure_pair(wb["n_ref_clusters"], wb["n_pred_clusters"], urls,
+                                    xlabel=f"{other}: ePVS count", ylabel="this run: ePVS count",
+                                    title="ePVS count: scatter and Bland-Altman", salt=f"{kind}c"))
+            figs.append(figure_pair(wb["ref_volume_mm3"], wb["pred_volume_mm3"], urls,
+                                    xlabel=f"{other}: ePVS volume (mm³)", ylabel="this run: ePVS volume (mm³)",
+                                    title="ePVS volume: scatter and Bland-Altman", salt=f"{kind}v"))
+        figs.append(figure_sens_prec(wb, urls, salt=f"{kind}sp"))
+        summary = res["summary"].copy()
+        summary["name"] = summary["name"].str.replace("_", " ")
+        comps.append({"kind": kind, "root": res["root"], "missing": res["missing"], "errors": res["errors"],
+                      "figures": figs, "summary": _table(summary, [
+                          "name", "n_units", "mean_cluster_sensitivity", "mean_cluster_precision",
+                          "mean_magnitude_accuracy", "mean_dice", "mean_volumetric_similarity", "mean_hd95_mm",
+                          "count_icc", "volume_icc", "count_ba_bias", "volume_ba_bias"])})
+
+    assoc = None
+    if associations is not None:
+        a = associations.loc[associations["term"] != "intercept"]
+        assoc = _table(a, ["name", "outcome", "term", "estimate", "se", "ci_low", "ci_high", "p_value", "n",
+                           "r_squared"])
+
+    failed = tables["failed"]
+    outliers = tables["outliers"]
+    template_text = resources.files("bids_app.data").joinpath("group_report.html.j2").read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
+    text = env.from_string(template_text).render(
+        version=__version__, created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        n_units=len(cohort), n_participants=int(cohort["participant_id"].nunique()),
+        n_sessions=int(cohort["session_id"].nunique()), n_failed=int((failed["status"] != "not_run").sum()),
+        n_not_run=int((failed["status"] == "not_run").sum()),
+        has_regions=bool((long["name"] != "whole_brain").any()),
+        has_icv=bool(cohort["icv_mm3"].notna().any()),
+        median_count=_fmt(float(cohort["n_clusters"].median())),
+        median_volume=_fmt(float(cohort["total_volume_mm3"].median())),
+        figures=figures, regions=pivot,
+        outliers=_table(outliers, ["participant_id", "session_id", "measure", "value", "lower_fence", "upper_fence",
+                                   "flag"], limit=100),
+        failed=_table(failed, ["unit", "status", "exit_code", "message"], limit=200),
+        longitudinal=longi, comparisons=comps, associations=assoc, covariates=list(covariates),
+        outputs=list(outputs),
+    )
+    return write_text(Path(path), text)
