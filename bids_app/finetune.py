@@ -37,8 +37,8 @@ def find_masks(masks_dir: Path) -> list[tuple[str, str | None, Path]]:
 def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int = 42):
     """Preprocess every unit with a manual mask into training cases (normalised as at inference)."""
     from epvsprep import ops
-    from epvsseg.train import Case
     from epvsseg.infer import normalise
+    from epvsseg.train import Case
 
     from .participant import preprocess_unit
     from .plan import plan_session

@@ -18,6 +18,35 @@ def _f(v, nd=3):
     return "n/a" if v is None or v != v else f"{v:.{nd}f}"
 
 
+_CLI_SKIP = ("out", "combinations", "crop_vox", "thresholds", "seeds", "render_s", "train_s", "history",
+             "initialised_from", "threshold_selection", "cache_dir")
+
+
+def _cli_args(tr: dict) -> str:
+    """The training command's options, from the recorded recipe."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in tr.items() if k not in _CLI_SKIP and v != "")
+
+
+def _init_line(tr: dict) -> str:
+    init = tr.get("initialised_from")
+    if not init:
+        return "- initialised at random (seeded).\n"
+    return (f"- warm start: initialised from `{init['model_id']}` (weights sha256 `{init['sha256'][:16]}...`, shipped "
+            "beside this model, itself reproducible from its own card), then trained with the recipe above.\n")
+
+
+def _threshold_lines(meta: dict) -> str:
+    sel = meta["training"].get("threshold_selection")
+    if not sel:
+        return ""
+    rows = "".join(
+        f"| {t} | {sum(v['cluster_f1'] + v['dice'] for v in combos.values()) / len(combos):.3f} |\n"
+        for t, combos in sel.items())
+    return ("\n## Operating threshold\n\nChosen on the validation crops (never on the benchmark): the threshold with "
+            "the best mean over the served combinations of cluster F1 + voxel Dice. "
+            f"Selected: **{meta['threshold']}**.\n\n| threshold | mean F1 + Dice |\n|---|---|\n" + rows)
+
+
 def main(folder: str) -> None:
     folder = Path(folder)
     meta = json.loads((folder / "model.json").read_text())
@@ -52,10 +81,9 @@ def main(folder: str) -> None:
         f"rendering {tr['render_s']:.0f} s, training {tr['train_s'] / 60:.1f} min. No GPU was available;\n",
         f"- code: commit `{meta['commit']}`, synth source sha256 `{meta.get('synth_sha256', 'n/a')[:16]}...`, torch "
         f"{meta['torch']}.\n",
-        "\nReproduce: `python -m epvsseg.train --out DIR --n-train {n_train} --n-val {n_val} --iterations {it} "
-        "--val-every {ve} --threads {th}` at that commit.\n".format(n_train=tr["n_train"], n_val=tr["n_val"],
-                                                                      it=tr["iterations"], ve=tr["val_every"],
-                                                                      th=tr["threads"]),
+        _init_line(tr),
+        "\nReproduce: `python -m epvsseg.train --out DIR " + _cli_args(tr) + "` at that commit.\n",
+        _threshold_lines(meta),
         "\n## Validation (synthetic validation crops, best checkpoint)\n\n",
         "| combination | voxel Dice | cluster sensitivity | cluster precision | cluster F1 |\n|---|---|---|---|---|\n",
     ]
