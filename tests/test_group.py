@@ -269,3 +269,19 @@ def test_association_recovers_a_known_slope():
     assert out.at["age", "estimate"] == pytest.approx(2.5, abs=0.01)
     assert out.at["intercept", "estimate"] == pytest.approx(5.0, abs=0.5)
     assert out.at["age", "p_value"] < 1e-10 and out.at["age", "n"] == 30
+
+
+def test_cluster_matching_after_rigid_registration(tmp_path):
+    """A later session with the head moved by 3 mm: registration recovers every cluster."""
+    from bids_app.group import collect, longitudinal
+
+    out = tmp_path / "out"
+    sites = SITES[:20]  # one column of the lattice (same i): a 3-voxel shift along i hits no other cluster
+    gf.make_unit(out, "01", "1", sites=sites)
+    gf.make_unit(out, "01", "2", sites=sites[:18] + SITES[30:32], shift=(3, 0, 0))
+    base, fol = collect.find_units(out)
+    moved = longitudinal.match_sessions(base, fol, mode="rigid").set_index("name")
+    assert moved.at["whole_brain", "registration_ok"]
+    assert tuple(moved.loc["whole_brain", ["persisting", "vanished", "new"]]) == (18, 2, 2)
+    header = longitudinal.match_sessions(base, fol, mode="header").set_index("name")
+    assert header.at["whole_brain", "persisting"] < 3  # without registration the sessions do not line up

@@ -172,7 +172,7 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 
 def _numeric(table: pd.DataFrame, columns, path: Path) -> None:
     for col in columns:
-        if col not in table.columns:
+        if col not in table.columns or pd.api.types.is_numeric_dtype(table[col]):
             continue
         values = pd.to_numeric(table[col], errors="coerce")
         bad = values.isna() & table[col].notna()

@@ -187,26 +187,32 @@ def longitudinal_reliability(long: pd.DataFrame, series: pd.DataFrame) -> tuple[
     if series.empty:
         return pd.DataFrame(columns=icc_cols), pd.DataFrame(columns=agr_cols)
     values = _series_values(long, series)
+    names = _ordered_names(values)
+    info = values.drop_duplicates("name").set_index("name")[["region", "hemisphere"]]
     icc_rows, agr_rows = [], []
-    for name in _ordered_names(values):
-        sub = values.loc[values["name"] == name]
-        region, hemi = sub["region"].iloc[0], sub["hemisphere"].iloc[0]
-        for measure in RELIABILITY_MEASURES:
-            wide = sub.pivot_table(index=["participant_id", "input_sequences"], columns="order", values=measure,
-                                   aggfunc="first")
-            pair = wide.reindex(columns=[0, 1]).dropna()
-            for kind, res in metrics.icc_all(pair.to_numpy()).items():
+    for measure in RELIABILITY_MEASURES:
+        wide = values.pivot_table(index=["name", "participant_id", "input_sequences"], columns="order",
+                                  values=measure, aggfunc="first", dropna=False)
+        for name in names:
+            region, hemi = info.at[name, "region"], info.at[name, "hemisphere"]
+            w = wide.xs(name, level="name").to_numpy(float)
+            pair = w[:, :2][np.isfinite(w[:, :2]).all(axis=1)] if w.shape[1] >= 2 else np.zeros((0, 2))
+            for kind, res in metrics.icc_all(pair).items():
                 icc_rows.append({"name": name, "region": region, "hemisphere": hemi, "measure": measure,
-                                 **{k: v for k, v in res.as_dict().items()}, "kind": kind})
-            groups = [row.dropna().to_numpy() for _, row in wide.iterrows()]
-            ba = metrics.bland_altman(pair[0].to_numpy(), pair[1].to_numpy()) if len(pair) else \
-                metrics.bland_altman([], [])
+                                 **res.as_dict(), "kind": kind})
+            groups = [row[np.isfinite(row)] for row in w]
+            ba = metrics.bland_altman(pair[:, 0], pair[:, 1])
             agr_rows.append({"name": name, "region": region, "hemisphere": hemi, "measure": measure,
                              "n_participants": int(sum(g.size >= 2 for g in groups)),
                              "n_sessions": int(sum(g.size for g in groups if g.size >= 2)),
                              "wcv": metrics.within_subject_cv(groups),
                              **{f"ba_{k}": v for k, v in ba.as_dict().items()}})
-    return pd.DataFrame(icc_rows, columns=icc_cols), pd.DataFrame(agr_rows, columns=agr_cols)
+    order = {n: i for i, n in enumerate(names)}
+    icc = pd.DataFrame(icc_rows, columns=icc_cols)
+    agree = pd.DataFrame(agr_rows, columns=agr_cols)
+    icc = icc.iloc[np.lexsort((icc["measure"].map(RELIABILITY_MEASURES.index), icc["name"].map(order)))]
+    agree = agree.iloc[np.lexsort((agree["measure"].map(RELIABILITY_MEASURES.index), agree["name"].map(order)))]
+    return icc.reset_index(drop=True), agree.reset_index(drop=True)
 
 
 def longitudinal_change(long: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
@@ -228,27 +234,24 @@ def longitudinal_change(long: pd.DataFrame, series: pd.DataFrame) -> pd.DataFram
     if series.empty:
         return pd.DataFrame(columns=cols)
     values = _series_values(long, series).sort_values("order")
-    rows = []
-    for (pid, combo, name), sub in values.groupby(["participant_id", "input_sequences", "name"], sort=True):
-        if len(sub) < 2:
-            continue
-        first, last = sub.iloc[0], sub.iloc[-1]
-        years = math.nan
-        if pd.notna(first["acq_datetime"]) and pd.notna(last["acq_datetime"]):
-            years = (last["acq_datetime"] - first["acq_datetime"]).total_seconds() / (365.25 * 86400)
-        delta = {col: last[col] - first[col] for col in ("n_clusters", "volume_mm3", "volume_ppm_icv")}
-        per_year = {col: d / years if years > 0 else math.nan for col, d in delta.items()}
-        rows.append({"participant_id": pid, "input_sequences": combo, "name": name, "region": first["region"],
-                     "hemisphere": first["hemisphere"], "first_session": first["session_id"],
-                     "last_session": last["session_id"], "n_sessions": len(sub), "interval_years": years,
-                     "n_clusters_first": first["n_clusters"], "n_clusters_last": last["n_clusters"],
-                     "n_clusters_change": last["n_clusters"] - first["n_clusters"],
-                     "volume_mm3_first": first["volume_mm3"], "volume_mm3_last": last["volume_mm3"],
-                     "volume_mm3_change": last["volume_mm3"] - first["volume_mm3"],
-                     "n_clusters_per_year": per_year["n_clusters"],
-                     "volume_mm3_per_year": per_year["volume_mm3"],
-                     "volume_ppm_icv_per_year": per_year["volume_ppm_icv"]})
-    out = pd.DataFrame(rows, columns=cols)
+    keys = ["participant_id", "input_sequences", "name"]
+    grouped = values.groupby(keys, sort=False)
+    # first and last session (values are sorted by order; nth keeps missing values, first() would skip them)
+    first, last = grouped.nth(0).set_index(keys), grouped.nth(-1).set_index(keys)
+    count = grouped.size()
+    keep = count.index[count >= 2]
+    first, last, count = first.loc[keep], last.loc[keep], count.loc[keep]
+    years = (last["acq_datetime"] - first["acq_datetime"]).dt.total_seconds() / (365.25 * 86400)
+    per_year = lambda col: ((last[col] - first[col]) / years.where(years > 0)).astype(float)  # noqa: E731
+    out = pd.DataFrame({
+        "region": first["region"], "hemisphere": first["hemisphere"], "first_session": first["session_id"],
+        "last_session": last["session_id"], "n_sessions": count, "interval_years": years.astype(float),
+        "n_clusters_first": first["n_clusters"], "n_clusters_last": last["n_clusters"],
+        "n_clusters_change": last["n_clusters"] - first["n_clusters"],
+        "volume_mm3_first": first["volume_mm3"], "volume_mm3_last": last["volume_mm3"],
+        "volume_mm3_change": last["volume_mm3"] - first["volume_mm3"],
+        "n_clusters_per_year": per_year("n_clusters"), "volume_mm3_per_year": per_year("volume_mm3"),
+        "volume_ppm_icv_per_year": per_year("volume_ppm_icv")}).reset_index()[cols]
     order = {n: i for i, n in enumerate(_ordered_names(values))}
     out["_o"] = out["name"].map(order)
     return out.sort_values(["participant_id", "input_sequences", "_o"]).drop(columns="_o").reset_index(drop=True)

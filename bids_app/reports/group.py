@@ -199,6 +199,16 @@ def figure_sens_prec(per_unit: pd.DataFrame, urls, salt: str) -> str:
     return _svg(fig, salt)
 
 
+#: Agreement summary columns shown in the report, with short headers.
+_AGREEMENT_HEADERS = {
+    "name": "region", "n_units": "units", "mean_cluster_sensitivity": "S (cluster)",
+    "mean_cluster_precision": "P (cluster)", "mean_magnitude_accuracy": "√(S²+P²)", "mean_cluster_f1": "F1",
+    "mean_dice": "Dice", "mean_volumetric_similarity": "VS", "mean_hd95_mm": "HD95 mm",
+    "count_icc": "ICC(2,1) count", "volume_icc": "ICC(2,1) volume", "count_ba_bias": "bias count",
+    "volume_ba_bias": "bias mm³",
+}
+
+
 def _fmt(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"
@@ -292,8 +302,8 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
             cells = []
             for kind in ("ICC(2,1)", "ICC(3,1)"):
                 r = rel.get((rec.name, rec.measure, kind))
-                cells.append("n/a" if r is None else
-                             f"{_fmt(r.value, 2)} [{_fmt(r.ci_low, 2)}, {_fmt(r.ci_high, 2)}]")
+                cells.append("n/a" if r is None or not np.isfinite(r.value) else
+                             f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
             rel_rows.append([rec.name.replace("_", " "), rec.measure, str(rec.n_participants)] + cells + [
                 _fmt(rec.wcv * 100, 3) + " %" if np.isfinite(rec.wcv) else "n/a", _fmt(rec.ba_bias),
                 f"[{_fmt(rec.ba_loa_low)}, {_fmt(rec.ba_loa_high)}]"])
@@ -313,13 +323,15 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
                              title="Whole-brain ePVS volume across sessions (points link to the first session)",
                              salt="long") if len(v1) >= 2 else None
         clusters = longitudinal["clusters"]
-        cl_tab = None
+        cl_tab, cl_method = None, ""
         if len(clusters):
             tot = clusters.groupby("name", sort=False)[["n_baseline", "n_followup", "persisting", "vanished", "new"]] \
                 .sum().reset_index()
             tot["pairs"] = clusters.groupby("name", sort=False).size().to_numpy()
             tot["registration failed"] = clusters.groupby("name", sort=False)["registration_ok"] \
                 .apply(lambda s: int((~s.astype(bool)).sum())).to_numpy()
+            cl_method = "registered rigidly to the first" if (clusters["method"] == "rigid").all() else \
+                "taken in scanner coordinates as they are (no registration)"
             cl_tab = _table(tot, ["name", "pairs", "n_baseline", "n_followup", "persisting", "vanished", "new",
                                   "registration failed"])
         change = longitudinal["change"]
@@ -332,6 +344,7 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
                             "rows": rel_rows, "n": len(rel_rows), "truncated": False},
             "ba_svg": ba_svg,
             "clusters": cl_tab,
+            "clusters_method": cl_method if cl_tab else "",
             "change": _table(ch, ["participant_id", "first_session", "last_session", "interval_years",
                                   "n_clusters_change", "volume_mm3_change", "n_clusters_per_year",
                                   "volume_mm3_per_year"], limit=50),
@@ -359,11 +372,10 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
         figs.append(figure_sens_prec(wb, urls, salt=f"{kind}sp"))
         summary = res["summary"].copy()
         summary["name"] = summary["name"].str.replace("_", " ")
+        shown = _table(summary, list(_AGREEMENT_HEADERS))
+        shown["columns"] = [_AGREEMENT_HEADERS[c] for c in shown["columns"]]
         comps.append({"kind": kind, "root": res["root"], "missing": res["missing"], "errors": res["errors"],
-                      "figures": figs, "summary": _table(summary, [
-                          "name", "n_units", "mean_cluster_sensitivity", "mean_cluster_precision",
-                          "mean_magnitude_accuracy", "mean_dice", "mean_volumetric_similarity", "mean_hd95_mm",
-                          "count_icc", "volume_icc", "count_ba_bias", "volume_ba_bias"])})
+                      "figures": figs, "summary": shown})
 
     assoc = None
     if associations is not None:
