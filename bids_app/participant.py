@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ def status_path(output_dir: Path, label: str) -> Path:
     return Path(output_dir) / "logs" / "status" / f"{label}.json"
 
 
+#: Errors that make a work-directory cache entry unusable (it is then recomputed).
+CACHE_ERRORS = (OSError, EOFError, ValueError, KeyError, zlib.error)
+
+
 def _cached(work: Path, name: str, key: str, compute: Callable[[], Any]):
     """Return ``compute()``, cached as NIfTI in ``work`` under ``name`` + ``key``."""
     import nibabel as nib
@@ -91,7 +96,7 @@ def _cached(work: Path, name: str, key: str, compute: Callable[[], Any]):
         try:
             img = nib.load(str(path))
             return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
-        except Exception:  # a damaged cache entry is recomputed
+        except (*CACHE_ERRORS, nib.filebasedimages.ImageFileError):  # a damaged cache entry is recomputed
             LOGGER.debug("recomputing damaged cache entry %s", path)
     img = compute()
     with atomic_path(path) as tmp:
@@ -107,8 +112,8 @@ def set_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
-    except Exception:  # pragma: no cover - torch missing or already initialised
-        pass
+    except (ImportError, RuntimeError) as exc:  # pragma: no cover - torch missing or already initialised
+        LOGGER.debug("torch threads not set: %s", exc)
 
 
 def validate_bids(bids_dir: Path) -> list[str]:
@@ -135,7 +140,7 @@ def validate_bids(bids_dir: Path) -> list[str]:
         return []
     proc = subprocess.run(
         [exe, str(bids_dir), "--format", "json", "--ignoreNiftiHeaders"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
     )
     try:
         report = json.loads(proc.stdout)
@@ -329,7 +334,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         An input image is unreadable or unusable (names the file).
     """
 
-    from epvsprep import ops
+    from epvsprep import anatomy, ops
     from epvsseg import postproc
 
     from .reports.participant import make_figures, write_report
@@ -359,13 +364,26 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     labels, n_clusters = postproc.label_clusters(detected)
     table = postproc.cluster_table(labels, n4.affine, score=score)
     total_mm3 = float(detected.sum() * voxel_mm3)
-    tick("clusters")
-
-    # ---- outputs, in the reference image's own grid and orientation
     original_ref = originals[ref_role]
     if len(original_ref.shape) == 4:
         original_ref = original_ref.slicer[..., 0]
-    back = lambda arr: ops.restore_orientation(arr, original_ref)  # noqa: E731
+    table = _centroids_in_grid(table, original_ref.affine)
+    # ---- regions: per-cluster assignment (majority voxel) and the per-region table
+    atlas = pre.atlas.table
+    owner = anatomy.assign_clusters(labels, pre.regions, n_clusters)
+    by_index = atlas.set_index("index")
+    cluster_region = owner[table["index"].to_numpy(int) - 1] if len(table) else np.zeros(0, int)
+    table["region"] = [str(by_index.loc[r, "region"]) if r in by_index.index else "n/a" for r in cluster_region]
+    table["hemisphere"] = [str(by_index.loc[r, "hemisphere"]) if r in by_index.index else "n/a"
+                           for r in cluster_region]
+    regions_table = anatomy.region_table(detected, labels, pre.regions, atlas, voxel_mm3=voxel_mm3,
+                                         icv_mm3=pre.icv_mm3)
+    tick("clusters")
+
+    # ---- outputs, in the reference image's own grid and orientation
+    def back(arr: np.ndarray) -> np.ndarray:
+        return ops.restore_orientation(arr, original_ref)
+
     ents = source_entities(plan.images[ref_role].entities)
     desc = "".join(plan.combination)
     out_dir = subject_dir(output_dir, plan.subject, plan.session)
@@ -413,14 +431,53 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                        "one row per cluster; centroids are in the voxel grid of this image and in "
                        "scanner millimetres (RAS+).",
         **postproc.CLUSTER_COLUMNS,
+        "centroid_i": {"Description": "Centroid along the first voxel axis of this image (0-based).",
+                       "Units": "voxels"},
+        "centroid_j": {"Description": "Centroid along the second voxel axis of this image (0-based).",
+                       "Units": "voxels"},
+        "centroid_k": {"Description": "Centroid along the third voxel axis of this image (0-based).",
+                       "Units": "voxels"},
+        "region": {"Description": "Region holding most of the cluster's voxels (the seg-regions atlas; ties "
+                                  "to the lower label); n/a when none of its voxels is in a region.",
+                   "Levels": {r: r for r in anatomy.REGION_NAMES}},
+        "hemisphere": {"Description": "Hemisphere of that region: left, right or bilateral (midline)."},
     }))
-    # brain mask and preprocessed reference
+    # regions: the atlas in this image's space, and the ePVS voxels labelled with their region
+    template_meta = {
+        "Template": anatomy.TEMPLATE, "TemplateContrast": pre.template["contrast"],
+        "TemplateRegisteredTo": pre.template["image"], "Registration": f"antspyx {pre.template['setting']}",
+        "AtlasSources": "ICBM 2009a sym tissue maps, CIT168 (CC BY 4.0) and rules in scripts/make_atlas.py; "
+                        "see docs/atlas.md",
+    }
+    p = name("dseg", ".nii.gz", seg="regions")
+    written.append(write_nifti(p, back(pre.regions), original_ref, np.uint8))
+    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), atlas))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
+        "Description": "ePVS region atlas warped from the template onto this image (nearest label), restricted "
+                       "to the brain mask; brain voxels outside every named region are 'other'.",
+        **template_meta, **anatomy.ATLAS_COLUMNS,
+    }))
+    p = name("dseg", ".nii.gz", seg="PVSregions", desc=desc)
+    written.append(write_nifti(p, back((pre.regions * detected).astype(np.uint8)), original_ref, np.uint8))
+    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), regions_table))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        **common,
+        "Description": "ePVS voxels labelled with their region (the seg-regions labels); the TSV has one row per "
+                       "region and hemisphere with ICV-normalised volumes.",
+        "IntracranialVolume_mm3": round(pre.icv_mm3, 1), **template_meta, **anatomy.REGION_COLUMNS,
+    }))
+    # brain mask (with ICV and QC) and preprocessed reference
     p = name("mask", ".nii.gz", desc="brain")
     written.append(write_nifti(p, back(mask.astype(np.uint8)), original_ref, np.uint8))
     written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
         "Type": "Brain", "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
-        "Description": "Brain mask from deepbet on the bias-corrected reference image.",
-        "BrainVolume_mm3": round(brain_mm3, 1),
+        "Description": "Brain mask from deepbet on the bias-corrected reference image. IntracranialVolume_mm3: "
+                       "the template's intracranial mask warped onto this image, united with the brain mask. "
+                       "QC: within-tissue SNR and GM/WM CNR of the reference, volumes, registration similarity "
+                       "(Mattes MI, more negative is better) and flags (docs/preprocessing.md).",
+        "BrainVolume_mm3": round(brain_mm3, 1), "IntracranialVolume_mm3": round(pre.icv_mm3, 1),
+        "QC": pre.qc,
     }))
     p = out_dir / bids_name({**ents, "desc": "preproc"}, ref_role, ".nii.gz")
     written.append(write_nifti(p, back(data), original_ref, np.float32))
@@ -434,7 +491,9 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         "label": plan.label, "subject": plan.subject, "session": plan.session,
         "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
         "n_clusters": int(n_clusters), "total_volume_mm3": round(total_mm3, 2),
-        "brain_volume_mm3": round(brain_mm3, 1), "qc": qc, "warnings": warnings_,
+        "brain_volume_mm3": round(brain_mm3, 1), "icv_mm3": round(pre.icv_mm3, 1),
+        "total_ppm_icv": round(1e6 * total_mm3 / pre.icv_mm3, 1), "qc": qc, "warnings": warnings_,
+        "template": {k: v for k, v in pre.template.items() if k != "warped"},
         "version": __version__, "device": det["device"], "timings_s": timings,
     }
     figures = make_figures(
@@ -442,6 +501,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         stem=bids_name({"sub": plan.subject, **({"ses": plan.session} if plan.session else {})}, "", "").rstrip("_"),
         reference=data, mask=mask, epvs=detected, affine=n4.affine, ref_role=ref_role,
         coregistered={r: np.asanyarray(im.dataobj) for r, im in coregistered.items()},
+        regions=pre.regions, region_names=dict(zip(atlas["index"], atlas["name"])),
     )
     provenance = {
         **summary,
@@ -453,10 +513,27 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     written.append(write_json(prov_path, provenance))
     report = write_report(
         Path(output_dir) / f"{plan.label}.html", summary=summary, plan=plan.to_dict(), figures=figures,
-        table=table, outputs=[str(w.relative_to(output_dir)) for w in written],
+        table=table, outputs=[str(w.relative_to(output_dir)) for w in written], regions=regions_table,
     )
     written += [Path(f) for f in figures.values()] + [report]
     return [str(Path(w).relative_to(output_dir)) for w in written]
+
+
+def _centroids_in_grid(table, affine: np.ndarray):
+    """Recompute ``centroid_i/j/k`` from the scanner-mm centroids for the voxel grid of ``affine``.
+
+    The cluster table is measured on the RAS+ working grid; the written images keep the source's
+    own voxel order, so the voxel centroids are re-expressed in that grid.
+    """
+    if not len(table) or not {"centroid_x", "centroid_y", "centroid_z"} <= set(table.columns):
+        return table
+    xyz1 = np.c_[table[["centroid_x", "centroid_y", "centroid_z"]].to_numpy(float), np.ones(len(table))]
+    ijk = xyz1 @ np.linalg.inv(np.asarray(affine, float)).T
+    table = table.copy()
+    for axis, col in enumerate(("centroid_i", "centroid_j", "centroid_k")):
+        if col in table.columns:
+            table[col] = ijk[:, axis]
+    return table
 
 
 @dataclass
@@ -473,6 +550,10 @@ class Preprocessed:
     warnings: list
     voxel_mm3: float
     brain_mm3: float
+    regions: np.ndarray | None = None
+    atlas: Any = None
+    icv_mm3: float | None = None
+    template: dict = field(default_factory=dict)
 
 
 def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str], None] = lambda step: None
@@ -541,15 +622,97 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str
 
         coregistered[role] = _cached(work_dir, f"{role}_to_{ref_role}", rkey, _register)
         reg = json.loads(reg_json.read_text())
-        qc[f"{role}_to_{ref_role}_mi_before"] = round(reg["similarity_before"], 4)
-        qc[f"{role}_to_{ref_role}_mi_after"] = round(reg["similarity_after"], 4)
-        qc[f"{role}_to_{ref_role}_ok"] = bool(reg["ok"])
+        qc.setdefault("registration", {})[role] = {
+            "metric": "MattesMI", "before": round(reg["similarity_before"], 4),
+            "after": round(reg["similarity_after"], 4), "ok": bool(reg["ok"]), "to": ref_role,
+        }
         if not reg["ok"]:
             warnings_.append(f"co-registration of {role} to {ref_role} looks failed (mutual information did "
                              "not improve, or rotation > 45°): check the registration figure")
         tick(f"coreg_{role}")
 
-    return Preprocessed(originals, digests, n4, brain, mask, coregistered, qc, warnings_, voxel_mm3, brain_mm3)
+    # ---- template registration, regions, ICV and QC
+    from epvsprep import anatomy
+    from epvsprep import qc as qcm
+
+    kit = anatomy.load_kit()
+    # the template goes to the reference image itself (a template of its contrast), so that the regions
+    # and the ICV of a participant do not depend on which other sequences are present
+    anat_role, anat_img = ref_role, n4
+    contrast = anat_role if anat_role in anatomy.TISSUE_MEANS else "T2w"
+    tkey = hashlib.sha256((key + digests[anat_role] + str(seed) + TEMPLATE_SETTING + contrast
+                           + json.dumps(kit.sources, sort_keys=True)).encode()).hexdigest()
+    treg = _cached_template(work_dir, tkey, lambda: anatomy.register_template(
+        anat_img, brain, kit, contrast=contrast, setting=TEMPLATE_SETTING, seed=seed))
+    tick("template")
+    regions = anatomy.subject_regions(treg["labels"], mask, kit.table)
+    icv_mm3 = anatomy.intracranial_volume_mm3(treg["icv_mask"], mask, voxel_mm3)
+    gm, wm = qcm.tissue_masks(mask, treg["gm"], treg["wm"])
+    ref_data = np.asanyarray(n4.dataobj)
+    registration = dict(qc.pop("registration", {}))
+    registration["template"] = {
+        "metric": "MattesMI", "before": round(treg["meta"]["similarity_before"], 4),
+        "after": round(treg["meta"]["similarity_after"], 4), "ok": bool(treg["meta"]["ok"]),
+        "brain_mask_dice": round(treg["meta"]["mask_dice"], 3), "contrast": contrast,
+        "transform": treg["meta"]["transform"],
+    }
+    measures = {
+        "snr": round(qcm.snr(ref_data, wm), 2), "cnr": round(qcm.cnr(ref_data, gm, wm), 3),
+        "brain_volume_mm3": round(brain_mm3, 1), "icv_mm3": round(icv_mm3, 1),
+        "registration": registration,
+    }
+    flags = qcm.flags({**measures, "mask_dice": treg["meta"]["mask_dice"]})
+    flags += qcm.voxel_size_flags(ops.spacing_mm(ref_img))
+    qc_out = {**measures, "flags": flags}
+    if not treg["meta"]["ok"]:
+        warnings_.append(f"template registration looks failed (mutual information did not improve, or the "
+                         f"template brain overlaps the brain mask with Dice {treg['meta']['mask_dice']:.2f} < 0.8): "
+                         "region measures are unreliable; check the regions figure")
+    for flag in flags:
+        if "registration" not in flag and "brain mask" not in flag:
+            warnings_.append(f"QC flag: {flag}")
+    template_info = {"contrast": contrast, "image": anat_role, "sources": dict(kit.sources),
+                     "setting": TEMPLATE_SETTING, "seconds": round(treg["meta"]["seconds"], 1),
+                     "warped": treg["warped"]}
+    return Preprocessed(originals, digests, n4, brain, mask, coregistered, qc_out, warnings_, voxel_mm3,
+                        brain_mm3, regions=regions, atlas=kit, icv_mm3=icv_mm3, template=template_info)
+
+
+#: Template-registration setting (``epvsprep.anatomy.REGISTRATION_SETTINGS``), chosen in docs/preprocessing.md.
+TEMPLATE_SETTING = "fast"
+
+
+def _cached_template(work: Path, key: str, compute: Callable[[], Any]) -> dict:
+    """Template registration outputs cached in ``work/template-<key>/`` (NIfTI + meta JSON written last)."""
+    import nibabel as nib
+
+    from .derivatives import atomic_path
+
+    folder = work / f"template-{key[:12]}"
+    names = ("labels", "icv_mask", "brain_mask", "gm", "wm", "warped")
+    meta_path = folder / "meta.json"
+    if meta_path.exists():
+        try:
+            out = {"meta": json.loads(meta_path.read_text())}
+            for n in names:
+                img = nib.load(str(folder / f"{n}.nii.gz"))
+                out[n] = np.asanyarray(img.dataobj)
+            return out
+        except (*CACHE_ERRORS, nib.filebasedimages.ImageFileError):  # a damaged cache entry is recomputed
+            LOGGER.debug("recomputing damaged template cache %s", folder)
+    reg = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for n in names:
+        img = getattr(reg, n)
+        with atomic_path(folder / f"{n}.nii.gz") as tmp:
+            img.to_filename(str(tmp))
+        out[n] = np.asanyarray(img.dataobj)
+    meta = {k: getattr(reg, k) for k in ("similarity_before", "similarity_after", "mask_dice", "ok", "contrast",
+                                          "transform", "seconds")}
+    write_json(meta_path, meta)
+    out["meta"] = meta
+    return out
 
 
 def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,

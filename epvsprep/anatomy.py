@@ -197,7 +197,8 @@ class TemplateRegistration:
     mask_dice : float
         Dice between the warped template brain mask and the subject's brain mask.
     ok : bool
-        ``similarity_after < similarity_before`` and ``mask_dice >= 0.8``.
+        ``similarity_after <= similarity_before + 0.001`` (no worse than the header alignment) and
+        ``mask_dice >= 0.8``.
     contrast, transform : str
         Template contrast and transform type used.
     seconds : float
@@ -222,6 +223,7 @@ class TemplateRegistration:
 #: Registration settings by name: ``(type_of_transform, syn iterations per level, grid mm)``.
 #: ``fast`` is the default (chosen in docs/preprocessing.md from the accuracy/speed benchmark).
 REGISTRATION_SETTINGS = {
+    "coarse": ("Affine", (), 4.0),  # previews and tests only
     "affine": ("Affine", (), 2.0),
     "fast": ("SyN", (40, 20, 0), 2.0),
     "precise": ("SyN", (100, 70, 40), 2.0),
@@ -243,7 +245,7 @@ def register_template(
     *,
     contrast: str,
     setting: str = "fast",
-    margin_mm: float = 0.0,
+    margin_mm: float = 8.0,
     seed: int = 42,
 ) -> TemplateRegistration:
     """Register the template to a subject (affine + optional SyN, antspyx) and warp the atlas.
@@ -321,7 +323,7 @@ def register_template(
     wm = np.clip(warp(kit.images["WM"], "linear"), 0, 1).astype(np.float32)
     warped = warp(template, "linear").astype(np.float32)
     dice = float(2 * (brain.astype(bool) & mask).sum() / max(int(brain.sum()) + int(mask.sum()), 1))
-    ok = bool(after < before and dice >= 0.8)
+    ok = bool(after <= before + 1e-3 and dice >= 0.8)
     for path in {*reg["fwdtransforms"], *reg["invtransforms"]}:  # antspyx's temporary transform files
         Path(path).unlink(missing_ok=True)
 

@@ -11,7 +11,7 @@ import base64
 import html
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ def axial_slices(mask: np.ndarray, n: int, lo: float = 0.30, hi: float = 0.85) -
     if ks.size == 0:
         return [mask.shape[2] // 2] * n
     first, last = ks.min(), ks.max()
-    return sorted({int(round(first + f * (last - first))) for f in np.linspace(lo, hi, n)})
+    return sorted({round(float(first + f * (last - first))) for f in np.linspace(lo, hi, n)})
 
 
 def make_figures(
@@ -68,6 +68,8 @@ def make_figures(
     affine: np.ndarray,
     ref_role: str,
     coregistered: Mapping[str, np.ndarray] | None = None,
+    regions: np.ndarray | None = None,
+    region_names: Mapping[int, str] | None = None,
 ) -> dict[str, Path]:
     """Render the participant's reportlets to PNG files.
 
@@ -85,11 +87,16 @@ def make_figures(
         Contrast of the reference (figure titles).
     coregistered : mapping, optional
         Other contrasts resampled onto the reference grid (registration check figure).
+    regions : ndarray of int, shape (I, J, K), optional
+        Region labels warped from the template (regions figure).
+    region_names : mapping, optional
+        Label -> name, for the figure legend.
 
     Returns
     -------
     dict
-        Figure key -> PNG path (``epvs``, ``mask``, and ``coreg`` when there are other contrasts).
+        Figure key -> PNG path (``epvs``, ``mask``, ``coreg`` when there are other contrasts,
+        ``regions`` when regions are given).
     """
     import matplotlib
 
@@ -125,7 +132,7 @@ def make_figures(
 
     # 1b. zoom on the central (basal ganglia) region of the slice with most central ePVS
     ci, cj = [(s.start or 0) + ((s.stop or n) - (s.start or 0)) // 2 for s, n in zip((si, sj), mask.shape[:2])]
-    half = [max(8, int(round(35 / z))) for z in zooms[:2]]  # +-35 mm around the centre
+    half = [max(8, round(float(35 / z))) for z in zooms[:2]]  # +-35 mm around the centre
     zi = slice(max(ci - half[0], 0), ci + half[0])
     zj = slice(max(cj - half[1], 0), cj + half[1])
     lower = [k for k in ks[: max(2, len(ks) // 2)]]
@@ -137,7 +144,7 @@ def make_figures(
         if overlay:
             ax.contour(epvs[zi, zj, k_zoom].T.astype(float), levels=[0.5], colors=["#ff3b2f"], linewidths=1.0)
         ax.set_axis_off()
-        ax.set_title("central region, slice k=%d%s" % (k_zoom, ": ePVS outlined" if overlay else ""),
+        ax.set_title(f"central region, slice k={k_zoom}{': ePVS outlined' if overlay else ''}",
                      color="white", fontsize=10)
     fig.tight_layout()
     out["zoom"] = _save(fig, figure_dir / f"{stem}_desc-epvs_zoom.png")
@@ -175,7 +182,45 @@ def make_figures(
             ax.set_title(title, color="white", fontsize=9)
         out["coreg"] = _save(fig, figure_dir / f"{stem}_desc-coreg_check.png")
         plt.close(fig)
+
+    # 4. regions warped from the template: three axial slices and one coronal, labels semi-transparent
+    if regions is not None and regions.any():
+        out["regions"] = _regions_figure(plt, figure_dir / f"{stem}_desc-regions_overlay.png", reference,
+                                         regions, mask, zooms, (vmin, vmax), (si, sj), region_names or {})
     return out
+
+
+def _regions_figure(plt, path: Path, reference, regions, mask, zooms, window, box, names) -> Path:
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    n = int(max(regions.max(), max(names, default=0)))
+    other = [k for k, v in names.items() if v == "other"]
+    base = plt.get_cmap("tab20", 20)
+    colours = [(0, 0, 0, 0)] + [base((k - 1) % 20) for k in range(1, n + 1)]
+    for k in other:  # 'other' stays transparent: cortex, cerebellum, CSF
+        colours[k] = (0, 0, 0, 0)
+    cmap = ListedColormap(colours)
+    si, sj = box
+    ks = axial_slices(mask, 3, lo=0.35, hi=0.72)
+    centre_j = int(np.round(np.argwhere(regions > 0)[:, 1].mean())) if regions.any() else regions.shape[1] // 2
+    fig, axes = plt.subplots(1, 4, figsize=(17, 5.2), dpi=80, facecolor="black")
+    panels = [(reference[si, sj, k].T, regions[si, sj, k].T, zooms[1] / zooms[0], f"axial k={k}") for k in ks]
+    panels.append((reference[si, centre_j, :].T, regions[si, centre_j, :].T, zooms[2] / zooms[0],
+                   f"coronal j={centre_j}"))
+    for ax, (img, lab, asp, title) in zip(axes, panels):
+        ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=asp)
+        ax.imshow(lab, cmap=cmap, vmin=0, vmax=n, origin="lower", aspect=asp, alpha=0.45, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, color="white", fontsize=9)
+    present = sorted(int(k) for k in np.unique(regions) if k > 0 and k not in other)
+    handles = [Patch(color=colours[k], label=names.get(k, str(k))) for k in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(7, max(1, len(handles))), fontsize=7,
+               frameon=False, labelcolor="white")
+    fig.subplots_adjust(bottom=0.16, top=0.93, wspace=0.02)
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _data_uri(path: Path) -> str:
@@ -190,6 +235,7 @@ def write_report(
     figures: Mapping[str, Path],
     table,
     outputs: Sequence[str],
+    regions=None,
 ) -> Path:
     """Assemble the participant HTML report from the reportlets on disk.
 
@@ -207,6 +253,8 @@ def write_report(
         Per-cluster table (the largest clusters are listed).
     outputs : sequence of str
         Output files, relative to the output directory.
+    regions : pandas.DataFrame, optional
+        Per-region table (``epvsprep.anatomy.region_table``).
     """
     import jinja2
 
@@ -214,27 +262,75 @@ def write_report(
     env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     template = env.from_string(template_text)
     top = table.sort_values("volume_mm3", ascending=False).head(15) if len(table) else table
-    columns = [c for c in ("index", "n_voxels", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
-                           "mean_score", "max_score") if c in table.columns]
+    columns = [c for c in ("index", "n_voxels", "volume_mm3", "region", "hemisphere", "centroid_x", "centroid_y",
+                           "centroid_z", "mean_score", "max_score") if c in table.columns]
     rows = [[_fmt(r[c]) for c in columns] for _, r in top.iterrows()]
     images = []
     for key, title, caption in (
-        ("epvs", "Detected ePVS", "Axial slices from below the basal ganglia to the centrum semiovale: "
-         "detected ePVS in red, brain-mask outline in yellow, on the bias-corrected reference image."),
-        ("zoom", "Central region, magnified", "The deep grey matter and surrounding white matter at full "
-         "resolution, without (left) and with (right) the detected ePVS outlined in red."),
+        ("epvs", "Detected ePVS", ("Axial slices from below the basal ganglia to the centrum semiovale: "
+                                   "detected ePVS in red, brain-mask outline in yellow, on the bias-corrected "
+                                   "reference image.")),
+        ("zoom", "Central region, magnified", ("The deep grey matter and surrounding white matter at full "
+                                               "resolution, without (left) and with (right) the detected ePVS "
+                                               "outlined in red.")),
         ("mask", "Brain mask", "Brain mask outline (yellow) on the bias-corrected reference image."),
-        ("coreg", "Co-registration", "Every other sequence after rigid co-registration to the reference, "
-         "with the reference brain-mask outline (blue): edges should line up."),
+        ("coreg", "Co-registration", ("Every other sequence after rigid co-registration to the reference, "
+                                      "with the reference brain-mask outline (blue): edges should line up.")),
+        ("regions", "Regions", ("The region atlas after template registration (labels semi-transparent; "
+                                "'other' not shown): basal ganglia, thalami and white-matter regions should sit "
+                                "on their anatomy.")),
     ):
         if key in figures:
             images.append({"title": title, "caption": caption, "src": _data_uri(figures[key]),
                            "file": Path(figures[key]).name})
+    region_columns = ["name", "n_clusters", "volume_mm3", "volume_ppm_icv", "region_volume_mm3",
+                      "volume_fraction", "mean_cluster_volume_mm3"]
+    region_rows = [] if regions is None else [
+        [_fmt(r[c]) for c in region_columns] for _, r in regions.iterrows()]
     text = template.render(
         summary=summary, plan=plan, images=images, columns=columns, rows=rows, n_rows=len(table),
-        outputs=list(outputs), created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        region_columns=region_columns, region_rows=region_rows, qc=_qc_rows(summary.get("qc", {})),
+        outputs=list(outputs), created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     return write_text(Path(path), text)
+
+
+#: How each QC measure is shown: label, unit, and its normal range text.
+_QC_LABELS = {
+    "snr": ("SNR (within white matter)", ""),
+    "cnr": ("CNR (grey/white matter)", ""),
+    "brain_volume_mm3": ("Brain-mask volume", "cm³"),
+    "icv_mm3": ("Intracranial volume", "cm³"),
+}
+
+
+def _qc_rows(qc: Mapping[str, Any]) -> dict[str, Any]:
+    """QC object -> rows for the report: measures with range and flag, and registrations."""
+    from epvsprep.qc import RANGES
+
+    flags = list(qc.get("flags", []))
+    measures = []
+    for key, (label, unit) in _QC_LABELS.items():
+        if key not in qc:
+            continue
+        value = qc[key]
+        lo, hi = RANGES.get(key, (None, None))
+        scale = 1e-3 if unit == "cm³" else 1.0
+        shown = "n/a" if value is None or not np.isfinite(float(value)) else f"{float(value) * scale:.4g} {unit}"
+        rng = (f"{'' if lo is None else f'{lo * scale:g}'} - {'' if hi is None else f'{hi * scale:g}'} {unit}"
+               if (lo is not None or hi is not None) else "")
+        out_of_range = value is None or not np.isfinite(float(value)) or (lo is not None and value < lo) or (
+            hi is not None and value > hi)
+        measures.append({"label": label, "value": shown, "range": rng.strip(), "ok": not out_of_range})
+    registrations = []
+    for role, reg in (qc.get("registration") or {}).items():
+        registrations.append({
+            "role": role, "to": reg.get("to", "subject" if role == "template" else ""),
+            "metric": reg.get("metric", ""), "before": _fmt(reg.get("before")), "after": _fmt(reg.get("after")),
+            "ok": bool(reg.get("ok")), "extra": (f"template brain vs brain mask Dice {reg['brain_mask_dice']:.2f}"
+                                                 if "brain_mask_dice" in reg else ""),
+        })
+    return {"measures": measures, "registrations": registrations, "flags": flags}
 
 
 def _fmt(value) -> str:
