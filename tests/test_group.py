@@ -285,3 +285,25 @@ def test_cluster_matching_after_rigid_registration(tmp_path):
     assert tuple(moved.loc["whole_brain", ["persisting", "vanished", "new"]]) == (18, 2, 2)
     header = longitudinal.match_sessions(base, fol, mode="header").set_index("name")
     assert header.at["whole_brain", "persisting"] < 3  # without registration the sessions do not line up
+
+
+def test_missing_option_folder_is_66(cohort, tmp_path):
+    code = main([str(cohort["bids"]), str(tmp_path / "out"), "group", "--reference-derivatives",
+                 str(tmp_path / "nowhere")])
+    assert code == errors.EXIT_NOINPUT
+
+
+def test_group_report_renders_in_chromium(cohort, tmp_path):
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
+             "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", (cohort["out"] / "group.html").as_uri()], capture_output=True,
+                         text=True, timeout=120)
+    assert dom.returncode == 0 and "Uncaught" not in dom.stderr
+    assert "epvs-bids: group report" in dom.stdout
+    assert dom.stdout.count("<svg") >= 5 and 'href="sub-03_ses-2.html"' in dom.stdout
