@@ -15,6 +15,31 @@ from typing import Any
 #: Detection methods available with ``--method``.
 METHODS = ("unet", "frangi")
 
+#: nipype execution plugins available with ``--nipype-plugin``.
+NIPYPE_PLUGINS = ("MultiProc", "Linear")
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """``--slurm-array``: write SLURM job scripts instead of running (see ``docs/hpc.md``)."""
+
+    #: Wall-clock limit of one participant task, as sbatch takes it (``HH:MM:SS`` or ``D-HH:MM:SS``).
+    time: str = "04:00:00"
+    #: Wall-clock limit of the group job.
+    group_time: str = "02:00:00"
+    #: Partition (queue); None = the cluster's default.
+    partition: str | None = None
+    #: Account to charge; None = the user's default.
+    account: str | None = None
+    #: Most array tasks running at once (the ``%N`` of ``--array``); None = no limit.
+    max_parallel: int | None = None
+    #: Command that runs ``epvs-bids`` on a compute node, e.g. ``apptainer run --cleanenv ... epvs.sif``.
+    command: str | None = None
+    #: Extra sbatch options, one ``#SBATCH`` line each (e.g. ``--gres=gpu:1``).
+    extra: tuple[str, ...] = ()
+    #: Where the scripts go; None = ``<output_dir>/code/slurm``.
+    directory: Path | None = None
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -58,10 +83,27 @@ class RunConfig:
     covariates: tuple[str, ...] | None = None
     #: Group level: cluster matching across sessions (``rigid``, ``header`` or ``none``).
     longitudinal_matching: str = "rigid"
+    #: nipype execution plugin for preprocessing workflows (``MultiProc`` or ``Linear``).
+    nipype_plugin: str = "MultiProc"
+    #: SLURM job-array mode (``--slurm-array``): write job scripts instead of running.
+    slurm: SlurmOptions | None = None
     #: Logging verbosity count (``-v``).
     verbosity: int = 0
     #: Unique identifier of this run (log and config file names).
     run_uuid: str = field(default_factory=lambda: f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}")
+
+    def nipype_plugin_args(self) -> dict[str, Any]:
+        """``plugin_args`` for ``Workflow.run(plugin=self.nipype_plugin, plugin_args=...)``.
+
+        MultiProc gets the run's cores (``n_procs``) and memory limit (``memory_gb``, GB) so nipype
+        never schedules more than ``--nprocs``/``--mem``; Linear runs one node at a time and takes none.
+        """
+        if self.nipype_plugin == "Linear":
+            return {}
+        args: dict[str, Any] = {"n_procs": self.nprocs, "raise_insufficient": False}
+        if self.mem_mb is not None:
+            args["memory_gb"] = round(self.mem_mb / 1024, 3)
+        return args
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/TOML-ready dictionary (paths as strings, None dropped)."""
@@ -80,8 +122,8 @@ class RunConfig:
         """The configuration as TOML text (``[execution]`` table; filters as a JSON string)."""
         lines = ["[execution]"]
         for key, value in self.to_dict().items():
-            if key == "bids_filters":
-                value = json.dumps(value, sort_keys=True)
+            if key in ("bids_filters", "slurm"):
+                value = json.dumps(value, sort_keys=True, default=str)
             lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from ..config import METHODS, RunConfig
+from ..config import METHODS, NIPYPE_PLUGINS, RunConfig, SlurmOptions
 from ..errors import MissingInputError, OutputError, UsageError
 
 _MEM_UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -50,6 +50,37 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _slurm_time(text: str) -> str:
+    """A time limit in one of sbatch's forms (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S)."""
+    if not re.fullmatch(r"\d+(-\d+)?(:\d+){0,2}", text.strip()):
+        raise argparse.ArgumentTypeError(f"invalid SLURM time limit {text!r}: use e.g. 04:00:00 or 1-12:00:00")
+    return text.strip()
+
+
+def _slurm_options(opts: argparse.Namespace) -> SlurmOptions | None:
+    """The ``--slurm-*`` options, or None without ``--slurm-array`` (then none may be given)."""
+    given = [name for name in ("slurm_dir", "slurm_partition", "slurm_account", "slurm_max_parallel",
+                               "slurm_command", "slurm_extra") if getattr(opts, name) is not None]
+    if not opts.slurm_array:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --slurm-array")
+        return None
+    if opts.analysis_level != "participant":
+        raise UsageError("--slurm-array is given with the participant level (it writes the group job too)")
+    extra = []
+    for item in opts.slurm_extra or ():
+        item = item.strip().lstrip("-")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*(=\S+)?", item):
+            raise UsageError(f"--slurm-extra {item!r}: give sbatch options as NAME or NAME=VALUE, e.g. gres=gpu:1")
+        extra.append(f"--{item}")
+    return SlurmOptions(
+        time=opts.slurm_time, group_time=opts.slurm_group_time, partition=opts.slurm_partition,
+        account=opts.slurm_account, max_parallel=opts.slurm_max_parallel, command=opts.slurm_command,
+        extra=tuple(extra),
+        directory=opts.slurm_dir.expanduser().absolute() if opts.slurm_dir is not None else None,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, help="CPU cores to use (default: all)")
     perf.add_argument("--omp-nthreads", type=_positive_int, help="threads per process (default: nprocs)")
     perf.add_argument("--mem", type=parse_memory, metavar="SIZE", help="memory limit with a unit, e.g. 8G")
+    perf.add_argument("--nipype-plugin", choices=NIPYPE_PLUGINS, default="MultiProc",
+                      help="nipype execution plugin of the preprocessing workflows: MultiProc (parallel within "
+                      "--nprocs and --mem) or Linear (one step at a time) (default: %(default)s)")
+
+    hpc = parser.add_argument_group("cluster (SLURM job array, see docs/hpc.md)")
+    hpc.add_argument("--slurm-array", action="store_true",
+                     help="do not run: write a SLURM job array (one participant per task, --nprocs cores and --mem "
+                     "each) and a group job that starts after it, then print how to submit them")
+    hpc.add_argument("--slurm-dir", type=Path, metavar="DIR",
+                     help="where the job scripts go (default: <output_dir>/code/slurm)")
+    hpc.add_argument("--slurm-time", type=_slurm_time, default="04:00:00", metavar="TIME",
+                     help="time limit of one participant task, e.g. 04:00:00 or 1-00:00:00 (default: %(default)s)")
+    hpc.add_argument("--slurm-group-time", type=_slurm_time, default="02:00:00", metavar="TIME",
+                     help="time limit of the group job (default: %(default)s)")
+    hpc.add_argument("--slurm-partition", metavar="NAME", help="partition (queue) to submit to")
+    hpc.add_argument("--slurm-account", metavar="NAME", help="account to charge")
+    hpc.add_argument("--slurm-max-parallel", type=_positive_int, metavar="N",
+                     help="most participant tasks running at once")
+    hpc.add_argument("--slurm-command", metavar="CMD",
+                     help="how a compute node runs epvs-bids, e.g. 'apptainer run --cleanenv -B /data -B /scratch "
+                     "epvs-bids.sif' (default: this installation's epvs-bids)")
+    hpc.add_argument("--slurm-extra", nargs="+", metavar="OPTION",
+                     help="more sbatch options, one #SBATCH line each, written without the leading dashes, "
+                     "e.g. gres=gpu:1 qos=long")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     return parser
 
@@ -135,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         The output or work directory cannot be created (exit 73).
     """
     opts = build_parser().parse_args(argv)
+    slurm = _slurm_options(opts)
     from ..query import load_filters, normalize_labels  # after parsing: --help stays light
 
     bids_dir = opts.bids_dir.expanduser().absolute()
@@ -187,4 +243,6 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         compare_dir=group_dirs.get("--compare"),
         covariates=tuple(opts.covariates) if opts.covariates else None,
         longitudinal_matching=opts.longitudinal_matching,
+        nipype_plugin=opts.nipype_plugin,
+        slurm=slurm,
     )

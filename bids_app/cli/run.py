@@ -77,10 +77,19 @@ def main(argv: list[str] | None = None) -> int:
             config = parse_args(argv)
         except SystemExit as exc:  # --help / --version
             return int(exc.code or 0)
+        from ..environment import prepare_environment
+
+        env_report = prepare_environment(config.work_dir)  # before torch, matplotlib... are imported
         log_file = config.output_dir / "logs" / f"{config.analysis_level}-{config.run_uuid}.log"
         setup_logging(config.verbosity, log_file)
         configured = True
+        for line in env_report.lines():
+            LOGGER.log(VERBOSE, "environment: %s", line)
         (config.output_dir / "logs" / f"config-{config.run_uuid}.toml").write_text(config.to_toml())
+        if config.slurm is not None:  # --slurm-array: write the job scripts, process nothing
+            from ..slurm import run_slurm_array
+
+            return run_slurm_array(config)
         if config.analysis_level == "participant":
             from ..participant import run_participant_level
 
