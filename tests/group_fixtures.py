@@ -101,7 +101,10 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
     ents = {"sub": sub, **({"ses": ses} if ses else {}), **({"acq": acq} if acq else {})}
     stem = "_".join(f"{k}-{v}" for k, v in ents.items())
     anat = Path(out) / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
-    move = lambda a: np.roll(a, shift, axis=(0, 1, 2))
+
+    def move(a):
+        return np.roll(a, shift, axis=(0, 1, 2))
+
     labels = np.zeros(SHAPE, np.int32)
     for n, (i, j, k) in enumerate(sites, start=1):
         labels[i:i + 2, j:j + 2, k:k + 3] = n
@@ -112,7 +115,10 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
     brain = move(brain)
     regions_img = move(atlas())
     table = postproc.cluster_table(labels, AFFINE)
-    p = lambda suffix: anat / f"{stem}_{suffix}"
+
+    def p(suffix):
+        return anat / f"{stem}_{suffix}"
+
     _save(p(f"seg-PVSclusters_desc-{combo}_dseg.nii.gz"), labels, np.int32)
     anat.mkdir(parents=True, exist_ok=True)
     table.to_csv(p(f"seg-PVSclusters_desc-{combo}_dseg.tsv"), sep="\t", index=False, na_rep="n/a")

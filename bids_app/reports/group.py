@@ -262,7 +262,8 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
     figures = []
     for title, caption, svg in (
         ("ePVS burden per region", ("One point per unit (participant and session), linked to its report; boxes "
-                                    "show the quartiles and whiskers the last values within 1.5 IQR."),
+                                    "show the quartiles and whiskers the last values within 1.5 IQR. Above "
+                                    f"{ALL_POINTS_MAX} units only the points beyond the whiskers are drawn."),
          figure_distribution(long, cohort)),
         ("Count against volume", ("Whole-brain ePVS count against volume; red points lie outside Tukey's fences "
                                   "on a whole-brain measure (see the QC table). Click a point to open the "
