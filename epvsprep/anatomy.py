@@ -197,7 +197,7 @@ class TemplateRegistration:
     mask_dice : float
         Dice between the warped template brain mask and the subject's brain mask.
     ok : bool
-        ``similarity_after <= similarity_before + 0.001`` (no worse than the header alignment) and
+        ``similarity_after <= similarity_before + 1 % + 0.001`` (no worse than the header alignment) and
         ``mask_dice >= 0.8``.
     contrast, transform : str
         Template contrast and transform type used.
@@ -323,7 +323,7 @@ def register_template(
     wm = np.clip(warp(kit.images["WM"], "linear"), 0, 1).astype(np.float32)
     warped = warp(template, "linear").astype(np.float32)
     dice = float(2 * (brain.astype(bool) & mask).sum() / max(int(brain.sum()) + int(mask.sum()), 1))
-    ok = bool(after <= before + 1e-3 and dice >= 0.8)
+    ok = bool(after <= before + 0.01 * abs(before) + 1e-3 and dice >= 0.8)
     for path in {*reg["fwdtransforms"], *reg["invtransforms"]}:  # antspyx's temporary transform files
         Path(path).unlink(missing_ok=True)
 

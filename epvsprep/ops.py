@@ -69,7 +69,26 @@ def load(path: str | os.PathLike) -> nib.Nifti1Image:
         raise ImageError(f"corrupt NIfTI header or data ({exc})", path) from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(f"expected a NIfTI image, got {type(img).__name__}", path)
+    _check_raw_geometry(path, type(img).header_class)
     return nib.Nifti1Image(data, img.affine, img.header)
+
+
+def _check_raw_geometry(path: Path, header_class) -> None:
+    """Refuse a file whose voxel size is unknown: zero pixdim and neither sform nor qform.
+
+    nibabel silently replaces a zero ``pixdim`` by 1 mm when it reads a header, which would
+    turn every volume into a guess; the header is therefore read again without that fix.
+    """
+    with nib.openers.ImageOpener(str(path)) as fobj:
+        raw = header_class.from_fileobj(fobj, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    no_xform = int(raw["sform_code"]) == 0 and int(raw["qform_code"]) == 0
+    if no_xform and np.any(pixdim <= 0):
+        raise ImageError(f"voxel size unknown: pixdim is {tuple(pixdim)} and the header has neither an sform "
+                         "nor a qform", path)
+    if no_xform:
+        LOGGER.warning("%s: no sform/qform in the header; orientation assumed from pixdim only (left-right "
+                       "may be wrong)", path)
 
 
 # ------------------------------------------------------------------------- geometry
@@ -77,9 +96,13 @@ def conform(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "i
     """Check an anatomical image and return it as 3D float32 in RAS+ voxel order.
 
     Fixed where safe: a 4D file with a singleton 4th axis is squeezed; a few non-finite
-    voxels are set to 0 (with a warning). Refused with :class:`ImageError`: other 4D
-    shapes, non-positive voxel sizes, a singular or non-finite affine, an image that is
-    entirely non-finite, or constant (including all-zero).
+    voxels are set to 0 (with a warning); a zero, negative or stale ``pixdim`` is ignored
+    (with a warning) when the sform/qform affine is valid, since every step here uses the
+    affine. Oblique affines are kept exactly (only the closest axis permutation/flip is
+    applied), and anisotropic or thick-slice grids (e.g. 0.57x0.57x5 mm) are kept as they
+    are. Refused with :class:`ImageError`: other 4D shapes, a zero-size or singular or
+    non-finite affine, voxels larger than 20 mm, an image that is entirely non-finite, or
+    constant (including all-zero).
 
     Parameters
     ----------
@@ -106,10 +129,15 @@ def conform(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "i
         raise ImageError("affine contains NaN or infinite values", name)
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     pixdim = np.asarray(img.header.get_zooms()[:3], dtype=float)
-    if np.any(pixdim <= 0) or np.any(zooms <= 1e-6):
-        raise ImageError(f"voxel size must be positive, header says {tuple(pixdim)} mm", name)
+    if np.any(zooms <= 1e-6):
+        raise ImageError(f"voxel size must be positive, header says {tuple(pixdim)} mm and the affine "
+                         f"{tuple(np.round(zooms, 4))} mm", name)
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ImageError("affine is singular (cannot map voxels to millimetres)", name)
+    if np.any(pixdim <= 0) or not np.allclose(pixdim, zooms, rtol=1e-3, atol=1e-4):
+        # the sform/qform is valid: it is what every tool here uses, so the stale pixdim is ignored
+        LOGGER.warning("%s: header pixdim %s mm disagrees with the affine's voxel size %s mm; using the affine",
+                       name, tuple(np.round(pixdim, 4)), tuple(np.round(zooms, 4)))
     if np.any(zooms > 20):
         raise ImageError(f"voxel size {tuple(np.round(zooms, 2))} mm is implausible for brain MRI", name)
     data = data.astype(np.float32, copy=False)

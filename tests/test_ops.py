@@ -78,11 +78,42 @@ def test_conform_singular_affine():
         ops.conform(img, name="x.nii.gz")
 
 
-def test_conform_zero_pixdim_in_header():
-    img = _img()
+def test_conform_zero_pixdim_with_valid_affine_is_fixed(tmp_path, caplog):
+    # on disk: sform valid (1.2 x 1 x 3 mm), pixdim zeroed, as some converters write
+    img = nib.Nifti1Image(np.random.default_rng(2).random((9, 9, 9)).astype(np.float32),
+                          np.diag([1.2, 1.0, 3.0, 1.0]))
     img.header["pixdim"][1:4] = 0
-    with pytest.raises(ops.ImageError, match="voxel size"):
-        ops.conform(img)
+    path = tmp_path / "zero_pixdim.nii.gz"
+    img.to_filename(path)
+    out = ops.conform(ops.load(path), name=path)
+    assert ops.spacing_mm(out) == pytest.approx((1.2, 1.0, 3.0))
+    assert "pixdim" in caplog.text
+
+
+def test_conform_zero_pixdim_without_affine_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.random.default_rng(2).random((9, 9, 9)).astype(np.float32), None)
+    img.header["pixdim"][1:4] = 0
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    path = tmp_path / "no_geometry.nii.gz"
+    img.to_filename(path)
+    with pytest.raises(ops.ImageError, match="voxel size|singular"):
+        ops.conform(ops.load(path), name=path)
+
+
+def test_conform_keeps_oblique_thick_slice_geometry():
+    # 0.57 x 0.57 x 5 mm axial 2D T2w, tilted 20 degrees: kept exactly, no resampling
+    rot = rotation_z(20.0) @ np.array([[1, 0, 0, 0], [0, np.cos(0.3), -np.sin(0.3), 0],
+                                       [0, np.sin(0.3), np.cos(0.3), 0], [0, 0, 0, 1.0]])
+    affine = rot @ np.diag([-0.57, 0.57, 5.0, 1.0])
+    data = np.random.default_rng(4).random((40, 44, 6)).astype(np.float32)
+    img = nib.Nifti1Image(data, affine)
+    out = ops.conform(img)
+    assert sorted(ops.spacing_mm(out)) == pytest.approx(sorted((0.57, 0.57, 5.0)))
+    ijk = np.array([3, 7, 2, 1.0])
+    back = np.linalg.solve(out.affine, affine @ ijk)
+    assert np.allclose(back, np.round(back), atol=1e-6)  # voxel centres coincide: no interpolation
+    assert np.asanyarray(out.dataobj)[tuple(np.round(back[:3]).astype(int))] == data[3, 7, 2]
 
 
 def test_conform_sets_partial_nan_to_zero():

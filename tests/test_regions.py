@@ -242,3 +242,18 @@ def test_subject_regions_fill_other_and_icv_union():
     icv = np.zeros(regions.shape, bool)
     icv[:5] = True
     assert anatomy.intracranial_volume_mm3(icv, brain, 2.0) == brain.sum() * 2.0
+
+
+def test_thick_slice_subject_still_registers(kit):
+    """A 2D-like acquisition: the deformed subject resampled to 1 x 1 x 5 mm slices."""
+    subject, mask, truth = _deformed_subject(kit, degrees=5.0, scale=1.0, bump_mm=0.0, seed=3)
+    zoom = (2.0, 2.0, 0.4)
+    thick = ndimage.zoom(np.asanyarray(subject.dataobj), zoom, order=1)
+    t_mask = ndimage.zoom(np.asanyarray(mask.dataobj).astype(np.float32), zoom, order=1) > 0.5
+    t_truth = ndimage.zoom(truth, zoom, order=0)
+    affine = subject.affine @ np.diag([1 / zoom[0], 1 / zoom[1], 1 / zoom[2], 1.0])
+    reg = anatomy.register_template(nib.Nifti1Image(thick, affine), nib.Nifti1Image(t_mask.astype(np.uint8), affine),
+                                    kit, contrast="T2w", setting="coarse")
+    dice = _dice_by_region(np.asanyarray(reg.labels.dataobj), t_truth, kit.table)
+    assert min(dice[k] for k in ("basal_ganglia_left", "thalamus_right", "centrum_semiovale_left")) > 0.6, dice
+    assert reg.ok
