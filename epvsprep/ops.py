@@ -70,7 +70,10 @@ def load(path: str | os.PathLike) -> nib.Nifti1Image:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(f"expected a NIfTI image, got {type(img).__name__}", path)
     _check_raw_geometry(path, type(img).header_class)
-    return nib.Nifti1Image(data, img.affine, img.header)
+    try:
+        return nib.Nifti1Image(data, img.affine, img.header)
+    except (ValueError, nib.spatialimages.HeaderDataError, np.linalg.LinAlgError) as exc:
+        raise ImageError(f"corrupt NIfTI header: cannot build its affine ({exc.__class__.__name__})", path) from exc
 
 
 def _check_raw_geometry(path: Path, header_class) -> None:
@@ -83,7 +86,7 @@ def _check_raw_geometry(path: Path, header_class) -> None:
         raw = header_class.from_fileobj(fobj, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
     no_xform = int(raw["sform_code"]) == 0 and int(raw["qform_code"]) == 0
-    if no_xform and np.any(pixdim <= 0):
+    if no_xform and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
         raise ImageError(f"voxel size unknown: pixdim is {tuple(pixdim)} and the header has neither an sform "
                          "nor a qform", path)
     if no_xform:
