@@ -352,6 +352,7 @@ def register_rigid(
     *,
     fixed_mask: nib.Nifti1Image | None = None,
     seed: int = 42,
+    iterations: tuple[int, int, int] = (200, 100, 10),
 ) -> RigidResult:
     """Rigidly co-register ``moving`` to ``fixed`` with Mattes mutual information (antspyx).
 
@@ -368,6 +369,8 @@ def register_rigid(
         Mask on the fixed grid restricting the similarity metric.
     seed : int
         Random seed for the metric's sampling (reproducibility).
+    iterations : tuple of 3 int
+        Optimiser iterations at shrink factors 4, 2 and 1.
 
     Returns
     -------
@@ -387,7 +390,7 @@ def register_rigid(
         aff_metric="mattes",
         aff_sampling=32,
         aff_random_sampling_rate=0.25,
-        aff_iterations=(200, 100, 50),
+        aff_iterations=tuple(iterations),
         aff_shrink_factors=(4, 2, 1),
         aff_smoothing_sigmas=(2, 1, 0),
         random_seed=seed,

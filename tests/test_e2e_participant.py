@@ -29,9 +29,17 @@ EXPECTED = [
     "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.tsv",
     "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.json",
     "sub-01/anat/sub-01_desc-brain_mask.nii.gz",
+    "sub-01/anat/sub-01_desc-brain_mask.json",
     "sub-01/anat/sub-01_desc-preproc_T2w.nii.gz",
+    "sub-01/anat/sub-01_seg-regions_dseg.nii.gz",
+    "sub-01/anat/sub-01_seg-regions_dseg.tsv",
+    "sub-01/anat/sub-01_seg-regions_dseg.json",
+    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.nii.gz",
+    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.tsv",
+    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.json",
     "sub-01/figures/sub-01_desc-epvs_overlay.png",
     "sub-01/figures/sub-01_desc-coreg_check.png",
+    "sub-01/figures/sub-01_desc-regions_overlay.png",
     "sub-01.html",
     "dataset_description.json",
     ".bidsignore",
@@ -98,6 +106,45 @@ def test_cluster_table_matches_cluster_map(run):
     for column in table.columns:
         assert column in sidecar, f"column {column} not described"
     assert sidecar["volume_mm3"]["Units"] == "mm^3"
+
+
+def test_region_outputs_follow_the_contract(run):
+    anat = run["out"] / "sub-01/anat"
+    regions = pd.read_csv(anat / "sub-01_seg-PVSregions_desc-T2w_dseg.tsv", sep="\t")
+    assert list(regions.columns) == ["index", "name", "region", "hemisphere", "n_clusters", "volume_mm3",
+                                     "volume_ppm_icv", "region_volume_mm3", "volume_fraction",
+                                     "mean_cluster_volume_mm3"]
+    assert {"basal_ganglia", "centrum_semiovale", "thalamus", "midbrain", "other"} <= set(regions["region"])
+    brain = json.loads((anat / "sub-01_desc-brain_mask.json").read_text())
+    icv = brain["IntracranialVolume_mm3"]
+    assert brain["BrainVolume_mm3"] <= icv < 2.2e6
+    qc = brain["QC"]
+    assert {"snr", "cnr", "brain_volume_mm3", "icv_mm3", "registration", "flags"} <= set(qc)
+    assert qc["registration"]["T1w"]["metric"] == "MattesMI" and qc["registration"]["T1w"]["ok"]
+    assert qc["registration"]["template"]["ok"]
+    # the tables agree with the images and with each other
+    pvs = np.asanyarray(nib.load(anat / "sub-01_seg-PVSregions_desc-T2w_dseg.nii.gz").dataobj)
+    atlas = np.asanyarray(nib.load(anat / "sub-01_seg-regions_dseg.nii.gz").dataobj)
+    epvs = np.asanyarray(nib.load(anat / "sub-01_label-PVS_desc-T2w_mask.nii.gz").dataobj) > 0
+    assert np.array_equal(pvs > 0, epvs)
+    assert np.array_equal(pvs[epvs], atlas[epvs])
+    counts = np.bincount(pvs.ravel(), minlength=regions["index"].max() + 1)
+    assert np.allclose(regions["volume_mm3"], counts[regions["index"]] * 1.0)
+    assert np.allclose(regions["volume_ppm_icv"], 1e6 * regions["volume_mm3"] / icv, rtol=1e-4)
+    assert np.allclose(regions["region_volume_mm3"], np.bincount(atlas.ravel(), minlength=21)[regions["index"]])
+    clusters = pd.read_csv(anat / "sub-01_seg-PVSclusters_desc-T2w_dseg.tsv", sep="\t")
+    assert regions["n_clusters"].sum() == len(clusters)
+    per_region = clusters.groupby(["region", "hemisphere"]).size()
+    for _, row in regions[regions["n_clusters"] > 0].iterrows():
+        assert per_region[(row["region"], row["hemisphere"])] == row["n_clusters"]
+    # basal-ganglia labels sit at the brain's centre, left of the midline for the left side
+    ijk = np.argwhere(atlas == 1).mean(axis=0)
+    x_left = (nib.load(anat / "sub-01_seg-regions_dseg.nii.gz").affine @ [*ijk, 1.0])[0]
+    ijk = np.argwhere(atlas == 2).mean(axis=0)
+    x_right = (nib.load(anat / "sub-01_seg-regions_dseg.nii.gz").affine @ [*ijk, 1.0])[0]
+    assert x_left < x_right
+    prov = json.loads((run["out"] / "logs/sub-01_provenance.json").read_text())
+    assert {"n4", "brain_mask", "coreg_T1w", "template"} <= set(prov["timings_s"])
 
 
 def test_sidecars_record_selection_and_sources(run):
@@ -194,6 +241,8 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert dom.returncode == 0
     assert "epvs-bids: sub-01" in dom.stdout
     assert dom.stdout.count("data:image/png;base64,") >= 3
+    assert "ePVS by region" in dom.stdout and "basal_ganglia_left" in dom.stdout
+    assert "Intracranial volume" in dom.stdout
     assert "Uncaught" not in dom.stderr
     shot_proc = subprocess.run([exe, *flags, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
                                capture_output=True, text=True, timeout=120)
