@@ -150,3 +150,16 @@ def test_bad_slurm_options(bids, tmp_path, argv, code):
 
 def test_slurm_array_is_a_participant_level_option(bids, tmp_path):
     assert main([str(bids), str(tmp_path / "out"), "group", "--slurm-array"]) == 64
+
+
+def test_nipype_plugin_option(bids, tmp_path):
+    from bids_app.cli.parser import parse_args
+
+    base = [str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]
+    config = parse_args([*base, "--nprocs", "3", "--mem", "6G"])
+    assert config.nipype_plugin == "MultiProc"
+    assert config.nipype_plugin_args() == {"n_procs": 3, "memory_gb": 6.0, "raise_insufficient": False}
+    assert 'nipype_plugin = "MultiProc"' in config.to_toml()
+    linear = parse_args([*base, "--nipype-plugin", "Linear"])
+    assert linear.nipype_plugin == "Linear" and linear.nipype_plugin_args() == {}
+    assert main([*base, "--nipype-plugin", "SGE"]) == 64
