@@ -16,8 +16,15 @@ from datetime import datetime
 
 import pandas as pd
 import pytest
+from slurm_local import start_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """Slurmctld and slurmd on localhost for this module (skipped without slurm-wlm or root)."""
+    yield from start_cluster(tmp_path_factory)
 
 
 def _epvs_bids() -> list[str]:

@@ -1,5 +1,7 @@
 """A real single-node SLURM cluster on localhost, started and stopped by the tests.
 
+(A helper module, not a ``conftest.py``: ``tests/conftest.py`` is imported by name elsewhere.)
+
 Needs Debian's ``slurm-wlm`` (``slurmctld``, ``slurmd``, ``sbatch``...) and root (slurmd runs the
 jobs). Authentication is ``auth/none`` (Slurm >= 20.11 ships it; no munge daemon), the daemons
 listen on free ports of 127.0.0.1 only, and every state, spool and log file lives in the test's
@@ -121,8 +123,7 @@ def write_conf(root: Path, node: str, cpus: int, memory_mb: int) -> Path:
     return conf
 
 
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
+def start_cluster(tmp_path_factory):
     """Start slurmctld and slurmd on localhost; stop them (and their jobs) afterwards."""
     reason = slurm_missing()
     if reason:
