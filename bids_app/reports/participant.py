@@ -335,5 +335,7 @@ def _qc_rows(qc: Mapping[str, Any]) -> dict[str, Any]:
 
 def _fmt(value) -> str:
     if isinstance(value, (float, np.floating)):
-        return "n/a" if not np.isfinite(value) else f"{value:.4g}"
+        if not np.isfinite(value):
+            return "n/a"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     return html.escape(str(value))
