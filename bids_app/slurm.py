@@ -32,8 +32,9 @@ from .errors import EXIT_OK, OutputError
 
 LOGGER = logging.getLogger(__name__)
 
-#: Memory requested per task when ``--mem`` is not given, in MB. A 1 mm T2w+T1w participant peaks
-#: near 3 GB (docs/hpc.md); the margin covers larger fields of view and 0.5 mm scans.
+#: Memory requested per task when ``--mem`` is not given, in MB. One-sequence 1 mm participants peak at
+#: 1.4-1.6 GB (``benchmarks/results/participant_memory.md``); the margin is for several sequences, larger
+#: fields of view and sub-millimetre scans, which were not measured.
 DEFAULT_MEM_MB = 8192
 
 
