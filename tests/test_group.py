@@ -307,3 +307,21 @@ def test_group_report_renders_in_chromium(cohort, tmp_path):
     assert dom.returncode == 0 and "Uncaught" not in dom.stderr
     assert "epvs-bids: group report" in dom.stdout
     assert dom.stdout.count("<svg") >= 5 and 'href="sub-03_ses-2.html"' in dom.stdout
+
+
+def test_reference_mask_off_grid_is_named_and_65(tmp_path):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    bids = gf.make_raw(tmp_path / "bids", {"01": {}, "02": {}})
+    for sub in ("01", "02"):
+        e = gf.make_unit(out, sub, sites=SITES[:6])
+        target = ref / f"sub-{sub}" / "anat" / f"{e['stem']}_label-PVS_desc-manual_mask.nii.gz"
+        target.parent.mkdir(parents=True)
+        data = e["mask"] if sub == "01" else e["mask"][:, :, :20]  # sub-02: cropped, not on the grid
+        nib.Nifti1Image(data.astype(np.uint8), gf.AFFINE).to_filename(target)
+    code = main([str(bids), str(out), "group", "--reference-derivatives", str(ref)])
+    assert code == errors.EXIT_DATAERR
+    failed = _read(out / "group/failed.tsv").set_index("unit")
+    assert "not on the voxel grid" in failed.at["sub-02", "message"] and "sub-02_label-PVS" in failed.at["sub-02", "message"]
+    units = _read(out / "group/agreement-reference_units.tsv")
+    assert set(units["participant_id"]) == {"sub-01"}
+    assert "not on the voxel grid" in (out / "group.html").read_text()

@@ -208,7 +208,7 @@ def run_agreement(units: list, other_root: Path) -> dict:
             rows += agreement.compare_unit(unit, other)
         except (collect.TableError, OSError) as exc:
             LOGGER.error("%s", exc)
-            errors.append(str(exc))
+            errors.append((unit.label, str(exc)))
     per_unit = pd.DataFrame(rows)
     if missing:
         LOGGER.warning("%d unit(s) have no mask in %s: %s", len(missing), other_root,
@@ -266,9 +266,8 @@ def run_group_level(config: RunConfig) -> int:
             continue
         res = run_agreement(tables["units"], Path(root))
         comparisons[kind] = res
-        for message in res["errors"]:
-            tables["failed"].loc[len(tables["failed"])] = [message.split(":")[0], "unreadable", EXIT_DATAERR,
-                                                           message]
+        for label, message in res["errors"]:
+            tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]
         if len(res["units"]):
             written += [_write(group, f"agreement-{kind}_units", res["units"], columns.AGREEMENT_UNITS),
                         _write(group, f"agreement-{kind}_summary", res["summary"],
