@@ -7,7 +7,7 @@ descriptives, Tukey outliers, longitudinal ICC/wCV/Bland-Altman/change for the p
 two sessions, covariate models on age and sex) and the HTML report. What it does not cover:
 cluster matching across sessions and agreement with reference masks, which read images
 (``--longitudinal-matching none``, no ``--reference-derivatives``); their cost is per image pair
-(rigid registration about 10-30 s per 1 mm pair on 2 cores, see docs/group.md).
+(one rigid registration per session pair, about 50 s at 1 mm on 2 cores, see docs/group.md).
 
 Usage::
 

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="participants.tsv columns for linear models of ICV-normalised ePVS volume per region")
     grp.add_argument("--longitudinal-matching", choices=["rigid", "header", "none"], default="rigid",
                      help="match ePVS clusters across sessions after rigid registration of the sessions (rigid, "
-                     "about 10-30 s per session pair), in scanner coordinates as they are (header), or not at "
+                     "about 50 s per 1 mm session pair on 2 cores), in scanner coordinates as they are (header), or not at "
                      "all (none) (default: %(default)s)")
 
     perf = parser.add_argument_group("resources")
