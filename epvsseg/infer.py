@@ -208,7 +208,8 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
         Brain mask; the prediction is 0 outside it.
     model : LoadedModel
     batch : int
-        Axial slices per forward pass.
+        Axial slices per forward pass (on CUDA, halved and retried after an out-of-memory error; choose it
+        from the free GPU memory with :func:`bids_app.gpu.batch_for_memory` at the application level).
     flip_tta : bool
         Average with the prediction on the left-right flipped input.
 
@@ -226,16 +227,28 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     keep = np.flatnonzero(mask.any(axis=(0, 1)))
     prob = np.zeros(mask.shape, np.float32)
     multiple = 2 ** model.net.depth
+    cuda = model.device == "cuda"
+    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    start = 0
     with torch.inference_mode():
-        for start in range(0, keep.size, batch):
+        while start < keep.size:
             ks = keep[start:start + batch]
             xb = torch.from_numpy(x[ks]).to(model.device)
             xb, (h, w) = pad_to_multiple(xb, multiple)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=model.device == "cuda"):
-                logits = model.net(xb)
-                if flip_tta:
-                    logits = 0.5 * (logits + torch.flip(model.net(torch.flip(xb, dims=[2])), dims=[2]))
+            try:
+                with torch.autocast("cuda", dtype=amp, enabled=cuda):
+                    logits = model.net(xb)
+                    if flip_tta:
+                        logits = 0.5 * (logits + torch.flip(model.net(torch.flip(xb, dims=[2])), dims=[2]))
+            except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs a GPU
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                LOGGER.warning("CUDA out of memory: retrying with %d slices per batch", batch)
+                torch.cuda.empty_cache()
+                continue
             p = torch.sigmoid(logits.float())[:, 0, :h, :w].cpu().numpy()
             prob[:, :, ks] = np.moveaxis(p, 0, 2)
+            start += ks.size
     prob[~mask] = 0.0
     return prob
