@@ -159,6 +159,39 @@ def validate_bids(bids_dir: Path) -> list[str]:
     return sorted({str(i.get("code")) for i in issues})
 
 
+def broken_sidecars(bids_dir: Path) -> dict[str, tuple[Path, str]]:
+    """JSON files inside subject folders that are not a JSON object, by the unit they belong to.
+
+    Called only when indexing failed. A broken sidecar in ``sub-X/ses-Y/`` fails the unit
+    ``sub-X_ses-Y``; one directly in ``sub-X/`` fails the subject ``sub-X`` (every session).
+    A broken file outside subject folders (top-level inheritance) is not listed: it stops the run.
+
+    Returns
+    -------
+    dict
+        Unit label (``sub-X`` or ``sub-X_ses-Y``) -> (first broken JSON file, what is wrong).
+    """
+    out: dict[str, tuple[Path, str]] = {}
+    bids_dir = Path(bids_dir)
+    for path in sorted(bids_dir.glob("sub-*/**/*.json")):
+        rel = path.relative_to(bids_dir).parts
+        if any(part.startswith(".") for part in rel):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            problem = None if isinstance(data, dict) else "JSON sidecar is unusable: must contain a JSON object"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = f"JSON sidecar is unusable: not valid JSON ({exc})"
+        if problem is None:
+            continue
+        unit = rel[0] if len(rel) < 3 or not rel[1].startswith("ses-") else f"{rel[0]}_{rel[1]}"
+        out.setdefault(unit, (path, problem))
+    for label in [u for u in out if "_" in u]:  # a whole subject failing covers its sessions
+        if label.split("_")[0] in out:
+            del out[label]
+    return out
+
+
 # ------------------------------------------------------------------------ the run
 def run_participant_level(config: RunConfig) -> int:
     """Run every selected subject x session; return the exit code.
@@ -178,8 +211,16 @@ def run_participant_level(config: RunConfig) -> int:
         LOGGER.info("BIDS validation passed%s", f" with warnings: {', '.join(warnings_)}" if warnings_ else "")
     # one index per run: concurrent runs (other participants, same work dir) never share it
     db_dir = config.work_dir / "pybids_db" / config.run_uuid
+    broken: dict[str, tuple[Path, str]] = {}  # unit label -> (sidecar, problem): those units fail, others go on
     try:
-        layout = load_layout(config.bids_dir, database_dir=db_dir, reset_database=True)
+        try:
+            layout = load_layout(config.bids_dir, database_dir=db_dir, reset_database=True)
+        except InputError:
+            broken = broken_sidecars(config.bids_dir)
+            if not broken:
+                raise
+            layout = load_layout(config.bids_dir, database_dir=db_dir, reset_database=True,
+                                 ignore=[label.replace("_", "/") for label in broken])
         units = collect_sessions(
             layout,
             participant_labels=config.participant_label,
@@ -189,11 +230,17 @@ def run_participant_level(config: RunConfig) -> int:
     finally:
         shutil.rmtree(db_dir, ignore_errors=True)
     init_output_dir(config.output_dir, config.bids_dir)
+    results: list[UnitResult] = []
+    for label, (sidecar, problem) in broken.items():
+        if any(u.label == label or u.label.startswith(f"{label}_") for u in units):
+            units = [u for u in units if not (u.label == label or u.label.startswith(f"{label}_"))]
+            results.append(UnitResult(label, "failed", InputError.exit_code, str(InputError(problem, sidecar))))
+            LOGGER.error("%s: %s", label, results[-1].message)
+            _write_status(config.output_dir, results[-1], None)
     LOGGER.info("%d unit(s) of work: %s", len(units), ", ".join(u.label for u in units))
 
     supported, model_ids = method_support(config.method)
     jobs = []
-    results: list[UnitResult] = []
     for unit in units:
         try:
             plan = plan_session(unit, method=config.method, supported=supported, model_ids=model_ids)
@@ -270,27 +317,50 @@ def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrit
     """Process one planned subject x session, never raising: failures become a result."""
     label = plan.label
     started = time.monotonic()
-    inputs_key = _inputs_key(plan)
-    status_file = status_path(output_dir, label)
-    if not overwrite and _is_complete(status_file, inputs_key, output_dir):
-        LOGGER.info("%s: outputs complete, skipping (use --overwrite to recompute)", label)
-        return UnitResult(label, "skipped")
+    inputs_key = None
     try:
+        inputs_key = _inputs_key(plan)
+        status_file = status_path(output_dir, label)
+        if not overwrite and _is_complete(status_file, inputs_key, output_dir):
+            LOGGER.info("%s: outputs complete, skipping (use --overwrite to recompute)", label)
+            return UnitResult(label, "skipped")
         outputs = process_unit(plan, bids_dir=bids_dir, output_dir=output_dir,
                                work_dir=Path(work_dir) / label, seed=seed, device=device)
     except Exception as exc:
         code = exit_code_for(exc)
-        message = str(exc) if isinstance(exc, (EpvsError, OSError)) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (EpvsError, OSError)):  # these name their file
+            message = str(exc)
+        else:  # a library error (e.g. ANTs): name the unit's reference image
+            message = f"{plan.images[plan.reference].path}: processing failed ({type(exc).__name__}: {exc})"
         if not isinstance(exc, EpvsError):
             LOGGER.debug("%s: unexpected error", label, exc_info=True)
         LOGGER.error("%s: %s", label, message)
         result = UnitResult(label, "failed", code, message, seconds=time.monotonic() - started)
-        _write_status(output_dir, result, inputs_key)
+        try:
+            _write_status(output_dir, result, inputs_key)
+        except OSError as status_exc:  # e.g. the disk is full: the result still carries the failure
+            LOGGER.error("%s: the status record could not be written (%s)", label, status_exc)
         return result
     result = UnitResult(label, "complete", outputs=outputs, seconds=time.monotonic() - started)
+    kill_point("status")
     _write_status(output_dir, result, inputs_key)
     LOGGER.info("%s: done in %.0f s", label, result.seconds)
     return result
+
+
+def kill_point(step: str) -> None:
+    """Test hook: SIGKILL this process at ``step`` when ``EPVS_TEST_KILL_AT`` names it.
+
+    Steps are those of :func:`process_unit`'s timings (``load``, ``n4``, ``brain_mask``,
+    ``template``, ``detect``, ``clusters``, ``write``: each after its work is done) and
+    ``status`` (every output written, status record not yet). Used by
+    ``tests/test_crash_safety.py`` to prove that a run killed there resumes to identical
+    outputs; unset in normal use.
+    """
+    if os.environ.get("EPVS_TEST_KILL_AT") == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _inputs_key(plan) -> str:
@@ -298,7 +368,14 @@ def _inputs_key(plan) -> str:
     h.update(__version__.encode())
     h.update(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode())
     for role in sorted(plan.images):
-        st = Path(plan.images[role].path).stat()
+        path = Path(plan.images[role].path)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            if path.is_symlink():  # e.g. a DataLad/git-annex file whose content was never fetched
+                raise InputError(f"dangling symbolic link to {os.readlink(path)} (in a DataLad dataset, run "
+                                 "`datalad get` first)", path) from None
+            raise InputError(f"cannot read the file ({exc.strerror})", path) from None
         h.update(f"{role}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
@@ -347,6 +424,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         nonlocal t0
         timings[step] = round(time.monotonic() - t0, 2)
         t0 = time.monotonic()
+        kill_point(step)
 
     pre = preprocess_unit(plan, work_dir=work_dir, seed=seed, tick=tick)
     ref_role, originals, digests = plan.reference, pre.originals, pre.digests
@@ -577,9 +655,17 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str
         try:
             originals[role] = ops.load(path)
             conformed[role] = ops.conform(originals[role], name=path)
+            ops.check_field_of_view(conformed[role], name=path)
         except ops.ImageError as exc:
             raise InputError(exc.problem, path) from exc
         digests[role] = sha256sum(path)
+    for role, img in conformed.items():  # images of one session share the scanner space
+        if role != ref_role and not ops.fields_overlap(img, conformed[ref_role]):
+            raise InputError(f"the {role} image does not overlap the {ref_role} reference "
+                             f"({Path(plan.images[ref_role].path).name}) anywhere in scanner space: one of the "
+                             f"two headers is wrong; fix it, or leave the {role} out with a --bids-filter-file "
+                             f"'{role.lower()}' filter that does not match it",
+                             plan.images[role].path)
     tick("load")
     ref_img = conformed[ref_role]
     key = digests[ref_role]

@@ -461,7 +461,8 @@ def _to_pybids(value: Any) -> Any:
 
 # --------------------------------------------------------------------------- layout
 def load_layout(
-    bids_dir: Path, database_dir: Path | None = None, *, reset_database: bool = False
+    bids_dir: Path, database_dir: Path | None = None, *, reset_database: bool = False,
+    ignore: Sequence[str] = (),
 ) -> bids.BIDSLayout:
     """Index a BIDS dataset with pybids, without writing into it.
 
@@ -477,6 +478,9 @@ def load_layout(
     reset_database : bool, optional
         Re-index even if ``database_dir`` holds an index for this dataset (use it
         when the dataset has changed since the index was built).
+    ignore : sequence of str, optional
+        Folders (relative to ``bids_dir``, e.g. ``sub-01`` or ``sub-01/ses-2``) not to index,
+        on top of pybids' defaults (used to leave out a subject whose sidecar is broken).
 
     Returns
     -------
@@ -498,6 +502,12 @@ def load_layout(
     bids_dir = Path(bids_dir).absolute()
     check_dataset(bids_dir)
     kwargs: dict[str, Any] = {"validate": False}
+    if ignore:
+        from bids.layout.index import BIDSLayoutIndexer
+        from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+        patterns = [re.compile(f"^/{re.escape(str(rel).strip('/'))}(/|$)") for rel in ignore]
+        kwargs["indexer"] = BIDSLayoutIndexer(validate=False, ignore=[*DEFAULT_LOCATIONS_TO_IGNORE, *patterns])
     if database_dir is not None:
         database_dir = Path(database_dir).absolute()
         if database_dir.exists() and not database_dir.is_dir():

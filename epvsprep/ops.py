@@ -183,6 +183,51 @@ def restore_orientation(data: np.ndarray, original: nib.spatialimages.SpatialIma
     return nib.orientations.apply_orientation(data, xfm)
 
 
+#: Smallest field of view (mm, along every voxel axis) accepted as possibly holding a head or a brain slab.
+MIN_FIELD_OF_VIEW_MM = 20.0
+
+
+def world_bounds(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    """Axis-aligned bounding box of an image's field of view in scanner space.
+
+    Returns
+    -------
+    ndarray, shape (2, 3)
+        Minimum and maximum (x, y, z) in mm (RAS+) over the outer faces of the corner voxels.
+    """
+    shape = np.asarray(img.shape[:3], dtype=float)
+    corners = np.array(np.meshgrid(*[[-0.5, n - 0.5] for n in shape], indexing="ij")).reshape(3, -1).T
+    xyz = nib.affines.apply_affine(np.asarray(img.affine, dtype=float), corners)
+    return np.stack([xyz.min(axis=0), xyz.max(axis=0)])
+
+
+def check_field_of_view(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "image") -> None:
+    """Refuse an image whose field of view is too small to hold a head (or a brain slab).
+
+    Parameters
+    ----------
+    img : SpatialImage
+        A 3D image (after :func:`conform`).
+    name : str or path-like
+        What to call the image in the error message.
+
+    Raises
+    ------
+    ImageError
+        When the extent along any voxel axis is below :data:`MIN_FIELD_OF_VIEW_MM`.
+    """
+    extent = np.asarray(img.shape[:3], dtype=float) * np.asarray(spacing_mm(img))
+    if np.any(extent < MIN_FIELD_OF_VIEW_MM):
+        raise ImageError(f"field of view {' x '.join(f'{e:.0f}' for e in extent)} mm is too small to hold a head "
+                         f"(each axis must cover at least {MIN_FIELD_OF_VIEW_MM:.0f} mm)", name)
+
+
+def fields_overlap(a: nib.spatialimages.SpatialImage, b: nib.spatialimages.SpatialImage) -> bool:
+    """Whether the scanner-space bounding boxes of two images intersect (images of one session should)."""
+    box_a, box_b = world_bounds(a), world_bounds(b)
+    return bool(np.all(np.minimum(box_a[1], box_b[1]) > np.maximum(box_a[0], box_b[0])))
+
+
 def voxel_volume_mm3(img: nib.spatialimages.SpatialImage) -> float:
     """Volume of one voxel in mm³ (absolute determinant of the affine's linear part)."""
     return float(abs(np.linalg.det(np.asarray(img.affine)[:3, :3])))
