@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 
 #: Potter/Doubal count bands (upper bounds of grades 0-3; above the last: grade 4).
@@ -162,6 +163,40 @@ def estimate_ratings(mask: np.ndarray, *, basal_ganglia: Mapping[str, np.ndarray
         potter_cso=potter_grade(cso[0]),
         wm_total_count=wm_total, wm_worst_slice_count=wm_worst, zhu_wm=zhu_wm_grade(wm_total, wm_worst),
     )
+
+
+#: Atlas regions that make up the cerebral white matter of the Zhu white-matter grade.
+WHITE_MATTER_REGIONS: tuple[str, ...] = ("centrum_semiovale", "frontal_wm", "parietal_wm", "temporal_wm",
+                                         "occipital_wm")
+
+
+def estimate_from_atlas(mask: np.ndarray, regions: np.ndarray, atlas: pd.DataFrame, *,
+                        axis: int = 2) -> RatingEstimate:
+    """:func:`estimate_ratings` with region masks taken from a region label image.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (I, J, K)
+        ePVS segmentation.
+    regions : ndarray of int, shape (I, J, K)
+        Region labels on the same grid (the ``seg-regions`` atlas in the subject's space).
+    atlas : pandas.DataFrame
+        Its look-up table with columns ``index``, ``region`` and ``hemisphere`` (regions
+        ``basal_ganglia``, ``centrum_semiovale`` and the lobar white matter ``*_wm``).
+    axis : int
+        Axial slice axis.
+    """
+    def select(region: str, hemisphere: str | None = None) -> np.ndarray:
+        rows = atlas[atlas["region"] == region]
+        if hemisphere is not None:
+            rows = rows[rows["hemisphere"] == hemisphere]
+        return np.isin(regions, rows["index"].to_numpy(int))
+
+    hemis = ("left", "right")
+    white = np.isin(regions, atlas.loc[atlas["region"].isin(WHITE_MATTER_REGIONS), "index"].to_numpy(int))
+    return estimate_ratings(mask, basal_ganglia={h: select("basal_ganglia", h) for h in hemis},
+                            centrum_semiovale={h: select("centrum_semiovale", h) for h in hemis},
+                            white_matter=white, axis=axis)
 
 
 #: Descriptions of :class:`RatingEstimate` fields, for JSON sidecars and reports.

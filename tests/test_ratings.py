@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from epvsseg.ratings import estimate_ratings, potter_grade, slice_counts, zhu_bg_grade, zhu_wm_grade
+from epvsseg.ratings import (
+    estimate_from_atlas,
+    estimate_ratings,
+    potter_grade,
+    slice_counts,
+    zhu_bg_grade,
+    zhu_wm_grade,
+)
 
 
 @pytest.mark.parametrize(("count", "grade"), [(0, 0), (1, 1), (10, 1), (11, 2), (20, 2), (21, 3), (40, 3),
@@ -56,6 +64,12 @@ def test_counts_on_a_phantom_with_known_epvs():
     assert 5 <= est.bg_worst_slice <= 9
     assert (est.cso_worst_slice_count, est.cso_worst_hemisphere, est.potter_cso) == (25, "right", 3)
     assert (est.wm_total_count, est.wm_worst_slice_count, est.zhu_wm) == (25, 25, 4)
+    # the same through a region label image and its atlas table
+    regions = np.zeros(shape, np.uint8)
+    regions[left], regions[right], regions[cso_l], regions[cso_r] = 1, 2, 5, 6
+    atlas = pd.DataFrame({"index": [1, 2, 5, 6], "region": ["basal_ganglia"] * 2 + ["centrum_semiovale"] * 2,
+                          "hemisphere": ["left", "right"] * 2})
+    assert estimate_from_atlas(mask, regions, atlas) == est
     # no ePVS at all: the lowest grade of each scale
     none = estimate_ratings(np.zeros(shape, bool), basal_ganglia={"left": left}, centrum_semiovale={"left": cso_l},
                             white_matter=cso_l)
