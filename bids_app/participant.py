@@ -448,14 +448,15 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     table = _centroids_in_grid(table, original_ref.affine)
     # ---- regions: per-cluster assignment (majority voxel) and the per-region table
     atlas = pre.atlas.table
-    owner = anatomy.assign_clusters(labels, pre.regions, n_clusters)
+    have_regions = pre.regions is not None
+    owner = anatomy.assign_clusters(labels, pre.regions, n_clusters) if have_regions else np.zeros(n_clusters, int)
     by_index = atlas.set_index("index")
     cluster_region = owner[table["index"].to_numpy(int) - 1] if len(table) else np.zeros(0, int)
     table["region"] = [str(by_index.loc[r, "region"]) if r in by_index.index else "n/a" for r in cluster_region]
     table["hemisphere"] = [str(by_index.loc[r, "hemisphere"]) if r in by_index.index else "n/a"
                            for r in cluster_region]
-    regions_table = anatomy.region_table(detected, labels, pre.regions, atlas, voxel_mm3=voxel_mm3,
-                                         icv_mm3=pre.icv_mm3)
+    regions_table = (anatomy.region_table(detected, labels, pre.regions, atlas, voxel_mm3=voxel_mm3,
+                                          icv_mm3=pre.icv_mm3) if have_regions else None)
     tick("clusters")
 
     # ---- outputs, in the reference image's own grid and orientation
@@ -528,23 +529,9 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                         "see docs/atlas.md",
     }
     p = name("dseg", ".nii.gz", seg="regions")
-    written.append(write_nifti(p, back(pre.regions), original_ref, np.uint8))
-    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), atlas))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
-        "Description": "ePVS region atlas warped from the template onto this image (nearest label), restricted "
-                       "to the brain mask; brain voxels outside every named region are 'other'.",
-        **template_meta, **anatomy.ATLAS_COLUMNS,
-    }))
-    p = name("dseg", ".nii.gz", seg="PVSregions", desc=desc)
-    written.append(write_nifti(p, back((pre.regions * detected).astype(np.uint8)), original_ref, np.uint8))
-    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), regions_table))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        **common,
-        "Description": "ePVS voxels labelled with their region (the seg-regions labels); the TSV has one row per "
-                       "region and hemisphere with ICV-normalised volumes.",
-        "IntracranialVolume_mm3": round(pre.icv_mm3, 1), **template_meta, **anatomy.REGION_COLUMNS,
-    }))
+    if have_regions:
+        written += _write_regions(p, name("dseg", ".nii.gz", seg="PVSregions", desc=desc), pre, back, original_ref,
+                                  atlas, regions_table, detected, sources, common, template_meta)
     # brain mask (with ICV and QC) and preprocessed reference
     p = name("mask", ".nii.gz", desc="brain")
     written.append(write_nifti(p, back(mask.astype(np.uint8)), original_ref, np.uint8))
@@ -554,7 +541,8 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                        "the template's intracranial mask warped onto this image, united with the brain mask. "
                        "QC: within-tissue SNR and GM/WM CNR of the reference, volumes, registration similarity "
                        "(Mattes MI, more negative is better) and flags (docs/preprocessing.md).",
-        "BrainVolume_mm3": round(brain_mm3, 1), "IntracranialVolume_mm3": round(pre.icv_mm3, 1),
+        "BrainVolume_mm3": round(brain_mm3, 1),
+        **({} if pre.icv_mm3 is None else {"IntracranialVolume_mm3": round(pre.icv_mm3, 1)}),
         "QC": pre.qc,
     }))
     p = out_dir / bids_name({**ents, "desc": "preproc"}, ref_role, ".nii.gz")
@@ -569,8 +557,10 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         "label": plan.label, "subject": plan.subject, "session": plan.session,
         "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
         "n_clusters": int(n_clusters), "total_volume_mm3": round(total_mm3, 2),
-        "brain_volume_mm3": round(brain_mm3, 1), "icv_mm3": round(pre.icv_mm3, 1),
-        "total_ppm_icv": round(1e6 * total_mm3 / pre.icv_mm3, 1), "qc": qc, "warnings": warnings_,
+        "brain_volume_mm3": round(brain_mm3, 1),
+        "icv_mm3": None if pre.icv_mm3 is None else round(pre.icv_mm3, 1),
+        "total_ppm_icv": None if pre.icv_mm3 is None else round(1e6 * total_mm3 / pre.icv_mm3, 1),
+        "qc": qc, "warnings": warnings_,
         "template": {k: v for k, v in pre.template.items() if k != "warped"},
         "version": __version__, "device": det["device"], "timings_s": timings,
     }
@@ -612,6 +602,31 @@ def _centroids_in_grid(table, affine: np.ndarray):
         if col in table.columns:
             table[col] = ijk[:, axis]
     return table
+
+
+def _write_regions(p, p_pvs, pre, back, original_ref, atlas, regions_table, detected, sources, common,
+                   template_meta) -> list[Path]:
+    """Write the regions dseg (+ TSV, JSON) and the PVSregions dseg (+ per-region TSV, JSON)."""
+    from epvsprep import anatomy
+
+    written = [write_nifti(p, back(pre.regions), original_ref, np.uint8)]
+    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), atlas))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
+        "Description": "ePVS region atlas warped from the template onto this image (nearest label), restricted "
+                       "to the brain mask; brain voxels outside every named region are 'other'.",
+        **template_meta, **anatomy.ATLAS_COLUMNS,
+    }))
+    p = p_pvs
+    written.append(write_nifti(p, back((pre.regions * detected).astype(np.uint8)), original_ref, np.uint8))
+    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), regions_table))
+    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
+        **common,
+        "Description": "ePVS voxels labelled with their region (the seg-regions labels); the TSV has one row per "
+                       "region and hemisphere with ICV-normalised volumes.",
+        "IntracranialVolume_mm3": round(pre.icv_mm3, 1), **template_meta, **anatomy.REGION_COLUMNS,
+    }))
+    return written
 
 
 @dataclass
@@ -728,29 +743,40 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str
     contrast = anat_role if anat_role in anatomy.TISSUE_MEANS else "T2w"
     tkey = hashlib.sha256((key + digests[anat_role] + str(seed) + TEMPLATE_SETTING + contrast
                            + json.dumps(kit.sources, sort_keys=True)).encode()).hexdigest()
-    treg = _cached_template(work_dir, tkey, lambda: anatomy.register_template(
-        anat_img, brain, kit, contrast=contrast, setting=TEMPLATE_SETTING, seed=seed))
-    tick("template")
-    regions = anatomy.subject_regions(treg["labels"], mask, kit.table)
-    icv_mm3 = anatomy.intracranial_volume_mm3(treg["icv_mask"], mask, voxel_mm3)
-    gm, wm = qcm.tissue_masks(mask, treg["gm"], treg["wm"])
-    ref_data = np.asanyarray(n4.dataobj)
     registration = dict(qc.pop("registration", {}))
-    registration["template"] = {
-        "metric": "MattesMI", "before": round(treg["meta"]["similarity_before"], 4),
-        "after": round(treg["meta"]["similarity_after"], 4), "ok": bool(treg["meta"]["ok"]),
-        "brain_mask_dice": round(treg["meta"]["mask_dice"], 3), "contrast": contrast,
-        "transform": treg["meta"]["transform"],
-    }
+    try:
+        treg = _cached_template(work_dir, tkey, lambda: anatomy.register_template(
+            anat_img, brain, kit, contrast=contrast, setting=TEMPLATE_SETTING, seed=seed))
+    except (RuntimeError, ops.ImageError) as exc:  # antspyx raises RuntimeError when it cannot register
+        LOGGER.warning("%s: template registration failed: %s", ref_path, exc)
+        treg = None
+        registration["template"] = {"metric": "MattesMI", "before": None, "after": None, "ok": False,
+                                    "error": str(exc)[:300]}
+        warnings_.append(f"template registration failed ({exc}): no region outputs and no ICV for this unit")
+    tick("template")
+    if treg is None:
+        regions, icv_mm3 = None, None
+        gm = wm = np.zeros(mask.shape, bool)
+    else:
+        regions = anatomy.subject_regions(treg["labels"], mask, kit.table)
+        icv_mm3 = anatomy.intracranial_volume_mm3(treg["icv_mask"], mask, voxel_mm3)
+        gm, wm = qcm.tissue_masks(mask, treg["gm"], treg["wm"])
+        registration["template"] = {
+            "metric": "MattesMI", "before": round(treg["meta"]["similarity_before"], 4),
+            "after": round(treg["meta"]["similarity_after"], 4), "ok": bool(treg["meta"]["ok"]),
+            "brain_mask_dice": round(treg["meta"]["mask_dice"], 3), "contrast": contrast,
+            "transform": treg["meta"]["transform"],
+        }
+    ref_data = np.asanyarray(n4.dataobj)
     measures = {
         "snr": round(qcm.snr(ref_data, wm), 2), "cnr": round(qcm.cnr(ref_data, gm, wm), 3),
-        "brain_volume_mm3": round(brain_mm3, 1), "icv_mm3": round(icv_mm3, 1),
+        "brain_volume_mm3": round(brain_mm3, 1), "icv_mm3": None if icv_mm3 is None else round(icv_mm3, 1),
         "registration": registration,
     }
-    flags = qcm.flags({**measures, "mask_dice": treg["meta"]["mask_dice"]})
+    flags = qcm.flags({**measures, "mask_dice": None if treg is None else treg["meta"]["mask_dice"]})
     flags += qcm.voxel_size_flags(ops.spacing_mm(ref_img))
     qc_out = {**measures, "flags": flags}
-    if not treg["meta"]["ok"]:
+    if treg is not None and not treg["meta"]["ok"]:
         warnings_.append(f"template registration looks failed (mutual information did not improve, or the "
                          f"template brain overlaps the brain mask with Dice {treg['meta']['mask_dice']:.2f} < 0.8): "
                          "region measures are unreliable; check the regions figure")
@@ -758,8 +784,8 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick: Callable[[str
         if "registration" not in flag and "brain mask" not in flag:
             warnings_.append(f"QC flag: {flag}")
     template_info = {"contrast": contrast, "image": anat_role, "sources": dict(kit.sources),
-                     "setting": TEMPLATE_SETTING, "seconds": round(treg["meta"]["seconds"], 1),
-                     "warped": treg["warped"]}
+                     "setting": TEMPLATE_SETTING,
+                     "seconds": None if treg is None else round(treg["meta"]["seconds"], 1)}
     return Preprocessed(originals, digests, n4, brain, mask, coregistered, qc_out, warnings_, voxel_mm3,
                         brain_mm3, regions=regions, atlas=kit, icv_mm3=icv_mm3, template=template_info)
 

@@ -334,6 +334,8 @@ def _qc_rows(qc: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, (float, np.floating)):
         if not np.isfinite(value):
             return "n/a"
