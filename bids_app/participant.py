@@ -324,6 +324,7 @@ def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrit
         if not overwrite and _is_complete(status_file, inputs_key, output_dir):
             LOGGER.info("%s: outputs complete, skipping (use --overwrite to recompute)", label)
             return UnitResult(label, "skipped")
+        remove_stale_temporaries(output_dir, plan)
         outputs = process_unit(plan, bids_dir=bids_dir, output_dir=output_dir,
                                work_dir=Path(work_dir) / label, seed=seed, device=device)
     except Exception as exc:
@@ -346,6 +347,36 @@ def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrit
     _write_status(output_dir, result, inputs_key)
     LOGGER.info("%s: done in %.0f s", label, result.seconds)
     return result
+
+
+def remove_stale_temporaries(output_dir: Path, plan) -> list[Path]:
+    """Delete temporary files that a killed earlier run of this unit left in the output folder.
+
+    Only names this unit writes are touched (``.<unit stem>_*.tmp*`` beside its outputs, its
+    report, provenance and status record), so units running at the same time are safe.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    output_dir = Path(output_dir)
+    stem = plan.label  # sub-X or sub-X_ses-Y, the start of every output name of the unit
+    patterns = [(output_dir / f"sub-{plan.subject}", f".{stem}_*.tmp*"), (output_dir, f".{stem}.html.*.tmp*"),
+                (output_dir / "logs", f".{stem}_provenance.json.*.tmp*"),
+                (output_dir / "logs" / "status", f".{stem}.json.*.tmp*")]
+    removed = []
+    for folder, pattern in patterns:
+        if not folder.is_dir():
+            continue
+        for path in (folder.rglob(pattern) if folder.name.startswith("sub-") else folder.glob(pattern)):
+            if plan.session is None and "_ses-" in path.name:  # another unit's (sessions of this subject)
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        LOGGER.info("%s: removed %d temporary file(s) left by an interrupted run", plan.label, len(removed))
+    return removed
 
 
 def kill_point(step: str) -> None:
