@@ -333,6 +333,7 @@ def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrit
             message = str(exc)
         else:  # a library error (e.g. ANTs): name the unit's reference image
             message = f"{plan.images[plan.reference].path}: processing failed ({type(exc).__name__}: {exc})"
+        message = " ".join(message.split())  # one line, whatever the library said
         if not isinstance(exc, EpvsError):
             LOGGER.debug("%s: unexpected error", label, exc_info=True)
         LOGGER.error("%s: %s", label, message)

@@ -118,6 +118,27 @@ def status(out: Path, label: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def checksums(root: Path) -> dict[str, str]:
+    """``{relative path: sha256 | 'dir' | 'link:<target>' | 'unreadable'}`` plus permission bits, for every
+    entry under ``root`` (symbolic links are not followed)."""
+    import hashlib
+
+    out = {}
+    for path in [Path(root), *sorted(Path(root).rglob("*"))]:
+        rel = path.relative_to(root).as_posix()
+        mode = oct(path.lstat().st_mode & 0o7777)
+        if path.is_symlink():
+            out[rel] = f"link:{os.readlink(path)}"
+        elif path.is_dir():
+            out[rel] = f"dir {mode}"
+        else:
+            try:
+                out[rel] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {mode} {path.stat().st_mtime_ns}"
+            except PermissionError:
+                out[rel] = f"unreadable {mode}"
+    return out
+
+
 def temporaries(root: Path) -> list[Path]:
     """Temporary files (``*.tmp*``) left anywhere under ``root``."""
     return [p for p in Path(root).rglob("*") if ".tmp" in p.name]
