@@ -76,6 +76,11 @@ def load(path: str | os.PathLike) -> nib.Nifti1Image:
         raise ImageError(f"corrupt NIfTI header: cannot build its affine ({exc.__class__.__name__})", path) from exc
 
 
+def _mm(values) -> str:
+    """Sizes for messages: ``(0.9, 0.9, 3)``, not numpy reprs."""
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
 def _check_raw_geometry(path: Path, header_class) -> None:
     """Refuse a file whose voxel size is unknown: zero pixdim and neither sform nor qform.
 
@@ -87,7 +92,7 @@ def _check_raw_geometry(path: Path, header_class) -> None:
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
     no_xform = int(raw["sform_code"]) == 0 and int(raw["qform_code"]) == 0
     if no_xform and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
-        raise ImageError(f"voxel size unknown: pixdim is {tuple(pixdim)} and the header has neither an sform "
+        raise ImageError(f"voxel size unknown: pixdim is {_mm(pixdim)} and the header has neither an sform "
                          "nor a qform", path)
     if no_xform:
         LOGGER.warning("%s: no sform/qform in the header; orientation assumed from pixdim only (left-right "
@@ -133,16 +138,16 @@ def conform(img: nib.spatialimages.SpatialImage, *, name: str | os.PathLike = "i
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     pixdim = np.asarray(img.header.get_zooms()[:3], dtype=float)
     if np.any(zooms <= 1e-6):
-        raise ImageError(f"voxel size must be positive, header says {tuple(pixdim)} mm and the affine "
-                         f"{tuple(np.round(zooms, 4))} mm", name)
+        raise ImageError(f"voxel size must be positive, header says {_mm(pixdim)} mm and the affine "
+                         f"{_mm(zooms)} mm", name)
     if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise ImageError("affine is singular (cannot map voxels to millimetres)", name)
     if np.any(pixdim <= 0) or not np.allclose(pixdim, zooms, rtol=1e-3, atol=1e-4):
         # the sform/qform is valid: it is what every tool here uses, so the stale pixdim is ignored
         LOGGER.warning("%s: header pixdim %s mm disagrees with the affine's voxel size %s mm; using the affine",
-                       name, tuple(np.round(pixdim, 4)), tuple(np.round(zooms, 4)))
+                       name, _mm(pixdim), _mm(zooms))
     if np.any(zooms > 20):
-        raise ImageError(f"voxel size {tuple(np.round(zooms, 2))} mm is implausible for brain MRI", name)
+        raise ImageError(f"voxel size {_mm(zooms)} mm is implausible for brain MRI", name)
     data = data.astype(np.float32, copy=False)
     finite = np.isfinite(data)
     if not finite.any():
