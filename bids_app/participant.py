@@ -444,7 +444,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     """
 
     from epvsprep import anatomy, ops
-    from epvsseg import postproc
+    from epvsseg import postproc, ratings
 
     from .reports.participant import make_figures, write_report
 
@@ -472,7 +472,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         for reason, count in det["excluded"]["reason"].value_counts().items():
             warnings_.append(f"{count} cluster(s) excluded as {reason.replace('_', ' ')} (see the mask sidecar)")
     labels, n_clusters = postproc.label_clusters(detected)
-    table = postproc.cluster_table(labels, n4.affine, score=score)
+    table = postproc.cluster_table(labels, n4.affine, score=score, images=volumes, brain=mask)
     total_mm3 = float(detected.sum() * voxel_mm3)
     original_ref = originals[ref_role]
     if len(original_ref.shape) == 4:
@@ -489,6 +489,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                            for r in cluster_region]
     regions_table = (anatomy.region_table(detected, labels, pre.regions, atlas, voxel_mm3=voxel_mm3,
                                           icv_mm3=pre.icv_mm3) if have_regions else None)
+    rating = ratings.estimate_from_atlas(detected, pre.regions, atlas).to_dict() if have_regions else None
     tick("clusters")
 
     # ---- outputs, in the reference image's own grid and orientation
@@ -542,6 +543,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
                        "one row per cluster; centroids are in the voxel grid of this image and in "
                        "scanner millimetres (RAS+).",
         **postproc.CLUSTER_COLUMNS,
+        **dict(postproc.intensity_column(role) for role in volumes),
         "centroid_i": {"Description": "Centroid along the first voxel axis of this image (0-based).",
                        "Units": "voxels"},
         "centroid_j": {"Description": "Centroid along the second voxel axis of this image (0-based).",
@@ -563,7 +565,13 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     p = name("dseg", ".nii.gz", seg="regions")
     if have_regions:
         written += _write_regions(p, name("dseg", ".nii.gz", seg="PVSregions", desc=desc), pre, back, original_ref,
-                                  atlas, regions_table, detected, sources, common, template_meta)
+                                  atlas, regions_table, detected, sources, common,
+                                  {**template_meta, "VisualRatingEstimates": rating,
+                                   "VisualRatingEstimatesDescription": {
+                                       "Note": "Estimates computed from the segmentation, not visual ratings: "
+                                               "counts of ePVS cross-sections on the image's axial slices "
+                                               "(docs/usage.md, Visual-rating estimates).",
+                                       **ratings.RATING_FIELDS}})
     # brain mask (with ICV and QC) and preprocessed reference
     p = name("mask", ".nii.gz", desc="brain")
     written.append(write_nifti(p, back(mask.astype(np.uint8)), original_ref, np.uint8))
@@ -592,7 +600,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         "brain_volume_mm3": round(brain_mm3, 1),
         "icv_mm3": None if pre.icv_mm3 is None else round(pre.icv_mm3, 1),
         "total_ppm_icv": None if pre.icv_mm3 is None else round(1e6 * total_mm3 / pre.icv_mm3, 1),
-        "qc": qc, "warnings": warnings_,
+        "qc": qc, "warnings": warnings_, "ratings": rating,
         "template": {k: v for k, v in pre.template.items() if k != "warped"},
         "version": __version__, "device": det["device"], "timings_s": timings,
     }

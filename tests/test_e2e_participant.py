@@ -147,6 +147,19 @@ def test_region_outputs_follow_the_contract(run):
     assert {"n4", "brain_mask", "coreg_T1w", "template"} <= set(prov["timings_s"])
 
 
+def test_cluster_shape_signal_and_rating_estimates(run):
+    anat = run["out"] / "sub-01/anat"
+    clusters = pd.read_csv(anat / "sub-01_seg-PVSclusters_desc-T2w_dseg.tsv", sep="\t")
+    assert {"length_mm", "width_mm", "inclination_deg", "mean_T2w", "mean_T1w", "touches_brain_edge"} <= set(clusters)
+    assert (clusters["length_mm"] >= clusters["width_mm"] - 1e-9).all()
+    # ePVS are CSF-like: brighter than the brain's median on T2w, on average
+    assert clusters["mean_T2w"].median() > 1.0
+    est = json.loads((anat / "sub-01_seg-PVSregions_desc-T2w_dseg.json").read_text())["VisualRatingEstimates"]
+    assert 0 <= est["potter_bg"] <= 4 and 1 <= est["zhu_wm"] <= 4
+    assert est["potter_bg"] == (0 if est["bg_worst_slice_count"] == 0 else est["potter_bg"])
+    assert est["bg_worst_hemisphere"] in ("left", "right", "none")
+
+
 def test_sidecars_record_selection_and_sources(run):
     meta = json.loads((run["out"] / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json").read_text())
     assert meta["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
