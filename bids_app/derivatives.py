@@ -10,6 +10,7 @@ killed run never leaves a half-written file behind a valid name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -120,16 +121,31 @@ def atomic_path(target: Path):
     target.parent.mkdir(parents=True, exist_ok=True)
     name = target.name
     suffix = ".nii.gz" if name.endswith(".nii.gz") else target.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    except OSError as exc:
+        _raise_no_space(exc, target)
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            _raise_no_space(exc, target)
         raise
+
+
+def _raise_no_space(exc: OSError, target: Path) -> None:
+    """Turn a disk-full / file-too-large / quota error into :class:`NoSpaceError` (exit 74) naming ``target``."""
+    from .errors import NO_SPACE_ERRNOS, NoSpaceError
+
+    if exc.errno in NO_SPACE_ERRNOS:
+        raise NoSpaceError(f"cannot write: {exc.strerror} (errno {errno.errorcode.get(exc.errno, exc.errno)}); "
+                           "free space or raise the limit, then rerun (complete units are skipped)", target) from exc
 
 
 def write_text(target: Path, text: str) -> Path:

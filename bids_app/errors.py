@@ -7,6 +7,7 @@ documented exit codes (see ``docs/usage.md``).
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -20,6 +21,9 @@ EXIT_DATAERR = 65  #: input data are bad (os.EX_DATAERR)
 EXIT_NOINPUT = 66  #: a required input is missing (os.EX_NOINPUT)
 EXIT_CANTCREAT = 73  #: an output cannot be created (os.EX_CANTCREAT)
 EXIT_IOERR = 74  #: an I/O error while writing outputs (os.EX_IOERR)
+
+#: OS errors meaning "no room to write": disk full, file-size limit, quota exceeded (exit 74).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 
 class EpvsError(Exception):
@@ -76,6 +80,12 @@ class OutputError(EpvsError):
     exit_code = EXIT_CANTCREAT
 
 
+class NoSpaceError(EpvsError):
+    """Writing an output failed for lack of room (disk full, file-size limit, quota): see NO_SPACE_ERRNOS."""
+
+    exit_code = EXIT_IOERR
+
+
 def exit_code_for(exc: BaseException) -> int:
     """Return the documented exit code for an exception.
 
@@ -93,6 +103,8 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, (PermissionError, IsADirectoryError)):
         return EXIT_CANTCREAT
-    if isinstance(exc, OSError) and getattr(exc, "errno", None) in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return EXIT_CANTCREAT
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
         return EXIT_IOERR
     return EXIT_FAILURE

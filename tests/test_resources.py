@@ -73,7 +73,7 @@ def test_full_disk_tmpfs_74(reference, tmp_path):
         seed_work(reference, work, "sub-01")
         proc = run_cli([reference["bids"], out, "participant", "-w", work, *FAST])
         _assert_clean_failure(out, proc.returncode, proc.stderr, 74)
-        assert "No space left on device" in proc.stderr
+        assert "No space left on device (errno ENOSPC)" in proc.stderr and f"{out}/" in proc.stderr
         assert_no_traceback(proc.stderr)
     finally:
         _umount(out)
@@ -89,7 +89,8 @@ def test_file_size_limit_74(reference, tmp_path):
     seed_work(reference, work, "sub-01")
     proc = run_cli([reference["bids"], out, "participant", "-w", work, *FAST], preexec_fn=_limit_file_size)
     _assert_clean_failure(out, proc.returncode, proc.stderr, 74)
-    assert "File too large" in proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if "[ERROR] sub-01:" in x)
+    assert f"{out}/" in line and "cannot write: File too large (errno EFBIG)" in line, line
     assert_no_traceback(proc.stderr)
 
 

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         configured = True
         for line in env_report.lines():
             LOGGER.log(VERBOSE, "environment: %s", line)
-        (config.output_dir / "logs" / f"config-{config.run_uuid}.toml").write_text(config.to_toml())
+        from ..derivatives import write_text
+
+        write_text(config.output_dir / "logs" / f"config-{config.run_uuid}.toml", config.to_toml())
         if config.slurm is not None:  # --slurm-array: write the job scripts, process nothing
             from ..slurm import run_slurm_array
 
