@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from epvsseg import postproc
+from epvsseg import postproc, ratings
 
 SHAPE = (40, 40, 30)
 #: Voxel (i, j, k) -> scanner (x, y, z) mm: x = i - 20, so i < 20 is the left hemisphere.
@@ -154,6 +154,10 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
                          "region_volume_mm3": float(inside.sum()), "volume_fraction": vol / inside.sum(),
                          "mean_cluster_volume_mm3": vol / len(ids) if ids else "n/a"})
         pd.DataFrame(rows).to_csv(p(f"seg-PVSregions_desc-{combo}_dseg.tsv"), sep="\t", index=False)
+        grades = {"potter_bg": ratings.potter_grade(len(sites)), "potter_cso": 0,
+                  "zhu_bg": ratings.zhu_bg_grade(len(sites)), "zhu_wm": 1}
+        _json(p(f"seg-PVSregions_desc-{combo}_dseg.json"), {"VisualRatingEstimates": grades})
+        expected["ratings"] = grades
         expected["regions"] = pd.DataFrame(rows).set_index("name")
     if status:
         label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")

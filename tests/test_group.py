@@ -80,8 +80,11 @@ def test_cohort_wide_and_long(cohort):
     for name in exp.index:
         assert row[f"{name}__n_clusters"] == exp.at[name, "n_clusters"]
         assert row[f"{name}__volume_mm3"] == pytest.approx(exp.at[name, "volume_mm3"])
+    for grade, value in cohort["expected"][(3, 2)]["ratings"].items():  # visual-rating estimates
+        assert row[grade] == value
     old = wide.set_index("participant_id").loc["sub-07"]
     assert old["n_clusters"] == 12 and math.isnan(old["icv_mm3"]) and math.isnan(old["basal_ganglia_left__n_clusters"])
+    assert math.isnan(old["potter_bg"])
     long = _read(cohort["out"] / "group/cohort_long.tsv")
     # every unit has a whole-brain row; regional counts add up to it
     assert (long["name"] == "whole_brain").sum() == 12

@@ -201,6 +201,10 @@ def _float(value) -> float:
     return out if math.isfinite(out) else math.nan
 
 
+#: Visual-rating estimates copied from the seg-PVSregions sidecar into the cohort table.
+RATING_GRADES = ("potter_bg", "potter_cso", "zhu_bg", "zhu_wm")
+
+
 def read_unit(unit: Unit) -> Unit:
     """Read a unit's tables and sidecars into ``unit.summary`` (whole brain) and ``unit.regions``.
 
@@ -236,6 +240,13 @@ def read_unit(unit: Unit) -> Unit:
         "registration_ok": (all(reg_ok) if reg_ok else None),
         "participant_qc_flags": "; ".join(flags) or None,
     }
+    ratings = {}
+    region_json = unit.region_tsv.with_name(unit.region_tsv.name[: -len(".tsv")] + ".json")
+    if region_json.exists():
+        est = _read_json(region_json).get("VisualRatingEstimates")
+        ratings = est if isinstance(est, dict) else {}
+    for grade in RATING_GRADES:
+        unit.summary[grade] = _float(ratings.get(grade))
     if unit.region_tsv.exists():
         regions = _read_tsv(unit.region_tsv, REGION_TABLE_COLUMNS)
         _numeric(regions, [c for c in MEASURES if c in regions.columns] + ["index"], unit.region_tsv)

@@ -47,6 +47,11 @@ COHORT = {
     "registration_ok": {"Description": "True when every registration of the unit passed its check "
                                        "(participant QC); n/a when not recorded"},
     "participant_qc_flags": {"Description": "The participant level's QC flags, separated by '; '"},
+    "potter_bg": {"Description": "Estimated Potter/Doubal basal-ganglia grade 0-4 from the segmentation "
+                                 "(VisualRatingEstimates of the seg-PVSregions sidecar; docs/usage.md)"},
+    "potter_cso": {"Description": "Estimated Potter/Doubal centrum-semiovale grade 0-4 (as potter_bg)"},
+    "zhu_bg": {"Description": "Estimated Zhu basal-ganglia grade 1-4 (as potter_bg)"},
+    "zhu_wm": {"Description": "Estimated Zhu white-matter grade 1-4 (as potter_bg)"},
     "qc_outlier": {"Description": "Whole-brain measures outside Tukey's fences in this cohort "
                                   "(see qc_outliers.tsv), separated by '; '"},
     "age": {"Description": "Age from sessions.tsv (per session) or participants.tsv of the raw dataset",
