@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, gpu
 from .config import RunConfig
 from .derivatives import (
     bids_name,
@@ -867,6 +867,21 @@ def _cached_template(work: Path, key: str, compute: Callable[[], Any]) -> dict:
     return out
 
 
+def _inference_batch(device: str, model, shape: tuple[int, int, int]) -> int:
+    """Axial slices per forward pass: 8 on the CPU; on CUDA, as many as fit in the free GPU memory."""
+    if device != "cuda":
+        return 8
+    free = gpu.free_cuda_bytes()
+    if free is None:
+        return 8
+    multiple = 2 ** int(model.meta["architecture_kwargs"].get("depth", 3))
+    h, w = (-(-n // multiple) * multiple for n in shape[:2])
+    per_slice = gpu.unet_slice_bytes(h, w, **model.meta["architecture_kwargs"], dtype_bytes=2)
+    batch = gpu.batch_for_memory(free, per_slice, shape[2])
+    LOGGER.info("CUDA: %.1f GiB free, %d slices per batch", free / 1024**3, batch)
+    return batch
+
+
 def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,
                 device: str = "auto") -> dict[str, Any]:
     """Run the plan's detector on preprocessed volumes of the reference grid.
@@ -912,19 +927,21 @@ def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affin
     images = {c: volumes[c] for c in plan.combination}
     voxel = float(model.meta.get("voxel_mm", 1.0))
     resample = max(abs(s - voxel) / voxel for s in spacing) > 0.15
+    batch = _inference_batch(dev, model, mask.shape if not resample else
+                             tuple(int(round(n * s / voxel)) for n, s in zip(mask.shape, spacing)))
     if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
         from scipy import ndimage
 
         zoom = [s / voxel for s in spacing]
         small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
         small_mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
-        prob_small = infer.predict(small, small_mask, model)
+        prob_small = infer.predict(small, small_mask, model, batch=batch)
         back = [a / b for a, b in zip(mask.shape, prob_small.shape)]
         prob = ndimage.zoom(prob_small, back, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
         pad = [(0, m - p) for m, p in zip(mask.shape, prob.shape)]
         prob = np.pad(prob, pad) * mask
     else:
-        prob = infer.predict(images, mask, model)
+        prob = infer.predict(images, mask, model, batch=batch)
     threshold = model.threshold
     min_vox = int(model.meta.get("min_cluster_voxels", 2))
     exc_params = exclusions.ExclusionParams()
@@ -932,7 +949,7 @@ def detect_epvs(plan, volumes: Mapping[str, np.ndarray], mask: np.ndarray, affin
         prob, model, affine=affine, brain=mask,
         flair=volumes.get("FLAIR") if "FLAIR" in plan.combination else None, params=exc_params)
     return {
-        "score": prob.astype(np.float32), "mask": detected, "device": dev, "excluded": excluded,
+        "score": prob.astype(np.float32), "mask": detected, "device": gpu.describe_device(dev), "excluded": excluded,
         "parameters": {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": threshold,
                        "min_cluster_voxels": min_vox, "resampled_to_mm": voxel if resample else None,
                        "exclusions": exc_params.to_dict()},

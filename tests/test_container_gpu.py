@@ -114,3 +114,21 @@ def test_device_descriptions(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (12 * 1024**3, 80 * 1024**3))
     assert free_cuda_bytes() == 12 * 1024**3
+
+
+def test_inference_batch_follows_free_gpu_memory(monkeypatch):
+    """The participant level sizes U-Net batches from the free GPU memory (CPU: a fixed 8)."""
+    from types import SimpleNamespace
+
+    from bids_app import gpu, participant
+
+    model = SimpleNamespace(meta={"architecture_kwargs": {"in_channels": 16, "base": 16, "depth": 3}})
+    shape = (173, 209, 177)
+    assert participant._inference_batch("cpu", model, shape) == 8
+    monkeypatch.setattr(gpu, "free_cuda_bytes", lambda *a: None)
+    assert participant._inference_batch("cuda", model, shape) == 8
+    monkeypatch.setattr(gpu, "free_cuda_bytes", lambda *a: 40 * 1024**3)
+    big = participant._inference_batch("cuda", model, shape)
+    monkeypatch.setattr(gpu, "free_cuda_bytes", lambda *a: 2 * 1024**3)
+    small = participant._inference_batch("cuda", model, shape)
+    assert big == shape[2] and 1 <= small < big
