@@ -51,7 +51,7 @@ def _run_case(root, case, entities, capsys):
     return code
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=nifti_cases(), entities=ENTITIES)
 def test_cli_on_fuzzed_images(tmp_path_factory, case, entities, capsys):
     event(f"exit {_run_case(tmp_path_factory.mktemp('fuzz'), case, entities, capsys)}")
