@@ -83,8 +83,9 @@ class RunConfig:
     covariates: tuple[str, ...] | None = None
     #: Group level: cluster matching across sessions (``rigid``, ``header`` or ``none``).
     longitudinal_matching: str = "rigid"
-    #: nipype execution plugin for preprocessing workflows (``MultiProc`` or ``Linear``).
-    nipype_plugin: str = "MultiProc"
+    #: nipype execution plugin (``MultiProc`` or ``Linear``): run the units as nodes of a nipype workflow;
+    #: None runs them with the built-in process pool.
+    nipype_plugin: str | None = None
     #: SLURM job-array mode (``--slurm-array``): write job scripts instead of running.
     slurm: SlurmOptions | None = None
     #: Logging verbosity count (``-v``).
@@ -98,7 +99,7 @@ class RunConfig:
         MultiProc gets the run's cores (``n_procs``) and memory limit (``memory_gb``, GB) so nipype
         never schedules more than ``--nprocs``/``--mem``; Linear runs one node at a time and takes none.
         """
-        if self.nipype_plugin == "Linear":
+        if self.nipype_plugin in (None, "Linear"):
             return {}
         args: dict[str, Any] = {"n_procs": self.nprocs, "raise_insufficient": False}
         if self.mem_mb is not None:

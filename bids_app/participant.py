@@ -263,7 +263,11 @@ def run_participant_level(config: RunConfig) -> int:
         "device": config.device,
     }
     n_workers = max(1, min(len(jobs), config.nprocs // max(1, config.omp_nthreads)))
-    if n_workers == 1:
+    if config.nipype_plugin and jobs:
+        results += run_units_nipype(jobs, kwargs, plugin=config.nipype_plugin,
+                                    plugin_args=config.nipype_plugin_args(),
+                                    base_dir=Path(config.work_dir) / "nipype")
+    elif n_workers == 1:
         set_threads(config.omp_nthreads)
         results += [run_unit(plan, **kwargs) for plan in jobs]
     else:
@@ -296,6 +300,50 @@ def method_support(method: str) -> tuple[tuple[tuple[str, ...], ...], dict | Non
                                 infer.weights_root())
     combos = infer.SERVED_COMBINATIONS
     return combos, {c: infer.DEFAULT_MODEL for c in combos}
+
+
+def _nipype_unit(plan_dict, kwargs):
+    """nipype Function-node body: run one unit (self-contained imports, as nipype requires)."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from bids_app.participant import run_unit, set_threads
+    from bids_app.plan import SessionPlan
+
+    set_threads(kwargs["omp_nthreads"])
+    kwargs = {k: (Path(v) if k.endswith("_dir") else v) for k, v in kwargs.items()}
+    return asdict(run_unit(SessionPlan.from_dict(plan_dict), **kwargs))
+
+
+def run_units_nipype(jobs, kwargs: dict, *, plugin: str, plugin_args: dict, base_dir: Path) -> list[UnitResult]:
+    """Run units as the nodes of one nipype workflow executed by ``plugin``.
+
+    Each node declares ``omp_nthreads`` processors, so MultiProc runs ``nprocs // omp_nthreads``
+    units at a time within ``plugin_args`` (``n_procs``, ``memory_gb``); Linear runs them one by one.
+    A unit's failure is its own result (``run_unit`` never raises), so the workflow always completes.
+    """
+    from nipype import Node, Workflow
+    from nipype.interfaces.utility import Function
+
+    wf = Workflow(name="epvs_participants", base_dir=str(base_dir))
+    wf.config["execution"].update({"crashdump_dir": str(base_dir / "crash"), "poll_sleep_duration": 0.2,
+                                   "remove_unnecessary_outputs": False})
+    nodes = []
+    for i, plan in enumerate(jobs):
+        node = Node(Function(input_names=["plan_dict", "kwargs"], output_names=["result"], function=_nipype_unit),
+                    name=f"unit_{i:05d}_{plan.label.replace('-', '')}", n_procs=int(kwargs["omp_nthreads"]),
+                    overwrite=True)  # never nipype's cache: run_unit itself skips complete units
+        node.inputs.plan_dict = plan.to_dict()
+        node.inputs.kwargs = {k: (str(v) if isinstance(v, Path) else v) for k, v in kwargs.items()}
+        wf.add_nodes([node])
+        nodes.append(node)
+    graph = wf.run(plugin=plugin, plugin_args=plugin_args)
+    by_name = {n.name: n for n in graph.nodes()}
+    results = []
+    for node in nodes:
+        res = by_name[node.name].result.outputs.result
+        results.append(UnitResult(**res))
+    return results
 
 
 def _run_unit_star(args):

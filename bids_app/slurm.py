@@ -74,7 +74,9 @@ def participant_arguments(config: RunConfig) -> list[str]:
     args = [str(config.bids_dir), str(config.output_dir), "participant", "-w", str(config.work_dir),
             "--nprocs", str(config.nprocs), "--omp-nthreads", str(config.omp_nthreads),
             "--method", config.method, "--device", config.device, "--random-seed", str(config.random_seed),
-            "--nipype-plugin", config.nipype_plugin, "--skip-bids-validation"]
+            "--skip-bids-validation"]
+    if config.nipype_plugin:
+        args += ["--nipype-plugin", config.nipype_plugin]
     if config.mem_mb is not None:
         args += ["--mem", f"{config.mem_mb}M"]
     if config.session_label:

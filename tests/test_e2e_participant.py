@@ -209,6 +209,19 @@ def test_frangi_baseline_reuses_preprocessing(run):
     assert prov["timings_s"]["n4"] < 5, "N4 was not taken from the work-directory cache"
 
 
+@pytest.mark.parametrize("plugin", ["Linear", "MultiProc"])
+def test_units_as_nipype_workflow(run, plugin):
+    """--nipype-plugin runs the units as nodes of a nipype workflow; a failed unit stays its own result."""
+    out = run["out"].parent / f"out-nipype-{plugin}"
+    code = main([str(run["bids"]), str(out), "participant", "-w", str(run["work"]), "--method", "frangi",
+                 "--nprocs", "2", "--omp-nthreads", "1", "--nipype-plugin", plugin, "--skip-bids-validation"])
+    assert code == 65  # sub-02's corrupt T2w
+    assert json.loads((out / "logs/status/sub-01.json").read_text())["status"] == "complete"
+    assert json.loads((out / "logs/status/sub-02.json").read_text())["exit_code"] == 65
+    assert (out / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.nii.gz").exists()
+    assert any((run["work"] / "nipype" / "epvs_participants").glob("unit_*"))
+
+
 def test_no_temporary_files_left(run):
     leftovers = [p for p in run["out"].rglob("*") if ".tmp" in p.name]
     assert not leftovers

@@ -156,7 +156,8 @@ def test_nipype_plugin_option(bids, tmp_path):
     from bids_app.cli.parser import parse_args
 
     base = [str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")]
-    config = parse_args([*base, "--nprocs", "3", "--mem", "6G"])
+    assert parse_args(base).nipype_plugin is None  # default: the built-in process pool
+    config = parse_args([*base, "--nprocs", "3", "--mem", "6G", "--nipype-plugin", "MultiProc"])
     assert config.nipype_plugin == "MultiProc"
     assert config.nipype_plugin_args() == {"n_procs": 3, "memory_gb": 6.0, "raise_insufficient": False}
     assert 'nipype_plugin = "MultiProc"' in config.to_toml()

@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, help="CPU cores to use (default: all)")
     perf.add_argument("--omp-nthreads", type=_positive_int, help="threads per process (default: nprocs)")
     perf.add_argument("--mem", type=parse_memory, metavar="SIZE", help="memory limit with a unit, e.g. 8G")
-    perf.add_argument("--nipype-plugin", choices=NIPYPE_PLUGINS, default="MultiProc",
-                      help="nipype execution plugin of the preprocessing workflows: MultiProc (parallel within "
-                      "--nprocs and --mem) or Linear (one step at a time) (default: %(default)s)")
+    perf.add_argument("--nipype-plugin", choices=NIPYPE_PLUGINS, default=None,
+                      help="run the units as nodes of a nipype workflow with this execution plugin: MultiProc "
+                      "(parallel within --nprocs and --mem) or Linear (one unit at a time); default: the built-in "
+                      "process pool")
 
     hpc = parser.add_argument_group("cluster (SLURM job array, see docs/hpc.md)")
     hpc.add_argument("--slurm-array", action="store_true",
