@@ -1,6 +1,6 @@
 """Train the 2.5D multi-channel ePVS U-Net on synthetic data, reproducibly.
 
-``python -m epvsseg.train --out epvsseg/weights/epvs-unet25d-v1`` renders seeded synthetic
+``python -m epvsseg.train --out epvsseg/weights/epvs-unet25d-v2`` renders seeded synthetic
 cases with :mod:`epvsseg.synth` (the parameters of every case are saved), trains one
 network for every served sequence combination with modality dropout, keeps the
 checkpoint with the best validation score, and writes ``weights.pt``, ``model.json``

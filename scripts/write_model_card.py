@@ -53,6 +53,9 @@ def main(folder: str) -> None:
     tr = meta["training"]
     bench_path = ROOT / "benchmarks" / "results" / "models.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
+    title = (bench_path.with_suffix(".md").read_text().splitlines() or [""])[0] if bench else ""
+    if bench and f" {meta['model_id']} " not in title + " ":
+        bench = None  # the committed benchmark is of another model
     lines = [
         f"# Model card: {meta['model_id']}\n",
         "\n## What it is\n",
