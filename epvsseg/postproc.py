@@ -299,18 +299,41 @@ def cluster_principal_sd(labels: np.ndarray, spacing_mm: Sequence[float]) -> np.
     if not ijk[0].size:
         return out
     lab = labels[ijk].astype(np.int64)
-    pos = [ax * s for ax, s in zip(ijk, spacing)]
-    count = np.bincount(lab, minlength=n_labels).astype(float)
-    present = count > 0
-    mean = [np.bincount(lab, weights=p, minlength=n_labels)[present] / count[present] for p in pos]
-    cov = np.zeros((int(present.sum()), 3, 3))
-    for a in range(3):
-        for b in range(a, 3):
-            m = np.bincount(lab, weights=pos[a] * pos[b], minlength=n_labels)[present] / count[present]
-            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    present, _, cov = _cluster_covariance(lab, np.stack([ax * sp for ax, sp in zip(ijk, spacing)], 1))
     eig = np.clip(np.linalg.eigvalsh(cov), 0.0, None)[:, ::-1]
     out[present] = np.sqrt(eig)
     return out
+
+
+def _cluster_covariance(lab: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-label population covariance of point coordinates.
+
+    Parameters
+    ----------
+    lab : (M,) ndarray of int
+        Label of each foreground voxel (> 0).
+    coords : (M, 3) ndarray of float
+        Its coordinates (mm).
+
+    Returns
+    -------
+    present : ndarray of int, shape (L,)
+        The labels present, ascending.
+    count : ndarray of float, shape (L,)
+        Voxels per present label.
+    cov : ndarray, shape (L, 3, 3)
+        Population covariance (divided by the count) of each present label's coordinates.
+    """
+    count_all = np.bincount(lab).astype(float)
+    present = np.flatnonzero(count_all)
+    count = count_all[present]
+    mean = [np.bincount(lab, weights=coords[:, a])[present] / count for a in range(3)]
+    cov = np.zeros((present.size, 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            m = np.bincount(lab, weights=coords[:, a] * coords[:, b])[present] / count
+            cov[:, a, b] = cov[:, b, a] = m - mean[a] * mean[b]
+    return present, count, cov
 
 
 def cluster_geometry(labels: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
@@ -338,16 +361,8 @@ def cluster_geometry(labels: np.ndarray, affine: np.ndarray) -> pd.DataFrame:
     cols = ["length_mm", "width_mm", "axis_x", "axis_y", "axis_z", "inclination_deg"]
     if lab.size == 0:
         return pd.DataFrame(columns=cols, dtype=float)
-    xyz = np.stack(ijk, 1) @ affine[:3, :3].T
-    count = np.bincount(lab).astype(float)
-    present = np.flatnonzero(count)
-    n = count[present]
-    mean = [np.bincount(lab, weights=xyz[:, a])[present] / n for a in range(3)]
-    cov = np.zeros((present.size, 3, 3))
-    for a in range(3):
-        for b in range(a, 3):
-            m = np.bincount(lab, weights=xyz[:, a] * xyz[:, b])[present] / n
-            cov[:, a, b] = cov[:, b, a] = (m - mean[a] * mean[b]) * n / np.maximum(n - 1, 1)  # sample covariance
+    present, n, cov = _cluster_covariance(lab, np.stack(ijk, 1) @ affine[:3, :3].T)
+    cov *= (n / np.maximum(n - 1, 1))[:, None, None]  # sample covariance
     w, v = np.linalg.eigh(cov)  # ascending
     w = np.clip(w, 0.0, None)
     edge = float(np.cbrt(abs(np.linalg.det(affine[:3, :3]))))
