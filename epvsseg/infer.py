@@ -143,8 +143,8 @@ def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], context: int,
-                   contrasts: Sequence[str] = CONTRASTS) -> np.ndarray:
-    """Build the 2.5D input of every axial slice.
+                   contrasts: Sequence[str] = CONTRASTS, slices: Sequence[int] | None = None) -> np.ndarray:
+    """Build the 2.5D input of every axial slice (or of the axial ``slices`` given).
 
     Parameters
     ----------
@@ -154,16 +154,19 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
     context : int
         Slices on each side of the centre slice.
 
+    slices : sequence of int, optional
+        Axial indices to build (default: all ``K``); building a batch at a time keeps memory small.
+
     Returns
     -------
-    ndarray, shape (K, C, I, J)
+    ndarray, shape (len(slices), C, I, J)
         ``C = len(contrasts) * (2 * context + 1) + len(contrasts)``; slices outside the volume are
         edge-replicated; presence channels are constant 0/1 maps.
     """
     ni, nj, nk = shape
     width = 2 * context + 1
-    out = np.zeros((nk, len(contrasts) * width + len(contrasts), ni, nj), np.float32)
-    ks = np.arange(nk)
+    ks = np.arange(nk) if slices is None else np.asarray(slices, int)
+    out = np.zeros((ks.size, len(contrasts) * width + len(contrasts), ni, nj), np.float32)
     for c, name in enumerate(contrasts):
         vol = volumes.get(name)
         if vol is None:
@@ -223,7 +226,6 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
 
     mask = np.asarray(mask, bool)
     norm = {c: normalise(np.asarray(v, np.float32), mask) for c, v in images.items()}
-    x = stack_channels(norm, mask.shape, model.context)
     keep = np.flatnonzero(mask.any(axis=(0, 1)))
     prob = np.zeros(mask.shape, np.float32)
     multiple = 2 ** model.net.depth
@@ -233,7 +235,7 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     with torch.inference_mode():
         while start < keep.size:
             ks = keep[start:start + batch]
-            xb = torch.from_numpy(x[ks]).to(model.device)
+            xb = torch.from_numpy(stack_channels(norm, mask.shape, model.context, slices=ks)).to(model.device)
             xb, (h, w) = pad_to_multiple(xb, multiple)
             try:
                 with torch.autocast("cuda", dtype=amp, enabled=cuda):

@@ -56,7 +56,8 @@ class TrainConfig:
     workers: int = 2
     cache_dir: str = "work/synth-cache"
     init: str = ""
-    thresholds: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+    t2w_fraction: float = 0.125
+    thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     combinations: tuple[tuple[str, ...], ...] = field(default=SERVED_COMBINATIONS)
 
 
@@ -141,7 +142,7 @@ def sample_batch(cases: list[Case], rng: np.random.Generator, cfg: TrainConfig):
             k = rng.integers(nk)
             i0 = rng.integers(0, ni - cfg.patch + 1)
             j0 = rng.integers(0, nj - cfg.patch + 1)
-        combo = cfg.combinations[rng.integers(len(cfg.combinations))]
+        combo = cfg.combinations[rng.choice(len(cfg.combinations), p=combination_weights(cfg))]
         vols = {}
         for c in combo:
             v = case.images[c][i0:i0 + cfg.patch, j0:j0 + cfg.patch]
@@ -158,6 +159,40 @@ def sample_batch(cases: list[Case], rng: np.random.Generator, cfg: TrainConfig):
             xs, ys = xs[:, :, ::-1], ys[:, ::-1]
         x[b], y[b, 0] = xs, ys
     return x, y
+
+
+def combination_weights(cfg: TrainConfig) -> np.ndarray:
+    """Probability of drawing each of ``cfg.combinations`` for a training sample.
+
+    T2w alone, the most common research input and the seed study's best single sequence, is drawn with
+    probability ``cfg.t2w_fraction``; the other combinations share the rest equally.
+    """
+    n = len(cfg.combinations)
+    if ("T2w",) not in cfg.combinations or n == 1:
+        return np.full(n, 1.0 / n)
+    w = np.full(n, (1.0 - cfg.t2w_fraction) / (n - 1))
+    w[cfg.combinations.index(("T2w",))] = cfg.t2w_fraction
+    return w
+
+
+def widen_context(state: dict, old_context: int, new_context: int, n_contrasts: int = len(CONTRASTS)) -> dict:
+    """Map a 2.5D model's weights to a wider slice context (warm start of a ``context`` change).
+
+    Only the first convolution sees the slice channels: its kernel for offset ``o`` of contrast ``c`` moves to
+    the new position of ``(c, o)``; the new outer offsets start at zero, so the widened network computes
+    exactly what the old one did until training changes it. Presence channels move to the new end.
+    """
+    if new_context < old_context:
+        raise ValueError(f"cannot narrow the context from {old_context} to {new_context}")
+    key = next(k for k, v in state.items() if v.ndim == 4)  # first conv weight: (out, in, kh, kw)
+    w = state[key]
+    wo, wn = 2 * old_context + 1, 2 * new_context + 1
+    new = w.new_zeros((w.shape[0], n_contrasts * wn + n_contrasts, *w.shape[2:]))
+    for c in range(n_contrasts):
+        for o in range(-old_context, old_context + 1):
+            new[:, c * wn + o + new_context] = w[:, c * wo + o + old_context]
+        new[:, n_contrasts * wn + c] = w[:, n_contrasts * wo + c]
+    return {**state, key: new}
 
 
 # --------------------------------------------------------------- training
@@ -252,10 +287,13 @@ def train(cfg: TrainConfig) -> dict:
         from .infer import load_model
 
         base = load_model(cfg.init)
-        if base.meta["architecture_kwargs"] != kwargs:
-            raise ValueError(f"--init {cfg.init}: architecture {base.meta['architecture_kwargs']} != {kwargs}")
-        net.load_state_dict(base.net.state_dict())
-        init = {"model_id": base.model_id, "sha256": base.meta["sha256"]}
+        old_kwargs = {**base.meta["architecture_kwargs"], "in_channels": kwargs["in_channels"]}
+        if old_kwargs != kwargs or base.context > cfg.context:
+            raise ValueError(f"--init {cfg.init}: architecture {base.meta['architecture_kwargs']} (context "
+                             f"{base.context}) does not fit {kwargs} (context {cfg.context})")
+        state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
+        net.load_state_dict(widen_context(state, base.context, cfg.context))
+        init = {"model_id": base.model_id, "sha256": base.meta["sha256"], "context": base.context}
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     best, best_state, history = -1.0, None, []

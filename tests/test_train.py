@@ -1,0 +1,40 @@
+"""Training recipe helpers: combination sampling and the context-widening warm start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epvsseg import infer
+from epvsseg.nets import build, n_input_channels
+from epvsseg.train import TrainConfig, combination_weights, widen_context
+
+
+def test_combination_weights_favour_t2w_as_configured():
+    cfg = TrainConfig(out="", t2w_fraction=0.3)
+    w = combination_weights(cfg)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[cfg.combinations.index(("T2w",))] == pytest.approx(0.3)
+    others = np.delete(w, cfg.combinations.index(("T2w",)))
+    assert np.allclose(others, 0.7 / (len(cfg.combinations) - 1))
+    assert np.allclose(combination_weights(TrainConfig(out="")), 1 / len(cfg.combinations))
+
+
+def test_widened_context_computes_what_the_narrow_model_did():
+    base = infer.load_model(infer.DEFAULT_MODEL)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
+    wide_ctx = base.context + 1
+    net = build(base.meta["architecture"],
+                **{**base.meta["architecture_kwargs"], "in_channels": n_input_channels(wide_ctx)})
+    net.load_state_dict(widen_context(state, base.context, wide_ctx))
+    wide = infer.LoadedModel(net.eval(), {**base.meta, "context_slices": wide_ctx}, base.folder, "cpu")
+    rng = np.random.default_rng(0)
+    vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
+    vol[18:21, 20:23, :] = 4.0  # a bright vertical tube, so the output is not trivially zero
+    mask = np.ones(vol.shape, bool)
+    a = infer.predict({"T2w": vol}, mask, base)
+    b = infer.predict({"T2w": vol}, mask, wide)
+    assert a.max() > 0.1
+    assert np.abs(a - b).max() < 1e-4
+    with pytest.raises(ValueError, match="narrow"):
+        widen_context(state, 2, 1)
