@@ -2,9 +2,13 @@
 
 Sources (no file under ``../shared`` is read at run time):
 
-* ICBM 2009a non-linear symmetric GM and WM probability maps and T1w template, from the
-  nilearn wheel (``nilearn/datasets/data/mni_icbm152_{gm,wm,t1}_tal_nlin_sym_09a_converted.nii.gz``;
+* tissue maps (:class:`TissueMaps`): by default the ICBM 2009a non-linear symmetric GM and WM
+  probability maps and T1w template, from the nilearn wheel
+  (``nilearn/datasets/data/mni_icbm152_{gm,wm,t1}_tal_nlin_sym_09a_converted.nii.gz``;
   BSD-3 for nilearn, permissive MNI ICBM 2009 notice). Grid 197x233x189 voxels of 1 mm, RAS.
+  Another brain's maps, affinely aligned to MNI space, can replace them (held-out anatomy for
+  benchmarks: :func:`epvsseg.synth.anatomies.colin27_tissue`); all derivations below are then
+  applied to those maps.
 * CIT168 subcortical label map (Pauli et al. 2018, CC BY 4.0), shipped in
   ``epvsprep/data/atlases/CIT168_maxprob_thr25_1mm.nii.gz``. Grid 79x69x54 voxels of 1 mm,
   MNI152NLin2009cAsym, cropped: it is resampled to the ICBM grid **by affine** (world mm to
@@ -12,7 +16,8 @@ Sources (no file under ``../shared`` is read at run time):
 
 Derived quantities and their approximations (documented in ``docs/synthetic_data.md``):
 
-* brain mask: support of the (brain-extracted) ICBM T1w template, holes filled;
+* brain mask: support of the (brain-extracted) ICBM T1w template, holes filled (or the mask of
+  the :class:`TissueMaps` given);
 * CSF fraction: ``clip(mask - GM - WM, 0, 1)``;
 * ventricles: CSF >= 0.5 that lies >= 10 mm inside the brain mask within 30 mm of the midline
   (not on the midline above the third ventricle: the interhemispheric fissure), connected parts
@@ -21,8 +26,8 @@ Derived quantities and their approximations (documented in ``docs/synthetic_data
   (substantia nigra, red nucleus, subthalamic nucleus) from CIT168;
 * sulcal fundi: ridge of the distance to WM inside the cortical ribbon (negative Laplacian),
   where per-case sulcal CSF is restored (the average template blurs the sulci away);
-* thalamus (not in CIT168): ICBM GM >= 0.3 inside a central MNI box, minus CIT168 structures
-  and CSF; hippocampus: ICBM GM >= 0.4 inside a medial temporal MNI box (includes part of the
+* thalamus (not in CIT168): GM >= 0.3 inside a central MNI box, minus CIT168 structures
+  and CSF; hippocampus: GM >= 0.4 inside a medial temporal MNI box (includes part of the
   parahippocampal gyrus); midbrain: tissue inside a brainstem box around the CIT168 nuclei.
 
 All arrays are in nibabel voxel order (i, j, k) of a RAS grid (axis 0 = left->right,
@@ -81,6 +86,61 @@ _ICBM_FILES = {
 _CIT168_FILE = "CIT168_maxprob_thr25_1mm.nii.gz"
 #: SHA256 of the shipped CIT168 label map.
 CIT168_SHA256 = "8dd689dc3a66e527cca7ec8540b261753084f20bcb896832864998f07ecdfd11"
+
+
+@dataclass(frozen=True, eq=False)
+class TissueMaps:
+    """Brain tissue probability maps on one grid in MNI-like world mm: the input of :func:`build_priors`.
+
+    Attributes
+    ----------
+    gm, wm : ndarray, shape (I, J, K), float32
+        Grey- and white-matter probabilities (fractions of a voxel) in [0, 1].
+    brain_mask : ndarray, shape (I, J, K), bool
+        Intracranial brain mask (brain + CSF); CSF is derived as ``mask - GM - WM``.
+    affine : ndarray, shape (4, 4)
+        Voxel (i, j, k) -> world (RAS, MNI-like) mm. Must be axis-aligned, RAS, 1 mm isotropic: the
+        derivations of :func:`build_priors` count voxels as cubic millimetres.
+    name : str
+        Short anatomy name recorded in :attr:`AnatomyPriors.sources` (``"anatomy"``).
+    sources : dict of str to str
+        Files or steps the maps came from (provenance).
+
+    Raises
+    ------
+    ValueError
+        On shape, grid or value problems (message names the anatomy and the problem).
+    """
+
+    gm: np.ndarray
+    wm: np.ndarray
+    brain_mask: np.ndarray
+    affine: np.ndarray
+    name: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        shape = np.shape(self.gm)
+        if len(shape) != 3 or np.shape(self.wm) != shape or np.shape(self.brain_mask) != shape:
+            raise ValueError(f"tissue maps {self.name!r}: gm, wm and brain_mask must be 3D arrays of one "
+                             f"shape, got {np.shape(self.gm)}, {np.shape(self.wm)}, {np.shape(self.brain_mask)}")
+        aff = np.asarray(self.affine, float)
+        if aff.shape != (4, 4) or not np.allclose(aff[:3, :3], np.eye(3), atol=1e-4):
+            raise ValueError(f"tissue maps {self.name!r}: the grid must be axis-aligned RAS at 1 mm "
+                             f"(affine[:3, :3] = identity), got\n{aff}")
+        for key in ("gm", "wm"):
+            a = getattr(self, key)
+            if np.asarray(a).dtype != np.float32:
+                raise ValueError(f"tissue maps {self.name!r}: {key} must be float32, got {np.asarray(a).dtype}")
+            if not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0:
+                raise ValueError(f"tissue maps {self.name!r}: {key} must be finite probabilities in [0, 1]")
+        if np.asarray(self.brain_mask).dtype != bool or not np.any(self.brain_mask):
+            raise ValueError(f"tissue maps {self.name!r}: brain_mask must be a non-empty boolean array")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Grid shape (I, J, K), voxels."""
+        return tuple(int(s) for s in np.shape(self.gm))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,6 +204,43 @@ def nilearn_data_dir() -> Path:
     return Path(nilearn.__file__).parent / "datasets" / "data"
 
 
+def icbm_path(kind: str) -> Path:
+    """Path of an ICBM 2009a map of the nilearn wheel: ``kind`` is ``"gm"``, ``"wm"`` or ``"t1"``."""
+    if kind not in _ICBM_FILES:
+        raise ValueError(f"unknown ICBM 2009a map {kind!r}; expected one of {sorted(_ICBM_FILES)}")
+    path = nilearn_data_dir() / _ICBM_FILES[kind]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: ICBM 2009a map missing from the nilearn wheel; reinstall nilearn")
+    return path
+
+
+def icbm_tissue() -> TissueMaps:
+    """The default anatomy: ICBM 2009a GM/WM probability maps and brain mask (nilearn wheel).
+
+    Returns
+    -------
+    TissueMaps
+        197x233x189 voxels of 1 mm, RAS; GM and WM as stored / 255; the mask is the support of the
+        brain-extracted T1w template with its holes filled.
+    """
+    folder = nilearn_data_dir()
+    gm_img = nib.load(icbm_path("gm"))
+    affine = gm_img.affine.copy()
+    shape = gm_img.shape[:3]
+    gm = np.asarray(gm_img.dataobj, np.float32) / 255.0
+    wm_img = nib.load(icbm_path("wm"))
+    if wm_img.shape[:3] != shape or not np.allclose(wm_img.affine, affine):
+        raise ValueError(f"{folder / _ICBM_FILES['wm']}: grid differs from the GM map")
+    wm = np.asarray(wm_img.dataobj, np.float32) / 255.0
+    t1_img = nib.load(icbm_path("t1"))
+    if t1_img.shape[:3] != shape or not np.allclose(t1_img.affine, affine):
+        raise ValueError(f"{folder / _ICBM_FILES['t1']}: grid differs from the GM map")
+    # brain mask: the support of the (brain-extracted) T1w template, holes filled
+    mask = ndimage.binary_fill_holes(np.asarray(t1_img.dataobj) > 0)
+    return TissueMaps(gm=gm, wm=wm, brain_mask=mask, affine=affine, name="icbm2009a",
+                      sources={"icbm2009a": str(folder)})
+
+
 def atlas_path(name: str = _CIT168_FILE) -> Path:
     """Path of an atlas shipped in ``epvsprep/data/atlases`` (the CIT168 map is checked by SHA256)."""
     ref = resources.files("epvsprep") / "data" / "atlases" / name
@@ -160,7 +257,7 @@ def atlas_path(name: str = _CIT168_FILE) -> Path:
 def _axis_coords(affine: np.ndarray, shape: tuple[int, int, int]) -> list[np.ndarray]:
     """World mm of the voxel centres of an axis-aligned grid, one broadcastable array per axis."""
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine)[:3])):
-        raise ValueError("the ICBM template grid is expected to be axis-aligned (diagonal affine)")
+        raise ValueError("the tissue-map grid is expected to be axis-aligned (diagonal affine)")
     out = []
     for a, n in enumerate(shape):
         v = (affine[a, a] * np.arange(n) + affine[a, 3]).astype(np.float32)
@@ -220,34 +317,33 @@ def _depth_mm(mask: np.ndarray) -> np.ndarray:
     return full[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
 
 
-def build_priors(grid_mm: float = 1.0) -> AnatomyPriors:
+def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> AnatomyPriors:
     """Build the anatomy priors (uncached; see :func:`load_priors`).
 
     Parameters
     ----------
     grid_mm : float
-        Isotropic voxel size of the prior grid, mm. The templates are 1 mm; other sizes are
+        Isotropic voxel size of the prior grid, mm. The tissue maps are 1 mm; other sizes are
         resampled by affine (trilinear).
+    tissue : TissueMaps, optional
+        GM/WM maps and brain mask of the anatomy, on a 1 mm RAS grid in MNI-like mm (the CIT168
+        nuclei and the MNI boxes are placed by world coordinates, so the maps must be aligned to
+        MNI space at least affinely). Default: :func:`icbm_tissue` (the training anatomy).
 
     Returns
     -------
     AnatomyPriors
+        ``sources["anatomy"]`` is ``tissue.name``.
     """
-    folder = nilearn_data_dir()
-    gm_img = nib.load(folder / _ICBM_FILES["gm"])
-    affine = gm_img.affine.copy()
-    shape = gm_img.shape[:3]
-    gm = np.asarray(gm_img.dataobj, np.float32) / 255.0
-    wm_img = nib.load(folder / _ICBM_FILES["wm"])
-    if wm_img.shape[:3] != shape or not np.allclose(wm_img.affine, affine):
-        raise ValueError(f"{folder / _ICBM_FILES['wm']}: grid differs from the GM map")
-    wm = np.asarray(wm_img.dataobj, np.float32) / 255.0
-
-    t1_img = nib.load(folder / _ICBM_FILES["t1"])
-    if t1_img.shape[:3] != shape or not np.allclose(t1_img.affine, affine):
-        raise ValueError(f"{folder / _ICBM_FILES['t1']}: grid differs from the GM map")
-    # brain mask: the support of the (brain-extracted) T1w template, holes filled
-    mask = ndimage.binary_fill_holes(np.asarray(t1_img.dataobj) > 0)
+    if tissue is None:
+        tissue = icbm_tissue()
+    if not isinstance(tissue, TissueMaps):
+        raise TypeError(f"tissue must be a TissueMaps, got {type(tissue).__name__}")
+    affine = np.asarray(tissue.affine, float).copy()
+    shape = tissue.shape
+    gm = np.asarray(tissue.gm, np.float32)
+    wm = np.asarray(tissue.wm, np.float32)
+    mask = np.asarray(tissue.brain_mask, bool)
     # crop to the brain (+6 voxels) to save memory and time
     bb = np.argwhere(mask)
     lo = np.maximum(bb.min(0) - 6, 0)
@@ -367,7 +463,7 @@ def build_priors(grid_mm: float = 1.0) -> AnatomyPriors:
         grid_mm=float(grid_mm), affine=crop_affine, channels=q,
         channel_names=(*TISSUES, SULCUS_CHANNEL, DIST_CHANNEL),
         seeds=seeds, dist_vent_mm=stack[-1].astype(np.float32), support=support,
-        sources={"icbm2009a": str(folder), "cit168": str(cit_path)},
+        sources={"anatomy": tissue.name, **tissue.sources, "cit168": str(cit_path)},
     )
 
 
