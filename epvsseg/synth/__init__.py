@@ -4,7 +4,8 @@ No public ePVS weights or labelled scans exist, so the networks of epvs-bids are
 cases rendered here from real anatomical priors (ICBM 2009a tissue maps from nilearn, the
 CIT168 subcortical atlas shipped in ``epvsprep/data/atlases``), with partial-volume ePVS tubes,
 their mimics (WMH, lacunes, vessels, microbleeds) and randomised contrasts and acquisitions.
-See ``docs/synthetic_data.md``.
+Held-out anatomy for benchmarks: ``build_priors(1.0, tissue=colin27_tissue())`` (Colin27, a real
+brain the training never saw). See ``docs/synthetic_data.md``.
 
 Example
 -------
@@ -14,8 +15,9 @@ Example
 >>> case = synth.render(params, synth.load_priors())   # doctest: +SKIP
 """
 
+from .anatomies import colin27_tissue
 from .contrast import CONTRASTS
-from .priors import AnatomyPriors, load_priors
+from .priors import AnatomyPriors, TissueMaps, build_priors, load_priors
 from .render import (
     MIMIC_CLASSES,
     ROI_CENTRES,
@@ -27,7 +29,7 @@ from .render import (
 )
 
 __all__ = [
-    "CONTRASTS", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "load_priors",
-    "params_from_json",
+    "CONTRASTS", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "TissueMaps", "build_priors",
+    "colin27_tissue", "load_priors", "params_from_json",
     "params_to_json", "render", "sample_params",
 ]
