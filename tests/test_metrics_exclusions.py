@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from epvsseg import exclusions, infer, metrics, nets
 
@@ -113,3 +114,20 @@ def test_pooled_rates_sum_counts_over_cases():
     sens, prec, f1 = metrics.pooled_rates([a, b])
     assert (sens, prec) == (0.5, 0.5) and f1 == pytest.approx(0.5)
     assert metrics.pooled_rates([metrics.ClusterAgreement(0, 0, 0, 0)]) == (0.0, 0.0, 0.0)
+
+
+def test_merged_epvs_kept_solid_cavity_excluded():
+    """Dense ePVS that touch form one wide, round but hollow cluster: not a lacune."""
+    shape = (60, 60, 40)
+    mask = np.zeros(shape, bool)
+    for i in range(10, 40, 4):  # a 30 x 30 mm plate of vertical 1-voxel tubes joined at the top
+        for j in range(10, 40, 4):
+            mask[i, j, 10:25] = True
+    mask[10:37, 10:37, 25] = True  # joined into one cluster
+    mask |= _ball(shape, (50, 50, 20), 3.5)  # 7 mm solid round cavity
+    solidity = exclusions.cluster_solidity(ndimage.label(mask, np.ones((3, 3, 3)))[0], np.eye(4))
+    assert solidity.min() < 0.3 < 0.8 < solidity.max()
+    kept, excluded = exclusions.exclude_mimics(mask, np.eye(4), brain=np.ones(shape, bool))
+    assert excluded["reason"].tolist() == ["lacune_candidate"]
+    assert excluded.loc[0, "solidity"] > 0.8 and excluded.loc[0, "width_mm"] > 3
+    assert kept[10, 10, 15] and not kept[50, 50, 20]
