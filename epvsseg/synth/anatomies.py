@@ -175,7 +175,7 @@ def colin27_tissue(path: str | os.PathLike | None = None, *, seed: int = COLIN27
 
     Notes
     -----
-    Takes about 75 s on one CPU thread (registration ~45 s, Atropos ~25 s).
+    Takes about 65 s on one CPU thread (registration about 40 s, Atropos about 25 s).
     """
     src = find_colin27(path)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
