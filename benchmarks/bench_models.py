@@ -1,20 +1,23 @@
 """Accuracy, mimic rejection and speed of the shipped ePVS models against the Frangi baseline.
 
-Two held-out test sets, none of whose cases was seen in training:
+Three held-out test sets, none of whose cases was seen in training:
 
 1. **synthetic**: whole synthetic brains from :mod:`epvsseg.synth`, rendered with seeds outside the
-   training range (new deformations, burdens, contrasts, mimics);
-2. **real T2w + injected ePVS**: the real T2w scans of ``../shared`` (bias-corrected, deepbet-masked),
+   training range (new deformations, burdens, contrasts, mimics) from the training anatomy (ICBM 2009a);
+2. **synthetic, held-out anatomy**: the same generator on the tissue maps of Colin27, a brain that training
+   never saw (:mod:`epvsseg.synth.anatomies`; Debian ``mricron-data``);
+3. **real T2w + injected ePVS**: the real T2w scans of ``../shared`` (bias-corrected, deepbet-masked),
    with synthetic ePVS tubes written into their white matter and basal ganglia at CSF intensity with
    partial volume. Real, unlabelled ePVS in these scans count as false positives, so precision there is a
    lower bound.
 
 For every model combination and for Frangi: voxel Dice, cluster-level sensitivity, precision and F1
-(26-connected), count and volume ICC(2,1) against the truth across cases; the fraction of WMH and
+(26-connected), count and volume ICC(2,1) against the truth across cases, per-case records and strata
+(T2w acquisition 3D or 2D, ePVS burden); the fraction of WMH and
 lacune mimics labelled ePVS; inference time per 1 mm brain and peak RAM on this machine's CPU.
 Writes ``benchmarks/results/models.md`` and ``.json``.
 
-Usage: python benchmarks/bench_models.py [--n-synth 12] [--threads 2]
+Usage: python benchmarks/bench_models.py [--n-synth 12] [--n-colin 6] [--threads 2] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -66,17 +69,22 @@ def mimic_rate(pred: np.ndarray, mimics: np.ndarray, cls: int) -> tuple[int, int
 
 
 def score_cases(name, cases, detect):
-    """Metrics over a list of (images, mask, affine, truth, mimics) with one detector."""
+    """Metrics over a list of (images, mask, affine, truth, mimics, info) with one detector.
+
+    ``info`` describes the case (seed, T2w acquisition, ePVS burden); it is copied into the per-case records.
+    """
     dices, counts, vols, agreements = [], [], [], []
     wmh, lac = np.zeros(2), np.zeros(2)
-    times = []
-    for images, mask, affine, truth, mimics in cases:
+    times, per_case = [], []
+    for images, mask, affine, truth, mimics, info in cases:
         t0 = time.perf_counter()
         pred = detect(images, mask, affine)
         times.append(time.perf_counter() - t0)
         dices.append(metrics.dice(pred, truth))
         ag = metrics.cluster_agreement(pred, truth)
         agreements.append(ag)
+        per_case.append({**info, "dice": dices[-1], "n_ref": ag.n_ref, "n_pred": ag.n_pred,
+                         "ref_detected": ag.ref_detected, "pred_true": ag.pred_true})
         counts.append([metrics.count_clusters(truth), ag.n_pred])
         vox = abs(np.linalg.det(affine[:3, :3]))
         vols.append([truth.sum() * vox, pred.sum() * vox])
@@ -92,19 +100,70 @@ def score_cases(name, cases, detect):
         "wmh_labelled_fraction": wmh[0] / wmh[1] if wmh[1] else None,
         "lacune_labelled_fraction": lac[0] / lac[1] if lac[1] else None,
         "seconds_per_case": float(np.mean(times)),
+        "cases": per_case,
     }
 
 
-def synthetic_cases(n: int):
-    priors = synth.load_priors()
+def stratum(result: dict, keep) -> dict:
+    """Dice and pooled cluster rates of the per-case records for which ``keep(record)`` is true."""
+    sel = [c for c in result["cases"] if keep(c)]
+    if not sel:
+        return {"n_cases": 0}
+    agreements = [metrics.ClusterAgreement(c["n_ref"], c["n_pred"], c["ref_detected"], c["pred_true"]) for c in sel]
+    sens, prec, f1 = metrics.pooled_rates(agreements)
+    return {"n_cases": len(sel), "dice": float(np.mean([c["dice"] for c in sel])), "cluster_sensitivity": sens,
+            "cluster_precision": prec, "cluster_f1": f1}
+
+
+#: Strata of the synthetic test brains: how the T2w was acquired, and how many ePVS the brain has.
+STRATA = {
+    "T2w 3D (0.7-1.6 mm)": lambda c: c["t2w_mode"] == "3D",
+    "T2w 2D (2.5-6 mm slices)": lambda c: c["t2w_mode"] == "2D",
+    "burden >= 100 ePVS": lambda c: c["n_ref"] >= 100,
+    "burden < 100 ePVS": lambda c: c["n_ref"] < 100,
+}
+
+
+def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = None, seed0: int = TEST_SEED):
+    """Whole synthetic test brains (seeds ``seed0 ... seed0 + n - 1``), rendered or read from ``cache``.
+
+    ``anatomy``: ``icbm2009a`` (the training anatomy, new deformations) or ``colin27`` (a brain that training
+    never saw: :func:`epvsseg.synth.anatomies.colin27_tissue`).
+    """
+    from epvsseg.train import brain_mask_of
+
+    priors = None
     cases = []
     for i in range(n):
-        rng = np.random.default_rng(TEST_SEED + i)
-        params = synth.sample_params(rng, contrasts=CONTRASTS)
-        case = synth.render(params, priors)
-        from epvsseg.train import brain_mask_of
+        seed = seed0 + i
+        path = None if cache is None else cache / f"{anatomy}-{seed}.npz"
+        if path is None or not path.exists():
+            if priors is None:
+                if anatomy == "colin27":
+                    from epvsseg.synth.anatomies import colin27_tissue
+                    from epvsseg.synth.priors import build_priors
 
-        cases.append((case.images, brain_mask_of(case), case.affine, case.label.astype(bool), case.mimics))
+                    priors = build_priors(1.0, tissue=colin27_tissue())
+                else:
+                    priors = synth.load_priors()
+            case = synth.render(synth.sample_params(np.random.default_rng(seed), contrasts=CONTRASTS), priors)
+            arrays = {**{f"img_{c}": case.images[c] for c in CONTRASTS}, "label": case.label,
+                      "mimics": case.mimics, "mask": brain_mask_of(case), "affine": case.affine,
+                      "params": json.dumps(case.params)}
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path.with_suffix(".tmp.npz"), **arrays)
+                path.with_suffix(".tmp.npz").replace(path)
+        else:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        params = json.loads(str(arrays["params"]))
+        acq = params["acquisition"]["T2w"]
+        info = {"anatomy": anatomy, "seed": seed, "t2w_mode": acq["mode"],
+                "t2w_slice_mm": float(max(acq["thickness_mm"])), "t2w_snr": acq["snr"],
+                "epvs_drawn": params["epvs"]["total"]}
+        cases.append(({c: arrays[f"img_{c}"] for c in CONTRASTS}, arrays["mask"].astype(bool), arrays["affine"],
+                      arrays["label"].astype(bool), arrays["mimics"], info))
     return cases
 
 
@@ -160,7 +219,7 @@ def real_t2w_cases(n_per_image: int = 2):
         for j in range(n_per_image):
             rng = np.random.default_rng(TEST_SEED + 500 + 10 * len(cases) + j)
             injected, truth = inject_epvs(data, mask, n4.affine, rng)
-            cases.append(({"T2w": injected}, mask, n4.affine, truth, None))
+            cases.append(({"T2w": injected}, mask, n4.affine, truth, None, {"image": f.name, "injection": j}))
     return cases
 
 
@@ -168,34 +227,52 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_synthetic(model, cases) -> list[dict]:
+    """Every served combination of the U-Net and Frangi on T2w, T1w and FLAIR, on one set of cases."""
+    out = []
+    for combo in infer.SERVED_COMBINATIONS:
+        out.append(score_cases("unet " + "+".join(combo), cases,
+                               lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
+        print(json.dumps({k: v for k, v in out[-1].items() if k != "cases"}), flush=True)
+    for ref in ("T2w", "T1w", "FLAIR"):
+        out.append(score_cases(f"frangi {ref}", cases, lambda im, m, a, ref=ref: detect_frangi(im, m, a, (ref,))))
+        print(json.dumps({k: v for k, v in out[-1].items() if k != "cases"}), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n-synth", type=int, default=12)
+    parser.add_argument("--n-synth", type=int, default=12, help="synthetic test brains of the training anatomy")
+    parser.add_argument("--n-colin", type=int, default=6,
+                        help="synthetic test brains of the held-out Colin27 anatomy (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=infer.DEFAULT_MODEL)
+    parser.add_argument("--cache", type=Path, default=None, help="folder to keep rendered test brains in")
+    parser.add_argument("--render-only", action="store_true", help="render the test brains into --cache, then stop")
     opts = parser.parse_args()
     import torch
 
     torch.set_num_threads(opts.threads)
+    sets = {"synthetic": ("icbm2009a", opts.n_synth, TEST_SEED),
+            "synthetic_colin27": ("colin27", opts.n_colin, TEST_SEED + 1000)}
+    if opts.render_only:
+        for anatomy, n, seed0 in sets.values():
+            synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0)
+        return
     model = infer.load_model(opts.model)
-    results = {"synthetic": [], "real_t2w_injected": []}
-    synth_cases = synthetic_cases(opts.n_synth)
-    for combo in infer.SERVED_COMBINATIONS:
-        results["synthetic"].append(score_cases(
-            "unet " + "+".join(combo), synth_cases,
-            lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
-        print(json.dumps(results["synthetic"][-1]), flush=True)
-    for ref in ("T2w", "T1w", "FLAIR"):
-        results["synthetic"].append(score_cases(
-            f"frangi {ref}", synth_cases, lambda im, m, a, ref=ref: detect_frangi(im, m, a, (ref,))))
-        print(json.dumps(results["synthetic"][-1]), flush=True)
+    results = {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": model.threshold}
+    for key, (anatomy, n, seed0) in sets.items():
+        if n:
+            results[key] = run_synthetic(model, synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0))
+            results[key + "_strata"] = {
+                r["method"]: {name: stratum(r, keep) for name, keep in STRATA.items()}
+                for r in results[key] if r["method"] in ("unet T2w", "frangi T2w", "unet T2w+FLAIR+T1w+SWI")}
     real = real_t2w_cases()
-    results["real_t2w_injected"].append(score_cases(
-        "unet T2w", real, lambda im, m, a: detect_unet(model, im, m, a, ("T2w",))))
-    results["real_t2w_injected"].append(score_cases(
-        "frangi T2w", real, lambda im, m, a: detect_frangi(im, m, a, ("T2w",))))
+    results["real_t2w_injected"] = [
+        score_cases("unet T2w", real, lambda im, m, a: detect_unet(model, im, m, a, ("T2w",))),
+        score_cases("frangi T2w", real, lambda im, m, a: detect_frangi(im, m, a, ("T2w",)))]
     for r in results["real_t2w_injected"]:
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "cases"}), flush=True)
 
     # inference time and peak RAM of the T2w model on a whole 1 mm real brain (fresh process)
     import subprocess
@@ -222,15 +299,33 @@ def write_markdown(results, model) -> None:
     head = ("| method | Dice | cluster sens. | cluster prec. | cluster F1 | count ICC(2,1) | volume ICC(2,1) "
             "| WMH labelled | lacunes labelled | s/case |\n|---|---|---|---|---|---|---|---|---|---|\n")
     lines = [f"# Model benchmark: {model.model_id} vs Frangi\n",
-             "Produced by `benchmarks/bench_models.py` (seeded; held-out cases only).\n"]
-    for key, title in (("synthetic", "Held-out synthetic brains"),
-                       ("real_t2w_injected", "Real T2w scans with injected synthetic ePVS")):
-        lines.append(f"\n## {title}\n\n" + head)
+             f"Produced by `benchmarks/bench_models.py` (seeded; held-out cases only). Model `{model.model_id}`, "
+             f"weights sha256 `{results['weights_sha256'][:16]}...`, threshold {results['threshold']}.\n"]
+    titles = {"synthetic": "Held-out synthetic brains (training anatomy ICBM 2009a, new deformations and seeds)",
+              "synthetic_colin27": "Held-out synthetic brains of an anatomy never used in training (Colin27)",
+              "real_t2w_injected": "Real T2w scans with injected synthetic ePVS"}
+    for key, title in titles.items():
+        if key not in results:
+            continue
+        n = results[key][0]["n_cases"]
+        lines.append(f"\n## {title}\n\n{n} cases. Dice is the mean over cases; cluster rates are pooled over "
+                     "cases.\n\n" + head)
         for r in results[key]:
             lines.append(f"| {r['method']} | {_f(r['dice'])} | {_f(r['cluster_sensitivity'])} | "
                          f"{_f(r['cluster_precision'])} | {_f(r['cluster_f1'])} | {_f(r['count_icc21'])} | "
                          f"{_f(r['volume_icc21'])} | {_f(r['wmh_labelled_fraction'])} | "
                          f"{_f(r['lacune_labelled_fraction'])} | {_f(r['seconds_per_case'], 1)} |\n")
+        strata = results.get(key + "_strata")
+        if strata:
+            lines.append("\nBy T2w acquisition and ePVS burden (same cases; n = cases in the stratum):\n\n"
+                         "| method | stratum | n | Dice | cluster sens. | cluster prec. | cluster F1 |\n"
+                         "|---|---|---|---|---|---|---|\n")
+            for method, by in strata.items():
+                for name, v in by.items():
+                    if v["n_cases"]:
+                        lines.append(f"| {method} | {name} | {v['n_cases']} | {_f(v['dice'])} | "
+                                     f"{_f(v['cluster_sensitivity'])} | {_f(v['cluster_precision'])} | "
+                                     f"{_f(v['cluster_f1'])} |\n")
     s = results["speed"]
     lines.append(f"\n## Speed\n\nT2w model, whole 1 mm real brain, {s['threads']} CPU threads ({s['cpu']}): "
                  f"**{s['seconds_per_1mm_brain']:.1f} s**, peak RAM {s['peak_ram_mb']:.0f} MB.\n")
