@@ -87,8 +87,73 @@ class UNet2D(nn.Module):
         return self.head(x)
 
 
+class _Block3D(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm3d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm3d(cout),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class UNet3D(nn.Module):
+    """A small 3D U-Net on whole-volume patches, returning one logit map (ePVS vs background).
+
+    The 3D counterpart of :class:`UNet2D`, used to compare the two designs
+    (``benchmarks/arch_compare.py``, ``docs/architecture_choice.md``). Its input carries the same
+    information as the 2.5D input, as volumes: one channel per contrast of :data:`CONTRASTS`
+    (normalised image, zeros when the contrast is missing), then one constant presence channel per
+    contrast, ``2 * len(CONTRASTS)`` = 8 channels (:func:`epvsseg.infer3d.stack_channels_3d`).
+
+    Parameters
+    ----------
+    in_channels : int
+        Input channels (8 for the four contrasts + presence flags).
+    base : int
+        Feature maps at full resolution; doubled at each of the ``depth`` down-steps.
+    depth : int
+        Number of 2x down-samplings (all three axes). Every spatial size must be a multiple of
+        ``2**depth`` (:func:`epvsseg.infer3d.predict_volume` tiles and pads to that).
+
+    Notes
+    -----
+    Input ``(N, in_channels, I, J, K)`` float32 in nibabel voxel order; output ``(N, 1, I, J, K)`` logits.
+    """
+
+    def __init__(self, in_channels: int = 2 * len(CONTRASTS), base: int = 8, depth: int = 3):
+        super().__init__()
+        self.depth = depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(_Block3D(cin, w))
+            cin = w
+        self.pool = nn.MaxPool3d(2)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.up.append(nn.ConvTranspose3d(w_low, w, 2, stride=2))
+            self.dec.append(_Block3D(2 * w, w))
+        self.head = nn.Conv3d(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec, skip in zip(self.up, self.dec, skips[::-1]):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
 #: Explicit architecture registry: name -> class (``model.json`` names one).
-ARCHITECTURES: dict[str, type[nn.Module]] = {"unet2d": UNet2D}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet2d": UNet2D, "unet3d": UNet3D}
 
 
 def build(architecture: str, **kwargs) -> nn.Module:
