@@ -26,7 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .ops import ImageError, ants_to_nib, nib_to_ants
+from .ops import ImageError, ants_seeded, ants_to_nib, nib_to_ants
 
 LOGGER = logging.getLogger(__name__)
 
@@ -296,10 +296,11 @@ def register_template(
     amov = _resample_iso(nib_to_ants(template), grid_mm)
     kwargs = {"aff_metric": "mattes", "aff_sampling": 32, "aff_random_sampling_rate": 0.25,
               "aff_iterations": (1000, 500, 250), "aff_shrink_factors": (4, 2, 1),
-              "aff_smoothing_sigmas": (2, 1, 0), "random_seed": seed}
+              "aff_smoothing_sigmas": (2, 1, 0)}
     if kind == "SyN":
         kwargs.update(syn_metric="mattes", syn_sampling=32, reg_iterations=syn_iters, flow_sigma=3, total_sigma=0)
-    reg = ants.registration(fixed=afix, moving=amov, type_of_transform=kind, **kwargs)
+    with ants_seeded(seed):  # antspyx ignores a random_seed= keyword
+        reg = ants.registration(fixed=afix, moving=amov, type_of_transform=kind, **kwargs)
     fwd = reg["fwdtransforms"]
     fix_mask = _resample_iso(nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), subject.affine)), grid_mm)
     fix_mask = fix_mask.new_image_like((fix_mask.numpy() > 0.5).astype(np.float32))

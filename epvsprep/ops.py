@@ -11,6 +11,7 @@ convert exactly (a sign flip of the first two world axes), so no file round trip
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import os
@@ -245,6 +246,23 @@ def spacing_mm(img: nib.spatialimages.SpatialImage) -> tuple[float, float, float
 
 
 # ------------------------------------------------------------------- ANTs bridging
+@contextlib.contextmanager
+def ants_seeded(seed: int):
+    """Seed the random sampling of ``ants.registration`` (antsRegistration ``--random-seed``) inside the block.
+
+    antspyx 0.6 takes the seed only from ``ants.config._random_seed`` and silently ignores a
+    ``random_seed=`` keyword, so registrations called that way were not seeded. The previous value is restored.
+    """
+    import ants
+
+    old = ants.config._random_seed
+    ants.config._random_seed = int(seed)
+    try:
+        yield
+    finally:
+        ants.config._random_seed = old
+
+
 def nib_to_ants(img: nib.spatialimages.SpatialImage, dtype=np.float32):
     """Convert a 3D nibabel image to an ``ants.ANTsImage`` without touching disk."""
     import ants
@@ -433,19 +451,19 @@ def register_rigid(
     kwargs = {}
     if fixed_mask is not None:
         kwargs["mask"] = nib_to_ants(fixed_mask)
-    reg = ants.registration(
-        fixed=afix,
-        moving=amov,
-        type_of_transform="Rigid",
-        aff_metric="mattes",
-        aff_sampling=32,
-        aff_random_sampling_rate=0.25,
-        aff_iterations=tuple(iterations),
-        aff_shrink_factors=(4, 2, 1),
-        aff_smoothing_sigmas=(2, 1, 0),
-        random_seed=seed,
-        **kwargs,
-    )
+    with ants_seeded(seed):
+        reg = ants.registration(
+            fixed=afix,
+            moving=amov,
+            type_of_transform="Rigid",
+            aff_metric="mattes",
+            aff_sampling=32,
+            aff_random_sampling_rate=0.25,
+            aff_iterations=tuple(iterations),
+            aff_shrink_factors=(4, 2, 1),
+            aff_smoothing_sigmas=(2, 1, 0),
+            **kwargs,
+        )
     warped = ants.apply_transforms(afix, amov, reg["fwdtransforms"], interpolator="linear")
     identity = ants.resample_image_to_target(amov, afix, interp_type="linear")
     metric_mask = kwargs.get("mask")

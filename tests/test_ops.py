@@ -192,3 +192,17 @@ def test_rigid_registration_recovers_rotated_oblique_las_copy(demo_t2w):
     assert np.linalg.norm(err[:3, 3]) < 2.0
     assert result.ok and result.similarity_after < result.similarity_before
     assert result.image.shape == small.shape
+
+
+def test_ants_seeded_sets_and_restores_the_registration_seed():
+    import ants
+
+    from epvsprep.ops import ants_seeded
+
+    before = ants.config._random_seed
+    with ants_seeded(1234):
+        assert ants.config._random_seed == 1234
+    assert ants.config._random_seed == before
+    with pytest.raises(RuntimeError), ants_seeded(7):
+        raise RuntimeError("boom")
+    assert ants.config._random_seed == before
