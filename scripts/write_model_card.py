@@ -53,9 +53,8 @@ def main(folder: str) -> None:
     tr = meta["training"]
     bench_path = ROOT / "benchmarks" / "results" / "models.json"
     bench = json.loads(bench_path.read_text()) if bench_path.exists() else None
-    title = (bench_path.with_suffix(".md").read_text().splitlines() or [""])[0] if bench else ""
-    if bench and f" {meta['model_id']} " not in title + " ":
-        bench = None  # the committed benchmark is of another model
+    if bench and (bench.get("model_id"), bench.get("weights_sha256")) != (meta["model_id"], meta["sha256"]):
+        bench = None  # the committed benchmark is of another model (or of other weights)
     lines = [
         f"# Model card: {meta['model_id']}\n",
         "\n## What it is\n",
@@ -79,7 +78,9 @@ def main(folder: str) -> None:
         f"- seed {tr['seed']}; {tr['n_train']} training and {tr['n_val']} validation crops of {tr['crop_vox']} voxels "
         f"(case seeds listed in model.json); {tr['iterations']} iterations, batch {tr['batch']}, patches "
         f"{tr['patch']}x{tr['patch']}, AdamW, one-cycle LR {tr['lr']}, BCE (pos_weight 3) + soft Dice loss; "
-        "modality dropout: each sample draws one served combination; flips, gamma and scale augmentation;\n",
+        "modality dropout: each sample draws one served combination (T2w alone with probability "
+        f"{tr.get('t2w_fraction', 1 / len(meta['served_combinations'])):.3f}, the others equally); flips, gamma and "
+        "scale augmentation;\n",
         f"- time on CPU ({tr['threads']} thread(s) of this project's 2-core machine, shared with other work): "
         f"rendering {tr['render_s']:.0f} s, training {tr['train_s'] / 60:.1f} min. No GPU was available;\n",
         f"- code: commit `{meta['commit']}`, synth source sha256 `{meta.get('synth_sha256', 'n/a')[:16]}...`, torch "
@@ -97,7 +98,7 @@ def main(folder: str) -> None:
         lines.append("\n## Held-out benchmark (`benchmarks/results/models.md`)\n\n")
         lines.append("| set | method | Dice | cluster F1 | count ICC(2,1) | WMH labelled | lacunes labelled |\n"
                      "|---|---|---|---|---|---|---|\n")
-        for key in ("synthetic", "real_t2w_injected"):
+        for key in ("synthetic", "synthetic_colin27", "real_t2w_injected"):
             for r in bench.get(key, []):
                 lines.append(f"| {key} | {r['method']} | {_f(r['dice'])} | {_f(r['cluster_f1'])} | "
                              f"{_f(r['count_icc21'])} | {_f(r['wmh_labelled_fraction'])} | "
