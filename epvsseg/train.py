@@ -58,6 +58,7 @@ class TrainConfig:
     init: str = ""
     t2w_fraction: float = 0.125
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    min_sizes: tuple[int, ...] = (2, 3, 4, 5)
     combinations: tuple[tuple[str, ...], ...] = field(default=SERVED_COMBINATIONS)
 
 
@@ -207,6 +208,39 @@ def _loss(logits, target):
     return bce + dice
 
 
+def score_grid(net, cases: list[Case], combos, *, context: int,
+               points: list[tuple[float, int]]) -> dict[tuple[float, int], dict]:
+    """Voxel Dice and pooled cluster rates per combination at several operating points.
+
+    One prediction per case and combination, post-processed at every ``(threshold, min_cluster_voxels)`` of
+    ``points``. Returns ``{point: {combination: {"dice", "cluster_sensitivity", "cluster_precision",
+    "cluster_f1"}}}``.
+    """
+    from .infer import LoadedModel, predict
+    from .metrics import cluster_agreement, dice, pooled_rates
+    from .postproc import remove_small_clusters
+
+    model = LoadedModel(net, {"context_slices": context, "threshold": points[0][0], "model_id": "val"}, Path("."),
+                        "cpu")
+    net.eval()
+    out: dict = {p: {} for p in points}
+    for combo in combos:
+        dices: dict = {p: [] for p in points}
+        agreements: dict = {p: [] for p in points}
+        for case in cases:
+            prob = predict({c: case.images[c] for c in combo}, case.mask, model)
+            for t, m in points:
+                pred = remove_small_clusters(prob >= t, m)
+                dices[(t, m)].append(dice(pred, case.label))
+                agreements[(t, m)].append(cluster_agreement(pred, case.label))
+        for p in points:
+            sens, prec, f1 = pooled_rates(agreements[p])
+            out[p]["+".join(combo)] = {"dice": float(np.mean(dices[p])), "cluster_sensitivity": sens,
+                                       "cluster_precision": prec, "cluster_f1": f1}
+    net.train()
+    return out
+
+
 def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float = 0.5,
              min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None) -> dict:
     """Voxel Dice and cluster F1 per combination on whole validation cases.
@@ -214,29 +248,21 @@ def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float =
     With ``thresholds``, returns ``{threshold: {combination: scores}}`` (one prediction per case and
     combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
     """
-    from .infer import LoadedModel, predict
-    from .metrics import cluster_agreement, dice, pooled_rates
-    from .postproc import remove_small_clusters
-
-    model = LoadedModel(net, {"context_slices": context, "threshold": threshold, "model_id": "val"}, Path("."), "cpu")
-    net.eval()
     ths = tuple(thresholds) if thresholds else (threshold,)
-    out: dict = {t: {} for t in ths}
-    for combo in combos:
-        dices: dict = {t: [] for t in ths}
-        agreements: dict = {t: [] for t in ths}
-        for case in cases:
-            prob = predict({c: case.images[c] for c in combo}, case.mask, model)
-            for t in ths:
-                pred = remove_small_clusters(prob >= t, min_cluster_voxels)
-                dices[t].append(dice(pred, case.label))
-                agreements[t].append(cluster_agreement(pred, case.label))
-        for t in ths:
-            sens, prec, f1 = pooled_rates(agreements[t])
-            out[t]["+".join(combo)] = {"dice": float(np.mean(dices[t])), "cluster_sensitivity": sens,
-                                       "cluster_precision": prec, "cluster_f1": f1}
-    net.train()
+    grid = score_grid(net, cases, combos, context=context, points=[(t, min_cluster_voxels) for t in ths])
+    out = {t: grid[(t, min_cluster_voxels)] for t in ths}
     return out if thresholds else out[threshold]
+
+
+def select_operating_point(net, cases: list[Case], combos, *, context: int, thresholds: tuple[float, ...],
+                           min_sizes: tuple[int, ...]) -> tuple[tuple[float, int], dict]:
+    """The ``(threshold, min_cluster_voxels)`` with the best :func:`_score` on ``cases``, and the whole grid.
+
+    The grid is returned as ``{"<threshold>/<min voxels>": {combination: scores}}`` (JSON-ready).
+    """
+    grid = score_grid(net, cases, combos, context=context, points=[(t, m) for t in thresholds for m in min_sizes])
+    best = max(grid, key=lambda p: _score(grid[p]))
+    return best, {f"{t}/{m}": v for (t, m), v in grid.items()}
 
 
 def _score(scores: dict) -> float:
@@ -319,11 +345,13 @@ def train(cfg: TrainConfig) -> dict:
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     t_train = time.time() - t0
     net.load_state_dict(best_state)
-    # operating threshold: the best mean (F1 + Dice) over all combinations on all validation cases
-    by_threshold = evaluate(net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds)
-    threshold = max(by_threshold, key=lambda t: _score(by_threshold[t]))
-    final = by_threshold[threshold]
-    LOGGER.info("threshold %.2f selected: %s", threshold, {t: round(_score(v), 4) for t, v in by_threshold.items()})
+    # operating point: threshold and minimum cluster size with the best mean (F1 + Dice) over all
+    # combinations on all validation cases
+    (threshold, min_voxels), selection = select_operating_point(
+        net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes)
+    final = selection[f"{threshold}/{min_voxels}"]
+    LOGGER.info("operating point %.2f / %d voxels selected: %s", threshold, min_voxels,
+                {k: round(_score(v), 4) for k, v in selection.items()})
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -340,10 +368,10 @@ def train(cfg: TrainConfig) -> dict:
         "normalisation": "median-in-mask",
         "labels": {"0": "background", "1": "ePVS"},
         "threshold": float(threshold),
-        "min_cluster_voxels": 2,
+        "min_cluster_voxels": int(min_voxels),
         "training": {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
                      "history": history, "initialised_from": init or None,
-                     "threshold_selection": {str(t): v for t, v in by_threshold.items()}},
+                     "operating_point_selection": selection},
         "validation": final,
         "commit": git_commit(),
         "synth_sha256": synth_source_hash(),
@@ -358,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epvsseg.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="model folder to write")
     for f, default in TrainConfig.__dataclass_fields__.items():
-        if f in ("out", "combinations", "crop_vox", "thresholds"):
+        if f in ("out", "combinations", "crop_vox", "thresholds", "min_sizes"):
             continue
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
     opts = vars(parser.parse_args(argv))

@@ -19,7 +19,7 @@ def _f(v, nd=3):
 
 
 _CLI_SKIP = ("out", "combinations", "crop_vox", "thresholds", "seeds", "render_s", "train_s", "history",
-             "initialised_from", "threshold_selection", "cache_dir")
+             "initialised_from", "threshold_selection", "operating_point_selection", "min_sizes", "cache_dir")
 
 
 def _cli_args(tr: dict) -> str:
@@ -36,12 +36,25 @@ def _init_line(tr: dict) -> str:
 
 
 def _threshold_lines(meta: dict) -> str:
+    def mean_score(combos: dict) -> float:
+        return sum(v["cluster_f1"] + v["dice"] for v in combos.values()) / len(combos)
+
+    grid = meta["training"].get("operating_point_selection")
+    if grid:
+        points = [tuple(k.split("/")) for k in grid]
+        ths = sorted({t for t, _ in points}, key=float)
+        sizes = sorted({m for _, m in points}, key=int)
+        head = "| threshold | " + " | ".join(f"min {m} voxels" for m in sizes) + " |\n"
+        rows = "".join(f"| {t} | " + " | ".join(f"{mean_score(grid[f'{t}/{m}']):.3f}" for m in sizes) + " |\n"
+                       for t in ths)
+        return ("\n## Operating point\n\nChosen on the validation crops (never on the benchmark): the probability "
+                "threshold and minimum cluster size with the best mean over the served combinations of cluster F1 + "
+                f"voxel Dice. Selected: **{meta['threshold']}**, clusters of at least **{meta['min_cluster_voxels']}** "
+                "voxels.\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
     sel = meta["training"].get("threshold_selection")
     if not sel:
         return ""
-    rows = "".join(
-        f"| {t} | {sum(v['cluster_f1'] + v['dice'] for v in combos.values()) / len(combos):.3f} |\n"
-        for t, combos in sel.items())
+    rows = "".join(f"| {t} | {mean_score(combos):.3f} |\n" for t, combos in sel.items())
     return ("\n## Operating threshold\n\nChosen on the validation crops (never on the benchmark): the threshold with "
             "the best mean over the served combinations of cluster F1 + voxel Dice. "
             f"Selected: **{meta['threshold']}**.\n\n| threshold | mean F1 + Dice |\n|---|---|\n" + rows)
