@@ -318,7 +318,9 @@ def write_report(result: dict, out: Path) -> None:
     s3 = result["arms"]["3d"]["speed_runs"][0] if "3d" in result["arms"] else None
     lines += ["", f"Speed: one synthetic whole-brain-sized volume {tuple(result['speed_shape'])} at 1 mm "
               f"(ellipsoid brain mask, T2w), fresh process per network and repeat, after a small warm-up call; the "
-              f"faster of {result['speed_repeats']} alternating repeats; peak RSS is the worker's `VmHWM`"
+              + (f"faster of {result['speed_repeats']} alternating repeats" if result["speed_repeats"] > 1
+                 else "arms alternating, one run each")
+              + "; peak RSS is the worker's `VmHWM`"
               + (f"; the 3D network tiles the mask's bounding box with {tuple(s3['tile'])} tiles at "
                  f"{s3['overlap']:.0%} overlap." if s3 else ".")]
     tmp = out / "arch_compare.md.tmp"
