@@ -258,14 +258,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_synthetic(model, cases) -> list[dict]:
-    """Every served combination of the U-Net and Frangi on T2w, T1w and FLAIR, on one set of cases."""
+def run_synthetic(model, cases, combos=infer.SERVED_COMBINATIONS, frangi_refs=("T2w", "T1w", "FLAIR")) -> list[dict]:
+    """The U-Net on ``combos`` and Frangi on each of ``frangi_refs``, on one set of cases."""
     out = []
-    for combo in infer.SERVED_COMBINATIONS:
+    for combo in combos:
         out.append(score_cases("unet " + "+".join(combo), cases,
                                lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
         print(json.dumps({k: v for k, v in out[-1].items() if k != "cases"}), flush=True)
-    for ref in ("T2w", "T1w", "FLAIR"):
+    for ref in frangi_refs:
         out.append(score_cases(f"frangi {ref}", cases, lambda im, m, a, ref=ref: detect_frangi(im, m, a, (ref,))))
         print(json.dumps({k: v for k, v in out[-1].items() if k != "cases"}), flush=True)
     return out
@@ -280,6 +280,10 @@ def main() -> None:
     parser.add_argument("--model", default=infer.DEFAULT_MODEL)
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep rendered test brains in")
     parser.add_argument("--render-only", action="store_true", help="render the test brains into --cache, then stop")
+    parser.add_argument("--combos", default=None,
+                        help="comma-separated U-Net combinations (e.g. T2w,T2w+FLAIR+T1w+SWI) for a quick comparison "
+                             "of models: skips Frangi, the real set and the speed run, and writes "
+                             "benchmarks/results/models_subset_<model>.json instead of models.json/.md")
     opts = parser.parse_args()
     import torch
 
@@ -291,13 +295,21 @@ def main() -> None:
             synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0)
         return
     model = infer.load_model(opts.model)
-    results = {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": model.threshold}
+    results = {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": model.threshold,
+               "min_cluster_voxels": model.meta.get("min_cluster_voxels")}
+    subset = [tuple(c.split("+")) for c in opts.combos.split(",")] if opts.combos else None
     for key, (anatomy, n, seed0) in sets.items():
         if n:
-            results[key] = run_synthetic(model, synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0))
+            cases = synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0)
+            results[key] = (run_synthetic(model, cases, subset, ()) if subset else run_synthetic(model, cases))
             results[key + "_strata"] = {
                 r["method"]: {name: stratum(r, keep) for name, keep in STRATA.items()}
                 for r in results[key] if r["method"] in ("unet T2w", "frangi T2w", "unet T2w+FLAIR+T1w+SWI")}
+    if subset:
+        out = ROOT / f"benchmarks/results/models_subset_{model.model_id}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(out)
+        return
     real = real_t2w_cases()
     results["real_t2w_injected"] = [
         score_cases("unet T2w", real, lambda im, m, a: detect_unet(model, im, m, a, ("T2w",))),

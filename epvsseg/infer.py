@@ -33,7 +33,7 @@ SERVED_COMBINATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 #: Default model folder under ``epvsseg/weights``.
-DEFAULT_MODEL = "epvs-unet25d-v2"
+DEFAULT_MODEL = "epvs-unet25d-v3"
 
 
 class WeightsError(RuntimeError):
