@@ -95,7 +95,7 @@ def main(folder: str) -> None:
         f"{tr.get('t2w_fraction', 1 / len(meta['served_combinations'])):.3f}, the others equally); flips, gamma and "
         "scale augmentation;\n",
         f"- time on CPU ({tr['threads']} thread(s) of this project's 2-core machine, shared with other work): "
-        f"rendering {tr['render_s']:.0f} s (crops already in the cache are reused; about 0.7 s of one core per new "
+        f"rendering {tr['render_s']:.0f} s (crops already in the cache are reused; about 1.5 s of one core per new "
         f"crop), training {tr['train_s'] / 60:.1f} min. No GPU was available;\n",
         f"- code: commit `{meta['commit']}`, synth source sha256 `{meta.get('synth_sha256', 'n/a')[:16]}...`, torch "
         f"{meta['torch']}.\n",
