@@ -363,10 +363,12 @@ def write_markdown(results, model) -> None:
                          "false clusters that the same method already found in the scan before the injection "
                          "(real ePVS, or its own steady false positives):\n\n"
                          "| method | cluster prec. (all) | detections already there before injection | "
-                         "cluster prec. (new detections) |\n|---|---|---|---|\n")
+                         "cluster prec. (new detections) | cluster F1 (new detections) |\n|---|---|---|---|---|\n")
             for r in results[key]:
+                sens, prec = r["cluster_sensitivity"], r.get("cluster_precision_new")
+                f1 = 2 * sens * prec / (sens + prec) if prec is not None and sens + prec > 0 else None
                 lines.append(f"| {r['method']} | {_f(r['cluster_precision'])} | {_f(r.get('preexisting_fraction'))} "
-                             f"| {_f(r.get('cluster_precision_new'))} |\n")
+                             f"| {_f(prec)} | {_f(f1)} |\n")
         strata = results.get(key + "_strata")
         if strata:
             lines.append("\nBy T2w acquisition and ePVS burden (same cases; n = cases in the stratum):\n\n"
