@@ -28,19 +28,65 @@ def n_input_channels(context: int, contrasts: Sequence[str] = CONTRASTS) -> int:
     return len(contrasts) * (2 * context + 1) + len(contrasts)
 
 
+#: Layer types per number of spatial dimensions: convolution, batch norm, max pooling, transposed convolution.
+_LAYERS = {2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d),
+           3: (nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d)}
+
+
 class _Block(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
+    """Two (conv 3 - batch norm - leaky ReLU) layers in ``dims`` spatial dimensions."""
+
+    def __init__(self, cin: int, cout: int, dims: int = 2):
+        conv, norm = _LAYERS[dims][:2]
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            conv(cin, cout, 3, padding=1, bias=False),
+            norm(cout),
             nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout),
+            conv(cout, cout, 3, padding=1, bias=False),
+            norm(cout),
             nn.LeakyReLU(0.01, inplace=True),
         )
 
 
-class UNet2D(nn.Module):
+class _UNet(nn.Module):
+    """The U-Net shared by :class:`UNet2D` and :class:`UNet3D`; ``dims`` picks the layer types.
+
+    Parameter names (``down``, ``up``, ``dec``, ``head``) are those of the shipped weights files.
+    """
+
+    dims = 2
+
+    def __init__(self, in_channels: int, base: int, depth: int):
+        super().__init__()
+        conv, _, pool, upconv = _LAYERS[self.dims]
+        self.depth = depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList()
+        cin = in_channels
+        for w in widths:
+            self.down.append(_Block(cin, w, self.dims))
+            cin = w
+        self.pool = pool(2)
+        self.up = nn.ModuleList()
+        self.dec = nn.ModuleList()
+        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
+            self.up.append(upconv(w_low, w, 2, stride=2))
+            self.dec.append(_Block(2 * w, w, self.dims))
+        self.head = conv(widths[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x)
+            if i < self.depth:
+                skips.append(x)
+                x = self.pool(x)
+        for up, dec, skip in zip(self.up, self.dec, skips[::-1]):
+            x = dec(torch.cat([up(x), skip], dim=1))
+        return self.head(x)
+
+
+class UNet2D(_UNet):
     """A small 2D U-Net returning one logit map (ePVS vs background).
 
     Parameters
@@ -58,48 +104,13 @@ class UNet2D(nn.Module):
     Input ``(N, in_channels, H, W)`` float32; output ``(N, 1, H, W)`` logits.
     """
 
+    dims = 2
+
     def __init__(self, in_channels: int, base: int = 16, depth: int = 3):
-        super().__init__()
-        self.depth = depth
-        widths = [base * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList()
-        cin = in_channels
-        for w in widths:
-            self.down.append(_Block(cin, w))
-            cin = w
-        self.pool = nn.MaxPool2d(2)
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
-            self.up.append(nn.ConvTranspose2d(w_low, w, 2, stride=2))
-            self.dec.append(_Block(2 * w, w))
-        self.head = nn.Conv2d(widths[0], 1, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < self.depth:
-                skips.append(x)
-                x = self.pool(x)
-        for up, dec, skip in zip(self.up, self.dec, skips[::-1]):
-            x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        super().__init__(in_channels, base, depth)
 
 
-class _Block3D(nn.Sequential):
-    def __init__(self, cin: int, cout: int):
-        super().__init__(
-            nn.Conv3d(cin, cout, 3, padding=1, bias=False),
-            nn.BatchNorm3d(cout),
-            nn.LeakyReLU(0.01, inplace=True),
-            nn.Conv3d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm3d(cout),
-            nn.LeakyReLU(0.01, inplace=True),
-        )
-
-
-class UNet3D(nn.Module):
+class UNet3D(_UNet):
     """A small 3D U-Net on whole-volume patches, returning one logit map (ePVS vs background).
 
     The 3D counterpart of :class:`UNet2D`, used to compare the two designs
@@ -123,33 +134,10 @@ class UNet3D(nn.Module):
     Input ``(N, in_channels, I, J, K)`` float32 in nibabel voxel order; output ``(N, 1, I, J, K)`` logits.
     """
 
-    def __init__(self, in_channels: int = 2 * len(CONTRASTS), base: int = 8, depth: int = 3):
-        super().__init__()
-        self.depth = depth
-        widths = [base * 2**i for i in range(depth + 1)]
-        self.down = nn.ModuleList()
-        cin = in_channels
-        for w in widths:
-            self.down.append(_Block3D(cin, w))
-            cin = w
-        self.pool = nn.MaxPool3d(2)
-        self.up = nn.ModuleList()
-        self.dec = nn.ModuleList()
-        for w_low, w in zip(widths[::-1][:-1], widths[::-1][1:]):
-            self.up.append(nn.ConvTranspose3d(w_low, w, 2, stride=2))
-            self.dec.append(_Block3D(2 * w, w))
-        self.head = nn.Conv3d(widths[0], 1, 1)
+    dims = 3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x)
-            if i < self.depth:
-                skips.append(x)
-                x = self.pool(x)
-        for up, dec, skip in zip(self.up, self.dec, skips[::-1]):
-            x = dec(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+    def __init__(self, in_channels: int = 2 * len(CONTRASTS), base: int = 8, depth: int = 3):
+        super().__init__(in_channels, base, depth)
 
 
 #: Explicit architecture registry: name -> class (``model.json`` names one).
