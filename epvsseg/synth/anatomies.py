@@ -102,7 +102,7 @@ def _compute_colin27(src: Path, seed: int) -> dict[str, np.ndarray]:
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
     import ants
 
-    from epvsprep.ops import ants_to_nib, nib_to_ants
+    from epvsprep.ops import ants_seeded, ants_to_nib, nib_to_ants
 
     img = nib.load(src)
     if img.ndim != 3:
@@ -118,12 +118,8 @@ def _compute_colin27(src: Path, seed: int) -> dict[str, np.ndarray]:
     moving = nib_to_ants(nib.Nifti1Image(data, img.affine))
     amask = nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), img.affine))
 
-    saved_seed = ants.config._random_seed
-    ants.config._random_seed = int(seed)  # antspyx passes it to antsRegistration as --random-seed
-    try:
+    with ants_seeded(seed):
         reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Affine")
-    finally:
-        ants.config._random_seed = saved_seed
     fwd = reg["fwdtransforms"]
 
     # r=0: Atropos seeds its internal random number generator with a constant (its default is a
