@@ -14,12 +14,15 @@ Example
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 #: A minimal valid ``dataset_description.json``.
 DEFAULT_DESCRIPTION: Mapping[str, Any] = {"Name": "epvs-bids test dataset", "BIDSVersion": "1.9.0"}
@@ -135,3 +138,15 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
         p.relative_to(root).as_posix(): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
         for p in [root, *sorted(root.rglob("*"))]
     }
+
+
+def assert_passes_bids_validator(root: Path) -> None:
+    """Run bids-validator-deno on ``root`` (skip when it is not installed); fail on any error-level issue."""
+    exe = shutil.which("bids-validator-deno")
+    if exe is None:
+        pytest.skip("bids-validator-deno not installed")
+    proc = subprocess.run([exe, str(root), "--format", "json", "--ignoreNiftiHeaders"],
+                          capture_output=True, text=True, timeout=300)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert not errors, errors

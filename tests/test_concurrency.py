@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from datetime import datetime
 
 import pytest
-from layouts import make_bids
+from layouts import assert_passes_bids_validator, make_bids
 from reliability_helpers import FAST, popen_cli, reference_run, seed_work, status, temporaries
 
 from bids_app.derivatives import BIDSIGNORE
@@ -75,11 +74,4 @@ def test_same_outputs_as_a_lone_run(concurrent):
 
 
 def test_outputs_pass_bids_validator(concurrent):
-    exe = shutil.which("bids-validator-deno")
-    if exe is None:
-        pytest.skip("bids-validator-deno not installed")
-    proc = subprocess.run([exe, str(concurrent["out"]), "--format", "json", "--ignoreNiftiHeaders"],
-                          capture_output=True, text=True, timeout=300)
-    issues = json.loads(proc.stdout)["issues"]["issues"]
-    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
-    assert not errors, errors
+    assert_passes_bids_validator(concurrent["out"])

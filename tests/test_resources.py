@@ -10,6 +10,7 @@ its sha256 checksums are compared before and after the run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import shutil
@@ -62,21 +63,27 @@ def _assert_clean_failure(out, code, stderr, expected):
     assert st is None or st["status"] == "failed"
 
 
-def test_full_disk_tmpfs_74(reference, tmp_path):
-    out = tmp_path / "small"
-    out.mkdir()
-    why = _mount("-t", "tmpfs", "-o", "size=512k", "tmpfs", out)
+@contextlib.contextmanager
+def _tmpfs(target, options: str, what: str):
+    """Mount a tmpfs with ``options`` on ``target`` (created) for the block; skip the test if that is impossible."""
+    target.mkdir()
+    why = _mount("-t", "tmpfs", "-o", options, "tmpfs", target)
     if why:
-        pytest.skip(f"cannot mount a small tmpfs here: {why}")
+        pytest.skip(f"cannot mount {what} here: {why}")
     try:
+        yield target
+    finally:
+        _umount(target)
+
+
+def test_full_disk_tmpfs_74(reference, tmp_path):
+    with _tmpfs(tmp_path / "small", "size=512k", "a small tmpfs") as out:
         work = tmp_path / "work"
         seed_work(reference, work, "sub-01")
         proc = run_cli([reference["bids"], out, "participant", "-w", work, *FAST])
         _assert_clean_failure(out, proc.returncode, proc.stderr, 74)
         assert "No space left on device (errno ENOSPC)" in proc.stderr and f"{out}/" in proc.stderr
         assert_no_traceback(proc.stderr)
-    finally:
-        _umount(out)
 
 
 def _limit_file_size():
@@ -95,18 +102,11 @@ def test_file_size_limit_74(reference, tmp_path):
 
 
 def test_read_only_output_mount_73(reference, tmp_path):
-    target = tmp_path / "ro"
-    target.mkdir()
-    why = _mount("-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", target)
-    if why:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {why}")
-    try:
+    with _tmpfs(tmp_path / "ro", "ro,size=64k", "a read-only tmpfs") as target:
         proc = run_cli([reference["bids"], target / "out", "participant", "-w", tmp_path / "work", *FAST])
         assert proc.returncode == 73, proc.stderr[-2000:]
         assert str(target / "out") in proc.stderr and "Read-only file system" in proc.stderr
         assert_no_traceback(proc.stderr)
-    finally:
-        _umount(target)
 
 
 def test_read_only_input_mount(reference, tmp_path):
