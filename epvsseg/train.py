@@ -468,13 +468,14 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     order = rng.permutation(len(cases))
     folds = [order[i::k] for i in range(k)]
     combo = (tuple(cfg.combination),)
+    point = {"threshold": base.threshold, "min_cluster_voxels": int(base.meta.get("min_cluster_voxels", 2))}
     results = []
     for i, test_idx in enumerate(folds):
         train_cases = [cases[j] for j in order if j not in set(test_idx)]
         test_cases = [cases[j] for j in test_idx]
-        before = evaluate(base.net, test_cases, combo, context=base.context, threshold=base.threshold)
+        before = evaluate(base.net, test_cases, combo, context=base.context, **point)
         net = _finetune_once(base, train_cases, cfg, rng)
-        after = evaluate(net, test_cases, combo, context=base.context, threshold=base.threshold)
+        after = evaluate(net, test_cases, combo, context=base.context, **point)
         key = "+".join(cfg.combination)
         results.append({"fold": i, "n_test": len(test_cases), "before": before[key], "after": after[key]})
         LOGGER.info("fold %d: before %s after %s", i, before[key], after[key])
