@@ -1,84 +1,85 @@
 """Inference with shipped (or user) weights: load with a checked hash, predict a probability map.
 
-``predict`` runs without nipype or BIDS: images in, probability array out.
+``predict`` runs without nipype or BIDS: images in, probability array out. The model's settings come from its
+validated :class:`epvsseg.spec.ModelSpec`; turning the probability into a mask is
+:func:`epvsseg.decision.decide`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .nets import CONTRASTS
+from .spec import (  # noqa: F401  (re-exported: the model registry's public names)
+    DEFAULT_MODEL,
+    ModelSpec,
+    SpecError,
+    WeightsError,
+    available_models,
+    load_spec,
+    sha256_file,
+    weights_root,
+)
 
 LOGGER = logging.getLogger(__name__)
 
-#: Sequence combinations served by the shipped models, in the seed study's ranking order.
-SERVED_COMBINATIONS: tuple[tuple[str, ...], ...] = (
-    ("T2w", "FLAIR", "T1w", "SWI"),
-    ("T2w", "FLAIR", "T1w"),
-    ("T2w", "FLAIR"),
-    ("T2w",),
-    ("T2w", "T1w"),
-    ("T1w", "FLAIR"),
-    ("T1w",),
-    ("FLAIR",),
-)
-
-#: Default model folder under ``epvsseg/weights``.
-DEFAULT_MODEL = "epvs-unet25d-v3"
+#: ``amp_dtype`` default of :func:`predict`: bfloat16 autocast on CUDA (float16 without bfloat16), none on the CPU.
+AUTO = "auto"
 
 
-class WeightsError(RuntimeError):
-    """Weights are missing, or their hash does not match ``model.json``."""
+def __getattr__(name: str):
+    """``SERVED_COMBINATIONS``: the default model's served combinations, read from its spec."""
+    if name == "SERVED_COMBINATIONS":
+        return load_spec(verify=False).combinations
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class LoadedModel:
-    """A network with its metadata (``model.json``)."""
+    """A network with its metadata.
+
+    Attributes
+    ----------
+    net : torch.nn.Module
+        The network, in eval mode, on ``device``.
+    meta : dict
+        The raw ``model.json`` (at least ``context_slices``; ``threshold`` and ``model_id`` when used).
+    folder : Path
+        The model folder.
+    device : str
+        ``cpu`` or ``cuda``.
+    spec : ModelSpec or None
+        The validated spec (set by :func:`load_model`; None for a network under training or evaluation).
+    """
 
     net: Any  # torch.nn.Module
     meta: dict
     folder: Path
     device: str
+    spec: ModelSpec | None = None
 
     @property
     def model_id(self) -> str:
-        return self.meta["model_id"]
+        return self.spec.model_id if self.spec else self.meta["model_id"]
 
     @property
     def context(self) -> int:
-        return int(self.meta["context_slices"])
+        return self.spec.context_slices if self.spec else int(self.meta["context_slices"])
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        return self.spec.threshold if self.spec else float(self.meta["threshold"])
 
-
-def weights_root() -> Path:
-    """``epvsseg/weights`` inside the installed package."""
-    return Path(str(resources.files("epvsseg") / "weights"))
-
-
-def available_models() -> list[str]:
-    """Model folders shipped in the package (those with a ``model.json``)."""
-    root = weights_root()
-    return sorted(p.name for p in root.iterdir() if (p / "model.json").is_file()) if root.is_dir() else []
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    @property
+    def contrasts(self) -> tuple[str, ...]:
+        """Contrasts of the input channels, in channel order."""
+        return self.spec.input_contrasts if self.spec else CONTRASTS
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -97,35 +98,36 @@ def resolve_device(device: str = "auto") -> str:
     return "cpu"
 
 
-def load_model(model: str | Path | None = None, *, device: str = "cpu") -> LoadedModel:
+def load_model(model: str | Path | ModelSpec | None = None, *, device: str = "cpu") -> LoadedModel:
     """Load a model folder (``model.json`` + ``weights.pt``), checking the weights' sha256.
 
     Parameters
     ----------
-    model : str or Path, optional
-        A shipped model id (folder name under ``epvsseg/weights``) or a folder path;
-        default :data:`DEFAULT_MODEL`.
+    model : str, Path or ModelSpec, optional
+        A shipped model id (folder name under ``epvsseg/weights``), a folder path, or a spec
+        (:func:`epvsseg.spec.load_spec`); default :data:`DEFAULT_MODEL`.
     device : str
         ``cpu`` or ``cuda`` (already resolved).
+
+    Raises
+    ------
+    SpecError
+        The folder or ``model.json`` is invalid, or the weights' sha256 does not match (names the file).
     """
     import torch
 
     from .nets import build
 
-    folder = Path(model) if model is not None and Path(model).is_dir() else weights_root() / (model or DEFAULT_MODEL)
-    meta_path = folder / "model.json"
-    weights = folder / "weights.pt"
-    if not meta_path.is_file() or not weights.is_file():
-        raise WeightsError(f"{folder}: no model.json/weights.pt (shipped models: {available_models() or 'none'})")
-    meta = json.loads(meta_path.read_text())
-    digest = sha256_file(weights)
-    if digest != meta.get("sha256"):
-        raise WeightsError(f"{weights}: sha256 {digest[:12]}... does not match model.json ({str(meta.get('sha256'))[:12]}...)")
-    net = build(meta["architecture"], **meta["architecture_kwargs"])
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    spec = load_spec(model, verify=True)
+    try:
+        net = build(spec.architecture, **spec.architecture_kwargs)
+        state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise SpecError(f"{spec.weights}: does not load into {spec.architecture} "
+                        f"{spec.architecture_kwargs} ({exc})") from exc
     net.eval().to(device)
-    return LoadedModel(net, meta, folder, device)
+    return LoadedModel(net, spec.meta, spec.folder, device, spec)
 
 
 def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -180,26 +182,20 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
 
 def segment(prob: np.ndarray, model: LoadedModel, *, affine: np.ndarray, brain: np.ndarray,
             flair: np.ndarray | None = None, params=None):
-    """Turn a probability map into the ePVS mask as the model card says.
+    """Deprecated: :func:`epvsseg.decision.decide` at ``model.spec.operating_point`` (kept until the
+    participant level calls :func:`epvsseg.detect.detect`); returns ``(mask, excluded)``."""
+    from dataclasses import replace
 
-    Threshold at ``model.threshold``, keep 26-connected clusters of at least the model's
-    ``min_cluster_voxels``, then exclude lacune-like and (with ``flair``) WMH-like clusters.
+    from .decision import decide
 
-    Returns
-    -------
-    mask : ndarray of bool
-    excluded : pandas.DataFrame
-        The excluded clusters and why (see :func:`epvsseg.exclusions.exclude_mimics`).
-    """
-    from .exclusions import ExclusionParams, exclude_mimics
-    from .postproc import remove_small_clusters
-
-    kept = remove_small_clusters(prob >= model.threshold, int(model.meta.get("min_cluster_voxels", 2)))
-    return exclude_mimics(kept, affine, brain=brain, flair=flair, params=params or ExclusionParams())
+    point = model.spec.operating_point
+    decision = decide(prob, replace(point, exclusions=params) if params else point, affine=affine, brain=brain,
+                      flair=flair)
+    return decision.mask, decision.excluded
 
 
 def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedModel, *, batch: int = 8,
-            flip_tta: bool = False) -> np.ndarray:
+            flip_tta: bool = False, amp_dtype: Any = AUTO) -> np.ndarray:
     """ePVS probability map for co-registered images on a common ~1 mm RAS+ grid.
 
     Parameters
@@ -211,10 +207,15 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
         Brain mask; the prediction is 0 outside it.
     model : LoadedModel
     batch : int
-        Axial slices per forward pass (on CUDA, halved and retried after an out-of-memory error; choose it
-        from the free GPU memory with :func:`bids_app.gpu.batch_for_memory` at the application level).
+        Axial slices per forward pass. After an out-of-memory error (``torch.OutOfMemoryError``, on any
+        device) the batch is halved and retried, down to 1; choose it from the free GPU memory with
+        :func:`epvsseg.gpu.batch_for_memory` (as :func:`epvsseg.detect.detect` does).
     flip_tta : bool
         Average with the prediction on the left-right flipped input.
+    amp_dtype : ``"auto"``, torch.dtype or None
+        Autocast precision on ``model.device``'s type: ``"auto"`` is bfloat16 on CUDA (float16 where bfloat16
+        is unsupported) and none on the CPU; ``None`` is float32 everywhere; a dtype (e.g. ``torch.bfloat16``)
+        is used on any device, the CPU included.
 
     Returns
     -------
@@ -222,35 +223,56 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     """
     import torch
 
-    from .nets import pad_to_multiple
-
     mask = np.asarray(mask, bool)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     norm = {c: normalise(np.asarray(v, np.float32), mask) for c, v in images.items()}
     keep = np.flatnonzero(mask.any(axis=(0, 1)))
     prob = np.zeros(mask.shape, np.float32)
-    multiple = 2 ** model.net.depth
-    cuda = model.device == "cuda"
-    amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    dtype = _autocast_dtype(model.device, amp_dtype)
     start = 0
     with torch.inference_mode():
         while start < keep.size:
             ks = keep[start:start + batch]
-            xb = torch.from_numpy(stack_channels(norm, mask.shape, model.context, slices=ks)).to(model.device)
-            xb, (h, w) = pad_to_multiple(xb, multiple)
+            xb = torch.from_numpy(stack_channels(norm, mask.shape, model.context, model.contrasts, slices=ks))
             try:
-                with torch.autocast("cuda", dtype=amp, enabled=cuda):
-                    logits = model.net(xb)
-                    if flip_tta:
-                        logits = 0.5 * (logits + torch.flip(model.net(torch.flip(xb, dims=[2])), dims=[2]))
-            except torch.cuda.OutOfMemoryError:  # pragma: no cover - needs a GPU
+                p = _forward(model, xb, dtype, flip_tta)
+            except torch.OutOfMemoryError:
                 if batch == 1:
                     raise
                 batch = max(1, batch // 2)
-                LOGGER.warning("CUDA out of memory: retrying with %d slices per batch", batch)
-                torch.cuda.empty_cache()
+                LOGGER.warning("%s out of memory: retrying with %d slices per batch", model.device, batch)
+                if str(model.device).startswith("cuda"):
+                    torch.cuda.empty_cache()
                 continue
-            p = torch.sigmoid(logits.float())[:, 0, :h, :w].cpu().numpy()
             prob[:, :, ks] = np.moveaxis(p, 0, 2)
             start += ks.size
     prob[~mask] = 0.0
     return prob
+
+
+def _autocast_dtype(device: str, amp_dtype: Any):
+    """The autocast dtype :func:`predict` uses on ``device`` (None: no autocast)."""
+    import torch
+
+    if isinstance(amp_dtype, str):
+        if amp_dtype != AUTO:
+            raise ValueError(f"amp_dtype {amp_dtype!r}: give 'auto', None or a torch dtype")
+        if not str(device).startswith("cuda"):
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # pragma: no cover - GPU
+    return amp_dtype
+
+
+def _forward(model: LoadedModel, xb, dtype, flip_tta: bool) -> np.ndarray:
+    """Probabilities of one batch ``xb`` ``(B, C, I, J)``: pad, (autocast) forward, sigmoid, crop; ``(B, I, J)``."""
+    import torch
+
+    from .nets import pad_to_multiple
+
+    xb, (h, w) = pad_to_multiple(xb.to(model.device), 2 ** model.net.depth)
+    with torch.autocast(torch.device(model.device).type, dtype=dtype, enabled=dtype is not None):
+        logits = model.net(xb)
+        if flip_tta:
+            logits = 0.5 * (logits + torch.flip(model.net(torch.flip(xb, dims=[2])), dims=[2]))
+    return torch.sigmoid(logits.float())[:, 0, :h, :w].cpu().numpy()
