@@ -37,6 +37,7 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 from epvsseg import frangi, infer, metrics, synth  # noqa: E402
+from epvsseg.decision import decide  # noqa: E402
 from epvsseg.nets import CONTRASTS  # noqa: E402
 
 BRIGHT = {"T2w": True, "T1w": False, "FLAIR": False}
@@ -44,10 +45,10 @@ TEST_SEED = 990_000  # training seeds come from a generator seeded with the trai
 
 
 def detect_unet(model, images, mask, affine, combo):
+    """The model's ePVS mask: its probability, decided at its operating point as the application does."""
     prob = infer.predict({c: images[c] for c in combo}, mask, model)
-    pred, _ = infer.segment(prob, model, affine=affine, brain=mask,
-                            flair=images.get("FLAIR") if "FLAIR" in combo else None)
-    return pred
+    return decide(prob, model.spec.operating_point, affine=affine, brain=mask,
+                  flair=images.get("FLAIR") if "FLAIR" in combo else None).mask
 
 
 def detect_frangi(images, mask, affine, combo):
@@ -258,9 +259,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_synthetic(model, cases, combos=infer.SERVED_COMBINATIONS, frangi_refs=("T2w", "T1w", "FLAIR")) -> list[dict]:
-    """The U-Net on ``combos`` and Frangi on each of ``frangi_refs``, on one set of cases."""
+def run_synthetic(model, cases, combos=None, frangi_refs=("T2w", "T1w", "FLAIR")) -> list[dict]:
+    """The U-Net on ``combos`` (default: all it serves) and Frangi on each of ``frangi_refs``, on one set of cases."""
     out = []
+    combos = model.spec.combinations if combos is None else combos
     for combo in combos:
         out.append(score_cases("unet " + "+".join(combo), cases,
                                lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
@@ -295,8 +297,8 @@ def main() -> None:
             synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0)
         return
     model = infer.load_model(opts.model)
-    results = {"model_id": model.model_id, "weights_sha256": model.meta["sha256"], "threshold": model.threshold,
-               "min_cluster_voxels": model.meta.get("min_cluster_voxels")}
+    results = {"model_id": model.model_id, "weights_sha256": model.spec.sha256, "threshold": model.spec.threshold,
+               "min_cluster_voxels": model.spec.min_cluster_voxels, "exclusions": model.spec.exclusions.to_dict()}
     subset = [tuple(c.split("+")) for c in opts.combos.split(",")] if opts.combos else None
     for key, (anatomy, n, seed0) in sets.items():
         if n:

@@ -25,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .infer import SERVED_COMBINATIONS, normalise, stack_channels
+from .decision import OperatingPoint, decide
+from .exclusions import ExclusionParams
+from .infer import normalise, stack_channels
 from .nets import CONTRASTS, n_input_channels
+from .spec import load_spec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class TrainConfig:
     t2w_fraction: float = 0.125
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     min_sizes: tuple[int, ...] = (2, 3, 4, 5)
-    combinations: tuple[tuple[str, ...], ...] = field(default=SERVED_COMBINATIONS)
+    combinations: tuple[tuple[str, ...], ...] = field(default_factory=lambda: load_spec(verify=False).combinations)
 
 
 # ------------------------------------------------------------------- data
@@ -105,12 +108,28 @@ def generate(seeds: list[int], folder: Path, crop, workers: int) -> list[Path]:
 
 @dataclass
 class Case:
-    """A cached case, normalised as at inference."""
+    """A labelled case, normalised as at inference.
+
+    Attributes
+    ----------
+    images : dict
+        Contrast -> ``(I, J, K)`` float32 image normalised by :func:`epvsseg.infer.normalise`.
+    label : ndarray of bool, shape (I, J, K)
+        True ePVS.
+    mimics : ndarray of uint8, shape (I, J, K)
+        Synthetic mimic labels (1 WMH, 2 lacune; zeros for real cases).
+    mask : ndarray of bool, shape (I, J, K)
+        Brain mask.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-mm affine (the mimic exclusions of :func:`epvsseg.decision.decide` measure in mm); the
+        synthetic crops are 1 mm isotropic, hence the identity by default.
+    """
 
     images: dict[str, np.ndarray]
     label: np.ndarray
     mimics: np.ndarray
     mask: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
 
 
 def load_case(path: Path) -> Case:
@@ -208,20 +227,38 @@ def _loss(logits, target):
     return bce + dice
 
 
-def score_grid(net, cases: list[Case], combos, *, context: int,
-               points: list[tuple[float, int]]) -> dict[tuple[float, int], dict]:
+def score_grid(net, cases: list[Case], combos, *, context: int, points: list[tuple[float, int]],
+               exclusions: ExclusionParams = ExclusionParams()) -> dict[tuple[float, int], dict]:
     """Voxel Dice and pooled cluster rates per combination at several operating points.
 
-    One prediction per case and combination, post-processed at every ``(threshold, min_cluster_voxels)`` of
-    ``points``. Returns ``{point: {combination: {"dice", "cluster_sensitivity", "cluster_precision",
-    "cluster_f1"}}}``.
+    One prediction per case and combination, turned into a mask by :func:`epvsseg.decision.decide` (the rule the
+    application applies, mimic exclusions included) at every ``(threshold, min_cluster_voxels)`` of ``points``.
+    The WMH test sees the case's FLAIR when the combination includes FLAIR.
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        2.5D network (put in eval mode, and back in train mode on return).
+    cases : list of Case
+    combos : sequence of tuple of str
+        Input combinations to score.
+    context : int
+        The network's 2.5D context (slices on each side).
+    points : list of (float, int)
+        ``(threshold, min_cluster_voxels)`` pairs.
+    exclusions : ExclusionParams
+        Mimic-exclusion thresholds (a model's ``spec.exclusions``).
+
+    Returns
+    -------
+    dict
+        ``{point: {"<combination>": {"dice", "cluster_sensitivity", "cluster_precision", "cluster_f1"}}}``.
     """
     from .infer import LoadedModel, predict
     from .metrics import cluster_agreement, dice, pooled_rates
-    from .postproc import remove_small_clusters
 
-    model = LoadedModel(net, {"context_slices": context, "threshold": points[0][0], "model_id": "val"}, Path("."),
-                        "cpu")
+    model = LoadedModel(net, {"context_slices": context, "model_id": "val"}, Path("."), "cpu")
+    rules = {p: OperatingPoint(p[0], p[1], exclusions) for p in points}
     net.eval()
     out: dict = {p: {} for p in points}
     for combo in combos:
@@ -229,10 +266,11 @@ def score_grid(net, cases: list[Case], combos, *, context: int,
         agreements: dict = {p: [] for p in points}
         for case in cases:
             prob = predict({c: case.images[c] for c in combo}, case.mask, model)
-            for t, m in points:
-                pred = remove_small_clusters(prob >= t, m)
-                dices[(t, m)].append(dice(pred, case.label))
-                agreements[(t, m)].append(cluster_agreement(pred, case.label))
+            flair = case.images.get("FLAIR") if "FLAIR" in combo else None
+            for p, rule in rules.items():
+                pred = decide(prob, rule, affine=case.affine, brain=case.mask, flair=flair).mask
+                dices[p].append(dice(pred, case.label))
+                agreements[p].append(cluster_agreement(pred, case.label))
         for p in points:
             sens, prec, f1 = pooled_rates(agreements[p])
             out[p]["+".join(combo)] = {"dice": float(np.mean(dices[p])), "cluster_sensitivity": sens,
@@ -242,25 +280,31 @@ def score_grid(net, cases: list[Case], combos, *, context: int,
 
 
 def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float = 0.5,
-             min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None) -> dict:
-    """Voxel Dice and cluster F1 per combination on whole validation cases.
+             min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None,
+             exclusions: ExclusionParams = ExclusionParams()) -> dict:
+    """Voxel Dice and cluster F1 per combination on whole validation cases (through :func:`decide`).
 
     With ``thresholds``, returns ``{threshold: {combination: scores}}`` (one prediction per case and
     combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
     """
     ths = tuple(thresholds) if thresholds else (threshold,)
-    grid = score_grid(net, cases, combos, context=context, points=[(t, min_cluster_voxels) for t in ths])
+    grid = score_grid(net, cases, combos, context=context, points=[(t, min_cluster_voxels) for t in ths],
+                      exclusions=exclusions)
     out = {t: grid[(t, min_cluster_voxels)] for t in ths}
     return out if thresholds else out[threshold]
 
 
 def select_operating_point(net, cases: list[Case], combos, *, context: int, thresholds: tuple[float, ...],
-                           min_sizes: tuple[int, ...]) -> tuple[tuple[float, int], dict]:
+                           min_sizes: tuple[int, ...], exclusions: ExclusionParams = ExclusionParams(),
+                           ) -> tuple[tuple[float, int], dict]:
     """The ``(threshold, min_cluster_voxels)`` with the best :func:`_score` on ``cases``, and the whole grid.
 
-    The grid is returned as ``{"<threshold>/<min voxels>": {combination: scores}}`` (JSON-ready).
+    Every point is scored through :func:`epvsseg.decision.decide` with ``exclusions``, as the application
+    decides. The grid is returned as ``{"<threshold>/<min voxels>": {combination: scores}}`` (JSON-ready); ties
+    go to the first point in ``thresholds`` x ``min_sizes`` order.
     """
-    grid = score_grid(net, cases, combos, context=context, points=[(t, m) for t in thresholds for m in min_sizes])
+    grid = score_grid(net, cases, combos, context=context, points=[(t, m) for t in thresholds for m in min_sizes],
+                      exclusions=exclusions)
     best = max(grid, key=lambda p: _score(grid[p]))
     return best, {f"{t}/{m}": v for (t, m), v in grid.items()}
 
@@ -313,13 +357,13 @@ def train(cfg: TrainConfig) -> dict:
         from .infer import load_model
 
         base = load_model(cfg.init)
-        old_kwargs = {**base.meta["architecture_kwargs"], "in_channels": kwargs["in_channels"]}
+        old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"]}
         if old_kwargs != kwargs or base.context > cfg.context:
-            raise ValueError(f"--init {cfg.init}: architecture {base.meta['architecture_kwargs']} (context "
+            raise ValueError(f"--init {cfg.init}: architecture {base.spec.architecture_kwargs} (context "
                              f"{base.context}) does not fit {kwargs} (context {cfg.context})")
         state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
         net.load_state_dict(widen_context(state, base.context, cfg.context))
-        init = {"model_id": base.model_id, "sha256": base.meta["sha256"], "context": base.context}
+        init = {"model_id": base.model_id, "sha256": base.spec.sha256, "context": base.context}
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     best, best_state, history = -1.0, None, []
@@ -439,13 +483,15 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
 
     Each fold fine-tunes a copy of ``base`` on the other folds' cases and evaluates it, and the
     base model before fine-tuning, on the held-out cases (voxel Dice, cluster sensitivity,
-    precision, F1). Finally a model is fine-tuned on all cases and, when ``out`` is given,
+    precision, F1), both at the base model's operating point (``base.spec.operating_point``: threshold,
+    minimum cluster size and mimic exclusions, through :func:`epvsseg.decision.decide`, with each case's
+    ``affine``). Finally a model is fine-tuned on all cases and, when ``out`` is given,
     written there with its ``model.json`` (including the cross-validated metrics).
 
     Parameters
     ----------
     base : LoadedModel
-        Starting weights (e.g. the shipped model).
+        Starting weights with their spec (:func:`epvsseg.infer.load_model`, e.g. the shipped model).
     cases : list of Case
         Labelled cases (images normalised as at inference, label, brain mask), at least 2.
     cfg : FinetuneConfig
@@ -468,7 +514,9 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     order = rng.permutation(len(cases))
     folds = [order[i::k] for i in range(k)]
     combo = (tuple(cfg.combination),)
-    point = {"threshold": base.threshold, "min_cluster_voxels": int(base.meta.get("min_cluster_voxels", 2))}
+    spec = base.spec
+    point = {"threshold": spec.threshold, "min_cluster_voxels": spec.min_cluster_voxels,
+             "exclusions": spec.exclusions}
     results = []
     for i, test_idx in enumerate(folds):
         train_cases = [cases[j] for j in order if j not in set(test_idx)]
