@@ -1,20 +1,30 @@
-"""Write the derivatives of one unit: masks, maps, tables, sidecars, figures, provenance and report.
+"""Write and read back the derivatives of one unit: masks, maps, tables, sidecars, figures, provenance, report.
 
-Everything is written in the reference image's own grid and voxel order (``ops.restore_orientation``),
-each file atomically (``bids_app.derivatives``).
+Every name comes from the outputs' contract, ``bids_app/data/io_spec.json`` (:mod:`bids_app.io_spec`).
+Images are written in the reference image's own grid and voxel order (``ops.restore_orientation``),
+each file atomically (``bids_app.derivatives``). The participant report is built from the files on
+disk (:func:`bids_app.reports.participant.rebuild_report`), so ``--reports-only`` rebuilds the same.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import platform
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .derivatives import bids_name, bids_uri, source_entities, subject_dir, write_json, write_nifti, write_tsv
+from . import __version__, io_spec
+from .derivatives import bids_uri, source_entities, write_json, write_nifti, write_tsv
+from .io_spec import TableError, UnitId
+
+__all__ = ["TableError", "UnitMeasures", "UnitOutputs", "centroids_in_grid", "read_json", "read_tsv", "read_unit",
+           "reference_image", "unit_id", "write_unit"]
 
 
 @dataclass
@@ -47,160 +57,213 @@ class UnitMeasures:
     volumes: dict
 
 
-def write_unit(plan, pre, det: dict, measures: UnitMeasures, *, bids_dir: Path, output_dir: Path, seed: int,
-               timings: dict[str, float]) -> list[str]:
-    """Write every output of one unit; return their paths relative to ``output_dir``."""
-    from epvsprep import anatomy, ops
-    from epvsseg import postproc, ratings
+def _det(det, name: str):
+    """A field of the detection result: a dict today, a ``Detection`` dataclass with the same names tomorrow."""
+    return det[name] if isinstance(det, Mapping) else getattr(det, name)
 
-    from .reports.participant import make_figures, write_report
 
-    ref_role, digests = plan.reference, pre.digests
-    n4, mask, coregistered = pre.n4, pre.mask, pre.coregistered
-    qc, warnings_, brain_mm3 = pre.qc, pre.warnings, pre.brain_mm3
-    data = measures.volumes[ref_role]
-    score, detected, params = det["score"], det["mask"], det["parameters"]
-    labels, n_clusters, table = measures.labels, measures.n_clusters, measures.table
-    regions_table, rating, total_mm3, volumes = (measures.regions_table, measures.rating, measures.total_mm3,
-                                                 measures.volumes)
-    atlas = pre.atlas.table
-    have_regions = pre.regions is not None
-    original_ref = reference_image(pre, ref_role)
+def unit_id(plan) -> UnitId:
+    """The :class:`~bids_app.io_spec.UnitId` of a ``SessionPlan`` (or of its ``to_dict()``)."""
+    if isinstance(plan, Mapping):
+        ref = plan["images"][plan["combination"][0]]
+        return UnitId.from_source(source_entities(ref["entities"]), plan["combination"])
+    return UnitId.from_source(source_entities(plan.images[plan.reference].entities), plan.combination)
 
-    # ---- outputs, in the reference image's own grid and orientation
-    def back(arr: np.ndarray) -> np.ndarray:
-        return ops.restore_orientation(arr, original_ref)
 
-    ents = source_entities(plan.images[ref_role].entities)
-    desc = "".join(plan.combination)
-    out_dir = subject_dir(output_dir, plan.subject, plan.session)
+@dataclass
+class _Target:
+    """Where and on which grid one unit's outputs go, and the sidecar fields they share."""
+
+    paths: dict[str, Path]
+    grid: Any
+    common: dict
+    sources: list[str]
+    rel_source: dict[str, str]
+
+    def back(self, arr: np.ndarray) -> np.ndarray:
+        """RAS+ working grid -> the reference image's own voxel order."""
+        from epvsprep import ops
+
+        return ops.restore_orientation(arr, self.grid)
+
+    def image(self, key: str, data: np.ndarray, dtype) -> Path:
+        """Write an image output in the reference grid."""
+        return write_nifti(self.paths[key], self.back(np.asarray(data).astype(dtype)), self.grid, dtype)
+
+    def sidecar(self, key: str, fields: dict, **values) -> Path:
+        """Write a JSON output: the spec's fixed fields (formatted with ``values``), then ``fields``."""
+        fixed = {k: (v.format(**values) if isinstance(v, str) else v)
+                 for k, v in io_spec.entry(key).get("sidecar", {}).items()}
+        return write_json(self.paths[key], {**fixed, **fields})
+
+
+def _target(plan, pre, bids_dir: Path, output_dir: Path) -> _Target:
     rel_source = {role: Path(img.path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
                   for role, img in plan.images.items()}
     sources = [bids_uri("raw", rel_source[r]) for r in plan.combination]
     common = {
         "Sources": sources,
-        "SpatialReference": bids_uri("raw", rel_source[ref_role]),
+        "SpatialReference": bids_uri("raw", rel_source[plan.reference]),
         "EpvsMethod": plan.method,
         "ModelId": plan.model_id,
         "InputSequences": list(plan.combination),
         "SequenceSelection": list(plan.reasons),
         "SoftwareVersion": __version__,
     }
-    written: list[Path] = []
+    return _Target(io_spec.unit_paths(output_dir, unit_id(plan)), reference_image(pre, plan.reference), common,
+                   sources, rel_source)
 
-    def name(suffix: str, ext: str, **extra) -> Path:
-        return out_dir / bids_name({**ents, **extra}, suffix, ext)
 
-    # ePVS mask
-    p = name("mask", ".nii.gz", label="PVS", desc=desc)
-    written.append(write_nifti(p, back(detected.astype(np.uint8)), original_ref, np.uint8))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        **common, "Type": "ROI",
-        "Description": "Binary mask of enlarged perivascular spaces (1 = ePVS): " + det["description"],
-        "Threshold": params["threshold"], "Connectivity": 26, "Parameters": params,
-        "ExcludedClusters": ([] if det["excluded"] is None else det["excluded"].round(3).to_dict("records")),
-    }))
-    # score map
-    p = name("probseg", ".nii.gz", label="PVS", desc=desc)
-    written.append(write_nifti(p, back(score.astype(np.float32)), original_ref, np.float32))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        **common,
-        "Description": det["score_description"],
-        "Parameters": params,
-    }))
-    # cluster map + per-cluster table (a dseg look-up table with measures)
-    p = name("dseg", ".nii.gz", seg="PVSclusters", desc=desc)
-    written.append(write_nifti(p, back(labels.astype(np.int32)), original_ref, np.int32))
-    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), table))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        **common,
-        "Description": "26-connected ePVS clusters; each voxel holds its cluster index. The TSV lists "
-                       "one row per cluster; centroids are in the voxel grid of this image and in "
-                       "scanner millimetres (RAS+).",
-        **postproc.CLUSTER_COLUMNS,
-        **dict(postproc.intensity_column(role) for role in volumes),
-        "centroid_i": {"Description": "Centroid along the first voxel axis of this image (0-based).",
-                       "Units": "voxels"},
-        "centroid_j": {"Description": "Centroid along the second voxel axis of this image (0-based).",
-                       "Units": "voxels"},
-        "centroid_k": {"Description": "Centroid along the third voxel axis of this image (0-based).",
-                       "Units": "voxels"},
-        "region": {"Description": "Region holding most of the cluster's voxels (the seg-regions atlas; ties "
-                                  "to the lower label); n/a when none of its voxels is in a region.",
-                   "Levels": {r: r for r in anatomy.REGION_NAMES}},
-        "hemisphere": {"Description": "Hemisphere of that region: left, right or bilateral (midline)."},
-    }))
-    # regions: the atlas in this image's space, and the ePVS voxels labelled with their region
-    template_meta = {
+def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output_dir: Path, seed: int,
+               timings: dict[str, float]) -> list[str]:
+    """Write every output of one unit (names from ``io_spec.json``); return their paths relative to ``output_dir``.
+
+    Parameters
+    ----------
+    plan : SessionPlan
+        The unit's plan (images, combination, method, model id).
+    pre : Preprocessed
+        ``bids_app.participant.preprocess_unit`` output (images on the RAS+ working grid).
+    det : dict or Detection
+        ``score``, ``mask``, ``excluded``, ``parameters``, ``description``, ``score_description``, ``device``.
+    measures : UnitMeasures
+        Clusters, tables and rating estimates.
+    bids_dir, output_dir : Path
+        The raw dataset (for BIDS URIs) and the derivatives root.
+    seed : int
+        Master random seed (recorded in the provenance).
+    timings : dict
+        Step -> seconds (recorded in the provenance and shown in the report).
+    """
+    from .reports.participant import rebuild_report
+
+    target = _target(plan, pre, bids_dir, output_dir)
+    written = _write_detection(target, det, measures)
+    if pre.regions is not None:
+        written += _write_regions(target, pre, measures, _det(det, "mask"))
+    written += _write_brain(target, pre, measures.volumes[plan.reference])
+    figures = _write_figures(target, plan, pre, det, measures)
+    written.append(write_json(target.paths["provenance"],
+                              provenance(plan, pre, det, measures, target, seed=seed, timings=timings)))
+    written += [figures[k] for k in sorted(figures, key=io_spec.keys().index)]
+    written.append(rebuild_report(output_dir, unit_id(plan)))
+    return [str(Path(w).relative_to(output_dir)) for w in written]
+
+
+def _write_detection(target: _Target, det, measures: UnitMeasures) -> list[Path]:
+    """The ePVS mask, the score map and the cluster map with its table (and their sidecars)."""
+    params, excluded = _det(det, "parameters"), _det(det, "excluded")
+    roles = list(measures.volumes)
+    columns = io_spec.columns("clusters_tsv", roles)
+    columns["region"] = {**columns["region"], "Levels": _region_levels()}
+    return [
+        target.image("epvs_mask", _det(det, "mask"), np.uint8),
+        target.sidecar("epvs_mask_json", {
+            **target.common, "Threshold": params["threshold"], "Parameters": params,
+            "ExcludedClusters": [] if excluded is None else excluded.round(3).to_dict("records"),
+        }, detector=_det(det, "description")),
+        target.image("epvs_probseg", _det(det, "score"), np.float32),
+        target.sidecar("epvs_probseg_json", {**target.common, "Parameters": params},
+                       score_description=_det(det, "score_description")),
+        target.image("clusters_dseg", measures.labels, np.int32),
+        write_tsv(target.paths["clusters_tsv"], measures.table),
+        target.sidecar("clusters_json", {**target.common, **columns}),
+    ]
+
+
+def _region_levels() -> dict[str, str]:
+    from epvsprep import anatomy
+
+    return {r: r for r in anatomy.REGION_NAMES}
+
+
+def _template_meta(pre, measures: UnitMeasures) -> dict:
+    """Template and atlas provenance and the visual-rating estimates, shared by the two region sidecars."""
+    from epvsprep import anatomy
+    from epvsseg import ratings
+
+    return {
         "Template": anatomy.TEMPLATE, "TemplateContrast": pre.template["contrast"],
         "TemplateRegisteredTo": pre.template["image"], "Registration": f"antspyx {pre.template['setting']}",
         "AtlasSources": "ICBM 2009a sym tissue maps, CIT168 (CC BY 4.0) and rules in scripts/make_atlas.py; "
                         "see docs/atlas.md",
+        "VisualRatingEstimates": measures.rating,
+        "VisualRatingEstimatesDescription": {
+            "Note": "Estimates computed from the segmentation, not visual ratings: counts of ePVS cross-sections "
+                    "on the image's axial slices (docs/usage.md, Visual-rating estimates).",
+            **ratings.RATING_FIELDS},
     }
-    p = name("dseg", ".nii.gz", seg="regions")
-    if have_regions:
-        written += _write_regions(p, name("dseg", ".nii.gz", seg="PVSregions", desc=desc), pre, back, original_ref,
-                                  atlas, regions_table, detected, sources, common,
-                                  {**template_meta, "VisualRatingEstimates": rating,
-                                   "VisualRatingEstimatesDescription": {
-                                       "Note": "Estimates computed from the segmentation, not visual ratings: "
-                                               "counts of ePVS cross-sections on the image's axial slices "
-                                               "(docs/usage.md, Visual-rating estimates).",
-                                       **ratings.RATING_FIELDS}})
-    # brain mask (with ICV and QC) and preprocessed reference
-    p = name("mask", ".nii.gz", desc="brain")
-    written.append(write_nifti(p, back(mask.astype(np.uint8)), original_ref, np.uint8))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        "Type": "Brain", "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
-        "Description": "Brain mask from deepbet on the bias-corrected reference image. IntracranialVolume_mm3: "
-                       "the template's intracranial mask warped onto this image, united with the brain mask. "
-                       "QC: within-tissue SNR and GM/WM CNR of the reference, volumes, registration similarity "
-                       "(Mattes MI, more negative is better) and flags (docs/preprocessing.md).",
-        "BrainVolume_mm3": round(brain_mm3, 1),
-        **({} if pre.icv_mm3 is None else {"IntracranialVolume_mm3": round(pre.icv_mm3, 1)}),
-        "QC": pre.qc,
-    }))
-    p = out_dir / bids_name({**ents, "desc": "preproc"}, ref_role, ".nii.gz")
-    written.append(write_nifti(p, back(data), original_ref, np.float32))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        "SkullStripped": False, "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
-        "Description": "Reference image after N4 bias-field correction (antspyx), in its original grid.",
-    }))
 
-    summary = {
-        "label": plan.label, "subject": plan.subject, "session": plan.session,
-        "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
-        "n_clusters": int(n_clusters), "total_volume_mm3": round(total_mm3, 2),
-        "brain_volume_mm3": round(brain_mm3, 1),
-        "icv_mm3": None if pre.icv_mm3 is None else round(pre.icv_mm3, 1),
-        "total_ppm_icv": None if pre.icv_mm3 is None else round(1e6 * total_mm3 / pre.icv_mm3, 1),
-        "qc": qc, "warnings": warnings_, "ratings": rating,
-        "template": {k: v for k, v in pre.template.items() if k != "warped"},
-        "version": __version__, "device": det["device"], "timings_s": timings,
-    }
-    figures = make_figures(
-        figure_dir=Path(output_dir) / f"sub-{plan.subject}" / "figures",
-        stem=bids_name({"sub": plan.subject, **({"ses": plan.session} if plan.session else {})}, "", "").rstrip("_"),
-        reference=data, mask=mask, epvs=detected, affine=n4.affine, ref_role=ref_role,
-        coregistered={r: np.asanyarray(im.dataobj) for r, im in coregistered.items()},
+
+def _write_regions(target: _Target, pre, measures: UnitMeasures, detected: np.ndarray) -> list[Path]:
+    """The regions dseg (+ TSV, JSON) and the PVSregions dseg (+ per-region TSV, JSON)."""
+    meta = _template_meta(pre, measures)
+    return [
+        target.image("regions_dseg", pre.regions, np.uint8),
+        write_tsv(target.paths["regions_tsv"], pre.atlas.table),
+        target.sidecar("regions_json", {"Sources": [target.sources[0]],
+                                        "SpatialReference": target.common["SpatialReference"],
+                                        **meta, **io_spec.columns("regions_tsv")}),
+        target.image("epvs_regions_dseg", pre.regions * detected, np.uint8),
+        write_tsv(target.paths["epvs_regions_tsv"], measures.regions_table),
+        target.sidecar("epvs_regions_json", {**target.common, "IntracranialVolume_mm3": round(pre.icv_mm3, 1),
+                                             **meta, **io_spec.columns("epvs_regions_tsv")}),
+    ]
+
+
+def _write_brain(target: _Target, pre, reference: np.ndarray) -> list[Path]:
+    """The brain mask (with volumes and QC in its sidecar) and the bias-corrected reference."""
+    ref = {"Sources": [target.sources[0]], "SpatialReference": target.common["SpatialReference"]}
+    return [
+        target.image("brain_mask", pre.mask, np.uint8),
+        target.sidecar("brain_mask_json", {
+            **ref, "BrainVolume_mm3": round(pre.brain_mm3, 1),
+            **({} if pre.icv_mm3 is None else {"IntracranialVolume_mm3": round(pre.icv_mm3, 1)}),
+            "QC": pre.qc}),
+        target.image("preproc", reference, np.float32),
+        target.sidecar("preproc_json", ref),
+    ]
+
+
+def _write_figures(target: _Target, plan, pre, det, measures: UnitMeasures) -> dict[str, Path]:
+    from .reports.participant import make_figures
+
+    atlas = pre.atlas.table
+    return make_figures(
+        paths={k: p for k, p in target.paths.items() if k.startswith("figure_")},
+        reference=measures.volumes[plan.reference], mask=pre.mask, epvs=_det(det, "mask"), affine=pre.n4.affine,
+        ref_role=plan.reference,
+        coregistered={r: np.asanyarray(im.dataobj) for r, im in pre.coregistered.items()},
         regions=pre.regions, region_names=dict(zip(atlas["index"], atlas["name"])),
     )
-    provenance = {
-        **summary,
-        "inputs": {role: {"path": rel_source[role], "sha256": digests[role]} for role in plan.images},
-        "plan": plan.to_dict(), "parameters": params, "random_seed": seed,
+
+
+def summary(plan, pre, det, measures: UnitMeasures, timings: Mapping[str, float]) -> dict[str, Any]:
+    """The unit's summary: counts, volumes (mm³ and ppm), QC, warnings, ratings, template, device, timings."""
+    total, icv = measures.total_mm3, pre.icv_mm3
+    return {
+        "label": plan.label, "subject": plan.subject, "session": plan.session,
+        "method": plan.method, "model_id": plan.model_id, "combination": list(plan.combination),
+        "n_clusters": int(measures.n_clusters), "total_volume_mm3": round(total, 2),
+        "brain_volume_mm3": round(pre.brain_mm3, 1),
+        "icv_mm3": None if icv is None else round(icv, 1),
+        "volume_ppm_icv": None if icv is None else round(1e6 * total / icv, 1),
+        "volume_ppm_brain": round(1e6 * total / pre.brain_mm3, 1) if pre.brain_mm3 > 0 else None,
+        "qc": pre.qc, "warnings": pre.warnings, "ratings": measures.rating,
+        "template": {k: v for k, v in pre.template.items() if k != "warped"},
+        "version": __version__, "device": _det(det, "device"), "timings_s": dict(timings),
+    }
+
+
+def provenance(plan, pre, det, measures: UnitMeasures, target: _Target, *, seed: int,
+               timings: Mapping[str, float]) -> dict[str, Any]:
+    """The provenance record (``logs/<label>_provenance.json``): summary, inputs, plan, parameters, software."""
+    return {
+        **summary(plan, pre, det, measures, timings),
+        "inputs": {role: {"path": target.rel_source[role], "sha256": pre.digests[role]} for role in plan.images},
+        "plan": plan.to_dict(), "parameters": _det(det, "parameters"), "random_seed": seed,
         "software": _software_versions(),
     }
-    prov_path = Path(output_dir) / "logs" / f"{plan.label}_provenance.json"
-    written.append(write_json(prov_path, provenance))
-    report = write_report(
-        Path(output_dir) / f"{plan.label}.html", summary=summary, plan=plan.to_dict(), figures=figures,
-        table=table, outputs=[str(w.relative_to(output_dir)) for w in written], regions=regions_table,
-    )
-    written += [Path(f) for f in figures.values()] + [report]
-    return [str(Path(w).relative_to(output_dir)) for w in written]
-
-
 
 
 def reference_image(pre, ref_role: str):
@@ -226,32 +289,6 @@ def centroids_in_grid(table, affine: np.ndarray):
     return table
 
 
-def _write_regions(p, p_pvs, pre, back, original_ref, atlas, regions_table, detected, sources, common,
-                   template_meta) -> list[Path]:
-    """Write the regions dseg (+ TSV, JSON) and the PVSregions dseg (+ per-region TSV, JSON)."""
-    from epvsprep import anatomy
-
-    written = [write_nifti(p, back(pre.regions), original_ref, np.uint8)]
-    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), atlas))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        "Sources": [sources[0]], "SpatialReference": common["SpatialReference"],
-        "Description": "ePVS region atlas warped from the template onto this image (nearest label), restricted "
-                       "to the brain mask; brain voxels outside every named region are 'other'.",
-        **template_meta, **anatomy.ATLAS_COLUMNS,
-    }))
-    p = p_pvs
-    written.append(write_nifti(p, back((pre.regions * detected).astype(np.uint8)), original_ref, np.uint8))
-    written.append(write_tsv(p.with_name(p.name.replace(".nii.gz", ".tsv")), regions_table))
-    written.append(write_json(p.with_name(p.name.replace(".nii.gz", ".json")), {
-        **common,
-        "Description": "ePVS voxels labelled with their region (the seg-regions labels); the TSV has one row per "
-                       "region and hemisphere with ICV-normalised volumes.",
-        "IntracranialVolume_mm3": round(pre.icv_mm3, 1), **template_meta, **anatomy.REGION_COLUMNS,
-    }))
-    return written
-
-
-
 def _software_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -262,3 +299,172 @@ def _software_versions() -> dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+# ------------------------------------------------------------------ reading back
+@dataclass
+class UnitOutputs:
+    """One unit's derivatives as read back through the spec (no image is loaded).
+
+    Attributes
+    ----------
+    unit : UnitId
+        Which unit.
+    paths : dict
+        Spec key -> path of every output of the unit, present or not (:func:`bids_app.io_spec.unit_paths`).
+    clusters : DataFrame
+        The cluster table (``clusters_tsv``), one row per cluster; ``volume_mm3`` in mm³.
+    regions : DataFrame or None
+        The per-region table (``epvs_regions_tsv``); None when the unit has no regions.
+    atlas : DataFrame or None
+        The regions look-up table (``regions_tsv``); None when the unit has no regions.
+    sidecars : dict
+        JSON key (``epvs_mask_json``, ``brain_mask_json``...) -> content, for the sidecars present.
+    provenance : dict or None
+        ``logs/<label>_provenance.json`` when asked for.
+    """
+
+    unit: UnitId
+    paths: dict[str, Path]
+    clusters: pd.DataFrame
+    regions: pd.DataFrame | None = None
+    atlas: pd.DataFrame | None = None
+    sidecars: dict[str, dict] = field(default_factory=dict)
+    provenance: dict | None = None
+
+    def present(self, key: str) -> bool:
+        """Whether the output ``key`` exists on disk."""
+        return self.paths[key].is_file()
+
+    @property
+    def figures(self) -> dict[str, Path]:
+        """Figure key (``figure_epvs``...) -> PNG path, for the figures on disk, in the spec's order."""
+        return {k: p for k, p in self.paths.items() if k.startswith("figure_") and p.is_file()}
+
+    @property
+    def model(self) -> dict[str, str | None]:
+        """``method``, ``model_id`` and ``weights_sha256`` from the ePVS-mask sidecar (None when absent)."""
+        meta = self.sidecars.get("epvs_mask_json", {})
+        params = meta.get("Parameters") if isinstance(meta.get("Parameters"), dict) else {}
+        return {"method": meta.get("EpvsMethod"), "model_id": meta.get("ModelId"),
+                "weights_sha256": params.get("weights_sha256")}
+
+
+#: Numeric columns of the tables a reader checks (a non-numeric value is a TableError naming it).
+NUMERIC = {
+    "clusters_tsv": ("index", "n_voxels", "volume_mm3"),
+    "epvs_regions_tsv": ("index", "n_clusters", "volume_mm3", "volume_ppm_icv", "region_volume_mm3",
+                         "volume_fraction", "mean_cluster_volume_mm3"),
+    "regions_tsv": ("index",),
+}
+
+
+def read_unit(output_dir: Path, unit: UnitId, *, with_provenance: bool = False) -> UnitOutputs:
+    """Read a unit's tables and sidecars back through the spec (images are only located, not loaded).
+
+    Parameters
+    ----------
+    output_dir : Path
+        Root of the derivatives dataset.
+    unit : UnitId
+        Which unit (:func:`bids_app.io_spec.find_units`, :func:`unit_id`).
+    with_provenance : bool
+        Also read ``logs/<label>_provenance.json`` (required then).
+
+    Raises
+    ------
+    TableError
+        A file the spec requires is missing or unreadable, lacks a required column or field, or
+        holds a non-numeric or negative measure; the message names the file and the problem.
+    """
+    paths = io_spec.unit_paths(output_dir, unit)
+    out = UnitOutputs(unit, paths, clusters=_table(paths, "clusters_tsv"))
+    if (out.clusters["volume_mm3"] < 0).any():
+        raise TableError(f"{paths['clusters_tsv']}: negative cluster volume")
+    if paths["epvs_regions_tsv"].is_file():
+        out.regions = _table(paths, "epvs_regions_tsv")
+    if paths["regions_tsv"].is_file():
+        out.atlas = _table(paths, "regions_tsv")
+    for key in io_spec.keys():
+        if key.endswith("_json") and (paths[key].is_file() or io_spec.entry(key).get("must_exist")):
+            out.sidecars[key] = read_json(paths[key], io_spec.required(key))
+    if with_provenance:
+        out.provenance = read_json(paths["provenance"], io_spec.required("provenance"))
+    return out
+
+
+def _table(paths: Mapping[str, Path], key: str) -> pd.DataFrame:
+    table = read_tsv(paths[key], io_spec.required(key))
+    numeric(table, NUMERIC.get(key, ()), paths[key])
+    return table
+
+
+def read_tsv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A BIDS TSV (``n/a`` = missing) with its ``required`` columns checked.
+
+    Raises
+    ------
+    TableError
+        The file is missing, unreadable or lacks a required column (the message names both).
+    """
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except FileNotFoundError as exc:
+        raise TableError(f"{path}: missing (required by the outputs' contract, bids_app/data/io_spec.json)") from exc
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise TableError(f"{path}: not a readable TSV table ({type(exc).__name__}: {exc})") from exc
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise TableError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(table.columns)})")
+    return table
+
+
+def numeric(table: pd.DataFrame, columns, path: Path) -> None:
+    """Convert ``columns`` (those present) to numbers in place.
+
+    Raises
+    ------
+    TableError
+        A value is not a number (the message names the file, the column and the value).
+    """
+    for col in columns:
+        if col not in table.columns or pd.api.types.is_numeric_dtype(table[col]):
+            continue
+        values = pd.to_numeric(table[col], errors="coerce")
+        bad = values.isna() & table[col].notna()
+        if bad.any():
+            raise TableError(f"{path}: column {col!r} has non-numeric value {table[col][bad].iloc[0]!r}")
+        table[col] = values
+
+
+def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """A JSON object with its ``required`` fields checked.
+
+    Raises
+    ------
+    TableError
+        The file is missing, unreadable, not a JSON object or lacks a required field.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise TableError(f"{path}: missing (required by the outputs' contract, bids_app/data/io_spec.json)") from exc
+    except OSError as exc:
+        raise TableError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise TableError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise TableError(f"{path}: expected a JSON object")
+    missing = [f for f in required if f not in data]
+    if missing:
+        raise TableError(f"{path}: missing field(s) {', '.join(missing)}")
+    return data
+
+
+def finite(value) -> float:
+    """``value`` as a float; NaN when it is missing, not a number or not finite."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan

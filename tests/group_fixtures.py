@@ -1,24 +1,24 @@
-"""Fake participant derivatives for group-level tests, written to the derivatives contract.
+"""Participant derivatives for group-level tests, written by the participant level's own writer.
 
 A unit is a small 1 mm grid (:data:`SHAPE`) with a box-shaped "brain", a five-region atlas
 (:data:`ATLAS`), ePVS clusters placed at chosen lattice sites (2 x 2 x 3 voxels = 12 mm³ each,
-never touching), a textured bias-corrected image (for registration) and every table and
-sidecar of the contract. Clusters are assigned to regions by majority voxel, and the
-per-cluster table comes from :func:`epvsseg.postproc.cluster_table`, as the participant level
-writes it.
+never touching) and a textured bias-corrected image (for registration). The clusters are
+measured by :func:`bids_app.participant.measure_unit` and every file is written by
+:func:`bids_app.outputs.write_unit`, so the fixtures follow the outputs' contract
+(``bids_app/data/io_spec.json``) by construction.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from epvsseg import postproc, ratings
 
 SHAPE = (40, 40, 30)
 #: Voxel (i, j, k) -> scanner (x, y, z) mm: x = i - 20, so i < 20 is the left hemisphere.
@@ -77,30 +77,49 @@ def texture(seed: int = 0) -> np.ndarray:
     return out
 
 
-def _save(path: Path, data, dtype) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), AFFINE)
-    img.set_data_dtype(dtype)
-    img.to_filename(str(path))
-
-
 def _json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1))
 
 
+#: Model of the fake units unless ``model=`` says otherwise: (model id, weights sha256).
+MODEL = ("epvs-unet25d-v3", "a" * 64)
+
+
+def _plan(raw: Path, sub: str, ses: str | None, acq: str | None, combo: str, model: tuple[str, str | None]):
+    """A SessionPlan for a fake unit whose (never read) raw images sit under ``raw``."""
+    from bids_app.io_spec import split_combination
+    from bids_app.plan import SessionPlan
+    from bids_app.query import AnatImage
+
+    ents = {"subject": sub, **({"session": ses} if ses else {}), **({"acquisition": acq} if acq else {})}
+    stem = "_".join(f"{k}-{v}" for k, v in (("sub", sub), ("ses", ses), ("acq", acq)) if v)
+    folder = raw / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    roles = split_combination(combo)
+    images = {r: AnatImage(path=folder / f"{stem}_{r}.nii.gz", role=r, entities={**ents, "suffix": r})
+              for r in roles}
+    method = "frangi" if model[1] is None else "unet"
+    return SessionPlan(subject=sub, session=ses, method=method, combination=roles, images=images,
+                       model_id=model[0], reasons=(f"{combo}: fake unit for the group tests",))
+
+
 def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: str = "T2w",
               regions: bool = True, qc: bool = True, icv_mm3: float = 1.5e6, shift: tuple[int, int, int] = (0, 0, 0),
               texture_seed: int = 0, status: bool = True, snr: float = 20.0, acq: str | None = None,
-              extra_qc_flags=()) -> dict:
-    """Write one unit's derivatives under ``out``; return the paths and the expected numbers.
+              extra_qc_flags=(), model: tuple[str, str | None] = MODEL) -> dict:
+    """Write one unit's derivatives under ``out`` with the participant level's own writer; return the
+    paths and the expected numbers.
 
-    ``shift`` moves the whole head (image, brain, clusters, atlas) by whole voxels inside the
-    field of view, as a different head position in a later session would.
+    The unit is measured (:func:`bids_app.participant.measure_unit`) and written
+    (:func:`bids_app.outputs.write_unit`) as the participant level does, from synthetic
+    preprocessed images: :data:`SHAPE` grid, box brain, :func:`atlas` regions, 12 mm³ clusters at
+    ``sites``. ``shift`` moves the whole head (image, brain, clusters, atlas) by whole voxels inside
+    the field of view, as a different head position in a later session would. ``qc=False`` writes
+    a unit without intracranial volume or QC measures; ``regions=False`` one without regions (a
+    failed template registration). ``model``: (model id, weights sha256), or (``"frangi"``, None).
     """
-    ents = {"sub": sub, **({"ses": ses} if ses else {}), **({"acq": acq} if acq else {})}
-    stem = "_".join(f"{k}-{v}" for k, v in ents.items())
-    anat = Path(out) / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    from bids_app import outputs
+    from bids_app.participant import measure_unit
 
     def move(a):
         return np.roll(a, shift, axis=(0, 1, 2))
@@ -109,62 +128,47 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
     for n, (i, j, k) in enumerate(sites, start=1):
         labels[i:i + 2, j:j + 2, k:k + 3] = n
     labels = move(labels)
-    mask = labels > 0
     brain = np.zeros(SHAPE, bool)
     brain[BRAIN] = True
     brain = move(brain)
-    regions_img = move(atlas())
-    table = postproc.cluster_table(labels, AFFINE)
-
-    def p(suffix):
-        return anat / f"{stem}_{suffix}"
-
-    _save(p(f"seg-PVSclusters_desc-{combo}_dseg.nii.gz"), labels, np.int32)
-    anat.mkdir(parents=True, exist_ok=True)
-    table.to_csv(p(f"seg-PVSclusters_desc-{combo}_dseg.tsv"), sep="\t", index=False, na_rep="n/a")
-    raw_rel = f"sub-{sub}/" + (f"ses-{ses}/" if ses else "") + f"anat/{stem}_T2w.nii.gz"
-    _json(p(f"seg-PVSclusters_desc-{combo}_dseg.json"), {"SpatialReference": f"bids:raw:{raw_rel}"})
-    _save(p(f"label-PVS_desc-{combo}_mask.nii.gz"), mask, np.uint8)
-    _save(p("desc-brain_mask.nii.gz"), brain, np.uint8)
-    _save(p("desc-preproc_T2w.nii.gz"), move(texture(texture_seed)), np.float32)
-    brain_mm3 = float(brain.sum())
-    sidecar = {"BrainVolume_mm3": brain_mm3}
-    if qc:
-        sidecar["IntracranialVolume_mm3"] = icv_mm3
-        sidecar["QC"] = {"snr": snr, "cnr": 3.0, "brain_volume_mm3": brain_mm3, "icv_mm3": icv_mm3,
-                         "registration": {"template": {"metric": "MattesMI", "before": -0.2, "after": -0.5,
-                                                       "ok": True}},
-                         "flags": list(extra_qc_flags)}
-    _json(p("desc-brain_mask.json"), sidecar)
-    expected = {"stem": stem, "anat": anat, "n_clusters": len(sites), "volume_mm3": CLUSTER_MM3 * len(sites),
-                "brain_mm3": brain_mm3, "labels": labels, "mask": mask}
+    image = nib.Nifti1Image(move(texture(texture_seed)), AFFINE)
+    plan = _plan(Path(out).parent / "raw", sub, ses, acq, combo, model)
+    pre = _preprocessed(plan, image, brain, move(atlas()) if regions else None, qc=qc, icv_mm3=icv_mm3, snr=snr,
+                        flags=list(extra_qc_flags))
+    det = {"score": (labels > 0).astype(np.float32), "mask": labels > 0, "excluded": None, "device": "cpu",
+           "parameters": {"model_id": model[0], "weights_sha256": model[1], "threshold": 0.5},
+           "description": "fake detector (tests/group_fixtures.py).", "score_description": "fake score."}
+    volumes = {r: np.asanyarray(image.dataobj).astype(np.float32) for r in plan.combination}
+    measures = measure_unit(pre, det, volumes, plan.reference)
+    written = outputs.write_unit(plan, pre, det, measures, bids_dir=Path(out).parent / "raw", output_dir=out,
+                                 seed=42, timings={"write": 0.0})
+    unit = outputs.unit_id(plan)
+    expected = {"stem": unit.stem, "anat": Path(out) / written[0].rsplit("/", 1)[0], "unit": unit,
+                "n_clusters": len(sites), "volume_mm3": CLUSTER_MM3 * len(sites), "brain_mm3": float(brain.sum()),
+                "labels": labels, "mask": labels > 0, "written": written}
     if regions:
-        tab = atlas_table()
-        _save(p("seg-regions_dseg.nii.gz"), regions_img, np.int16)
-        tab.to_csv(p("seg-regions_dseg.tsv"), sep="\t", index=False)
-        _save(p(f"seg-PVSregions_desc-{combo}_dseg.nii.gz"), np.where(mask, regions_img, 0), np.int16)
-        rows = []
-        for rec in tab.to_dict("records"):
-            inside = regions_img == rec["index"]
-            ids = [c for c in range(1, len(sites) + 1)
-                   if np.bincount(regions_img[labels == c], minlength=6).argmax() == rec["index"]]
-            vol = float(np.isin(labels, ids).sum())
-            rows.append({**rec, "n_clusters": len(ids), "volume_mm3": vol,
-                         "volume_ppm_icv": 1e6 * vol / icv_mm3 if qc else "n/a",
-                         "region_volume_mm3": float(inside.sum()), "volume_fraction": vol / inside.sum(),
-                         "mean_cluster_volume_mm3": vol / len(ids) if ids else "n/a"})
-        pd.DataFrame(rows).to_csv(p(f"seg-PVSregions_desc-{combo}_dseg.tsv"), sep="\t", index=False)
-        grades = {"potter_bg": ratings.potter_grade(len(sites)), "potter_cso": 0,
-                  "zhu_bg": ratings.zhu_bg_grade(len(sites)), "zhu_wm": 1}
-        _json(p(f"seg-PVSregions_desc-{combo}_dseg.json"), {"VisualRatingEstimates": grades})
-        expected["ratings"] = grades
-        expected["regions"] = pd.DataFrame(rows).set_index("name")
+        assert measures.regions_table["n_clusters"].sum() == len(sites)  # every cluster sits in one region
+        expected["ratings"] = {g: measures.rating[g] for g in ("potter_bg", "potter_cso", "zhu_bg", "zhu_wm")}
+        expected["regions"] = measures.regions_table.set_index("name")
     if status:
-        label = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
-        _json(Path(out) / "logs" / "status" / f"{label}.json",
-              {"label": label, "status": "complete", "exit_code": 0, "message": ""})
-        (Path(out) / f"{label}.html").write_text(f"<html><body>{label}</body></html>")
+        _json(Path(out) / "logs" / "status" / f"{plan.label}.json",
+              {"label": plan.label, "status": "complete", "exit_code": 0, "message": "", "outputs": written})
     return expected
+
+
+def _preprocessed(plan, image, brain: np.ndarray, regions: np.ndarray | None, *, qc: bool, icv_mm3: float,
+                  snr: float, flags: list[str]) -> SimpleNamespace:
+    """What ``preprocess_unit`` returns, for synthetic images already on the RAS+ grid (1 mm voxels)."""
+    measures = ({"snr": snr, "cnr": 3.0, "brain_volume_mm3": float(brain.sum()), "icv_mm3": icv_mm3,
+                 "registration": {"template": {"metric": "MattesMI", "before": -0.2, "after": -0.5, "ok": True}}}
+                if qc else {})
+    ref = plan.reference
+    return SimpleNamespace(
+        originals={ref: image}, digests={r: "0" * 64 for r in plan.images}, n4=image,
+        mask=brain, coregistered={}, qc={**measures, "flags": flags}, warnings=[], voxel_mm3=1.0,
+        brain_mm3=float(brain.sum()), regions=None if regions is None else regions.astype(np.uint8),
+        atlas=SimpleNamespace(table=atlas_table()), icv_mm3=icv_mm3 if qc else None,
+        template={"contrast": "T2w", "image": ref, "sources": {}, "setting": "fast", "seconds": 0.0})
 
 
 def make_raw(bids: Path, participants: dict[str, dict], sessions: dict[str, dict[str, dict]] | None = None) -> Path:

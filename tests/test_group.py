@@ -57,7 +57,7 @@ def cohort(tmp_path_factory):
 def test_exit_code_and_outputs(cohort):
     assert cohort["code"] == 0
     group = cohort["out"] / "group"
-    for name in ("cohort", "cohort_long", "regions", "qc_outliers", "failed", "longitudinal_icc",
+    for name in ("cohort", "cohort_long", "regions", "qc_outliers", "models", "failed", "longitudinal_icc",
                  "longitudinal_agreement", "longitudinal_change", "longitudinal_clusters", "associations",
                  "agreement-reference_units", "agreement-reference_summary"):
         table = _read(group / f"{name}.tsv")
@@ -73,7 +73,9 @@ def test_cohort_wide_and_long(cohort):
     row = wide.set_index(["participant_id", "session_id"]).loc[("sub-03", "ses-2")]
     assert row["n_clusters"] == N1[3] + EXTRA
     assert row["total_volume_mm3"] == pytest.approx(gf.CLUSTER_MM3 * (N1[3] + EXTRA))
-    assert row["epvs_ppm_icv"] == pytest.approx(1e6 * row["total_volume_mm3"] / 1.5e6)
+    assert row["volume_ppm_icv"] == pytest.approx(1e6 * row["total_volume_mm3"] / 1.5e6)
+    assert row["volume_ppm_brain"] == pytest.approx(1e6 * row["total_volume_mm3"] / row["brain_volume_mm3"])
+    assert (row["method"], row["model_id"], row["weights_sha256"]) == ("unet", *gf.MODEL)
     assert row["age"] == 63 and row["acq_datetime"].startswith("2022-01-01")
     assert row["report"] == "sub-03_ses-2.html"
     exp = cohort["expected"][(3, 2)]["regions"]
@@ -208,9 +210,51 @@ def test_malformed_table_is_named_and_65(tmp_path, caplog):
     assert str(tsv) in failed["message"].iloc[0] and "volume_mm3" in failed["message"].iloc[0]
     assert _read(out / "group/cohort.tsv")["participant_id"].tolist() == ["sub-01", "sub-02"]
     # a non-numeric volume is named too
-    tsv.write_text("index\tname\tvolume_mm3\n1\tcluster-1\tbig\n")
+    tsv.write_text("index\tname\tn_voxels\tvolume_mm3\n1\tcluster-1\t3\tbig\n")
     assert main([str(bids), str(out), "group"]) == errors.EXIT_DATAERR
     assert "'big'" in _read(out / "group/failed.tsv")["message"].iloc[0]
+
+
+def test_missing_region_column_and_brain_sidecar_are_named(tmp_path):
+    """No fallback: a region table without a measure, or a unit without its brain-mask sidecar, is unreadable."""
+    from bids_app import io_spec
+
+    out = tmp_path / "out"
+    bids = gf.make_raw(tmp_path / "bids", {"01": {}, "02": {}, "03": {}})
+    units = {sub: gf.make_unit(out, sub, sites=SITES[:5])["unit"] for sub in ("01", "02", "03")}
+    regions = io_spec.unit_paths(out, units["02"])["epvs_regions_tsv"]
+    _read(regions).drop(columns="volume_ppm_icv").to_csv(regions, sep="\t", index=False, na_rep="n/a")
+    brain = io_spec.unit_paths(out, units["03"])["brain_mask_json"]
+    brain.unlink()
+    assert main([str(bids), str(out), "group", "--longitudinal-matching", "none"]) == errors.EXIT_DATAERR
+    failed = _read(out / "group/failed.tsv").set_index("unit")
+    assert str(regions) in failed.at["sub-02", "message"] and "volume_ppm_icv" in failed.at["sub-02", "message"]
+    assert str(brain) in failed.at["sub-03", "message"] and "missing" in failed.at["sub-03", "message"]
+    assert _read(out / "group/cohort.tsv")["participant_id"].tolist() == ["sub-01"]
+
+
+def test_mixed_models_are_listed_and_warned(tmp_path, caplog):
+    out = tmp_path / "out"
+    bids = gf.make_raw(tmp_path / "bids", {"01": {}, "02": {}, "03": {}})
+    gf.make_unit(out, "01", sites=SITES[:5])
+    gf.make_unit(out, "02", sites=SITES[:7], model=(gf.MODEL[0], "b" * 64))  # same id, other weights
+    gf.make_unit(out, "03", sites=SITES[:9], model=("frangi", None))
+    with caplog.at_level("WARNING"):
+        assert main([str(bids), str(out), "group", "--longitudinal-matching", "none"]) == 0
+    assert "mixes 3 models or weights" in caplog.text
+    models = _read(out / "group/models.tsv").set_index("weights_sha256", drop=False)
+    assert len(models) == 3 and models.at["a" * 64, "n_units"] == 1 and models.at["b" * 64, "median_n_clusters"] == 7
+    frangi = models.loc[models["method"] == "frangi"].iloc[0]
+    assert frangi["model_id"] == "frangi" and pd.isna(frangi["weights_sha256"])
+    cohort = _read(out / "group/cohort.tsv").set_index("participant_id")
+    assert cohort.at["sub-02", "weights_sha256"] == "b" * 64
+    html = (out / "group.html").read_text()
+    assert "Mixed models" in html and "Results per model" in html and "b" * 12 in html
+
+
+def test_one_model_gives_no_warning(cohort):
+    html = (cohort["out"] / "group.html").read_text()
+    assert "Results per model" in html and "Mixed models" not in html
 
 
 def test_missing_covariate_column_is_66(cohort, tmp_path):

@@ -22,6 +22,7 @@ import pandas as pd
 
 from epvsseg import metrics
 
+from .. import io_spec
 from .collect import WHOLE_BRAIN, TableError, Unit, _read_tsv, region_sort_key
 
 LOGGER = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _load_mask(path, like: nib.spatialimages.SpatialImage | None = None) -> tupl
 
 def compare_unit(unit: Unit, other_path) -> list[dict]:
     """Agreement rows of one unit: the whole brain, then every region of the unit's atlas."""
-    ours_img = nib.load(str(unit.epvs_mask))
+    ours_img = nib.load(str(unit.paths["epvs_mask"]))
     ours = np.asanyarray(ours_img.dataobj) > 0
     other, _ = _load_mask(other_path, like=ours_img)
     spacing = tuple(float(z) for z in ours_img.header.get_zooms()[:3])
@@ -80,11 +81,12 @@ def compare_unit(unit: Unit, other_path) -> list[dict]:
            "source_entities": unit.source_entities, "input_sequences": unit.combo, "other_mask": str(other_path)}
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
              **metrics.agreement_suite(ours, other, spacing)}]
-    if unit.atlas_map.exists() and unit.atlas_tsv.exists():
-        atlas = np.asarray(nib.load(str(unit.atlas_map)).dataobj).astype(np.int64)
+    atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")
+    if atlas_map is not None and atlas_tsv is not None:
+        atlas = np.asarray(nib.load(str(atlas_map)).dataobj).astype(np.int64)
         if atlas.shape != ours.shape:
-            raise TableError(f"{unit.atlas_map}: shape {atlas.shape} differs from the ePVS mask {ours.shape}")
-        table = _read_tsv(unit.atlas_tsv, ("index", "name", "region", "hemisphere"))
+            raise TableError(f"{atlas_map}: shape {atlas.shape} differs from the ePVS mask {ours.shape}")
+        table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv"))
         for rec in table.to_dict("records"):
             inside = atlas == int(rec["index"])
             if not inside.any():

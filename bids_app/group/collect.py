@@ -1,19 +1,21 @@
 """Reading the participant derivatives (and the raw dataset's tabular metadata) into tables.
 
-Only files of the derivatives contract are read (see ``docs/group.md``):
+Every derivative is found and read through the outputs' contract, ``bids_app/data/io_spec.json``
+(:func:`bids_app.outputs.read_unit`); see ``docs/group.md``. Per unit the group level uses:
 
-* ``<stem>_seg-PVSclusters_desc-<combo>_dseg.tsv``: one row per ePVS cluster (whole-brain count
-  and volume);
-* ``<stem>_seg-PVSregions_desc-<combo>_dseg.tsv``: one row per region and hemisphere (optional:
-  older outputs have none, and the group level then reports the whole brain only);
-* ``<stem>_desc-brain_mask.json``: ``BrainVolume_mm3``, and optionally ``IntracranialVolume_mm3``
-  and the ``QC`` object;
-* ``<stem>_seg-PVSclusters_desc-<combo>_dseg.json``: ``SpatialReference``, the raw image (dates);
+* the cluster table (``clusters_tsv``): whole-brain count and volume;
+* the per-region table (``epvs_regions_tsv``), when the unit has regions, as written;
+* the brain-mask sidecar (``brain_mask_json``): ``BrainVolume_mm3``, and optionally
+  ``IntracranialVolume_mm3`` and the ``QC`` object;
+* the ePVS-mask sidecar (``epvs_mask_json``): ``EpvsMethod``, ``ModelId`` and
+  ``Parameters.weights_sha256`` (which model produced the unit);
+* the PVSregions sidecar (``epvs_regions_json``): the visual-rating estimates;
+* the cluster-map sidecar (``clusters_json``): ``SpatialReference``, the raw image (dates);
 * ``logs/status/*.json``: units whose participant-level run failed.
 
-``<stem>`` is the reference image's entities (``sub-01_ses-1_acq-hires_run-2``). One *unit* is one
-stem and input combination. Units are read one at a time and reduced to a few numbers, so memory
-grows with the number of units and regions, never with the number of clusters.
+One *unit* is one reference image and input combination (:class:`bids_app.io_spec.UnitId`). Units
+are read one at a time and reduced to a few numbers, so memory grows with the number of units
+and regions, never with the number of clusters.
 """
 
 from __future__ import annotations
@@ -30,9 +32,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import io_spec
+from ..io_spec import TableError, UnitId
+from ..outputs import finite as _float
+from ..outputs import read_tsv as _read_tsv
+from ..outputs import read_unit as _read_outputs
+
 LOGGER = logging.getLogger(__name__)
 
-_ENTITY = re.compile(r"(?P<key>[a-zA-Z]+)-(?P<value>[a-zA-Z0-9]+)")
+__all__ = ["TableError", "Unit", "find_units", "read_unit", "unit_rows", "iter_read"]
 
 #: Regions of the contract, in report order; ``whole_brain`` is the group level's own row.
 REGION_ORDER = ("whole_brain", "basal_ganglia", "centrum_semiovale", "thalamus", "midbrain", "hippocampus",
@@ -40,169 +48,89 @@ REGION_ORDER = ("whole_brain", "basal_ganglia", "centrum_semiovale", "thalamus",
 HEMISPHERE_ORDER = ("bilateral", "left", "right")
 WHOLE_BRAIN = "whole_brain"
 
-#: Columns of the per-region table that the group level uses (others are ignored).
-REGION_TABLE_COLUMNS = ("name", "region", "hemisphere", "n_clusters", "volume_mm3")
-
-#: Long-form measures per unit and region.
+#: Long-form measures per unit and region (the per-region table's own columns).
 MEASURES = ("n_clusters", "volume_mm3", "volume_ppm_icv", "region_volume_mm3", "volume_fraction",
             "mean_cluster_volume_mm3")
 
+#: Visual-rating estimates copied from the seg-PVSregions sidecar into the cohort table.
+RATING_GRADES = ("potter_bg", "potter_cso", "zhu_bg", "zhu_wm")
 
-class TableError(ValueError):
-    """A derivative file that cannot be read or lacks required content (the message names it)."""
+#: Which model produced a unit: cohort columns from the ePVS-mask sidecar.
+MODEL_COLUMNS = ("method", "model_id", "weights_sha256")
 
 
 @dataclass
 class Unit:
-    """One participant-level output set: a reference image's stem and an input combination.
+    """One participant-level output set, with the paths of its outputs (from the spec).
 
     Attributes
     ----------
-    participant_id, session_id : str
-        ``sub-<label>`` and ``ses-<label>`` (None without sessions).
-    source_entities : str or None
-        Other entities of the reference image (``acq-hires_run-2``).
-    combo : str
-        The input combination (the outputs' ``desc`` entity, e.g. ``T2wFLAIR``).
-    anat_dir : Path
-        ``<out>/sub-<l>[/ses-<s>]/anat``.
-    stem : str
-        File-name prefix of the unit's outputs (``sub-01_ses-1_acq-hires``).
+    id : UnitId
+        Subject, session, the reference's other entities and the input combination.
+    output_dir : Path
+        Root of the derivatives dataset.
+    paths : dict
+        Spec key -> path of every output (:func:`bids_app.io_spec.unit_paths`).
+    summary : dict
+        Whole-brain measures, QC, ratings and model, once read (:func:`read_unit`).
+    regions : DataFrame or None
+        The per-region table, once read (None without regions).
     """
 
-    participant_id: str
-    session_id: str | None
-    source_entities: str | None
-    combo: str
-    anat_dir: Path
-    stem: str
+    id: UnitId
+    output_dir: Path
+    paths: dict[str, Path] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     regions: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            self.paths = io_spec.unit_paths(self.output_dir, self.id)
+
+    @property
+    def participant_id(self) -> str:
+        """``sub-<label>``."""
+        return f"sub-{self.id.subject}"
+
+    @property
+    def session_id(self) -> str | None:
+        """``ses-<label>``, or None without sessions."""
+        return f"ses-{self.id.session}" if self.id.session else None
+
+    @property
+    def source_entities(self) -> str | None:
+        """Other entities of the reference image as in the names (``acq-hires_run-2``), or None."""
+        return "_".join(f"{k}-{v}" for k, v in self.id.entities) or None
+
+    @property
+    def combo(self) -> str:
+        """The input combination (the outputs' ``desc`` entity, e.g. ``T2wFLAIR``)."""
+        return self.id.desc
+
+    @property
+    def stem(self) -> str:
+        """File-name prefix of the unit's outputs (``sub-01_ses-1_acq-hires``)."""
+        return self.id.stem
 
     @property
     def key(self) -> str:
         """Unique identifier of the unit in the group tables: ``<stem>_desc-<combo>``."""
-        return f"{self.stem}_desc-{self.combo}"
+        return self.id.key
 
     @property
     def label(self) -> str:
         """The unit label of the participant level (``sub-01_ses-1``)."""
-        return self.participant_id + (f"_{self.session_id}" if self.session_id else "")
+        return self.id.label
 
-    def path(self, suffix: str) -> Path:
-        """``<anat_dir>/<stem>_<suffix>``."""
-        return self.anat_dir / f"{self.stem}_{suffix}"
-
-    @property
-    def cluster_tsv(self) -> Path:
-        return self.path(f"seg-PVSclusters_desc-{self.combo}_dseg.tsv")
-
-    @property
-    def cluster_map(self) -> Path:
-        return self.path(f"seg-PVSclusters_desc-{self.combo}_dseg.nii.gz")
-
-    @property
-    def epvs_mask(self) -> Path:
-        return self.path(f"label-PVS_desc-{self.combo}_mask.nii.gz")
-
-    @property
-    def region_tsv(self) -> Path:
-        return self.path(f"seg-PVSregions_desc-{self.combo}_dseg.tsv")
-
-    @property
-    def region_map(self) -> Path:
-        return self.path(f"seg-PVSregions_desc-{self.combo}_dseg.nii.gz")
-
-    @property
-    def atlas_map(self) -> Path:
-        return self.path("seg-regions_dseg.nii.gz")
-
-    @property
-    def atlas_tsv(self) -> Path:
-        return self.path("seg-regions_dseg.tsv")
-
-    @property
-    def brain_json(self) -> Path:
-        return self.path("desc-brain_mask.json")
-
-    def preproc_image(self) -> Path | None:
-        """The bias-corrected reference image (``<stem>_desc-preproc_<suffix>.nii.gz``), if any."""
-        hits = sorted(self.anat_dir.glob(f"{self.stem}_desc-preproc_*.nii.gz"))
-        return hits[0] if hits else None
-
-
-def entities(name: str) -> dict[str, str]:
-    """BIDS entities of a file name, in order (``{"sub": "01", "ses": "1", ...}``)."""
-    return {m.group("key"): m.group("value") for m in _ENTITY.finditer(name.split(".")[0])}
+    def existing(self, key: str) -> Path | None:
+        """The path of output ``key`` when it exists, else None."""
+        path = self.paths[key]
+        return path if path.is_file() else None
 
 
 def find_units(output_dir: Path) -> list[Unit]:
     """Every unit with a cluster table under ``output_dir``, sorted by participant, session, stem."""
-    output_dir = Path(output_dir)
-    pattern = "*_seg-PVSclusters_desc-*_dseg.tsv"
-    paths = list(output_dir.glob(f"sub-*/anat/{pattern}")) + list(output_dir.glob(f"sub-*/ses-*/anat/{pattern}"))
-    units = []
-    for tsv in sorted(paths):
-        ents = entities(tsv.name)
-        if "sub" not in ents or "desc" not in ents:
-            continue
-        stem = tsv.name.split("_seg-")[0]
-        other = {k: v for k, v in entities(stem).items() if k not in ("sub", "ses")}
-        units.append(Unit(
-            participant_id=f"sub-{ents['sub']}",
-            session_id=f"ses-{ents['ses']}" if "ses" in ents else None,
-            source_entities="_".join(f"{k}-{v}" for k, v in other.items()) or None,
-            combo=ents["desc"],
-            anat_dir=tsv.parent,
-            stem=stem,
-        ))
-    return units
-
-
-def _read_tsv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise TableError(f"{path}: not a readable TSV table ({type(exc).__name__}: {exc})") from exc
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise TableError(f"{path}: missing column(s) {', '.join(missing)} (columns: {', '.join(table.columns)})")
-    return table
-
-
-def _numeric(table: pd.DataFrame, columns, path: Path) -> None:
-    for col in columns:
-        if col not in table.columns or pd.api.types.is_numeric_dtype(table[col]):
-            continue
-        values = pd.to_numeric(table[col], errors="coerce")
-        bad = values.isna() & table[col].notna()
-        if bad.any():
-            raise TableError(f"{path}: column {col!r} has non-numeric value {table[col][bad].iloc[0]!r}")
-        table[col] = values
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise TableError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise TableError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from exc
-    if not isinstance(data, dict):
-        raise TableError(f"{path}: expected a JSON object")
-    return data
-
-
-def _float(value) -> float:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return out if math.isfinite(out) else math.nan
-
-
-#: Visual-rating estimates copied from the seg-PVSregions sidecar into the cohort table.
-RATING_GRADES = ("potter_bg", "potter_cso", "zhu_bg", "zhu_wm")
+    return [Unit(uid, Path(output_dir)) for uid in io_spec.find_units(output_dir)]
 
 
 def read_unit(unit: Unit) -> Unit:
@@ -211,80 +139,56 @@ def read_unit(unit: Unit) -> Unit:
     Raises
     ------
     TableError
-        A table or sidecar of the unit is unreadable, lacks a required column or holds a
-        non-numeric measure; the message names the file.
+        A table or sidecar of the unit is missing or unreadable, lacks a required column or field
+        or holds a non-numeric measure; the message names the file.
     """
-    clusters = _read_tsv(unit.cluster_tsv, ("volume_mm3",))
-    _numeric(clusters, ("volume_mm3",), unit.cluster_tsv)
-    vol = clusters["volume_mm3"].to_numpy(float)
-    if (vol < 0).any():
-        raise TableError(f"{unit.cluster_tsv}: negative cluster volume")
-    brain = _read_json(unit.brain_json) if unit.brain_json.exists() else {}
+    outs = _read_outputs(unit.output_dir, unit.id)
+    vol = outs.clusters["volume_mm3"].to_numpy(float)
+    brain = outs.sidecars["brain_mask_json"]
     qc = brain.get("QC") if isinstance(brain.get("QC"), dict) else {}
-    brain_mm3 = _float(brain.get("BrainVolume_mm3", qc.get("brain_volume_mm3")))
-    icv_mm3 = _float(brain.get("IntracranialVolume_mm3", qc.get("icv_mm3")))
+    brain_mm3 = _float(brain["BrainVolume_mm3"])
+    icv_mm3 = _float(brain.get("IntracranialVolume_mm3"))
     registration = qc.get("registration") if isinstance(qc.get("registration"), dict) else {}
     reg_ok = [bool(r.get("ok")) for r in registration.values() if isinstance(r, dict) and "ok" in r]
     flags = [str(f) for f in qc.get("flags", []) if f] if isinstance(qc.get("flags"), list) else []
     total = float(vol.sum())
+    ratings = outs.sidecars.get("epvs_regions_json", {}).get("VisualRatingEstimates")
+    ratings = ratings if isinstance(ratings, dict) else {}
     unit.summary = {
+        **outs.model,
         "n_clusters": int(vol.size),
         "total_volume_mm3": total,
         "median_cluster_volume_mm3": float(np.median(vol)) if vol.size else 0.0,
         "brain_volume_mm3": brain_mm3,
         "icv_mm3": icv_mm3,
-        "epvs_ppm_brain": 1e6 * total / brain_mm3 if brain_mm3 > 0 else math.nan,
-        "epvs_ppm_icv": 1e6 * total / icv_mm3 if icv_mm3 > 0 else math.nan,
+        "volume_ppm_brain": 1e6 * total / brain_mm3 if brain_mm3 > 0 else math.nan,
+        "volume_ppm_icv": 1e6 * total / icv_mm3 if icv_mm3 > 0 else math.nan,
         "snr": _float(qc.get("snr")),
         "cnr": _float(qc.get("cnr")),
         "registration_ok": (all(reg_ok) if reg_ok else None),
         "participant_qc_flags": "; ".join(flags) or None,
+        **{grade: _float(ratings.get(grade)) for grade in RATING_GRADES},
     }
-    ratings = {}
-    region_json = unit.region_tsv.with_name(unit.region_tsv.name[: -len(".tsv")] + ".json")
-    if region_json.exists():
-        est = _read_json(region_json).get("VisualRatingEstimates")
-        ratings = est if isinstance(est, dict) else {}
-    for grade in RATING_GRADES:
-        unit.summary[grade] = _float(ratings.get(grade))
-    if unit.region_tsv.exists():
-        regions = _read_tsv(unit.region_tsv, REGION_TABLE_COLUMNS)
-        _numeric(regions, [c for c in MEASURES if c in regions.columns] + ["index"], unit.region_tsv)
-        unit.regions = regions
+    unit.regions = outs.regions
     return unit
 
 
 def unit_rows(unit: Unit) -> list[dict]:
-    """Long-form rows of a read unit: the whole brain, then every region of its region table."""
+    """Long-form rows of a read unit: the whole brain, then every row of its region table as written."""
     s = unit.summary
     key = {"unit": unit.key, "participant_id": unit.participant_id, "session_id": unit.session_id,
            "source_entities": unit.source_entities, "input_sequences": unit.combo}
     n = s["n_clusters"]
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
-             "n_clusters": n, "volume_mm3": s["total_volume_mm3"], "volume_ppm_icv": s["epvs_ppm_icv"],
+             "n_clusters": n, "volume_mm3": s["total_volume_mm3"], "volume_ppm_icv": s["volume_ppm_icv"],
              "region_volume_mm3": s["brain_volume_mm3"],
              "volume_fraction": (s["total_volume_mm3"] / s["brain_volume_mm3"]
                                  if s["brain_volume_mm3"] > 0 else math.nan),
              "mean_cluster_volume_mm3": s["total_volume_mm3"] / n if n else math.nan}]
     if unit.regions is not None:
-        icv = s["icv_mm3"]
         for rec in unit.regions.to_dict("records"):
-            vol = _float(rec.get("volume_mm3"))
-            count = _float(rec.get("n_clusters"))
-            region_mm3 = _float(rec.get("region_volume_mm3"))
-            ppm = _float(rec.get("volume_ppm_icv"))
-            if math.isnan(ppm) and icv > 0:
-                ppm = 1e6 * vol / icv
-            frac = _float(rec.get("volume_fraction"))
-            if math.isnan(frac) and region_mm3 > 0:
-                frac = vol / region_mm3
-            mean = _float(rec.get("mean_cluster_volume_mm3"))
-            if math.isnan(mean) and count > 0:
-                mean = vol / count
             rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
-                         "hemisphere": str(rec["hemisphere"]), "n_clusters": count, "volume_mm3": vol,
-                         "volume_ppm_icv": ppm, "region_volume_mm3": region_mm3, "volume_fraction": frac,
-                         "mean_cluster_volume_mm3": mean})
+                         "hemisphere": str(rec["hemisphere"]), **{m: _float(rec[m]) for m in MEASURES}})
     return rows
 
 
@@ -295,6 +199,37 @@ def iter_read(units: list[Unit]) -> Iterator[tuple[Unit, TableError | None]]:
             yield read_unit(unit), None
         except TableError as exc:
             yield unit, exc
+
+
+def model_table(cohort: pd.DataFrame) -> pd.DataFrame:
+    """Results per model: one row per (method, model id, weights sha256) of the cohort's units.
+
+    Returns
+    -------
+    DataFrame
+        ``method``, ``model_id``, ``weights_sha256``, ``n_units``, ``n_participants`` and the
+        medians of ``n_clusters``, ``total_volume_mm3`` (mm³) and ``volume_ppm_icv`` (ppm).
+    """
+    cols = [*MODEL_COLUMNS, "n_units", "n_participants", "median_n_clusters", "median_total_volume_mm3",
+            "median_volume_ppm_icv"]
+    if cohort.empty:
+        return pd.DataFrame(columns=cols)
+    keyed = cohort.assign(**{c: cohort[c].fillna("n/a").astype(str) for c in MODEL_COLUMNS})
+    out = keyed.groupby(list(MODEL_COLUMNS), sort=True).agg(
+        n_units=("unit", "size"), n_participants=("participant_id", "nunique"),
+        median_n_clusters=("n_clusters", "median"), median_total_volume_mm3=("total_volume_mm3", "median"),
+        median_volume_ppm_icv=("volume_ppm_icv", "median")).reset_index()
+    return out[cols]
+
+
+def mixed_models_warning(models: pd.DataFrame) -> str | None:
+    """A warning sentence when the cohort's units come from more than one model or weights file, else None."""
+    if len(models) <= 1:
+        return None
+    names = [f"{r.model_id} ({r.method}, weights {str(r.weights_sha256)[:12]}): {r.n_units} unit(s)"
+             for r in models.itertuples(index=False)]
+    return (f"the cohort mixes {len(models)} models or weights: " + "; ".join(names) + ". Measures of different "
+            "models are not comparable: compare units of one model, or rerun the participant level with one.")
 
 
 def region_sort_key(name: str, region: str, hemisphere: str) -> tuple:
@@ -393,7 +328,7 @@ def acquisition_date(bids_dir: Path, unit: Unit, sessions: pd.DataFrame | None) 
         when = parse_datetime(sessions.at[unit.session_id, "acq_time"])
         if when is not None:
             return when, "sessions.tsv"
-    sidecar = unit.path(f"seg-PVSclusters_desc-{unit.combo}_dseg.json")
+    sidecar = unit.paths["clusters_json"]
     rel = None
     if sidecar.exists():
         try:

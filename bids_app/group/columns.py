@@ -32,16 +32,22 @@ _MEASURES = {
 
 COHORT = {
     **_KEY,
+    "method": {"Description": "Detection method of the unit (EpvsMethod of the ePVS-mask sidecar: unet or frangi); "
+                              "n/a when the sidecar is absent"},
+    "model_id": {"Description": "Model that produced the unit (ModelId of the ePVS-mask sidecar; frangi for the "
+                                "Frangi method); n/a when the sidecar is absent"},
+    "weights_sha256": {"Description": "sha256 of the model's weights file (Parameters.weights_sha256 of the "
+                                      "ePVS-mask sidecar); n/a for Frangi or when the sidecar is absent"},
     "n_clusters": _MEASURES["n_clusters"],
     "total_volume_mm3": {"LongName": "ePVS volume", "Description": "Total ePVS volume", "Units": "mm^3"},
     "median_cluster_volume_mm3": {"Description": "Median volume of one ePVS cluster", "Units": "mm^3"},
     "brain_volume_mm3": {"Description": "Volume of the brain mask", "Units": "mm^3"},
     "icv_mm3": {"Description": "Intracranial volume (IntracranialVolume_mm3 of the brain-mask sidecar)",
                 "Units": "mm^3"},
-    "epvs_ppm_brain": {"LongName": "Brain-normalised ePVS volume",
-                       "Description": "1e6 x total_volume_mm3 / brain_volume_mm3", "Units": "ppm"},
-    "epvs_ppm_icv": {"LongName": "ICV-normalised ePVS volume",
-                     "Description": "1e6 x total_volume_mm3 / icv_mm3", "Units": "ppm"},
+    "volume_ppm_brain": {"LongName": "Brain-normalised ePVS volume",
+                         "Description": "1e6 x total_volume_mm3 / brain_volume_mm3", "Units": "ppm"},
+    "volume_ppm_icv": {"LongName": "ICV-normalised ePVS volume",
+                       "Description": "1e6 x total_volume_mm3 / icv_mm3", "Units": "ppm"},
     "snr": {"Description": "Signal-to-noise ratio of the reference image (participant QC)", "Units": "1"},
     "cnr": {"Description": "Contrast-to-noise ratio of the reference image (participant QC)", "Units": "1"},
     "registration_ok": {"Description": "True when every registration of the unit passed its check "
@@ -74,6 +80,16 @@ def cohort_region_columns(names) -> dict:
 
 
 LONG = {**_KEY, **_REGION, **_MEASURES}
+
+MODELS = {
+    "method": COHORT["method"], "model_id": COHORT["model_id"], "weights_sha256": COHORT["weights_sha256"],
+    "n_units": {"Description": "Units produced by this model and weights"},
+    "n_participants": {"Description": "Participants among them"},
+    "median_n_clusters": {"Description": "Median whole-brain ePVS count of those units", "Units": "clusters"},
+    "median_total_volume_mm3": {"Description": "Median whole-brain ePVS volume of those units", "Units": "mm^3"},
+    "median_volume_ppm_icv": {"Description": "Median ICV-normalised whole-brain ePVS volume (n/a without ICV)",
+                              "Units": "ppm"},
+}
 
 REGIONS = {
     **_REGION,

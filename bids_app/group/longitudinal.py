@@ -89,19 +89,19 @@ def majority_region(labels: np.ndarray, regions: np.ndarray | None, names: dict[
 
 def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42) -> Transfer:
     """Carry the follow-up cluster map onto the baseline grid (see the module docstring)."""
-    base_labels, base_aff = _load_int(baseline.cluster_map)
-    fol_labels, fol_aff = _load_int(followup.cluster_map)
+    base_labels, base_aff = _load_int(baseline.paths["clusters_dseg"])
+    fol_labels, fol_aff = _load_int(followup.paths["clusters_dseg"])
     matrix = np.eye(4)
     ok, before, after, method = True, math.nan, math.nan, "header"
     if mode == "rigid":
         from epvsprep import ops
 
-        fixed_path, moving_path = baseline.preproc_image(), followup.preproc_image()
+        fixed_path, moving_path = baseline.existing("preproc"), followup.existing("preproc")
         if fixed_path is None or moving_path is None:
-            raise FileNotFoundError(f"{baseline.anat_dir if fixed_path is None else followup.anat_dir}: "
-                                    "no desc-preproc image to register the sessions")
-        mask_path = baseline.path("desc-brain_mask.nii.gz")
-        fixed_mask = nib.load(str(mask_path)) if mask_path.exists() else None
+            missing = (baseline if fixed_path is None else followup).paths["preproc"]
+            raise FileNotFoundError(f"{missing}: missing; it is needed to register the sessions")
+        mask_path = baseline.existing("brain_mask")
+        fixed_mask = nib.load(str(mask_path)) if mask_path is not None else None
         res = ops.register_rigid(nib.load(str(moving_path)), nib.load(str(fixed_path)), fixed_mask=fixed_mask,
                                  seed=seed)
         matrix, ok, before, after, method = res.matrix, res.ok, res.similarity_before, res.similarity_after, "rigid"
@@ -123,8 +123,8 @@ def match_sessions(baseline: Unit, followup: Unit, *, mode: str = "rigid", toler
         registration's ``method``, ``registration_ok``, ``mi_before``, ``mi_after`` (Mattes MI,
         more negative is better).
     """
-    base_labels, base_aff = _load_int(baseline.cluster_map)
-    fol_labels, fol_aff = _load_int(followup.cluster_map)
+    base_labels, base_aff = _load_int(baseline.paths["clusters_dseg"])
+    fol_labels, fol_aff = _load_int(followup.paths["clusters_dseg"])
     tr = transfer_clusters(baseline, followup, mode, seed)
     b_ids, b_cen = centroids_mm(base_labels, base_aff)
     f_ids, f_cen = centroids_mm(fol_labels, fol_aff)
@@ -141,10 +141,11 @@ def match_sessions(baseline: Unit, followup: Unit, *, mode: str = "rigid", toler
     f_matched = {f for _, f in pairs}
 
     def regions_of(unit, labels, ids):
-        if not (unit.region_map.exists() and unit.region_tsv.exists()):
+        region_map, region_tsv = unit.existing("epvs_regions_dseg"), unit.existing("epvs_regions_tsv")
+        if region_map is None or region_tsv is None:
             return [WHOLE_BRAIN] * len(ids)
-        reg, _ = _load_int(unit.region_map)
-        table = _read_tsv(unit.region_tsv, ("index", "name"))
+        reg, _ = _load_int(region_map)
+        table = _read_tsv(region_tsv, ("index", "name"))
         return majority_region(labels, reg, dict(zip(table["index"].astype(int), table["name"].astype(str))), ids)
 
     b_reg = regions_of(baseline, base_labels, b_ids)

@@ -45,7 +45,9 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
     -------
     dict
         ``units`` (list of read :class:`~bids_app.group.collect.Unit`), ``cohort`` (wide),
-        ``long``, ``failed``, ``participants`` (or None), ``dates`` and ``unreadable`` (count).
+        ``long``, ``failed``, ``participants`` (or None), ``dates``, ``models`` (one row per model
+        and weights), ``models_warning`` (a sentence when the cohort mixes models, else None) and
+        ``unreadable`` (count).
     """
     units = collect.find_units(output_dir)
     if not units:
@@ -129,8 +131,12 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
 
     failed_rows += failed_units(output_dir, ok_units, bids_dir, skip={r["unit"] for r in failed_rows})
     failed = pd.DataFrame(failed_rows, columns=list(columns.FAILED))
+    models = collect.model_table(cohort)
+    mixed = collect.mixed_models_warning(models)
+    if mixed:
+        LOGGER.warning("%s", mixed)
     return {"units": ok_units, "cohort": cohort, "long": long, "failed": failed, "outliers": outliers,
-            "participants": participants, "dates": dates,
+            "participants": participants, "dates": dates, "models": models, "models_warning": mixed,
             "unreadable": int((failed["status"] == "unreadable").sum())}
 
 
@@ -252,6 +258,7 @@ def run_group_level(config: RunConfig) -> int:
         _write(group, "cohort_long", tables["long"], columns.LONG),
         _write(group, "regions", stats.region_statistics(tables["long"]), columns.REGIONS),
         _write(group, "qc_outliers", tables["outliers"], columns.OUTLIERS),
+        _write(group, "models", tables["models"], columns.MODELS),
     ]
     longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed)
     if len(longi["series"]):

@@ -24,7 +24,7 @@ SUMMARY_MEASURES = ("n_clusters", "volume_mm3", "volume_ppm_icv", "volume_fracti
 RELIABILITY_MEASURES = ("n_clusters", "volume_mm3", "volume_ppm_icv")
 
 #: Whole-brain measures screened for outliers with Tukey's fences.
-OUTLIER_MEASURES = ("n_clusters", "total_volume_mm3", "epvs_ppm_icv", "epvs_ppm_brain", "brain_volume_mm3",
+OUTLIER_MEASURES = ("n_clusters", "total_volume_mm3", "volume_ppm_icv", "volume_ppm_brain", "brain_volume_mm3",
                     "icv_mm3", "snr", "cnr")
 
 UNIT_KEY = ["participant_id", "session_id", "source_entities", "input_sequences"]

@@ -130,8 +130,8 @@ def figure_age(cohort: pd.DataFrame, salt: str = "age") -> str | None:
     if "age" not in cohort or cohort["age"].notna().sum() < 2:
         return None
     plt = _plt()
-    use_icv = cohort["epvs_ppm_icv"].notna().any()
-    col = "epvs_ppm_icv" if use_icv else "epvs_ppm_brain"
+    use_icv = cohort["volume_ppm_icv"].notna().any()
+    col = "volume_ppm_icv" if use_icv else "volume_ppm_brain"
     sel = (cohort["age"].notna() & cohort[col].notna()).to_numpy()
     fig, ax = plt.subplots(figsize=(6.2, 4.6), dpi=90)
     x, y = cohort["age"].to_numpy(float)[sel], cohort[col].to_numpy(float)[sel]
@@ -230,6 +230,18 @@ def _table(frame: pd.DataFrame | None, columns: Sequence[str], limit: int | None
     shown = frame if limit is None else frame.head(limit)
     rows = [[_fmt(v) for v in rec] for rec in shown[cols].itertuples(index=False)]
     return {"columns": cols, "rows": rows, "n": len(frame), "truncated": limit is not None and len(frame) > limit}
+
+
+def _models_section(tables: Mapping[str, Any]) -> dict[str, Any]:
+    """Results per model (``group/models.tsv``) and the warning when the cohort mixes models or weights."""
+    models = tables.get("models")
+    if models is None or models.empty:
+        return {"table": None, "warning": None}
+    shown = models.assign(weights_sha256=[s[:12] if isinstance(s, str) and len(s) > 12 else s
+                                          for s in models["weights_sha256"]])
+    table = _table(shown, ["model_id", "method", "weights_sha256", "n_units", "n_participants", "median_n_clusters",
+                           "median_total_volume_mm3", "median_volume_ppm_icv"])
+    return {"table": table, "warning": tables.get("models_warning")}
 
 
 def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: Mapping[str, Any],
@@ -402,6 +414,6 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
                                    "flag"], limit=100),
         failed=_table(failed, ["unit", "status", "exit_code", "message"], limit=200),
         longitudinal=longi, comparisons=comps, associations=assoc, covariates=list(covariates),
-        outputs=list(outputs),
+        outputs=list(outputs), models=_models_section(tables),
     )
     return write_text(Path(path), text)

@@ -60,8 +60,7 @@ def axial_slices(mask: np.ndarray, n: int, lo: float = 0.30, hi: float = 0.85) -
 
 def make_figures(
     *,
-    figure_dir: Path,
-    stem: str,
+    paths: Mapping[str, Path],
     reference: np.ndarray,
     mask: np.ndarray,
     epvs: np.ndarray,
@@ -75,10 +74,9 @@ def make_figures(
 
     Parameters
     ----------
-    figure_dir : Path
-        ``<out>/sub-<label>/figures``.
-    stem : str
-        File-name stem, e.g. ``sub-01_ses-1``.
+    paths : mapping
+        Figure key of the outputs' contract (``figure_epvs``, ``figure_zoom``, ``figure_mask``,
+        ``figure_coreg``, ``figure_regions``) -> PNG path (:func:`bids_app.io_spec.unit_paths`).
     reference, mask, epvs : ndarray, shape (I, J, K)
         Preprocessed reference image, brain mask and ePVS mask on the RAS+ working grid.
     affine : ndarray, shape (4, 4)
@@ -95,62 +93,94 @@ def make_figures(
     Returns
     -------
     dict
-        Figure key -> PNG path (``epvs``, ``mask``, ``coreg`` when there are other contrasts,
-        ``regions`` when regions are given).
+        Figure key -> PNG path (``figure_coreg`` only with other contrasts, ``figure_regions``
+        only with regions).
     """
+    plt = _pyplot()
+    view = _View(reference, mask, affine)
+    ks = axial_slices(mask, 6)
+    out = {"figure_epvs": _figure_overlay(plt, paths["figure_epvs"], view, epvs, ks, ref_role),
+           "figure_zoom": _figure_zoom(plt, paths["figure_zoom"], view, epvs, ks),
+           "figure_mask": _figure_mask(plt, paths["figure_mask"], view)}
+    if coregistered:
+        out["figure_coreg"] = _figure_coreg(plt, paths["figure_coreg"], view, coregistered, ks, ref_role)
+    if regions is not None and regions.any():
+        out["figure_regions"] = _regions_figure(plt, paths["figure_regions"], reference, regions, mask, view.zooms,
+                                                view.window, view.box, region_names or {})
+    return out
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+class _View:
+    """The reference image with its brain mask: voxel sizes (mm), intensity window and brain bounding box."""
+
+    def __init__(self, reference: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> None:
+        self.reference, self.mask = reference, mask
+        self.zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+        self.aspect = self.zooms[1] / self.zooms[0]
+        self.window = _window(reference, mask)
+        self.box = _bbox(mask)
+
+
+def _figure_overlay(plt, path: Path, view: _View, epvs: np.ndarray, ks: list[int], ref_role: str) -> Path:
+    """ePVS overlay mosaic: six axial slices, ePVS in red, brain-mask outline in yellow."""
     from matplotlib.colors import ListedColormap
 
-    figure_dir = Path(figure_dir)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    aspect_axial = zooms[1] / zooms[0]
-    vmin, vmax = _window(reference, mask)
-    si, sj = _bbox(mask)
     red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 1.0)])
-    out: dict[str, Path] = {}
-
-    # 1. ePVS overlay mosaic: six axial slices, ePVS in red, brain-mask outline in yellow
-    ks = axial_slices(mask, 6)
+    (si, sj), (vmin, vmax) = view.box, view.window
     fig, axes = plt.subplots(2, 3, figsize=(13, 9.5), dpi=90, facecolor="black")
     for ax, k in zip(axes.ravel(), ks):
-        ax.imshow(reference[si, sj, k].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
-                  aspect=aspect_axial, interpolation="nearest")
+        ax.imshow(view.reference[si, sj, k].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=view.aspect, interpolation="nearest")
         ax.imshow(epvs[si, sj, k].T.astype(np.uint8), cmap=red, vmin=0, vmax=1, origin="lower",
-                  aspect=aspect_axial, interpolation="nearest")
-        ax.contour(mask[si, sj, k].T, levels=[0.5], colors=["#f5d142"], linewidths=0.6)
+                  aspect=view.aspect, interpolation="nearest")
+        ax.contour(view.mask[si, sj, k].T, levels=[0.5], colors=["#f5d142"], linewidths=0.6)
         ax.set_title(f"slice k={k}: {int(epvs[:, :, k].sum())} ePVS voxels", color="white", fontsize=10)
     for ax in axes.ravel():
         ax.set_axis_off()
     fig.suptitle(f"{ref_role}: detected ePVS (red), brain mask (yellow); image right = subject left",
                  color="white", fontsize=11)
     fig.tight_layout()
-    out["epvs"] = _save(fig, figure_dir / f"{stem}_desc-epvs_overlay.png")
+    _save(fig, path)
     plt.close(fig)
+    return path
 
-    # 1b. zoom on the central (basal ganglia) region of the slice with most central ePVS
+
+def _figure_zoom(plt, path: Path, view: _View, epvs: np.ndarray, ks: list[int]) -> Path:
+    """Zoom on the central (basal ganglia) region of the lower slice with most central ePVS."""
+    mask, (si, sj), (vmin, vmax) = view.mask, view.box, view.window
     ci, cj = [(s.start or 0) + ((s.stop or n) - (s.start or 0)) // 2 for s, n in zip((si, sj), mask.shape[:2])]
-    half = [max(8, round(float(35 / z))) for z in zooms[:2]]  # +-35 mm around the centre
+    half = [max(8, round(float(35 / z))) for z in view.zooms[:2]]  # +-35 mm around the centre
     zi = slice(max(ci - half[0], 0), ci + half[0])
     zj = slice(max(cj - half[1], 0), cj + half[1])
     lower = [k for k in ks[: max(2, len(ks) // 2)]]
     k_zoom = max(lower, key=lambda k: int(epvs[zi, zj, k].sum())) if lower else ks[0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.2), dpi=90, facecolor="black")
     for ax, overlay in zip(axes, (False, True)):
-        ax.imshow(reference[zi, zj, k_zoom].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
-                  aspect=aspect_axial, interpolation="nearest")
+        ax.imshow(view.reference[zi, zj, k_zoom].T, cmap="gray", vmin=vmin, vmax=vmax, origin="lower",
+                  aspect=view.aspect, interpolation="nearest")
         if overlay:
             ax.contour(epvs[zi, zj, k_zoom].T.astype(float), levels=[0.5], colors=["#ff3b2f"], linewidths=1.0)
         ax.set_axis_off()
         ax.set_title(f"central region, slice k={k_zoom}{': ePVS outlined' if overlay else ''}",
                      color="white", fontsize=10)
     fig.tight_layout()
-    out["zoom"] = _save(fig, figure_dir / f"{stem}_desc-epvs_zoom.png")
+    _save(fig, path)
     plt.close(fig)
+    return path
 
-    # 2. brain mask in three orthogonal planes
+
+def _figure_mask(plt, path: Path, view: _View) -> Path:
+    """The brain mask in three orthogonal planes through its centre."""
+    reference, mask, zooms, (vmin, vmax) = view.reference, view.mask, view.zooms, view.window
     centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int) if mask.any() else np.array(mask.shape) // 2
     views = [
         (reference[:, :, centre[2]].T, mask[:, :, centre[2]].T, zooms[1] / zooms[0], "axial"),
@@ -163,31 +193,29 @@ def make_figures(
         ax.contour(msk, levels=[0.5], colors=["#f5d142"], linewidths=0.8)
         ax.set_axis_off()
         ax.set_title(title, color="white", fontsize=9)
-    out["mask"] = _save(fig, figure_dir / f"{stem}_desc-brain_mask.png")
+    _save(fig, path)
     plt.close(fig)
+    return path
 
-    # 3. co-registration check: each other contrast with the reference brain-mask outline
-    if coregistered:
-        k = ks[len(ks) // 2]
-        roles = list(coregistered)
-        fig, axes = plt.subplots(1, len(roles) + 1, figsize=(4.3 * (len(roles) + 1), 4.6), dpi=80,
-                                 facecolor="black")
-        axes = np.atleast_1d(axes)
-        panels = [(ref_role + " (reference)", reference)] + [(r + " registered", coregistered[r]) for r in roles]
-        for ax, (title, img) in zip(axes, panels):
-            lo, hi = _window(img, mask)
-            ax.imshow(img[si, sj, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=aspect_axial)
-            ax.contour(mask[si, sj, k].T, levels=[0.5], colors=["#3fd0ff"], linewidths=0.8)
-            ax.set_axis_off()
-            ax.set_title(title, color="white", fontsize=9)
-        out["coreg"] = _save(fig, figure_dir / f"{stem}_desc-coreg_check.png")
-        plt.close(fig)
 
-    # 4. regions warped from the template: three axial slices and one coronal, labels semi-transparent
-    if regions is not None and regions.any():
-        out["regions"] = _regions_figure(plt, figure_dir / f"{stem}_desc-regions_overlay.png", reference,
-                                         regions, mask, zooms, (vmin, vmax), (si, sj), region_names or {})
-    return out
+def _figure_coreg(plt, path: Path, view: _View, coregistered: Mapping[str, np.ndarray], ks: list[int],
+                  ref_role: str) -> Path:
+    """Co-registration check: each other contrast with the reference brain-mask outline."""
+    (si, sj), mask = view.box, view.mask
+    k = ks[len(ks) // 2]
+    roles = list(coregistered)
+    fig, axes = plt.subplots(1, len(roles) + 1, figsize=(4.3 * (len(roles) + 1), 4.6), dpi=80, facecolor="black")
+    axes = np.atleast_1d(axes)
+    panels = [(ref_role + " (reference)", view.reference)] + [(r + " registered", coregistered[r]) for r in roles]
+    for ax, (title, img) in zip(axes, panels):
+        lo, hi = _window(img, mask)
+        ax.imshow(img[si, sj, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=view.aspect)
+        ax.contour(mask[si, sj, k].T, levels=[0.5], colors=["#3fd0ff"], linewidths=0.8)
+        ax.set_axis_off()
+        ax.set_title(title, color="white", fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+    return path
 
 
 def _regions_figure(plt, path: Path, reference, regions, mask, zooms, window, box, names) -> Path:
@@ -244,11 +272,13 @@ def write_report(
     path : Path
         ``<out>/sub-<label>[_ses-<label>].html``.
     summary : mapping
-        Counts, volumes, QC measures, warnings, timings (see ``participant.process_unit``).
+        Counts, volumes, QC measures, warnings, timings (the provenance record,
+        ``bids_app.outputs.summary``).
     plan : mapping
         ``SessionPlan.to_dict()``: images used, ignored files, reasons.
     figures : mapping
-        Figure key -> PNG path (from :func:`make_figures`).
+        Figure key of the outputs' contract (``figure_epvs``...) -> PNG path; title and caption
+        come from ``io_spec.json``.
     table : pandas.DataFrame
         Per-cluster table (the largest clusters are listed).
     outputs : sequence of str
@@ -258,6 +288,8 @@ def write_report(
     """
     import jinja2
 
+    from .. import io_spec
+
     template_text = resources.files("bids_app.data").joinpath("report.html.j2").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     template = env.from_string(template_text)
@@ -265,24 +297,9 @@ def write_report(
     columns = [c for c in ("index", "n_voxels", "volume_mm3", "region", "hemisphere", "centroid_x", "centroid_y",
                            "centroid_z", "mean_score", "max_score") if c in table.columns]
     rows = [[_fmt(r[c]) for c in columns] for _, r in top.iterrows()]
-    images = []
-    for key, title, caption in (
-        ("epvs", "Detected ePVS", ("Axial slices from below the basal ganglia to the centrum semiovale: "
-                                   "detected ePVS in red, brain-mask outline in yellow, on the bias-corrected "
-                                   "reference image.")),
-        ("zoom", "Central region, magnified", ("The deep grey matter and surrounding white matter at full "
-                                               "resolution, without (left) and with (right) the detected ePVS "
-                                               "outlined in red.")),
-        ("mask", "Brain mask", "Brain mask outline (yellow) on the bias-corrected reference image."),
-        ("coreg", "Co-registration", ("Every other sequence after rigid co-registration to the reference, "
-                                      "with the reference brain-mask outline (blue): edges should line up.")),
-        ("regions", "Regions", ("The region atlas after template registration (labels semi-transparent; "
-                                "'other' not shown): basal ganglia, thalami and white-matter regions should sit "
-                                "on their anatomy.")),
-    ):
-        if key in figures:
-            images.append({"title": title, "caption": caption, "src": _data_uri(figures[key]),
-                           "file": Path(figures[key]).name})
+    images = [{"title": io_spec.entry(key)["title"], "caption": io_spec.entry(key)["description"],
+               "src": _data_uri(figures[key]), "file": Path(figures[key]).name}
+              for key in io_spec.keys() if key in figures]
     region_columns = ["name", "n_clusters", "volume_mm3", "volume_ppm_icv", "region_volume_mm3",
                       "volume_fraction", "mean_cluster_volume_mm3"]
     region_rows = [] if regions is None else [
@@ -293,6 +310,89 @@ def write_report(
         outputs=list(outputs), created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     return write_text(Path(path), text)
+
+
+#: Outputs the report does not list as output files (itself and the figures it shows).
+_NOT_LISTED = ("report",)
+
+
+def rebuild_report(output_dir: Path, unit) -> Path:
+    """Write a unit's HTML report from its derivatives on disk (tables, provenance, figures).
+
+    Nothing is recomputed and no image is read: the summary and plan come from
+    ``logs/<label>_provenance.json``, the tables from the TSVs, the figures from the PNGs
+    (:func:`bids_app.outputs.read_unit`).
+
+    Parameters
+    ----------
+    output_dir : Path
+        Root of the derivatives dataset.
+    unit : bids_app.io_spec.UnitId
+        Which unit.
+
+    Returns
+    -------
+    Path
+        The report, ``<out>/<label>.html``.
+
+    Raises
+    ------
+    TableError
+        A table, sidecar or the provenance record is missing or unreadable (the message names it).
+    """
+    from ..outputs import read_unit
+
+    output_dir = Path(output_dir)
+    outs = read_unit(output_dir, unit, with_provenance=True)
+    listed = [str(p.relative_to(output_dir)) for k, p in outs.paths.items()
+              if k not in _NOT_LISTED and not k.startswith("figure_") and p.is_file()]
+    prov = outs.provenance
+    return write_report(outs.paths["report"], summary=prov, plan=prov["plan"], figures=outs.figures,
+                        table=outs.clusters, outputs=listed, regions=outs.regions)
+
+
+def rebuild_reports(config) -> int:
+    """``--reports-only``: rebuild the report of every selected unit from its derivatives on disk.
+
+    Units are those with a provenance record and a cluster table under ``config.output_dir``,
+    restricted to ``config.participant_label`` and ``config.session_label``. Nothing else is
+    written; masks, maps and tables are not touched.
+
+    Returns
+    -------
+    int
+        0 when every report was rebuilt, 65 when one could not be (its error is logged, the
+        others are still rebuilt).
+
+    Raises
+    ------
+    MissingInputError
+        No selected unit has participant-level outputs (exit 66).
+    """
+    from .. import io_spec
+    from ..errors import EXIT_OK, InputError, MissingInputError
+    from ..outputs import read_json, unit_id
+
+    output_dir = Path(config.output_dir)
+    subjects, sessions = config.participant_label, config.session_label
+    units = [u for u in io_spec.find_units(output_dir)
+             if (not subjects or u.subject in subjects) and (not sessions or u.session in sessions)]
+    labels = {u.label: u for u in units}
+    if not labels:
+        raise MissingInputError("no participant outputs to rebuild reports from (no "
+                                "sub-*/[ses-*/]anat/*_seg-PVSclusters_desc-*_dseg.tsv for the selection): "
+                                "run the participant level first", output_dir)
+    code = EXIT_OK
+    for label, unit in sorted(labels.items()):
+        try:  # the provenance's plan names the unit the report belongs to
+            plan = read_json(io_spec.unit_paths(output_dir, unit)["provenance"], ("plan",))["plan"]
+            path = rebuild_report(output_dir, unit_id(plan))
+        except io_spec.TableError as exc:
+            LOGGER.error("%s: report not rebuilt: %s", label, exc)
+            code = InputError.exit_code
+            continue
+        LOGGER.info("%s: report rebuilt from the derivatives on disk: %s", label, path)
+    return code
 
 
 #: How each QC measure is shown: label, unit, and its normal range text.
