@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     opts = parser.parse_args()
-    from bids_app.participant import set_threads
+    from bids_app.execution import set_threads
 
     set_threads(opts.threads)
     os.environ.setdefault("NIPYPE_NO_ET", "1")

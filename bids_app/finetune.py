@@ -34,42 +34,60 @@ def find_masks(masks_dir: Path) -> list[tuple[str, str | None, Path]]:
     return out
 
 
-def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int = 42):
-    """Preprocess every unit with a manual mask into training cases (normalised as at inference)."""
-    from epvsprep import ops
-    from epvsseg.infer import normalise
+def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int = 42,
+                validate: bool = True):
+    """Preprocess every unit with a manual mask into training cases (normalised as at inference).
+
+    The dataset goes through the participant level's intake (:func:`bids_app.intake.take_in`) and
+    preprocessing (:func:`bids_app.participant.preprocess_unit`, same cache), so a case is what the
+    model sees when the participant level runs.
+    """
     from epvsseg.train import Case
 
-    from .participant import preprocess_unit
+    from .intake import take_in
     from .plan import plan_session
-    from .query import check_dataset, collect_sessions, load_layout
 
-    check_dataset(bids_dir)
     masks = find_masks(masks_dir)
     if not masks:
         raise MissingInputError("no *_label-PVS*_mask.nii.gz files found", masks_dir)
-    layout = load_layout(bids_dir, database_dir=work_dir / "pybids_db_finetune", reset_database=True)
+    intake = take_in(bids_dir, index_dir=work_dir / "pybids_db_finetune", validate=validate,
+                     participant_labels=sorted({sub for sub, _, _ in masks}))
+    units = {(u.subject, u.session): u for u in intake.units}
     cases = []
     for sub, ses, mpath in masks:
-        units = collect_sessions(layout, participant_labels=[sub], session_labels=[ses] if ses else None)
-        plan = plan_session(units[0], method="unet", supported=(contrasts,))
-        pre = preprocess_unit(plan, work_dir=work_dir / plan.label, seed=seed)
-        try:
-            label_img = ops.load(mpath)
-        except ops.ImageError as exc:
-            raise InputError(exc.problem, mpath) from exc
-        ref = pre.originals[plan.reference]
-        if label_img.shape[:3] != ref.shape[:3] or not np.allclose(label_img.affine, ref.affine, atol=1e-3):
-            raise InputError(f"mask grid {label_img.shape} does not match the reference image "
-                             f"{plan.images[plan.reference].filename} {ref.shape}", mpath)
-        # same grid as the reference: reorienting to RAS+ (as conform did to the image) aligns it
-        label = np.asanyarray(nib.as_closest_canonical(label_img).dataobj) > 0.5
-        vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
-                **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
-        images = {c: normalise(vols[c], pre.mask) for c in contrasts}
-        cases.append(Case(images, label & pre.mask, np.zeros(label.shape, np.uint8), pre.mask))
+        unit = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+        if unit in intake.failed:
+            raise intake.failed[unit]
+        if (sub, ses) not in units:
+            raise MissingInputError(f"no images of {unit} in the BIDS dataset for this mask", mpath)
+        plan = plan_session(units[(sub, ses)], method="unet", supported=(contrasts,))
+        images, label, mask = _case_arrays(plan, mpath, contrasts, work_dir, seed)
+        cases.append(Case(images, label & mask, np.zeros(label.shape, np.uint8), mask))
         LOGGER.info("%s: %d labelled ePVS voxels", plan.label, int(label.sum()))
     return cases
+
+
+def _case_arrays(plan, mpath: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int):
+    """Normalised input volumes, the manual label and the brain mask of one unit, on its RAS+ grid."""
+    from epvsprep import ops
+    from epvsseg.infer import normalise
+
+    from .participant import preprocess_unit
+
+    pre = preprocess_unit(plan, work_dir=work_dir / plan.label, seed=seed)
+    try:
+        label_img = ops.load(mpath)
+    except ops.ImageError as exc:
+        raise InputError(exc.problem, mpath) from exc
+    ref = pre.originals[plan.reference]
+    if label_img.shape[:3] != ref.shape[:3] or not np.allclose(label_img.affine, ref.affine, atol=1e-3):
+        raise InputError(f"mask grid {label_img.shape} does not match the reference image "
+                         f"{plan.images[plan.reference].filename} {ref.shape}", mpath)
+    # same grid as the reference: reorienting to RAS+ (as conform did to the image) aligns it
+    label = np.asanyarray(nib.as_closest_canonical(label_img).dataobj) > 0.5
+    vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
+            **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
+    return {c: normalise(vols[c], pre.mask) for c in contrasts}, label, pre.mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20261121)
     parser.add_argument("-w", "--work-dir", type=Path, default=None)
+    parser.add_argument("--skip-bids-validation", action="store_true", help="do not run the BIDS validator")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
     try:
@@ -95,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--contrasts {' '.join(contrasts)} is not a served combination: "
                              f"{['+'.join(c) for c in SERVED_COMBINATIONS]}")
         work = (opts.work_dir or opts.output_model.parent / "work-finetune").absolute()
-        cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, contrasts, work, opts.seed)
+        cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, contrasts, work, opts.seed,
+                            validate=not opts.skip_bids_validation)
         base = load_model(opts.base_model)
         cfg = FinetuneConfig(folds=opts.folds, iterations=opts.iterations, threads=opts.threads, seed=opts.seed,
                              combination=contrasts)

@@ -204,23 +204,23 @@ def slurm_files(config: RunConfig) -> SlurmFiles:
 
 
 def select_participants(config: RunConfig) -> list[str]:
-    """Participant labels (without ``sub-``) with at least one usable unit, sorted.
+    """Validate the dataset once and list the participant labels (without ``sub-``) to run, sorted.
+
+    The intake is that of the participant level (:func:`bids_app.intake.take_in`): a subject whose
+    sidecar is broken keeps its array task, which then fails with exit 65 as the participant level would.
 
     Raises
     ------
-    NothingSelectedError
-        The labels or filters select nothing (exit 18).
+    ValidationError, NothingSelectedError, MissingInputError
+        Exit 16, 18, 66.
     """
-    from .query import collect_sessions, load_layout
+    from .intake import take_in
 
-    db_dir = config.work_dir / "pybids_db" / config.run_uuid
-    try:
-        layout = load_layout(config.bids_dir, database_dir=db_dir, reset_database=True)
-        units = collect_sessions(layout, participant_labels=config.participant_label,
-                                 session_labels=config.session_label, bids_filters=config.bids_filters)
-    finally:
-        shutil.rmtree(db_dir, ignore_errors=True)
-    return sorted({u.subject for u in units})
+    intake = take_in(config.bids_dir, index_dir=config.work_dir / "pybids_db" / config.run_uuid,
+                     validate=not config.skip_bids_validation, participant_labels=config.participant_label,
+                     session_labels=config.session_label, bids_filters=config.bids_filters)
+    failed = {label.split("_")[0].removeprefix("sub-") for label in intake.failed}
+    return sorted({u.subject for u in intake.units} | failed)
 
 
 def write_job_array(config: RunConfig) -> tuple[SlurmFiles, list[str]]:
@@ -240,12 +240,7 @@ def write_job_array(config: RunConfig) -> tuple[SlurmFiles, list[str]]:
         The script folder cannot be written (exit 73).
     """
     from .derivatives import init_output_dir, write_json, write_text
-    from .participant import validate_bids
-    from .query import check_dataset
 
-    check_dataset(config.bids_dir)
-    if not config.skip_bids_validation:
-        validate_bids(config.bids_dir)
     labels = select_participants(config)
     files = slurm_files(config)
     init_output_dir(config.output_dir, config.bids_dir)

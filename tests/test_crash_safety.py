@@ -1,6 +1,6 @@
 """Crash safety: a participant run killed with SIGKILL and rerun gives the uninterrupted run's outputs.
 
-Kill points are the steps of ``bids_app.participant.kill_point`` (``EPVS_TEST_KILL_AT``: after
+Kill points are the steps of ``bids_app.execution.kill_point`` (``EPVS_TEST_KILL_AT``: after
 the N4 cache, the brain mask, detection, the derivative images, and just before the status
 record) plus one external SIGKILL sent as soon as the first derivative file appears. After each
 kill no file under a final name is half written, the unit is not marked complete, and a rerun
