@@ -389,7 +389,7 @@ def select_combination(
 def plan_session(
     inputs: SessionInputs,
     *,
-    method: str = "frangi",
+    method: str = "unet",
     supported: Sequence[tuple[str, ...]] | None = None,
     model_ids: Mapping[tuple[str, ...], str] | None = None,
 ) -> SessionPlan:
