@@ -73,6 +73,8 @@ class RunConfig:
     method: str = "unet"
     #: Recompute participants whose outputs are already complete.
     overwrite: bool = False
+    #: Participant level: only rebuild the HTML reports from the outputs on disk (``--reports-only``).
+    reports_only: bool = False
     #: Master random seed (registration sampling, any stochastic step).
     random_seed: int = 42
     #: Group level: folder of reference (manual) ePVS masks in BIDS-derivatives form.

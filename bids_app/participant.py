@@ -50,6 +50,10 @@ def run_participant_level(config: RunConfig) -> int:
     the code of the units' errors (e.g. 65 for a corrupt image), or 1 when the failing
     units have different codes. Other units' outputs are always kept.
     """
+    if config.reports_only:  # --reports-only: rebuild the reports from the outputs on disk, nothing else
+        from .reports.participant import rebuild_reports
+
+        return rebuild_reports(config)
     from .intake import take_in
 
     intake = take_in(config.bids_dir, index_dir=config.work_dir / "pybids_db" / config.run_uuid,

@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-
 SHAPE = (40, 40, 30)
 #: Voxel (i, j, k) -> scanner (x, y, z) mm: x = i - 20, so i < 20 is the left hemisphere.
 AFFINE = np.array([[1.0, 0, 0, -20], [0, 1, 0, -20], [0, 0, 1, -15], [0, 0, 0, 1]])

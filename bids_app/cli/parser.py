@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--random-seed", type=int, default=42, help="master random seed (default: %(default)s)")
     proc.add_argument("--overwrite", action="store_true",
                       help="recompute participants whose outputs are already complete")
+    proc.add_argument("--reports-only", action="store_true",
+                      help="participant level: rebuild the HTML report of every selected unit from its outputs on "
+                      "disk (tables, sidecars, figures, logs/<label>_provenance.json) without recomputing or "
+                      "touching anything else")
 
     grp = parser.add_argument_group("group level")
     grp.add_argument("--reference-derivatives", type=Path, metavar="DIR",
@@ -238,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         device=opts.device,
         method=opts.method,
         overwrite=opts.overwrite,
+        reports_only=opts.reports_only,
         random_seed=opts.random_seed,
         verbosity=opts.verbose,
         reference_derivatives=group_dirs.get("--reference-derivatives"),
