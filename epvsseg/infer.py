@@ -260,7 +260,7 @@ def _autocast_dtype(device: str, amp_dtype: Any):
             raise ValueError(f"amp_dtype {amp_dtype!r}: give 'auto', None or a torch dtype")
         if not str(device).startswith("cuda"):
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # pragma: no cover - GPU
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return amp_dtype
 
 
