@@ -1,0 +1,215 @@
+"""ePVS detection on preprocessed volumes: the learned model or the Frangi baseline, one entry point.
+
+:func:`detect` takes bias-corrected volumes on a common RAS+ grid with their brain mask and returns a
+:class:`Detection`: the score map, the ePVS mask (decided by :func:`epvsseg.decision.decide` for the model),
+the excluded mimic clusters and the provenance the application records. It owns what depends on the model:
+resampling to the model's voxel size and back, and the GPU batch size (:func:`epvsseg.gpu.inference_batch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .spec import ModelSpec, load_spec
+
+LOGGER = logging.getLogger(__name__)
+
+#: Polarity of ePVS (CSF-like) per contrast: True = brighter than tissue.
+BRIGHT_EPVS: dict[str, bool] = {"T2w": True, "T1w": False, "FLAIR": False, "SWI": False}
+
+#: Single-sequence inputs the Frangi baseline can use, in ranking order.
+FRANGI_COMBINATIONS: tuple[tuple[str, ...], ...] = (("T2w",), ("T1w",), ("FLAIR",))
+
+#: Relative voxel-size difference from the model's above which the input is resampled to the model's grid.
+RESAMPLE_TOLERANCE = 0.15
+
+METHODS = ("unet", "frangi")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The outcome of :func:`detect`.
+
+    Attributes
+    ----------
+    score : ndarray of float32, shape (I, J, K)
+        ePVS probability (U-Net) or normalised vesselness (Frangi), in [0, 1], 0 outside the brain.
+    mask : ndarray of bool, shape (I, J, K)
+        Detected ePVS.
+    excluded : pandas.DataFrame or None
+        Excluded mimic clusters with their reason (U-Net); None for Frangi, which has no exclusions.
+    parameters : dict
+        JSON-able provenance: for the U-Net ``spec.to_record()`` plus ``resampled_to_mm`` (mm or None); for
+        Frangi its :class:`epvsseg.frangi.FrangiParams`.
+    description, score_description : str
+        One-sentence descriptions of the method and of the score map, for sidecars.
+    device : str
+        Where it ran (:func:`epvsseg.gpu.describe_device`).
+    spec : ModelSpec or None
+        The model used (None for Frangi).
+    """
+
+    score: np.ndarray
+    mask: np.ndarray
+    excluded: pd.DataFrame | None
+    parameters: dict[str, Any]
+    description: str
+    score_description: str
+    device: str
+    spec: ModelSpec | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (the keys of the participant level's former ``detect_epvs`` result)."""
+        return {"score": self.score, "mask": self.mask, "excluded": self.excluded, "parameters": self.parameters,
+                "description": self.description, "score_description": self.score_description,
+                "device": self.device}
+
+
+def supported_combinations(method: str, model: str | Path | ModelSpec | None = None) -> tuple[tuple[str, ...], ...]:
+    """Input combinations a method can use, reference first, in ranking order.
+
+    Parameters
+    ----------
+    method : {"unet", "frangi"}
+    model : str, Path or ModelSpec, optional
+        For ``unet``: the model (default: the shipped default); its spec's served combinations.
+
+    Raises
+    ------
+    ValueError
+        Unknown method.
+    SpecError
+        The model cannot be found or its ``model.json`` is invalid.
+    """
+    if method == "frangi":
+        return FRANGI_COMBINATIONS
+    if method == "unet":
+        return load_spec(model, verify=False).combinations
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size along the three array axes, mm (column norms of ``affine[:3, :3]``)."""
+    return tuple(float(v) for v in np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0)))
+
+
+def detect(volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,
+           combination: Sequence[str], method: str = "unet", model: str | Path | ModelSpec | None = None,
+           device: str = "auto") -> Detection:
+    """Detect ePVS on preprocessed volumes of one grid.
+
+    Parameters
+    ----------
+    volumes : mapping
+        Contrast -> bias-corrected ``(I, J, K)`` volume on the reference's RAS+ grid (at least the contrasts of
+        ``combination``).
+    mask : ndarray of bool, shape (I, J, K)
+        Brain mask on that grid.
+    affine : ndarray, shape (4, 4)
+        Voxel-to-mm affine of the grid.
+    combination : sequence of str
+        Input contrasts, reference first; one of :func:`supported_combinations` of ``method`` (and ``model``).
+    method : {"unet", "frangi"}
+    model : str, Path or ModelSpec, optional
+        The U-Net model: shipped id, folder or spec (default: the shipped default). Ignored by Frangi.
+    device : str
+        ``auto``, ``cpu`` or ``cuda`` (U-Net; Frangi runs on the CPU).
+
+    Returns
+    -------
+    Detection
+
+    Raises
+    ------
+    ValueError
+        Unknown method, a combination the method (or model) does not serve, or a volume missing or off-grid.
+    SpecError
+        The model cannot be loaded (names the file).
+    """
+    combination = tuple(combination)
+    mask = np.asarray(mask, bool)
+    missing = [c for c in combination if c not in volumes]
+    if missing:
+        raise ValueError(f"detect: no volume for {', '.join(missing)} of the combination {'+'.join(combination)}")
+    off_grid = [c for c in combination if np.shape(volumes[c]) != mask.shape]
+    if off_grid:
+        raise ValueError(f"detect: {', '.join(off_grid)} not on the brain mask's grid {mask.shape}")
+    if method == "frangi":
+        return _detect_frangi(volumes, mask, affine, combination)
+    if method != "unet":
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    spec = load_spec(model, verify=False)
+    if combination not in spec.combinations:
+        raise ValueError(f"{spec.path}: model {spec.model_id} does not serve {'+'.join(combination)} (served: "
+                         f"{', '.join('+'.join(c) for c in spec.combinations)})")
+    return _detect_unet(volumes, mask, affine, combination, spec, device)
+
+
+def _detect_frangi(volumes, mask, affine, combination) -> Detection:
+    from . import frangi
+
+    if combination not in FRANGI_COMBINATIONS:
+        raise ValueError(f"Frangi uses one of {', '.join(c[0] for c in FRANGI_COMBINATIONS)}, not "
+                         f"{'+'.join(combination)}")
+    ref = combination[0]
+    params = frangi.FrangiParams()
+    score, detected = frangi.detect(volumes[ref], voxel_spacing(affine), mask, bright=BRIGHT_EPVS[ref],
+                                    params=params)
+    return Detection(
+        score=score, mask=detected, excluded=None, parameters=params.to_dict(), device="cpu",
+        description="multiscale Frangi vesselness on the bias-corrected, brain-masked reference image "
+                    "(docs/frangi.md).",
+        score_description="ePVS score in [0, 1]: multiscale Frangi vesselness normalised as described in "
+                          "docs/frangi.md. It is a detection score, not a calibrated probability.")
+
+
+def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: str) -> Detection:
+    from . import gpu, infer
+    from .decision import decide
+
+    dev = infer.resolve_device(device)
+    model = infer.load_model(spec, device=dev)
+    images = {c: volumes[c] for c in combination}
+    spacing = voxel_spacing(affine)
+    voxel = spec.voxel_mm
+    resample = max(abs(s - voxel) / voxel for s in spacing) > RESAMPLE_TOLERANCE
+    if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
+        prob = _predict_resampled(images, mask, spacing, model, dev)
+    else:
+        prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape))
+    decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
+                      flair=volumes.get("FLAIR") if "FLAIR" in combination else None)
+    point = spec.operating_point
+    return Detection(
+        score=prob.astype(np.float32), mask=decision.mask, excluded=decision.excluded,
+        parameters={**spec.to_record(), "resampled_to_mm": voxel if resample else None},
+        device=gpu.describe_device(dev), spec=spec,
+        description=f"2.5D multi-channel U-Net {spec.model_id} on {' + '.join(combination)} "
+                    f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels, "
+                    "mimic exclusions).",
+        score_description=f"ePVS probability from the U-Net {spec.model_id} (sigmoid output).")
+
+
+def _predict_resampled(images, mask, spacing, model, dev: str) -> np.ndarray:
+    """Probability on the model's grid (linear zoom to ``spec.voxel_mm``), zoomed back onto ``mask``'s grid."""
+    from scipy import ndimage
+
+    from . import gpu, infer
+
+    voxel = model.spec.voxel_mm
+    zoom = [s / voxel for s in spacing]
+    small_shape = tuple(int(round(n * s / voxel)) for n, s in zip(mask.shape, spacing))
+    small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
+    small_mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
+    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_shape))
+    back = [a / b for a, b in zip(mask.shape, prob_small.shape)]
+    prob = ndimage.zoom(prob_small, back, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+    pad = [(0, m - p) for m, p in zip(mask.shape, prob.shape)]
+    return np.pad(prob, pad) * mask

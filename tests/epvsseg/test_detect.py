@@ -1,0 +1,112 @@
+"""epvsseg.detect: the one detection entry point (U-Net or Frangi) on a crop of the real demo T2w."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from importlib import resources
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from epvsseg import detect as det  # noqa: E402
+from epvsseg import frangi, gpu, infer  # noqa: E402
+from epvsseg.decision import decide  # noqa: E402
+from epvsseg.spec import SpecError, load_spec, weights_root  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def crop():
+    """A 64 x 64 x 20 crop of the real demo T2w (basal ganglia), its brain mask and affine."""
+    with resources.as_file(resources.files("bids_app.data") / "demo" / "sub-01_T2w.nii.gz") as path:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj).astype(np.float32)[45:109, 58:122, 55:75]
+    affine = img.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ [45, 58, 55]
+    return {"T2w": data}, data > np.percentile(data, 10), affine
+
+
+def test_supported_combinations():
+    assert det.supported_combinations("frangi") == (("T2w",), ("T1w",), ("FLAIR",))
+    assert det.supported_combinations("unet") == load_spec().combinations
+    assert det.supported_combinations("unet", "epvs-unet25d-v1") == load_spec("epvs-unet25d-v1").combinations
+    with pytest.raises(ValueError, match="unknown method 'svm'"):
+        det.supported_combinations("svm")
+    with pytest.raises(SpecError, match="no model 'nope'"):
+        det.supported_combinations("unet", "nope")
+
+
+def test_unet_is_predict_then_decide_at_the_spec_operating_point(crop, monkeypatch):
+    volumes, mask, affine = crop
+    sized = []
+    monkeypatch.setattr(gpu, "inference_batch", lambda dev, spec, shape: sized.append(tuple(shape)) or 8)
+    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    spec = load_spec()
+    prob = infer.predict(volumes, mask, infer.load_model())
+    expected = decide(prob, spec.operating_point, affine=affine, brain=mask)
+    assert out.score.dtype == np.float32 and np.array_equal(out.score, prob)
+    assert out.mask.dtype == bool and np.array_equal(out.mask, expected.mask) and out.mask.any()
+    assert out.excluded.equals(expected.excluded)
+    assert out.parameters == {**spec.to_record(), "resampled_to_mm": None}
+    assert out.spec == spec and out.device.startswith("cpu (")
+    assert out.description == ("2.5D multi-channel U-Net epvs-unet25d-v3 on T2w (probability >= 0.6, clusters >= 2 "
+                               "voxels, mimic exclusions).")
+    assert sized == [mask.shape]
+    assert set(out.to_dict()) == {"score", "mask", "excluded", "parameters", "description", "score_description",
+                                  "device"}
+    json.dumps(out.parameters)
+
+
+def test_unet_resamples_to_the_model_grid_and_back(crop, monkeypatch):
+    volumes, mask, affine = crop
+    sized = []
+    monkeypatch.setattr(gpu, "inference_batch", lambda dev, spec, shape: sized.append(tuple(shape)) or 8)
+    fine = affine.copy()
+    fine[:3, :3] *= 0.6  # 0.6 mm voxels: 40 % off the model's 1 mm
+    out = det.detect(volumes, mask, fine, combination=("T2w",), device="cpu")
+    assert out.parameters["resampled_to_mm"] == 1.0
+    assert out.score.shape == mask.shape and not out.score[~mask].any()
+    assert sized == [(38, 38, 12)]  # the batch is sized on the model's grid
+
+
+def test_the_model_folder_spec_decides(crop, tmp_path):
+    volumes, mask, affine = crop
+    folder = tmp_path / "strict"
+    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(threshold=0.95, min_cluster_voxels=5, exclusions={"lacune_min_diameter_mm": 2.0})
+    (folder / "model.json").write_text(json.dumps(meta))
+    default = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    strict = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
+    assert strict.parameters["threshold"] == 0.95 and strict.parameters["exclusions"]["lacune_min_diameter_mm"] == 2
+    assert strict.mask.sum() < default.mask.sum() and not (strict.mask & ~default.mask).any()
+    as_spec = det.detect(volumes, mask, affine, combination=("T2w",), model=load_spec(folder), device="cpu")
+    assert np.array_equal(as_spec.mask, strict.mask)
+
+
+def test_frangi_is_the_baseline_with_the_reference_polarity(crop):
+    volumes, mask, affine = crop
+    out = det.detect(volumes, mask, affine, combination=("T2w",), method="frangi", model="ignored")
+    score, expected = frangi.detect(volumes["T2w"], det.voxel_spacing(affine), mask, bright=True)
+    assert np.array_equal(out.score, score) and np.array_equal(out.mask, expected)
+    assert out.excluded is None and out.spec is None and out.device == "cpu"
+    assert out.parameters == frangi.FrangiParams().to_dict()
+
+
+def test_refusals_name_the_problem(crop, tmp_path):
+    volumes, mask, affine = crop
+    with pytest.raises(ValueError, match="no volume for FLAIR of the combination T2w\\+FLAIR"):
+        det.detect(volumes, mask, affine, combination=("T2w", "FLAIR"))
+    with pytest.raises(ValueError, match="T2w not on the brain mask's grid"):
+        det.detect({"T2w": volumes["T2w"][:-1]}, mask, affine, combination=("T2w",))
+    with pytest.raises(ValueError, match="Frangi uses one of T2w, T1w, FLAIR, not T2w\\+FLAIR"):
+        det.detect({**volumes, "FLAIR": volumes["T2w"]}, mask, affine, combination=("T2w", "FLAIR"), method="frangi")
+    with pytest.raises(ValueError, match="unknown method 'svm'"):
+        det.detect(volumes, mask, affine, combination=("T2w",), method="svm")
+    only_flair = replace(load_spec(), combinations=(("FLAIR",),))
+    with pytest.raises(ValueError, match=r"model.json: model epvs-unet25d-v3 does not serve T2w \(served: FLAIR\)"):
+        det.detect(volumes, mask, affine, combination=("T2w",), model=only_flair)
