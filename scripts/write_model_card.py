@@ -19,7 +19,8 @@ def _f(v, nd=3):
 
 
 _CLI_SKIP = ("out", "combinations", "crop_vox", "thresholds", "seeds", "render_s", "train_s", "history",
-             "initialised_from", "threshold_selection", "operating_point_selection", "min_sizes", "cache_dir")
+             "initialised_from", "threshold_selection", "operating_point_selection", "min_sizes", "cache_dir",
+             "operating_point_derivation", "operating_point_selection_without_exclusions")
 
 
 def _cli_args(tr: dict) -> str:
@@ -33,6 +34,21 @@ def _init_line(tr: dict) -> str:
         return "- initialised at random (seeded).\n"
     return (f"- warm start: initialised from `{init['model_id']}` (weights sha256 `{init['sha256'][:16]}...`, shipped "
             "beside this model, itself reproducible from its own card), then trained with the recipe above.\n")
+
+
+def _derivation_lines(meta: dict) -> str:
+    """How the operating-point grid was scored: through the app's decision rule (re-derived) or at training."""
+    how = meta["training"].get("operating_point_derivation")
+    if not how:
+        return (" Scored at training time by thresholding and the minimum cluster size only (without the mimic "
+                "exclusions that the application applies).")
+    verdict = ("confirmed" if how["applied"] else
+               f"the best point there is {how['best'][0]} / {how['best'][1]} voxels; the model's point is kept until a "
+               "benchmark of the new one")
+    return (f" Every point of the grid below is scored through the one decision function the application uses "
+            f"(`epvsseg.decision.decide`: threshold, minimum cluster size, then the lacune and, with FLAIR, WMH "
+            f"exclusions with {', '.join(f'{k} {v}' for k, v in how['exclusions'].items())}) on the {how['n_val_cases']} regenerated validation crops; "
+            f"re-derived on {how['date']} with `{how['command']}` ({verdict}). The weights did not change.")
 
 
 def _threshold_lines(meta: dict) -> str:
@@ -50,7 +66,7 @@ def _threshold_lines(meta: dict) -> str:
         return ("\n## Operating point\n\nChosen on the validation crops (never on the benchmark): the probability "
                 "threshold and minimum cluster size with the best mean over the served combinations of cluster F1 + "
                 f"voxel Dice. Selected: **{meta['threshold']}**, clusters of at least **{meta['min_cluster_voxels']}** "
-                "voxels.\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
+                "voxels." + _derivation_lines(meta) + "\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
     sel = meta["training"].get("threshold_selection")
     if not sel:
         return ""
@@ -82,7 +98,8 @@ def main(folder: str) -> None:
         f"- normalisation `{meta['normalisation']}`: each image divided by its median inside the brain mask, 0 outside, "
         "clipped to [0, 6];\n",
         f"- output: sigmoid probability; ePVS = probability >= {meta['threshold']}, 26-connected clusters of at least "
-        f"{meta['min_cluster_voxels']} voxels, then the lacune/WMH mimic exclusions of `epvsseg.exclusions`.\n",
+        f"{meta['min_cluster_voxels']} voxels, then the lacune/WMH mimic exclusions of `epvsseg.exclusions` (one rule for the application, the "
+        "choice of the operating point and the benchmark: `epvsseg.decision.decide`).\n",
         "\n## Training data and recipe\n",
         "Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from the "
         "ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, randomised multi-contrast "
@@ -102,7 +119,8 @@ def main(folder: str) -> None:
         _init_line(tr),
         "\nReproduce: `python -m epvsseg.train --out DIR " + _cli_args(tr) + "` at that commit.\n",
         _threshold_lines(meta),
-        "\n## Validation (synthetic validation crops, best checkpoint)\n\n",
+        "\n## Validation (synthetic validation crops, best checkpoint, at the operating point"
+        + (", through `decide` with the exclusions" if tr.get("operating_point_derivation") else "") + ")\n\n",
         "| combination | voxel Dice | cluster sensitivity | cluster precision | cluster F1 |\n|---|---|---|---|---|\n",
     ]
     for combo, v in meta["validation"].items():

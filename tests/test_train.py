@@ -10,6 +10,10 @@ from epvsseg.nets import build, n_input_channels
 from epvsseg.train import TrainConfig, combination_weights, widen_context
 
 
+def test_default_training_combinations_are_the_default_models():
+    assert TrainConfig(out="").combinations == infer.load_spec().combinations
+
+
 def test_combination_weights_favour_t2w_as_configured():
     cfg = TrainConfig(out="", t2w_fraction=0.3)
     w = combination_weights(cfg)
@@ -24,10 +28,10 @@ def test_widened_context_computes_what_the_narrow_model_did():
     base = infer.load_model(infer.DEFAULT_MODEL)
     state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
     wide_ctx = base.context + 1
-    net = build(base.meta["architecture"],
-                **{**base.meta["architecture_kwargs"], "in_channels": n_input_channels(wide_ctx)})
+    net = build(base.spec.architecture,
+                **{**base.spec.architecture_kwargs, "in_channels": n_input_channels(wide_ctx)})
     net.load_state_dict(widen_context(state, base.context, wide_ctx))
-    wide = infer.LoadedModel(net.eval(), {**base.meta, "context_slices": wide_ctx}, base.folder, "cpu")
+    wide = infer.LoadedModel(net.eval(), {"context_slices": wide_ctx}, base.folder, "cpu")  # no spec: a new net
     rng = np.random.default_rng(0)
     vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
     vol[18:21, 20:23, :] = 4.0  # a bright vertical tube, so the output is not trivially zero
