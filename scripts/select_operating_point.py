@@ -1,55 +1,140 @@
-"""Choose a trained model's operating point (threshold, minimum cluster size) on its validation crops.
+"""Re-derive a trained model's operating point on its own validation crops, through the app's decision rule.
 
-Usage: python scripts/select_operating_point.py MODEL_DIR [--cache-dir DIR]
+Usage: python scripts/select_operating_point.py [MODEL_DIR] [--cache-dir DIR] [--threads 1] [--n-val N] [--dry-run]
 
-``python -m epvsseg.train`` does this itself at the end of training; this script applies the same selection
-(:func:`epvsseg.train.select_operating_point`, the grid of ``TrainConfig.thresholds`` x ``TrainConfig.min_sizes``)
-to a model folder trained before the minimum cluster size was part of it. It re-renders (or reads from the
-cache) the validation crops listed in ``model.json``, and rewrites ``threshold``, ``min_cluster_voxels``,
-``validation`` and ``training.operating_point_selection`` there. The weights are not touched.
+The validation crops are regenerated exactly as ``python -m epvsseg.train`` split them: the case seeds recorded in
+``model.json`` (``training.seeds``), the first ``training.n_train`` for training and the next ``training.n_val``
+for validation, rendered by :func:`epvsseg.train.generate` at ``training.crop_vox`` (cached ``.npz`` files are
+reused). Every point of the recorded grid (``training.thresholds`` x ``training.min_sizes``) is scored with
+:func:`epvsseg.train.select_operating_point`, i.e. through :func:`epvsseg.decision.decide` with the model's mimic
+exclusions, as the application decides.
+
+``model.json`` receives the new grid (``training.operating_point_selection``; the grid it replaces is kept as
+``training.operating_point_selection_without_exclusions`` the first time), a record of the derivation
+(``training.operating_point_derivation``: rule, date, command, cases, best point) and ``validation`` (the scores
+at the model's operating point). The weights and their sha256 never change, and neither do ``threshold`` and
+``min_cluster_voxels``: when the best point differs from them the script says so and a person decides (a new
+operating point needs a new benchmark run).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import shlex
+import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from epvsseg import infer, train
+from epvsseg import infer, spec as spec_mod, train  # noqa: E402
+
+LOGGER = logging.getLogger("select_operating_point")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(opts.threads)
-    meta_path = opts.model_dir / "model.json"
-    meta = json.loads(meta_path.read_text())
+def validation_seeds(training: dict, n_val: int | None = None) -> list[int]:
+    """The validation case seeds of a training record (``seeds[n_train : n_train + n_val]``).
+
+    Raises
+    ------
+    ValueError
+        The record does not hold ``n_train + n_val`` seeds.
+    """
+    n_train, n_total = int(training["n_train"]), int(training["n_val"])
+    seeds = list(training["seeds"])
+    if len(seeds) != n_train + n_total:
+        raise ValueError(f"training.seeds has {len(seeds)} seeds, expected n_train + n_val = {n_train + n_total}")
+    chosen = seeds[n_train:]
+    return chosen[: n_val] if n_val else chosen
+
+
+def derive(model_dir: Path, cache_dir: Path, n_val: int | None = None) -> tuple[dict, tuple[float, int], dict]:
+    """Score the recorded grid on the regenerated validation crops through ``decide``.
+
+    Returns
+    -------
+    meta : dict
+        The model's ``model.json`` as read.
+    best : (float, int)
+        The best ``(threshold, min_cluster_voxels)``.
+    grid : dict
+        ``{"<threshold>/<min voxels>": {combination: scores}}``.
+    """
+    spec = spec_mod.load_spec(model_dir)
+    meta = spec.meta
     tr = meta["training"]
-    model = infer.load_model(opts.model_dir)
-    cfg = train.TrainConfig(out=str(opts.model_dir))
-    seeds = tr["seeds"][tr["n_train"]:]
-    paths = train.generate(seeds, opts.cache_dir or Path(tr["cache_dir"]), tr["crop_vox"], 2)
-    val_cases = [train.load_case(p) for p in paths]
-    combos = [tuple(c.split("+")) for c in meta["served_combinations"]]
-    net = model.net.float()
-    (threshold, min_voxels), grid = train.select_operating_point(
-        net, val_cases, combos, context=model.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes)
-    meta["threshold"] = float(threshold)
-    meta["min_cluster_voxels"] = int(min_voxels)
-    meta["validation"] = grid[f"{threshold}/{min_voxels}"]
-    tr.pop("threshold_selection", None)
-    tr["thresholds"], tr["min_sizes"] = list(cfg.thresholds), list(cfg.min_sizes)
+    seeds = validation_seeds(tr, n_val)
+    synth_now = train.synth_source_hash()
+    if synth_now != meta.get("synth_sha256"):
+        LOGGER.warning("synth source sha256 %s... differs from the model's %s...: crops are rendered by today's "
+                       "generator", synth_now[:12], str(meta.get("synth_sha256"))[:12])
+    paths = train.generate(seeds, cache_dir, tr["crop_vox"], 1)
+    cases = [train.load_case(p) for p in paths]
+    LOGGER.info("%d validation crops of %s from %s", len(cases), tr["crop_vox"], cache_dir)
+    model = infer.load_model(spec)
+    best, grid = train.select_operating_point(
+        model.net, cases, spec.combinations, context=spec.context_slices, thresholds=tuple(tr["thresholds"]),
+        min_sizes=tuple(tr["min_sizes"]), exclusions=spec.exclusions)
+    return meta, best, grid
+
+
+def record(meta: dict, best: tuple[float, int], grid: dict, *, n_cases: int, command: str) -> dict:
+    """``meta`` updated with the re-derived grid, its provenance and the validation scores (a new dict)."""
+    meta = json.loads(json.dumps(meta))
+    tr = meta["training"]
+    current = (float(meta["threshold"]), int(meta["min_cluster_voxels"]))
+    if "operating_point_derivation" not in tr and "operating_point_selection" in tr:
+        tr["operating_point_selection_without_exclusions"] = tr["operating_point_selection"]
     tr["operating_point_selection"] = grid
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"{meta['model_id']}: threshold {threshold}, clusters >= {min_voxels} voxels")
+    tr["operating_point_derivation"] = {
+        "rule": "epvsseg.decision.decide: probability >= threshold, 26-connected clusters >= min voxels, lacune "
+                "and (with FLAIR) WMH exclusions with the model's exclusion parameters, as the application decides",
+        "exclusions": spec_mod.spec_from_meta(meta, Path(str(meta["model_id"])) / "model.json").exclusions.to_dict(),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "n_val_cases": n_cases,
+        "best": [float(best[0]), int(best[1])],
+        "applied": [float(best[0]), int(best[1])] == list(current),
+    }
+    meta["validation"] = grid[f"{current[0]}/{current[1]}"]
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path, nargs="?", default=spec_mod.weights_root() / spec_mod.DEFAULT_MODEL)
+    parser.add_argument("--cache-dir", type=Path, default=Path("work/val-crops"),
+                        help="folder for the rendered validation crops (reused when present)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--n-val", type=int, default=None, help="only the first N validation crops")
+    parser.add_argument("--dry-run", action="store_true", help="print the result, do not write model.json")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    meta, best, grid = derive(opts.model_dir, opts.cache_dir, opts.n_val)
+    n_cases = len(validation_seeds(meta["training"], opts.n_val))
+    command = "python scripts/select_operating_point.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    new = record(meta, best, grid, n_cases=n_cases, command=command)
+    current = (new["threshold"], new["min_cluster_voxels"])
+    for key in sorted({f"{best[0]}/{best[1]}", f"{current[0]}/{current[1]}"}):
+        score = train._score(grid[key])
+        print(f"{key}: mean F1 + Dice {score:.4f}  " + json.dumps({c: round(v["cluster_f1"], 4)
+                                                                 for c, v in grid[key].items()}))
+    if new["training"]["operating_point_derivation"]["applied"]:
+        print(f"{meta['model_id']}: the operating point {current[0]} / {current[1]} voxels is confirmed")
+    else:
+        print(f"{meta['model_id']}: best point {best[0]} / {best[1]} voxels differs from the model's {current[0]} / "
+              f"{current[1]}; threshold and min_cluster_voxels left unchanged (a new point needs a new benchmark)")
+    if not opts.dry_run:
+        (opts.model_dir / "model.json").write_text(json.dumps(new, indent=2) + "\n")
+        print(opts.model_dir / "model.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
