@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from epvsseg import infer, spec as spec_mod, train  # noqa: E402
+from epvsseg import infer, train  # noqa: E402
+from epvsseg import spec as spec_mod  # noqa: E402
 
 LOGGER = logging.getLogger("select_operating_point")
 
