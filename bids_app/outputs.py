@@ -134,6 +134,12 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
         Master random seed (recorded in the provenance).
     timings : dict
         Step -> seconds (recorded in the provenance and shown in the report).
+
+    Returns
+    -------
+    list of str
+        The files written, relative to ``output_dir``: images, tables and sidecars in the spec's
+        order, the provenance record, the figures, then the report (built from those files).
     """
     from .reports.participant import rebuild_report
 

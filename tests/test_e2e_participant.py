@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -18,32 +19,18 @@ import pytest
 from conftest import t1_like_copy
 from layouts import assert_passes_bids_validator, make_bids, snapshot
 
+from bids_app import io_spec
 from bids_app.cli.run import main
 
-EXPECTED = [
-    "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.nii.gz",
-    "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json",
-    "sub-01/anat/sub-01_label-PVS_desc-T2w_probseg.nii.gz",
-    "sub-01/anat/sub-01_label-PVS_desc-T2w_probseg.json",
-    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.nii.gz",
-    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.tsv",
-    "sub-01/anat/sub-01_seg-PVSclusters_desc-T2w_dseg.json",
-    "sub-01/anat/sub-01_desc-brain_mask.nii.gz",
-    "sub-01/anat/sub-01_desc-brain_mask.json",
-    "sub-01/anat/sub-01_desc-preproc_T2w.nii.gz",
-    "sub-01/anat/sub-01_seg-regions_dseg.nii.gz",
-    "sub-01/anat/sub-01_seg-regions_dseg.tsv",
-    "sub-01/anat/sub-01_seg-regions_dseg.json",
-    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.nii.gz",
-    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.tsv",
-    "sub-01/anat/sub-01_seg-PVSregions_desc-T2w_dseg.json",
-    "sub-01/figures/sub-01_desc-epvs_overlay.png",
-    "sub-01/figures/sub-01_desc-coreg_check.png",
-    "sub-01/figures/sub-01_desc-regions_overlay.png",
-    "sub-01.html",
-    "dataset_description.json",
-    ".bidsignore",
-]
+#: Outputs a T2w unit with regions and a co-registered T1w must have (keys of bids_app/data/io_spec.json).
+EXPECTED_KEYS = (
+    "epvs_mask", "epvs_mask_json", "epvs_probseg", "epvs_probseg_json",
+    "clusters_dseg", "clusters_tsv", "clusters_json", "brain_mask", "brain_mask_json", "preproc", "preproc_json",
+    "regions_dseg", "regions_tsv", "regions_json", "epvs_regions_dseg", "epvs_regions_tsv", "epvs_regions_json",
+    "figure_epvs", "figure_zoom", "figure_mask", "figure_coreg", "figure_regions", "provenance", "report",
+)
+_PATHS = io_spec.unit_paths(Path("."), "01", None, {}, "T2w")
+EXPECTED = [_PATHS[key].as_posix() for key in EXPECTED_KEYS] + ["dataset_description.json", ".bidsignore"]
 
 
 @pytest.fixture(scope="module")
