@@ -244,33 +244,8 @@ def _models_section(tables: Mapping[str, Any]) -> dict[str, Any]:
     return {"table": table, "warning": tables.get("models_warning")}
 
 
-def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: Mapping[str, Any],
-                       comparisons: Mapping[str, Mapping[str, Any]], associations: pd.DataFrame | None,
-                       covariates: Sequence[str], outputs: Sequence[str]) -> Path:
-    """Assemble ``<out>/group.html`` from the group tables (see :func:`bids_app.group.run_group_level`).
-
-    Parameters
-    ----------
-    path : Path
-        Where the report goes; participant reports are linked relative to its folder.
-    tables : mapping
-        :func:`bids_app.group.collect_tables` output (``cohort``, ``long``, ``failed``, ``outliers``).
-    longitudinal : mapping
-        :func:`bids_app.group.run.run_longitudinal` output.
-    comparisons : mapping
-        ``reference`` and/or ``compare`` -> :func:`bids_app.group.run.run_agreement` output.
-    associations : DataFrame or None
-        Covariate model estimates.
-    covariates : sequence of str
-        The ``--covariates`` columns.
-    outputs : sequence of str
-        The group tables written, relative to the output folder.
-    """
-    import jinja2
-
-    from ..group.stats import region_statistics
-
-    cohort, long = tables["cohort"], tables["long"]
+def _figures(long: pd.DataFrame, cohort: pd.DataFrame) -> list[dict]:
+    """The cohort plots (distribution, count against volume, burden against age) with titles and captions."""
     figures = []
     for title, caption, svg in (
         ("ePVS burden per region", ("One point per unit (participant and session), linked to its report; boxes "
@@ -286,6 +261,13 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
     ):
         if svg:
             figures.append({"title": title, "caption": caption, "svg": svg})
+
+    return figures
+
+
+def _region_summary(long: pd.DataFrame) -> dict | None:
+    """Median [Q1, Q3] of count and (ICV-normalised) volume per region, for the regional table."""
+    from ..group.stats import region_statistics
 
     stats_table = region_statistics(long)
     pivot = None
@@ -305,6 +287,12 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
                              ("ppm ICV" if measure == "volume_ppm_icv" else "mm³") + ": median [Q1, Q3]",
                              "units without ePVS"], "rows": region_rows, "n": len(region_rows), "truncated": False}
 
+    return pivot
+
+
+def _longitudinal_section(longitudinal: Mapping[str, Any], long: pd.DataFrame,
+                          cohort: pd.DataFrame) -> dict | None:
+    """Reliability rows, the Bland-Altman figure, cluster-matching totals and changes (None without series)."""
     longi = None
     if len(longitudinal["series"]):
         icc = longitudinal["icc"]
@@ -363,6 +351,11 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
                                   "volume_mm3_per_year"], limit=50),
         }
 
+    return longi
+
+
+def _comparisons_section(comparisons: Mapping[str, Mapping[str, Any]], cohort: pd.DataFrame) -> list[dict]:
+    """Per comparison (reference masks or another run): missing units, errors, summary table and figures."""
     comps = []
     for kind, res in comparisons.items():
         per_unit = res["units"]
@@ -389,6 +382,39 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
         shown["columns"] = [_AGREEMENT_HEADERS[c] for c in shown["columns"]]
         comps.append({"kind": kind, "root": res["root"], "missing": res["missing"], "errors": res["errors"],
                       "figures": figs, "summary": shown})
+
+    return comps
+
+
+def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: Mapping[str, Any],
+                       comparisons: Mapping[str, Mapping[str, Any]], associations: pd.DataFrame | None,
+                       covariates: Sequence[str], outputs: Sequence[str]) -> Path:
+    """Assemble ``<out>/group.html`` from the group tables (see :func:`bids_app.group.run_group_level`).
+
+    Parameters
+    ----------
+    path : Path
+        Where the report goes; participant reports are linked relative to its folder.
+    tables : mapping
+        :func:`bids_app.group.collect_tables` output (``cohort``, ``long``, ``failed``, ``outliers``).
+    longitudinal : mapping
+        :func:`bids_app.group.run.run_longitudinal` output.
+    comparisons : mapping
+        ``reference`` and/or ``compare`` -> :func:`bids_app.group.run.run_agreement` output.
+    associations : DataFrame or None
+        Covariate model estimates.
+    covariates : sequence of str
+        The ``--covariates`` columns.
+    outputs : sequence of str
+        The group tables written, relative to the output folder.
+    """
+    import jinja2
+
+    cohort, long = tables["cohort"], tables["long"]
+    figures = _figures(long, cohort)
+    pivot = _region_summary(long)
+    longi = _longitudinal_section(longitudinal, long, cohort)
+    comps = _comparisons_section(comparisons, cohort)
 
     assoc = None
     if associations is not None:
