@@ -161,7 +161,7 @@ def test_sidecars_record_selection_and_sources(run):
 
 
 def test_coregistration_recovers_known_motion(run):
-    reg = list(run["work"].glob("sub-01/T1w_to_T2w-*.json"))
+    reg = list(run["work"].glob("sub-01/coregister-*/meta.json"))  # the step cache entry (epvsprep.cache)
     assert len(reg) == 1
     data = json.loads(reg[0].read_text())
     assert data["ok"]
