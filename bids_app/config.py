@@ -71,6 +71,8 @@ class RunConfig:
     device: str = "auto"
     #: ePVS detection method.
     method: str = "unet"
+    #: The U-Net model (``--model``): a shipped model id or the absolute path of a model folder; None = the default.
+    model: str | None = None
     #: Recompute participants whose outputs are already complete.
     overwrite: bool = False
     #: Participant level: only rebuild the HTML reports from the outputs on disk (``--reports-only``).

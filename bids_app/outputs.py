@@ -57,11 +57,6 @@ class UnitMeasures:
     volumes: dict
 
 
-def _det(det, name: str):
-    """A field of the detection result: a dict today, a ``Detection`` dataclass with the same names tomorrow."""
-    return det[name] if isinstance(det, Mapping) else getattr(det, name)
-
-
 def unit_id(plan) -> UnitId:
     """The :class:`~bids_app.io_spec.UnitId` of a ``SessionPlan`` (or of its ``to_dict()``)."""
     if isinstance(plan, Mapping):
@@ -146,7 +141,7 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
     target = _target(plan, pre, bids_dir, output_dir)
     written = _write_detection(target, det, measures)
     if pre.regions is not None:
-        written += _write_regions(target, pre, measures, _det(det, "mask"))
+        written += _write_regions(target, pre, measures, det.mask)
     written += _write_brain(target, pre, measures.volumes[plan.reference])
     figures = _write_figures(target, plan, pre, det, measures)
     written.append(write_json(target.paths["provenance"],
@@ -158,19 +153,19 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
 
 def _write_detection(target: _Target, det, measures: UnitMeasures) -> list[Path]:
     """The ePVS mask, the score map and the cluster map with its table (and their sidecars)."""
-    params, excluded = _det(det, "parameters"), _det(det, "excluded")
+    params, excluded = det.parameters, det.excluded
     roles = list(measures.volumes)
     columns = io_spec.columns("clusters_tsv", roles)
     columns["region"] = {**columns["region"], "Levels": _region_levels()}
     return [
-        target.image("epvs_mask", _det(det, "mask"), np.uint8),
+        target.image("epvs_mask", det.mask, np.uint8),
         target.sidecar("epvs_mask_json", {
             **target.common, "Threshold": params["threshold"], "Parameters": params,
             "ExcludedClusters": [] if excluded is None else excluded.round(3).to_dict("records"),
-        }, detector=_det(det, "description")),
-        target.image("epvs_probseg", _det(det, "score"), np.float32),
+        }, detector=det.description),
+        target.image("epvs_probseg", det.score, np.float32),
         target.sidecar("epvs_probseg_json", {**target.common, "Parameters": params},
-                       score_description=_det(det, "score_description")),
+                       score_description=det.score_description),
         target.image("clusters_dseg", measures.labels, np.int32),
         write_tsv(target.paths["clusters_tsv"], measures.table),
         target.sidecar("clusters_json", {**target.common, **columns}),
@@ -237,7 +232,7 @@ def _write_figures(target: _Target, plan, pre, det, measures: UnitMeasures) -> d
     atlas = pre.atlas.table
     return make_figures(
         paths={k: p for k, p in target.paths.items() if k.startswith("figure_")},
-        reference=measures.volumes[plan.reference], mask=pre.mask, epvs=_det(det, "mask"), affine=pre.n4.affine,
+        reference=measures.volumes[plan.reference], mask=pre.mask, epvs=det.mask, affine=pre.n4.affine,
         ref_role=plan.reference,
         coregistered={r: np.asanyarray(im.dataobj) for r, im in pre.coregistered.items()},
         regions=pre.regions, region_names=dict(zip(atlas["index"], atlas["name"])),
@@ -257,7 +252,7 @@ def summary(plan, pre, det, measures: UnitMeasures, timings: Mapping[str, float]
         "volume_ppm_brain": round(1e6 * total / pre.brain_mm3, 1) if pre.brain_mm3 > 0 else None,
         "qc": pre.qc, "warnings": pre.warnings, "ratings": measures.rating,
         "template": {k: v for k, v in pre.template.items() if k != "warped"},
-        "version": __version__, "device": _det(det, "device"), "timings_s": dict(timings),
+        "version": __version__, "device": det.device, "timings_s": dict(timings),
     }
 
 
@@ -267,7 +262,7 @@ def provenance(plan, pre, det, measures: UnitMeasures, target: _Target, *, seed:
     return {
         **summary(plan, pre, det, measures, timings),
         "inputs": {role: {"path": target.rel_source[role], "sha256": pre.digests[role]} for role in plan.images},
-        "plan": plan.to_dict(), "parameters": _det(det, "parameters"), "random_seed": seed,
+        "plan": plan.to_dict(), "parameters": det.parameters, "random_seed": seed,
         "software": _software_versions(),
     }
 

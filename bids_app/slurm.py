@@ -75,6 +75,8 @@ def participant_arguments(config: RunConfig) -> list[str]:
             "--nprocs", str(config.nprocs), "--omp-nthreads", str(config.omp_nthreads),
             "--method", config.method, "--device", config.device, "--random-seed", str(config.random_seed),
             "--skip-bids-validation"]
+    if config.model is not None:
+        args += ["--model", config.model]
     if config.nipype_plugin:
         args += ["--nipype-plugin", config.nipype_plugin]
     if config.mem_mb is not None:

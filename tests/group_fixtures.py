@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from epvsseg.detect import Detection
+
 SHAPE = (40, 40, 30)
 #: Voxel (i, j, k) -> scanner (x, y, z) mm: x = i - 20, so i < 20 is the left hemisphere.
 AFFINE = np.array([[1.0, 0, 0, -20], [0, 1, 0, -20], [0, 0, 1, -15], [0, 0, 0, 1]])
@@ -134,9 +136,9 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
     plan = _plan(Path(out).parent / "raw", sub, ses, acq, combo, model)
     pre = _preprocessed(plan, image, brain, move(atlas()) if regions else None, qc=qc, icv_mm3=icv_mm3, snr=snr,
                         flags=list(extra_qc_flags))
-    det = {"score": (labels > 0).astype(np.float32), "mask": labels > 0, "excluded": None, "device": "cpu",
-           "parameters": {"model_id": model[0], "weights_sha256": model[1], "threshold": 0.5},
-           "description": "fake detector (tests/group_fixtures.py).", "score_description": "fake score."}
+    det = Detection(score=(labels > 0).astype(np.float32), mask=labels > 0, excluded=None, device="cpu",
+                    parameters={"model_id": model[0], "weights_sha256": model[1], "threshold": 0.5},
+                    description="fake detector (tests/group_fixtures.py).", score_description="fake score.")
     volumes = {r: np.asanyarray(image.dataobj).astype(np.float32) for r in plan.combination}
     measures = measure_unit(pre, det, volumes, plan.reference)
     written = outputs.write_unit(plan, pre, det, measures, bids_dir=Path(out).parent / "raw", output_dir=out,

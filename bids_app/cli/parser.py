@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--method", choices=METHODS, default="unet",
                       help="ePVS detection method: 'unet', the shipped 2.5D multi-sequence network, or 'frangi', "
                       "the classical vesselness baseline (default: %(default)s)")
+    proc.add_argument("--model", metavar="ID|DIR",
+                      help="the U-Net model: a shipped model id or a model folder (model.json, weights.pt), e.g. "
+                      "one written by epvs-bids-finetune (default: the shipped default model)")
     proc.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                       help="where networks run: auto uses CUDA when present (default: %(default)s)")
     proc.add_argument("--random-seed", type=int, default=42, help="master random seed (default: %(default)s)")
@@ -184,6 +187,20 @@ def _is_within(path: Path, parent: Path) -> bool:
     return True
 
 
+def _model_option(model: str | None, method: str) -> str | None:
+    """``--model`` as recorded in the run's configuration: a shipped id, or a folder made absolute."""
+    if model is None:
+        return None
+    if method != "unet":
+        raise UsageError(f"--model {model} needs --method unet (the {method} method has no model)")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.absolute())
+    if path.exists() or len(path.parts) > 1:
+        raise MissingInputError("--model: not a model id and not a folder", path)
+    return model
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate the command line.
 
@@ -225,6 +242,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             if not path.is_dir():
                 raise MissingInputError(f"the {name} folder does not exist", path)
             group_dirs[name] = path
+    model = _model_option(opts.model, opts.method)
     labels = normalize_labels(opts.participant_label, "sub")
     sessions = normalize_labels(opts.session_label, "ses")
     return RunConfig(
@@ -241,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         skip_bids_validation=opts.skip_bids_validation,
         device=opts.device,
         method=opts.method,
+        model=model,
         overwrite=opts.overwrite,
         reports_only=opts.reports_only,
         random_seed=opts.random_seed,
