@@ -180,20 +180,6 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
     return out
 
 
-def segment(prob: np.ndarray, model: LoadedModel, *, affine: np.ndarray, brain: np.ndarray,
-            flair: np.ndarray | None = None, params=None):
-    """Deprecated: :func:`epvsseg.decision.decide` at ``model.spec.operating_point`` (kept until the
-    participant level calls :func:`epvsseg.detect.detect`); returns ``(mask, excluded)``."""
-    from dataclasses import replace
-
-    from .decision import decide
-
-    point = model.spec.operating_point
-    decision = decide(prob, replace(point, exclusions=params) if params else point, affine=affine, brain=brain,
-                      flair=flair)
-    return decision.mask, decision.excluded
-
-
 def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedModel, *, batch: int = 8,
             flip_tta: bool = False, amp_dtype: Any = AUTO) -> np.ndarray:
     """ePVS probability map for co-registered images on a common ~1 mm RAS+ grid.
