@@ -61,14 +61,14 @@ def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], wor
         if (sub, ses) not in units:
             raise MissingInputError(f"no images of {unit} in the BIDS dataset for this mask", mpath)
         plan = plan_session(units[(sub, ses)], method="unet", supported=(contrasts,))
-        images, label, mask = _case_arrays(plan, mpath, contrasts, work_dir, seed)
-        cases.append(Case(images, label & mask, np.zeros(label.shape, np.uint8), mask))
+        images, label, mask, affine = _case_arrays(plan, mpath, contrasts, work_dir, seed)
+        cases.append(Case(images, label & mask, np.zeros(label.shape, np.uint8), mask, affine=affine))
         LOGGER.info("%s: %d labelled ePVS voxels", plan.label, int(label.sum()))
     return cases
 
 
 def _case_arrays(plan, mpath: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int):
-    """Normalised input volumes, the manual label and the brain mask of one unit, on its RAS+ grid."""
+    """Normalised input volumes, the manual label, the brain mask and the affine of one unit's RAS+ grid."""
     from epvsprep import ops
     from epvsseg.infer import normalise
 
@@ -87,7 +87,19 @@ def _case_arrays(plan, mpath: Path, contrasts: tuple[str, ...], work_dir: Path, 
     label = np.asanyarray(nib.as_closest_canonical(label_img).dataobj) > 0.5
     vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
             **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
-    return {c: normalise(vols[c], pre.mask) for c in contrasts}, label, pre.mask
+    return {c: normalise(vols[c], pre.mask) for c in contrasts}, label, pre.mask, pre.n4.affine
+
+
+def _base_spec(model: str | None):
+    """The base model's spec (hash checked); its errors as the app's (exit 65, or 66 when missing)."""
+    from epvsseg.spec import SpecError, load_spec
+
+    try:
+        return load_spec(model)
+    except SpecError as exc:
+        if model is not None and Path(model).is_dir():
+            raise InputError(str(exc)) from None
+        raise MissingInputError(str(exc), model or "epvsseg/weights") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,17 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
     try:
-        from epvsseg.infer import SERVED_COMBINATIONS, load_model
+        from epvsseg.infer import load_model
         from epvsseg.train import FinetuneConfig, finetune
 
+        base_spec = _base_spec(opts.base_model)
         contrasts = tuple(opts.contrasts)
-        if contrasts not in SERVED_COMBINATIONS:
-            raise UsageError(f"--contrasts {' '.join(contrasts)} is not a served combination: "
-                             f"{['+'.join(c) for c in SERVED_COMBINATIONS]}")
+        if contrasts not in base_spec.combinations:
+            raise UsageError(f"--contrasts {' '.join(contrasts)} is not a combination that {base_spec.model_id} "
+                             f"serves: {['+'.join(c) for c in base_spec.combinations]}")
         work = (opts.work_dir or opts.output_model.parent / "work-finetune").absolute()
         cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, contrasts, work, opts.seed,
                             validate=not opts.skip_bids_validation)
-        base = load_model(opts.base_model)
+        base = load_model(base_spec)
         cfg = FinetuneConfig(folds=opts.folds, iterations=opts.iterations, threads=opts.threads, seed=opts.seed,
                              combination=contrasts)
         summary = finetune(base, cases, cfg, out=opts.output_model)
