@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -129,31 +130,54 @@ def test_build_context_is_small_and_complete(tmp_path):
         assert source in tops, f"COPY {source} is not in the build context"
 
 
+def _build_wheel(src: Path, dest: Path) -> Path:
+    """``pip wheel`` of ``src`` without network or build isolation (hatchling and hatch-vcs: the test extra)."""
+    missing = [m for m in ("hatchling", "hatch_vcs") if importlib.util.find_spec(m) is None]
+    assert not missing, f"{missing} missing: install the test extra (pip install -e '.[test]')"
+    env = {**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION": "0.1.0", "PIP_NO_INDEX": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(dest), str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = dest.glob("epvs_bids-*.whl")
+    return wheel
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is needed to list the repository")
 def test_wheel_from_the_build_context_carries_weights_and_kit(tmp_path):
-    pytest.importorskip("hatchling")
-    pytest.importorskip("hatch_vcs")
+    from epvsseg.spec import DEFAULT_MODEL, available_models
+
     src = tmp_path / "src"
     for rel in _context_files():
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, src / rel)
-    env = {**os.environ, "SETUPTOOLS_SCM_PRETEND_VERSION": "0.1.0", "PIP_NO_INDEX": "1"}
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "wheel"), str(src)], check=True, env=env, capture_output=True,
-                   timeout=300)
-    (wheel,) = (tmp_path / "wheel").glob("epvs_bids-*.whl")
+    wheel = _build_wheel(src, tmp_path / "wheel")
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-        for model_json in [n for n in names if n.startswith("epvsseg/weights/") and n.endswith("model.json")]:
-            meta = json.loads(zf.read(model_json))
-            weights = zf.read(model_json.replace("model.json", "weights.pt"))
-            assert hashlib.sha256(weights).hexdigest() == meta["sha256"]
+        # the default model, complete and hash-checked: what every run without --model loads
+        default = f"epvsseg/weights/{DEFAULT_MODEL}"
+        assert {f"{default}/model.json", f"{default}/weights.pt", f"{default}/MODEL_CARD.md"} <= names
+        meta = json.loads(zf.read(f"{default}/model.json"))
+        assert meta["model_id"] == DEFAULT_MODEL
+        assert hashlib.sha256(zf.read(f"{default}/weights.pt")).hexdigest() == meta["sha256"]
+        # every shipped model, with weights whose hash matches its model.json
+        assert available_models() and DEFAULT_MODEL in available_models()
+        for model_id in available_models():
+            folder = f"epvsseg/weights/{model_id}"
+            assert {f"{folder}/model.json", f"{folder}/weights.pt", f"{folder}/MODEL_CARD.md"} <= names, model_id
+            meta = json.loads(zf.read(f"{folder}/model.json"))
+            assert hashlib.sha256(zf.read(f"{folder}/weights.pt")).hexdigest() == meta["sha256"], model_id
+        # the template kit (hash-checked against its manifest) and the subcortical atlas
         manifest = json.loads(zf.read("epvsprep/data/templates/MANIFEST.json"))
+        assert manifest["sha256"]
         for name, digest in manifest["sha256"].items():
             assert hashlib.sha256(zf.read(f"epvsprep/data/templates/{name}")).hexdigest() == digest, name
+        atlases = {p.relative_to(ROOT).as_posix() for p in (ROOT / "epvsprep/data/atlases").iterdir()
+                   if p.is_file()}
+        assert atlases and atlases <= names
+        for name in atlases:
+            assert zf.read(name) == (ROOT / name).read_bytes(), name
         assert {"bids_app/data/report.html.j2", "bids_app/data/queries.json",
                 "bids_app/data/demo/sub-01_T2w.nii.gz"} <= names
-        assert any(n.startswith("epvsseg/weights/epvs-unet25d-v1/") for n in names)
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
         assert "epvs-bids = bids_app.cli.run:main" in entry_points
         assert not [n for n in names if "__pycache__" in n or n.startswith("tests/")]
