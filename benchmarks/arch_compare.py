@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from epvsseg import infer, infer3d, metrics, postproc, train  # noqa: E402
-from epvsseg.nets import CONTRASTS, build, n_input_channels  # noqa: E402
+from epvsseg.nets import SEQUENCES, build, n_input_channels  # noqa: E402
 
 VAL_COMBOS = (("T2w",), ("T2w", "FLAIR", "T1w", "SWI"))
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -59,10 +59,10 @@ def sample_batch_3d(cases: list[train.Case], rng: np.random.Generator, cfg: trai
 
     Returns
     -------
-    x : ndarray, shape (B, 2 * len(CONTRASTS), pi, pj, pk)
+    x : ndarray, shape (B, 2 * len(SEQUENCES), pi, pj, pk)
     y : ndarray, shape (B, 1, pi, pj, pk)
     """
-    x = np.zeros((batch, 2 * len(CONTRASTS), *patch), np.float32)
+    x = np.zeros((batch, 2 * len(SEQUENCES), *patch), np.float32)
     y = np.zeros((batch, 1, *patch), np.float32)
     weights = train.combination_weights(cfg)
     margins = [max(1, p // 10) for p in patch]
@@ -79,9 +79,9 @@ def sample_batch_3d(cases: list[train.Case], rng: np.random.Generator, cfg: trai
         else:
             starts = [int(rng.integers(0, n - p + 1)) for n, p in zip(shape, patch)]
         box = tuple(slice(s, s + p) for s, p in zip(starts, patch))
-        combo = cfg.combinations[rng.choice(len(cfg.combinations), p=weights)]
+        combination = cfg.combinations[rng.choice(len(cfg.combinations), p=weights)]
         vols = {}
-        for c in combo:
+        for c in combination:
             v = case.images[c][box]
             gamma = float(np.exp(rng.normal(0, 0.15)))
             scale = float(np.exp(rng.normal(0, 0.1)))
@@ -96,17 +96,17 @@ def sample_batch_3d(cases: list[train.Case], rng: np.random.Generator, cfg: trai
     return x, y
 
 
-def evaluate_3d(net, cases: list[train.Case], combos, thresholds, tile, overlap,
+def evaluate_3d(net, cases: list[train.Case], combinations, thresholds, tile, overlap,
                 min_cluster_voxels: int = 2) -> dict:
     """``{threshold: {combination: scores}}`` as :func:`epvsseg.train.evaluate`, with the 3D sliding window."""
     net.eval()
     out: dict = {t: {} for t in thresholds}
-    for combo in combos:
+    for combination in combinations:
         dices: dict = {t: [] for t in thresholds}
         agreements: dict = {t: [] for t in thresholds}
         volumes: dict = {t: [0, 0] for t in thresholds}
         for case in cases:
-            prob = infer3d.predict_volume({c: case.images[c] for c in combo}, case.mask, net,
+            prob = infer3d.predict_volume({c: case.images[c] for c in combination}, case.mask, net,
                                           tile=tile, overlap=overlap)
             for t in thresholds:
                 pred = postproc.remove_small_clusters(prob >= t, min_cluster_voxels)
@@ -116,7 +116,7 @@ def evaluate_3d(net, cases: list[train.Case], combos, thresholds, tile, overlap,
                 volumes[t][1] += int(case.label.sum())
         for t in thresholds:
             sens, prec, f1 = metrics.pooled_rates(agreements[t])
-            out[t]["+".join(combo)] = {"dice": float(np.mean(dices[t])), "cluster_sensitivity": sens,
+            out[t]["+".join(combination)] = {"dice": float(np.mean(dices[t])), "cluster_sensitivity": sens,
                                        "cluster_precision": prec, "cluster_f1": f1,
                                        "predicted_over_true_voxels": volumes[t][0] / max(volumes[t][1], 1)}
     net.train()
@@ -301,11 +301,11 @@ def write_report(result: dict, out: Path) -> None:
               "| arm | combination | threshold | Dice | cluster F1 | sensitivity | precision |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for arm in result["arms"].values():
-        for combo in ("T2w", all4):
-            t = max(arm["validation"], key=lambda k: arm["validation"][k][combo]["cluster_f1"]
-                    + arm["validation"][k][combo]["dice"])
-            v = arm["validation"][t][combo]
-            lines.append(f"| {arm['name']} | {combo} | {float(t):.1f} | {v['dice']:.3f} | {v['cluster_f1']:.3f} | "
+        for combination in ("T2w", all4):
+            t = max(arm["validation"], key=lambda k: arm["validation"][k][combination]["cluster_f1"]
+                    + arm["validation"][k][combination]["dice"])
+            v = arm["validation"][t][combination]
+            lines.append(f"| {arm['name']} | {combination} | {float(t):.1f} | {v['dice']:.3f} | {v['cluster_f1']:.3f} | "
                          f"{v['cluster_sensitivity']:.3f} | {v['cluster_precision']:.3f} |")
     lines += ["", "Load average (1, 5, 15 min) at the start and end of each arm's training, and its schedule:", ""]
     for arm in result["arms"].values():
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
             entry = {"architecture": "unet2d", "kwargs": kwargs, "batch": cfg.batch,
                      "patch": [cfg.patch, cfg.patch, 2 * a.context + 1], "context": a.context}
         elif arm == "3d":
-            kwargs = {"in_channels": 2 * len(CONTRASTS), "base": a.base3d, "depth": cfg.depth}
+            kwargs = {"in_channels": 2 * len(SEQUENCES), "base": a.base3d, "depth": cfg.depth}
             net = build("unet3d", **kwargs)
             patch = tuple(a.patch3d)
             tr = train_arm(arm, net, lambda: sample_batch_3d(train_cases, rng, cfg, patch, a.batch3d), budget, a.lr)

@@ -3,7 +3,7 @@
 Three held-out test sets, none of whose cases was seen in training:
 
 1. **synthetic**: whole synthetic brains from :mod:`epvsseg.synth`, rendered with seeds outside the
-   training range (new deformations, burdens, contrasts, mimics) from the training anatomy (ICBM 2009a);
+   training range (new deformations, burdens, sequences, mimics) from the training anatomy (ICBM 2009a);
 2. **synthetic, held-out anatomy**: the same generator on the tissue maps of Colin27, a brain that training
    never saw (:mod:`epvsseg.synth.anatomies`; Debian ``mricron-data``);
 3. **real T2w + injected ePVS**: the real T2w scans of ``../shared`` (bias-corrected, deepbet-masked),
@@ -38,21 +38,21 @@ sys.path.insert(0, str(ROOT))
 
 from epvsseg import frangi, infer, metrics, synth  # noqa: E402
 from epvsseg.decision import decide  # noqa: E402
-from epvsseg.nets import CONTRASTS  # noqa: E402
+from epvsseg.nets import SEQUENCES  # noqa: E402
 
 BRIGHT = {"T2w": True, "T1w": False, "FLAIR": False}
 TEST_SEED = 990_000  # training seeds come from a generator seeded with the training seed; these are apart
 
 
-def detect_unet(model, images, mask, affine, combo):
+def detect_unet(model, images, mask, affine, combination):
     """The model's ePVS mask: its probability, decided at its operating point as the application does."""
-    prob = infer.predict({c: images[c] for c in combo}, mask, model)
+    prob = infer.predict({c: images[c] for c in combination}, mask, model)
     return decide(prob, model.spec.operating_point, affine=affine, brain=mask,
-                  flair=images.get("FLAIR") if "FLAIR" in combo else None).mask
+                  flair=images.get("FLAIR") if "FLAIR" in combination else None).mask
 
 
-def detect_frangi(images, mask, affine, combo):
-    ref = combo[0]
+def detect_frangi(images, mask, affine, combination):
+    ref = combination[0]
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     _, pred = frangi.detect(images[ref], spacing, mask, bright=BRIGHT[ref])
     return pred
@@ -172,8 +172,8 @@ def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = 
                     priors = build_priors(1.0, tissue=colin27_tissue())
                 else:
                     priors = synth.load_priors()
-            case = synth.render(synth.sample_params(np.random.default_rng(seed), contrasts=CONTRASTS), priors)
-            arrays = {**{f"img_{c}": case.images[c] for c in CONTRASTS}, "label": case.label,
+            case = synth.render(synth.sample_params(np.random.default_rng(seed), sequences=SEQUENCES), priors)
+            arrays = {**{f"img_{c}": case.images[c] for c in SEQUENCES}, "label": case.label,
                       "mimics": case.mimics, "mask": brain_mask_of(case), "affine": case.affine,
                       "params": json.dumps(case.params)}
             if path is not None:
@@ -188,7 +188,7 @@ def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = 
         info = {"anatomy": anatomy, "seed": seed, "t2w_mode": acq["mode"],
                 "t2w_slice_mm": float(max(acq["thickness_mm"])), "t2w_snr": acq["snr"],
                 "epvs_drawn": params["epvs"]["total"]}
-        cases.append(({c: arrays[f"img_{c}"] for c in CONTRASTS}, arrays["mask"].astype(bool), arrays["affine"],
+        cases.append(({c: arrays[f"img_{c}"] for c in SEQUENCES}, arrays["mask"].astype(bool), arrays["affine"],
                       arrays["label"].astype(bool), arrays["mimics"], info))
     return cases
 
@@ -259,13 +259,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_synthetic(model, cases, combos=None, frangi_refs=("T2w", "T1w", "FLAIR")) -> list[dict]:
-    """The U-Net on ``combos`` (default: all it serves) and Frangi on each of ``frangi_refs``, on one set of cases."""
+def run_synthetic(model, cases, combinations=None, frangi_refs=("T2w", "T1w", "FLAIR")) -> list[dict]:
+    """The U-Net on ``combinations`` (default: all it serves) and Frangi on each of ``frangi_refs``, on one set of cases."""
     out = []
-    combos = model.spec.combinations if combos is None else combos
-    for combo in combos:
-        out.append(score_cases("unet " + "+".join(combo), cases,
-                               lambda im, m, a, combo=combo: detect_unet(model, im, m, a, combo)))
+    combinations = model.spec.combinations if combinations is None else combinations
+    for combination in combinations:
+        out.append(score_cases("unet " + "+".join(combination), cases,
+                               lambda im, m, a, combination=combination: detect_unet(model, im, m, a, combination)))
         print(json.dumps({k: v for k, v in out[-1].items() if k != "cases"}), flush=True)
     for ref in frangi_refs:
         out.append(score_cases(f"frangi {ref}", cases, lambda im, m, a, ref=ref: detect_frangi(im, m, a, (ref,))))
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--model", default=infer.DEFAULT_MODEL)
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep rendered test brains in")
     parser.add_argument("--render-only", action="store_true", help="render the test brains into --cache, then stop")
-    parser.add_argument("--combos", default=None,
+    parser.add_argument("--combinations", default=None,
                         help="comma-separated U-Net combinations (e.g. T2w,T2w+FLAIR+T1w+SWI) for a quick comparison "
                              "of models: skips Frangi, the real set and the speed run, and writes "
                              "benchmarks/results/models_subset_<model>.json instead of models.json/.md")
@@ -299,7 +299,7 @@ def main() -> None:
     model = infer.load_model(opts.model)
     results = {"model_id": model.model_id, "weights_sha256": model.spec.sha256, "threshold": model.spec.threshold,
                "min_cluster_voxels": model.spec.min_cluster_voxels, "exclusions": model.spec.exclusions.to_dict()}
-    subset = [tuple(c.split("+")) for c in opts.combos.split(",")] if opts.combos else None
+    subset = [tuple(c.split("+")) for c in opts.combinations.split(",")] if opts.combinations else None
     for key, (anatomy, n, seed0) in sets.items():
         if n:
             cases = synthetic_cases(n, anatomy=anatomy, cache=opts.cache, seed0=seed0)

@@ -50,7 +50,7 @@ def registration_accuracy() -> list[dict]:
            "insula_left", "frontal_wm_left", "occipital_wm_right"]
     rows = []
     for setting in anatomy.REGISTRATION_SETTINGS:
-        reg = anatomy.register_template(subject, mask, kit, contrast="T2w", setting=setting)
+        reg = anatomy.register_template(subject, mask, kit, sequence="T2w", setting=setting)
         dice = _dice_by_region(np.asanyarray(reg.labels.dataobj), truth, kit.table)
         icv = anatomy.intracranial_volume_mm3(np.asanyarray(reg.icv_mask.dataobj),
                                               np.asanyarray(mask.dataobj), vox)
@@ -72,7 +72,7 @@ class _Plan:
     """The two fields of a SessionPlan that ``preprocess_unit`` reads."""
 
     def __init__(self, images: dict, reference: str):
-        self.images = {role: _Image(p) for role, p in images.items()}
+        self.images = {sequence: _Image(p) for sequence, p in images.items()}
         self.reference = reference
 
 
@@ -118,19 +118,19 @@ def qc_values() -> list[dict]:
     ]
     kit = anatomy.load_kit(None)
     rows = []
-    for label, path, contrast in images:
+    for label, path, sequence in images:
         if not path.exists():
             continue
         start = time.monotonic()
         img = ops.conform(ops.load(path), name=path)
         n4 = ops.n4_bias_correct(img)
         mask = ops.brain_mask(n4)
-        reg = anatomy.register_template(n4, mask, kit, contrast=contrast)
+        reg = anatomy.register_template(n4, mask, kit, sequence=sequence)
         m = np.asanyarray(mask.dataobj) > 0
         vox = ops.voxel_volume_mm3(img)
         gm, wm = qcm.tissue_masks(m, np.asanyarray(reg.gm.dataobj), np.asanyarray(reg.wm.dataobj))
         data = np.asanyarray(n4.dataobj)
-        rows.append({"image": label, "contrast": contrast, "snr": round(qcm.snr(data, wm), 2),
+        rows.append({"image": label, "sequence": sequence, "snr": round(qcm.snr(data, wm), 2),
                      "cnr": round(qcm.cnr(data, gm, wm), 3), "brain_cm3": round(m.sum() * vox / 1e3, 0),
                      "icv_cm3": round(anatomy.intracranial_volume_mm3(np.asanyarray(reg.icv_mask.dataobj), m, vox)
                                       / 1e3, 0),
@@ -183,9 +183,9 @@ def main() -> None:
               f"SNR {p['qc']['snr']}, CNR {p['qc']['cnr']}; flags: {p['qc']['flags'] or 'none'}", ""]
     if out.get("qc"):
         lines += ["## QC values of real images", "",
-                  "| image | contrast | SNR | CNR | brain (cm³) | ICV (cm³) | template/mask Dice | ok |",
+                  "| image | sequence | SNR | CNR | brain (cm³) | ICV (cm³) | template/mask Dice | ok |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['image']} | {r['contrast']} | {r['snr']} | {r['cnr']} | {r['brain_cm3']:.0f} | "
+        lines += [f"| {r['image']} | {r['sequence']} | {r['snr']} | {r['cnr']} | {r['brain_cm3']:.0f} | "
                   f"{r['icv_cm3']:.0f} | {r['template_dice']} | {r['template_ok']} |" for r in out["qc"]]
     (res / "preprocessing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -82,15 +82,15 @@ def show(ax, img: np.ndarray, title: str | None = None, vmin: float | None = Non
 
 
 def examples_figure(cases: list[synth.SynthCase], out: Path) -> None:
-    contrasts = list(synth.CONTRASTS)
+    sequences = list(synth.SEQUENCES)
     rows = [(c, lvl) for c in range(len(cases)) for lvl in LEVELS]
-    ncol = len(contrasts) + 1
+    ncol = len(sequences) + 1
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, 2.9 * len(rows)))
     for r, (ci, level) in enumerate(rows):
         case = cases[ci]
         k = slice_at(case, LEVELS[level])
         box = brain_box(case.brain[:, :, k])
-        for c, name in enumerate(contrasts):
+        for c, name in enumerate(sequences):
             sl = case.images[name][:, :, k][box]
             acq = case.params["acquisition"][name]
             show(axes[r, c], sl, f"case {ci + 1} {name} ({acq['mode']} "

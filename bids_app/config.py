@@ -57,7 +57,7 @@ class RunConfig:
     participant_label: tuple[str, ...] | None = None
     #: Session labels without ``ses-`` (None = all).
     session_label: tuple[str, ...] | None = None
-    #: Extra pybids filters per role (``t2w``, ``t1w``, ``flair``, ``swi``), from ``--bids-filter-file``.
+    #: Extra pybids filters per sequence (``t2w``, ``t1w``, ``flair``, ``swi``), from ``--bids-filter-file``.
     bids_filters: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Maximum number of CPU cores used in total.
     nprocs: int = 1

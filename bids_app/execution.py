@@ -179,8 +179,8 @@ def inputs_key(plan) -> str:
     h = hashlib.sha256()
     h.update(__version__.encode())
     h.update(json.dumps(plan.to_dict(), sort_keys=True, default=str).encode())
-    for role in sorted(plan.images):
-        path = Path(plan.images[role].path)
+    for sequence in sorted(plan.images):
+        path = Path(plan.images[sequence].path)
         try:
             st = path.stat()
         except OSError as exc:
@@ -188,7 +188,7 @@ def inputs_key(plan) -> str:
                 raise InputError(f"dangling symbolic link to {os.readlink(path)} (in a DataLad dataset, run "
                                  "`datalad get` first)", path) from None
             raise InputError(f"cannot read the file ({exc.strerror})", path) from None
-        h.update(f"{role}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"{sequence}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,7 @@
 """``epvs-bids-finetune``: fine-tune the shipped model on a user's manual ePVS masks, with k-fold evaluation.
 
 Manual masks are a BIDS-Derivatives folder of ``sub-<l>[_ses-<s>]..._label-PVS[_desc-<d>]_mask.nii.gz``
-files on the grid of the reference image (the first sequence of ``--contrasts``). The source images
+files on the grid of the reference image (the first sequence of ``--sequences``). The source images
 are found in the BIDS dataset and preprocessed exactly as at the participant level; the k-fold
 metrics before and after fine-tuning are printed and saved with the new model.
 """
@@ -34,7 +34,7 @@ def find_masks(masks_dir: Path) -> list[tuple[str, str | None, Path]]:
     return out
 
 
-def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int = 42,
+def build_cases(bids_dir: Path, masks_dir: Path, sequences: tuple[str, ...], work_dir: Path, seed: int = 42,
                 validate: bool = True):
     """Preprocess every unit with a manual mask into training cases (normalised as at inference).
 
@@ -60,14 +60,14 @@ def build_cases(bids_dir: Path, masks_dir: Path, contrasts: tuple[str, ...], wor
             raise intake.failed[unit]
         if (sub, ses) not in units:
             raise MissingInputError(f"no images of {unit} in the BIDS dataset for this mask", mpath)
-        plan = plan_session(units[(sub, ses)], method="unet", supported=(contrasts,))
-        images, label, mask, affine = _case_arrays(plan, mpath, contrasts, work_dir, seed)
+        plan = plan_session(units[(sub, ses)], method="unet", supported=(sequences,))
+        images, label, mask, affine = _case_arrays(plan, mpath, sequences, work_dir, seed)
         cases.append(Case(images, label & mask, np.zeros(label.shape, np.uint8), mask, affine=affine))
         LOGGER.info("%s: %d labelled ePVS voxels", plan.label, int(label.sum()))
     return cases
 
 
-def _case_arrays(plan, mpath: Path, contrasts: tuple[str, ...], work_dir: Path, seed: int):
+def _case_arrays(plan, mpath: Path, sequences: tuple[str, ...], work_dir: Path, seed: int):
     """Normalised input volumes, the manual label, the brain mask and the affine of one unit's RAS+ grid."""
     from epvsprep import ops
     from epvsseg.infer import normalise
@@ -87,7 +87,7 @@ def _case_arrays(plan, mpath: Path, contrasts: tuple[str, ...], work_dir: Path, 
     label = np.asanyarray(nib.as_closest_canonical(label_img).dataobj) > 0.5
     vols = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
             **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
-    return {c: normalise(vols[c], pre.mask) for c in contrasts}, label, pre.mask, pre.n4.affine
+    return {c: normalise(vols[c], pre.mask) for c in sequences}, label, pre.mask, pre.n4.affine
 
 
 def _base_spec(model: str | None):
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("masks_dir", type=Path, help="BIDS-Derivatives folder with *_label-PVS*_mask.nii.gz")
     parser.add_argument("output_model", type=Path, help="folder to write the fine-tuned model to")
-    parser.add_argument("--contrasts", nargs="+", default=["T2w"], help="input sequences, reference first")
+    parser.add_argument("--sequences", nargs="+", default=["T2w"], help="input sequences, reference first")
     parser.add_argument("--base-model", default=None, help="model id or folder (default: the shipped model)")
     parser.add_argument("--folds", type=int, default=5, help="k for k-fold; >= number of cases = leave-one-out")
     parser.add_argument("--iterations", type=int, default=600)
@@ -122,16 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         from epvsseg.train import FinetuneConfig, finetune
 
         base_spec = _base_spec(opts.base_model)
-        contrasts = tuple(opts.contrasts)
-        if contrasts not in base_spec.combinations:
-            raise UsageError(f"--contrasts {' '.join(contrasts)} is not a combination that {base_spec.model_id} "
+        sequences = tuple(opts.sequences)
+        if sequences not in base_spec.combinations:
+            raise UsageError(f"--sequences {' '.join(sequences)} is not a combination that {base_spec.model_id} "
                              f"serves: {['+'.join(c) for c in base_spec.combinations]}")
         work = (opts.work_dir or opts.output_model.parent / "work-finetune").absolute()
-        cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, contrasts, work, opts.seed,
+        cases = build_cases(opts.bids_dir.absolute(), opts.masks_dir, sequences, work, opts.seed,
                             validate=not opts.skip_bids_validation)
         base = load_model(base_spec)
         cfg = FinetuneConfig(folds=opts.folds, iterations=opts.iterations, threads=opts.threads, seed=opts.seed,
-                             combination=contrasts)
+                             combination=sequences)
         summary = finetune(base, cases, cfg, out=opts.output_model)
     except EpvsError as exc:
         LOGGER.error("%s", exc)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .derivatives import bids_name
-from .query import ROLES
+from .query import SEQUENCES
 
 #: ``when`` values of the spec: written for every unit, only with regions, only with co-registered images.
 CONDITIONS = ("always", "regions", "coregistered")
@@ -79,23 +79,23 @@ def entry(key: str) -> dict[str, Any]:
 
 
 def split_combination(combination: str | Sequence[str]) -> tuple[str, ...]:
-    """Input roles of a combination: ``"T2wFLAIR"`` -> ``("T2w", "FLAIR")``; a sequence is returned as a tuple.
+    """Input sequences of a combination: ``"T2wFLAIR"`` -> ``("T2w", "FLAIR")``; a sequence is returned as a tuple.
 
     Raises
     ------
     ValueError
-        The text is not a concatenation of known roles (:data:`bids_app.query.ROLES`).
+        The text is not a concatenation of known sequences (:data:`bids_app.query.SEQUENCES`).
     """
     if not isinstance(combination, str):
         return tuple(combination)
-    roles, rest = [], combination
+    sequences, rest = [], combination
     while rest:
-        role = next((r for r in sorted(ROLES, key=len, reverse=True) if rest.startswith(r)), None)
-        if role is None:
-            raise ValueError(f"combination {combination!r} is not made of the roles {', '.join(ROLES)}")
-        roles.append(role)
-        rest = rest[len(role):]
-    return tuple(roles)
+        sequence = next((r for r in sorted(SEQUENCES, key=len, reverse=True) if rest.startswith(r)), None)
+        if sequence is None:
+            raise ValueError(f"combination {combination!r} is not made of the sequences {', '.join(SEQUENCES)}")
+        sequences.append(sequence)
+        rest = rest[len(sequence):]
+    return tuple(sequences)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class UnitId:
     entities : tuple of (str, str)
         Other entities of the reference image carried into names (``(("acq", "hires"),)``), in order.
     combination : tuple of str
-        Input roles, reference first (``("T2w", "FLAIR")``).
+        Input sequences, reference first (``("T2w", "FLAIR")``).
     """
 
     subject: str
@@ -129,7 +129,7 @@ class UnitId:
 
     @property
     def reference(self) -> str:
-        """The reference role (the combination's first)."""
+        """The reference sequence (the combination's first)."""
         return self.combination[0]
 
     @property
@@ -217,7 +217,7 @@ def columns(key: str, inputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     key : str
         A TSV output (``clusters_tsv``, ``regions_tsv``, ``epvs_regions_tsv``).
     inputs : sequence of str
-        Input roles, for tables with one column per input (``mean_<role>`` of the cluster table).
+        Input sequences, for tables with one column per input (``mean_<sequence>`` of the cluster table).
 
     Returns
     -------
@@ -234,7 +234,7 @@ def columns(key: str, inputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     out.update(spec.get("override", {}))
     if "per_input" in spec:
         make = _resolve(spec["per_input"])
-        out.update(dict(make(role) for role in inputs))
+        out.update(dict(make(sequence) for sequence in inputs))
     return out
 
 
@@ -269,15 +269,15 @@ def find_units(output_dir: Path, key: str = "clusters_tsv") -> list[UnitId]:
         ents = entities(path.name)
         if "sub" not in ents or any(ents.get(k) != v for k, v in fixed.items()):
             continue
-        combo = ents.get("desc", "")
+        combination = ents.get("desc", "")
         try:
-            roles = split_combination(combo)
+            sequences = split_combination(combination)
         except ValueError:
             continue
-        if not roles:
+        if not sequences:
             continue
         own = {k: v for k, v in ents.items() if k not in e.get("entities", {})}
-        unit = UnitId.from_source(own, roles)
+        unit = UnitId.from_source(own, sequences)
         if path_of(output_dir, unit, key) == path:  # exactly the spec's name, nothing more
             units.append(unit)
     return units

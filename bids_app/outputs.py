@@ -45,7 +45,7 @@ class UnitMeasures:
     total_mm3 : float
         Detected ePVS volume, mm³.
     volumes : dict
-        Contrast -> bias-corrected ``(I, J, K)`` float32 volume used for detection.
+        Sequence -> bias-corrected ``(I, J, K)`` float32 volume used for detection.
     """
 
     labels: np.ndarray
@@ -93,8 +93,8 @@ class _Target:
 
 
 def _target(plan, pre, bids_dir: Path, output_dir: Path) -> _Target:
-    rel_source = {role: Path(img.path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
-                  for role, img in plan.images.items()}
+    rel_source = {sequence: Path(img.path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+                  for sequence, img in plan.images.items()}
     sources = [bids_uri("raw", rel_source[r]) for r in plan.combination]
     common = {
         "Sources": sources,
@@ -154,8 +154,8 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
 def _write_detection(target: _Target, det, measures: UnitMeasures) -> list[Path]:
     """The ePVS mask, the score map and the cluster map with its table (and their sidecars)."""
     params, excluded = det.parameters, det.excluded
-    roles = list(measures.volumes)
-    columns = io_spec.columns("clusters_tsv", roles)
+    sequences = list(measures.volumes)
+    columns = io_spec.columns("clusters_tsv", sequences)
     columns["region"] = {**columns["region"], "Levels": _region_levels()}
     return [
         target.image("epvs_mask", det.mask, np.uint8),
@@ -184,7 +184,7 @@ def _template_meta(pre, measures: UnitMeasures) -> dict:
     from epvsseg import ratings
 
     return {
-        "Template": anatomy.TEMPLATE, "TemplateContrast": pre.template["contrast"],
+        "Template": anatomy.TEMPLATE, "TemplateSequence": pre.template["sequence"],
         "TemplateRegisteredTo": pre.template["image"], "Registration": f"antspyx {pre.template['setting']}",
         "AtlasSources": "ICBM 2009a sym tissue maps, CIT168 (CC BY 4.0) and rules in scripts/make_atlas.py; "
                         "see docs/atlas.md",
@@ -233,7 +233,7 @@ def _write_figures(target: _Target, plan, pre, det, measures: UnitMeasures) -> d
     return make_figures(
         paths={k: p for k, p in target.paths.items() if k.startswith("figure_")},
         reference=measures.volumes[plan.reference], mask=pre.mask, epvs=det.mask, affine=pre.n4.affine,
-        ref_role=plan.reference,
+        ref_sequence=plan.reference,
         coregistered={r: np.asanyarray(im.dataobj) for r, im in pre.coregistered.items()},
         regions=pre.regions, region_names=dict(zip(atlas["index"], atlas["name"])),
     )
@@ -261,15 +261,15 @@ def provenance(plan, pre, det, measures: UnitMeasures, target: _Target, *, seed:
     """The provenance record (``logs/<label>_provenance.json``): summary, inputs, plan, parameters, software."""
     return {
         **summary(plan, pre, det, measures, timings),
-        "inputs": {role: {"path": target.rel_source[role], "sha256": pre.digests[role]} for role in plan.images},
+        "inputs": {sequence: {"path": target.rel_source[sequence], "sha256": pre.digests[sequence]} for sequence in plan.images},
         "plan": plan.to_dict(), "parameters": det.parameters, "random_seed": seed,
         "software": _software_versions(),
     }
 
 
-def reference_image(pre, ref_role: str):
+def reference_image(pre, ref_sequence: str):
     """The reference image as loaded (first volume of a 4D file): the grid every output is written in."""
-    original_ref = pre.originals[ref_role]
+    original_ref = pre.originals[ref_sequence]
     return original_ref.slicer[..., 0] if len(original_ref.shape) == 4 else original_ref
 
 

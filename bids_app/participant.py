@@ -209,19 +209,19 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick=lambda step: N
     from epvsprep import ops, pipeline
     from epvsprep.cache import StepCache
 
-    images = {role: Path(image.path) for role, image in plan.images.items()}
+    images = {sequence: Path(image.path) for sequence, image in plan.images.items()}
     params = pipeline.PreprocParams(seed=seed)
     try:
         return pipeline.preprocess(images, plan.reference, params=params, cache=StepCache(work_dir, __version__),
                                    tick=tick)
     except pipeline.FieldOfViewError as exc:
-        raise InputError(f"{exc.problem}; fix it, or leave the {exc.role} out with a --bids-filter-file "
-                         f"'{exc.role.lower()}' filter that does not match it", exc.path) from exc
+        raise InputError(f"{exc.problem}; fix it, or leave the {exc.sequence} out with a --bids-filter-file "
+                         f"'{exc.sequence.lower()}' filter that does not match it", exc.path) from exc
     except ops.ImageError as exc:
         raise InputError(exc.problem, exc.path or images[plan.reference]) from exc
 
 
-def measure_unit(pre, det: Detection, volumes: dict, ref_role: str) -> outputs.UnitMeasures:
+def measure_unit(pre, det: Detection, volumes: dict, ref_sequence: str) -> outputs.UnitMeasures:
     """Clusters with their table and region, the per-region table and the visual-rating estimates."""
     from epvsprep import anatomy
     from epvsseg import postproc, ratings
@@ -229,7 +229,7 @@ def measure_unit(pre, det: Detection, volumes: dict, ref_role: str) -> outputs.U
     detected, affine = det.mask, pre.n4.affine
     labels, n_clusters = postproc.label_clusters(detected)
     table = postproc.cluster_table(labels, affine, score=det.score, images=volumes, brain=pre.mask)
-    table = outputs.centroids_in_grid(table, outputs.reference_image(pre, ref_role).affine)
+    table = outputs.centroids_in_grid(table, outputs.reference_image(pre, ref_sequence).affine)
     atlas = pre.atlas.table
     have_regions = pre.regions is not None
     owner = anatomy.assign_clusters(labels, pre.regions, n_clusters) if have_regions else np.zeros(n_clusters, int)

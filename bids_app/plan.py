@@ -1,13 +1,13 @@
 """Turn the candidate images of one session into a processing plan.
 
 :func:`plan_session` is pure apart from reading NIfTI *headers* (never voxel
-data) when several images compete for one role. The plan records which input
-combination is used, the one image chosen per role, and human-readable reasons
+data) when several images compete for one sequence. The plan records which input
+combination is used, the one image chosen per sequence, and human-readable reasons
 that go into the report; it is saved next to the outputs (:meth:`SessionPlan.to_dict`).
 
 The ranking of input combinations follows the seed study (Rashid et al. 2023),
 best first; see ``docs/ingestion.md`` for the tie-break rules between several
-images of one role.
+images of one sequence.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, PlanError
-from .query import ROLES, AnatImage, SessionInputs, unit_label
+from .query import SEQUENCES, AnatImage, SessionInputs, unit_label
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ RANKING: tuple[tuple[str, ...], ...] = (
 #: Combinations the single-sequence Frangi baseline supports (pass as ``supported``).
 FRANGI_SUPPORTED: tuple[tuple[str, ...], ...] = (("T2w",), ("T1w",), ("FLAIR",))
 
-#: Roles for which echo-resolved (multi-echo, MEGRE) images are preferred, and the
+#: Sequences for which echo-resolved (multi-echo, MEGRE) images are preferred, and the
 #: last echo (longest TE, strongest susceptibility weighting) is taken. For the
-#: other roles a combined / single-echo image is preferred, then the first echo
+#: other sequences a combined / single-echo image is preferred, then the first echo
 #: (highest SNR, least susceptibility artefact).
-LAST_ECHO_ROLES: frozenset[str] = frozenset({"SWI"})
+LAST_ECHO_SEQUENCES: frozenset[str] = frozenset({"SWI"})
 
 #: Relative tolerance when comparing voxel volumes (headers store float32 zooms).
 VOXEL_VOLUME_RTOL = 1e-3
@@ -66,9 +66,9 @@ class SessionPlan:
     method : str
         Segmentation method, e.g. ``"frangi"``.
     combination : tuple of str
-        Input roles the method uses, in order; ``combination[0]`` is the reference.
+        Input sequences the method uses, in order; ``combination[0]`` is the reference.
     images : Mapping[str, AnatImage]
-        The one chosen image for every role that had candidates (also roles not
+        The one chosen image for every sequence that had candidates (also sequences not
         in ``combination``: they are co-registered for QC).
     model_id : str
         ``"frangi"`` for the baseline; a weights id for learned models.
@@ -93,19 +93,19 @@ class SessionPlan:
         object.__setattr__(self, "reasons", tuple(self.reasons))
         object.__setattr__(self, "ignored", tuple((str(p), str(r)) for p, r in self.ignored))
         if not self.combination:
-            raise ValueError("a plan needs at least one input role")
-        missing = [role for role in self.combination if role not in self.images]
+            raise ValueError("a plan needs at least one input sequence")
+        missing = [sequence for sequence in self.combination if sequence not in self.images]
         if missing:
-            raise ValueError(f"no image for role(s) {missing} of the combination {self.combination}")
+            raise ValueError(f"no image for sequence(s) {missing} of the combination {self.combination}")
 
     @property
     def reference(self) -> str:
-        """str: The reference role (``combination[0]``)."""
+        """str: The reference sequence (``combination[0]``)."""
         return self.combination[0]
 
     @property
     def reference_image(self) -> AnatImage:
-        """AnatImage: The chosen image of the reference role."""
+        """AnatImage: The chosen image of the reference sequence."""
         return self.images[self.reference]
 
     @property
@@ -129,7 +129,7 @@ class SessionPlan:
             "model_id": self.model_id,
             "combination": list(self.combination),
             "reference": self.reference,
-            "images": {role: image.to_dict() for role, image in self.images.items()},
+            "images": {sequence: image.to_dict() for sequence, image in self.images.items()},
             "reasons": list(self.reasons),
             "ignored": [[path, reason] for path, reason in self.ignored],
         }
@@ -152,7 +152,7 @@ class SessionPlan:
             session=data.get("session"),
             method=data["method"],
             combination=tuple(data["combination"]),
-            images={role: AnatImage.from_dict(image) for role, image in data["images"].items()},
+            images={sequence: AnatImage.from_dict(image) for sequence, image in data["images"].items()},
             model_id=data["model_id"],
             reasons=tuple(data.get("reasons", ())),
             ignored=tuple((p, r) for p, r in data.get("ignored", ())),
@@ -219,15 +219,15 @@ def _keep_best(
 
 
 def choose_image(candidates: Sequence[AnatImage]) -> tuple[AnatImage, str]:
-    """Choose one image among several candidates for the same role.
+    """Choose one image among several candidates for the same sequence.
 
     The rules are applied in order; each one keeps only the best images, and the
     next rule breaks the remaining ties:
 
     1. no contrast agent: images without a ``ce-`` entity win;
-    2. echoes: for SWI (:data:`LAST_ECHO_ROLES`), echo-resolved images (``echo-``
+    2. echoes: for SWI (:data:`LAST_ECHO_SEQUENCES`), echo-resolved images (``echo-``
        entity or ``MEGRE`` suffix) win, then the highest echo number (longest
-       TE); for the other roles, images without ``echo-`` (single-echo or
+       TE); for the other sequences, images without ``echo-`` (single-echo or
        combined) win, then the lowest echo number;
     3. finest resolution: smallest voxel volume in mm³ from the NIfTI header
        (equal within a relative tolerance of :data:`VOXEL_VOLUME_RTOL`);
@@ -237,7 +237,7 @@ def choose_image(candidates: Sequence[AnatImage]) -> tuple[AnatImage, str]:
     Parameters
     ----------
     candidates : sequence of AnatImage
-        At least one image, all of the same role.
+        At least one image, all of the same sequence.
 
     Returns
     -------
@@ -249,20 +249,20 @@ def choose_image(candidates: Sequence[AnatImage]) -> tuple[AnatImage, str]:
     Raises
     ------
     ValueError
-        If ``candidates`` is empty or mixes roles.
+        If ``candidates`` is empty or mixes sequences.
     InputError
         If a NIfTI header must be read (rule 3) and cannot be.
     """
     if not candidates:
         raise ValueError("choose_image needs at least one candidate")
-    roles = {im.role for im in candidates}
-    if len(roles) > 1:
-        raise ValueError(f"candidates mix roles {sorted(roles)}")
-    role = candidates[0].role
+    sequences = {im.sequence for im in candidates}
+    if len(sequences) > 1:
+        raise ValueError(f"candidates mix sequences {sorted(sequences)}")
+    sequence = candidates[0].sequence
     remaining = sorted(candidates, key=lambda im: (im.filename, str(im.path)))
     total = len(remaining)
     if total == 1:
-        return remaining[0], f"{role}: {remaining[0].filename} (the only candidate)."
+        return remaining[0], f"{sequence}: {remaining[0].filename} (the only candidate)."
     why: list[str] = []
 
     # 1. contrast agent
@@ -273,7 +273,7 @@ def choose_image(candidates: Sequence[AnatImage]) -> tuple[AnatImage, str]:
 
     # 2. echoes
     if len(remaining) > 1:
-        if role in LAST_ECHO_ROLES:
+        if sequence in LAST_ECHO_SEQUENCES:
             resolved = [
                 im for im in remaining if _echo_number(im) is not None or im.entities.get("suffix") == "MEGRE"
             ]
@@ -322,14 +322,14 @@ def choose_image(candidates: Sequence[AnatImage]) -> tuple[AnatImage, str]:
         why.append(f"alphabetically first of {len(remaining)} otherwise equal images")
 
     chosen = remaining[0]
-    return chosen, f"{role}: {chosen.filename} chosen among {total} candidates: {'; '.join(why)}."
+    return chosen, f"{sequence}: {chosen.filename} chosen among {total} candidates: {'; '.join(why)}."
 
 
 # --------------------------------------------------------------------------- combination
-def _check_roles(roles: Iterable[str], what: str) -> None:
-    unknown = [role for role in roles if role not in ROLES]
+def _check_sequences(sequences: Iterable[str], what: str) -> None:
+    unknown = [sequence for sequence in sequences if sequence not in SEQUENCES]
     if unknown:
-        raise ValueError(f"unknown role(s) {unknown} in {what}; expected {', '.join(ROLES)}")
+        raise ValueError(f"unknown sequence(s) {unknown} in {what}; expected {', '.join(SEQUENCES)}")
 
 
 def select_combination(
@@ -340,7 +340,7 @@ def select_combination(
     Parameters
     ----------
     available : iterable of str
-        Roles with at least one usable image.
+        Sequences with at least one usable image.
     supported : sequence of tuple of str, optional
         Combinations the method can run, compared as ordered tuples (the order is
         the model's channel order). ``None`` accepts every :data:`RANKING` entry.
@@ -349,7 +349,7 @@ def select_combination(
     Returns
     -------
     combination : tuple of str
-        The first :data:`RANKING` entry whose roles are all available and which
+        The first :data:`RANKING` entry whose sequences are all available and which
         is supported.
     reason : str
         One sentence explaining the choice.
@@ -359,24 +359,24 @@ def select_combination(
     PlanError
         If no entry qualifies.
     ValueError
-        If a role name is unknown.
+        If a sequence name is unknown.
     """
-    found = [role for role in ROLES if role in set(available)]
-    _check_roles(set(available), "available")
+    found = [sequence for sequence in SEQUENCES if sequence in set(available)]
+    _check_sequences(set(available), "available")
     allowed: set[tuple[str, ...]] | None = None
     if supported is not None:
-        allowed = {tuple(combo) for combo in supported}
-        for combo in allowed:
-            _check_roles(combo, "supported")
+        allowed = {tuple(combination) for combination in supported}
+        for combination in allowed:
+            _check_sequences(combination, "supported")
         unused = allowed - set(RANKING)
         if unused:
             LOGGER.debug("supported combination(s) not in RANKING, never chosen: %s", sorted(unused))
     found_text = ", ".join(found) if found else "no usable anatomical image"
-    for rank, combo in enumerate(RANKING, start=1):
-        if all(role in found for role in combo) and (allowed is None or combo in allowed):
+    for rank, combination in enumerate(RANKING, start=1):
+        if all(sequence in found for sequence in combination) and (allowed is None or combination in allowed):
             restriction = " and that the method supports" if allowed is not None else ""
-            return combo, (
-                f"Input combination {'+'.join(combo)} (reference {combo[0]}): the best-ranked combination "
+            return combination, (
+                f"Input combination {'+'.join(combination)} (reference {combination[0]}): the best-ranked combination "
                 f"(rank {rank} of {len(RANKING)}, Rashid 2023) whose sequences are all present{restriction} "
                 f"(found: {found_text})."
             )
@@ -412,7 +412,7 @@ def plan_session(
     Returns
     -------
     SessionPlan
-        One image per role with candidates, the combination, and the reasons.
+        One image per sequence with candidates, the combination, and the reasons.
 
     Raises
     ------
@@ -425,7 +425,7 @@ def plan_session(
     if supported is None and model_ids is not None:
         supported = tuple(model_ids)
     try:
-        combination, combo_reason = select_combination(inputs.available, supported)
+        combination, combination_reason = select_combination(inputs.available, supported)
     except PlanError as exc:
         ignored = ""
         if inputs.ignored:
@@ -441,20 +441,20 @@ def plan_session(
     else:
         model_id = method
 
-    order = list(combination) + [role for role in ROLES if role not in combination]
+    order = list(combination) + [sequence for sequence in SEQUENCES if sequence not in combination]
     images: dict[str, AnatImage] = {}
     image_reasons: list[str] = []
-    for role in order:
-        candidates = inputs.candidates.get(role, ())
+    for sequence in order:
+        candidates = inputs.candidates.get(sequence, ())
         if not candidates:
             continue
         image, reason = choose_image(candidates)
-        images[role] = image
-        if role not in combination:
+        images[sequence] = image
+        if sequence not in combination:
             reason = f"{reason[:-1]}; used for QC only (not a method input)."
         image_reasons.append(reason)
 
-    reasons = [combo_reason, *image_reasons]
+    reasons = [combination_reason, *image_reasons]
     if inputs.ignored:
         reasons.append(f"{len(inputs.ignored)} anatomical image(s) ignored (see 'ignored').")
     plan = SessionPlan(

@@ -4,10 +4,10 @@ This module is the only place that talks to pybids. It never writes into the
 BIDS directory: the layout is indexed in memory, or in ``database_dir`` when one
 is given.
 
-Images are assigned to the input *roles* (:data:`ROLES`) by exact BIDS suffix,
+Images are assigned to the input *sequences* (:data:`SEQUENCES`) by exact BIDS suffix,
 with the queries kept as data in ``bids_app/data/queries.json``; see
 ``docs/ingestion.md`` for the rules and the traps they avoid (``inplaneT2``,
-``part-phase``, ``acq-T1w..._T2w``...). Choosing one image per role is the job of
+``part-phase``, ``acq-T1w..._T2w``...). Choosing one image per sequence is the job of
 :mod:`bids_app.plan`.
 
 Examples
@@ -38,9 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only; pybids is imported lazily
 
 LOGGER = logging.getLogger(__name__)
 
-#: Input roles, in the order used for reports and for resolving a file that two
-#: roles would claim (the first role wins).
-ROLES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
+#: Input sequences, in the order used for reports and for resolving a file that two
+#: sequences would claim (the first sequence wins).
+SEQUENCES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
 
 #: File extensions of the images that are considered.
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
@@ -48,8 +48,8 @@ NIFTI_EXTENSIONS: tuple[str, ...] = (".nii", ".nii.gz")
 #: Subject labels that are never units of work (MEG empty-room recordings).
 EXCLUDED_SUBJECTS: frozenset[str] = frozenset({"emptyroom"})
 
-#: Keys of a ``--bids-filter-file`` (lowercase role names) and the role each selects.
-FILTER_KEYS: Mapping[str, str] = {role.lower(): role for role in ROLES}
+#: Keys of a ``--bids-filter-file`` (lowercase sequence names) and the sequence each selects.
+FILTER_KEYS: Mapping[str, str] = {sequence.lower(): sequence for sequence in SEQUENCES}
 
 _LABEL_RE = re.compile(r"^[a-zA-Z0-9]+$")
 _MAX_LISTED = 10
@@ -77,14 +77,14 @@ _PART_REASON = "part-{part} image: phase, real and imaginary parts are never use
 # --------------------------------------------------------------------------- data classes
 @dataclass(frozen=True)
 class AnatImage:
-    """One anatomical image that can serve as input for a role.
+    """One anatomical image that can serve as input for a sequence.
 
     Parameters
     ----------
     path : Path
         Absolute path to the ``.nii`` or ``.nii.gz`` file.
-    role : str
-        One of :data:`ROLES`.
+    sequence : str
+        One of :data:`SEQUENCES`.
     entities : Mapping[str, str]
         pybids entities parsed from the file name (``subject``, ``session``,
         ``acquisition``, ``ceagent``, ``reconstruction``, ``run``, ``echo``,
@@ -95,18 +95,18 @@ class AnatImage:
 
     Notes
     -----
-    Equality compares all fields; the hash uses ``path`` and ``role`` only. The
+    Equality compares all fields; the hash uses ``path`` and ``sequence`` only. The
     mappings are copied on creation and must be treated as read-only.
     """
 
     path: Path
-    role: str
+    sequence: str
     entities: Mapping[str, str] = field(default_factory=dict, hash=False)
     metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown role {self.role!r}; expected one of {', '.join(ROLES)}")
+        if self.sequence not in SEQUENCES:
+            raise ValueError(f"unknown sequence {self.sequence!r}; expected one of {', '.join(SEQUENCES)}")
         object.__setattr__(self, "path", Path(self.path))
         object.__setattr__(self, "entities", {str(k): str(v) for k, v in dict(self.entities).items()})
         object.__setattr__(self, "metadata", dict(self.metadata))
@@ -122,11 +122,11 @@ class AnatImage:
         Returns
         -------
         dict
-            Keys ``path``, ``role``, ``entities`` and ``metadata``.
+            Keys ``path``, ``sequence``, ``entities`` and ``metadata``.
         """
         return {
             "path": str(self.path),
-            "role": self.role,
+            "sequence": self.sequence,
             "entities": dict(self.entities),
             "metadata": dict(self.metadata),
         }
@@ -146,7 +146,7 @@ class AnatImage:
         """
         return cls(
             path=Path(data["path"]),
-            role=data["role"],
+            sequence=data["sequence"],
             entities=data.get("entities", {}),
             metadata=data.get("metadata", {}),
         )
@@ -163,8 +163,8 @@ class SessionInputs:
     session : str or None
         Session label, without ``ses-``; ``None`` when the subject has no session level.
     candidates : Mapping[str, tuple[AnatImage, ...]]
-        Role -> every usable image for that role, sorted by path. Every role of
-        :data:`ROLES` is a key (an empty tuple when nothing was found).
+        Sequence -> every usable image for that sequence, sorted by path. Every sequence of
+        :data:`SEQUENCES` is a key (an empty tuple when nothing was found).
     ignored : tuple[tuple[str, str], ...]
         ``(path, reason)`` of the anatomical NIfTI images of this unit that are
         deliberately not used (``part-phase``, ``inplaneT2``, excluded by a filter...).
@@ -176,16 +176,16 @@ class SessionInputs:
     ignored: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        unknown = set(self.candidates) - set(ROLES)
+        unknown = set(self.candidates) - set(SEQUENCES)
         if unknown:
-            raise ValueError(f"unknown role(s) {sorted(unknown)}; expected {', '.join(ROLES)}")
+            raise ValueError(f"unknown sequence(s) {sorted(unknown)}; expected {', '.join(SEQUENCES)}")
         normalised: dict[str, tuple[AnatImage, ...]] = {}
-        for role in ROLES:
-            images = tuple(sorted(self.candidates.get(role, ()), key=lambda im: str(im.path)))
+        for sequence in SEQUENCES:
+            images = tuple(sorted(self.candidates.get(sequence, ()), key=lambda im: str(im.path)))
             for image in images:
-                if image.role != role:
-                    raise ValueError(f"{image.filename} has role {image.role!r} but is listed under {role!r}")
-            normalised[role] = images
+                if image.sequence != sequence:
+                    raise ValueError(f"{image.filename} has sequence {image.sequence!r} but is listed under {sequence!r}")
+            normalised[sequence] = images
         object.__setattr__(self, "candidates", normalised)
         object.__setattr__(self, "ignored", tuple((str(p), str(r)) for p, r in self.ignored))
 
@@ -196,8 +196,8 @@ class SessionInputs:
 
     @property
     def available(self) -> tuple[str, ...]:
-        """tuple of str: The roles with at least one candidate, in :data:`ROLES` order."""
-        return tuple(role for role in ROLES if self.candidates.get(role))
+        """tuple of str: The sequences with at least one candidate, in :data:`SEQUENCES` order."""
+        return tuple(sequence for sequence in SEQUENCES if self.candidates.get(sequence))
 
 
 def unit_label(subject: str, session: str | None) -> str:
@@ -298,7 +298,7 @@ def normalize_labels(labels: Sequence[str] | None, prefix: str) -> list[str] | N
 # --------------------------------------------------------------------------- query spec
 @dataclass(frozen=True)
 class _Alternative:
-    """One way an image can match a role (parsed from ``queries.json``)."""
+    """One way an image can match a sequence (parsed from ``queries.json``)."""
 
     filters: Mapping[str, Any]
     acquisition_regex: re.Pattern[str] | None = None
@@ -315,7 +315,7 @@ class _Alternative:
 class _QuerySpec:
     base: Mapping[str, Any]
     usable_parts: frozenset[str | None]
-    roles: Mapping[str, tuple[_Alternative, ...]]
+    sequences: Mapping[str, tuple[_Alternative, ...]]
     unused_suffixes: Mapping[str, str]
 
 
@@ -334,10 +334,10 @@ def load_queries() -> dict[str, Any]:
 @lru_cache(maxsize=1)
 def _query_spec() -> _QuerySpec:
     raw = load_queries()
-    roles: dict[str, tuple[_Alternative, ...]] = {}
-    for role in ROLES:
+    sequences: dict[str, tuple[_Alternative, ...]] = {}
+    for sequence in SEQUENCES:
         alternatives = []
-        for alt in raw["roles"][role]:
+        for alt in raw["sequences"][sequence]:
             pattern = alt.get("acquisition_regex")
             alternatives.append(
                 _Alternative(
@@ -345,11 +345,11 @@ def _query_spec() -> _QuerySpec:
                     acquisition_regex=re.compile(pattern) if pattern else None,
                 )
             )
-        roles[role] = tuple(alternatives)
+        sequences[sequence] = tuple(alternatives)
     return _QuerySpec(
         base=dict(raw["base"]),
         usable_parts=frozenset(raw["usable_parts"]),
-        roles=roles,
+        sequences=sequences,
         unused_suffixes=dict(raw.get("unused_suffixes", {})),
     )
 
@@ -363,7 +363,7 @@ def _known_entities() -> frozenset[str]:
 
 
 def _validate_filters(data: Any, source: str, path: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Validate filter-file content and return it with lowercase role keys and pybids entity names."""
+    """Validate filter-file content and return it with lowercase sequence keys and pybids entity names."""
     if not isinstance(data, dict):
         raise UsageError(f"{source} must contain a JSON object with keys {', '.join(FILTER_KEYS)}", path)
     known = _known_entities()
@@ -410,7 +410,7 @@ def _valid_filter_value(value: Any) -> bool:
 def load_filters(path: Path | None) -> dict[str, dict[str, Any]]:
     """Read a ``--bids-filter-file``.
 
-    The file is a JSON object with lowercase role keys (``t2w``, ``t1w``,
+    The file is a JSON object with lowercase sequence keys (``t2w``, ``t1w``,
     ``flair``, ``swi``); each value is an object of pybids entity filters, e.g.
     ``{"t2w": {"acquisition": "highres", "run": 2}}``. BIDS short keys (``acq``,
     ``ce``, ``rec``...) are accepted and renamed to pybids names. ``null`` means
@@ -591,8 +591,8 @@ def _select(
     return [label for label in available if label in wanted]
 
 
-def _role_filters(bids_filters: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """Map role -> user filters (pybids values), validating as :func:`load_filters` does."""
+def _sequence_filters(bids_filters: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Map sequence -> user filters (pybids values), validating as :func:`load_filters` does."""
     if not bids_filters:
         return {}
     clean = _validate_filters(dict(bids_filters), "bids_filters")
@@ -628,18 +628,18 @@ def _ignore_reason(entities: Mapping[str, Any], spec: _QuerySpec, excluded_by: s
         return f"matches {excluded_by} but is excluded by the BIDS filter for '{excluded_by.lower()}'"
     if suffix in spec.unused_suffixes:
         return spec.unused_suffixes[suffix]
-    for role, alternatives in spec.roles.items():
+    for sequence, alternatives in spec.sequences.items():
         for alt in alternatives:
             suffixes = alt.filters.get("suffix", ())
             suffixes = [suffixes] if isinstance(suffixes, str) else suffixes
             if alt.acquisition_regex is not None and suffix in suffixes:
                 return (
-                    f"suffix '{suffix}' counts as {role} only with an acq label matching "
+                    f"suffix '{suffix}' counts as {sequence} only with an acq label matching "
                     f"{alt.acquisition_regex.pattern!r}"
                 )
     if suffix.endswith("map"):
         return f"quantitative map ('{suffix}'), not a weighted image"
-    return f"suffix '{suffix}' is not an input (inputs: {', '.join(ROLES)})"
+    return f"suffix '{suffix}' is not an input (inputs: {', '.join(SEQUENCES)})"
 
 
 def collect_sessions(
@@ -662,9 +662,9 @@ def collect_sessions(
         Sessions to keep (with or without ``ses-``); subjects without a session
         level are then skipped. All sessions if ``None``.
     bids_filters : Mapping, optional
-        Output of :func:`load_filters` (lowercase role keys); each role's filters
+        Output of :func:`load_filters` (lowercase sequence keys); each sequence's filters
         are merged over the default queries of ``queries.json``, so they can
-        only narrow (or re-target) that role's candidates.
+        only narrow (or re-target) that sequence's candidates.
 
     Returns
     -------
@@ -685,7 +685,7 @@ def collect_sessions(
     """
     subjects_wanted = normalize_labels(participant_labels, "sub")
     sessions_wanted = normalize_labels(session_labels, "ses")
-    user_filters = _role_filters(bids_filters)
+    user_filters = _sequence_filters(bids_filters)
     spec = _query_spec()
     root = Path(layout.root)
 
@@ -720,28 +720,28 @@ def collect_sessions(
                 LOGGER.info("sub-%s has none of the selected sessions: skipped", subject)
             units.extend((subject, ses) for ses in kept)
 
-    # Role assignment: exact pybids queries, then Python-side checks.
+    # Sequence assignment: exact pybids queries, then Python-side checks.
     role_of: dict[str, str] = {}
     excluded_by: dict[str, str] = {}
-    for role in ROLES:
-        alternatives = spec.roles[role]
-        user = user_filters.get(role, {})
+    for sequence in SEQUENCES:
+        alternatives = spec.sequences[sequence]
+        user = user_filters.get(sequence, {})
         matched = _matching_paths(layout, subjects, base, alternatives, user, entities_of)
         if user:
             default = _matching_paths(layout, subjects, base, alternatives, {}, entities_of)
             for path in default - matched:
-                excluded_by.setdefault(path, role)
+                excluded_by.setdefault(path, sequence)
         for path in sorted(matched):
             if path in role_of:
                 LOGGER.warning(
                     "%s matches both %s and %s: used as %s only",
                     Path(path).name,
                     role_of[path],
-                    role,
+                    sequence,
                     role_of[path],
                 )
                 continue
-            role_of[path] = role
+            role_of[path] = sequence
 
     by_unit: dict[tuple[str, str | None], list[str]] = {}
     unit_set = set(units)
@@ -754,30 +754,30 @@ def collect_sessions(
 
     result = []
     for subject, session in units:
-        candidates: dict[str, list[AnatImage]] = {role: [] for role in ROLES}
+        candidates: dict[str, list[AnatImage]] = {sequence: [] for sequence in SEQUENCES}
         ignored: list[tuple[str, str]] = []
         for path in sorted(by_unit.get((subject, session), [])):
             entities = entities_of[path]
             part = entities.get("part")
-            role = role_of.get(path)
+            sequence = role_of.get(path)
             if part not in spec.usable_parts:
                 ignored.append((path, _PART_REASON.format(part=part)))
-            elif role is None:
+            elif sequence is None:
                 ignored.append((path, _ignore_reason(entities, spec, excluded_by.get(path))))
             else:
                 metadata = files[path].get_metadata()
-                image = AnatImage(path=Path(path), role=role, entities=entities, metadata=metadata)
-                candidates[role].append(image)
+                image = AnatImage(path=Path(path), sequence=sequence, entities=entities, metadata=metadata)
+                candidates[sequence].append(image)
         unit = SessionInputs(
             subject=subject,
             session=session,
-            candidates={role: tuple(images) for role, images in candidates.items()},
+            candidates={sequence: tuple(images) for sequence, images in candidates.items()},
             ignored=tuple(ignored),
         )
         LOGGER.debug(
             "%s: %s; %d ignored",
             unit.label,
-            ", ".join(f"{r}={len(unit.candidates[r])}" for r in ROLES),
+            ", ".join(f"{r}={len(unit.candidates[r])}" for r in SEQUENCES),
             len(unit.ignored),
         )
         result.append(unit)

@@ -7,10 +7,10 @@ template space (``docs/atlas.md``). Like :mod:`epvsprep.ops`, every function her
 returns in-memory images or arrays on nibabel's ``(i, j, k)`` voxel order; nothing reads the
 app's configuration.
 
-Template contrast. The subject's image is matched with a template of the same contrast: the T1w
+Template sequence. The subject's image is matched with a template of the same sequence: the T1w
 template for T1w; for T2w, FLAIR and SWI a template synthesised from the tissue probabilities
 (:func:`synthesise_contrast`), unless ``$TEMPLATEFLOW_HOME`` already holds a real
-``tpl-MNI152NLin2009aSym`` image of that contrast (never downloaded).
+``tpl-MNI152NLin2009aSym`` image of that sequence (never downloaded).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ TEMPLATE = "ICBM152NLin2009aSym"
 #: TemplateFlow's name for the same template (used only when it is already on disk).
 TEMPLATEFLOW_NAME = "MNI152NLin2009aSym"
 
-#: Mean tissue intensities (arbitrary units, CSF, GM, WM) used to synthesise template contrasts.
+#: Mean tissue intensities (arbitrary units, CSF, GM, WM) used to synthesise template sequences.
 #: Ratios follow typical 3 T appearance: T2w CSF brightest and WM darkest; FLAIR CSF suppressed
 #: and GM brighter than WM; SWI magnitude roughly T2*-like.
 TISSUE_MEANS = {
@@ -88,8 +88,8 @@ def _load_float(path: Path, scale: float = 1.0) -> nib.Nifti1Image:
     return nib.Nifti1Image(data, img.affine)
 
 
-def templateflow_image(contrast: str, home: str | os.PathLike | None = None) -> Path | None:
-    """A real TemplateFlow image of ``contrast`` already on disk, or None.
+def templateflow_image(sequence: str, home: str | os.PathLike | None = None) -> Path | None:
+    """A real TemplateFlow image of ``sequence`` already on disk, or None.
 
     Only looks at ``$TEMPLATEFLOW_HOME/tpl-MNI152NLin2009aSym/`` (resolution 1 or 2) and only
     accepts a non-empty, readable file: TemplateFlow's empty placeholders would trigger a
@@ -100,7 +100,7 @@ def templateflow_image(contrast: str, home: str | os.PathLike | None = None) -> 
         return None
     folder = Path(home) / f"tpl-{TEMPLATEFLOW_NAME}"
     for res in ("2", "1"):
-        img = folder / f"tpl-{TEMPLATEFLOW_NAME}_res-{res}_{contrast}.nii.gz"
+        img = folder / f"tpl-{TEMPLATEFLOW_NAME}_res-{res}_{sequence}.nii.gz"
         mask = folder / f"tpl-{TEMPLATEFLOW_NAME}_res-{res}_desc-brain_mask.nii.gz"
         try:
             if img.is_file() and mask.is_file() and img.stat().st_size > 1000 and mask.stat().st_size > 100:
@@ -133,14 +133,14 @@ def load_kit(templateflow_home: str | None = None) -> TemplateKit:
             raise ImageError("template kit file missing (reinstall epvs-bids)", path)
         images[key] = _load_float(path, 1.0 / 255.0)
     sources = {k: "embedded" for k in images}
-    for contrast in ("T1w", "T2w"):
-        found = templateflow_image(contrast, templateflow_home)
+    for sequence in ("T1w", "T2w"):
+        found = templateflow_image(sequence, templateflow_home)
         if found is not None:
-            mask = _load_float(found.with_name(found.name.replace(f"_{contrast}.", "_desc-brain_mask.")))
+            mask = _load_float(found.with_name(found.name.replace(f"_{sequence}.", "_desc-brain_mask.")))
             img = _load_float(found)
             data = np.asanyarray(img.dataobj) * (np.asanyarray(mask.dataobj) > 0)
-            images[f"tf-{contrast}"] = nib.Nifti1Image(data.astype(np.float32), img.affine)
-            sources[f"tf-{contrast}"] = str(found)
+            images[f"tf-{sequence}"] = nib.Nifti1Image(data.astype(np.float32), img.affine)
+            sources[f"tf-{sequence}"] = str(found)
     labels = nib.load(str(root / f"{stem}_res-1_atlas-epvsregions_dseg.nii.gz"))
     labels = nib.Nifti1Image(np.asanyarray(labels.dataobj).astype(np.uint8), labels.affine)
     table = pd.read_csv(root / f"{stem}_atlas-epvsregions_dseg.tsv", sep="\t")
@@ -148,8 +148,8 @@ def load_kit(templateflow_home: str | None = None) -> TemplateKit:
     return TemplateKit(images, labels, table, sources)
 
 
-def synthesise_contrast(kit: TemplateKit, contrast: str) -> nib.Nifti1Image:
-    """Brain-only template image in ``contrast``, on the 2 mm template grid.
+def synthesise_contrast(kit: TemplateKit, sequence: str) -> nib.Nifti1Image:
+    """Brain-only template image in ``sequence``, on the 2 mm template grid.
 
     T1w uses the real template; T2w uses a TemplateFlow T2w when one is on disk. Otherwise the
     image is ``sum_t p_t * mu_t`` over CSF, GM and WM probabilities ``p_t`` with the means
@@ -160,16 +160,16 @@ def synthesise_contrast(kit: TemplateKit, contrast: str) -> nib.Nifti1Image:
     Nifti1Image
         float32 image; 0 outside the intracranial mask.
     """
-    if f"tf-{contrast}" in kit.images:
-        return kit.images[f"tf-{contrast}"]
-    if contrast not in TISSUE_MEANS:
-        raise ValueError(f"no template contrast for {contrast!r} (known: {sorted(TISSUE_MEANS)})")
+    if f"tf-{sequence}" in kit.images:
+        return kit.images[f"tf-{sequence}"]
+    if sequence not in TISSUE_MEANS:
+        raise ValueError(f"no template sequence for {sequence!r} (known: {sorted(TISSUE_MEANS)})")
     icv = np.asanyarray(kit.images["icv"].dataobj) > 0.5
-    if contrast == "T1w":
+    if sequence == "T1w":
         data = np.asanyarray(kit.images["T1w"].dataobj) * icv
     else:
         csf, gm, wm = (np.asanyarray(kit.images[k].dataobj) for k in ("CSF", "GM", "WM"))
-        m_csf, m_gm, m_wm = TISSUE_MEANS[contrast]
+        m_csf, m_gm, m_wm = TISSUE_MEANS[sequence]
         data = (csf * m_csf + gm * m_gm + wm * m_wm) * icv
     return nib.Nifti1Image(data.astype(np.float32), kit.images["icv"].affine)
 
@@ -190,7 +190,7 @@ class TemplateRegistration:
     gm, wm : Nifti1Image
         float32 template tissue probabilities on the subject grid (for tissue-based QC).
     warped : Nifti1Image
-        float32 template image (the contrast used) on the subject grid, for the report.
+        float32 template image (the sequence used) on the subject grid, for the report.
     similarity_before, similarity_after : float
         Mattes mutual information (more negative is better) between subject and template
         on the 2 mm registration grid: header (world) alignment vs after registration.
@@ -199,8 +199,8 @@ class TemplateRegistration:
     ok : bool
         ``similarity_after <= similarity_before + 1 % + 0.001`` (no worse than the header alignment) and
         ``mask_dice >= 0.8``.
-    contrast, transform : str
-        Template contrast and transform type used.
+    sequence, transform : str
+        Template sequence and transform type used.
     seconds : float
         Wall time of the registration (s).
     """
@@ -215,7 +215,7 @@ class TemplateRegistration:
     similarity_after: float
     mask_dice: float
     ok: bool
-    contrast: str
+    sequence: str
     transform: str
     seconds: float
 
@@ -243,7 +243,7 @@ def register_template(
     subject_mask: nib.Nifti1Image,
     kit: TemplateKit,
     *,
-    contrast: str,
+    sequence: str,
     setting: str = "fast",
     margin_mm: float = 8.0,
     seed: int = 42,
@@ -263,8 +263,8 @@ def register_template(
         Brain mask on the subject's grid.
     kit : TemplateKit
         From :func:`load_kit`.
-    contrast : str
-        Contrast of ``subject`` (``T1w``, ``T2w``, ``FLAIR``, ``SWI``) selecting the template image.
+    sequence : str
+        Sequence of ``subject`` (``T1w``, ``T2w``, ``FLAIR``, ``SWI``) selecting the template image.
     setting : str
         Key of :data:`REGISTRATION_SETTINGS`.
     seed : int
@@ -292,7 +292,7 @@ def register_template(
     sdata = np.asanyarray(subject.dataobj).astype(np.float32) * keep
     afix_full = nib_to_ants(nib.Nifti1Image(sdata, subject.affine))
     afix = _resample_iso(afix_full, grid_mm)
-    template = synthesise_contrast(kit, contrast)
+    template = synthesise_contrast(kit, sequence)
     amov = _resample_iso(nib_to_ants(template), grid_mm)
     kwargs = {"aff_metric": "mattes", "aff_sampling": 32, "aff_random_sampling_rate": 0.25,
               "aff_iterations": (1000, 500, 250), "aff_shrink_factors": (4, 2, 1),
@@ -336,7 +336,7 @@ def register_template(
     return TemplateRegistration(
         labels=img(labels, np.uint8), icv_mask=img(icv, np.uint8), brain_mask=img(brain, np.uint8),
         gm=img(gm, np.float32), wm=img(wm, np.float32), warped=img(warped, np.float32),
-        similarity_before=before, similarity_after=after, mask_dice=dice, ok=ok, contrast=contrast,
+        similarity_before=before, similarity_after=after, mask_dice=dice, ok=ok, sequence=sequence,
         transform=f"{kind}:{setting}", seconds=time.monotonic() - started,
     )
 

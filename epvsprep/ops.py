@@ -366,7 +366,7 @@ def brain_mask(img: nib.Nifti1Image) -> nib.Nifti1Image:
     Parameters
     ----------
     img : Nifti1Image
-        3D image, any contrast, skull on or off.
+        3D image, any sequence, skull on or off.
 
     Returns
     -------

@@ -1,6 +1,6 @@
 """The anatomical preprocessing of one unit, as one entry point: :func:`preprocess`.
 
-Images in (one path per role, e.g. ``{"T2w": ..., "T1w": ...}``), one reference among them;
+Images in (one path per sequence, e.g. ``{"T2w": ..., "T1w": ...}``), one reference among them;
 out a :class:`Preprocessed` with every image on the reference's RAS+ grid:
 
 1. load and conform every image (RAS+ voxel order, checked header and field of view);
@@ -71,15 +71,15 @@ class Preprocessed:
     Attributes
     ----------
     originals : dict
-        Role -> image as loaded (the grid and voxel order outputs are written in).
+        Sequence -> image as loaded (the grid and voxel order outputs are written in).
     digests : dict
-        Role -> sha256 of the input file.
+        Sequence -> sha256 of the input file.
     n4, brain : Nifti1Image
         Bias-corrected reference image; its brain mask (uint8).
     mask : ndarray of bool, shape (I, J, K)
         The brain mask as an array.
     coregistered : dict
-        Role -> bias-corrected image of every other role, resampled onto the reference grid.
+        Sequence -> bias-corrected image of every other sequence, resampled onto the reference grid.
     qc : dict
         QC measures and flags (``docs/preprocessing.md``).
     warnings : list of str
@@ -95,7 +95,7 @@ class Preprocessed:
     icv_mm3 : float or None
         Intracranial volume, mm³.
     template : dict
-        How the template registration was done (contrast, image, sources, setting, seconds).
+        How the template registration was done (sequence, image, sources, setting, seconds).
     """
 
     originals: dict
@@ -116,11 +116,11 @@ class Preprocessed:
 
 
 class FieldOfViewError(ops.ImageError):
-    """An image does not overlap the reference image anywhere in scanner space (``role`` names it)."""
+    """An image does not overlap the reference image anywhere in scanner space (``sequence`` names it)."""
 
-    def __init__(self, problem: str, path, role: str):
+    def __init__(self, problem: str, path, sequence: str):
         super().__init__(problem, path)
-        self.role = role
+        self.sequence = sequence
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -133,7 +133,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def load_inputs(images: Mapping[str, str | os.PathLike], reference: str) -> tuple[dict, dict, dict]:
-    """Load, conform and check every image; return ``(originals, conformed, digests)`` by role.
+    """Load, conform and check every image; return ``(originals, conformed, digests)`` by sequence.
 
     Raises
     ------
@@ -142,17 +142,17 @@ def load_inputs(images: Mapping[str, str | os.PathLike], reference: str) -> tupl
         overlap the reference.
     """
     originals, conformed, digests = {}, {}, {}
-    for role, path in images.items():
+    for sequence, path in images.items():
         path = Path(path)
-        originals[role] = ops.load(path)
-        conformed[role] = ops.conform(originals[role], name=path)
-        ops.check_field_of_view(conformed[role], name=path)
-        digests[role] = sha256_file(path)
-    for role, img in conformed.items():  # images of one session share the scanner space
-        if role != reference and not ops.fields_overlap(img, conformed[reference]):
-            raise FieldOfViewError(f"the {role} image does not overlap the {reference} reference "
+        originals[sequence] = ops.load(path)
+        conformed[sequence] = ops.conform(originals[sequence], name=path)
+        ops.check_field_of_view(conformed[sequence], name=path)
+        digests[sequence] = sha256_file(path)
+    for sequence, img in conformed.items():  # images of one session share the scanner space
+        if sequence != reference and not ops.fields_overlap(img, conformed[reference]):
+            raise FieldOfViewError(f"the {sequence} image does not overlap the {reference} reference "
                                    f"({Path(images[reference]).name}) anywhere in scanner space: one of the "
-                                   "two headers is wrong", images[role], role)
+                                   "two headers is wrong", images[sequence], sequence)
     return originals, conformed, digests
 
 
@@ -193,16 +193,16 @@ def _coregister(cache: StepCache, moving, fixed, brain, keys: list[str], params:
     return images["image"], meta
 
 
-def _template(cache: StepCache, n4, brain, keys: list[str], contrast: str, kit, params: PreprocParams):
+def _template(cache: StepCache, n4, brain, keys: list[str], sequence: str, kit, params: PreprocParams):
     """Template registration to the reference (cached): warped maps by name, and the record."""
-    step = {"setting": params.template_setting, "contrast": contrast, "seed": params.seed, "sources": kit.sources}
+    step = {"setting": params.template_setting, "sequence": sequence, "seed": params.seed, "sources": kit.sources}
 
     def compute():
-        reg = anatomy.register_template(n4, brain, kit, contrast=contrast, setting=params.template_setting,
+        reg = anatomy.register_template(n4, brain, kit, sequence=sequence, setting=params.template_setting,
                                         seed=params.seed)
         images = {n: getattr(reg, n) for n in ("labels", "icv_mask", "brain_mask", "gm", "wm", "warped")}
         meta = {k: getattr(reg, k) for k in ("similarity_before", "similarity_after", "mask_dice", "ok",
-                                              "contrast", "transform", "seconds")}
+                                              "sequence", "transform", "seconds")}
         return images, meta
 
     images, meta = cache.get("template", cache.key("template", step, keys), compute)
@@ -221,15 +221,15 @@ def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, param
     Parameters
     ----------
     images : mapping
-        Role (``T2w``, ``T1w``, ``FLAIR``, ``SWI``) -> image file.
+        Sequence (``T2w``, ``T1w``, ``FLAIR``, ``SWI``) -> image file.
     reference : str
-        The role whose grid every output uses; its image is brain-masked and registered to the template.
+        The sequence whose grid every output uses; its image is brain-masked and registered to the template.
     params : PreprocParams, optional
     cache : StepCache, optional
         Where step outputs are kept between runs (default: no caching).
     tick : callable, optional
         Called with each step's name when it is done (``load``, ``n4``, ``brain_mask``,
-        ``coreg_<role>``, ``template``): timings and test kill points.
+        ``coreg_<sequence>``, ``template``): timings and test kill points.
 
     Raises
     ------
@@ -249,16 +249,16 @@ def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, param
     brain_mm3 = float(mask.sum() * voxel_mm3)
     warnings_ = _brain_volume_warnings(brain_mm3)
     coregistered, registration = {}, {}
-    for role, img in conformed.items():
-        if role == reference:
+    for sequence, img in conformed.items():
+        if sequence == reference:
             continue
-        moving, moving_key = _n4(cache, img, digests[role], params)
-        coregistered[role], meta = _coregister(cache, moving, n4, brain, [moving_key, n4_key, brain_key], params)
-        registration[role] = _registration_record(meta, reference)
+        moving, moving_key = _n4(cache, img, digests[sequence], params)
+        coregistered[sequence], meta = _coregister(cache, moving, n4, brain, [moving_key, n4_key, brain_key], params)
+        registration[sequence] = _registration_record(meta, reference)
         if not meta["ok"]:
-            warnings_.append(f"co-registration of {role} to {reference} looks failed (mutual information did "
+            warnings_.append(f"co-registration of {sequence} to {reference} looks failed (mutual information did "
                              "not improve, or rotation > 45°): check the registration figure")
-        tick(f"coreg_{role}")
+        tick(f"coreg_{sequence}")
     pre = Preprocessed(originals, digests, n4, brain, mask, coregistered, {}, warnings_, voxel_mm3, brain_mm3,
                        spacing_mm=ops.spacing_mm(conformed[reference]))
     _anatomy(pre, cache, [n4_key, brain_key], reference, registration, params, images[reference])
@@ -278,13 +278,13 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
              params: PreprocParams, path) -> None:
     """Template registration, regions, ICV, tissue QC and flags, filled into ``pre``.
 
-    The template goes to the reference image itself (a template of its contrast), so that the
+    The template goes to the reference image itself (a template of its sequence), so that the
     regions and the ICV of a participant do not depend on which other sequences are present.
     """
     kit = anatomy.load_kit()
-    contrast = reference if reference in anatomy.TISSUE_MEANS else "T2w"
+    sequence = reference if reference in anatomy.TISSUE_MEANS else "T2w"
     try:
-        maps, meta = _template(cache, pre.n4, pre.brain, keys, contrast, kit, params)
+        maps, meta = _template(cache, pre.n4, pre.brain, keys, sequence, kit, params)
     except (RuntimeError, ops.ImageError) as exc:  # antspyx raises RuntimeError when it cannot register
         LOGGER.warning("%s: template registration failed: %s", path, exc)
         maps, meta = None, None
@@ -298,11 +298,11 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
         gm, wm = qcm.tissue_masks(pre.mask, maps["gm"], maps["wm"])
         registration["template"] = {
             **_registration_record(meta, reference), "brain_mask_dice": round(meta["mask_dice"], 3),
-            "contrast": contrast, "transform": meta["transform"]}
+            "sequence": sequence, "transform": meta["transform"]}
         del registration["template"]["to"]
     pre.atlas = kit
     pre.qc = _qc(pre, gm, wm, registration, meta)
-    pre.template = {"contrast": contrast, "image": reference, "sources": dict(kit.sources),
+    pre.template = {"sequence": sequence, "image": reference, "sources": dict(kit.sources),
                     "setting": params.template_setting,
                     "seconds": None if meta is None else round(meta["seconds"], 1)}
 

@@ -97,8 +97,8 @@ def flags(measures: Mapping[str, Any], ranges: Mapping[str, tuple[float | None, 
           ) -> list[str]:
     """Flag strings for measures outside their range (NaN counts as out of range).
 
-    Registration results (``measures["registration"]``: role -> ``{"ok": bool}``) add
-    ``"<role> registration failed"``.
+    Registration results (``measures["registration"]``: sequence -> ``{"ok": bool}``) add
+    ``"<sequence> registration failed"``.
     """
     out = []
     for key, (lo, hi) in ranges.items():
@@ -111,9 +111,9 @@ def flags(measures: Mapping[str, Any], ranges: Mapping[str, tuple[float | None, 
             out.append(_FLAG_TEXT.get((key, "low"), f"low {key}"))
         elif hi is not None and value > hi:
             out.append(_FLAG_TEXT.get((key, "high"), f"high {key}"))
-    for role, reg in (measures.get("registration") or {}).items():
+    for sequence, reg in (measures.get("registration") or {}).items():
         if not reg.get("ok", True):
-            out.append(f"{role} registration failed")
+            out.append(f"{sequence} registration failed")
     return out
 
 

@@ -21,7 +21,7 @@ from .spec import ModelSpec, load_spec
 
 LOGGER = logging.getLogger(__name__)
 
-#: Polarity of ePVS (CSF-like) per contrast: True = brighter than tissue.
+#: Polarity of ePVS (CSF-like) per sequence: True = brighter than tissue.
 BRIGHT_EPVS: dict[str, bool] = {"T2w": True, "T1w": False, "FLAIR": False, "SWI": False}
 
 #: Single-sequence inputs the Frangi baseline can use, in ranking order.
@@ -108,14 +108,14 @@ def detect(volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarr
     Parameters
     ----------
     volumes : mapping
-        Contrast -> bias-corrected ``(I, J, K)`` volume on the reference's RAS+ grid (at least the contrasts of
+        Sequence -> bias-corrected ``(I, J, K)`` volume on the reference's RAS+ grid (at least the sequences of
         ``combination``).
     mask : ndarray of bool, shape (I, J, K)
         Brain mask on that grid.
     affine : ndarray, shape (4, 4)
         Voxel-to-mm affine of the grid.
     combination : sequence of str
-        Input contrasts, reference first; one of :func:`supported_combinations` of ``method`` (and ``model``).
+        Input sequences, reference first; one of :func:`supported_combinations` of ``method`` (and ``model``).
     method : {"unet", "frangi"}
     model : str, Path or ModelSpec, optional
         The U-Net model: shipped id, folder or spec (default: the shipped default). Ignored by Frangi.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .nets import CONTRASTS
+from .nets import SEQUENCES
 from .spec import (  # noqa: F401  (re-exported: the model registry's public names)
     DEFAULT_MODEL,
     ModelSpec,
@@ -77,9 +77,9 @@ class LoadedModel:
         return self.spec.threshold if self.spec else float(self.meta["threshold"])
 
     @property
-    def contrasts(self) -> tuple[str, ...]:
-        """Contrasts of the input channels, in channel order."""
-        return self.spec.input_contrasts if self.spec else CONTRASTS
+    def sequences(self) -> tuple[str, ...]:
+        """Sequences of the input channels, in channel order."""
+        return self.spec.input_sequences if self.spec else SEQUENCES
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -145,13 +145,13 @@ def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], context: int,
-                   contrasts: Sequence[str] = CONTRASTS, slices: Sequence[int] | None = None) -> np.ndarray:
+                   sequences: Sequence[str] = SEQUENCES, slices: Sequence[int] | None = None) -> np.ndarray:
     """Build the 2.5D input of every axial slice (or of the axial ``slices`` given).
 
     Parameters
     ----------
     volumes : mapping
-        Contrast -> normalised ``(I, J, K)`` float32 volume (missing contrasts omitted).
+        Sequence -> normalised ``(I, J, K)`` float32 volume (missing sequences omitted).
     shape : (I, J, K)
     context : int
         Slices on each side of the centre slice.
@@ -162,21 +162,21 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
     Returns
     -------
     ndarray, shape (len(slices), C, I, J)
-        ``C = len(contrasts) * (2 * context + 1) + len(contrasts)``; slices outside the volume are
+        ``C = len(sequences) * (2 * context + 1) + len(sequences)``; slices outside the volume are
         edge-replicated; presence channels are constant 0/1 maps.
     """
     ni, nj, nk = shape
     width = 2 * context + 1
     ks = np.arange(nk) if slices is None else np.asarray(slices, int)
-    out = np.zeros((ks.size, len(contrasts) * width + len(contrasts), ni, nj), np.float32)
-    for c, name in enumerate(contrasts):
+    out = np.zeros((ks.size, len(sequences) * width + len(sequences), ni, nj), np.float32)
+    for c, name in enumerate(sequences):
         vol = volumes.get(name)
         if vol is None:
             continue
         for o in range(-context, context + 1):
             src = np.clip(ks + o, 0, nk - 1)
             out[:, c * width + o + context] = np.moveaxis(vol[:, :, src], 2, 0)
-        out[:, len(contrasts) * width + c] = 1.0
+        out[:, len(sequences) * width + c] = 1.0
     return out
 
 
@@ -187,8 +187,8 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     Parameters
     ----------
     images : mapping
-        Contrast (``T2w``, ``T1w``, ``FLAIR``, ``SWI``) -> ``(I, J, K)`` array, all on the same grid,
-        bias-corrected; only the contrasts to use.
+        Sequence (``T2w``, ``T1w``, ``FLAIR``, ``SWI``) -> ``(I, J, K)`` array, all on the same grid,
+        bias-corrected; only the sequences to use.
     mask : ndarray of bool, shape (I, J, K)
         Brain mask; the prediction is 0 outside it.
     model : LoadedModel
@@ -220,7 +220,7 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     with torch.inference_mode():
         while start < keep.size:
             ks = keep[start:start + batch]
-            xb = torch.from_numpy(stack_channels(norm, mask.shape, model.context, model.contrasts, slices=ks))
+            xb = torch.from_numpy(stack_channels(norm, mask.shape, model.context, model.sequences, slices=ks))
             try:
                 p = _forward(model, xb, dtype, flip_tta)
             except torch.OutOfMemoryError:

@@ -11,36 +11,36 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .nets import CONTRASTS
+from .nets import SEQUENCES
 
 
 def stack_channels_3d(volumes: Mapping[str, np.ndarray], shape: Sequence[int],
-                      contrasts: Sequence[str] = CONTRASTS) -> np.ndarray:
-    """Build the 3D network input: one image channel per contrast, then one presence channel per contrast.
+                      sequences: Sequence[str] = SEQUENCES) -> np.ndarray:
+    """Build the 3D network input: one image channel per sequence, then one presence channel per sequence.
 
     Parameters
     ----------
     volumes : mapping
-        Contrast -> normalised ``(I, J, K)`` float32 volume (missing contrasts omitted).
+        Sequence -> normalised ``(I, J, K)`` float32 volume (missing sequences omitted).
     shape : (I, J, K)
 
     Returns
     -------
-    ndarray of float32, shape (2 * len(contrasts), I, J, K)
-        Missing contrasts are zero images with a zero presence channel.
+    ndarray of float32, shape (2 * len(sequences), I, J, K)
+        Missing sequences are zero images with a zero presence channel.
     """
-    unknown = set(volumes) - set(contrasts)
+    unknown = set(volumes) - set(sequences)
     if unknown:
-        raise ValueError(f"unknown contrasts {sorted(unknown)}; known: {list(contrasts)}")
-    out = np.zeros((2 * len(contrasts), *shape), np.float32)
-    for c, name in enumerate(contrasts):
+        raise ValueError(f"unknown sequences {sorted(unknown)}; known: {list(sequences)}")
+    out = np.zeros((2 * len(sequences), *shape), np.float32)
+    for c, name in enumerate(sequences):
         vol = volumes.get(name)
         if vol is None:
             continue
         if tuple(vol.shape) != tuple(shape):
             raise ValueError(f"{name}: shape {vol.shape} differs from {tuple(shape)}")
         out[c] = vol
-        out[len(contrasts) + c] = 1.0
+        out[len(sequences) + c] = 1.0
     return out
 
 
@@ -123,7 +123,7 @@ def predict_volume(images: Mapping[str, np.ndarray], mask: np.ndarray, net, *,
     Parameters
     ----------
     images : mapping
-        Contrast -> ``(I, J, K)`` array on a common ~1 mm grid; only the contrasts to use.
+        Sequence -> ``(I, J, K)`` array on a common ~1 mm grid; only the sequences to use.
     mask : ndarray of bool, shape (I, J, K)
         Brain mask: images are normalised to median 1 inside it, and the prediction is 0 outside it.
     net : torch.nn.Module

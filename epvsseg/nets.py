@@ -2,9 +2,9 @@
 
 The shipped model is a lightweight 2.5D multi-channel U-Net (the seed study, Rashid
 et al. 2023, used a 2D multi-channel U-Net on axial slices). Its input for one axial
-slice ``k`` is, for every contrast of :data:`CONTRASTS` in order, the slices
+slice ``k`` is, for every sequence of :data:`SEQUENCES` in order, the slices
 ``k - c ... k + c`` (``c`` = context), followed by one constant presence channel per
-contrast (1 if the contrast was given, else 0, its image channels then being zeros).
+sequence (1 if the sequence was given, else 0, its image channels then being zeros).
 One network thus serves every sequence combination (trained with modality dropout).
 
 Tensor layout at the network edge: axial slices of an ``(I, J, K)`` volume (nibabel
@@ -19,13 +19,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-#: Contrast order of the input channels of every shipped model.
-CONTRASTS: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
+#: Sequence order of the input channels of every shipped model.
+SEQUENCES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
 
 
-def n_input_channels(context: int, contrasts: Sequence[str] = CONTRASTS) -> int:
-    """Input channels of a 2.5D model: ``(2 * context + 1)`` slices per contrast + one presence flag each."""
-    return len(contrasts) * (2 * context + 1) + len(contrasts)
+def n_input_channels(context: int, sequences: Sequence[str] = SEQUENCES) -> int:
+    """Input channels of a 2.5D model: ``(2 * context + 1)`` slices per sequence + one presence flag each."""
+    return len(sequences) * (2 * context + 1) + len(sequences)
 
 
 #: Layer types per number of spatial dimensions: convolution, batch norm, max pooling, transposed convolution.
@@ -115,14 +115,14 @@ class UNet3D(_UNet):
 
     The 3D counterpart of :class:`UNet2D`, used to compare the two designs
     (``benchmarks/arch_compare.py``, ``docs/architecture_choice.md``). Its input carries the same
-    information as the 2.5D input, as volumes: one channel per contrast of :data:`CONTRASTS`
-    (normalised image, zeros when the contrast is missing), then one constant presence channel per
-    contrast, ``2 * len(CONTRASTS)`` = 8 channels (:func:`epvsseg.infer3d.stack_channels_3d`).
+    information as the 2.5D input, as volumes: one channel per sequence of :data:`SEQUENCES`
+    (normalised image, zeros when the sequence is missing), then one constant presence channel per
+    sequence, ``2 * len(SEQUENCES)`` = 8 channels (:func:`epvsseg.infer3d.stack_channels_3d`).
 
     Parameters
     ----------
     in_channels : int
-        Input channels (8 for the four contrasts + presence flags).
+        Input channels (8 for the four sequences + presence flags).
     base : int
         Feature maps at full resolution; doubled at each of the ``depth`` down-steps.
     depth : int
@@ -136,7 +136,7 @@ class UNet3D(_UNet):
 
     dims = 3
 
-    def __init__(self, in_channels: int = 2 * len(CONTRASTS), base: int = 8, depth: int = 3):
+    def __init__(self, in_channels: int = 2 * len(SEQUENCES), base: int = 8, depth: int = 3):
         super().__init__(in_channels, base, depth)
 
 

@@ -126,11 +126,11 @@ CLUSTER_COLUMNS: dict[str, dict[str, str]] = {
 }
 
 
-def intensity_column(contrast: str) -> tuple[str, dict[str, str]]:
+def intensity_column(sequence: str) -> tuple[str, dict[str, str]]:
     """Name and description of the per-sequence mean-intensity column of :func:`cluster_table`."""
-    return f"mean_{contrast}", {
-        "LongName": f"Mean {contrast} intensity",
-        "Description": f"Mean of the bias-corrected {contrast} image over the cluster, divided by its median "
+    return f"mean_{sequence}", {
+        "LongName": f"Mean {sequence} intensity",
+        "Description": f"Mean of the bias-corrected {sequence} image over the cluster, divided by its median "
                        f"inside the brain mask (1 = typical brain tissue; CSF-like ePVS are > 1 on T2w, < 1 on "
                        f"T1w and FLAIR).",
     }

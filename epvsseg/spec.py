@@ -23,10 +23,10 @@ from .exclusions import ExclusionParams
 #: Default model folder under ``epvsseg/weights``.
 DEFAULT_MODEL = "epvs-unet25d-v3"
 
-#: Contrasts a 2.5D input can hold, in the order of their channels (the same as :data:`epvsseg.nets.CONTRASTS`).
-KNOWN_CONTRASTS: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
+#: Sequences a 2.5D input can hold, in the order of their channels (the same as :data:`epvsseg.nets.SEQUENCES`).
+KNOWN_SEQUENCES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
 
-_REQUIRED = ("model_id", "architecture", "architecture_kwargs", "input_contrasts", "context_slices",
+_REQUIRED = ("model_id", "architecture", "architecture_kwargs", "input_sequences", "context_slices",
              "served_combinations", "voxel_mm", "normalisation", "threshold", "min_cluster_voxels", "sha256")
 
 
@@ -72,8 +72,8 @@ class ModelSpec:
         Registered network name (:func:`epvsseg.nets.build`), e.g. ``unet2d``.
     architecture_kwargs : dict
         Keyword arguments of the network (``in_channels``, ``base``, ``depth``).
-    input_contrasts : tuple of str
-        Contrasts of the input channels, in channel order.
+    input_sequences : tuple of str
+        Sequences of the input channels, in channel order.
     context_slices : int
         Axial slices on each side of the centre slice (2.5D context), >= 0.
     combinations : tuple of tuple of str
@@ -100,7 +100,7 @@ class ModelSpec:
     folder: Path
     architecture: str
     architecture_kwargs: dict
-    input_contrasts: tuple[str, ...]
+    input_sequences: tuple[str, ...]
     context_slices: int
     combinations: tuple[tuple[str, ...], ...]
     voxel_mm: float
@@ -219,6 +219,8 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
 
     if not isinstance(meta, dict):
         raise fail("the top level is not a JSON object")
+    if "input_sequences" not in meta and "input_contrasts" in meta:
+        meta = {**meta, "input_sequences": meta["input_contrasts"]}  # model folders written before the rename
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise fail(f"missing key(s) {', '.join(missing)}")
@@ -228,13 +230,13 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
     kwargs = meta["architecture_kwargs"]
     if not isinstance(kwargs, dict):
         raise fail(f"architecture_kwargs {kwargs!r} is not an object")
-    contrasts = _contrasts(meta["input_contrasts"], fail)
+    sequences = _sequences(meta["input_sequences"], fail)
     context = _integer(meta["context_slices"], "context_slices", 0, fail)
     if meta["architecture"] == "unet2d":
-        expected = len(contrasts) * (2 * context + 1) + len(contrasts)
+        expected = len(sequences) * (2 * context + 1) + len(sequences)
         if kwargs.get("in_channels") != expected:
             raise fail(f"architecture_kwargs.in_channels {kwargs.get('in_channels')!r} does not match "
-                       f"{len(contrasts)} input contrasts with context_slices {context} (expected {expected})")
+                       f"{len(sequences)} input sequences with context_slices {context} (expected {expected})")
     threshold = _number(meta["threshold"], "threshold", fail)
     if not 0.0 < threshold < 1.0:
         raise fail(f"threshold {threshold} is not in (0, 1)")
@@ -246,8 +248,8 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         raise fail(f"finetuned_from {finetuned_from!r} is not a string")
     return ModelSpec(
         model_id=meta["model_id"], folder=path.parent, architecture=meta["architecture"],
-        architecture_kwargs=dict(kwargs), input_contrasts=contrasts, context_slices=context,
-        combinations=_combinations(meta["served_combinations"], contrasts, fail), voxel_mm=voxel,
+        architecture_kwargs=dict(kwargs), input_sequences=sequences, context_slices=context,
+        combinations=_combinations(meta["served_combinations"], sequences, fail), voxel_mm=voxel,
         normalisation=meta["normalisation"], threshold=threshold,
         min_cluster_voxels=_integer(meta["min_cluster_voxels"], "min_cluster_voxels", 1, fail),
         exclusions=_exclusions(meta.get("exclusions"), fail), sha256=meta["sha256"],
@@ -271,31 +273,31 @@ def _integer(value: Any, key: str, minimum: int, fail) -> int:
     return int(value)
 
 
-def _contrasts(value: Any, fail) -> tuple[str, ...]:
+def _sequences(value: Any, fail) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        raise fail(f"input_contrasts {value!r} is not a non-empty list")
-    unknown = [c for c in value if c not in KNOWN_CONTRASTS]
+        raise fail(f"input_sequences {value!r} is not a non-empty list")
+    unknown = [c for c in value if c not in KNOWN_SEQUENCES]
     if unknown:
-        raise fail(f"input_contrasts {unknown} unknown (known: {', '.join(KNOWN_CONTRASTS)})")
+        raise fail(f"input_sequences {unknown} unknown (known: {', '.join(KNOWN_SEQUENCES)})")
     if len(set(value)) != len(value):
-        raise fail(f"input_contrasts {value} has duplicates")
+        raise fail(f"input_sequences {value} has duplicates")
     return tuple(value)
 
 
-def _combinations(value: Any, contrasts: tuple[str, ...], fail) -> tuple[tuple[str, ...], ...]:
+def _combinations(value: Any, sequences: tuple[str, ...], fail) -> tuple[tuple[str, ...], ...]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise fail(f"served_combinations {value!r} is not a non-empty list of strings like 'T2w+FLAIR'")
-    combos = []
+    combinations = []
     for text in value:
-        combo = parse_combination(text)
-        if any(c not in contrasts for c in combo):
-            raise fail(f"served combination {text!r} uses a contrast outside input_contrasts {list(contrasts)}")
-        if len(set(combo)) != len(combo):
-            raise fail(f"served combination {text!r} repeats a contrast")
-        if combo in combos:
+        combination = parse_combination(text)
+        if any(c not in sequences for c in combination):
+            raise fail(f"served combination {text!r} uses a sequence outside input_sequences {list(sequences)}")
+        if len(set(combination)) != len(combination):
+            raise fail(f"served combination {text!r} repeats a sequence")
+        if combination in combinations:
             raise fail(f"served combination {text!r} is listed twice")
-        combos.append(combo)
-    return tuple(combos)
+        combinations.append(combination)
+    return tuple(combinations)
 
 
 def _exclusions(value: Any, fail) -> ExclusionParams:

@@ -4,7 +4,7 @@
 cases with :mod:`epvsseg.synth` (the parameters of every case are saved), trains one
 network for every served sequence combination with modality dropout, keeps the
 checkpoint with the best validation score, and writes ``weights.pt``, ``model.json``
-(architecture, input contrasts, voxel size, normalisation, threshold, sha256,
+(architecture, input sequences, voxel size, normalisation, threshold, sha256,
 commit) and ``MODEL_CARD.md``.
 
 Everything random flows from ``--seed``: case parameters, batch sampling, the
@@ -28,7 +28,7 @@ import numpy as np
 from .decision import OperatingPoint, decide
 from .exclusions import ExclusionParams
 from .infer import normalise, stack_channels
-from .nets import CONTRASTS, n_input_channels
+from .nets import SEQUENCES, n_input_channels
 from .spec import load_spec
 
 LOGGER = logging.getLogger(__name__)
@@ -75,12 +75,12 @@ def _render_case(args) -> str:
         return str(path)
     rng = np.random.default_rng(seed)
     roi = rng.choice(list(ROI_WEIGHTS), p=list(ROI_WEIGHTS.values()))
-    params = synth.sample_params(rng, contrasts=CONTRASTS, roi=str(roi), shape_vox=tuple(crop))
+    params = synth.sample_params(rng, sequences=SEQUENCES, roi=str(roi), shape_vox=tuple(crop))
     case = synth.render(params, synth.load_priors())
     mask = brain_mask_of(case)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(
-        tmp, **{f"img_{c}": case.images[c].astype(np.float16) for c in CONTRASTS},
+        tmp, **{f"img_{c}": case.images[c].astype(np.float16) for c in SEQUENCES},
         label=case.label.astype(np.uint8), mimics=case.mimics.astype(np.uint8), mask=mask,
         params=json.dumps(case.params),
     )
@@ -113,7 +113,7 @@ class Case:
     Attributes
     ----------
     images : dict
-        Contrast -> ``(I, J, K)`` float32 image normalised by :func:`epvsseg.infer.normalise`.
+        Sequence -> ``(I, J, K)`` float32 image normalised by :func:`epvsseg.infer.normalise`.
     label : ndarray of bool, shape (I, J, K)
         True ePVS.
     mimics : ndarray of uint8, shape (I, J, K)
@@ -135,7 +135,7 @@ class Case:
 def load_case(path: Path) -> Case:
     with np.load(path) as z:
         mask = z["mask"].astype(bool)
-        images = {c: normalise(z[f"img_{c}"].astype(np.float32), mask) for c in CONTRASTS}
+        images = {c: normalise(z[f"img_{c}"].astype(np.float32), mask) for c in SEQUENCES}
         return Case(images, z["label"].astype(bool), z["mimics"], mask)
 
 
@@ -162,9 +162,9 @@ def sample_batch(cases: list[Case], rng: np.random.Generator, cfg: TrainConfig):
             k = rng.integers(nk)
             i0 = rng.integers(0, ni - cfg.patch + 1)
             j0 = rng.integers(0, nj - cfg.patch + 1)
-        combo = cfg.combinations[rng.choice(len(cfg.combinations), p=combination_weights(cfg))]
+        combination = cfg.combinations[rng.choice(len(cfg.combinations), p=combination_weights(cfg))]
         vols = {}
-        for c in combo:
+        for c in combination:
             v = case.images[c][i0:i0 + cfg.patch, j0:j0 + cfg.patch]
             gamma = float(np.exp(rng.normal(0, 0.15)))
             scale = float(np.exp(rng.normal(0, 0.1)))
@@ -195,10 +195,10 @@ def combination_weights(cfg: TrainConfig) -> np.ndarray:
     return w
 
 
-def widen_context(state: dict, old_context: int, new_context: int, n_contrasts: int = len(CONTRASTS)) -> dict:
+def widen_context(state: dict, old_context: int, new_context: int, n_sequences: int = len(SEQUENCES)) -> dict:
     """Map a 2.5D model's weights to a wider slice context (warm start of a ``context`` change).
 
-    Only the first convolution sees the slice channels: its kernel for offset ``o`` of contrast ``c`` moves to
+    Only the first convolution sees the slice channels: its kernel for offset ``o`` of sequence ``c`` moves to
     the new position of ``(c, o)``; the new outer offsets start at zero, so the widened network computes
     exactly what the old one did until training changes it. Presence channels move to the new end.
     """
@@ -207,11 +207,11 @@ def widen_context(state: dict, old_context: int, new_context: int, n_contrasts: 
     key = next(k for k, v in state.items() if v.ndim == 4)  # first conv weight: (out, in, kh, kw)
     w = state[key]
     wo, wn = 2 * old_context + 1, 2 * new_context + 1
-    new = w.new_zeros((w.shape[0], n_contrasts * wn + n_contrasts, *w.shape[2:]))
-    for c in range(n_contrasts):
+    new = w.new_zeros((w.shape[0], n_sequences * wn + n_sequences, *w.shape[2:]))
+    for c in range(n_sequences):
         for o in range(-old_context, old_context + 1):
             new[:, c * wn + o + new_context] = w[:, c * wo + o + old_context]
-        new[:, n_contrasts * wn + c] = w[:, n_contrasts * wo + c]
+        new[:, n_sequences * wn + c] = w[:, n_sequences * wo + c]
     return {**state, key: new}
 
 
@@ -227,7 +227,7 @@ def _loss(logits, target):
     return bce + dice
 
 
-def score_grid(net, cases: list[Case], combos, *, context: int, points: list[tuple[float, int]],
+def score_grid(net, cases: list[Case], combinations, *, context: int, points: list[tuple[float, int]],
                exclusions: ExclusionParams = ExclusionParams()) -> dict[tuple[float, int], dict]:
     """Voxel Dice and pooled cluster rates per combination at several operating points.
 
@@ -240,7 +240,7 @@ def score_grid(net, cases: list[Case], combos, *, context: int, points: list[tup
     net : torch.nn.Module
         2.5D network (put in eval mode, and back in train mode on return).
     cases : list of Case
-    combos : sequence of tuple of str
+    combinations : sequence of tuple of str
         Input combinations to score.
     context : int
         The network's 2.5D context (slices on each side).
@@ -261,25 +261,25 @@ def score_grid(net, cases: list[Case], combos, *, context: int, points: list[tup
     rules = {p: OperatingPoint(p[0], p[1], exclusions) for p in points}
     net.eval()
     out: dict = {p: {} for p in points}
-    for combo in combos:
+    for combination in combinations:
         dices: dict = {p: [] for p in points}
         agreements: dict = {p: [] for p in points}
         for case in cases:
-            prob = predict({c: case.images[c] for c in combo}, case.mask, model)
-            flair = case.images.get("FLAIR") if "FLAIR" in combo else None
+            prob = predict({c: case.images[c] for c in combination}, case.mask, model)
+            flair = case.images.get("FLAIR") if "FLAIR" in combination else None
             for p, rule in rules.items():
                 pred = decide(prob, rule, affine=case.affine, brain=case.mask, flair=flair).mask
                 dices[p].append(dice(pred, case.label))
                 agreements[p].append(cluster_agreement(pred, case.label))
         for p in points:
             sens, prec, f1 = pooled_rates(agreements[p])
-            out[p]["+".join(combo)] = {"dice": float(np.mean(dices[p])), "cluster_sensitivity": sens,
+            out[p]["+".join(combination)] = {"dice": float(np.mean(dices[p])), "cluster_sensitivity": sens,
                                        "cluster_precision": prec, "cluster_f1": f1}
     net.train()
     return out
 
 
-def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float = 0.5,
+def evaluate(net, cases: list[Case], combinations, *, context: int, threshold: float = 0.5,
              min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None,
              exclusions: ExclusionParams = ExclusionParams()) -> dict:
     """Voxel Dice and cluster F1 per combination on whole validation cases (through :func:`decide`).
@@ -288,13 +288,13 @@ def evaluate(net, cases: list[Case], combos, *, context: int, threshold: float =
     combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
     """
     ths = tuple(thresholds) if thresholds else (threshold,)
-    grid = score_grid(net, cases, combos, context=context, points=[(t, min_cluster_voxels) for t in ths],
+    grid = score_grid(net, cases, combinations, context=context, points=[(t, min_cluster_voxels) for t in ths],
                       exclusions=exclusions)
     out = {t: grid[(t, min_cluster_voxels)] for t in ths}
     return out if thresholds else out[threshold]
 
 
-def select_operating_point(net, cases: list[Case], combos, *, context: int, thresholds: tuple[float, ...],
+def select_operating_point(net, cases: list[Case], combinations, *, context: int, thresholds: tuple[float, ...],
                            min_sizes: tuple[int, ...], exclusions: ExclusionParams = ExclusionParams(),
                            ) -> tuple[tuple[float, int], dict]:
     """The ``(threshold, min_cluster_voxels)`` with the best :func:`_score` on ``cases``, and the whole grid.
@@ -303,7 +303,7 @@ def select_operating_point(net, cases: list[Case], combos, *, context: int, thre
     decides. The grid is returned as ``{"<threshold>/<min voxels>": {combination: scores}}`` (JSON-ready); ties
     go to the first point in ``thresholds`` x ``min_sizes`` order.
     """
-    grid = score_grid(net, cases, combos, context=context, points=[(t, m) for t in thresholds for m in min_sizes],
+    grid = score_grid(net, cases, combinations, context=context, points=[(t, m) for t in thresholds for m in min_sizes],
                       exclusions=exclusions)
     best = max(grid, key=lambda p: _score(grid[p]))
     return best, {f"{t}/{m}": v for (t, m), v in grid.items()}
@@ -405,7 +405,7 @@ def train(cfg: TrainConfig) -> dict:
         "model_id": out.name,
         "architecture": "unet2d",
         "architecture_kwargs": kwargs,
-        "input_contrasts": list(CONTRASTS),
+        "input_sequences": list(SEQUENCES),
         "context_slices": cfg.context,
         "served_combinations": ["+".join(c) for c in cfg.combinations],
         "voxel_mm": 1.0,
@@ -513,7 +513,7 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     k = min(cfg.folds, len(cases))
     order = rng.permutation(len(cases))
     folds = [order[i::k] for i in range(k)]
-    combo = (tuple(cfg.combination),)
+    combination = (tuple(cfg.combination),)
     spec = base.spec
     point = {"threshold": spec.threshold, "min_cluster_voxels": spec.min_cluster_voxels,
              "exclusions": spec.exclusions}
@@ -521,9 +521,9 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     for i, test_idx in enumerate(folds):
         train_cases = [cases[j] for j in order if j not in set(test_idx)]
         test_cases = [cases[j] for j in test_idx]
-        before = evaluate(base.net, test_cases, combo, context=base.context, **point)
+        before = evaluate(base.net, test_cases, combination, context=base.context, **point)
         net = _finetune_once(base, train_cases, cfg, rng)
-        after = evaluate(net, test_cases, combo, context=base.context, **point)
+        after = evaluate(net, test_cases, combination, context=base.context, **point)
         key = "+".join(cfg.combination)
         results.append({"fold": i, "n_test": len(test_cases), "before": before[key], "after": after[key]})
         LOGGER.info("fold %d: before %s after %s", i, before[key], after[key])

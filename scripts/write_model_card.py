@@ -52,8 +52,8 @@ def _derivation_lines(meta: dict) -> str:
 
 
 def _threshold_lines(meta: dict) -> str:
-    def mean_score(combos: dict) -> float:
-        return sum(v["cluster_f1"] + v["dice"] for v in combos.values()) / len(combos)
+    def mean_score(combinations: dict) -> float:
+        return sum(v["cluster_f1"] + v["dice"] for v in combinations.values()) / len(combinations)
 
     grid = meta["training"].get("operating_point_selection")
     if grid:
@@ -70,7 +70,7 @@ def _threshold_lines(meta: dict) -> str:
     sel = meta["training"].get("threshold_selection")
     if not sel:
         return ""
-    rows = "".join(f"| {t} | {mean_score(combos):.3f} |\n" for t, combos in sel.items())
+    rows = "".join(f"| {t} | {mean_score(combinations):.3f} |\n" for t, combinations in sel.items())
     return ("\n## Operating threshold\n\nChosen on the validation crops (never on the benchmark): the threshold with "
             "the best mean over the served combinations of cluster F1 + voxel Dice. "
             f"Selected: **{meta['threshold']}**.\n\n| threshold | mean F1 + Dice |\n|---|---|\n" + rows)
@@ -89,8 +89,8 @@ def main(folder: str) -> None:
         "\n## What it is\n",
         f"A 2.5D multi-channel U-Net (`{meta['architecture']}`, {meta['architecture_kwargs']}) that segments enlarged "
         "perivascular spaces (ePVS) on axial slices. Input per slice: for each of "
-        f"{', '.join(meta['input_contrasts'])} (in this order) the slice and {meta['context_slices']} neighbour(s) on "
-        "each side, then one presence channel per contrast; absent contrasts are zeros. One network serves every "
+        f"{', '.join(meta['input_sequences'])} (in this order) the slice and {meta['context_slices']} neighbour(s) on "
+        "each side, then one presence channel per sequence; absent sequences are zeros. One network serves every "
         f"combination: {', '.join(meta['served_combinations'])}.\n",
         "\n## Inputs and preprocessing it expects\n",
         f"- co-registered images on the reference grid, bias-corrected (N4), at about {meta['voxel_mm']} mm (other "
@@ -102,7 +102,7 @@ def main(folder: str) -> None:
         "choice of the operating point and the benchmark: `epvsseg.decision.decide`).\n",
         "\n## Training data and recipe\n",
         "Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from the "
-        "ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, randomised multi-contrast "
+        "ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, randomised multi-sequence "
         "intensities, bias, noise, blur and 2D/3D acquisitions, partial-volume ePVS tubes and mimics (WMH, "
         "lacunes, vessels, microbleeds), see `docs/synthetic_data.md`.\n\n",
         f"- seed {tr['seed']}; {tr['n_train']} training and {tr['n_val']} validation crops of {tr['crop_vox']} voxels "
@@ -123,8 +123,8 @@ def main(folder: str) -> None:
         + (", through `decide` with the exclusions" if tr.get("operating_point_derivation") else "") + ")\n\n",
         "| combination | voxel Dice | cluster sensitivity | cluster precision | cluster F1 |\n|---|---|---|---|---|\n",
     ]
-    for combo, v in meta["validation"].items():
-        lines.append(f"| {combo} | {_f(v['dice'])} | {_f(v['cluster_sensitivity'])} | {_f(v['cluster_precision'])} "
+    for combination, v in meta["validation"].items():
+        lines.append(f"| {combination} | {_f(v['dice'])} | {_f(v['cluster_sensitivity'])} | {_f(v['cluster_precision'])} "
                      f"| {_f(v['cluster_f1'])} |\n")
     if bench:
         lines.append("\n## Held-out benchmark (`benchmarks/results/models.md`)\n\n")

@@ -87,7 +87,7 @@ def _json(path: Path, data) -> None:
 MODEL = ("epvs-unet25d-v3", "a" * 64)
 
 
-def _plan(raw: Path, sub: str, ses: str | None, acq: str | None, combo: str, model: tuple[str, str | None]):
+def _plan(raw: Path, sub: str, ses: str | None, acq: str | None, combination: str, model: tuple[str, str | None]):
     """A SessionPlan for a fake unit whose (never read) raw images sit under ``raw``."""
     from bids_app.io_spec import split_combination
     from bids_app.plan import SessionPlan
@@ -96,15 +96,15 @@ def _plan(raw: Path, sub: str, ses: str | None, acq: str | None, combo: str, mod
     ents = {"subject": sub, **({"session": ses} if ses else {}), **({"acquisition": acq} if acq else {})}
     stem = "_".join(f"{k}-{v}" for k, v in (("sub", sub), ("ses", ses), ("acq", acq)) if v)
     folder = raw / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
-    roles = split_combination(combo)
-    images = {r: AnatImage(path=folder / f"{stem}_{r}.nii.gz", role=r, entities={**ents, "suffix": r})
-              for r in roles}
+    sequences = split_combination(combination)
+    images = {r: AnatImage(path=folder / f"{stem}_{r}.nii.gz", sequence=r, entities={**ents, "suffix": r})
+              for r in sequences}
     method = "frangi" if model[1] is None else "unet"
-    return SessionPlan(subject=sub, session=ses, method=method, combination=roles, images=images,
-                       model_id=model[0], reasons=(f"{combo}: fake unit for the group tests",))
+    return SessionPlan(subject=sub, session=ses, method=method, combination=sequences, images=images,
+                       model_id=model[0], reasons=(f"{combination}: fake unit for the group tests",))
 
 
-def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: str = "T2w",
+def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combination: str = "T2w",
               regions: bool = True, qc: bool = True, icv_mm3: float = 1.5e6, shift: tuple[int, int, int] = (0, 0, 0),
               texture_seed: int = 0, status: bool = True, snr: float = 20.0, acq: str | None = None,
               extra_qc_flags=(), model: tuple[str, str | None] = MODEL) -> dict:
@@ -133,7 +133,7 @@ def make_unit(out: Path, sub: str, ses: str | None = None, *, sites=(), combo: s
     brain[BRAIN] = True
     brain = move(brain)
     image = nib.Nifti1Image(move(texture(texture_seed)), AFFINE)
-    plan = _plan(Path(out).parent / "raw", sub, ses, acq, combo, model)
+    plan = _plan(Path(out).parent / "raw", sub, ses, acq, combination, model)
     pre = _preprocessed(plan, image, brain, move(atlas()) if regions else None, qc=qc, icv_mm3=icv_mm3, snr=snr,
                         flags=list(extra_qc_flags))
     det = Detection(score=(labels > 0).astype(np.float32), mask=labels > 0, excluded=None, device="cpu",
@@ -169,7 +169,7 @@ def _preprocessed(plan, image, brain: np.ndarray, regions: np.ndarray | None, *,
         mask=brain, coregistered={}, qc={**measures, "flags": flags}, warnings=[], voxel_mm3=1.0,
         brain_mm3=float(brain.sum()), regions=None if regions is None else regions.astype(np.uint8),
         atlas=SimpleNamespace(table=atlas_table()), icv_mm3=icv_mm3 if qc else None,
-        template={"contrast": "T2w", "image": ref, "sources": {}, "setting": "fast", "seconds": 0.0})
+        template={"sequence": "T2w", "image": ref, "sources": {}, "setting": "fast", "seconds": 0.0})
 
 
 def make_raw(bids: Path, participants: dict[str, dict], sessions: dict[str, dict[str, dict]] | None = None) -> Path:

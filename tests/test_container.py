@@ -110,8 +110,10 @@ def _context_files() -> list[Path]:
         keep = True
         for rule in rules:
             negate = rule.startswith("!")
+            anywhere = rule.lstrip("!").startswith("**/")  # otherwise anchored at the context root, as Docker does
             pattern = rule.lstrip("!").rstrip("/").removeprefix("**/")
-            parts = [rel.as_posix()] + [p.as_posix() for p in rel.parents if p != Path(".")] + list(rel.parts)
+            parts = [rel.as_posix()] + [p.as_posix() for p in rel.parents if p != Path(".")]
+            parts += list(rel.parts) if anywhere else []
             if any(fnmatch.fnmatch(part, pattern) for part in parts):
                 keep = negate
         if keep:

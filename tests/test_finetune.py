@@ -24,7 +24,7 @@ def labelled(tmp_path_factory):
     masks = root / "masks"
     priors = synth.load_priors()
     for i in (1, 2, 3):
-        params = synth.sample_params(np.random.default_rng(100 + i), contrasts=("T2w",), roi="basal_ganglia",
+        params = synth.sample_params(np.random.default_rng(100 + i), sequences=("T2w",), roi="basal_ganglia",
                                      shape_vox=(96, 96, 40))
         case = synth.render(params, priors)
         # pad with a dark margin so that brain extraction sees a head-like field of view
@@ -73,7 +73,7 @@ def test_finetuning_learns_a_raters_wider_masks():
     priors = synth.load_priors()
     cases = []
     for seed in (7003, 7004, 7005, 7007):
-        params = synth.sample_params(np.random.default_rng(seed), contrasts=("T2w",), roi="basal_ganglia",
+        params = synth.sample_params(np.random.default_rng(seed), sequences=("T2w",), roi="basal_ganglia",
                                      shape_vox=(64, 64, 24))
         case = synth.render(params, priors)
         brain = np.asarray(case.brain, bool)

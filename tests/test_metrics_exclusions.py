@@ -77,7 +77,7 @@ def test_stack_channels_layout_and_presence():
     assert np.array_equal(x[0, 0], t2[:, :, 0])  # edge replicated
     presence = x[0, 12:16, 0, 0]
     assert presence.tolist() == [1, 0, 0, 0]
-    assert not x[:, 3:12].any()  # absent contrasts are zeros
+    assert not x[:, 3:12].any()  # absent sequences are zeros
 
 
 def test_unet_shapes_and_padding():

@@ -23,7 +23,7 @@ def test_default_model_is_shipped():
 def test_model_folder_complete_and_hash_matches(model_id):
     folder = infer.weights_root() / model_id
     meta = json.loads((folder / "model.json").read_text())
-    for key in ("architecture", "architecture_kwargs", "input_contrasts", "voxel_mm", "normalisation", "threshold",
+    for key in ("architecture", "architecture_kwargs", "input_sequences", "voxel_mm", "normalisation", "threshold",
                 "served_combinations", "sha256", "commit", "training", "validation"):
         assert key in meta, key
     assert infer.sha256_file(folder / "weights.pt") == meta["sha256"]

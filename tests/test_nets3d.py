@@ -7,16 +7,16 @@ import pytest
 import torch
 
 from epvsseg import infer3d
-from epvsseg.nets import ARCHITECTURES, CONTRASTS, UNet3D, build
+from epvsseg.nets import ARCHITECTURES, SEQUENCES, UNet3D, build
 
 
 @pytest.mark.parametrize("depth,shape", [(2, (8, 12, 4)), (3, (16, 8, 24))])
 def test_unet3d_keeps_the_spatial_shape(depth, shape):
     torch.manual_seed(0)
-    net = build("unet3d", in_channels=2 * len(CONTRASTS), base=4, depth=depth).eval()
+    net = build("unet3d", in_channels=2 * len(SEQUENCES), base=4, depth=depth).eval()
     assert isinstance(net, UNet3D) and ARCHITECTURES["unet3d"] is UNet3D
     with torch.inference_mode():
-        out = net(torch.randn(2, 2 * len(CONTRASTS), *shape))
+        out = net(torch.randn(2, 2 * len(SEQUENCES), *shape))
     assert out.shape == (2, 1, *shape)
     assert torch.isfinite(out).all()
 
@@ -74,9 +74,9 @@ def test_stack_channels_3d_presence_and_errors():
     vol = np.ones((4, 5, 6), np.float32)
     x = infer3d.stack_channels_3d({"FLAIR": vol}, vol.shape)
     assert x.shape == (8, 4, 5, 6)
-    flair = CONTRASTS.index("FLAIR")
-    assert (x[flair] == 1).all() and (x[len(CONTRASTS) + flair] == 1).all()
-    assert x[[i for i in range(8) if i not in (flair, len(CONTRASTS) + flair)]].sum() == 0
+    flair = SEQUENCES.index("FLAIR")
+    assert (x[flair] == 1).all() and (x[len(SEQUENCES) + flair] == 1).all()
+    assert x[[i for i in range(8) if i not in (flair, len(SEQUENCES) + flair)]].sum() == 0
     with pytest.raises(ValueError, match="unknown"):
         infer3d.stack_channels_3d({"PD": vol}, vol.shape)
     with pytest.raises(ValueError, match="shape"):

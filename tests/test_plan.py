@@ -21,7 +21,7 @@ from bids_app.plan import (
     select_combination,
     voxel_volume_mm3,
 )
-from bids_app.query import ROLES, AnatImage, SessionInputs, collect_sessions, load_layout
+from bids_app.query import SEQUENCES, AnatImage, SessionInputs, collect_sessions, load_layout
 
 _ENTITY_KEYS = {
     "sub": "subject",
@@ -35,7 +35,7 @@ _ENTITY_KEYS = {
 }
 
 
-def anat(tmp_path: Path, filename: str, role: str, zooms=(1.0, 1.0, 1.0), write: bool = True) -> AnatImage:
+def anat(tmp_path: Path, filename: str, sequence: str, zooms=(1.0, 1.0, 1.0), write: bool = True) -> AnatImage:
     """An AnatImage for ``filename`` (entities parsed from the name), with a tiny NIfTI on disk."""
     stem = re.sub(r"\.nii(\.gz)?$", "", filename)
     *pairs, suffix = stem.split("_")
@@ -44,11 +44,11 @@ def anat(tmp_path: Path, filename: str, role: str, zooms=(1.0, 1.0, 1.0), write:
     path = tmp_path / filename
     if write:
         make_nifti(path, zooms=zooms)
-    return AnatImage(path=path, role=role, entities=entities)
+    return AnatImage(path=path, sequence=sequence, entities=entities)
 
 
-def inputs_for(tmp_path: Path, roles, session: str | None = None, ignored=()) -> SessionInputs:
-    candidates = {role: (anat(tmp_path, f"sub-01_{role}.nii.gz", role),) for role in roles}
+def inputs_for(tmp_path: Path, sequences, session: str | None = None, ignored=()) -> SessionInputs:
+    candidates = {sequence: (anat(tmp_path, f"sub-01_{sequence}.nii.gz", sequence),) for sequence in sequences}
     return SessionInputs(subject="01", session=session, candidates=candidates, ignored=ignored)
 
 
@@ -81,13 +81,13 @@ def test_select_combination_ranking(available, expected):
 def test_every_ranking_entry_is_reachable(entry):
     """Each of the 8 combinations is chosen when exactly it is available and supported."""
     assert select_combination(entry, supported=[entry])[0] == entry
-    assert select_combination(ROLES, supported=[entry])[0] == entry
+    assert select_combination(SEQUENCES, supported=[entry])[0] == entry
 
 
 def test_ranking_is_the_seed_study_order():
     assert len(RANKING) == 8
     assert RANKING.index(("T2w",)) < RANKING.index(("T2w", "T1w"))
-    assert all(role in ROLES for combo in RANKING for role in combo)
+    assert all(sequence in SEQUENCES for combination in RANKING for sequence in combination)
 
 
 def test_t2w_t1w_chosen_when_t2w_alone_unsupported():
@@ -98,7 +98,7 @@ def test_t2w_t1w_chosen_when_t2w_alone_unsupported():
 @pytest.mark.parametrize(
     ("available", "expected"),
     [
-        (ROLES, ("T2w",)),
+        (SEQUENCES, ("T2w",)),
         ({"T1w", "FLAIR"}, ("T1w",)),
         ({"T1w", "FLAIR", "SWI"}, ("T1w",)),
         ({"FLAIR", "SWI"}, ("FLAIR",)),
@@ -140,8 +140,8 @@ def test_single_candidate(tmp_path):
 
 def test_rule1_no_contrast_agent(tmp_path):
     plain = anat(tmp_path, "sub-01_run-1_T1w.nii.gz", "T1w", zooms=(1, 1, 1))
-    contrast = anat(tmp_path, "sub-01_ce-gadolinium_run-2_T1w.nii.gz", "T1w", zooms=(0.5, 0.5, 0.5))
-    chosen, reason = choose_image([contrast, plain])
+    enhanced = anat(tmp_path, "sub-01_ce-gadolinium_run-2_T1w.nii.gz", "T1w", zooms=(0.5, 0.5, 0.5))
+    chosen, reason = choose_image([enhanced, plain])
     assert chosen == plain
     assert "contrast agent" in reason
 
@@ -226,12 +226,12 @@ def test_choose_image_errors(tmp_path):
         choose_image([])
     t2 = anat(tmp_path, "sub-01_T2w.nii.gz", "T2w")
     t1 = anat(tmp_path, "sub-01_T1w.nii.gz", "T1w")
-    with pytest.raises(ValueError, match="mix roles"):
+    with pytest.raises(ValueError, match="mix sequences"):
         choose_image([t2, t1])
     broken = tmp_path / "sub-01_run-2_T2w.nii.gz"
     broken.write_bytes(b"not a nifti")
     with pytest.raises(InputError) as info:
-        choose_image([t2, AnatImage(path=broken, role="T2w", entities={"run": "2"})])
+        choose_image([t2, AnatImage(path=broken, sequence="T2w", entities={"run": "2"})])
     assert info.value.path == broken
 
 
@@ -248,12 +248,12 @@ def test_voxel_volume_units(tmp_path):
 
 # --------------------------------------------------------------------------- plan_session
 def test_plan_frangi_uses_best_single_sequence(tmp_path):
-    plan = plan_session(inputs_for(tmp_path, ROLES), method="frangi", supported=FRANGI_SUPPORTED)
+    plan = plan_session(inputs_for(tmp_path, SEQUENCES), method="frangi", supported=FRANGI_SUPPORTED)
     assert plan.combination == ("T2w",)
     assert plan.reference == "T2w"
     assert plan.reference_image.filename == "sub-01_T2w.nii.gz"
     assert plan.model_id == "frangi"
-    assert list(plan.images) == ["T2w", "T1w", "FLAIR", "SWI"]  # all roles, for QC
+    assert list(plan.images) == ["T2w", "T1w", "FLAIR", "SWI"]  # all sequences, for QC
     assert any("QC only" in r for r in plan.reasons)
     assert plan.label == "sub-01"
 
@@ -331,7 +331,7 @@ def test_collect_then_plan_end_to_end(tmp_path):
     units = collect_sessions(load_layout(root))
     plan = plan_session(units[0], supported=FRANGI_SUPPORTED)
     assert plan.combination == ("T2w",)
-    assert {role: image.filename for role, image in plan.images.items()} == {
+    assert {sequence: image.filename for sequence, image in plan.images.items()} == {
         "T2w": "sub-01_run-2_T2w.nii.gz",
         "T1w": "sub-01_acq-hires_T1w.nii",
         "SWI": "sub-01_echo-2_part-mag_MEGRE.nii.gz",

@@ -1,4 +1,4 @@
-"""Tests of bids_app.query: dataset checks, labels, filters and role assignment traps."""
+"""Tests of bids_app.query: dataset checks, labels, filters and sequence assignment traps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from layouts import make_bids, snapshot
 
 from bids_app.errors import InputError, MissingInputError, NothingSelectedError, UsageError
 from bids_app.query import (
-    ROLES,
+    SEQUENCES,
     AnatImage,
     SessionInputs,
     check_dataset,
@@ -29,8 +29,8 @@ def collect(root: Path, spec: dict, **kwargs) -> dict[str, SessionInputs]:
     return {unit.label: unit for unit in units}
 
 
-def names(unit: SessionInputs, role: str) -> list[str]:
-    return [image.filename for image in unit.candidates[role]]
+def names(unit: SessionInputs, sequence: str) -> list[str]:
+    return [image.filename for image in unit.candidates[sequence]]
 
 
 def ignored_names(unit: SessionInputs) -> dict[str, str]:
@@ -194,7 +194,7 @@ def test_collect_rejects_bad_filter_dict(tmp_path):
         collect_sessions(load_layout(tmp_path / "ds"), bids_filters={"dwi": {}})
 
 
-# --------------------------------------------------------------------------- role traps
+# --------------------------------------------------------------------------- sequence traps
 def test_inplane_t2_is_ignored(tmp_path):
     unit = collect(
         tmp_path / "ds",
@@ -344,12 +344,12 @@ def test_anat_image_fields(tmp_path):
     assert isinstance(image, AnatImage)
     assert image.path.is_absolute() and image.path.exists()
     assert image.filename == "sub-01_run-01_T2w.nii.gz"
-    assert image.role == "T2w"
+    assert image.sequence == "T2w"
     assert all(isinstance(v, str) for v in image.entities.values())
     assert image.entities["run"] == "01"  # padding kept
     assert image.entities["suffix"] == "T2w" and image.entities["subject"] == "01"
     assert image.metadata == {"RepetitionTime": 3.2, "EchoTime": 0.1}  # inheritance, nearest wins
-    assert set(unit.candidates) == set(ROLES)
+    assert set(unit.candidates) == set(SEQUENCES)
     assert AnatImage.from_dict(json.loads(json.dumps(image.to_dict()))) == image
     assert hash(image) == hash(AnatImage.from_dict(image.to_dict()))
 
@@ -504,20 +504,20 @@ def test_database_from_another_dataset_is_rebuilt(tmp_path):
 # --------------------------------------------------------------------------- data
 def test_queries_json_is_consistent():
     queries = load_queries()
-    assert set(queries["roles"]) == set(ROLES)
+    assert set(queries["sequences"]) == set(SEQUENCES)
     assert "phase" not in queries["usable_parts"]
-    for alternatives in queries["roles"].values():
+    for alternatives in queries["sequences"].values():
         for alt in alternatives:
             assert set(alt) <= {"filters", "acquisition_regex"}
-            assert "suffix" in alt["filters"]  # roles are matched by exact suffix
+            assert "suffix" in alt["filters"]  # sequences are matched by exact suffix
 
 
 def test_session_inputs_normalises_candidates(tmp_path):
-    image = AnatImage(path=tmp_path / "sub-01_T2w.nii.gz", role="T2w")
+    image = AnatImage(path=tmp_path / "sub-01_T2w.nii.gz", sequence="T2w")
     unit = SessionInputs(subject="01", session="a", candidates={"T2w": [image]})
     assert unit.candidates == {"T2w": (image,), "T1w": (), "FLAIR": (), "SWI": ()}
     assert unit.label == "sub-01_ses-a" and unit.available == ("T2w",)
-    with pytest.raises(ValueError, match="role"):
+    with pytest.raises(ValueError, match="sequence"):
         SessionInputs(subject="01", session=None, candidates={"T1w": (image,)})
-    with pytest.raises(ValueError, match="unknown role"):
-        AnatImage(path=tmp_path / "x.nii", role="PD")
+    with pytest.raises(ValueError, match="unknown sequence"):
+        AnatImage(path=tmp_path / "x.nii", sequence="PD")

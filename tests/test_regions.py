@@ -63,16 +63,16 @@ def test_template_volumes(kit):
     assert 0.8 < brain / icv < 0.95
 
 
-@pytest.mark.parametrize("contrast", ["T1w", "T2w", "FLAIR", "SWI"])
-def test_synthesised_contrasts_order_tissues(kit, contrast):
-    img = np.asanyarray(anatomy.synthesise_contrast(kit, contrast).dataobj)
+@pytest.mark.parametrize("sequence", ["T1w", "T2w", "FLAIR", "SWI"])
+def test_synthesised_contrasts_order_tissues(kit, sequence):
+    img = np.asanyarray(anatomy.synthesise_contrast(kit, sequence).dataobj)
     probs = {k: np.asanyarray(kit.images[k].dataobj) for k in ("CSF", "GM", "WM")}
     means = {k: float(img[p > 0.9].mean()) for k, p in probs.items()}
-    if contrast == "T1w":
+    if sequence == "T1w":
         assert means["WM"] > means["GM"] > means["CSF"]
-    elif contrast == "T2w":
+    elif sequence == "T2w":
         assert means["CSF"] > means["GM"] > means["WM"]
-    elif contrast == "FLAIR":
+    elif sequence == "FLAIR":
         assert means["GM"] > means["WM"] > means["CSF"]
 
 
@@ -148,7 +148,7 @@ def _dice_by_region(a: np.ndarray, b: np.ndarray, table: pd.DataFrame) -> dict[s
 def test_identity_registration_keeps_labels(kit):
     subject = anatomy.synthesise_contrast(kit, "T2w")
     mask = nib.Nifti1Image((np.asanyarray(kit.images["icv"].dataobj) > 0.5).astype(np.uint8), subject.affine)
-    reg = anatomy.register_template(subject, mask, kit, contrast="T2w", setting="coarse", margin_mm=0)
+    reg = anatomy.register_template(subject, mask, kit, sequence="T2w", setting="coarse", margin_mm=0)
     truth = np.rint(_sample(kit.labels, _world(subject), 0)).astype(np.uint8)
     dice = _dice_by_region(np.asanyarray(reg.labels.dataobj), truth, kit.table)
     assert min(dice.values()) > 0.85, dice
@@ -162,7 +162,7 @@ def _world(img: nib.Nifti1Image) -> np.ndarray:
 
 def test_registration_recovers_known_deformation(kit):
     subject, mask, truth = _deformed_subject(kit, degrees=8.0, scale=0.92, bump_mm=4.0)
-    reg = anatomy.register_template(subject, mask, kit, contrast="T2w", setting="fast")
+    reg = anatomy.register_template(subject, mask, kit, sequence="T2w", setting="fast")
     labels = np.asanyarray(reg.labels.dataobj)
     dice = _dice_by_region(labels, truth, kit.table)
     key = ["basal_ganglia_left", "basal_ganglia_right", "thalamus_left", "thalamus_right",
@@ -181,7 +181,7 @@ def test_failed_registration_is_flagged(kit):
     # a wrong brain mask (a small box in a corner) cannot agree with the template brain
     wrong = np.zeros(mask.shape, np.uint8)
     wrong[:20, :20, :20] = 1
-    reg = anatomy.register_template(subject, nib.Nifti1Image(wrong, mask.affine), kit, contrast="T2w",
+    reg = anatomy.register_template(subject, nib.Nifti1Image(wrong, mask.affine), kit, sequence="T2w",
                                     setting="coarse")
     assert not reg.ok and reg.mask_dice < 0.8
 
@@ -253,7 +253,7 @@ def test_thick_slice_subject_still_registers(kit):
     t_truth = ndimage.zoom(truth, zoom, order=0)
     affine = subject.affine @ np.diag([1 / zoom[0], 1 / zoom[1], 1 / zoom[2], 1.0])
     reg = anatomy.register_template(nib.Nifti1Image(thick, affine), nib.Nifti1Image(t_mask.astype(np.uint8), affine),
-                                    kit, contrast="T2w", setting="coarse")
+                                    kit, sequence="T2w", setting="coarse")
     dice = _dice_by_region(np.asanyarray(reg.labels.dataobj), t_truth, kit.table)
     assert min(dice[k] for k in ("basal_ganglia_left", "thalamus_right", "centrum_semiovale_left")) > 0.6, dice
     assert reg.ok

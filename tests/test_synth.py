@@ -1,4 +1,4 @@
-"""Tests of the synthetic ePVS data engine (epvsseg.synth): determinism, ground truth, contrasts, speed.
+"""Tests of the synthetic ePVS data engine (epvsseg.synth): determinism, ground truth, sequences, speed.
 
 All cases are seeded; the priors come from the nilearn wheel and the CIT168 map shipped in
 epvsprep/data/atlases (no ../shared).
@@ -48,7 +48,7 @@ def busy_case(priors) -> synth.SynthCase:
     p["mimics"]["wmh"].update(periventricular_mm=5.0, deep=40)
     p["mimics"]["vessels"].update(veins=60, arteries=5)
     p["mimics"]["microbleeds"]["n"] = 10
-    for c in p["contrasts"]:
+    for c in p["sequences"]:
         acq = p["acquisition"][c]
         acq.update(mode="3D", spacing_mm=[1.0, 1.0, 1.0], thickness_mm=[1.0, 1.0, 1.0], snr=60.0)
     return synth.render(p, priors)
@@ -86,7 +86,7 @@ def test_params_json_round_trip_and_determinism(priors):
     b = synth.render(back, priors)
     assert p == before  # render does not mutate its input
     assert a.params == p and a.params is not p
-    for c in p["contrasts"]:
+    for c in p["sequences"]:
         assert a.images[c].dtype == np.float32 and a.images[c].shape == CROP
         np.testing.assert_array_equal(a.images[c], b.images[c])
     np.testing.assert_array_equal(a.label, b.label)
@@ -100,8 +100,8 @@ def test_sample_params_is_seeded_and_validates():
     assert synth.sample_params(np.random.default_rng(5)) != synth.sample_params(np.random.default_rng(6))
     with pytest.raises(ValueError, match="roi"):
         synth.sample_params(np.random.default_rng(0), roi="cerebellum")
-    with pytest.raises(ValueError, match="contrast"):
-        synth.sample_params(np.random.default_rng(0), contrasts=("DWI",))
+    with pytest.raises(ValueError, match="sequence"):
+        synth.sample_params(np.random.default_rng(0), sequences=("DWI",))
 
 
 def test_epvs_counts_within_requested_range():
@@ -168,7 +168,7 @@ def test_wmh_bright_on_flair_where_epvs_are_dark(busy_case):
 
 def test_anisotropic_acquisition_degrades_image_not_label(priors):
     p = _params(21, shape=(64, 64, 40))
-    for c in p["contrasts"]:
+    for c in p["sequences"]:
         p["acquisition"][c].update(mode="3D", spacing_mm=[1.0, 1.0, 1.0], thickness_mm=[1.0, 1.0, 1.0],
                                    psf_sigma_vox=[0.0, 0.0, 0.0], noise_corr_sigma=0.0)
     iso = synth.render(p, priors)

@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sel.add_argument(
         "--bids-filter-file", type=Path, metavar="FILE",
-        help="JSON file of pybids filters per role, e.g. {\"t2w\": {\"acquisition\": \"highres\"}}; "
-        "roles: t2w, t1w, flair, swi",
+        help="JSON file of pybids filters per sequence, e.g. {\"t2w\": {\"acquisition\": \"highres\"}}; "
+        "sequences: t2w, t1w, flair, swi",
     )
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                      help="do not run the BIDS validator on the input")

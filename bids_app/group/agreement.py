@@ -49,7 +49,7 @@ def find_other_mask(root, unit: Unit) -> object:
     hits = sorted(p for p in anat.glob(f"{unit.stem}_*mask.nii.gz") if "_label-PVS" in p.name
                   and p.name[len(unit.stem)] == "_")
     if len(hits) > 1:
-        same = [p for p in hits if f"_desc-{unit.combo}_" in p.name]
+        same = [p for p in hits if f"_desc-{unit.combination}_" in p.name]
         if len(same) == 1:
             return same[0]
         raise TableError(f"{anat}: several ePVS masks for {unit.stem} ({', '.join(p.name for p in hits)}); "
@@ -78,7 +78,7 @@ def compare_unit(unit: Unit, other_path) -> list[dict]:
     other, _ = _load_mask(other_path, like=ours_img)
     spacing = tuple(float(z) for z in ours_img.header.get_zooms()[:3])
     key = {"participant_id": unit.participant_id, "session_id": unit.session_id,
-           "source_entities": unit.source_entities, "input_sequences": unit.combo, "other_mask": str(other_path)}
+           "source_entities": unit.source_entities, "input_sequences": unit.combination, "other_mask": str(other_path)}
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
              **metrics.agreement_suite(ours, other, spacing)}]
     atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")

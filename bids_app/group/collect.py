@@ -103,7 +103,7 @@ class Unit:
         return "_".join(f"{k}-{v}" for k, v in self.id.entities) or None
 
     @property
-    def combo(self) -> str:
+    def combination(self) -> str:
         """The input combination (the outputs' ``desc`` entity, e.g. ``T2wFLAIR``)."""
         return self.id.desc
 
@@ -114,7 +114,7 @@ class Unit:
 
     @property
     def key(self) -> str:
-        """Unique identifier of the unit in the group tables: ``<stem>_desc-<combo>``."""
+        """Unique identifier of the unit in the group tables: ``<stem>_desc-<combination>``."""
         return self.id.key
 
     @property
@@ -177,7 +177,7 @@ def unit_rows(unit: Unit) -> list[dict]:
     """Long-form rows of a read unit: the whole brain, then every row of its region table as written."""
     s = unit.summary
     key = {"unit": unit.key, "participant_id": unit.participant_id, "session_id": unit.session_id,
-           "source_entities": unit.source_entities, "input_sequences": unit.combo}
+           "source_entities": unit.source_entities, "input_sequences": unit.combination}
     n = s["n_clusters"]
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
              "n_clusters": n, "volume_mm3": s["total_volume_mm3"], "volume_ppm_icv": s["volume_ppm_icv"],

@@ -6,7 +6,7 @@ from epvsseg import metrics
 
 _KEY = {
     "unit": {"Description": "Unit identifier: the reference image's entities and the input combination "
-                            "(<stem>_desc-<combo>), as in the participant outputs' names"},
+                            "(<stem>_desc-<combination>), as in the participant outputs' names"},
     "participant_id": {"Description": "BIDS participant label, with the sub- prefix"},
     "session_id": {"Description": "BIDS session label, with the ses- prefix (n/a without sessions)"},
     "source_entities": {"Description": "Other entities of the reference image (acq, run...), as in the file name"},

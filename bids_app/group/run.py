@@ -70,7 +70,7 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
             continue
         ok_units.append(unit)
         base_rows.append({"unit": unit.key, "participant_id": unit.participant_id, "session_id": unit.session_id,
-                          "source_entities": unit.source_entities, "input_sequences": unit.combo, **unit.summary})
+                          "source_entities": unit.source_entities, "input_sequences": unit.combination, **unit.summary})
         long_rows += collect.unit_rows(unit)
         unit.regions = None  # keep memory bounded: the long rows hold what is needed
     long = pd.DataFrame(long_rows, columns=["unit", *stats.UNIT_KEY, "name", "region", "hemisphere", *collect.MEASURES])
@@ -177,7 +177,7 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
     rows = []
     if mode != "none" and len(series):
         by_key = {u.key: u for u in tables["units"]}
-        for (pid, combo), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
+        for (pid, combination), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
             grp = grp.sort_values("order")
             first = grp.iloc[0]
             base = by_key[first["unit"]]
@@ -194,7 +194,7 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
                             first["session_id"], mode, time.monotonic() - t0)
                 matched.insert(0, "followup_session", later["session_id"])
                 matched.insert(0, "baseline_session", first["session_id"])
-                matched.insert(0, "input_sequences", combo)
+                matched.insert(0, "input_sequences", combination)
                 matched.insert(0, "participant_id", pid)
                 matched["tolerance_mm"] = longitudinal.TOLERANCE_MM
                 rows.append(matched)

@@ -65,7 +65,7 @@ def make_figures(
     mask: np.ndarray,
     epvs: np.ndarray,
     affine: np.ndarray,
-    ref_role: str,
+    ref_sequence: str,
     coregistered: Mapping[str, np.ndarray] | None = None,
     regions: np.ndarray | None = None,
     region_names: Mapping[int, str] | None = None,
@@ -81,10 +81,10 @@ def make_figures(
         Preprocessed reference image, brain mask and ePVS mask on the RAS+ working grid.
     affine : ndarray, shape (4, 4)
         Voxel-to-mm affine of that grid (used for the aspect ratio of anisotropic voxels).
-    ref_role : str
-        Contrast of the reference (figure titles).
+    ref_sequence : str
+        Sequence of the reference (figure titles).
     coregistered : mapping, optional
-        Other contrasts resampled onto the reference grid (registration check figure).
+        Other sequences resampled onto the reference grid (registration check figure).
     regions : ndarray of int, shape (I, J, K), optional
         Region labels warped from the template (regions figure).
     region_names : mapping, optional
@@ -93,17 +93,17 @@ def make_figures(
     Returns
     -------
     dict
-        Figure key -> PNG path (``figure_coreg`` only with other contrasts, ``figure_regions``
+        Figure key -> PNG path (``figure_coreg`` only with other sequences, ``figure_regions``
         only with regions).
     """
     plt = _pyplot()
     view = _View(reference, mask, affine)
     ks = axial_slices(mask, 6)
-    out = {"figure_epvs": _figure_overlay(plt, paths["figure_epvs"], view, epvs, ks, ref_role),
+    out = {"figure_epvs": _figure_overlay(plt, paths["figure_epvs"], view, epvs, ks, ref_sequence),
            "figure_zoom": _figure_zoom(plt, paths["figure_zoom"], view, epvs, ks),
            "figure_mask": _figure_mask(plt, paths["figure_mask"], view)}
     if coregistered:
-        out["figure_coreg"] = _figure_coreg(plt, paths["figure_coreg"], view, coregistered, ks, ref_role)
+        out["figure_coreg"] = _figure_coreg(plt, paths["figure_coreg"], view, coregistered, ks, ref_sequence)
     if regions is not None and regions.any():
         out["figure_regions"] = _regions_figure(plt, paths["figure_regions"], reference, regions, mask, view.zooms,
                                                 view.window, view.box, region_names or {})
@@ -130,7 +130,7 @@ class _View:
         self.box = _bbox(mask)
 
 
-def _figure_overlay(plt, path: Path, view: _View, epvs: np.ndarray, ks: list[int], ref_role: str) -> Path:
+def _figure_overlay(plt, path: Path, view: _View, epvs: np.ndarray, ks: list[int], ref_sequence: str) -> Path:
     """ePVS overlay mosaic: six axial slices, ePVS in red, brain-mask outline in yellow."""
     from matplotlib.colors import ListedColormap
 
@@ -146,7 +146,7 @@ def _figure_overlay(plt, path: Path, view: _View, epvs: np.ndarray, ks: list[int
         ax.set_title(f"slice k={k}: {int(epvs[:, :, k].sum())} ePVS voxels", color="white", fontsize=10)
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.suptitle(f"{ref_role}: detected ePVS (red), brain mask (yellow); image right = subject left",
+    fig.suptitle(f"{ref_sequence}: detected ePVS (red), brain mask (yellow); image right = subject left",
                  color="white", fontsize=11)
     fig.tight_layout()
     _save(fig, path)
@@ -199,14 +199,14 @@ def _figure_mask(plt, path: Path, view: _View) -> Path:
 
 
 def _figure_coreg(plt, path: Path, view: _View, coregistered: Mapping[str, np.ndarray], ks: list[int],
-                  ref_role: str) -> Path:
-    """Co-registration check: each other contrast with the reference brain-mask outline."""
+                  ref_sequence: str) -> Path:
+    """Co-registration check: each other sequence with the reference brain-mask outline."""
     (si, sj), mask = view.box, view.mask
     k = ks[len(ks) // 2]
-    roles = list(coregistered)
-    fig, axes = plt.subplots(1, len(roles) + 1, figsize=(4.3 * (len(roles) + 1), 4.6), dpi=80, facecolor="black")
+    sequences = list(coregistered)
+    fig, axes = plt.subplots(1, len(sequences) + 1, figsize=(4.3 * (len(sequences) + 1), 4.6), dpi=80, facecolor="black")
     axes = np.atleast_1d(axes)
-    panels = [(ref_role + " (reference)", view.reference)] + [(r + " registered", coregistered[r]) for r in roles]
+    panels = [(ref_sequence + " (reference)", view.reference)] + [(r + " registered", coregistered[r]) for r in sequences]
     for ax, (title, img) in zip(axes, panels):
         lo, hi = _window(img, mask)
         ax.imshow(img[si, sj, k].T, cmap="gray", vmin=lo, vmax=hi, origin="lower", aspect=view.aspect)
@@ -423,9 +423,9 @@ def _qc_rows(qc: Mapping[str, Any]) -> dict[str, Any]:
             hi is not None and value > hi)
         measures.append({"label": label, "value": shown, "range": rng.strip(), "ok": not out_of_range})
     registrations = []
-    for role, reg in (qc.get("registration") or {}).items():
+    for sequence, reg in (qc.get("registration") or {}).items():
         registrations.append({
-            "role": role, "to": reg.get("to", "subject" if role == "template" else ""),
+            "sequence": sequence, "to": reg.get("to", "subject" if sequence == "template" else ""),
             "metric": reg.get("metric", ""), "before": _fmt(reg.get("before")), "after": _fmt(reg.get("after")),
             "ok": bool(reg.get("ok")), "extra": (f"template brain vs brain mask Dice {reg['brain_mask_dice']:.2f}"
                                                  if "brain_mask_dice" in reg else ""),

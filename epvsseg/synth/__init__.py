@@ -1,9 +1,9 @@
-"""Synthetic multi-contrast ePVS training data: ``sample_params(rng)`` then a pure ``render(params, priors)``.
+"""Synthetic multi-sequence ePVS training data: ``sample_params(rng)`` then a pure ``render(params, priors)``.
 
 No public ePVS weights or labelled scans exist, so the networks of epvs-bids are trained on
 cases rendered here from real anatomical priors (ICBM 2009a tissue maps from nilearn, the
 CIT168 subcortical atlas shipped in ``epvsprep/data/atlases``), with partial-volume ePVS tubes,
-their mimics (WMH, lacunes, vessels, microbleeds) and randomised contrasts and acquisitions.
+their mimics (WMH, lacunes, vessels, microbleeds) and randomised sequences and acquisitions.
 Held-out anatomy for benchmarks: ``build_priors(1.0, tissue=colin27_tissue())`` (Colin27, a real
 brain the training never saw). See ``docs/synthetic_data.md``.
 
@@ -16,7 +16,7 @@ Example
 """
 
 from .anatomies import colin27_tissue
-from .contrast import CONTRASTS
+from .contrast import SEQUENCES
 from .priors import AnatomyPriors, TissueMaps, build_priors, load_priors
 from .render import (
     MIMIC_CLASSES,
@@ -29,7 +29,7 @@ from .render import (
 )
 
 __all__ = [
-    "CONTRASTS", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "TissueMaps", "build_priors",
+    "SEQUENCES", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "TissueMaps", "build_priors",
     "colin27_tissue", "load_priors", "params_from_json",
     "params_to_json", "render", "sample_params",
 ]

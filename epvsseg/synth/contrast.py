@@ -1,4 +1,4 @@
-"""Tissue intensities per contrast, and simulation of the acquisition.
+"""Tissue intensities per sequence, and simulation of the acquisition.
 
 Intensities are relative to normal white matter (WM = 1) before the global gain. Ranges are
 set from the appearance described in the seed papers (Rashid et al. 2023; Chae et al. 2024;
@@ -8,7 +8,7 @@ are CSF-like with a FLAIR-bright gliotic rim; veins and microbleeds are dark on 
 blooming), flow voids dark on T2w. Tissue ratios were then tuned against real 1 mm T2w
 scans (``docs/figures/synth_vs_real_T2w.png``).
 
-Acquisition model (per contrast), applied on the output grid (i, j, k):
+Acquisition model (per sequence), applied on the output grid (i, j, k):
 
 1. bias field: ``exp`` of a random cubic polynomial of the world coordinates (over a brain,
    max/min typically 1.3, at most about 3);
@@ -35,7 +35,7 @@ from scipy import ndimage
 
 LOGGER = logging.getLogger(__name__)
 
-CONTRASTS: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
+SEQUENCES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")
 
 #: Ranges (uniform) of the mean intensity of each class, relative to WM = 1. ``epvs`` is given
 #: relative to the CSF intensity of the same case for T2w, T1w and FLAIR (CSF-like signal) and
@@ -75,18 +75,18 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
 EPVS_RELATIVE_TO_CSF = ("T2w", "T1w", "FLAIR")
 
 
-def sample_intensities(rng: np.random.Generator, contrasts: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Draw the per-case mean intensity of every class (relative to WM = 1) for each contrast.
+def sample_intensities(rng: np.random.Generator, sequences: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Draw the per-case mean intensity of every class (relative to WM = 1) for each sequence.
 
     Returns
     -------
     dict
-        ``{contrast: {class: mean}}``; ``epvs`` is absolute (CSF-relative ranges resolved).
+        ``{sequence: {class: mean}}``; ``epvs`` is absolute (CSF-relative ranges resolved).
     """
     out: dict[str, dict[str, float]] = {}
-    for c in contrasts:
+    for c in sequences:
         if c not in INTENSITY_RANGES:
-            raise ValueError(f"unknown contrast {c!r}; expected one of {tuple(INTENSITY_RANGES)}")
+            raise ValueError(f"unknown sequence {c!r}; expected one of {tuple(INTENSITY_RANGES)}")
         means = {k: float(rng.uniform(*r)) for k, r in INTENSITY_RANGES[c].items()}
         means["ventricle"] = means["csf"] * float(rng.uniform(0.97, 1.03))
         if c in EPVS_RELATIVE_TO_CSF:
@@ -96,8 +96,8 @@ def sample_intensities(rng: np.random.Generator, contrasts: Sequence[str]) -> di
     return out
 
 
-def sample_acquisition(rng: np.random.Generator, contrast: str) -> dict:
-    """Draw an acquisition for one contrast (JSON-serialisable).
+def sample_acquisition(rng: np.random.Generator, sequence: str) -> dict:
+    """Draw an acquisition for one sequence (JSON-serialisable).
 
     Returns
     -------
@@ -108,7 +108,7 @@ def sample_acquisition(rng: np.random.Generator, contrast: str) -> dict:
         ``psf_sigma_vox`` (3), ``noise_corr_sigma`` (acquisition voxels), ``snr`` (WM mean / noise sigma),
         ``bias`` (cubic polynomial coefficients, log-scale) and ``gain``.
     """
-    p2d = {"T2w": 0.45, "T1w": 0.12, "FLAIR": 0.45, "SWI": 0.0}[contrast]
+    p2d = {"T2w": 0.45, "T1w": 0.12, "FLAIR": 0.45, "SWI": 0.0}[sequence]
     if rng.random() < p2d:
         mode = "2D"
         slice_axis = int(rng.choice(3, p=[0.03, 0.12, 0.85]))
@@ -121,7 +121,7 @@ def sample_acquisition(rng: np.random.Generator, contrast: str) -> dict:
         thickness[slice_axis] = thick
     else:
         mode = "3D"
-        if contrast == "SWI":
+        if sequence == "SWI":
             slice_axis = 2
             inplane = float(rng.uniform(0.5, 1.0))
             thick = float(rng.uniform(1.0, 2.5))
@@ -133,7 +133,7 @@ def sample_acquisition(rng: np.random.Generator, contrast: str) -> dict:
         spacing[slice_axis] = thick
         thickness = list(spacing)
     snr_range = {"T2w": (15.0, 60.0), "T1w": (15.0, 70.0), "FLAIR": (12.0, 45.0),
-                 "SWI": (12.0, 40.0)}[contrast]
+                 "SWI": (12.0, 40.0)}[sequence]
     coef = rng.normal(0.0, 1.0, 20)
     coef[0] = 0.0
     coef *= rng.uniform(0.0, 0.25) / max(float(np.sqrt((coef[1:] ** 2).sum())), 1e-9)

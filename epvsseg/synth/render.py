@@ -1,4 +1,4 @@
-"""Synthetic multi-contrast ePVS cases: ``sample_params(rng)`` then a pure ``render(params, priors)``.
+"""Synthetic multi-sequence ePVS cases: ``sample_params(rng)`` then a pure ``render(params, priors)``.
 
 Everything random is drawn in :func:`sample_params` (either explicitly, or as integer
 sub-seeds for the large random objects: ePVS and mimic geometry, anatomical texture, noise),
@@ -10,7 +10,7 @@ Output grid
 Axis-aligned RAS grid in the subject space (axis 0 = left->right, 1 = posterior->anterior,
 2 = inferior->superior), voxel ``params["grid"]["voxel_mm"]`` (default 1 mm isotropic).
 Whole brain (``roi=None`` and ``shape_vox=None``): the template brain box plus 8 mm. Crops:
-``shape_vox`` voxels centred on ``centre_mm`` (drawn per ROI). All contrasts share the grid
+``shape_vox`` voxels centred on ``centre_mm`` (drawn per ROI). All sequences share the grid
 (already co-registered); anisotropic acquisitions degrade the images only: the label,
 mimic map and occupancy stay on the output grid.
 """
@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from .anatomy import Deformation, grid_affine, sample_deformation, trilinear
-from .contrast import CONTRASTS, acquire, bias_field, sample_acquisition, sample_intensities
+from .contrast import SEQUENCES, acquire, bias_field, sample_acquisition, sample_intensities
 from .lesions import (
     EPVS_REGIONS,
     Blobs,
@@ -85,7 +85,7 @@ class SynthCase:
     Attributes
     ----------
     images : dict of str to ndarray, shape (I, J, K), float32
-        Contrast -> unnormalised positive intensities, all on the same output grid (nibabel
+        Sequence -> unnormalised positive intensities, all on the same output grid (nibabel
         voxel order, RAS axes).
     label : ndarray, shape (I, J, K), uint8
         ePVS ground truth (:func:`~epvsseg.synth.lesions.epvs_label`): 1 where :attr:`occupancy` >= 0.5,
@@ -131,7 +131,7 @@ def sample_epvs_burden(rng: np.random.Generator) -> int:
     return int(np.clip(round(550.0 * np.exp(rng.normal(0.0, 0.5))), 5, 2000))
 
 
-def sample_params(rng: np.random.Generator, *, contrasts: Sequence[str] = CONTRASTS, roi: str | None = None,
+def sample_params(rng: np.random.Generator, *, sequences: Sequence[str] = SEQUENCES, roi: str | None = None,
                   shape_vox: tuple[int, int, int] | None = None,
                   voxel_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> dict:
     """Draw every random choice of one synthetic case.
@@ -140,8 +140,8 @@ def sample_params(rng: np.random.Generator, *, contrasts: Sequence[str] = CONTRA
     ----------
     rng : numpy.random.Generator
         The only source of randomness.
-    contrasts : sequence of str
-        Contrasts to render, among ``("T2w", "T1w", "FLAIR", "SWI")``.
+    sequences : sequence of str
+        Sequences to render, among ``("T2w", "T1w", "FLAIR", "SWI")``.
     roi : str, optional
         Crop centre: ``"basal_ganglia"``, ``"centrum_semiovale"``, ``"midbrain"``,
         ``"hippocampus"``, ``"random"`` (anywhere in a brain-sized box) or ``"centre"``.
@@ -157,7 +157,7 @@ def sample_params(rng: np.random.Generator, *, contrasts: Sequence[str] = CONTRA
     dict
         JSON-serialisable parameters for :func:`render`.
     """
-    contrasts = [str(c) for c in contrasts]
+    sequences = [str(c) for c in sequences]
     if roi == "whole":
         roi = None
     if roi is None and shape_vox is not None:
@@ -211,7 +211,7 @@ def sample_params(rng: np.random.Generator, *, contrasts: Sequence[str] = CONTRA
     }
     return {
         "engine_version": ENGINE_VERSION,
-        "contrasts": contrasts,
+        "sequences": sequences,
         "grid": grid,
         "deformation": sample_deformation(rng),
         "atrophy": {"ventricle_mm": round(float(rng.uniform(0.0, 3.0)), 4),
@@ -221,12 +221,12 @@ def sample_params(rng: np.random.Generator, *, contrasts: Sequence[str] = CONTRA
                     "minor_sulci": round(float(rng.uniform(0.0, 1.0)), 4)},
         "epvs": epvs,
         "mimics": mimics,
-        "intensity": sample_intensities(rng, contrasts),
-        "texture": {"amplitude": {c: round(float(rng.uniform(0.01, 0.05)), 4) for c in contrasts},
+        "intensity": sample_intensities(rng, sequences),
+        "texture": {"amplitude": {c: round(float(rng.uniform(0.01, 0.05)), 4) for c in sequences},
                     "scale_vox": round(float(rng.uniform(0.7, 2.0)), 4)},
-        "acquisition": {c: sample_acquisition(rng, c) for c in contrasts},
+        "acquisition": {c: sample_acquisition(rng, c) for c in sequences},
         "seeds": {"epvs": _seed(rng), "mimics": _seed(rng), "texture": _seed(rng), "folding": _seed(rng),
-                  "noise": {c: _seed(rng) for c in contrasts}},
+                  "noise": {c: _seed(rng) for c in sequences}},
     }
 
 
@@ -390,7 +390,7 @@ def _render_mimics(params: dict, priors: AnatomyPriors, deform: Deformation, aff
     vein, _ = rasterise_tubes(veins, affine, shape, supersample=2)
     vein_swi, _ = rasterise_tubes(veins, affine, shape, float(mp["vessels"]["swi_bloom"]), supersample=2)
     artery, _ = rasterise_tubes(arts, affine, shape, supersample=2)
-    # microbleeds: SWI extent (blooming); smaller on the other contrasts
+    # microbleeds: SWI extent (blooming); smaller on the other sequences
     mb = sample_blobs(rng, priors, deform, {"basal_ganglia": 0.3, "thalamus": 0.2, "deep_wm": 0.25,
                                             "centrum_semiovale": 0.25},
                       int(mp["microbleeds"]["n"]), mp["microbleeds"]["radius_mm"], elongation=1.2)
@@ -404,18 +404,18 @@ def _render_mimics(params: dict, priors: AnatomyPriors, deform: Deformation, aff
     )
 
 
-def _compose(contrast: str, params: dict, frac: dict[str, np.ndarray], texture: np.ndarray, m: _MimicFields,
+def _compose(sequence: str, params: dict, frac: dict[str, np.ndarray], texture: np.ndarray, m: _MimicFields,
              occ: np.ndarray) -> np.ndarray:
-    """Noise-free image of one contrast (relative to WM = 1).
+    """Noise-free image of one sequence (relative to WM = 1).
 
     Tissue fractions times their intensities, then each mimic and the ePVS replace their
     partial-volume fraction of the voxel.
     """
-    mu = params["intensity"][contrast]
-    tex = 1.0 + np.float32(params["texture"]["amplitude"][contrast]) * texture
+    mu = params["intensity"][sequence]
+    tex = 1.0 + np.float32(params["texture"]["amplitude"][sequence]) * texture
     img = (frac["gm"] * mu["gm"] + frac["wm"] * mu["wm"] + sum(frac[n] * mu[n] for n in DEEP_GM)) * tex
     img += frac["csf"] * mu["csf"] + frac["ventricle"] * mu["ventricle"]
-    swi = contrast == "SWI"
+    swi = sequence == "SWI"
     layers = [(m.wmh, "wmh"), (m.lacune, "lacune"), (m.lacune_rim, "lacune_rim"), (occ, "epvs"),
               (m.vein_swi if swi else m.vein, "vein"), (m.artery, "artery"),
               (m.microbleed_swi if swi else m.microbleed, "microbleed")]
@@ -431,7 +431,7 @@ def render(params: dict, priors: AnatomyPriors) -> SynthCase:
     atrophy and sharpening; ePVS tubes (partial volume); mimics; ground truth (the ePVS
     occupancy is set to 0 inside mimics and beyond tissue, the label is occupancy >= 0.5 or >= 0.25 on
     a centreline);
-    per-contrast intensities; acquisition (bias, resolution, noise, gain).
+    per-sequence intensities; acquisition (bias, resolution, noise, gain).
 
     Parameters
     ----------
@@ -468,7 +468,7 @@ def render(params: dict, priors: AnatomyPriors) -> SynthCase:
     texture = _smooth_noise(np.random.default_rng(int(params["seeds"]["texture"])), shape,
                             float(params["texture"]["scale_vox"]))
     images = {}
-    for c in params["contrasts"]:
+    for c in params["sequences"]:
         acq = params["acquisition"][c]
         img = _compose(c, params, frac, texture, fields, occ) * bias_field(acq["bias"], affine, shape)
         images[c] = acquire(img, vox, acq, int(params["seeds"]["noise"][c]),

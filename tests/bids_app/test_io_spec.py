@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import group_fixtures as gf
 import nibabel as nib
@@ -76,7 +75,7 @@ def test_find_units_takes_exactly_the_spec_names(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("")
     anat = tmp_path / "sub-01" / "anat"
-    (anat / "sub-01_seg-PVSclusters_desc-T2wPD_dseg.tsv").write_text("")  # not a combination of roles
+    (anat / "sub-01_seg-PVSclusters_desc-T2wPD_dseg.tsv").write_text("")  # not a combination of sequences
     (anat / "sub-01_seg-PVSclusters_desc-T2w_space-MNI_dseg.tsv").write_text("")  # not this spec's name
     assert io_spec.find_units(tmp_path) == units
 
@@ -138,21 +137,22 @@ def test_read_unit_names_the_file_and_the_column(written, tmp_path):
         outputs.read_unit(copy, expected["unit"])
 
 
-def test_write_unit_takes_a_detection_object(written, tmp_path):
-    """A ``Detection`` dataclass with the dict's field names as attributes writes the same files."""
+def test_write_unit_is_deterministic(written, tmp_path):
+    """The same detection and measures write the same bytes (tables and sidecars) into another folder."""
     from bids_app.participant import measure_unit
+    from epvsseg.detect import Detection
 
     out, expected = written
-    det = {"score": expected["mask"].astype(np.float32), "mask": expected["mask"], "excluded": None, "device": "cpu",
-           "parameters": {"model_id": gf.MODEL[0], "weights_sha256": gf.MODEL[1], "threshold": 0.5},
-           "description": "fake detector (tests/group_fixtures.py).", "score_description": "fake score."}
+    det = Detection(score=expected["mask"].astype(np.float32), mask=expected["mask"], excluded=None, device="cpu",
+                    parameters={"model_id": gf.MODEL[0], "weights_sha256": gf.MODEL[1], "threshold": 0.5},
+                    description="fake detector (tests/group_fixtures.py).", score_description="fake score.")
     plan = gf._plan(out.parent / "raw", "01", "1", "hires", "T2w", gf.MODEL)
     image = nib.Nifti1Image(gf.texture(0), gf.AFFINE)
     brain = np.zeros(gf.SHAPE, bool)
     brain[gf.BRAIN] = True
     pre = gf._preprocessed(plan, image, brain, gf.atlas(), qc=True, icv_mm3=1.5e6, snr=20.0, flags=[])
     measures = measure_unit(pre, det, {"T2w": np.asarray(image.dataobj, np.float32)}, "T2w")
-    again = outputs.write_unit(plan, pre, SimpleNamespace(**det), measures, bids_dir=out.parent / "raw",
+    again = outputs.write_unit(plan, pre, det, measures, bids_dir=out.parent / "raw",
                                output_dir=tmp_path, seed=42, timings={"write": 0.0})
     assert again == expected["written"]
     for rel in again:

@@ -24,7 +24,7 @@ def finetuned(tmp_path_factory):
     bids = make_bids(root / "bids", {f"sub-0{i}/anat/sub-0{i}_T2w.json": {"MRAcquisitionType": "3D"} for i in (1, 2)})
     priors = synth.load_priors()
     for i in (1, 2):
-        params = synth.sample_params(np.random.default_rng(500 + i), contrasts=("T2w",), roi="basal_ganglia",
+        params = synth.sample_params(np.random.default_rng(500 + i), sequences=("T2w",), roi="basal_ganglia",
                                      shape_vox=(96, 96, 40))
         case = synth.render(params, priors)
         affine = case.affine.copy()

@@ -40,7 +40,7 @@ def calls(monkeypatch):
         return ops.RigidResult(nib.Nifti1Image(np.asanyarray(fixed.dataobj) * 0.5, fixed.affine), np.eye(4),
                                -0.1, -0.5, True)
 
-    def template(subject, subject_mask, kit, *, contrast, setting="fast", margin_mm=8.0, seed=42):
+    def template(subject, subject_mask, kit, *, sequence, setting="fast", margin_mm=8.0, seed=42):
         counter["template"] += 1
         mask = np.asanyarray(subject_mask.dataobj).astype(np.uint8)
         left = np.zeros(mask.shape, np.float32)
@@ -52,7 +52,7 @@ def calls(monkeypatch):
         return anatomy.TemplateRegistration(
             labels=img(mask * 2, np.uint8), icv_mask=img(mask, np.uint8), brain_mask=img(mask, np.uint8),
             gm=img(mask * left, np.float32), wm=img(mask * (1 - left), np.float32), warped=img(mask, np.float32),
-            similarity_before=-0.2, similarity_after=-0.6, mask_dice=1.0, ok=True, contrast=contrast,
+            similarity_before=-0.2, similarity_after=-0.6, mask_dice=1.0, ok=True, sequence=sequence,
             transform=f"Affine:{setting}", seconds=0.1)
 
     monkeypatch.setattr(ops, "n4_bias_correct", n4)
@@ -67,11 +67,11 @@ def images(tmp_path):
     """A T2w reference and a T1w of one session (textured, 1 mm)."""
     rng = np.random.default_rng(3)
     out = {}
-    for role in ("T2w", "T1w"):
+    for sequence in ("T2w", "T1w"):
         data = (rng.random(SHAPE) * 100 + 50).astype(np.float32)
-        path = tmp_path / f"sub-01_{role}.nii.gz"
+        path = tmp_path / f"sub-01_{sequence}.nii.gz"
         nib.Nifti1Image(data, np.diag([1.0, 1.0, 1.0, 1.0])).to_filename(path)
-        out[role] = path
+        out[sequence] = path
     return out
 
 
@@ -152,4 +152,4 @@ def test_an_image_outside_the_reference_field_of_view_is_named(images, tmp_path,
     nib.Nifti1Image(img.get_fdata().astype(np.float32), moved).to_filename(images["T1w"])
     with pytest.raises(pipeline.FieldOfViewError, match="does not overlap the T2w reference") as info:
         pipeline.preprocess(images, "T2w")
-    assert info.value.path == images["T1w"] and info.value.role == "T1w"
+    assert info.value.path == images["T1w"] and info.value.sequence == "T1w"

@@ -103,14 +103,14 @@ class _Bright(torch.nn.Module):
 
 def _cases():
     from epvsseg.infer import normalise
-    from epvsseg.nets import CONTRASTS
+    from epvsseg.nets import SEQUENCES
     from epvsseg.train import Case
 
     _, parts, flair, brain = _scene()
     t2 = np.ones(SHAPE, np.float32)
     for name in ("tube", "ball", "bright_tube"):
         t2[parts[name]] = 4.0
-    images = {c: normalise(t2, brain) for c in CONTRASTS}
+    images = {c: normalise(t2, brain) for c in SEQUENCES}
     images["FLAIR"] = normalise(flair.astype(np.float32), brain)
     label = parts["tube"] | parts["bright_tube"]  # the ball is a false (lacune-like) cluster
     return [Case(images, label, np.zeros(SHAPE, np.uint8), brain)]

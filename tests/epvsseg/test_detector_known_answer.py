@@ -59,13 +59,13 @@ def run_detector(volumes: dict[str, np.ndarray], brain: np.ndarray, affine: np.n
     Parameters
     ----------
     volumes : dict
-        Contrast -> ``(I, J, K)`` volume (unnormalised, bias-free), all on the grid of ``affine``.
+        Sequence -> ``(I, J, K)`` volume (unnormalised, bias-free), all on the grid of ``affine``.
     brain : ndarray of bool
         Brain mask.
     affine : ndarray, shape (4, 4)
         Voxel-to-mm affine.
     combination : tuple of str
-        Input contrasts, reference first.
+        Input sequences, reference first.
     method : {"unet", "frangi"}
         Detector; ``unet`` is the default model.
 
@@ -145,7 +145,7 @@ def synthetic_scores(cases, *, combination: tuple[str, ...], method: str) -> Sco
 #: T2w 0.913 / 0.874 / 0.840 / 1.013; T2w+FLAIR+T1w+SWI 0.928 / 0.904 / 0.864 / 1.054;
 #: T1w 0.884 / 0.866 / 0.828 / 0.900; Frangi on T2w 0.302 / 0.899 / 0.260 / 0.181 (Frangi misses faint thin tubes).
 #: The network's probabilities are sharp: at a threshold of 0.99 instead of 0.6 it still finds most ePVS
-#: (T2w sensitivity 0.864) but only 0.749 of their volume (0.868 with four contrasts, 0.612 on T1w); the
+#: (T2w sensitivity 0.864) but only 0.749 of their volume (0.868 with four sequences, 0.612 on T1w); the
 #: volume band is the check that a wrong threshold cannot pass.
 SYNTH_FLOORS = {
     ("unet", ("T2w",)): (0.80, 0.75, 0.72, (0.85, 1.20)),

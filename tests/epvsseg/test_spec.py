@@ -20,7 +20,7 @@ def test_shipped_models_load_and_verify(model_id):
     assert s.model_id == model_id and s.folder == spec.weights_root() / model_id
     assert s.threshold == meta["threshold"] and s.min_cluster_voxels == meta["min_cluster_voxels"]
     assert s.combinations == tuple(tuple(c.split("+")) for c in meta["served_combinations"])
-    assert s.architecture_kwargs["in_channels"] == len(s.input_contrasts) * (2 * s.context_slices + 2)
+    assert s.architecture_kwargs["in_channels"] == len(s.input_sequences) * (2 * s.context_slices + 2)
     assert s.exclusions == ExclusionParams()
     assert s.operating_point.threshold == s.threshold
 
@@ -39,9 +39,9 @@ def test_default_spec_and_record():
 
 
 def test_known_contrasts_match_the_network_channels():
-    from epvsseg.nets import CONTRASTS
+    from epvsseg.nets import SEQUENCES
 
-    assert spec.KNOWN_CONTRASTS == CONTRASTS
+    assert spec.KNOWN_SEQUENCES == SEQUENCES
 
 
 def test_spec_error_is_a_weights_error():
@@ -82,16 +82,16 @@ def test_folder_path_loads_with_exclusions_and_finetuned_from(folder):
     ({"threshold": "0.6"}, "threshold '0.6' is not a finite number"),
     ({"min_cluster_voxels": 0}, "min_cluster_voxels 0 is not an integer >= 1"),
     ({"min_cluster_voxels": 2.5}, "min_cluster_voxels 2.5 is not an integer >= 1"),
-    ({"served_combinations": ["T2w+PD"]}, "served combination 'T2w+PD' uses a contrast outside input_contrasts"),
-    ({"served_combinations": ["T2w+T2w"]}, "served combination 'T2w+T2w' repeats a contrast"),
+    ({"served_combinations": ["T2w+PD"]}, "served combination 'T2w+PD' uses a sequence outside input_sequences"),
+    ({"served_combinations": ["T2w+T2w"]}, "served combination 'T2w+T2w' repeats a sequence"),
     ({"served_combinations": ["T2w", "T2w"]}, "served combination 'T2w' is listed twice"),
     ({"served_combinations": []}, "served_combinations [] is not a non-empty list"),
-    ({"input_contrasts": ["T2w", "T2w", "T1w", "FLAIR"]}, "has duplicates"),
-    ({"input_contrasts": ["T2w", "PD"]}, "input_contrasts ['PD'] unknown"),
+    ({"input_sequences": ["T2w", "T2w", "T1w", "FLAIR"]}, "has duplicates"),
+    ({"input_sequences": ["T2w", "PD"]}, "input_sequences ['PD'] unknown"),
     ({"exclusions": {"lacune_min_diameter": 3}}, "exclusions: unknown key(s) lacune_min_diameter"),
     ({"exclusions": {"wmh_flair_ratio": -1}}, "exclusions.wmh_flair_ratio -1 is not positive"),
     ({"exclusions": [1]}, "exclusions [1] is not an object"),
-    ({"context_slices": 1}, "in_channels 24 does not match 4 input contrasts with context_slices 1 (expected 16)"),
+    ({"context_slices": 1}, "in_channels 24 does not match 4 input sequences with context_slices 1 (expected 16)"),
     ({"voxel_mm": 0}, "voxel_mm 0.0 is not positive"),
     ({"threshold": None}, "missing key(s) threshold"),
     ({"finetuned_from": 3}, "finetuned_from 3 is not a string"),

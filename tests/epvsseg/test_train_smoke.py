@@ -84,7 +84,7 @@ class IntensityToProbability(torch.nn.Module):
 
     def __init__(self, context: int):
         super().__init__()
-        self.channel = context  # the centre slice of the first contrast (T2w)
+        self.channel = context  # the centre slice of the first sequence (T2w)
 
     def forward(self, x):
         return 4.0 * (x[:, self.channel:self.channel + 1] - 2.0)
