@@ -4,7 +4,7 @@ Three measurements, written to ``benchmarks/results/preprocessing.md`` (+ ``.jso
 
 1. **Template registration, accuracy vs speed.** The synthetic T2w template is seen through a
    known deformation (rotation, scaling, smooth bumps; the grid is LAS, oblique, 2 mm; the same
-   generator as ``tests/test_regions.py``) and registered back with every setting of
+   generator as ``tests/epvsprep/test_regions.py``) and registered back with every setting of
    ``epvsprep.anatomy.REGISTRATION_SETTINGS``; Dice of the warped region labels with the true
    ones, ICV error and wall time.
 2. **Whole preprocessing of a T2w+T1w participant at 1 mm** (load, N4 of both, brain mask, rigid

@@ -183,7 +183,7 @@ def label_summary(case: synth.SynthCase) -> dict:
             "mimic_voxels": {synth.MIMIC_CLASSES[k]: int((case.mimics == k).sum()) for k in range(1, 5)}}
 
 
-#: Render time budget of one 96 x 96 x 48 training crop, s (median; formerly asserted in tests/test_synth.py, where a
+#: Render time budget of one 96 x 96 x 48 training crop, s (median; formerly asserted in tests/epvsseg/test_synth.py, where a
 #: busy machine made it fail for reasons unrelated to the code).
 CROP_BUDGET_S = 2.0
 

@@ -166,7 +166,7 @@ def kill_point(step: str) -> None:
     Steps are those of :func:`process_unit`'s timings (``load``, ``n4``, ``brain_mask``,
     ``template``, ``detect``, ``clusters``, ``write``: each after its work is done) and
     ``status`` (every output written, status record not yet). Used by
-    ``tests/test_crash_safety.py`` to prove that a run killed there resumes to identical
+    ``tests/e2e/test_crash_safety.py`` to prove that a run killed there resumes to identical
     outputs; unset in normal use.
     """
     if os.environ.get("EPVS_TEST_KILL_AT") == step:

@@ -21,7 +21,7 @@ Run::
     python scripts/make_atlas.py --compare-aal ../shared/data/debian_mricron-data/aal.nii.gz
 
 The output is deterministic (no random numbers); ``MANIFEST.json`` lists the sha256 of
-every file written, and ``tests/test_regions.py`` checks those hashes.
+every file written, and ``tests/epvsprep/test_regions.py`` checks those hashes.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ is in the comment). A broken or random model, a wrong threshold, inverted polari
 channels each take at least one of them out of bounds (``docs/testing.md`` records which test fails
 for each of these sabotages).
 
-The golden-file test of ``tests/test_models.py`` stays beside these as a regression guard: it
+The golden-file test of ``tests/epvsseg/test_models.py`` stays beside these as a regression guard: it
 detects any change of output, these detect a wrong output.
 """
 

@@ -7,7 +7,7 @@
   report templates: the image needs nothing at run time that the wheel lacks;
 * the TemplateFlow images fetched at build time are the ones the template registration reads.
 
-The run with a read-only HOME and TMPDIR is ``tests/test_readonly_home.py``.
+The run with a read-only HOME and TMPDIR is ``tests/e2e/test_readonly_home.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
 

@@ -1,6 +1,6 @@
 """App-level fuzzing: the CLI on a one-participant dataset with a fuzzed NIfTI header and file name.
 
-Hypothesis draws the image with the strategy of ``tests/test_fuzz.py`` (shape, data type,
+Hypothesis draws the image with the strategy of ``tests/fuzz_strategies.py`` (shape, data type,
 pixdim, sform/qform, NaN or constant data, truncation) and BIDS entities for its name. The
 whole participant level must then either complete (exit 0, every listed output present) or
 fail with a documented data/selection code, with a one-line message and no Python traceback
@@ -21,9 +21,9 @@ from bids_app.cli.run import main
 # hypothesis is in the test extra (pip install -e ".[test]"); without it these tests are skipped, not errors
 pytest.importorskip("hypothesis", reason="needs the test extra: pip install -e '.[test]'")
 
+from fuzz_strategies import nifti_cases, write_case
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_fuzz import _write, nifti_cases
 
 #: Exit codes a fuzzed single-participant dataset may legitimately give (docs/usage.md).
 ALLOWED = {0, 16, 18, 64, 65, 66}
@@ -36,7 +36,7 @@ def _run_case(root, case, entities, capsys):
     name = "_".join(["sub-01", *sorted(entities, key=lambda e: ["acq", "ce", "rec", "run", "echo", "part"].index(
         e.split("-")[0])), "T2w"]) + (".nii.gz" if case["gz"] else ".nii")
     bids = make_bids(root / "bids", {"sub-01/anat/": None})
-    _write(case, bids / "sub-01" / "anat" / name)
+    write_case(case, bids / "sub-01" / "anat" / name)
     out = root / "out"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
