@@ -697,8 +697,36 @@ def collect_sessions(
     base = {key: _to_pybids(value) for key, value in spec.base.items()}
     files = {f.path: f for f in layout.get(subject=list(subjects), **base)}
     entities_of = {path: f.get_entities() for path, f in files.items()}
+    units, sessions_of = _units_of_work(root, subjects, entities_of, sessions_wanted)
+    sequence_of, excluded_by = _assign_sequences(layout, subjects, base, spec, user_filters, entities_of)
+    by_unit = _files_by_unit(entities_of, units, sessions_of)
+    result = []
+    for subject, session in units:
+        candidates: dict[str, list[AnatImage]] = {sequence: [] for sequence in SEQUENCES}
+        ignored: list[tuple[str, str]] = []
+        for path in sorted(by_unit.get((subject, session), [])):
+            entities = entities_of[path]
+            part = entities.get("part")
+            sequence = sequence_of.get(path)
+            if part not in spec.usable_parts:
+                ignored.append((path, _PART_REASON.format(part=part)))
+            elif sequence is None:
+                ignored.append((path, _ignore_reason(entities, spec, excluded_by.get(path))))
+            else:
+                image = AnatImage(path=Path(path), sequence=sequence, entities=entities,
+                                  metadata=files[path].get_metadata())
+                candidates[sequence].append(image)
+        unit = SessionInputs(subject=subject, session=session, ignored=tuple(ignored),
+                             candidates={sequence: tuple(images) for sequence, images in candidates.items()})
+        LOGGER.debug("%s: %s; %d ignored", unit.label,
+                     ", ".join(f"{r}={len(unit.candidates[r])}" for r in SEQUENCES), len(unit.ignored))
+        result.append(unit)
+    return result
 
-    # Units of work: sessions come from ses-* folders and from the image names.
+
+def _units_of_work(root: Path, subjects: Sequence[str], entities_of: Mapping[str, Mapping[str, Any]],
+                   sessions_wanted: Sequence[str] | None) -> tuple[list[tuple[str, str | None]], dict]:
+    """The (subject, session) units, and each subject's sessions (from ``ses-*`` folders and image names)."""
     named: dict[str, set[str]] = {}
     for entities in entities_of.values():
         if "session" in entities:
@@ -711,17 +739,22 @@ def collect_sessions(
     if sessions_wanted is None:
         for subject in subjects:
             units.extend((subject, ses) for ses in sessions_of[subject] or [None])
-    else:
-        all_sessions = sorted({ses for subject in subjects for ses in sessions_of[subject]})
-        chosen = set(_select(all_sessions, sessions_wanted, "session", "for the selected participants"))
-        for subject in subjects:
-            kept = [ses for ses in sessions_of[subject] if ses in chosen]
-            if not kept:
-                LOGGER.info("sub-%s has none of the selected sessions: skipped", subject)
-            units.extend((subject, ses) for ses in kept)
+        return units, sessions_of
+    all_sessions = sorted({ses for subject in subjects for ses in sessions_of[subject]})
+    chosen = set(_select(all_sessions, sessions_wanted, "session", "for the selected participants"))
+    for subject in subjects:
+        kept = [ses for ses in sessions_of[subject] if ses in chosen]
+        if not kept:
+            LOGGER.info("sub-%s has none of the selected sessions: skipped", subject)
+        units.extend((subject, ses) for ses in kept)
+    return units, sessions_of
 
-    # Sequence assignment: exact pybids queries, then Python-side checks.
-    role_of: dict[str, str] = {}
+
+def _assign_sequences(layout, subjects, base, spec: _QuerySpec, user_filters, entities_of
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """Sequence of every matching file (exact pybids queries, then Python-side checks), and the files
+    a user filter excluded (path -> the sequence whose filter did it)."""
+    sequence_of: dict[str, str] = {}
     excluded_by: dict[str, str] = {}
     for sequence in SEQUENCES:
         alternatives = spec.sequences[sequence]
@@ -732,17 +765,16 @@ def collect_sessions(
             for path in default - matched:
                 excluded_by.setdefault(path, sequence)
         for path in sorted(matched):
-            if path in role_of:
-                LOGGER.warning(
-                    "%s matches both %s and %s: used as %s only",
-                    Path(path).name,
-                    role_of[path],
-                    sequence,
-                    role_of[path],
-                )
+            if path in sequence_of:
+                LOGGER.warning("%s matches both %s and %s: used as %s only", Path(path).name, sequence_of[path],
+                               sequence, sequence_of[path])
                 continue
-            role_of[path] = sequence
+            sequence_of[path] = sequence
+    return sequence_of, excluded_by
 
+
+def _files_by_unit(entities_of, units, sessions_of) -> dict[tuple[str, str | None], list[str]]:
+    """The files of each unit; a file outside any ``ses-`` folder of a subject with sessions is ignored."""
     by_unit: dict[tuple[str, str | None], list[str]] = {}
     unit_set = set(units)
     for path, entities in entities_of.items():
@@ -751,34 +783,4 @@ def collect_sessions(
             by_unit.setdefault(key, []).append(path)
         elif key[1] is None and sessions_of.get(key[0]):
             LOGGER.warning("%s is outside any ses- folder of a subject with sessions: ignored", path)
-
-    result = []
-    for subject, session in units:
-        candidates: dict[str, list[AnatImage]] = {sequence: [] for sequence in SEQUENCES}
-        ignored: list[tuple[str, str]] = []
-        for path in sorted(by_unit.get((subject, session), [])):
-            entities = entities_of[path]
-            part = entities.get("part")
-            sequence = role_of.get(path)
-            if part not in spec.usable_parts:
-                ignored.append((path, _PART_REASON.format(part=part)))
-            elif sequence is None:
-                ignored.append((path, _ignore_reason(entities, spec, excluded_by.get(path))))
-            else:
-                metadata = files[path].get_metadata()
-                image = AnatImage(path=Path(path), sequence=sequence, entities=entities, metadata=metadata)
-                candidates[sequence].append(image)
-        unit = SessionInputs(
-            subject=subject,
-            session=session,
-            candidates={sequence: tuple(images) for sequence, images in candidates.items()},
-            ignored=tuple(ignored),
-        )
-        LOGGER.debug(
-            "%s: %s; %d ignored",
-            unit.label,
-            ", ".join(f"{r}={len(unit.candidates[r])}" for r in SEQUENCES),
-            len(unit.ignored),
-        )
-        result.append(unit)
-    return result
+    return by_unit
