@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Intake:
 
     units: list
     failed: dict[str, InputError] = field(default_factory=dict)
+    validation: str = "BIDS validation skipped (--skip-bids-validation)"
 
 
 def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
@@ -65,11 +67,13 @@ def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
     from .query import check_dataset, collect_sessions, load_layout
 
     check_dataset(bids_dir)
+    validation = Intake.validation
     if validate:
-        warnings_ = validate_bids(bids_dir)
-        LOGGER.info("BIDS validation passed%s", f" with warnings: {', '.join(warnings_)}" if warnings_ else "")
+        warnings_ = validate_bids(bids_dir, participant_labels=participant_labels)
+        validation = f"BIDS validation passed ({validated_scope(bids_dir, participant_labels)})"
+        LOGGER.info("%s%s", validation, f" with warnings: {', '.join(warnings_)}" if warnings_ else "")
     else:
-        LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
+        LOGGER.info("%s", validation)
     broken: dict[str, tuple[Path, str]] = {}
     try:
         try:
@@ -90,11 +94,44 @@ def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
         if hit:
             units = [u for u in units if u not in hit]
             failed[label] = InputError(problem, sidecar)
-    return Intake(units, failed)
+    return Intake(units, failed, validation)
 
 
-def validate_bids(bids_dir: Path) -> list[str]:
-    """Run bids-validator-deno on the input dataset.
+def _selected_subjects(bids_dir: Path, participant_labels: Sequence[str] | None) -> list[str] | None:
+    """Subject folder names selected by ``participant_labels`` (``None``: every subject)."""
+    if not participant_labels:
+        return None
+    wanted = {str(label).removeprefix("sub-") for label in participant_labels}
+    return sorted(p.name for p in Path(bids_dir).glob("sub-*") if p.is_dir() and p.name[4:] in wanted)
+
+
+def validated_scope(bids_dir: Path, participant_labels: Sequence[str] | None = None) -> str:
+    """A sentence saying what the validator checks: the whole dataset or the selected subjects."""
+    subjects = _selected_subjects(bids_dir, participant_labels)
+    if subjects is None:
+        return "whole dataset validated"
+    return f"validated: top-level files and {', '.join(subjects) or 'no subject'} (--participant-label)"
+
+
+def _filtered_view(bids_dir: Path, subjects: list[str], view: Path) -> Path:
+    """A folder of symbolic links: every top-level entry except unselected ``sub-*`` folders.
+
+    The input dataset is only read; the links live in ``view`` (a temporary folder).
+    """
+    bids_dir = Path(bids_dir).resolve()
+    for entry in sorted(bids_dir.iterdir()):
+        if entry.name.startswith("sub-") and entry.is_dir() and entry.name not in subjects:
+            continue
+        (view / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    return view
+
+
+def validate_bids(bids_dir: Path, participant_labels: Sequence[str] | None = None) -> list[str]:
+    """Run bids-validator-deno on the input dataset, or on the selected participants only.
+
+    With ``participant_labels`` the validator sees a temporary view of the dataset (symbolic
+    links to the top-level files and folders and to the selected ``sub-*`` folders only), so a
+    broken file of another subject does not stop the run, as in fMRIPrep.
 
     Returns
     -------
@@ -110,10 +147,13 @@ def validate_bids(bids_dir: Path) -> list[str]:
     if exe is None:
         LOGGER.warning("bids-validator-deno not found: skipping BIDS validation")
         return []
-    proc = subprocess.run(
-        [exe, str(bids_dir), "--format", "json", "--ignoreNiftiHeaders"],
-        check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
-    )
+    subjects = _selected_subjects(bids_dir, participant_labels)
+    with tempfile.TemporaryDirectory(prefix="epvs-bids-validate-") as tmp:
+        target = Path(bids_dir) if subjects is None else _filtered_view(bids_dir, subjects, Path(tmp))
+        proc = subprocess.run(
+            [exe, str(target), "--format", "json", "--ignoreNiftiHeaders"],
+            check=False, capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+        )
     try:
         report = json.loads(proc.stdout)
         issues = report.get("issues", {}).get("issues", [])
@@ -124,7 +164,8 @@ def validate_bids(bids_dir: Path) -> list[str]:
         shown = "; ".join(f"{i.get('code')} at {i.get('location', '?')}" for i in errors[:5])
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValidationError(
-            f"BIDS validation failed with {len(errors)} error(s): {shown}{more}. "
+            f"BIDS validation failed with {len(errors)} error(s) ({validated_scope(bids_dir, participant_labels)}): "
+            f"{shown}{more}. "
             "Fix the dataset or pass --skip-bids-validation.",
             bids_dir,
         )
