@@ -332,17 +332,7 @@ def vesselness(
     """
     data, mask = _check_volume(data, mask)
     spacing = _as_spacing(spacing_mm)
-    scales = [float(s) for s in scales_mm]
-    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
-        raise ValueError(f"scales_mm must be positive finite mm values, got {scales_mm!r}")
-    if alpha <= 0 or beta <= 0:
-        raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
-    if c is not None and not c > 0:
-        raise ValueError(f"c must be > 0 or None, got {c}")
-    if c_mode not in ("absolute", "median"):
-        raise ValueError(f"c_mode must be 'absolute' or 'median', got {c_mode!r}")
-    if axial_gamma is not None and not axial_gamma > 0:
-        raise ValueError(f"axial_gamma must be > 0 or None, got {axial_gamma}")
+    scales = _check_vesselness_parameters(scales_mm, alpha, beta, c, c_mode, axial_gamma)
     out = np.zeros(data.shape, dtype=np.float32)
     if mask is None:
         mask = np.ones(data.shape, dtype=bool)
@@ -359,43 +349,13 @@ def vesselness(
     flat_idx = np.ravel_multi_index(tuple(c_ + 1 for c_ in coords), pshape)
     best = np.zeros(flat_idx.size, dtype=np.float32)
 
-    two_a2 = 2.0 * alpha**2
-    two_b2 = 2.0 * beta**2
-    two_g2 = 2.0 * axial_gamma**2 if axial_gamma is not None else 0.0
     for sigma in scales:
         eff = np.sqrt(sigma**2 + VOXEL_BLUR_VAR * spacing**2)
-        norm_outer = np.outer(eff, eff)
         smoothed = ndimage.gaussian_filter(sub, sigma / spacing, mode="nearest", truncate=4.0)
         padded = np.pad(smoothed, 1, mode="edge")
         del smoothed
-        shape_term = np.zeros(flat_idx.size, dtype=np.float32)
-        s2 = np.empty(flat_idx.size, dtype=np.float32)
-        for start in range(0, flat_idx.size, _CHUNK):
-            sl = slice(start, start + _CHUNK)
-            hess = _hessian(padded, flat_idx[sl], spacing) * norm_outer
-            s2[sl] = np.einsum("nab,nab->n", hess, hess)
-            trace = np.einsum("naa->n", hess)
-            # |l1| <= |l2| and l2, l3 of one sign imply sign(trace) == sign(l3): a cheap exact pre-filter.
-            cand = np.flatnonzero(trace < 0 if bright else trace > 0)
-            if cand.size == 0:
-                continue
-            lam = np.linalg.eigvalsh(hess[cand])
-            order = np.argsort(np.abs(lam), axis=1)
-            lam = np.take_along_axis(lam, order, axis=1)
-            l1, l2, l3 = lam[:, 0], lam[:, 1], lam[:, 2]
-            ok = (l2 < 0) & (l3 < 0) if bright else (l2 > 0) & (l3 > 0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ra2 = np.where(ok, (l2 / l3) ** 2, 0.0)
-                rb2 = np.where(ok, l1**2 / np.abs(l2 * l3), 0.0)
-            term = (1.0 - np.exp(-ra2 / two_a2)) * np.exp(-rb2 / two_b2)
-            if axial_gamma is not None:
-                grad = _gradient(padded, flat_idx[sl][cand], spacing) * eff
-                axis = _first_eigenvector(hess[cand], l1)
-                along = np.einsum("na,na->n", grad, axis)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    r2 = np.where(ok, along**2 / (l2**2), 0.0)
-                term = term * np.exp(-r2 / two_g2)
-            shape_term[start + cand] = np.where(ok, term, 0.0)
+        shape_term, s2 = _shape_terms(padded, flat_idx, spacing, eff, bright=bright, alpha=alpha, beta=beta,
+                                      axial_gamma=axial_gamma)
         if c is None:
             c_scale = 0.5 * math.sqrt(float(s2.max()))
         elif c_mode == "median":
@@ -413,6 +373,64 @@ def vesselness(
     out[box] = sub_out
     np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+def _check_vesselness_parameters(scales_mm, alpha, beta, c, c_mode, axial_gamma) -> list[float]:
+    """The scales as floats (mm); ValueError naming the first invalid parameter of :func:`vesselness`."""
+    scales = [float(s) for s in scales_mm]
+    if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+        raise ValueError(f"scales_mm must be positive finite mm values, got {scales_mm!r}")
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+    if c is not None and not c > 0:
+        raise ValueError(f"c must be > 0 or None, got {c}")
+    if c_mode not in ("absolute", "median"):
+        raise ValueError(f"c_mode must be 'absolute' or 'median', got {c_mode!r}")
+    if axial_gamma is not None and not axial_gamma > 0:
+        raise ValueError(f"axial_gamma must be > 0 or None, got {axial_gamma}")
+    return scales
+
+
+def _shape_terms(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray, eff: np.ndarray, *, bright: bool,
+                 alpha: float, beta: float, axial_gamma: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Frangi's shape term (R_A, R_B and the optional axial term) and S² at the evaluated voxels of one scale.
+
+    ``padded`` is the smoothed image padded by one voxel, ``flat_idx`` the evaluated voxels' flat indices in it,
+    ``eff`` the effective scale per axis (mm); the Hessians are taken in chunks to bound memory.
+    """
+    two_a2 = 2.0 * alpha**2
+    two_b2 = 2.0 * beta**2
+    two_g2 = 2.0 * axial_gamma**2 if axial_gamma is not None else 0.0
+    norm_outer = np.outer(eff, eff)
+    shape_term = np.zeros(flat_idx.size, dtype=np.float32)
+    s2 = np.empty(flat_idx.size, dtype=np.float32)
+    for start in range(0, flat_idx.size, _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        hess = _hessian(padded, flat_idx[sl], spacing) * norm_outer
+        s2[sl] = np.einsum("nab,nab->n", hess, hess)
+        trace = np.einsum("naa->n", hess)
+        # |l1| <= |l2| and l2, l3 of one sign imply sign(trace) == sign(l3): a cheap exact pre-filter.
+        cand = np.flatnonzero(trace < 0 if bright else trace > 0)
+        if cand.size == 0:
+            continue
+        lam = np.linalg.eigvalsh(hess[cand])
+        order = np.argsort(np.abs(lam), axis=1)
+        lam = np.take_along_axis(lam, order, axis=1)
+        l1, l2, l3 = lam[:, 0], lam[:, 1], lam[:, 2]
+        ok = (l2 < 0) & (l3 < 0) if bright else (l2 > 0) & (l3 > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ra2 = np.where(ok, (l2 / l3) ** 2, 0.0)
+            rb2 = np.where(ok, l1**2 / np.abs(l2 * l3), 0.0)
+        term = (1.0 - np.exp(-ra2 / two_a2)) * np.exp(-rb2 / two_b2)
+        if axial_gamma is not None:
+            grad = _gradient(padded, flat_idx[sl][cand], spacing) * eff
+            axis = _first_eigenvector(hess[cand], l1)
+            along = np.einsum("na,na->n", grad, axis)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r2 = np.where(ok, along**2 / (l2**2), 0.0)
+            term = term * np.exp(-r2 / two_g2)
+        shape_term[start + cand] = np.where(ok, term, 0.0)
+    return shape_term, s2
 
 
 def normalise_intensity(
