@@ -333,11 +333,8 @@ def git_commit() -> str:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the recipe; write the model folder; return the final validation metrics."""
+    """Run the recipe; write the model folder; return its ``model.json`` content."""
     import torch
-
-    from .infer import sha256_file
-    from .nets import build
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -349,30 +346,54 @@ def train(cfg: TrainConfig) -> dict:
     LOGGER.info("rendered %d cases in %.0f s", len(paths), t_data)
     train_cases = [load_case(p) for p in paths[: cfg.n_train]]
     val_cases = [load_case(p) for p in paths[cfg.n_train:]]
+    net, kwargs, init = _initial_network(cfg)
+    t0 = time.time()
+    history = _fit(net, train_cases, val_cases, rng, cfg)
+    t_train = time.time() - t0
+    # operating point: threshold and minimum cluster size with the best mean (F1 + Dice) over all
+    # combinations on all validation cases
+    (threshold, min_voxels), selection = select_operating_point(
+        net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes)
+    LOGGER.info("operating point %.2f / %d voxels selected: %s", threshold, min_voxels,
+                {k: round(_score(v), 4) for k, v in selection.items()})
+    training = {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
+                "history": history, "initialised_from": init or None, "operating_point_selection": selection}
+    return _write_model(Path(cfg.out), net, kwargs, cfg, (threshold, min_voxels), training,
+                        selection[f"{threshold}/{min_voxels}"])
+
+
+def _initial_network(cfg: TrainConfig):
+    """The network to train, its ``architecture_kwargs``, and the warm start record (empty without one)."""
+    from .nets import build
 
     kwargs = {"in_channels": n_input_channels(cfg.context), "base": cfg.base, "depth": cfg.depth}
     net = build("unet2d", **kwargs)
-    init = {}
-    if cfg.init:  # warm start from an earlier model (its id and hash are recorded)
-        from .infer import load_model
+    if not cfg.init:
+        return net, kwargs, {}
+    from .infer import load_model
 
-        base = load_model(cfg.init)
-        old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"]}
-        if old_kwargs != kwargs or base.context > cfg.context:
-            raise ValueError(f"--init {cfg.init}: architecture {base.spec.architecture_kwargs} (context "
-                             f"{base.context}) does not fit {kwargs} (context {cfg.context})")
-        state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
-        net.load_state_dict(widen_context(state, base.context, cfg.context))
-        init = {"model_id": base.model_id, "sha256": base.spec.sha256, "context": base.context}
+    base = load_model(cfg.init)  # warm start from an earlier model (its id and hash are recorded)
+    old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"]}
+    if old_kwargs != kwargs or base.context > cfg.context:
+        raise ValueError(f"--init {cfg.init}: architecture {base.spec.architecture_kwargs} (context "
+                         f"{base.context}) does not fit {kwargs} (context {cfg.context})")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
+    net.load_state_dict(widen_context(state, base.context, cfg.context))
+    return net, kwargs, {"model_id": base.model_id, "sha256": base.spec.sha256, "context": base.context}
+
+
+def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Generator, cfg: TrainConfig) -> list:
+    """Train ``net`` in place; keep the weights with the best validation score; return the validation history."""
+    import torch
+
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     best, best_state, history = -1.0, None, []
     t0 = time.time()
-    val_combos = [("T2w",), ("T2w", "FLAIR", "T1w", "SWI"), ("T1w",), ("FLAIR",)]
+    val_combinations = [("T2w",), ("T2w", "FLAIR", "T1w", "SWI"), ("T1w",), ("FLAIR",)]
     for it in range(1, cfg.iterations + 1):
         x, y = sample_batch(train_cases, rng, cfg)
-        logits = net(torch.from_numpy(x))
-        loss = _loss(logits, torch.from_numpy(y))
+        loss = _loss(net(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -380,24 +401,24 @@ def train(cfg: TrainConfig) -> dict:
         if it % 50 == 0:
             LOGGER.info("it %d loss %.4f (%.2f s/it)", it, loss.item(), (time.time() - t0) / it)
         if it % cfg.val_every == 0 or it == cfg.iterations:
-            scores = evaluate(net, val_cases[: max(4, len(val_cases) // 2)], val_combos, context=cfg.context)
+            scores = evaluate(net, val_cases[: max(4, len(val_cases) // 2)], val_combinations, context=cfg.context)
             score = _score(scores)
             history.append({"iteration": it, "score": score, "val": scores, "elapsed_s": time.time() - t0})
             LOGGER.info("it %d validation %s", it, json.dumps(scores))
             if score > best:
                 best = score
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    t_train = time.time() - t0
     net.load_state_dict(best_state)
-    # operating point: threshold and minimum cluster size with the best mean (F1 + Dice) over all
-    # combinations on all validation cases
-    (threshold, min_voxels), selection = select_operating_point(
-        net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes)
-    final = selection[f"{threshold}/{min_voxels}"]
-    LOGGER.info("operating point %.2f / %d voxels selected: %s", threshold, min_voxels,
-                {k: round(_score(v), 4) for k, v in selection.items()})
+    return history
 
-    out = Path(cfg.out)
+
+def _write_model(out: Path, net, kwargs: dict, cfg: TrainConfig, point: tuple[float, int], training: dict,
+                 validation: dict) -> dict:
+    """Write ``weights.pt`` (float16) and ``model.json`` into ``out``; return the ``model.json`` content."""
+    import torch
+
+    from .infer import sha256_file
+
     out.mkdir(parents=True, exist_ok=True)
     weights = out / "weights.pt"
     torch.save({k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}, weights)
@@ -411,12 +432,10 @@ def train(cfg: TrainConfig) -> dict:
         "voxel_mm": 1.0,
         "normalisation": "median-in-mask",
         "labels": {"0": "background", "1": "ePVS"},
-        "threshold": float(threshold),
-        "min_cluster_voxels": int(min_voxels),
-        "training": {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
-                     "history": history, "initialised_from": init or None,
-                     "operating_point_selection": selection},
-        "validation": final,
+        "threshold": float(point[0]),
+        "min_cluster_voxels": int(point[1]),
+        "training": training,
+        "validation": validation,
         "commit": git_commit(),
         "synth_sha256": synth_source_hash(),
         "sha256": sha256_file(weights),
