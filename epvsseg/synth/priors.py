@@ -339,28 +339,61 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
         tissue = icbm_tissue()
     if not isinstance(tissue, TissueMaps):
         raise TypeError(f"tissue must be a TissueMaps, got {type(tissue).__name__}")
-    affine = np.asarray(tissue.affine, float).copy()
-    shape = tissue.shape
-    gm = np.asarray(tissue.gm, np.float32)
-    wm = np.asarray(tissue.wm, np.float32)
-    mask = np.asarray(tissue.brain_mask, bool)
-    # crop to the brain (+6 voxels) to save memory and time
-    bb = np.argwhere(mask)
-    lo = np.maximum(bb.min(0) - 6, 0)
-    hi = np.minimum(bb.max(0) + 7, np.array(shape))
-    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
-    mask, gm, wm = mask[crop], gm[crop], wm[crop]
+    affine, mask, gm, wm = _crop_to_brain(tissue)
     shape = mask.shape
     xyz = _axis_coords(affine, shape)
-
     wm = np.where(mask, np.clip(wm, 0.0, 1.0), 0.0).astype(np.float32)
     gm = np.where(mask, np.clip(gm, 0.0, 1.0 - wm), 0.0).astype(np.float32)
     # CSF = brain - GM - WM inside the brain mask
     csf = np.where(mask, 1.0 - gm - wm, 0.0).astype(np.float32)
+    vent = _ventricles(csf, mask, xyz)
+    vent_frac = np.where(vent, csf, 0.0).astype(np.float32)
+    sulcal = (csf - vent_frac).astype(np.float32)
+    cit_path = atlas_path()
+    soft = _cit168_memberships(cit_path, affine, shape)
+    thal = _thalamus(gm, csf, soft, xyz)
+    soft["thalamus"] = np.clip(ndimage.gaussian_filter(thal.astype(np.float32), 0.7), 0.0, 1.0)
+    fractions, total = _tissue_fractions(gm, wm, sulcal, vent_frac, soft)
+    dist_vent = ndimage.distance_transform_edt(~vent).astype(np.float32)
+    ridge = _sulcal_ridge(wm + (gm + wm) * total, mask, vent, fractions["gm"], sulcal)
+    seeds = _seed_points(affine, xyz, gm=gm, wm=wm, csf=csf, soft=soft, thal=thal, dist_vent=dist_vent)
+    stack = [fractions[n] for n in TISSUES] + [ridge, dist_vent, mask.astype(np.float32)]
+    if grid_mm != 1.0:
+        new_shape = tuple(int(np.ceil(s / grid_mm)) for s in stack[0].shape)
+        new_affine = affine.copy()
+        new_affine[:3, :3] = affine[:3, :3] * grid_mm
+        stack = [resample_by_affine(a, affine, new_affine, new_shape, order=1) for a in stack]
+        affine = new_affine
+    *stack, brain = stack
+    support = ndimage.binary_dilation(brain > 0.0, iterations=2)
+    q = _quantise(stack)
+    LOGGER.info("synthetic priors: grid %s at %.2f mm, seeds %s", q.shape[:3], grid_mm,
+                {k: len(v) for k, v in seeds.items()})
+    return AnatomyPriors(
+        grid_mm=float(grid_mm), affine=affine, channels=q,
+        channel_names=(*TISSUES, SULCUS_CHANNEL, DIST_CHANNEL),
+        seeds=seeds, dist_vent_mm=stack[-1].astype(np.float32), support=support,
+        sources={"anatomy": tissue.name, **tissue.sources, "cit168": str(cit_path)},
+    )
 
-    # ventricles: deep CSF, large connected parts, grown into adjacent CSF. The midline CSF of
-    # the interhemispheric fissure is excluded (only the third ventricle lies on the midline).
+
+def _crop_to_brain(tissue: TissueMaps) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Affine, brain mask, GM and WM cropped to the brain + 6 voxels (saves memory and time)."""
+    affine = np.asarray(tissue.affine, float).copy()
+    mask = np.asarray(tissue.brain_mask, bool)
+    bb = np.argwhere(mask)
+    lo = np.maximum(bb.min(0) - 6, 0)
+    hi = np.minimum(bb.max(0) + 7, np.array(tissue.shape))
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return affine, mask[crop], np.asarray(tissue.gm, np.float32)[crop], np.asarray(tissue.wm, np.float32)[crop]
+
+
+def _ventricles(csf: np.ndarray, mask: np.ndarray, xyz) -> np.ndarray:
+    """Ventricles: deep CSF, large connected parts, grown into adjacent CSF.
+
+    The midline CSF of the interhemispheric fissure is excluded (only the third ventricle lies on the midline).
+    """
     depth_mm = _depth_mm(mask)
     fissure = (np.abs(xyz[0]) < 1.5) & ((xyz[2] > 16) | (xyz[1] > 12) | (xyz[1] < -36))
     deep = (csf >= 0.5) & (depth_mm >= 10.0) & ~fissure & _box(xyz, (0, 30), (-95, 45), (-25, 40))
@@ -368,12 +401,11 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
     sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1)) if n else np.zeros(0)
     keep = np.isin(lab, 1 + np.flatnonzero(sizes >= 150))
     grow = (csf >= 0.2) & (depth_mm >= 3.0) & ~fissure & _box(xyz, (0, 32), (-100, 50), (-30, 45))
-    vent = ndimage.binary_dilation(keep, iterations=2, mask=grow) | keep
-    vent_frac = np.where(vent, csf, 0.0).astype(np.float32)
-    sulcal = (csf - vent_frac).astype(np.float32)
+    return ndimage.binary_dilation(keep, iterations=2, mask=grow) | keep
 
-    # CIT168 structures resampled by affine
-    cit_path = atlas_path()
+
+def _cit168_memberships(cit_path: Path, affine: np.ndarray, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Soft membership of each CIT168 structure group on the prior grid (resampled by affine, smoothed)."""
     cit_img = nib.load(cit_path)
     cit = np.asarray(cit_img.dataobj)
     soft: dict[str, np.ndarray] = {}
@@ -386,8 +418,11 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
         m = resample_by_affine(onehot, cit_img.affine, box_affine, box_shape, order=1)
         soft[name] = np.zeros(shape, np.float32)
         soft[name][box] = np.clip(ndimage.gaussian_filter(m, 0.5), 0.0, 1.0)
+    return soft
 
-    # thalamus: ICBM GM in a central box, minus CIT168 structures and CSF
+
+def _thalamus(gm: np.ndarray, csf: np.ndarray, soft: dict[str, np.ndarray], xyz) -> np.ndarray:
+    """Thalamus: ICBM GM in a central box, minus CIT168 structures and CSF (large parts only)."""
     cit_any = sum(soft.values()) > 0.3
     thal = (gm >= 0.3) & (csf < 0.3) & ~cit_any & _box(xyz, (1.5, 24), (-38, -3), (-4, 20))
     thal = ndimage.binary_opening(thal)
@@ -395,9 +430,11 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
     if n:
         sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
         thal = np.isin(lab, 1 + np.flatnonzero(sizes >= 500))
-    soft["thalamus"] = np.clip(ndimage.gaussian_filter(thal.astype(np.float32), 0.7), 0.0, 1.0)
+    return thal
 
-    # deep structures take their share of GM + WM (their fractions stay within GM + WM)
+
+def _tissue_fractions(gm, wm, sulcal, vent_frac, soft) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Fraction of every tissue class per voxel: deep structures take their share of GM + WM; and that share."""
     parenchyma = gm + wm
     deep_names = ("putamen", "caudate", "pallidum", "thalamus", "iron_nuclei")
     memb = np.stack([soft[n] for n in deep_names])
@@ -406,24 +443,25 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
     memb[:, over] /= total[over]
     total = np.minimum(total, 1.0)
     deep_frac = memb * parenchyma[None]
-    gm_rest = gm * (1.0 - total)
-    wm_rest = wm * (1.0 - total)
     fractions = {
-        "gm": gm_rest, "wm": wm_rest, "csf": sulcal, "ventricle": vent_frac,
+        "gm": gm * (1.0 - total), "wm": wm * (1.0 - total), "csf": sulcal, "ventricle": vent_frac,
         **{n: deep_frac[i] for i, n in enumerate(deep_names)},
     }
+    return fractions, total
 
-    dist_vent = ndimage.distance_transform_edt(~vent).astype(np.float32)
 
-    # sulcal fundi: the average template blurs the sulci away; their CSF lies on the ridge (medial
-    # axis) of the distance to WM inside the cortical ribbon: -Laplacian of that distance
-    core = wm + parenchyma * total  # WM and deep GM
+def _sulcal_ridge(core, mask, vent, gm_rest, sulcal) -> np.ndarray:
+    """Sulcal fundi: the average template blurs the sulci away; their CSF lies on the ridge (medial axis)
+    of the distance to WM and deep GM (``core``) inside the cortical ribbon: -Laplacian of that distance."""
     d_wm = ndimage.distance_transform_edt(core < 0.5).astype(np.float32)
     ridge = -ndimage.gaussian_laplace(d_wm, 0.8)
     ridge = np.clip((ridge - 0.3) / 0.7, 0.0, 1.0) * ((d_wm >= 1.5) & (d_wm <= 10.0) & mask & ~vent)
-    ridge = (ridge * np.clip(gm_rest + sulcal, 0.0, 1.0)).astype(np.float32)
+    return (ridge * np.clip(gm_rest + sulcal, 0.0, 1.0)).astype(np.float32)
 
-    # seed regions (voxel masks -> MNI coordinates)
+
+def _seed_points(affine, xyz, *, gm, wm, csf, soft, thal, dist_vent) -> dict[str, np.ndarray]:
+    """Where ePVS of each region may be seeded: voxel masks as MNI coordinates (mm), float32 (N, 3)."""
+    parenchyma = gm + wm
     wm_core = ndimage.binary_erosion(wm >= 0.9, iterations=2)
     cerebrum = (xyz[2] > -22) & ~_box(xyz, (0, 16), (-50, -5), (-60, 2))
     bg = (soft["putamen"] + soft["pallidum"] + soft["caudate"] + 0.5 * soft["accumbens"]) >= 0.5
@@ -442,29 +480,16 @@ def build_priors(grid_mm: float = 1.0, tissue: TissueMaps | None = None) -> Anat
         seeds[name] = (ijk @ affine[:3, :3].T + affine[:3, 3]).astype(np.float32)
         if len(ijk) == 0:
             LOGGER.warning("synthetic priors: seed region %s is empty", name)
+    return seeds
 
-    crop_affine = affine
-    stack = [fractions[n] for n in TISSUES] + [ridge, dist_vent, mask.astype(np.float32)]
-    if grid_mm != 1.0:
-        new_shape = tuple(int(np.ceil(s / grid_mm)) for s in stack[0].shape)
-        new_affine = crop_affine.copy()
-        new_affine[:3, :3] = crop_affine[:3, :3] * grid_mm
-        stack = [resample_by_affine(a, crop_affine, new_affine, new_shape, order=1) for a in stack]
-        crop_affine = new_affine
-    *stack, brain = stack
-    support = ndimage.binary_dilation(brain > 0.0, iterations=2)
+
+def _quantise(stack: list[np.ndarray]) -> np.ndarray:
+    """The prior channels as uint8: fractions and the sulcal ridge x 255, the ventricle distance in DIST_STEP_MM."""
     q = np.empty((*stack[0].shape, len(stack)), np.uint8)
     for c, a in enumerate(stack[:-1]):  # fractions and the sulcal ridge
         q[..., c] = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
     q[..., -1] = np.clip(np.rint(stack[-1] / DIST_STEP_MM), 0, 255).astype(np.uint8)
-    LOGGER.info("synthetic priors: grid %s at %.2f mm, seeds %s", q.shape[:3], grid_mm,
-                {k: len(v) for k, v in seeds.items()})
-    return AnatomyPriors(
-        grid_mm=float(grid_mm), affine=crop_affine, channels=q,
-        channel_names=(*TISSUES, SULCUS_CHANNEL, DIST_CHANNEL),
-        seeds=seeds, dist_vent_mm=stack[-1].astype(np.float32), support=support,
-        sources={"anatomy": tissue.name, **tissue.sources, "cit168": str(cit_path)},
-    )
+    return q
 
 
 @functools.lru_cache(maxsize=4)
