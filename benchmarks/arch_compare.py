@@ -14,7 +14,7 @@ pooled over cases) after removing clusters under 2 voxels.
 * **3D arm**: :class:`epvsseg.nets.UNet3D` on 3D patches sampled here with the same rules (70 % centred on
   an ePVS voxel, modality dropout over the served combinations with the same weights, the same gamma/scale
   augmentation and left-right / anterior-posterior flips), the same loss, validated with the overlapping
-  sliding window of :func:`epvsseg.infer3d.predict_volume`.
+  sliding window of :func:`benchmarks/infer3d.py::predict_volume`.
 
 Speed: each network's inference time on one whole-brain-sized 1 mm volume with ``--speed-threads``
 threads, and the peak RSS, each in a fresh subprocess (``resource.getrusage``); parameter counts.
@@ -44,7 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from epvsseg import infer, infer3d, metrics, postproc, train  # noqa: E402
+import infer3d  # noqa: E402  (benchmarks/infer3d.py, beside this script)
+
+from epvsseg import infer, metrics, postproc, train  # noqa: E402
 from epvsseg.nets import SEQUENCES, build, n_input_channels  # noqa: E402
 
 VAL_COMBOS = (("T2w",), ("T2w", "FLAIR", "T1w", "SWI"))

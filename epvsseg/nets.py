@@ -117,7 +117,7 @@ class UNet3D(_UNet):
     (``benchmarks/arch_compare.py``, ``docs/architecture_choice.md``). Its input carries the same
     information as the 2.5D input, as volumes: one channel per sequence of :data:`SEQUENCES`
     (normalised image, zeros when the sequence is missing), then one constant presence channel per
-    sequence, ``2 * len(SEQUENCES)`` = 8 channels (:func:`epvsseg.infer3d.stack_channels_3d`).
+    sequence, ``2 * len(SEQUENCES)`` = 8 channels (`benchmarks/infer3d.py::stack_channels_3d`).
 
     Parameters
     ----------
@@ -127,7 +127,7 @@ class UNet3D(_UNet):
         Feature maps at full resolution; doubled at each of the ``depth`` down-steps.
     depth : int
         Number of 2x down-samplings (all three axes). Every spatial size must be a multiple of
-        ``2**depth`` (:func:`epvsseg.infer3d.predict_volume` tiles and pads to that).
+        ``2**depth`` (`benchmarks/infer3d.py::predict_volume` tiles and pads to that).
 
     Notes
     -----

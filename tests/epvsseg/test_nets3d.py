@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from epvsseg import infer3d
-from epvsseg.nets import ARCHITECTURES, SEQUENCES, UNet3D, build
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import infer3d  # noqa: E402  (the 3D arm of benchmarks/arch_compare.py)
+
+from epvsseg.nets import ARCHITECTURES, SEQUENCES, UNet3D, build  # noqa: E402
 
 
 @pytest.mark.parametrize("depth,shape", [(2, (8, 12, 4)), (3, (16, 8, 24))])

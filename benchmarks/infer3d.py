@@ -1,7 +1,8 @@
 """Sliding-window inference for the 3D U-Net (:class:`epvsseg.nets.UNet3D`).
 
-The shipped model is 2.5D (:mod:`epvsseg.infer`); this module serves the 3D alternative that
-``benchmarks/arch_compare.py`` measures against it. Volumes are in nibabel voxel order ``(I, J, K)``
+The shipped models are 2.5D (:mod:`epvsseg.infer`); this module is the inference of the 3D alternative
+that ``benchmarks/arch_compare.py`` measures against them (``docs/architecture_choice.md``), so it lives
+with that benchmark rather than in the package. Volumes are in nibabel voxel order ``(I, J, K)``
 (RAS+ after conforming, ~1 mm); network tensors are ``(N, C, I, J, K)``, so no transpose happens.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .nets import SEQUENCES
+from epvsseg.nets import SEQUENCES
 
 
 def stack_channels_3d(volumes: Mapping[str, np.ndarray], shape: Sequence[int],
