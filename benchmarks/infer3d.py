@@ -136,7 +136,7 @@ def predict_volume(images: Mapping[str, np.ndarray], mask: np.ndarray, net, *,
     -------
     ndarray of float32, shape (I, J, K), values in [0, 1].
     """
-    from .infer import normalise
+    from epvsseg.infer import normalise
 
     mask = np.asarray(mask, bool)
     norm = {c: normalise(np.asarray(v, np.float32), mask) for c, v in images.items()}
