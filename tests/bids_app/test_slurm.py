@@ -164,3 +164,20 @@ def test_nipype_plugin_option(bids, tmp_path):
     linear = parse_args([*base, "--nipype-plugin", "Linear"])
     assert linear.nipype_plugin == "Linear" and linear.nipype_plugin_args() == {}
     assert main([*base, "--nipype-plugin", "SGE"]) == 64
+
+
+def test_model_folder_is_forwarded_to_every_task(bids, tmp_path):
+    """``--model DIR`` reaches the tasks as an absolute path, so a task on another node runs the same model."""
+    from epvsseg.spec import weights_root
+
+    model = tmp_path / "my-model"
+    model.symlink_to(weights_root() / "epvs-unet25d-v3", target_is_directory=True)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, out, _ = _write(bids, tmp_path, "--model", "my-model", "--skip-bids-validation")
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    text = (out / "code" / "slurm" / "participant.sbatch").read_text()
+    assert f"--model {model}" in text
