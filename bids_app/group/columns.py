@@ -129,7 +129,9 @@ FAILED = {
 _ICC = {
     "kind": {"Description": "ICC(1,1), ICC(2,1), ICC(3,1) (single measure) and ICC(1,k), ICC(2,k), ICC(3,k) "
                             "(mean of k) of Shrout & Fleiss (1979); McGraw & Wong's ICC(A,*) and ICC(C,*) are "
-                            "ICC(2,*) and ICC(3,*)"},
+                            "ICC(2,*) and ICC(3,*). Longitudinal tables add ICC(1,1)-REML and ICC(3,1)-REML: "
+                            "a linear mixed model with a random participant intercept (and a fixed effect per "
+                            "visit for ICC(3,1)-REML) fitted by REML on every session (unbalanced designs)"},
     "value": {"Description": "Intraclass correlation", "Units": "1"},
     "ci_low": {"Description": "Lower bound of the 95% confidence interval"},
     "ci_high": {"Description": "Upper bound of the 95% confidence interval"},
@@ -141,7 +143,32 @@ _ICC = {
     "k": {"Description": "Sessions (raters)"},
 }
 
-LONG_ICC = {**_REGION, "measure": {"Description": "Measure compared across the first two sessions"}, **_ICC}
+LONG_ICC = {**_REGION, "measure": {"Description": "Measure compared across sessions"}, **_ICC,
+            "ci_low": {"Description": "Lower bound of the 95% confidence interval (REML forms: profile likelihood)"},
+            "k": {"Description": "Sessions (visits) in the model: ANOVA forms, the k leading visits with the "
+                                 "largest k x n complete table; REML forms, every visit"},
+            "n": {"Description": "Participants: ANOVA forms, those with all k visits; REML forms, all"},
+            "n_observations": {"Description": "Values used (sessions x participants)"},
+            "design": {"Description": "balanced (every participant has every visit) or unbalanced"}}
+
+LONG_SLOPES = {
+    **_REGION, "measure": {"Description": "Measure modelled over time"},
+    "time_unit": {"Description": "year (time since the first session from dates or ages) or session (position "
+                                 "0, 1, 2... when some series has neither)"},
+    "time_source": {"Description": "acq_datetime, age (sessions.tsv), both joined by +, or order"},
+    "intercept": {"Description": "Fixed intercept: the mean value at the first session"},
+    "slope": {"Description": "Fixed slope of a REML linear mixed model with a random intercept per participant: "
+                             "change of the measure per time unit"},
+    "se": {"Description": "Standard error of the slope"},
+    "ci_low": {"Description": "Lower bound of the 95% Wald interval of the slope"},
+    "ci_high": {"Description": "Upper bound of the 95% Wald interval of the slope"},
+    "z": {"Description": "slope / se"},
+    "p_value": {"Description": "Two-sided p-value of slope = 0 (normal)"},
+    "n_participants": {"Description": "Participants (series) with a value"},
+    "n_observations": {"Description": "Sessions with a value"},
+    "sd_subject": {"Description": "SD of the participant intercepts, in the measure's unit"},
+    "sd_residual": {"Description": "Residual SD within participants, in the measure's unit"},
+}
 
 _BA = {f"ba_{name}": {"Description": desc} for name, desc in (
     ("n", "Pairs (participants with both sessions)"),

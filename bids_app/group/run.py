@@ -89,15 +89,16 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
             continue
         sessions = session_tables.get(unit.participant_id)
         when, source = collect.acquisition_date(bids_dir, unit, sessions)
-        dates_rows.append({"participant_id": unit.participant_id, "session_id": unit.session_id,
-                           "acq_datetime": when, "date_source": source})
         if sessions is not None and unit.session_id in sessions.index:
             col = next((c for c in sessions.columns if c.lower() == "age"), None)
             if col is not None:
                 age = pd.to_numeric(pd.Series([sessions.at[unit.session_id, col]]), errors="coerce").iloc[0]
                 if pd.notna(age):
                     session_age[(unit.participant_id, unit.session_id)] = float(age)
-    dates = pd.DataFrame(dates_rows, columns=["participant_id", "session_id", "acq_datetime", "date_source"])
+        dates_rows.append({"participant_id": unit.participant_id, "session_id": unit.session_id,
+                           "acq_datetime": when, "date_source": source,
+                           "age": session_age.get((unit.participant_id, unit.session_id), math.nan)})
+    dates = pd.DataFrame(dates_rows, columns=["participant_id", "session_id", "acq_datetime", "date_source", "age"])
 
     cohort = base.copy()
     cohort["age"] = [session_age.get((p, s), ages.get(p, math.nan))
@@ -174,6 +175,7 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
     series = stats.session_series(long, tables["dates"])
     icc, agree = stats.longitudinal_reliability(long, series)
     change = stats.longitudinal_change(long, series)
+    slopes = stats.longitudinal_slopes(long, series)
     rows = []
     if mode != "none" and len(series):
         by_key = {u.key: u for u in tables["units"]}
@@ -199,7 +201,8 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
                 matched["tolerance_mm"] = longitudinal.TOLERANCE_MM
                 rows.append(matched)
     clusters = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(columns.LONG_CLUSTERS))
-    return {"series": series, "icc": icc, "agreement": agree, "change": change, "clusters": clusters}
+    return {"series": series, "icc": icc, "agreement": agree, "change": change, "slopes": slopes,
+            "clusters": clusters}
 
 
 def run_agreement(units: list, other_root: Path) -> dict:
@@ -264,7 +267,8 @@ def run_group_level(config: RunConfig) -> int:
     if len(longi["series"]):
         written += [_write(group, "longitudinal_icc", longi["icc"], columns.LONG_ICC),
                     _write(group, "longitudinal_agreement", longi["agreement"], columns.LONG_AGREEMENT),
-                    _write(group, "longitudinal_change", longi["change"], columns.LONG_CHANGE)]
+                    _write(group, "longitudinal_change", longi["change"], columns.LONG_CHANGE),
+                    _write(group, "longitudinal_slopes", longi["slopes"], columns.LONG_SLOPES)]
         if config.longitudinal_matching != "none":
             written.append(_write(group, "longitudinal_clusters", longi["clusters"], columns.LONG_CLUSTERS))
     comparisons = {}

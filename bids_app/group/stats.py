@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -119,6 +120,96 @@ def qc_outliers(cohort: pd.DataFrame, k: float = 1.5) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ longitudinal
+@dataclass(frozen=True)
+class RandomInterceptFit:
+    """REML fit of ``y = X beta + b_subject + e`` with ``b ~ N(0, s2_subject)``, ``e ~ N(0, s2_residual)``.
+
+    Attributes
+    ----------
+    icc : float
+        ``s2_subject / (s2_subject + s2_residual)`` (dimensionless, in [0, 1)).
+    icc_ci : tuple of float
+        95% profile-likelihood interval of ``icc``: the values whose REML log-likelihood is within
+        ``chi2(1, 0.95) / 2`` of the maximum.
+    beta, cov_beta : ndarray, shapes (p,), (p, p)
+        Fixed effects (generalised least squares at the REML variances) and their covariance.
+    s2_subject, s2_residual : float
+        Variance components, in the outcome's unit squared.
+    n_subjects, n_obs : int
+        Subjects with at least one observation, and observations.
+    """
+
+    icc: float
+    icc_ci: tuple[float, float]
+    beta: np.ndarray
+    cov_beta: np.ndarray
+    s2_subject: float
+    s2_residual: float
+    n_subjects: int
+    n_obs: int
+
+
+def _reml_parts(rho: float, y, x, codes, n_i, xty, xtx, yty, s_x, t_y):
+    """Profile REML log-likelihood at ``icc = rho`` and the GLS quantities (vectorised by subject)."""
+    lam = rho / (1.0 - rho)
+    w = lam / (1.0 + n_i * lam)  # H^-1 = I - sum_i w_i 1 1' within subject i (H = V / s2_residual)
+    a = xtx - s_x.T @ (w[:, None] * s_x)
+    b = xty - s_x.T @ (w * t_y)
+    q = yty - float((w * t_y ** 2).sum())
+    beta = np.linalg.solve(a, b)
+    rss = max(q - float(beta @ b), 1e-300)
+    dof = len(y) - x.shape[1]
+    logdet_a = np.linalg.slogdet(a)[1]
+    ll = -0.5 * (float(np.log1p(n_i * lam).sum()) + logdet_a + dof * math.log(rss / dof) + dof)
+    return ll, beta, a, rss / dof
+
+
+def fit_random_intercept(y, subjects, x=None) -> RandomInterceptFit:
+    """REML fit of a linear mixed model with a random intercept per subject.
+
+    Equivalent to statsmodels ``MixedLM(y, x, groups=subjects).fit(reml=True)`` (tested), but the
+    likelihood is profiled on the ICC and summed per subject, so one fit of 3000 observations
+    takes milliseconds. On a balanced ``n x k`` table the ICC equals ANOVA's ICC(1,1) with
+    ``x = 1`` and ICC(3,1) with a fixed effect per session, whenever that estimate is positive.
+
+    Parameters
+    ----------
+    y : array, shape (N,)
+        Outcome (finite).
+    subjects : array, shape (N,)
+        Subject label of each observation.
+    x : array, shape (N, p), optional
+        Fixed-effects design (an intercept column when omitted); full column rank.
+    """
+    from scipy import optimize, stats as sps
+
+    y = np.asarray(y, float)
+    x = np.ones((len(y), 1)) if x is None else np.asarray(x, float)
+    _, codes = np.unique(np.asarray(subjects), return_inverse=True)
+    m = int(codes.max()) + 1 if len(codes) else 0
+    if m < 2 or len(y) <= m or len(y) <= x.shape[1]:
+        raise ValueError(f"a random-intercept model needs 2+ subjects and repeated observations "
+                         f"({m} subjects, {len(y)} observations)")
+    n_i = np.bincount(codes, minlength=m).astype(float)
+    s_x = np.stack([np.bincount(codes, weights=col, minlength=m) for col in x.T], 1)
+    t_y = np.bincount(codes, weights=y, minlength=m)
+    args = (y, x, codes, n_i, x.T @ y, x.T @ x, float(y @ y), s_x, t_y)
+    neg = lambda r: -_reml_parts(r, *args)[0]  # noqa: E731
+    top = 1.0 - 1e-9
+    res = optimize.minimize_scalar(neg, bounds=(0.0, top), method="bounded", options={"xatol": 1e-10})
+    rho = float(res.x)
+    if neg(0.0) <= res.fun:
+        rho = 0.0
+    ll_max, beta, a, s2e = _reml_parts(rho, *args)
+    cut = ll_max - sps.chi2.ppf(0.95, 1) / 2.0
+    f = lambda r: _reml_parts(r, *args)[0] - cut  # noqa: E731
+    low = 0.0 if rho <= 0 or f(0.0) >= 0 else optimize.brentq(f, 0.0, rho, xtol=1e-10)
+    high = top if f(top) >= 0 else optimize.brentq(f, rho, top, xtol=1e-10)
+    lam = rho / (1.0 - rho)
+    return RandomInterceptFit(rho, (float(low), float(high)), beta, s2e * np.linalg.inv(a), lam * s2e, s2e, m,
+                              len(y))
+
+
 def session_series(long: pd.DataFrame, dates: pd.DataFrame | None = None) -> pd.DataFrame:
     """Units of participants seen in two or more sessions, in session order.
 
@@ -131,79 +222,157 @@ def session_series(long: pd.DataFrame, dates: pd.DataFrame | None = None) -> pd.
     long : DataFrame
         The long table.
     dates : DataFrame, optional
-        ``participant_id``, ``session_id``, ``acq_datetime`` (datetime or NaT).
+        ``participant_id``, ``session_id``, ``acq_datetime`` (datetime or NaT) and optionally
+        ``age`` (years, from ``sessions.tsv``).
 
     Returns
     -------
     DataFrame
         ``unit``, ``participant_id``, ``input_sequences``, ``session_id``, ``source_entities``,
-        ``acq_datetime``, ``order`` (0 = first session), for series with at least two sessions.
+        ``acq_datetime``, ``order`` (0 = first session), ``years`` (since the series' first
+        session, from the dates when every session has one, else from ``sessions.tsv`` ages, else
+        NaN), ``time_source`` (``acq_datetime``, ``age`` or ``order``) and ``visit`` (the session
+        label when the cohort's series share their labels, else ``order-<i>``), for series with at
+        least two sessions.
     """
+    cols = ["unit", "participant_id", "input_sequences", "session_id", "source_entities", "acq_datetime", "order",
+            "years", "time_source", "visit"]
     units = long.loc[long["session_id"].notna(), UNIT_COLUMNS].drop_duplicates("unit")
     units = units.sort_values(["participant_id", "session_id", "input_sequences", "unit"]).drop_duplicates(
         ["participant_id", "session_id", "input_sequences"])
     if dates is not None and len(dates):
-        units = units.merge(dates[["participant_id", "session_id", "acq_datetime"]].drop_duplicates(
-            ["participant_id", "session_id"]), on=["participant_id", "session_id"], how="left")
-    else:
-        units = units.assign(acq_datetime=pd.NaT)
+        keep = [c for c in ("participant_id", "session_id", "acq_datetime", "age") if c in dates.columns]
+        units = units.merge(dates[keep].drop_duplicates(["participant_id", "session_id"]),
+                            on=["participant_id", "session_id"], how="left")
+    if "acq_datetime" not in units.columns:
+        units["acq_datetime"] = pd.NaT
+    if "age" not in units.columns:
+        units["age"] = math.nan
     units["acq_datetime"] = pd.to_datetime(units["acq_datetime"])
+    units["age"] = pd.to_numeric(units["age"], errors="coerce")
     parts = []
     for _, series in units.groupby(["participant_id", "input_sequences"], sort=True):
         if len(series) < 2:
             continue
         by_date = series["acq_datetime"].notna().all()
         series = series.sort_values(["acq_datetime", "session_id"] if by_date else ["session_id"])
-        parts.append(series.assign(order=np.arange(len(series))))
-    cols = ["unit", "participant_id", "input_sequences", "session_id", "source_entities", "acq_datetime", "order"]
-    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+        if by_date:
+            years = (series["acq_datetime"] - series["acq_datetime"].iloc[0]).dt.total_seconds() / (365.25 * 86400)
+            source = "acq_datetime"
+        elif series["age"].notna().all():
+            years, source = series["age"] - series["age"].iloc[0], "age"
+        else:
+            years, source = pd.Series(math.nan, index=series.index), "order"
+        parts.append(series.assign(order=np.arange(len(series)), years=years.astype(float), time_source=source))
+    if not parts:
+        return pd.DataFrame(columns=cols)
+    out = pd.concat(parts, ignore_index=True)
+    shared = out["session_id"].nunique() <= out.groupby(["participant_id", "input_sequences"]).size().max()
+    out["visit"] = out["session_id"] if shared else "order-" + out["order"].astype(str)
+    return out[cols]
+
+
+def _visit_order(series: pd.DataFrame) -> list[str]:
+    """Visits sorted by their mean position in the series, then by label."""
+    mean = series.groupby("visit")["order"].mean()
+    return sorted(mean.index, key=lambda v: (mean[v], str(v)))
+
+
+def _anova_visits(wide: np.ndarray) -> int:
+    """Number ``k`` of leading visits for the ANOVA ICCs: the largest ``k * n_complete(k)``, k >= 2."""
+    best, best_k = -1, min(2, wide.shape[1])
+    for k in range(2, wide.shape[1] + 1):
+        score = k * int(np.isfinite(wide[:, :k]).all(axis=1).sum())
+        if score >= best:
+            best, best_k = score, k
+    return best_k
+
+
+def _reml_icc_rows(obs: pd.DataFrame, visits: list[str]) -> list[dict]:
+    """The two REML ICC rows of one region and measure (``obs``: subject, visit, value)."""
+    rows = []
+    y = obs["value"].to_numpy(float)
+    subjects = obs["subject"].to_numpy()
+    present = [v for v in visits if (obs["visit"] == v).any()]
+    dummies = np.stack([(obs["visit"] == v).to_numpy(float) for v in present[1:]], 1) if len(present) > 1 \
+        else np.zeros((len(y), 0))
+    for kind, x in (("ICC(1,1)-REML", np.ones((len(y), 1))), ("ICC(3,1)-REML", np.c_[np.ones(len(y)), dummies])):
+        row = {"kind": kind, "value": math.nan, "ci_low": math.nan, "ci_high": math.nan, "f": math.nan,
+               "df1": math.nan, "df2": math.nan, "p_value": math.nan, "n": int(obs["subject"].nunique()),
+               "k": len(present), "n_observations": len(y)}
+        if len(y) and np.ptp(y) > 0:
+            try:
+                fit = fit_random_intercept(y, subjects, x)
+                row.update(value=fit.icc, ci_low=fit.icc_ci[0], ci_high=fit.icc_ci[1])
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                LOGGER.info("REML ICC not estimable (%s)", exc)
+        rows.append(row)
+    return rows
 
 
 def _series_values(long: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
-    return long.merge(series[["unit", "acq_datetime", "order"]], on="unit")
+    keep = [c for c in ("unit", "acq_datetime", "order", "years", "visit") if c in series.columns]
+    return long.merge(series[keep], on="unit")
 
 
 def longitudinal_reliability(long: pd.DataFrame, series: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Test-retest reliability of each region's measures across sessions.
+    """Test-retest reliability of each region's measures across all sessions.
 
-    ICCs use the first two sessions of every participant with both values (an ``n x 2`` table);
-    the within-subject coefficient of variation uses all sessions; Bland-Altman compares the
-    second session with the first (``second - first``).
+    ANOVA ICCs (the six Shrout & Fleiss forms) use the complete ``n x k`` table of the first ``k``
+    visits, with ``k`` the number of visits that maximises ``k x n`` (every visit on balanced
+    data: three sessions give k = 3). Two REML forms use every observation of every series
+    (unbalanced designs, missed visits): ``ICC(1,1)-REML`` (random subject intercept) and
+    ``ICC(3,1)-REML`` (plus a fixed effect per visit); on balanced data they equal ICC(1,1) and
+    ICC(3,1) when those are positive. The within-subject coefficient of variation uses all
+    sessions; Bland-Altman compares the second session with the first (``second - first``).
 
     Returns
     -------
     icc : DataFrame
-        One row per ``name`` x ``measure`` x ICC ``kind`` (:data:`epvsseg.metrics.ICC_KINDS`):
-        ``value``, ``ci_low``, ``ci_high`` (95%), ``f``, ``df1``, ``df2``, ``p_value``, ``n``, ``k``.
+        One row per ``name`` x ``measure`` x ICC ``kind`` (:data:`epvsseg.metrics.ICC_KINDS` and the
+        two REML forms): ``value``, ``ci_low``, ``ci_high`` (95%), ``f``, ``df1``, ``df2``,
+        ``p_value`` (ANOVA forms), ``n`` (participants), ``k`` (visits), ``n_observations`` and
+        ``design`` (``balanced`` when every series has every visit, else ``unbalanced``).
     agreement : DataFrame
         One row per ``name`` x ``measure``: ``n_participants``, ``n_sessions``, ``wcv`` (fraction),
         and the Bland-Altman fields of :class:`epvsseg.metrics.BlandAltman` (prefixed ``ba_``).
     """
     icc_cols = ["name", "region", "hemisphere", "measure", "kind", "value", "ci_low", "ci_high", "f", "df1",
-                "df2", "p_value", "n", "k"]
+                "df2", "p_value", "n", "k", "n_observations", "design"]
     ba_fields = list(metrics.BlandAltman.__dataclass_fields__)
     agr_cols = (["name", "region", "hemisphere", "measure", "n_participants", "n_sessions", "wcv"]
                 + [f"ba_{f}" for f in ba_fields])
     if series.empty:
         return pd.DataFrame(columns=icc_cols), pd.DataFrame(columns=agr_cols)
     values = _series_values(long, series)
+    values["subject"] = values["participant_id"].astype(str) + "|" + values["input_sequences"].astype(str)
+    visits = _visit_order(series)
     names = _ordered_names(values)
     info = values.drop_duplicates("name").set_index("name")[["region", "hemisphere"]]
     icc_rows, agr_rows = [], []
     for measure in RELIABILITY_MEASURES:
         wide = values.pivot_table(index=["name", "participant_id", "input_sequences"], columns="order",
                                   values=measure, aggfunc="first", dropna=False)
+        by_visit = values.pivot_table(index=["name", "subject"], columns="visit", values=measure,
+                                      aggfunc="first", dropna=False).reindex(columns=visits)
         for name in names:
             region, hemi = info.at[name, "region"], info.at[name, "hemisphere"]
+            head = {"name": name, "region": region, "hemisphere": hemi, "measure": measure}
+            vw = by_visit.xs(name, level="name").to_numpy(float)
+            design = "balanced" if np.isfinite(vw).all() else "unbalanced"
+            k = _anova_visits(vw)
+            complete = vw[:, :k][np.isfinite(vw[:, :k]).all(axis=1)]
+            for kind, res in metrics.icc_all(complete).items():
+                icc_rows.append({**head, **res.as_dict(), "kind": kind, "n_observations": complete.size,
+                                 "design": design})
+            obs = values.loc[(values["name"] == name) & values[measure].notna(), ["subject", "visit", measure]]
+            for row in _reml_icc_rows(obs.rename(columns={measure: "value"}), visits):
+                icc_rows.append({**head, **row, "design": design})
             w = wide.xs(name, level="name").to_numpy(float)
             pair = w[:, :2][np.isfinite(w[:, :2]).all(axis=1)] if w.shape[1] >= 2 else np.zeros((0, 2))
-            for kind, res in metrics.icc_all(pair).items():
-                icc_rows.append({"name": name, "region": region, "hemisphere": hemi, "measure": measure,
-                                 **res.as_dict(), "kind": kind})
             groups = [row[np.isfinite(row)] for row in w]
             ba = metrics.bland_altman(pair[:, 0], pair[:, 1])
-            agr_rows.append({"name": name, "region": region, "hemisphere": hemi, "measure": measure,
-                             "n_participants": int(sum(g.size >= 2 for g in groups)),
+            agr_rows.append({**head, "n_participants": int(sum(g.size >= 2 for g in groups)),
                              "n_sessions": int(sum(g.size for g in groups if g.size >= 2)),
                              "wcv": metrics.within_subject_cv(groups),
                              **{f"ba_{k}": v for k, v in ba.as_dict().items()}})
@@ -213,6 +382,61 @@ def longitudinal_reliability(long: pd.DataFrame, series: pd.DataFrame) -> tuple[
     icc = icc.iloc[np.lexsort((icc["measure"].map(RELIABILITY_MEASURES.index), icc["name"].map(order)))]
     agree = agree.iloc[np.lexsort((agree["measure"].map(RELIABILITY_MEASURES.index), agree["name"].map(order)))]
     return icc.reset_index(drop=True), agree.reset_index(drop=True)
+
+
+def longitudinal_slopes(long: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
+    """Change over time per region: a mixed-model slope with a random intercept per participant.
+
+    ``value = b0 + b1 * t + u_participant + e`` fitted by REML (:func:`fit_random_intercept`) on
+    every session of every series. ``t`` is the time since the series' first session in years
+    (acquisition dates, else ``sessions.tsv`` ages) when every series has it, so ``b1`` is the
+    change per year; else ``t`` is the session's position (0, 1, 2...), and ``b1`` the change per
+    session. 95% Wald intervals (normal), as statsmodels ``MixedLM`` reports them.
+
+    Returns
+    -------
+    DataFrame
+        One row per ``name`` x ``measure``: ``time_unit`` (``year`` or ``session``), ``time_source``,
+        ``intercept``, ``slope`` (measure unit per time unit), ``se``, ``ci_low``, ``ci_high``, ``z``,
+        ``p_value`` (two-sided), ``n_participants``, ``n_observations``, ``sd_subject``,
+        ``sd_residual`` (measure unit).
+    """
+    from scipy import stats as sps
+
+    cols = ["name", "region", "hemisphere", "measure", "time_unit", "time_source", "intercept", "slope", "se",
+            "ci_low", "ci_high", "z", "p_value", "n_participants", "n_observations", "sd_subject", "sd_residual"]
+    if series.empty:
+        return pd.DataFrame(columns=cols)
+    values = _series_values(long, series)
+    annual = bool(series["years"].notna().all())
+    values["t"] = values["years"] if annual else values["order"].astype(float)
+    source = "+".join(sorted(series["time_source"].unique())) if annual else "order"
+    values["subject"] = values["participant_id"].astype(str) + "|" + values["input_sequences"].astype(str)
+    rows = []
+    for name in _ordered_names(values):
+        sub = values.loc[values["name"] == name]
+        first = sub.iloc[0]
+        for measure in RELIABILITY_MEASURES:
+            ok = sub.loc[sub[measure].notna()]
+            row = {"name": name, "region": first["region"], "hemisphere": first["hemisphere"], "measure": measure,
+                   "time_unit": "year" if annual else "session", "time_source": source,
+                   "n_participants": int(ok["subject"].nunique()), "n_observations": len(ok)}
+            y = ok[measure].to_numpy(float)
+            try:
+                if not len(y) or np.ptp(y) == 0:
+                    raise ValueError("constant outcome")
+                fit = fit_random_intercept(y, ok["subject"].to_numpy(), np.c_[np.ones(len(y)), ok["t"].to_numpy()])
+            except (ValueError, np.linalg.LinAlgError) as exc:
+                LOGGER.info("slope of %s %s not estimable (%s)", name, measure, exc)
+                rows.append(row)
+                continue
+            se = float(math.sqrt(fit.cov_beta[1, 1]))
+            z = float(fit.beta[1] / se) if se > 0 else math.nan
+            rows.append({**row, "intercept": fit.beta[0], "slope": fit.beta[1], "se": se,
+                         "ci_low": fit.beta[1] - 1.959964 * se, "ci_high": fit.beta[1] + 1.959964 * se, "z": z,
+                         "p_value": float(2 * sps.norm.sf(abs(z))), "sd_subject": math.sqrt(fit.s2_subject),
+                         "sd_residual": math.sqrt(fit.s2_residual)})
+    return pd.DataFrame(rows, columns=cols)
 
 
 def longitudinal_change(long: pd.DataFrame, series: pd.DataFrame) -> pd.DataFrame:
