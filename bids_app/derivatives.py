@@ -24,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
+from .environment import container_provenance
 
 LOGGER = logging.getLogger(__name__)
 
@@ -202,9 +203,9 @@ def locked(path: Path):
 def dataset_description(bids_dir: Path, *, raw_name: str = "raw") -> dict:
     """The derivative dataset's ``dataset_description.json`` content."""
     generated = {"Name": "epvs-bids", "Version": __version__, "CodeURL": "https://pypi.org/project/epvs-bids/"}
-    container = os.environ.get("EPVS_BIDS_CONTAINER")
+    container = container_provenance()
     if container:
-        generated["Container"] = {"Type": container, "Tag": os.environ.get("EPVS_BIDS_CONTAINER_TAG", "")}
+        generated["Container"] = container
     return {
         "Name": "epvs-bids: enlarged perivascular spaces",
         "BIDSVersion": "1.10.0",

@@ -18,9 +18,10 @@ and is never changed or created here.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,3 +134,149 @@ def prepare_environment(work_dir: str | os.PathLike,
         if environ is None:
             tempfile.tempdir = None  # recomputed from TMPDIR on next use
     return report
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """CPUs allowed by the cgroup CPU quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None.
+
+    Parameters
+    ----------
+    root : Path
+        The cgroup filesystem mount (``/sys/fs/cgroup``); the v1 files are looked up in its
+        ``cpu`` and ``cpu,cpuacct`` controllers.
+
+    Returns
+    -------
+    float or None
+        Quota / period (e.g. ``1.5`` for ``--cpus 1.5``); None without a quota or a readable file.
+    """
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for ctl in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            quota_us = int((root / ctl / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / ctl / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+def available_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPUs this process may actually use: its affinity mask, capped by the cgroup CPU quota.
+
+    ``os.cpu_count()`` counts the machine's CPUs, which oversubscribes under ``taskset``,
+    ``docker run --cpuset-cpus``/``--cpus``, SLURM's cgroups or Kubernetes CPU limits.
+
+    Parameters
+    ----------
+    cgroup_root : path
+        The cgroup filesystem mount; a different root is for tests.
+
+    Returns
+    -------
+    int
+        ``min(len(os.sched_getaffinity(0)), ceil(quota / period))``, at least 1.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root))
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def container_provenance(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The container the app runs in, from the variables its image sets, or None outside one.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Default ``os.environ``. The Dockerfile sets ``EPVS_BIDS_CONTAINER`` (``docker``: the
+        OCI image, also when converted by Apptainer) and ``EPVS_BIDS_CONTAINER_TAG``
+        (``<version>-<torch variant>``); Apptainer/Singularity add ``APPTAINER_NAME`` or
+        ``SINGULARITY_NAME`` (the image file).
+
+    Returns
+    -------
+    dict or None
+        ``{"Type", "Tag"}`` and, under Apptainer, ``"Runtime"`` and ``"Image"``.
+    """
+    env = os.environ if environ is None else environ
+    kind = env.get("EPVS_BIDS_CONTAINER")
+    if not kind:
+        return None
+    info = {"Type": kind, "Tag": env.get("EPVS_BIDS_CONTAINER_TAG", "")}
+    for runtime in ("APPTAINER", "SINGULARITY"):
+        if env.get(f"{runtime}_NAME") or env.get(f"{runtime}_CONTAINER"):
+            info["Runtime"] = runtime.lower()
+            info["Image"] = env.get(f"{runtime}_NAME") or env.get(f"{runtime}_CONTAINER", "")
+            break
+    return info
+
+
+def torch_variant_problem(variant: str, cuda_version: str | None, distributions: list[str]) -> str | None:
+    """Why the installed torch is not the ``variant`` build, or None when it is.
+
+    A ``cpu`` image must hold torch without CUDA and no ``nvidia-*`` wheel (a PyPI-only index
+    gives the CUDA build of torch and about 17 nvidia packages under the same version number);
+    a ``cuXYZ`` image must hold torch built for CUDA X.YZ (``cu126`` -> ``12.6``) and its wheels.
+
+    Parameters
+    ----------
+    variant : str
+        ``cpu`` or a CUDA tag of the PyTorch wheel index (``cu126``, ``cu128``...).
+    cuda_version : str or None
+        ``torch.version.cuda`` of the installed torch.
+    distributions : list of str
+        Names of the installed distributions.
+
+    Returns
+    -------
+    str or None
+        One sentence naming the mismatch.
+    """
+    nvidia = sorted(d for d in distributions if d.lower().replace("_", "-").startswith("nvidia-"))
+    if variant == "cpu":
+        if cuda_version is None and not nvidia:
+            return None
+        return (f"the cpu image holds a CUDA build of torch (CUDA {cuda_version}, {len(nvidia)} nvidia-* "
+                f"packages: {', '.join(nvidia[:3])}...): the torch index served the CUDA wheel; set "
+                f"TORCH_INDEX_URL to an index with the +cpu wheel (https://download.pytorch.org/whl/cpu)")
+    if not (variant.startswith("cu") and variant[2:].isdigit()):
+        return f"unknown torch variant {variant!r} (cpu, or a CUDA tag such as cu126)"
+    wanted = f"{variant[2:-1]}.{variant[-1]}"
+    if cuda_version != wanted:
+        return f"the {variant} image holds torch built for CUDA {cuda_version}, not {wanted}"
+    if not nvidia:
+        return f"the {variant} image holds no nvidia-* runtime wheels"
+    return None
+
+
+def _main(argv: list[str] | None = None) -> int:
+    """``python environment.py --check-torch VARIANT``: the image build's torch variant check."""
+    import argparse
+    import importlib.metadata
+    import sys
+
+    parser = argparse.ArgumentParser(description="Container build checks (run by the Dockerfile).")
+    parser.add_argument("--check-torch", metavar="VARIANT", required=True)
+    opts = parser.parse_args(argv)
+    import torch
+
+    names = [d.metadata["Name"] for d in importlib.metadata.distributions()]
+    problem = torch_variant_problem(opts.check_torch, torch.version.cuda, names)
+    if problem:
+        print(f"torch variant check failed: {problem}", file=sys.stderr)
+        return 1
+    print(f"torch {torch.__version__} is the {opts.check_torch} build (CUDA {torch.version.cuda})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

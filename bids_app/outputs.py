@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pandas as pd
 
 from . import __version__, io_spec
 from .derivatives import bids_uri, source_entities, write_json, write_nifti, write_tsv
+from .environment import container_provenance
 from .io_spec import TableError, UnitId
 
 __all__ = ["TableError", "UnitMeasures", "UnitOutputs", "centroids_in_grid", "read_json", "read_tsv", "read_unit",
@@ -252,8 +254,37 @@ def summary(plan, pre, det, measures: UnitMeasures, timings: Mapping[str, float]
         "volume_ppm_brain": round(1e6 * total / pre.brain_mm3, 1) if pre.brain_mm3 > 0 else None,
         "qc": pre.qc, "warnings": pre.warnings, "ratings": measures.rating,
         "template": {k: v for k, v in pre.template.items() if k != "warped"},
+        "template_image": template_image_origin(pre.template),
+        "container": container_provenance(),
         "version": __version__, "device": det.device, "timings_s": dict(timings),
     }
+
+
+def template_image_origin(template: Mapping[str, Any]) -> str | None:
+    """Where the template image the subject was registered to came from (one sentence).
+
+    Parameters
+    ----------
+    template : mapping
+        ``pre.template``: ``sequence`` and the kit's ``sources`` (``tf-<sequence>`` -> the TemplateFlow
+        file used, when ``$TEMPLATEFLOW_HOME`` held one).
+
+    Returns
+    -------
+    str or None
+        None when no template was registered (no ``sequence``).
+    """
+    sequence = template.get("sequence")
+    if not sequence:
+        return None
+    found = (template.get("sources") or {}).get(f"tf-{sequence}")
+    if found:
+        return f"TemplateFlow MNI152NLin2009aSym {sequence}: {found}"
+    if sequence == "T1w":
+        return "the embedded ICBM 2009a T1w template (package data)"
+    return (f"synthesised {sequence} template (tissue probabilities x fixed tissue intensities): no TemplateFlow "
+            f"MNI152NLin2009aSym {sequence} image in TEMPLATEFLOW_HOME "
+            f"({os.environ.get('TEMPLATEFLOW_HOME') or 'unset'})")
 
 
 def provenance(plan, pre, det, measures: UnitMeasures, target: _Target, *, seed: int,

@@ -440,7 +440,10 @@ def region_table(
     -------
     pandas.DataFrame
         ``index``, ``name``, ``region``, ``hemisphere``, ``n_clusters`` (clusters assigned by
-        majority voxel), ``volume_mm3`` (ePVS voxels inside the region), ``volume_ppm_icv``
+        majority voxel: each cluster counted once, in one region), ``n_clusters_touching`` (clusters
+        with at least one voxel in the region: 0 exactly when ``volume_mm3`` is 0; a cluster that
+        crosses a boundary counts in each region it touches), ``volume_mm3`` (ePVS voxels inside
+        the region), ``volume_ppm_icv``
         (1e6 x volume / ICV), ``region_volume_mm3``, ``volume_fraction`` (ePVS volume / region
         volume) and ``mean_cluster_volume_mm3`` (mean full volume of the assigned clusters; n/a
         when none).
@@ -456,6 +459,9 @@ def region_table(
     epvs_vox = np.bincount(regions[epvs], minlength=n_idx)
     n = int(np.asarray(clusters).max(initial=0))
     owner = assign_clusters(clusters, regions, n)
+    labelled = np.asarray(clusters) > 0
+    pairs = np.unique(regions[labelled] * (n + 1) + np.asarray(clusters)[labelled].astype(np.int64))
+    touching = np.bincount(pairs // (n + 1), minlength=n_idx)  # distinct clusters with a voxel in the region
     if cluster_volumes_mm3 is None:
         cluster_volumes_mm3 = np.bincount(np.asarray(clusters).ravel(), minlength=n + 1)[1:] * voxel_mm3
     cluster_volumes_mm3 = np.asarray(cluster_volumes_mm3, dtype=float)
@@ -467,7 +473,8 @@ def region_table(
         rvol = float(region_vox[idx] * voxel_mm3)
         rows.append({
             "index": idx, "name": row["name"], "region": row["region"], "hemisphere": row["hemisphere"],
-            "n_clusters": int(mine.sum()), "volume_mm3": vol, "volume_ppm_icv": 1e6 * vol / icv_mm3,
+            "n_clusters": int(mine.sum()), "n_clusters_touching": int(touching[idx]),
+            "volume_mm3": vol, "volume_ppm_icv": 1e6 * vol / icv_mm3,
             "region_volume_mm3": rvol, "volume_fraction": vol / rvol if rvol > 0 else np.nan,
             "mean_cluster_volume_mm3": float(cluster_volumes_mm3[mine].mean()) if mine.any() else np.nan,
         })
@@ -481,8 +488,15 @@ REGION_COLUMNS = {
     "region": {"Description": "Anatomical region (see docs/atlas.md).", "Levels": {r: r for r in REGION_NAMES}},
     "hemisphere": {"Description": "left, right, or bilateral (midline regions and 'other')."},
     "n_clusters": {"Description": "ePVS clusters assigned to the region: the region holding most of the "
-                                  "cluster's voxels (ties to the lower index)."},
-    "volume_mm3": {"Description": "ePVS volume inside the region, voxel-wise.", "Units": "mm^3"},
+                                  "cluster's voxels (ties to the lower index); each cluster is counted in one "
+                                  "region only, so the column sums to the unit's cluster count. A region can have "
+                                  "n_clusters 0 and volume_mm3 > 0 (parts of clusters assigned elsewhere): use "
+                                  "n_clusters_touching or volume_mm3 to tell whether a region has ePVS."},
+    "n_clusters_touching": {"Description": "ePVS clusters with at least one voxel in the region; a cluster "
+                                           "crossing a boundary counts in every region it touches. 0 exactly "
+                                           "when volume_mm3 is 0."},
+    "volume_mm3": {"Description": "ePVS volume inside the region, voxel-wise (every ePVS voxel counts in the "
+                                  "region it lies in).", "Units": "mm^3"},
     "volume_ppm_icv": {"Description": "1e6 x volume_mm3 / intracranial volume (parts per million of ICV).",
                        "Units": "ppm"},
     "region_volume_mm3": {"Description": "Volume of the region within the brain mask.", "Units": "mm^3"},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import METHODS, NIPYPE_PLUGINS, RunConfig, SlurmOptions
+from ..environment import available_cpus
 from ..errors import MissingInputError, OutputError, UsageError
 
 _MEM_UNITS = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
@@ -147,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     perf = parser.add_argument_group("resources")
     perf.add_argument("-w", "--work-dir", type=Path, help="working directory (default: <output_dir>/../work)")
-    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int, help="CPU cores to use (default: all)")
-    perf.add_argument("--omp-nthreads", type=_positive_int, help="threads per process (default: nprocs)")
+    perf.add_argument("--nprocs", "--n-cpus", type=_positive_int,
+                      help="CPU cores to use (default: the CPUs this process may use: "
+                      "its CPU affinity, capped by the cgroup CPU quota)")
+    perf.add_argument("--omp-nthreads", type=_positive_int, help="threads per process (default: nprocs, itself capped by "
+                      "affinity and cgroup quota)")
     perf.add_argument("--mem", type=parse_memory, metavar="SIZE", help="memory limit with a unit, e.g. 8G")
     perf.add_argument("--nipype-plugin", choices=NIPYPE_PLUGINS, default=None,
                       help="run the units as nodes of a nipype workflow with this execution plugin: MultiProc "
@@ -201,6 +205,26 @@ def _model_option(model: str | None, method: str) -> str | None:
     return model
 
 
+def _not_writable_reason(path: Path) -> str:
+    """Why ``path`` is not writable by this process, and how to fix it (for exit 73).
+
+    In a container the app runs as the image's user (uid 1000) unless ``--user`` is given, and
+    folders created by Docker on the host belong to root: the message names both uids.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        st = path.stat()
+        owner = f"owned by uid {st.st_uid}, gid {st.st_gid}, mode {st.st_mode & 0o777:o}"
+    except OSError:
+        owner = "owner unknown"
+    text = (f"directory is not writable by this process (uid {uid}, gid {gid}; the folder is {owner}). "
+            f"Give uid {uid} write access, or run as the folder's owner")
+    if os.environ.get("EPVS_BIDS_CONTAINER"):
+        text += (': with Docker or Podman add --user "$(id -u):$(id -g)" to the command so that the app runs as '
+                 "you (the image's default user is uid 1000, which rarely owns host folders)")
+    return text + "; a read-only mount (:ro) cannot be an output or work directory"
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse and validate the command line.
 
@@ -225,7 +249,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         raise MissingInputError("BIDS directory does not exist", bids_dir)
     if bids_dir.resolve() == output_dir.resolve():
         raise UsageError("output directory and BIDS directory are the same folder")
-    nprocs = opts.nprocs or os.cpu_count() or 1
+    nprocs = opts.nprocs or available_cpus()
     omp = min(opts.omp_nthreads or nprocs, nprocs)
     filters = load_filters(opts.bids_filter_file) if opts.bids_filter_file else {}
     for path in (output_dir, work_dir):
@@ -234,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         except OSError as exc:
             raise OutputError(f"cannot create directory ({exc.strerror or exc})", path) from exc
         if not os.access(path, os.W_OK):
-            raise OutputError("directory is not writable", path)
+            raise OutputError(_not_writable_reason(path), path)
     group_dirs = {}
     for name, path in (("--reference-derivatives", opts.reference_derivatives), ("--compare", opts.compare)):
         if path is not None:

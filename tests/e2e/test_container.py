@@ -64,8 +64,8 @@ def test_dockerfile_installs_as_the_readme_says():
     readme = (ROOT / "README.md").read_text()
     pin = re.search(r"pip install (torch==[\d.]+)", readme).group(1)
     runs = [rest for keyword, rest in _instructions() if keyword == "RUN"]
-    assert any(f"pip install {pin} " in run for run in runs), "torch pinned as in the README"
-    torch_step = next(i for i, r in enumerate(runs) if f"pip install {pin}" in r)
+    torch_step = next((i for i, r in enumerate(runs) if re.search(rf'pip install "?{re.escape(pin)}"? ', r)), None)
+    assert torch_step is not None, "torch pinned as in the README"
     package_step = next(i for i, r in enumerate(runs) if "pip install /src" in r)
     assert torch_step < package_step  # torch first, as the README says
     args = {rest.split("=")[0]: rest.split("=")[1] for keyword, rest in _instructions() if keyword == "ARG"}
@@ -92,8 +92,8 @@ def test_templateflow_images_are_the_ones_the_registration_reads():
     from epvsprep import anatomy
 
     text = DOCKERFILE.read_text()
-    assert f'"{anatomy.TEMPLATEFLOW_NAME}"' in text
-    for suffix in ('"T1w", None', '"T2w", None', '"mask", "brain"'):
+    assert f"'{anatomy.TEMPLATEFLOW_NAME}'" in text
+    for suffix in ("('T1w', None)", "('T2w', None)", "('mask', 'brain')"):
         assert suffix in text
 
 
@@ -127,9 +127,10 @@ def test_build_context_is_small_and_complete(tmp_path):
     assert tops == {"pyproject.toml", "README.md", "bids_app", "epvsprep", "epvsseg"}
     copied = {source for keyword, rest in _instructions() if keyword == "COPY" and not rest.startswith("--from")
               for source in rest.split()[:-1]}
-    assert copied == {"pyproject.toml", "README.md", "bids_app", "epvsprep", "epvsseg"}
+    # bids_app/environment.py alone first: the torch variant check runs before the package is installed
+    assert copied == {"pyproject.toml", "README.md", "bids_app", "epvsprep", "epvsseg", "bids_app/environment.py"}
     for source in copied:
-        assert source in tops, f"COPY {source} is not in the build context"
+        assert Path(source).parts[0] in tops and (ROOT / source).exists(), f"COPY {source} is not in the context"
 
 
 def _build_wheel(src: Path, dest: Path) -> Path:
@@ -193,3 +194,163 @@ def test_entrypoint_answers_with_the_image_environment(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("epvs-bids ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ------------------------------------------------------------ portability of the build (issue #14)
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for keyword, rest in _instructions():
+        if keyword == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append((keyword, rest))
+    return stages
+
+
+def test_no_heredoc_and_no_remote_syntax_directive():
+    """A heredoc breaks on podman/buildah < 4.9/1.33; a syntax directive makes BuildKit pull an image."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"<<-?\s*'?\w+'?", text)
+    assert not re.match(r"\s*#\s*syntax\s*=", text, flags=re.I)
+    assert not [line for line in text.splitlines() if re.match(r"#\s*(syntax|escape|check)\s*=", line, re.I)]
+
+
+def test_build_arguments_stay_in_the_build_stage():
+    """Index, pip and TemplateFlow settings are build-stage ARGs: none reaches the runtime stage."""
+    build, runtime = _stages()
+    build_args = {rest.split("=")[0] for k, rest in build if k == "ARG"}
+    assert {"TORCH_INDEX_URL", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT",
+            "PIP_TRUSTED_HOST", "TEMPLATEFLOW_FETCH", "TORCH_VARIANT"} <= build_args
+    runtime_args = {rest.split("=")[0] for k, rest in runtime if k == "ARG"}
+    assert runtime_args <= {"VERSION", "TORCH_VARIANT"}
+    runtime_text = " ".join(rest for _, rest in runtime)
+    assert "PIP_" not in runtime_text and "TORCH_INDEX_URL" not in runtime_text
+    torch_run = next(rest for k, rest in build if k == "RUN" and "torch==" in rest)
+    assert '--index-url "${TORCH_INDEX_URL}"' in torch_run and "--check-torch" in torch_run
+    fetch = next(rest for k, rest in build if k == "RUN" and "templateflow import api" in rest)
+    assert '"${TEMPLATEFLOW_FETCH}" = 1' in fetch  # optional: TEMPLATEFLOW_FETCH=0 builds without the server
+
+
+@pytest.mark.parametrize(("variant", "cuda", "dists", "ok"), [
+    ("cpu", None, ["torch", "numpy"], True),
+    ("cpu", "12.6", ["torch", "nvidia-cublas-cu12", "nvidia_cudnn_cu12"], False),  # PyPI's default wheel
+    ("cpu", None, ["torch", "nvidia-nccl-cu12"], False),
+    ("cu126", "12.6", ["torch", "nvidia-cublas-cu12"], True),
+    ("cu126", None, ["torch"], False),  # a cpu wheel in a CUDA image
+    ("cu128", "12.6", ["torch", "nvidia-cublas-cu12"], False),
+    ("cu126", "12.6", ["torch"], False),
+    ("rocm6", None, ["torch"], False),
+])
+def test_torch_variant_check(variant, cuda, dists, ok):
+    from bids_app.environment import torch_variant_problem
+
+    problem = torch_variant_problem(variant, cuda, dists)
+    assert (problem is None) is ok, problem
+
+
+def test_torch_variant_check_runs_standalone_as_in_the_build():
+    """The build runs bids_app/environment.py as a script before the package is installed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bids_app" / "environment.py"), "--check-torch", "cu126"],
+                          capture_output=True, text=True, timeout=300, cwd="/")
+    import torch
+
+    assert proc.returncode == (1 if torch.version.cuda != "12.6" else 0), proc.stderr
+    if proc.returncode:
+        assert "torch variant check failed" in proc.stderr
+
+
+# ------------------------------------------------------------ CPU counts (affinity, cgroup quota)
+def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("files", "affinity", "expected"), [
+    ({}, 8, 8),
+    ({"cpu.max": "max 100000\n"}, 8, 8),
+    ({"cpu.max": "150000 100000\n"}, 8, 2),  # --cpus 1.5 -> 2 processes
+    ({"cpu.max": "50000 100000\n"}, 8, 1),
+    ({"cpu.max": "400000 100000\n"}, 2, 2),  # affinity is the tighter limit
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 16, 3),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4, 4),  # v1 without quota
+])
+def test_available_cpus(tmp_path, monkeypatch, files, affinity, expected):
+    from bids_app import environment
+
+    monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert environment.available_cpus(_cgroup(tmp_path, files)) == expected
+
+
+def test_default_nprocs_follows_the_affinity(tmp_path, monkeypatch):
+    from bids_app import environment
+    from bids_app.cli.parser import parse_args
+
+    (tmp_path / "bids").mkdir()
+    monkeypatch.setattr(environment.os, "sched_getaffinity", lambda pid: {0})
+    config = parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant"])
+    assert config.nprocs == 1 and config.omp_nthreads == 1
+    config = parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--nprocs", "3"])
+    assert config.nprocs == 3
+
+
+def test_unwritable_output_names_the_uid_and_the_fix(tmp_path, monkeypatch):
+    from bids_app.cli.parser import parse_args
+    from bids_app.errors import OutputError, exit_code_for
+
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "out").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("out") else real_access(p, mode))
+    monkeypatch.setenv("EPVS_BIDS_CONTAINER", "docker")
+    with pytest.raises(OutputError) as err:
+        parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")])
+    text = str(err.value)
+    assert exit_code_for(err.value) == 73
+    assert str(tmp_path / "out") in text and f"uid {os.getuid()}" in text
+    assert '--user "$(id -u):$(id -g)"' in text and "uid 1000" in text
+    monkeypatch.delenv("EPVS_BIDS_CONTAINER")
+    with pytest.raises(OutputError) as err:
+        parse_args([str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w")])
+    assert "--user" not in str(err.value) and f"uid {os.getuid()}" in str(err.value)
+
+
+# ------------------------------------------------------------ container and template provenance
+def test_container_provenance_from_the_image_environment():
+    from bids_app.environment import container_provenance
+
+    assert container_provenance({}) is None
+    env = {"EPVS_BIDS_CONTAINER": "docker", "EPVS_BIDS_CONTAINER_TAG": "0.1.0-cpu"}
+    assert container_provenance(env) == {"Type": "docker", "Tag": "0.1.0-cpu"}
+    env["APPTAINER_NAME"] = "epvs-bids.sif"
+    assert container_provenance(env)["Runtime"] == "apptainer"
+    assert container_provenance(env)["Image"] == "epvs-bids.sif"
+
+
+def test_template_image_origin_says_when_the_template_was_synthesised(monkeypatch):
+    from bids_app.outputs import template_image_origin
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", "/opt/templateflow")
+    text = template_image_origin({"sequence": "T2w", "sources": {"T1w": "embedded"}})
+    assert text.startswith("synthesised T2w template") and "/opt/templateflow" in text
+    tf = "/opt/templateflow/tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym_res-02_T2w.nii.gz"
+    assert tf in template_image_origin({"sequence": "T2w", "sources": {"tf-T2w": tf}})
+    assert "embedded" in template_image_origin({"sequence": "T1w", "sources": {}})
+    assert template_image_origin({}) is None
+
+
+def test_report_names_the_container_and_the_template():
+    from jinja2 import Environment
+
+    template = (ROOT / "bids_app" / "data" / "report.html.j2").read_text()
+    start = template.index('<p class="provenance">')
+    snippet = template[start:template.index("</p>", start) + 4]
+    env = Environment(autoescape=True)
+    html = env.from_string(snippet).render(summary={
+        "template_image": "synthesised T2w template (...)",
+        "container": {"Type": "docker", "Tag": "0.1.0-cpu", "Runtime": "apptainer", "Image": "e.sif"}})
+    assert "Template image: synthesised T2w template" in html
+    assert "Container: docker image <code>epvs-bids:0.1.0-cpu</code>, run by apptainer" in html
+    html = env.from_string(snippet).render(summary={"template_image": None, "container": None})
+    assert "Not run in the epvs-bids container" in html

@@ -216,8 +216,8 @@ def test_region_table_values():
     clusters, n = ndimage.label(epvs, np.ones((3, 3, 3)))
     assert n == 2
     out = anatomy.region_table(epvs, clusters, regions, table, voxel_mm3=0.5, icv_mm3=1000.0)
-    assert list(out.columns) == ["index", "name", "region", "hemisphere", "n_clusters", "volume_mm3",
-                                 "volume_ppm_icv", "region_volume_mm3", "volume_fraction",
+    assert list(out.columns) == ["index", "name", "region", "hemisphere", "n_clusters", "n_clusters_touching",
+                                 "volume_mm3", "volume_ppm_icv", "region_volume_mm3", "volume_fraction",
                                  "mean_cluster_volume_mm3"]
     row = out.set_index("name")
     assert row.loc["a_left", "n_clusters"] == 1 and row.loc["a_left", "volume_mm3"] == 1.0
@@ -225,6 +225,10 @@ def test_region_table_values():
     assert row.loc["a_left", "region_volume_mm3"] == 5 * 10 * 8 * 0.5
     assert row.loc["a_left", "volume_fraction"] == pytest.approx(1.0 / 200.0)
     assert row.loc["a_right", "n_clusters"] == 0 and row.loc["a_right", "volume_mm3"] == 0.5
+    # the cluster assigned to "other" also lies in a_right: counted there by n_clusters_touching
+    assert row.loc["a_right", "n_clusters_touching"] == 1 and row.loc["other", "n_clusters_touching"] == 1
+    assert ((out["n_clusters_touching"] == 0) == (out["volume_mm3"] == 0)).all()
+    assert out["n_clusters"].sum() == n and (out["n_clusters_touching"] >= out["n_clusters"]).all()
     assert np.isnan(row.loc["a_right", "mean_cluster_volume_mm3"])
     assert row.loc["other", "n_clusters"] == 1 and row.loc["other", "mean_cluster_volume_mm3"] == 1.5
     assert out["volume_mm3"].sum() == epvs.sum() * 0.5
