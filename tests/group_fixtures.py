@@ -169,7 +169,8 @@ def _preprocessed(plan, image, brain: np.ndarray, regions: np.ndarray | None, *,
         mask=brain, coregistered={}, qc={**measures, "flags": flags}, warnings=[], voxel_mm3=1.0,
         brain_mm3=float(brain.sum()), regions=None if regions is None else regions.astype(np.uint8),
         atlas=SimpleNamespace(table=atlas_table()), icv_mm3=icv_mm3 if qc else None,
-        template={"sequence": "T2w", "image": ref, "sources": {}, "setting": "fast", "seconds": 0.0})
+        template={"sequence": "T2w", "image": ref, "sources": {}, "setting": "fast", "seconds": 0.0},
+        brain_extraction={})
 
 
 def make_raw(bids: Path, participants: dict[str, dict], sessions: dict[str, dict[str, dict]] | None = None) -> Path:

@@ -212,8 +212,9 @@ LONG_CHANGE = {
 
 LONG_CLUSTERS = {
     "participant_id": _KEY["participant_id"], "input_sequences": _KEY["input_sequences"],
-    "baseline_session": {"Description": "First session: the space clusters are matched in"},
-    "followup_session": {"Description": "Later session"},
+    "baseline_session": {"Description": "Earlier session of a consecutive pair (matching is chained: ses-1 -> "
+                                        "ses-2 -> ses-3); the space clusters are matched in"},
+    "followup_session": {"Description": "The next session"},
     "name": _REGION["name"],
     "n_baseline": {"Description": "Clusters at the first session (region by majority voxel)", "Units": "clusters"},
     "n_followup": {"Description": "Clusters at the later session", "Units": "clusters"},
@@ -291,4 +292,32 @@ ASSOCIATIONS = {
     "ci_high": {"Description": "Upper bound of the 95% confidence interval"},
     "n": {"Description": "Participants in the model (first session, complete covariates)"},
     "r_squared": {"Description": "Coefficient of determination of the model"},
+}
+
+LONG_TRACKS = {
+    "participant_id": _KEY["participant_id"], "input_sequences": _KEY["input_sequences"],
+    "track": {"Description": "Cluster track number within the series (a cluster followed through the sessions)"},
+    "name": {"Description": "Region of the cluster at its first appearance (majority voxel label)"},
+    "presence": {"Description": "One character per session of the series in order: + present, - absent (+-+: absent at the "
+                                "second of three sessions)"},
+    "trajectory": {"Description": "persistent (every session), vanishes (present from the first, absent from some "
+                                  "session on), appears (absent at first, present to the last), transient "
+                                  "(appears then vanishes), reappears (absent between two sessions where present)"},
+    "n_present": {"Description": "Sessions where the track is present"},
+    "first_session": {"Description": "First session where present"},
+    "last_session": {"Description": "Last session where present"},
+    "volume_first_mm3": {"Description": "Volume at the first session where present (clusters merged into the track "
+                                        "summed)", "Units": "mm^3"},
+    "volume_last_mm3": {"Description": "Volume at the last session where present", "Units": "mm^3"},
+}
+
+LONG_PERSISTENCE = {
+    "name": _REGION["name"],
+    "n_participants": {"Description": "Participants (series) with a cluster track in the region"},
+    "n_tracks": {"Description": "Cluster tracks", "Units": "clusters"},
+    **{k: {"Description": f"Tracks whose trajectory is {k}", "Units": "clusters"}
+       for k in ("persistent", "vanishes", "appears", "transient", "reappears")},
+    "n_first": {"Description": "Tracks present at the first session", "Units": "clusters"},
+    "persistence_rate": {"Description": "persistent / n_first: fraction of first-session clusters present at every "
+                                        "later session", "Units": "1"},
 }

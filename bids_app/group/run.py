@@ -169,40 +169,59 @@ def failed_units(output_dir: Path, units: list, bids_dir: Path | None = None, sk
     return rows
 
 
-def run_longitudinal(tables: dict, *, mode: str, seed: int = 42) -> dict:
-    """Reliability, change and (unless ``mode == "none"``) cluster matching across sessions."""
+def _track_series(job: tuple) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str | None]:
+    """Cluster tracks of one series (a worker: failures come back as a message, never raised)."""
+    pid, combination, units, sessions, mode, seed = job
+    t0 = time.monotonic()
+    try:
+        tracks, pairs = longitudinal.track_clusters(units, sessions, mode=mode, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - one series must not stop the cohort
+        return None, None, f"{pid} ({', '.join(sessions)}): cluster matching failed ({type(exc).__name__}: {exc})"
+    LOGGER.info("%s: clusters tracked through %s (%s, %.1f s)", pid, ", ".join(sessions), mode,
+                time.monotonic() - t0)
+    for table in (tracks, pairs):
+        table.insert(0, "input_sequences", combination)
+        table.insert(0, "participant_id", pid)
+    pairs["tolerance_mm"] = longitudinal.TOLERANCE_MM
+    return tracks, pairs, None
+
+
+def run_longitudinal(tables: dict, *, mode: str, seed: int = 42, nprocs: int = 1) -> dict:
+    """Reliability, change, slopes and (unless ``mode == "none"``) cluster tracks through every session.
+
+    Series are tracked in ``nprocs`` worker processes when there are several.
+    """
     long = tables["long"]
     series = stats.session_series(long, tables["dates"])
     icc, agree = stats.longitudinal_reliability(long, series)
     change = stats.longitudinal_change(long, series)
     slopes = stats.longitudinal_slopes(long, series)
-    rows = []
+    pair_rows, track_rows = [], []
     if mode != "none" and len(series):
         by_key = {u.key: u for u in tables["units"]}
+        jobs = []
         for (pid, combination), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
             grp = grp.sort_values("order")
-            first = grp.iloc[0]
-            base = by_key[first["unit"]]
-            for _, later in grp.iloc[1:].iterrows():
-                fol = by_key[later["unit"]]
-                t0 = time.monotonic()
-                try:
-                    matched = longitudinal.match_sessions(base, fol, mode=mode, seed=seed)
-                except Exception as exc:  # noqa: BLE001 - one pair must not stop the cohort
-                    LOGGER.warning("%s %s -> %s: cluster matching failed (%s: %s)", pid, later["session_id"],
-                                   first["session_id"], type(exc).__name__, exc)
-                    continue
-                LOGGER.info("%s: clusters of %s matched to %s (%s, %.1f s)", pid, later["session_id"],
-                            first["session_id"], mode, time.monotonic() - t0)
-                matched.insert(0, "followup_session", later["session_id"])
-                matched.insert(0, "baseline_session", first["session_id"])
-                matched.insert(0, "input_sequences", combination)
-                matched.insert(0, "participant_id", pid)
-                matched["tolerance_mm"] = longitudinal.TOLERANCE_MM
-                rows.append(matched)
-    clusters = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=list(columns.LONG_CLUSTERS))
+            jobs.append((pid, combination, [by_key[k] for k in grp["unit"]], list(grp["session_id"]), mode, seed))
+        if nprocs > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(max_workers=nprocs) as pool:
+                results = list(pool.map(_track_series, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))
+        else:
+            results = [_track_series(job) for job in jobs]
+        for tracks, pairs, error in results:
+            if error is not None:
+                LOGGER.warning("%s", error)
+                continue
+            track_rows.append(tracks)
+            pair_rows.append(pairs)
+    clusters = pd.concat(pair_rows, ignore_index=True) if pair_rows else pd.DataFrame(
+        columns=list(columns.LONG_CLUSTERS))
+    tracks = pd.concat(track_rows, ignore_index=True) if track_rows else pd.DataFrame(
+        columns=list(columns.LONG_TRACKS))
     return {"series": series, "icc": icc, "agreement": agree, "change": change, "slopes": slopes,
-            "clusters": clusters}
+            "clusters": clusters, "tracks": tracks, "persistence": longitudinal.persistence_rates(tracks)}
 
 
 def run_agreement(units: list, other_root: Path) -> dict:
@@ -263,14 +282,17 @@ def run_group_level(config: RunConfig) -> int:
         _write(group, "qc_outliers", tables["outliers"], columns.OUTLIERS),
         _write(group, "models", tables["models"], columns.MODELS),
     ]
-    longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed)
+    longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed,
+                             nprocs=max(1, int(config.nprocs or 1)))
     if len(longi["series"]):
         written += [_write(group, "longitudinal_icc", longi["icc"], columns.LONG_ICC),
                     _write(group, "longitudinal_agreement", longi["agreement"], columns.LONG_AGREEMENT),
                     _write(group, "longitudinal_change", longi["change"], columns.LONG_CHANGE),
                     _write(group, "longitudinal_slopes", longi["slopes"], columns.LONG_SLOPES)]
         if config.longitudinal_matching != "none":
-            written.append(_write(group, "longitudinal_clusters", longi["clusters"], columns.LONG_CLUSTERS))
+            written += [_write(group, "longitudinal_clusters", longi["clusters"], columns.LONG_CLUSTERS),
+                        _write(group, "longitudinal_cluster_tracks", longi["tracks"], columns.LONG_TRACKS),
+                        _write(group, "longitudinal_persistence", longi["persistence"], columns.LONG_PERSISTENCE)]
     comparisons = {}
     for kind, root in (("reference", config.reference_derivatives), ("compare", config.compare_dir)):
         if root is None:

@@ -179,6 +179,61 @@ def figure_pair(x, y, urls, *, xlabel: str, ylabel: str, title: str, salt: str) 
     return _svg(fig, salt)
 
 
+#: Above this many series, the trajectory plots show a fixed random sample of this many.
+TRAJECTORIES_MAX = 100
+
+
+def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.DataFrame,
+                        slopes: pd.DataFrame | None = None, measure: str = "volume_mm3",
+                        salt: str = "traj") -> tuple[str | None, int]:
+    """Per-region small multiples: one line per participant through its sessions.
+
+    The x axis is years since the first session when every series has dates or ages, else the
+    session position. Each line links to the participant's first-session report and each point to
+    its own session's report; the red line is the mixed-model fit (``slopes``). Returns the SVG
+    (None without series) and the number of series drawn (at most :data:`TRAJECTORIES_MAX`).
+    """
+    if series.empty:
+        return None, 0
+    plt = _plt()
+    values = long.merge(series[["unit", "order", "years"]], on="unit")
+    annual = bool(series["years"].notna().all())
+    values["t"] = values["years"] if annual else values["order"].astype(float)
+    keys = series[["participant_id", "input_sequences"]].drop_duplicates()
+    if len(keys) > TRAJECTORIES_MAX:
+        keys = keys.sample(TRAJECTORIES_MAX, random_state=0)
+    values = values.merge(keys, on=["participant_id", "input_sequences"])
+    links = dict(zip(_unit_labels(cohort), _links(cohort)))
+    values["url"] = [links.get(u) for u in _unit_labels(values)]
+    names = [n for n in long.drop_duplicates("name")["name"] if n in set(values["name"])]
+    names = ["whole_brain"] + [n for n in names if n != "whole_brain"]
+    ncols = min(3, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=90, squeeze=False)
+    fits = slopes.loc[slopes["measure"] == measure].set_index("name") if slopes is not None and len(slopes) else None
+    for ax, name in zip(axes.ravel(), names):
+        sub = values.loc[values["name"] == name].sort_values("t")
+        for _, grp in sub.groupby(["participant_id", "input_sequences"], sort=True):
+            grp = grp.sort_values("order")
+            (line,) = ax.plot(grp["t"], grp[measure], color=_BLUE, lw=1, alpha=0.6)
+            line.set_url(grp["url"].iloc[0])
+            _scatter(ax, grp["t"], grp[measure], grp["url"], s=10, color=_BLUE, alpha=0.8, zorder=3)
+        if fits is not None and name in fits.index and np.isfinite(fits.at[name, "slope"]):
+            ts = np.array([sub["t"].min(), sub["t"].max()])
+            ax.plot(ts, fits.at[name, "intercept"] + fits.at[name, "slope"] * ts, color=_RED, lw=1.6,
+                    label=f"mixed model {fits.at[name, 'slope']:+.3g}/{'year' if annual else 'session'}")
+            ax.legend(fontsize=7)
+        ax.set_title(name.replace("_", " "), fontsize=9)
+        ax.set_xlabel("years since first session" if annual else "session (0 = first)", fontsize=8)
+        ax.set_ylabel("ePVS volume (mm³)" if measure == "volume_mm3" else measure, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return _svg(fig, salt), len(keys)
+
+
 def figure_sens_prec(per_unit: pd.DataFrame, urls, salt: str) -> str:
     """Cluster sensitivity against precision per unit, with the medians (Rashid et al. 2023, Fig. 4)."""
     plt = _plt()
@@ -301,7 +356,11 @@ def _longitudinal_section(longitudinal: Mapping[str, Any], long: pd.DataFrame,
         rel_rows = []
         for rec in agree.itertuples(index=False):
             cells = []
-            for kind in ("ICC(2,1)", "ICC(3,1)"):
+            anova = rel.get((rec.name, rec.measure, "ICC(3,1)"))
+            reml = rel.get((rec.name, rec.measure, "ICC(3,1)-REML"))
+            cells.append(f"{anova.n} x {anova.k}" if anova is not None else "n/a")
+            cells.append(f"{reml.n} / {reml.n_observations}" if reml is not None else "n/a")
+            for kind in ("ICC(2,1)", "ICC(3,1)", "ICC(3,1)-REML"):
                 r = rel.get((rec.name, rec.measure, kind))
                 cells.append("n/a" if r is None or not np.isfinite(r.value) else
                              f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
@@ -331,19 +390,38 @@ def _longitudinal_section(longitudinal: Mapping[str, Any], long: pd.DataFrame,
             tot["pairs"] = clusters.groupby("name", sort=False).size().to_numpy()
             tot["registration failed"] = clusters.groupby("name", sort=False)["registration_ok"] \
                 .apply(lambda s: int((~s.astype(bool)).sum())).to_numpy()
-            cl_method = "registered rigidly to the first" if (clusters["method"] == "rigid").all() else \
+            cl_method = "registered rigidly to the previous one" if (clusters["method"] == "rigid").all() else \
                 "taken in scanner coordinates as they are (no registration)"
             cl_tab = _table(tot, ["name", "pairs", "n_baseline", "n_followup", "persisting", "vanished", "new",
                                   "registration failed"])
         change = longitudinal["change"]
         ch = change.loc[change["name"] == "whole_brain"] if len(change) else change
+        slopes = longitudinal.get("slopes")
+        traj_svg, n_drawn = figure_trajectories(long, series, cohort, slopes)
+        slope_tab = None
+        if slopes is not None and len(slopes):
+            sl = slopes.loc[slopes["measure"] == "volume_mm3"]
+            slope_tab = _table(sl, ["name", "time_unit", "slope", "ci_low", "ci_high", "p_value", "n_participants",
+                                    "n_observations"])
+        persistence = longitudinal.get("persistence")
+        pers_tab = _table(persistence, ["name", "n_participants", "n_tracks", "persistent", "vanishes", "appears",
+                                        "transient", "reappears", "persistence_rate"]) \
+            if persistence is not None and len(persistence) else None
         longi = {
             "n_participants": int(series["participant_id"].nunique()),
             "n_sessions": len(series),
-            "reliability": {"columns": ["region", "measure", "participants", "ICC(2,1) [95% CI]",
-                                        "ICC(3,1) [95% CI]", "wCV", "BA bias (2nd - 1st)", "95% limits"],
+            "reliability": {"columns": ["region", "measure", "participants", "ANOVA n x k",
+                                        "REML participants / sessions", "ICC(2,1) [95% CI]", "ICC(3,1) [95% CI]",
+                                        "ICC(3,1)-REML [95% CI]", "wCV", "BA bias (2nd - 1st)", "95% limits"],
                             "rows": rel_rows, "n": len(rel_rows), "truncated": False},
             "ba_svg": ba_svg,
+            "trajectories_svg": traj_svg,
+            "trajectories_note": (f"{n_drawn} of {int(series.groupby(['participant_id', 'input_sequences']).ngroups)}"
+                                  " series, a fixed random sample" if n_drawn < series.groupby(
+                                      ["participant_id", "input_sequences"]).ngroups else f"all {n_drawn} series"),
+            "slopes": slope_tab,
+            "persistence": pers_tab,
+            "k_sessions": int(series.groupby(["participant_id", "input_sequences"]).size().max()),
             "clusters": cl_tab,
             "clusters_method": cl_method if cl_tab else "",
             "change": _table(ch, ["participant_id", "first_session", "last_session", "interval_years",

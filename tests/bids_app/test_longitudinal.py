@@ -164,3 +164,95 @@ def test_slopes_annualised_with_dates_and_per_session_without():
     by_age = stats.longitudinal_slopes(long, stats.session_series(long, ages)).set_index("measure")
     assert by_age.at["n_clusters", "time_source"] == "age"
     assert by_age.at["n_clusters", "slope"] == pytest.approx(row["slope"], abs=1e-9)
+
+
+# ------------------------------------------------------------------ end to end: 3 sessions, one missed visit
+SESSION_DATES = {"1": "2020-01-01T09:00:00", "2": "2021-07-02T09:00:00", "3": "2023-01-01T09:00:00"}
+
+
+@pytest.fixture(scope="module")
+def three_sessions(tmp_path_factory):
+    """sub-01..03 scanned three times, sub-04 at ses-1 and ses-3 (missed visit). sub-01's head moves
+    between sessions; its clusters: 1-8 in every session, 9 absent at ses-2 (reappears), 10 only
+    at ses-1 (vanishes), one new from ses-2 (appears)."""
+    import group_fixtures as gf
+
+    from bids_app.cli.run import main
+
+    sites = gf.lattice()[:28]  # one lattice column (same i): shifts along i hit no other cluster
+    root = tmp_path_factory.mktemp("three")
+    out = root / "out"
+    subjects = {"01": "123", "02": "123", "03": "123", "04": "13"}
+    bids = gf.make_raw(root / "bids", {s: {"age": 70} for s in subjects},
+                       {s: {ses: {"acq_time": SESSION_DATES[ses]} for ses in sess} for s, sess in subjects.items()})
+    plan = {("01", "1"): (sites[:10], (0, 0, 0)), ("01", "2"): (sites[:8] + sites[12:13], (2, 0, 0)),
+            ("01", "3"): (sites[:9] + sites[12:13], (3, 0, 0)),
+            ("02", "1"): (sites[:12], (0, 0, 0)), ("02", "2"): (sites[:13], (0, 0, 0)),
+            ("02", "3"): (sites[:15], (0, 0, 0)),
+            ("03", "1"): (sites[:16], (0, 0, 0)), ("03", "2"): (sites[:16], (0, 0, 0)),
+            ("03", "3"): (sites[:18], (0, 0, 0)),
+            ("04", "1"): (sites[:20], (0, 0, 0)), ("04", "3"): (sites[:22], (0, 0, 0))}
+    for (sub, ses), (s, shift) in plan.items():
+        gf.make_unit(out, sub, ses, sites=s, shift=shift, texture_seed=int(sub))
+    code = main([str(bids), str(out), "group", "--nprocs", "2"])
+    return {"code": code, "out": out, "plan": plan}
+
+
+def _read(path):
+    return pd.read_csv(path, sep="\t", na_values="n/a", keep_default_na=False)
+
+
+def test_three_sessions_tables_report_k3(three_sessions):
+    assert three_sessions["code"] == 0
+    icc = _read(three_sessions["out"] / "group/longitudinal_icc.tsv")
+    wb = icc.loc[(icc["name"] == "whole_brain") & (icc["measure"] == "n_clusters")].set_index("kind")
+    assert (wb.loc[list(metrics.ICC_KINDS), "k"] == 3).all() and (wb.loc[list(metrics.ICC_KINDS), "n"] == 3).all()
+    assert wb.at["ICC(3,1)-REML", "n"] == 4 and wb.at["ICC(3,1)-REML", "n_observations"] == 11
+    assert (wb["design"] == "unbalanced").all()
+    counts = {key: len(s) for key, (s, _) in three_sessions["plan"].items()}
+    table = np.array([[counts[(s, ses)] for ses in "123"] for s in ("01", "02", "03")], float)
+    assert wb.at["ICC(3,1)", "value"] == pytest.approx(metrics.icc_all(table)["ICC(3,1)"].value, abs=1e-5)
+    slopes = _read(three_sessions["out"] / "group/longitudinal_slopes.tsv").set_index(["name", "measure"])
+    row = slopes.loc[("whole_brain", "n_clusters")]
+    assert row["time_unit"] == "year" and row["n_observations"] == 11 and row["n_participants"] == 4
+    assert row["ci_low"] < row["slope"] < row["ci_high"] and row["slope"] > 0
+
+
+def test_clusters_tracked_through_every_session(three_sessions):
+    out = three_sessions["out"] / "group"
+    tracks = _read(out / "longitudinal_cluster_tracks.tsv")
+    sub1 = tracks.loc[tracks["participant_id"] == "sub-01"]
+    assert sub1["trajectory"].value_counts().to_dict() == {"persistent": 8, "reappears": 1, "vanishes": 1,
+                                                           "appears": 1}
+    assert set(sub1.loc[sub1["trajectory"] == "reappears", "presence"]) == {"+-+"}
+    assert set(sub1.loc[sub1["trajectory"] == "appears", "presence"]) == {"-++"}
+    sub4 = tracks.loc[tracks["participant_id"] == "sub-04"]
+    assert sub4["presence"].str.len().eq(2).all() and (sub4["trajectory"] == "appears").sum() == 2
+    pairs = _read(out / "longitudinal_clusters.tsv")
+    wb1 = pairs.loc[(pairs["participant_id"] == "sub-01") & (pairs["name"] == "whole_brain")]
+    assert list(zip(wb1["baseline_session"], wb1["followup_session"])) == [("ses-1", "ses-2"), ("ses-2", "ses-3")]
+    assert wb1["registration_ok"].astype(bool).all()
+    assert tuple(wb1.iloc[0][["persisting", "vanished", "new"]]) == (8, 2, 1)
+    assert tuple(wb1.iloc[1][["persisting", "vanished", "new"]]) == (9, 0, 1)  # cluster 9 is back
+    pers = _read(out / "longitudinal_persistence.tsv").set_index("name")
+    n_first = sum(len(s) for (sub, ses), (s, _) in three_sessions["plan"].items() if ses == "1")
+    assert pers.at["whole_brain", "n_first"] == n_first
+    assert pers.at["whole_brain", "persistence_rate"] == pytest.approx((n_first - 2) / n_first)
+    regions = pers.drop(index="whole_brain")
+    assert regions["n_tracks"].sum() == pers.at["whole_brain", "n_tracks"]
+
+
+def test_trajectory_lines_link_to_participant_reports(three_sessions):
+    import re
+
+    html = (three_sessions["out"] / "group.html").read_text()
+    assert "Trajectories" in html
+    start = html.index("<h3>Trajectories</h3>")
+    svg = html[start:html.index("</figure>", start)]
+    targets = set(re.findall(r'<a xlink:href="([^"#]+)"', svg))
+    assert targets == {f"sub-{s}_ses-{ses}.html" for (s, ses) in three_sessions["plan"]}  # every session's point
+    for target in targets:
+        assert (three_sessions["out"] / target).is_file()  # the link opens the participant report
+    # each participant's line (a line2d group) links to its first-session report
+    lines = re.findall(r'<g id="line2d_\d+">\s*<a xlink:href="([^"#]+)"', svg)
+    assert set(lines) == {f"sub-{s}_ses-1.html" for s in ("01", "02", "03", "04")}
