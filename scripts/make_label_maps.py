@@ -1,0 +1,246 @@
+"""Build the training anatomies of the randomised synthetic generator (reproducible, seeded).
+
+Each *training* scan of ``../shared/data`` (see ``../shared/README.md``: never an evaluation-only scan)
+becomes one uint8 label map (:data:`epvsseg.synth.label_maps.LABELS`) at 1 mm on an MNI-aligned grid,
+written as gzip NIfTI into ``epvsseg/synth/data/anatomies/`` with ``MANIFEST.json`` (source file,
+its sha256, licence, citation, the steps and their settings). Steps per scan:
+
+1. reorient to RAS and resample to 1 mm (trilinear) -- the sources range from 0.41x0.41x1.5 mm to 2 mm;
+2. brain mask with deepbet (``epvsprep.ops.brain_mask``), intersected with the non-zero support;
+3. N4 bias correction inside the mask (``epvsprep.ops.n4_bias_correct``);
+4. affine registration (12 parameters, Mattes MI, seeded with :data:`SEED` through
+   ``epvsprep.ops.ants_seeded``) of the masked brain to the brain-extracted ICBM 2009a T1w of the
+   nilearn wheel; the head image and the mask are resampled onto the ICBM 2009a 1 mm grid (the
+   individual anatomy keeps its shape: only position, size and shear are normalised);
+5. three-class Atropos (k-means, MRF 0.1, constant internal seed ``r=0``) inside the mask; classes
+   ordered by mean intensity: CSF < GM < WM on T1w, CSF < WM < GM on FLAIR;
+6. ventricles (deep CSF), the CIT168 deep nuclei (placed through the affine of step 4) and the
+   thalamus by :func:`epvsseg.synth.priors.build_priors`, whose tissue fractions are turned into
+   labels (largest fraction where the brain fractions sum to >= 0.5);
+7. outside the brain, inside the head (scans with the skull on): bright extracerebral soft tissue
+   (scalp, fat, muscle; label 10) versus dark (bone, air cavities; label 11) by a two-class
+   Otsu threshold of the N4-corrected image;
+8. crop to the head (brain for skull-stripped scans) + 2 voxels.
+
+ITK runs on one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``) and torch on one thread, so a
+rebuild is bit-identical. About 2-4 minutes per scan on one core.
+
+Run::
+
+    nice -n 15 python scripts/make_label_maps.py --shared ../shared/data
+    nice -n 15 python scripts/make_label_maps.py --shared ../shared/data --only otsu_T1w
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+from nibabel.processing import resample_to_output  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from epvsseg.synth import label_maps as lm  # noqa: E402
+from epvsseg.synth import priors as pr  # noqa: E402
+
+OUT = ROOT / "epvsseg" / "synth" / "data" / "anatomies"
+#: Seed of the registrations' metric sampling.
+SEED = 20261205
+PIPELINE_VERSION = "1"
+
+#: The training scans (../shared/README.md): name -> relative path, sequence, skull, licence, citation.
+SOURCES: dict[str, dict] = {
+    "otsu_T1w": {"path": "github_niivue/otsu_T1w.nii.gz", "sequence": "T1w", "skull": True,
+                 "licence": "BSD-2-Clause (niivue/niivue demo images)", "citation": "niivue/niivue demo image; source not stated"},
+    "t1_mpr_tra_gk_v4": {"path": "github_niivue-demo-images/training/t1_mpr_tra_gk_v4.nii.gz", "sequence": "T1w",
+                         "skull": True, "licence": "CC BY 4.0 (TCIA Vestibular-Schwannoma-SEG); BSD-2-Clause (niivue-demo-images)",
+                         "citation": "Shapey J et al. Sci Data 2021;8:286 (TCIA Vestibular-Schwannoma-SEG, VS-SEG-001)"},
+    "T1_head_ext2": {"path": "github_niivue-demo-images/training/T1_head_ext2.nii.gz", "sequence": "T1w", "skull": True,
+                     "licence": "BSD-2-Clause (niivue/niivue-demo-images)", "citation": "niivue-demo-images; source not stated"},
+    "py_synthsr_FLAIR": {"path": "github_neurolabusc_py_synthsr/FLAIR.nii.gz", "sequence": "FLAIR", "skull": True,
+                         "licence": "Apache-2.0 (neurolabusc/py_synthsr)", "citation": "neurolabusc/py_synthsr; source not stated"},
+    "coreg_qa_highres_T1w_brain": {"path": "github_neurolabusc_coreg_qa/highres_T1w_brain.nii.gz", "sequence": "T1w",
+                                   "skull": False, "licence": "BSD-2-Clause (neurolabusc/coreg_qa)",
+                                   "citation": "neurolabusc/coreg_qa"},
+    "dcm_qa_xa30_T1w": {"path": "github_neurolabusc_dcm_qa_xa30/5_anat-T1w_acq-tfl.nii.gz", "sequence": "T1w",
+                        "skull": True, "licence": "BSD-2-Clause (neurolabusc/dcm_qa_xa30)",
+                        "citation": "neurolabusc/dcm_qa_xa30 (Siemens Prisma XA30, Indiana University)"},
+    "studyforrest_T1w": {"path": "github_datalad_example-dicom-structural/anat-T1w.nii.gz", "sequence": "T1w",
+                         "skull": True, "licence": "PDDL (datalad/example-dicom-structural)",
+                         "citation": "Hanke M et al. Sci Data 2014;1:140003 (studyforrest)"},
+}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _prepare(src: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """RAS, 1 mm, brain mask (deepbet & non-zero support) and N4 inside it."""
+    import torch
+
+    from epvsprep.ops import brain_mask, n4_bias_correct
+
+    torch.set_num_threads(1)
+    img = nib.load(src)
+    if img.ndim == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if img.ndim != 3:
+        raise ValueError(f"{src}: expected a 3D image, got shape {img.shape}")
+    img = nib.as_closest_canonical(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine))
+    img = resample_to_output(img, voxel_sizes=(1.0, 1.0, 1.0), order=1)
+    data = np.clip(np.asarray(img.dataobj, np.float32), 0.0, None)
+    img = nib.Nifti1Image(data, img.affine)
+    mask = (np.asarray(brain_mask(img).dataobj) > 0) & (data > 0)
+    mask = lm.largest_component(ndimage.binary_fill_holes(mask))
+    mimg = nib.Nifti1Image(mask.astype(np.float32), img.affine)
+    n4 = n4_bias_correct(img, mimg)
+    return n4, mask
+
+
+def _to_mni(n4: nib.Nifti1Image, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Affine registration to the ICBM 2009a brain; head image and mask on the ICBM grid."""
+    import ants
+
+    from epvsprep.ops import ants_seeded, nib_to_ants
+
+    fixed_img = nib.load(pr.icbm_path("t1"))
+    fixed = nib_to_ants(fixed_img)
+    data = np.asarray(n4.dataobj, np.float32)
+    moving = nib_to_ants(nib.Nifti1Image(np.where(mask, data, 0.0).astype(np.float32), n4.affine))
+    with ants_seeded(SEED):
+        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="Affine")
+    fwd = reg["fwdtransforms"]
+    params = ants.read_transform(fwd[0]).parameters.tolist()
+    head = ants.apply_transforms(fixed, nib_to_ants(n4), fwd, interpolator="linear").numpy()
+    wmask = ants.apply_transforms(fixed, nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), n4.affine)),
+                                  fwd, interpolator="linear").numpy() >= 0.5
+    for f in fwd:
+        if str(f).startswith(tempfile.gettempdir()):
+            Path(f).unlink(missing_ok=True)
+    return head.astype(np.float32), lm.largest_component(ndimage.binary_fill_holes(wmask)), \
+        np.asarray(fixed_img.affine, float), json.dumps([round(p, 6) for p in params])
+
+
+def _tissue(head: np.ndarray, mask: np.ndarray, affine: np.ndarray, sequence: str) -> tuple[np.ndarray, np.ndarray]:
+    """Atropos 3-class GM and WM posteriors inside the mask (classes ordered per sequence)."""
+    import ants
+
+    from epvsprep.ops import nib_to_ants
+
+    a = nib_to_ants(nib.Nifti1Image(np.where(mask, head, 0.0).astype(np.float32), affine))
+    m = nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), affine))
+    seg = ants.atropos(a=a, x=m, i="Kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", r=0)
+    s = seg["segmentation"].numpy()
+    means = [float(head[s == k].mean()) for k in (1, 2, 3)]
+    if not means[0] < means[1] < means[2]:
+        raise RuntimeError(f"Atropos classes not ordered by intensity (means {means})")
+    probs = [p.numpy().astype(np.float32) for p in seg["probabilityimages"]]
+    gm, wm = (probs[1], probs[2]) if sequence == "T1w" else (probs[2], probs[1])
+    return np.where(mask, gm, 0.0).astype(np.float32), np.where(mask, wm, 0.0).astype(np.float32)
+
+
+def _head_labels(head: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Extracerebral bright soft tissue and dark (bone/air) voxels inside the head hull."""
+    from skimage.filters import threshold_otsu
+
+    p99 = float(np.percentile(head[head > 0], 99)) if np.any(head > 0) else 1.0
+    fg = head > 0.08 * p99
+    fg = ndimage.binary_closing(fg, iterations=3)
+    hull = np.zeros_like(fg)
+    for k in range(fg.shape[2]):  # fill per axial slice: the neck leaves the 3D hull open
+        hull[:, :, k] = ndimage.binary_fill_holes(fg[:, :, k])
+    hull = lm.largest_component(hull | brain)
+    outside = hull & ~ndimage.binary_dilation(brain, iterations=1)
+    thr = threshold_otsu(head[outside]) if outside.sum() > 1000 else p99
+    soft = ndimage.median_filter((outside & (head > thr)).astype(np.uint8), size=3) > 0  # majority: compact maps
+    soft &= outside
+    return soft, outside & ~soft
+
+
+def build_one(name: str, spec: dict, shared: Path) -> tuple[nib.Nifti1Image, dict]:
+    """Label map and manifest entry of one training scan (see the module docstring)."""
+    src = shared / spec["path"]
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: training scan {name} not found (see ../shared/README.md)")
+    t0 = time.monotonic()
+    n4, mask = _prepare(src)
+    head, brain, affine, reg = _to_mni(n4, mask)
+    gm, wm = _tissue(head, brain, affine, spec["sequence"])
+    tissue = pr.TissueMaps(gm=gm, wm=wm, brain_mask=brain, affine=affine, name=name)
+    labels = lm.labels_from_priors(pr.build_priors(1.0, tissue=tissue), affine, brain.shape)
+    if spec["skull"]:
+        soft, dark = _head_labels(head, labels > 0)
+        labels[soft & (labels == 0)] = lm.LABELS["extracerebral"]
+        labels[dark & (labels == 0)] = lm.LABELS["dark_extracerebral"]
+    labels, affine = lm.crop(labels, affine, margin=2)
+    img = nib.Nifti1Image(labels, affine)
+    img.set_data_dtype(np.uint8)
+    img.header.set_xyzt_units("mm")
+    entry = {"file": f"{name}.nii.gz", "source": spec["path"], "source_sha256": _sha256(src),
+             "sequence": spec["sequence"], "skull": bool(spec["skull"]), "licence": spec["licence"],
+             "citation": spec["citation"], "affine_to_icbm2009a": reg, "shape": list(labels.shape),
+             "label_voxels": {k: int((labels == v).sum()) for k, v in lm.LABELS.items()},
+             "seconds": round(time.monotonic() - t0, 1)}
+    return img, entry
+
+
+def build_icbm() -> tuple[nib.Nifti1Image, dict]:
+    """The ICBM 2009a average as one anatomy among the others (brain only; no registration)."""
+    tissue = pr.icbm_tissue()
+    labels = lm.labels_from_priors(pr.build_priors(1.0, tissue=tissue), tissue.affine, tissue.shape)
+    labels, affine = lm.crop(labels, tissue.affine, margin=2)
+    img = nib.Nifti1Image(labels, affine)
+    img.set_data_dtype(np.uint8)
+    entry = {"file": "icbm2009a.nii.gz", "source": "nilearn wheel: " + ", ".join(pr._ICBM_FILES.values()),
+             "source_sha256": _sha256(pr.icbm_path("gm")), "sequence": "template", "skull": False,
+             "licence": "BSD-3-Clause (nilearn) + MNI ICBM 2009 permissive notice",
+             "citation": "Fonov V et al. NeuroImage 2011;54:313-327; Fonov et al. NeuroImage 2009;47:S102",
+             "affine_to_icbm2009a": "identity", "shape": list(labels.shape),
+             "label_voxels": {k: int((labels == v).sum()) for k, v in lm.LABELS.items()}}
+    return img, entry
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--only", nargs="*", default=None, help="names among the sources (and icbm2009a)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    manifest.setdefault("anatomies", {})
+    manifest.update({"pipeline_version": PIPELINE_VERSION, "seed": SEED, "labels": lm.LABELS,
+                     "cit168": "Pauli WM et al. Sci Data 2018;5:180063 (CC BY 4.0), shipped in epvsprep/data/atlases",
+                     "command": "nice -n 15 python scripts/make_label_maps.py --shared ../shared/data"})
+    names = args.only if args.only else ["icbm2009a", *SOURCES]
+    for name in names:
+        if name != "icbm2009a" and name not in SOURCES:
+            ap.error(f"unknown source {name!r}; expected icbm2009a or one of {sorted(SOURCES)}")
+        img, entry = build_icbm() if name == "icbm2009a" else build_one(name, SOURCES[name], args.shared)
+        path = args.out / entry["file"]
+        nib.save(img, path)
+        entry["sha256"] = _sha256(path)
+        entry["bytes"] = path.stat().st_size
+        manifest["anatomies"][name] = entry
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        print(f"{name}: {entry['shape']} {entry['bytes']} bytes {entry.get('seconds', '')} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

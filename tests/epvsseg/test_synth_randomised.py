@@ -1,0 +1,146 @@
+"""The domain-randomised generator: seeded, deterministic, exact labels, contrasts and artefacts as drawn."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from epvsseg.synth import label_maps, randomised
+from epvsseg.synth.label_maps import LABELS
+
+ANATOMY = "icbm2009a"  # the smallest shipped map; its priors take ~15 s, once per module
+CROP = (48, 48, 24)
+
+
+@pytest.fixture(scope="module")
+def anatomy():
+    return label_maps.load_anatomy(ANATOMY), label_maps.anatomy_priors(ANATOMY)
+
+
+def _draw(seed, **kw):
+    kw.setdefault("roi", "basal_ganglia")
+    kw.setdefault("shape_vox", CROP)
+    return randomised.sample_randomised(np.random.default_rng(seed), ANATOMY, **kw)
+
+
+def test_sampling_is_seeded_and_json_serialisable():
+    a, b, c = _draw(3), _draw(3), _draw(4)
+    assert a == b and a != c
+    assert json.loads(json.dumps(a)) == a
+    assert a["generator"] == "randomised" and a["anatomy"] == ANATOMY
+    assert set(a["contrast"]) == set(a["acquisition"]) == {"T2w", "FLAIR", "T1w", "SWI"}
+
+
+def test_render_is_deterministic_and_a_function_of_the_json_params(anatomy):
+    anat, pri = anatomy
+    p = _draw(11)
+    one = randomised.render_randomised(p, anat, pri)
+    two = randomised.render_randomised(json.loads(json.dumps(p)), anat, pri)
+    for s in p["sequences"]:
+        assert one.images[s].shape == CROP and one.images[s].dtype == np.float32
+        assert np.array_equal(one.images[s], two.images[s]), s
+        assert np.isfinite(one.images[s]).all() and (one.images[s] >= 0).all()
+    assert np.array_equal(one.label, two.label) and np.array_equal(one.occupancy, two.occupancy)
+    other = randomised.render_randomised(_draw(12), anat, pri)
+    assert not np.array_equal(one.images["T2w"], other.images["T2w"])
+
+
+def test_labels_are_exact(anatomy):
+    """ePVS label = partial-volume rule of the default engine, inside brain tissue, never on a vessel."""
+    anat, pri = anatomy
+    found = 0
+    for seed in range(6):
+        case = randomised.render_randomised(_draw(seed), anat, pri)
+        assert case.label.dtype == np.uint8 and set(np.unique(case.label)) <= {0, 1}
+        assert (case.occupancy[case.label > 0] >= 0.25).all()
+        assert (case.label[case.occupancy >= 0.5] == 1).all()
+        assert not np.any((case.label > 0) & (case.mimics > 0))
+        assert np.all(case.brain[case.label > 0])
+        assert case.stats["label_voxels"] == int(case.label.sum())
+        found += int(case.label.sum())
+    assert found > 100  # basal-ganglia crops carry ePVS
+
+
+def test_ordered_contrasts_follow_each_sequence_and_epvs_stay_csf_like():
+    rng = np.random.default_rng(0)
+    n_random = 0
+    for _ in range(300):
+        for s in ("T2w", "T1w", "FLAIR"):
+            c = randomised._draw_contrast(rng, s, p_random=0.2)
+            m = c["mean"]
+            lo, hi = sorted((m["csf"], m["wm"]))
+            assert lo <= c["epvs"] <= hi
+            assert abs(c["epvs"] - m["csf"]) <= 0.25 * abs(m["wm"] - m["csf"]) + 1e-4
+            if c["fully_random"]:
+                n_random += 1
+                continue
+            if s == "T2w":
+                assert m["csf"] > m["gm"] > m["wm"]
+            elif s == "T1w":
+                assert m["csf"] < m["gm"] < m["wm"]
+            else:
+                assert m["csf"] < m["wm"] < m["gm"]
+    assert 0.15 < n_random / 900 < 0.25
+
+
+def test_noise_free_composition_puts_the_drawn_intensities(anatomy):
+    labels = np.full((20, 20, 20), LABELS["wm"], np.uint8)
+    labels[:, :, :5] = LABELS["csf"]
+    occ = np.zeros(labels.shape, np.float32)
+    occ[8:12, 8:12, 8:16] = 1.0
+    con = randomised._draw_contrast(np.random.default_rng(1), "T2w", p_random=0.0)
+    con["spread"] = {k: 0.0 for k in con["spread"]}
+    img = randomised._compose(labels, con, np.zeros(labels.shape, np.float32), occ,
+                              np.zeros(labels.shape, np.float32), skull=True)
+    assert img[10, 10, 12] == pytest.approx(con["epvs"], rel=1e-5)
+    assert img[2, 2, 15] == pytest.approx(con["mean"]["wm"], rel=1e-5)
+    assert img[2, 2, 1] == pytest.approx(con["mean"]["csf"], rel=1e-5)
+
+
+def test_acquisitions_span_the_documented_ranges():
+    rng = np.random.default_rng(5)
+    acqs = [randomised._draw_acquisition(rng, "T2w") for _ in range(400)]
+    two_d = [a for a in acqs if a["mode"] == "2D"]
+    assert 0.4 < len(two_d) / len(acqs) < 0.6
+    assert {a["slice_axis"] for a in two_d} == {0, 1, 2}
+    for a in two_d:
+        assert 2.0 <= a["spacing_mm"][a["slice_axis"]] <= 6.0
+        assert a["thickness_mm"][a["slice_axis"]] <= a["spacing_mm"][a["slice_axis"]]
+    for a in acqs:
+        if a["mode"] == "3D":
+            assert all(0.7 <= s <= 1.5 for s in a["spacing_mm"])
+    assert 0.2 < np.mean([a["gibbs"] is not None for a in acqs]) < 0.4
+    assert 0.1 < np.mean([a["ghost"] is not None for a in acqs]) < 0.3
+
+
+def test_gibbs_and_ghosts():
+    img = np.zeros((32, 8, 8), np.float32)
+    img[10:22] = 1.0
+    assert np.allclose(randomised._gibbs(img, 0, 1.0), img, atol=1e-5)
+    ringing = randomised._gibbs(img, 0, 0.5)
+    assert ringing.max() > 1.02  # overshoot at the edges
+    assert np.allclose(randomised._ghost(img, 0, 0.0, 2), img)
+    ghost = randomised._ghost(img, 0, 0.1, 2)
+    assert ghost[0, 0, 0] == pytest.approx(0.1) and ghost[15, 0, 0] == pytest.approx(1.0)
+
+
+def test_skull_off_blanks_the_head_and_fov_cut_removes_labels(anatomy):
+    anat, pri = anatomy
+    p = _draw(21, roi="random")
+    p["skull"], p["fov_cut"] = False, {"axis": 2, "side": 1, "fraction": 0.25}
+    case = randomised.render_randomised(p, anat, pri)
+    assert not case.label[:, :, -6:].any() and not case.brain[:, :, -6:].any()
+
+
+def test_bad_parameters_are_refused(anatomy):
+    anat, pri = anatomy
+    with pytest.raises(ValueError, match="unknown sequences"):
+        _draw(1, sequences=("T2w", "DWI"))
+    with pytest.raises(ValueError, match="unknown roi"):
+        _draw(1, roi="cerebellum")
+    p = _draw(1)
+    p["version"] = 99
+    with pytest.raises(ValueError, match="randomised-generator parameters"):
+        randomised.render_randomised(p, anat, pri)
