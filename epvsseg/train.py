@@ -63,11 +63,30 @@ class TrainConfig:
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     min_sizes: tuple[int, ...] = (2, 3, 4, 5)
     combinations: tuple[tuple[str, ...], ...] = field(default_factory=lambda: load_spec(verify=False).combinations)
+    #: Data generator: ``"v3"`` (:func:`epvsseg.synth.render` from the ICBM average; the shipped models) or
+    #: ``"randomised"`` (:mod:`epvsseg.synth.randomised`: real anatomies, domain randomisation).
+    generator: str = "v3"
+    #: Comma-separated anatomies of the randomised generator (empty: every shipped one).
+    anatomies: str = ""
 
 
 # ------------------------------------------------------------------- data
+GENERATORS: tuple[str, ...] = ("v3", "randomised")
+
+
+def _render_randomised(rng: np.random.Generator, roi: str, crop, anatomies: tuple[str, ...]):
+    """One domain-randomised case (:mod:`epvsseg.synth.randomised`) on an anatomy drawn from ``anatomies``."""
+    from .synth import label_maps, randomised
+
+    names = tuple(anatomies) or label_maps.anatomy_names()
+    anatomy = str(names[int(rng.integers(0, len(names)))])
+    params = randomised.sample_randomised(rng, anatomy, sequences=SEQUENCES, roi=roi, shape_vox=tuple(crop))
+    return randomised.render_randomised(params)
+
+
 def _render_case(args) -> str:
-    seed, path, crop = args
+    seed, path, crop, *rest = args
+    generator, anatomies = (rest[0], tuple(rest[1])) if rest else ("v3", ())
     from . import synth
 
     path = Path(path)
@@ -75,8 +94,11 @@ def _render_case(args) -> str:
         return str(path)
     rng = np.random.default_rng(seed)
     roi = rng.choice(list(ROI_WEIGHTS), p=list(ROI_WEIGHTS.values()))
-    params = synth.sample_params(rng, sequences=SEQUENCES, roi=str(roi), shape_vox=tuple(crop))
-    case = synth.render(params, synth.load_priors())
+    if generator == "randomised":
+        case = _render_randomised(rng, str(roi), crop, anatomies)
+    else:
+        params = synth.sample_params(rng, sequences=SEQUENCES, roi=str(roi), shape_vox=tuple(crop))
+        case = synth.render(params, synth.load_priors())
     mask = brain_mask_of(case)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(
@@ -96,10 +118,20 @@ def brain_mask_of(case) -> np.ndarray:
     return np.asarray(mask, bool)
 
 
-def generate(seeds: list[int], folder: Path, crop, workers: int) -> list[Path]:
-    """Render (or reuse) one cached ``.npz`` per seed, in parallel."""
+def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: str = "v3",
+             anatomies: tuple[str, ...] = ()) -> list[Path]:
+    """Render (or reuse) one cached ``.npz`` per seed, in parallel.
+
+    ``generator`` is ``"v3"`` (files ``case-<seed>.npz``) or ``"randomised"`` (``rcase-<seed>.npz``, on the
+    ``anatomies`` named, default all shipped ones).
+    """
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; expected one of {GENERATORS}")
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) for s in seeds]
+    if generator == "v3":
+        jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) for s in seeds]
+    else:
+        jobs = [(s, str(folder / f"rcase-{s}.npz"), tuple(crop), generator, tuple(anatomies)) for s in seeds]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             return [Path(p) for p in pool.map(_render_case, jobs)]
@@ -341,7 +373,9 @@ def train(cfg: TrainConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     seeds = rng.integers(0, 2**31 - 1, size=cfg.n_train + cfg.n_val).tolist()
     t0 = time.time()
-    paths = generate(seeds, Path(cfg.cache_dir), cfg.crop_vox, cfg.workers)
+    anatomies = tuple(a.strip() for a in cfg.anatomies.split(",") if a.strip())
+    paths = generate(seeds, Path(cfg.cache_dir), cfg.crop_vox, cfg.workers, generator=cfg.generator,
+                     anatomies=anatomies)
     t_data = time.time() - t0
     LOGGER.info("rendered %d cases in %.0f s", len(paths), t_data)
     train_cases = [load_case(p) for p in paths[: cfg.n_train]]
