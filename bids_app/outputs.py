@@ -215,13 +215,18 @@ def _write_regions(target: _Target, pre, measures: UnitMeasures, detected: np.nd
 
 
 def _write_brain(target: _Target, pre, reference: np.ndarray) -> list[Path]:
-    """The brain mask (with volumes and QC in its sidecar) and the bias-corrected reference."""
+    """The brain mask (with volumes, how it was made and QC in its sidecar) and the bias-corrected reference."""
+    from epvsprep.anatomy import ICV_METHOD
+
+    made = getattr(pre, "brain_extraction", None) or {}  # how the mask was made (Preprocessed.brain_extraction)
     ref = {"Sources": [target.sources[0]], "SpatialReference": target.common["SpatialReference"]}
     return [
         target.image("brain_mask", pre.mask, np.uint8),
         target.sidecar("brain_mask_json", {
             **ref, "BrainVolume_mm3": round(pre.brain_mm3, 1),
             **({} if pre.icv_mm3 is None else {"IntracranialVolume_mm3": round(pre.icv_mm3, 1)}),
+            "BrainExtraction": made.get("BrainExtraction"), "SkullStrippedInput": made.get("SkullStrippedInput"),
+            "HeadCrop_mm": made.get("HeadCrop_mm"), "IcvMethod": ICV_METHOD,
             "QC": pre.qc}),
         target.image("preproc", reference, np.float32),
         target.sidecar("preproc_json", ref),

@@ -181,7 +181,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
         t0 = time.monotonic()
         kill_point(step)
 
-    pre = preprocess_unit(plan, work_dir=work_dir, seed=seed, tick=tick)
+    pre = preprocess_unit(plan, work_dir=work_dir, seed=seed, tick=tick, age_years=participant_age(bids_dir, plan))
     volumes = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
                **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
     det = detect(volumes, pre.mask, pre.n4.affine, combination=plan.combination, method=plan.method, model=model,
@@ -198,8 +198,40 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     return written
 
 
-def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick=lambda step: None):
+def participant_age(bids_dir: Path, plan) -> float | None:
+    """The participant's age (years) at the plan's session, or None when the raw dataset does not give one.
+
+    ``age`` of ``sub-<l>/sub-<l>_sessions.tsv`` for the session first, else ``age`` of ``participants.tsv``
+    (column names in any case). An unreadable table or a non-numeric age counts as no age (logged).
+    """
+    from .group.collect import read_participants, read_sessions
+    from .io_spec import TableError
+
+    participant = f"sub-{plan.subject}"
+    tables = [(read_sessions(bids_dir, participant), f"ses-{plan.session}" if plan.session else None)]
+    try:
+        tables.append((read_participants(bids_dir), participant))
+    except TableError as exc:
+        LOGGER.warning("%s", exc)
+    for table, row in tables:
+        col = None if table is None else next((c for c in table.columns if str(c).lower() == "age"), None)
+        if col is None or row is None or row not in table.index:
+            continue
+        try:
+            age = float(table.at[row, col])
+        except (TypeError, ValueError):
+            LOGGER.warning("%s: age %r is not a number; the QC uses the ranges for an unknown age",
+                           participant, table.at[row, col])
+            continue
+        if np.isfinite(age) and age >= 0:
+            return age
+    return None
+
+
+def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick=lambda step: None, age_years: float | None = None):
     """:func:`epvsprep.pipeline.preprocess` on a plan's images, cached in ``work_dir``.
+
+    ``age_years`` (from :func:`participant_age`) selects the QC's plausible brain and ICV ranges.
 
     Raises
     ------
@@ -213,7 +245,7 @@ def preprocess_unit(plan, *, work_dir: Path, seed: int = 42, tick=lambda step: N
     params = pipeline.PreprocParams(seed=seed)
     try:
         return pipeline.preprocess(images, plan.reference, params=params, cache=StepCache(work_dir, __version__),
-                                   tick=tick)
+                                   tick=tick, age_years=age_years)
     except pipeline.FieldOfViewError as exc:
         raise InputError(f"{exc.problem}; fix it, or leave the {exc.sequence} out with a --bids-filter-file "
                          f"'{exc.sequence.lower()}' filter that does not match it", exc.path) from exc

@@ -342,6 +342,12 @@ def register_template(
 
 
 # ------------------------------------------------------------------- ICV and regions
+#: How :func:`intracranial_volume_mm3` is computed, for the brain-mask sidecar (``IcvMethod``).
+ICV_METHOD = ("template-warp: the ICBM152 2009a intracranial mask registered (affine + SyN) to the reference "
+              "image inside its brain mask (8 mm margin), united with the brain mask; the head crop and the "
+              "skull-stripped check of the brain mask keep neck and skull out of it")
+
+
 def intracranial_volume_mm3(icv_mask: np.ndarray, brain_mask: np.ndarray, voxel_mm3: float) -> float:
     """Intracranial volume (mm³): the warped template ICV mask united with the subject's brain mask.
 

@@ -5,7 +5,8 @@ out a :class:`Preprocessed` with every image on the reference's RAS+ grid:
 
 1. load and conform every image (RAS+ voxel order, checked header and field of view);
 2. N4 bias correction of every image;
-3. brain mask of the reference (deepbet);
+3. brain mask of the reference (:func:`epvsprep.brain.extract`: skull-stripped inputs kept, head crop,
+   deepbet);
 4. rigid co-registration of every other image to the reference (Mattes MI, inside the mask);
 5. template registration to the reference, region labels, intracranial volume and tissue masks;
 6. QC measures and flags.
@@ -28,6 +29,7 @@ import nibabel as nib
 import numpy as np
 
 from . import anatomy, ops
+from . import brain as brainm
 from . import qc as qcm
 from .cache import StepCache
 
@@ -96,6 +98,10 @@ class Preprocessed:
         Intracranial volume, mm³.
     template : dict
         How the template registration was done (sequence, image, sources, setting, seconds).
+    brain_extraction : dict
+        How the brain mask was made (:meth:`epvsprep.brain.Extraction.record`).
+    age_years : float or None
+        The participant's age given to :func:`preprocess` (QC ranges only).
     """
 
     originals: dict
@@ -113,6 +119,8 @@ class Preprocessed:
     atlas: Any = None
     icv_mm3: float | None = None
     template: dict = field(default_factory=dict)
+    brain_extraction: dict = field(default_factory=dict)
+    age_years: float | None = None
 
 
 class FieldOfViewError(ops.ImageError):
@@ -165,16 +173,24 @@ def _n4(cache: StepCache, img, digest: str, params: PreprocParams) -> tuple[nib.
     return images["n4"], key
 
 
-def _brain(cache: StepCache, n4, n4_key: str, params: PreprocParams, path) -> tuple[nib.Nifti1Image, str]:
-    """Brain mask of the bias-corrected reference and the key of the step."""
+def _brain(cache: StepCache, n4, n4_key: str, params: PreprocParams, path) -> tuple[nib.Nifti1Image, str, dict]:
+    """Brain mask of the bias-corrected reference (:func:`epvsprep.brain.extract`), the step's key and record."""
     if params.brain_extraction != "deepbet":
         raise ValueError(f"unknown brain-extraction method {params.brain_extraction!r} (known: deepbet)")
-    key = cache.key("brain_mask", {"method": params.brain_extraction}, [n4_key])
+    step = {"method": params.brain_extraction, "head_height_mm": brainm.HEAD_HEIGHT_MM,
+            "background_fraction": brainm.BACKGROUND_FRACTION, "stripped_zero_share": brainm.STRIPPED_ZERO_SHARE,
+            "stripped_max_mm3": brainm.STRIPPED_MAX_MM3}
+    key = cache.key("brain_mask", step, [n4_key])
+
+    def compute():
+        ex = brainm.extract(n4, method=params.brain_extraction)
+        return {"mask": ex.mask}, ex.record()
+
     try:
-        images, _ = cache.get("brain_mask", key, lambda: ({"mask": ops.brain_mask(n4)}, {}))
+        images, record = cache.get("brain_mask", key, compute)
     except ops.ImageError as exc:
         raise ops.ImageError(exc.problem, path) from exc
-    return images["mask"], key
+    return images["mask"], key, dict(record)
 
 
 def _coregister(cache: StepCache, moving, fixed, brain, keys: list[str], params: PreprocParams
@@ -215,7 +231,8 @@ def _registration_record(meta: Mapping[str, Any], to: str) -> dict[str, Any]:
 
 
 def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, params: PreprocParams | None = None,
-               cache: StepCache | None = None, tick: Callable[[str], None] = lambda step: None) -> Preprocessed:
+               cache: StepCache | None = None, tick: Callable[[str], None] = lambda step: None,
+               age_years: float | None = None) -> Preprocessed:
     """Preprocess the images of one unit (see the module docstring for the steps).
 
     Parameters
@@ -230,6 +247,9 @@ def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, param
     tick : callable, optional
         Called with each step's name when it is done (``load``, ``n4``, ``brain_mask``,
         ``coreg_<sequence>``, ``template``): timings and test kill points.
+    age_years : float, optional
+        The participant's age (years) at this session: selects the plausible brain and intracranial
+        volumes of the QC (:func:`epvsprep.qc.volume_ranges`); it changes no image.
 
     Raises
     ------
@@ -242,12 +262,12 @@ def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, param
     tick("load")
     n4, n4_key = _n4(cache, conformed[reference], digests[reference], params)
     tick("n4")
-    brain, brain_key = _brain(cache, n4, n4_key, params, images[reference])
+    brain, brain_key, extraction = _brain(cache, n4, n4_key, params, images[reference])
     tick("brain_mask")
     mask = np.asanyarray(brain.dataobj) > 0
     voxel_mm3 = ops.voxel_volume_mm3(conformed[reference])
     brain_mm3 = float(mask.sum() * voxel_mm3)
-    warnings_ = _brain_volume_warnings(brain_mm3)
+    warnings_ = _brain_volume_warnings(brain_mm3, age_years)
     coregistered, registration = {}, {}
     for sequence, img in conformed.items():
         if sequence == reference:
@@ -260,18 +280,20 @@ def preprocess(images: Mapping[str, str | os.PathLike], reference: str, *, param
                              "not improve, or rotation > 45°): check the registration figure")
         tick(f"coreg_{sequence}")
     pre = Preprocessed(originals, digests, n4, brain, mask, coregistered, {}, warnings_, voxel_mm3, brain_mm3,
-                       spacing_mm=ops.spacing_mm(conformed[reference]))
+                       spacing_mm=ops.spacing_mm(conformed[reference]), brain_extraction=extraction,
+                       age_years=age_years)
     _anatomy(pre, cache, [n4_key, brain_key], reference, registration, params, images[reference])
     tick("template")
     return pre
 
 
-def _brain_volume_warnings(brain_mm3: float) -> list[str]:
-    lo, hi = ops.BRAIN_VOLUME_RANGE_MM3
+def _brain_volume_warnings(brain_mm3: float, age_years: float | None) -> list[str]:
+    lo, hi = qcm.volume_ranges(age_years)["brain_volume_mm3"]
     if lo <= brain_mm3 <= hi:
         return []
-    return [f"brain mask volume {brain_mm3 / 1e3:.0f} cm³ is outside the usual adult range "
-            f"{lo / 1e3:.0f}-{hi / 1e3:.0f} cm³: check the brain mask figure"]
+    who = "for an unknown age" if age_years is None else f"at age {age_years:g}"
+    return [f"brain mask volume {brain_mm3 / 1e3:.0f} cm³ is outside the plausible range {who} "
+            f"({lo / 1e3:.0f}-{hi / 1e3:.0f} cm³): check the brain mask figure"]
 
 
 def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: str, registration: dict,
@@ -292,35 +314,53 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
                                     "error": str(exc)[:300]}
         pre.warnings.append(f"template registration failed ({exc}): no region outputs and no ICV for this unit")
     gm = wm = np.zeros(pre.mask.shape, bool)
+    background = brainm.background_share(pre.mask, np.asanyarray(pre.n4.dataobj))
+    failures = qcm.mask_failures({"brain_volume_mm3": pre.brain_mm3, "background_share": background,
+                                  "mask_dice": None if meta is None else meta["mask_dice"]}, pre.age_years)
+    if failures:
+        LOGGER.warning("%s: brain mask failed QC (%s): no region outputs and no ICV", path, "; ".join(failures))
+        pre.warnings.append(f"brain mask failed QC ({'; '.join(failures)}): no region outputs and no ICV for "
+                            "this unit; check the brain mask figure")
     if maps is not None:
-        pre.regions = anatomy.subject_regions(maps["labels"], pre.mask, kit.table)
-        pre.icv_mm3 = anatomy.intracranial_volume_mm3(maps["icv_mask"], pre.mask, pre.voxel_mm3)
+        if not failures:
+            pre.regions = anatomy.subject_regions(maps["labels"], pre.mask, kit.table)
+            pre.icv_mm3 = anatomy.intracranial_volume_mm3(maps["icv_mask"], pre.mask, pre.voxel_mm3)
         gm, wm = qcm.tissue_masks(pre.mask, maps["gm"], maps["wm"])
         registration["template"] = {
             **_registration_record(meta, reference), "brain_mask_dice": round(meta["mask_dice"], 3),
             "sequence": sequence, "transform": meta["transform"]}
         del registration["template"]["to"]
     pre.atlas = kit
-    pre.qc = _qc(pre, gm, wm, registration, meta)
+    pre.qc = _qc(pre, gm, wm, registration, meta, background, failures)
     pre.template = {"sequence": sequence, "image": reference, "sources": dict(kit.sources),
                     "setting": params.template_setting,
                     "seconds": None if meta is None else round(meta["seconds"], 1)}
 
 
-def _qc(pre: Preprocessed, gm, wm, registration: dict, meta: Mapping[str, Any] | None) -> dict:
-    """QC measures and flags of the reference image; adds their warnings to ``pre.warnings``."""
+def _qc(pre: Preprocessed, gm, wm, registration: dict, meta: Mapping[str, Any] | None, background: float,
+        failures: list[str]) -> dict:
+    """QC measures and flags of the reference image; adds their warnings to ``pre.warnings``.
+
+    ``background`` is the share of brain-mask voxels at ~0 intensity; ``failures`` the reasons the
+    brain mask failed (:func:`epvsprep.qc.mask_failures`), which add the flag ``brain mask failed``.
+    """
     ref_data = np.asanyarray(pre.n4.dataobj)
     measures = {
         "snr": round(qcm.snr(ref_data, wm), 2), "cnr": round(qcm.cnr(ref_data, gm, wm), 3),
         "brain_volume_mm3": round(pre.brain_mm3, 1),
         "icv_mm3": None if pre.icv_mm3 is None else round(pre.icv_mm3, 1),
+        "background_share": round(background, 4), "age_years": pre.age_years,
+        "brain_mask_ok": not failures,
         "registration": registration,
     }
-    flags = qcm.flags({**measures, "mask_dice": None if meta is None else meta["mask_dice"]})
+    ranges = qcm.ranges_for(pre.age_years)
+    flags = qcm.flags({**measures, "mask_dice": None if meta is None else meta["mask_dice"]}, ranges)
+    flags += ["brain mask failed"] if failures else []
     flags += qcm.voxel_size_flags(pre.spacing_mm)
     if meta is not None and not meta["ok"]:
         pre.warnings.append(f"template registration looks failed (mutual information did not improve, or the "
                             f"template brain overlaps the brain mask with Dice {meta['mask_dice']:.2f} < 0.8): "
                             "region measures are unreliable; check the regions figure")
-    pre.warnings.extend(f"QC flag: {f}" for f in flags if "registration" not in f and "brain mask" not in f)
+    said = {"small brain mask", "large brain mask", "brain mask failed", "brain mask disagrees with template"}
+    pre.warnings.extend(f"QC flag: {f}" for f in flags if "registration" not in f and f not in said)
     return {**measures, "flags": flags}

