@@ -71,6 +71,20 @@ def _load_mask(path, like: nib.spatialimages.SpatialImage | None = None) -> tupl
     return data > 0, img.affine
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` with a one-voxel margin (a 1-voxel box when empty).
+
+    Every measure of :func:`epvsseg.metrics.agreement_suite` is unchanged when both masks are
+    cropped to a box holding all their voxels (clusters, surfaces and distances all lie inside),
+    and the distance transforms then run on the box, not the whole grid.
+    """
+    idx = np.argwhere(mask)
+    if not len(idx):
+        return (slice(0, 1),) * mask.ndim
+    lo, hi = np.maximum(idx.min(0) - 1, 0), idx.max(0) + 2
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
 def compare_unit(unit: Unit, other_path) -> list[dict]:
     """Agreement rows of one unit: the whole brain, then every region of the unit's atlas."""
     ours_img = nib.load(str(unit.paths["epvs_mask"]))
@@ -79,8 +93,10 @@ def compare_unit(unit: Unit, other_path) -> list[dict]:
     spacing = tuple(float(z) for z in ours_img.header.get_zooms()[:3])
     key = {"participant_id": unit.participant_id, "session_id": unit.session_id,
            "source_entities": unit.source_entities, "input_sequences": unit.combination, "other_mask": str(other_path)}
+    either = ours | other
+    box = _box(either)
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
-             **metrics.agreement_suite(ours, other, spacing)}]
+             **metrics.agreement_suite(ours[box], other[box], spacing)}]
     atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")
     if atlas_map is not None and atlas_tsv is not None:
         atlas = np.asarray(nib.load(str(atlas_map)).dataobj).astype(np.int64)
@@ -91,8 +107,7 @@ def compare_unit(unit: Unit, other_path) -> list[dict]:
             inside = atlas == int(rec["index"])
             if not inside.any():
                 continue
-            idx = np.argwhere(inside)
-            box = tuple(slice(a, b + 1) for a, b in zip(idx.min(0), idx.max(0)))
+            box = _box(either & inside)
             reg = inside[box]
             rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
                          "hemisphere": str(rec["hemisphere"]),

@@ -91,10 +91,19 @@ def majority_region(labels: np.ndarray, regions: np.ndarray | None, names: dict[
     return [names.get(int(best[c]), "other") if table[c, best[c]] > 0 else "other" for c in present]
 
 
-def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42) -> Transfer:
-    """Carry the follow-up cluster map onto the baseline grid (see the module docstring)."""
-    base_labels, base_aff = _load_int(baseline.paths["clusters_dseg"])
-    fol_labels, fol_aff = _load_int(followup.paths["clusters_dseg"])
+def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42, *,
+                      loaded: tuple | None = None) -> Transfer:
+    """Carry the follow-up cluster map onto the baseline grid (see the module docstring).
+
+    ``loaded``: the two sessions' :class:`SessionClusters`, when already read (saves two reads).
+    When the voxel-to-voxel map is the identity (header mode, one grid) the map is used as it is.
+    """
+    if loaded is None:
+        (base_labels, base_aff), (fol_labels, fol_aff) = (_load_int(baseline.paths["clusters_dseg"]),
+                                                          _load_int(followup.paths["clusters_dseg"]))
+    else:
+        base_labels, base_aff, fol_labels, fol_aff = (loaded[0].labels, loaded[0].affine, loaded[1].labels,
+                                                      loaded[1].affine)
     matrix = np.eye(4)
     ok, before, after, method = True, math.nan, math.nan, "header"
     if mode == "rigid":
@@ -110,6 +119,8 @@ def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42)
                                  seed=seed)
         matrix, ok, before, after, method = res.matrix, res.ok, res.similarity_before, res.similarity_after, "rigid"
     vox = np.linalg.inv(fol_aff) @ matrix @ base_aff
+    if fol_labels.shape == base_labels.shape and np.allclose(vox, np.eye(4), atol=1e-6):
+        return Transfer(fol_labels, matrix, method, bool(ok), float(before), float(after))
     moved = ndimage.affine_transform(fol_labels, vox[:3, :3], offset=vox[:3, 3], output_shape=base_labels.shape,
                                      order=0, mode="constant", cval=0)
     return Transfer(moved.astype(np.int64), matrix, method, bool(ok), float(before), float(after))
@@ -189,7 +200,7 @@ def match_sessions(baseline: Unit, followup: Unit, *, mode: str = "rigid", toler
         more negative is better).
     """
     prev, cur = read_clusters(baseline), read_clusters(followup)
-    tr = transfer_clusters(baseline, followup, mode, seed)
+    tr = transfer_clusters(baseline, followup, mode, seed, loaded=(prev, cur))
     return pair_summary(prev, cur, matched_pairs(prev, cur, tr, tolerance_mm), tr)
 
 
@@ -282,7 +293,7 @@ def track_clusters(units: list[Unit], sessions: list[str], *, mode: str = "rigid
     clusters = [read_clusters(u) for u in units]
     to_first, pair_sets, summaries = [np.eye(4)], [], []
     for j in range(1, len(units)):
-        tr = transfer_clusters(units[j - 1], units[j], mode, seed)
+        tr = transfer_clusters(units[j - 1], units[j], mode, seed, loaded=(clusters[j - 1], clusters[j]))
         # to_first[j] maps session-j mm to first-session mm; tr.matrix maps previous mm to current mm
         to_first.append(to_first[j - 1] @ np.linalg.inv(tr.matrix))
         pair_sets.append(matched_pairs(clusters[j - 1], clusters[j], tr, tolerance_mm))

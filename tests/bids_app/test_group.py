@@ -372,3 +372,29 @@ def test_reference_mask_off_grid_is_named_and_65(tmp_path):
     units = _read(out / "group/agreement-reference_units.tsv")
     assert set(units["participant_id"]) == {"sub-01"}
     assert "not on the voxel grid" in (out / "group.html").read_text()
+
+
+def test_agreement_on_cropped_masks_equals_the_full_grid(tmp_path):
+    """compare_unit crops both masks to their bounding box: every measure must equal the full-grid suite."""
+    from bids_app.group import agreement, collect
+    from epvsseg import metrics
+
+    out = tmp_path / "out"
+    exp = gf.make_unit(out, "01", sites=SITES[:25])
+    other = np.roll(exp["mask"], 1, axis=1)
+    other[tuple(np.array(SITES[40]) + 1)] = True  # one cluster only in the other mask
+    path = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(other.astype(np.uint8), gf.AFFINE), path)
+    (unit,) = collect.find_units(out)
+    rows = pd.DataFrame(agreement.compare_unit(unit, path)).set_index("name")
+    full = metrics.agreement_suite(exp["mask"], other, (1.0, 1.0, 1.0))
+    for key, value in full.items():
+        assert rows.at["whole_brain", key] == pytest.approx(value, nan_ok=True), key
+    atlas = gf.atlas()
+    names = gf.atlas_table().set_index("index")["name"]
+    assert set(names) <= set(rows.index)  # every region compared
+    for index, name in names.items():
+        inside = atlas == index
+        full = metrics.agreement_suite(exp["mask"] & inside, other & inside, (1.0, 1.0, 1.0))
+        for key, value in full.items():
+            assert rows.at[name, key] == pytest.approx(value, nan_ok=True), (name, key)
