@@ -4,6 +4,9 @@ No public ePVS weights or labelled scans exist, so the networks of epvs-bids are
 cases rendered here from real anatomical priors (ICBM 2009a tissue maps from nilearn, the
 CIT168 subcortical atlas shipped in ``epvsprep/data/atlases``), with partial-volume ePVS tubes,
 their mimics (WMH, lacunes, vessels, microbleeds) and randomised sequences and acquisitions.
+A second, domain-randomised generator on real anatomies (``sample_randomised(rng, anatomy)`` then
+``render_randomised(params)``, :mod:`epvsseg.synth.randomised`) draws contrasts, resolutions and artefacts far
+wider than real scans, on label maps of real training scans (:mod:`epvsseg.synth.label_maps`).
 Held-out anatomy for benchmarks: ``build_priors(1.0, tissue=colin27_tissue())`` (Colin27, a real
 brain the training never saw). See ``docs/synthetic_data.md``.
 
@@ -16,6 +19,7 @@ Example
 """
 
 from .anatomies import colin27_tissue
+from .label_maps import anatomy_names, load_anatomy
 from .contrast import SEQUENCES
 from .priors import AnatomyPriors, TissueMaps, build_priors, load_priors
 from .render import (
@@ -27,9 +31,11 @@ from .render import (
     render,
     sample_params,
 )
+from .randomised import render_randomised, sample_randomised
 
 __all__ = [
     "SEQUENCES", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "TissueMaps", "build_priors",
     "colin27_tissue", "load_priors", "params_from_json",
     "params_to_json", "render", "sample_params",
+    "anatomy_names", "load_anatomy", "render_randomised", "sample_randomised",
 ]
