@@ -224,19 +224,37 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42, nprocs: int = 1
             "clusters": clusters, "tracks": tracks, "persistence": longitudinal.persistence_rates(tracks)}
 
 
-def run_agreement(units: list, other_root: Path) -> dict:
-    """Per-unit and per-region agreement with the masks of ``other_root``."""
+def _compare_one(job: tuple) -> tuple[str, list[dict] | None, str | None]:
+    """Agreement rows of one unit: (label, rows or None when it has no other mask, error message)."""
+    unit, other_root = job
+    try:
+        other = agreement.find_other_mask(other_root, unit)
+        if other is None:
+            return unit.label, None, None
+        return unit.label, agreement.compare_unit(unit, other), None
+    except (collect.TableError, OSError) as exc:
+        return unit.label, [], str(exc)
+
+
+def run_agreement(units: list, other_root: Path, nprocs: int = 1) -> dict:
+    """Per-unit and per-region agreement with the masks of ``other_root`` (units in ``nprocs`` processes)."""
     rows, missing, errors = [], [], []
-    for unit in units:
-        try:
-            other = agreement.find_other_mask(other_root, unit)
-            if other is None:
-                missing.append(unit.label)
-                continue
-            rows += agreement.compare_unit(unit, other)
-        except (collect.TableError, OSError) as exc:
-            LOGGER.error("%s", exc)
-            errors.append((unit.label, str(exc)))
+    jobs = [(unit, Path(other_root)) for unit in units]
+    if nprocs > 1 and len(jobs) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=nprocs) as pool:
+            results = list(pool.map(_compare_one, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))
+    else:
+        results = [_compare_one(job) for job in jobs]
+    for label, unit_rows, error in results:
+        if error is not None:
+            LOGGER.error("%s", error)
+            errors.append((label, error))
+        elif unit_rows is None:
+            missing.append(label)
+        else:
+            rows += unit_rows
     per_unit = pd.DataFrame(rows)
     if missing:
         LOGGER.warning("%d unit(s) have no mask in %s: %s", len(missing), other_root,
@@ -297,7 +315,7 @@ def run_group_level(config: RunConfig) -> int:
     for kind, root in (("reference", config.reference_derivatives), ("compare", config.compare_dir)):
         if root is None:
             continue
-        res = run_agreement(tables["units"], Path(root))
+        res = run_agreement(tables["units"], Path(root), nprocs=max(1, int(config.nprocs or 1)))
         comparisons[kind] = res
         for label, message in res["errors"]:
             tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]
