@@ -88,6 +88,36 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _image(labels: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """The uint8 NIfTI written for a label map (same header for every map)."""
+    img = nib.Nifti1Image(np.asarray(labels, np.uint8), affine)
+    img.set_data_dtype(np.uint8)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _save(img: nib.Nifti1Image, path: Path) -> None:
+    """gzip level 9 (nibabel's default is 1): about 40 % smaller maps."""
+    old = nib.openers.Opener.default_compresslevel
+    nib.openers.Opener.default_compresslevel = 9
+    try:
+        nib.save(img, path)
+    finally:
+        nib.openers.Opener.default_compresslevel = old
+
+
+def repack(folder: Path = OUT) -> None:
+    """Rewrite every map of the manifest through :func:`_image` and :func:`_save`; update sha256 and bytes."""
+    path = folder / "MANIFEST.json"
+    man = json.loads(path.read_text())
+    for entry in man["anatomies"].values():
+        src = nib.load(folder / entry["file"])
+        _save(_image(np.asarray(src.dataobj, np.uint8), src.affine), folder / entry["file"])
+        entry["sha256"] = _sha256(folder / entry["file"])
+        entry["bytes"] = (folder / entry["file"]).stat().st_size
+    path.write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
+
+
 def _prepare(src: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     """RAS, 1 mm, brain mask (deepbet & non-zero support) and N4 inside it."""
     import torch
@@ -187,9 +217,7 @@ def build_one(name: str, spec: dict, shared: Path) -> tuple[nib.Nifti1Image, dic
         labels[soft & (labels == 0)] = lm.LABELS["extracerebral"]
         labels[dark & (labels == 0)] = lm.LABELS["dark_extracerebral"]
     labels, affine = lm.crop(labels, affine, margin=2)
-    img = nib.Nifti1Image(labels, affine)
-    img.set_data_dtype(np.uint8)
-    img.header.set_xyzt_units("mm")
+    img = _image(labels, affine)
     entry = {"file": f"{name}.nii.gz", "source": spec["path"], "source_sha256": _sha256(src),
              "sequence": spec["sequence"], "skull": bool(spec["skull"]), "licence": spec["licence"],
              "citation": spec["citation"], "affine_to_icbm2009a": reg, "shape": list(labels.shape),
@@ -203,8 +231,7 @@ def build_icbm() -> tuple[nib.Nifti1Image, dict]:
     tissue = pr.icbm_tissue()
     labels = lm.labels_from_priors(pr.build_priors(1.0, tissue=tissue), tissue.affine, tissue.shape)
     labels, affine = lm.crop(labels, tissue.affine, margin=2)
-    img = nib.Nifti1Image(labels, affine)
-    img.set_data_dtype(np.uint8)
+    img = _image(labels, affine)
     entry = {"file": "icbm2009a.nii.gz", "source": "nilearn wheel: " + ", ".join(pr._ICBM_FILES.values()),
              "source_sha256": _sha256(pr.icbm_path("gm")), "sequence": "template", "skull": False,
              "licence": "BSD-3-Clause (nilearn) + MNI ICBM 2009 permissive notice",
@@ -214,12 +241,116 @@ def build_icbm() -> tuple[nib.Nifti1Image, dict]:
     return img, entry
 
 
+# ----------------------------------------------------------------------------------------------- figures
+#: Colours of the labels in the overlay figure (index = label value).
+_COLOURS = ["#000000", "#6fa8dc", "#e69138", "#f3f3f3", "#0b5394", "#93c47d", "#38761d", "#c27ba0", "#8e7cc3",
+            "#cc0000", "#a67c52", "#5b3a29"]
+
+
+def figure_label_maps(out: Path, folder: Path = OUT) -> Path:
+    """Three orthogonal slices of every shipped label map (``docs/figures/synth_label_maps.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    man = json.loads((folder / "MANIFEST.json").read_text())["anatomies"]
+    names = sorted(man)
+    cmap = ListedColormap(_COLOURS)
+    fig, axes = plt.subplots(len(names), 3, figsize=(9, 2.9 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        img = nib.load(folder / man[name]["file"])
+        lab = np.asarray(img.dataobj)
+        ijk = np.rint(np.linalg.solve(img.affine, [0.0, -10.0, 8.0, 1.0])[:3]).astype(int)  # MNI (0, -10, 8)
+        ijk = np.clip(ijk, 0, np.array(lab.shape) - 1)
+        for c, sl in enumerate((lab[ijk[0] + 12], lab[:, ijk[1]], lab[:, :, ijk[2]])):
+            axes[r, c].imshow(np.rot90(sl), cmap=cmap, vmin=-0.5, vmax=len(_COLOURS) - 0.5, interpolation="nearest")
+            axes[r, c].set_axis_off()
+        axes[r, 0].set_title(f"{name} ({man[name]['sequence']})", loc="left", fontsize=9)
+    handles = [Patch(color=_COLOURS[v], label=k) for k, v in lm.LABELS.items() if v > 0]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(out, dpi=70)
+    plt.close(fig)
+    return out
+
+
+def _real_slice(path: Path) -> np.ndarray:
+    """An axial slice near the basal ganglia of a real scan (RAS, 55 % of the height), scaled to [0, 1]."""
+    img = nib.as_closest_canonical(nib.load(path))
+    data = np.asarray(img.dataobj, np.float32)
+    sl = data[:, :, int(0.55 * data.shape[2])]
+    return np.clip(sl / max(float(np.percentile(sl, 99.5)), 1e-6), 0, 1)
+
+
+def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
+    """``n`` randomised draws (one sequence each, axial slice, ePVS outlined) beside real slices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from epvsseg.synth import label_maps as maps
+    from epvsseg.synth import randomised
+
+    rng = np.random.default_rng(seed)
+    names = maps.anatomy_names()
+    seqs = ("T2w", "T1w", "FLAIR")
+    real = [("otsu_T1w", "training"), ("py_synthsr/FLAIR", "training"), ("studyforrest T1w", "training"),
+            ("Clinical/T2", "evaluation-only, shown only"), ("M2265_T2w", "evaluation-only, shown only"),
+            ("register_T2w", "evaluation-only, shown only")]
+    real_paths = [SOURCES["otsu_T1w"]["path"], SOURCES["py_synthsr_FLAIR"]["path"], SOURCES["studyforrest_T1w"]["path"],
+                  "github_neurolabusc_Clinical/T2.nii.gz", "github_neurolabusc_T2lesion/M2265_T2w.nii.gz",
+                  "github_niivue-demo-images/register_T2w.nii.gz"]
+    cols = 6
+    rows = int(np.ceil(n / cols)) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows))
+    for i in range(n):
+        name = names[i % len(names)]
+        seq = seqs[i % len(seqs)]
+        p = randomised.sample_randomised(rng, name, sequences=(seq,), roi="centre", shape_vox=(144, 160, 24))
+        case = randomised.render_randomised(p)
+        k = case.label.sum((0, 1)).argmax() if case.label.any() else 12
+        img = case.images[seq][:, :, k]
+        ax = axes[i // cols, i % cols]
+        ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=float(np.percentile(case.images[seq], 99.5)))
+        ax.contour(np.rot90(case.label[:, :, k]), levels=[0.5], colors="red", linewidths=0.5)
+        acq = p["acquisition"][seq]
+        flags = [acq["mode"] + (f" {max(acq['spacing_mm']):.1f}mm" if acq["mode"] == "2D" else ""),
+                 "random" if p["contrast"][seq]["fully_random"] else "ordered",
+                 "skull" if p["skull"] else "no skull"] + [a for a in ("gibbs", "ghost") if acq[a]]
+        ax.set_title(f"{name}\n{seq}-like: {', '.join(flags)}", fontsize=7)
+        ax.set_axis_off()
+    for j, ((label, use), rel) in enumerate(zip(real, real_paths)):
+        ax = axes[rows - 1, j]
+        ax.imshow(np.rot90(_real_slice(shared / rel)), cmap="gray")
+        ax.set_title(f"real: {label}\n({use})", fontsize=7)
+        ax.set_axis_off()
+    fig.suptitle("Randomised draws (red: ePVS label) and real scans (bottom row)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=70)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--only", nargs="*", default=None, help="names among the sources (and icbm2009a)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--figures", type=Path, default=None,
+                    help="only draw docs/figures/synth_label_maps.png and synth_randomised_draws.png into this folder")
+    ap.add_argument("--repack", action="store_true", help="only rewrite the maps of the manifest (gzip level 9)")
     args = ap.parse_args(argv)
+    if args.repack:
+        repack(args.out)
+        return 0
+    if args.figures is not None:
+        print(figure_label_maps(args.figures / "synth_label_maps.png", args.out))
+        print(figure_draws(args.figures / "synth_randomised_draws.png", args.shared))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
@@ -233,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown source {name!r}; expected icbm2009a or one of {sorted(SOURCES)}")
         img, entry = build_icbm() if name == "icbm2009a" else build_one(name, SOURCES[name], args.shared)
         path = args.out / entry["file"]
-        nib.save(img, path)
+        _save(img, path)
         entry["sha256"] = _sha256(path)
         entry["bytes"] = path.stat().st_size
         manifest["anatomies"][name] = entry

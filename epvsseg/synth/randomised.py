@@ -76,6 +76,8 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
             "iron_nuclei": (0.3, 0.65), "extracerebral": (0.5, 1.3), "dark_extracerebral": (0.02, 0.3),
             "background": (0.0, 0.03)},
 }
+#: Smallest |CSF - WM| of a fully random contrast (the ePVS signal is tied to CSF; relative to the [0, 1] range).
+MIN_CSF_WM_CONTRAST = 0.15
 #: Probability that a vessel is bright rather than a flow void, per sequence.
 P_BRIGHT_VESSEL = {"T2w": 0.1, "FLAIR": 0.15, "T1w": 0.4, "SWI": 0.0}
 #: Probability of a 2D (thick-slice) acquisition, per sequence.
@@ -90,6 +92,8 @@ def _draw_contrast(rng: np.random.Generator, sequence: str, p_random: float) -> 
     for name in _L:
         lo, hi = ranges[name]
         mean[name] = float(rng.uniform(0.0, 1.0)) if fully_random and name != "background" else float(rng.uniform(lo, hi))
+    while fully_random and abs(mean["csf"] - mean["wm"]) < MIN_CSF_WM_CONTRAST:  # ePVS must stay visible
+        mean["csf"] = float(rng.uniform(0.0, 1.0))
     if not fully_random and rng.random() < 0.5:  # ventricles and sulcal CSF share a value most of the time
         mean["ventricle"] = mean["csf"]
     toward = float(rng.uniform(0.0, 0.25))

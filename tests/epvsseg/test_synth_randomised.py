@@ -73,6 +73,7 @@ def test_ordered_contrasts_follow_each_sequence_and_epvs_stay_csf_like():
             lo, hi = sorted((m["csf"], m["wm"]))
             assert lo <= c["epvs"] <= hi
             assert abs(c["epvs"] - m["csf"]) <= 0.25 * abs(m["wm"] - m["csf"]) + 1e-4
+            assert abs(m["csf"] - m["wm"]) >= randomised.MIN_CSF_WM_CONTRAST  # ePVS never invisible
             if c["fully_random"]:
                 n_random += 1
                 continue
