@@ -147,7 +147,7 @@ CUID=$(id -u "$CALLER"); CGID=$(id -g "$CALLER")
 mkdir -p "$D/demo"; chown "$CUID:$CGID" "$D/demo"
 t0=$(date +%s)
 expect "demo (--user caller, --read-only, --network none)" 0 run --network none --read-only --user "$CUID:$CGID" \
-  -v "$D/demo:/out" "$IMAGE" demo /out/epvs-demo
+  -v "$D/demo:/out" "$IMAGE" demo /out/epvs-demo --participant-label sub-01
 DEMO_S=$(( $(date +%s) - t0 ))
 
 # the two-subject demo dataset (bids_app/demo.py: a real T2w shipped in the package, the ICBM152 T1w template)
@@ -241,6 +241,7 @@ expect "--cpus 1 (cgroup quota): the app sees 1 CPU" 0 run --network none --cpus
 {
   echo "# Container check ($(date -u +%Y-%m-%dT%H:%MZ))"
   echo
+  echo "Command: \`sudo scripts/container_check.sh benchmarks/results/container.md\` (commit $(git rev-parse --short HEAD 2>/dev/null))."
   echo "Made by \`scripts/container_check.sh\` on $(. /etc/os-release; echo "$PRETTY_NAME"), $(nproc) CPUs,"
   echo "podman $PODMAN_VERSION with runc $(runc --version | head -1 | awk '{print $3}'), rootful."
   echo "Base image: \`$BASE\` made by debootstrap (bookworm minbase + python3.11), $BASE_MB MB."

@@ -179,6 +179,12 @@ def test_wheel_from_the_build_context_carries_weights_and_kit(tmp_path):
         assert atlases and atlases <= names
         for name in atlases:
             assert zf.read(name) == (ROOT / name).read_bytes(), name
+        # the real-anatomy label maps of the randomised generator, hash-checked against their manifest
+        anatomies = json.loads(zf.read("epvsseg/synth/data/anatomies/MANIFEST.json"))["anatomies"]
+        assert anatomies
+        for entry in anatomies.values():
+            data = zf.read(f"epvsseg/synth/data/anatomies/{entry['file']}")
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["file"]
         assert {"bids_app/data/report.html.j2", "bids_app/data/queries.json",
                 "bids_app/data/demo/sub-01_T2w.nii.gz"} <= names
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
@@ -341,16 +347,21 @@ def test_template_image_origin_says_when_the_template_was_synthesised(monkeypatc
 
 
 def test_report_names_the_container_and_the_template():
-    from jinja2 import Environment
+    """Rendered as the report is (StrictUndefined): with and without Apptainer, and from an older provenance."""
+    import jinja2
 
     template = (ROOT / "bids_app" / "data" / "report.html.j2").read_text()
-    start = template.index('<p class="provenance">')
+    start = template.index('{% set container = summary.get("container") %}')
     snippet = template[start:template.index("</p>", start) + 4]
-    env = Environment(autoescape=True)
-    html = env.from_string(snippet).render(summary={
-        "template_image": "synthesised T2w template (...)",
-        "container": {"Type": "docker", "Tag": "0.1.0-cpu", "Runtime": "apptainer", "Image": "e.sif"}})
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    render = env.from_string(snippet).render
+    html = render(summary={"template_image": "synthesised T2w template (...)",
+                           "container": {"Type": "docker", "Tag": "0.1.0-cpu", "Runtime": "apptainer",
+                                         "Image": "e.sif"}})
     assert "Template image: synthesised T2w template" in html
     assert "Container: docker image <code>epvs-bids:0.1.0-cpu</code>, run by apptainer" in html
-    html = env.from_string(snippet).render(summary={"template_image": None, "container": None})
+    html = render(summary={"template_image": "x", "container": {"Type": "docker", "Tag": "0.1.0-cpu"}})
+    assert "Container: docker image <code>epvs-bids:0.1.0-cpu</code>." in html and "run by" not in html
+    html = render(summary={"template_image": None, "container": None})
     assert "Not run in the epvs-bids container" in html
+    assert "Template image: not recorded" in render(summary={})  # provenance written before these fields
