@@ -1,19 +1,29 @@
 """Group-level scale benchmark: wall time and peak memory of ``epvs-bids ... group`` on fake cohorts.
 
-What it covers: everything the group level reads and writes from *tables* (cluster tables with
-~60 rows, 22-row region tables, brain-mask sidecars with ICV and QC, cluster-map sidecars,
-status records, ``participants.tsv`` and ``sessions.tsv`` with dates), the statistics (regional
-descriptives, Tukey outliers, longitudinal ICC/wCV/Bland-Altman/change for the participants with
-two sessions, covariate models on age and sex) and the HTML report. What it does not cover:
-cluster matching across sessions and agreement with reference masks, which read images
-(``--longitudinal-matching none``, no ``--reference-derivatives``); their cost is per image pair
-(one rigid registration per session pair, about 50 s at 1 mm on 2 cores, see docs/group.md).
+Two kinds of cohort:
+
+* *tables* (``--sizes``): every table and sidecar the group level reads (cluster tables with ~60
+  rows, 22-row region tables, brain-mask sidecars with ICV and QC, cluster-map sidecars, status
+  records, ``participants.tsv``, ``sessions.tsv`` with dates); ``--sessions 3`` gives every
+  participant three sessions, else 20% have two. Run with ``--longitudinal-matching none``.
+* *images* (``--image-sizes``): the same tables plus, for every unit, the images that cluster
+  matching and the reference comparison read, at a realistic 1 mm grid (:data:`GRID`, 4.4 M
+  voxels, gzipped NIfTI as the participant level writes them): the cluster map, the ePVS mask,
+  the region maps, and a reference mask per unit. Every participant has three sessions whose
+  cluster maps differ (clusters vanish, appear, reappear). To keep generation short, the images
+  come from a pool of :data:`POOL` participants and are hard-linked into the units (reading cost
+  is unchanged; the files are in the page cache, as they are right after the participant level
+  wrote them). Run with ``--longitudinal-matching header`` (sessions on one grid: the rigid
+  registration, about 50 s per pair at 1 mm on 2 cores, is not timed) and
+  ``--reference-derivatives``, with ``--nprocs``.
 
 Usage::
 
-    python benchmarks/group_scale.py --sizes 250 500 1000 --out benchmarks/results/group_scale
+    python benchmarks/group_scale.py --sizes 1000 --sessions 3 --image-sizes 100 --nprocs 2 \
+        --out benchmarks/results/group_scale
 
-Each size runs in a fresh subprocess; peak memory is that process's maximum resident set size.
+Each size runs in a fresh subprocess; peak memory is the maximum resident set size of the group
+process and (with ``--nprocs``) of its largest worker, both reported.
 """
 
 from __future__ import annotations
@@ -77,8 +87,9 @@ def make_unit(out: Path, sub: str, ses: str | None, rng: np.random.Generator, ic
     status.write_text(json.dumps({"label": stem, "status": "complete", "exit_code": 0, "message": ""}))
 
 
-def make_cohort(root: Path, n: int, frac_longitudinal: float = 0.2, seed: int = 0) -> tuple[Path, Path, int]:
-    """``n`` participants; ``frac_longitudinal`` of them with two sessions a year or two apart."""
+def make_cohort(root: Path, n: int, frac_longitudinal: float = 0.2, seed: int = 0,
+                sessions: int = 2) -> tuple[Path, Path, int]:
+    """``n`` participants; ``frac_longitudinal`` of them with ``sessions`` sessions about a year apart."""
     rng = np.random.default_rng(seed)
     bids, out = root / "bids", root / "out"
     bids.mkdir(parents=True)
@@ -91,19 +102,101 @@ def make_cohort(root: Path, n: int, frac_longitudinal: float = 0.2, seed: int = 
     for k, sub in enumerate(subs):
         icv = float(rng.normal(1.45e6, 1.2e5))
         if k < n_long:
-            for ses, date in (("1", "2019-05-02"), ("2", f"202{int(rng.integers(0, 2))}-05-02")):
-                (bids / f"sub-{sub}" / f"ses-{ses}" / "anat").mkdir(parents=True)
-                make_unit(out, sub, ses, rng, icv)
+            dates = ["2019-05-02"] + [f"{2019 + j + int(rng.integers(0, 2))}-05-02" for j in range(1, sessions)]
+            for j, date in enumerate(dates, start=1):
+                (bids / f"sub-{sub}" / f"ses-{j}" / "anat").mkdir(parents=True)
+                make_unit(out, sub, str(j), rng, icv)
                 units += 1
-            pd.DataFrame({"session_id": ["ses-1", "ses-2"], "acq_time": ["2019-05-02T10:00:00", f"{date}T10:00:00"]}) \
+            pd.DataFrame({"session_id": [f"ses-{j}" for j in range(1, sessions + 1)],
+                          "acq_time": [f"{d}T10:00:00" for d in dates]}) \
                 .to_csv(bids / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", sep="\t", index=False)
         else:
             (bids / f"sub-{sub}" / "anat").mkdir(parents=True)
             make_unit(out, sub, None, rng, icv)
             units += 1
         if k % 50 == 0:  # a few fake participant reports, as the participant level leaves them
-            (out / f"sub-{sub}.html").write_text("<html></html>")
+            for ses in ([f"_ses-{j}" for j in range(1, sessions + 1)] if k < n_long else [""]):
+                (out / f"sub-{sub}{ses}.html").write_text("<html></html>")
     return bids, out, units
+
+
+#: Realistic 1 mm grid of the participant-level outputs (a cropped adult head), and the image pool.
+GRID = (160, 192, 144)
+POOL = 8
+SESSIONS = 3
+
+
+def _region_atlas() -> np.ndarray:
+    """22 slabs along the first axis inside a box "brain" (labels as :data:`REGIONS`, 1-based)."""
+    atlas = np.zeros(GRID, np.uint8)
+    edges = np.linspace(20, 140, len(REGIONS) + 1).astype(int)
+    for idx, (a, b) in enumerate(zip(edges[:-1], edges[1:]), start=1):
+        atlas[a:b, 20:172, 12:132] = idx
+    return atlas
+
+
+def _pool_maps(rng: np.random.Generator) -> list[list[np.ndarray]]:
+    """Per pool participant, three session cluster maps: ~60 clusters of 1-40 voxels; at each later
+    session ~10% vanish (some come back at the next) and ~5 new ones appear."""
+    sessions = []
+    for _ in range(POOL):
+        n = int(rng.poisson(60))
+        sites = np.c_[rng.integers(22, 136, n), rng.integers(22, 168, n), rng.integers(14, 126, n)]
+        sizes = rng.integers(1, 6, (n, 3))
+        alive = np.ones(n, bool)
+        maps = []
+        for j in range(SESSIONS):
+            if j:
+                alive = alive ^ (rng.random(len(alive)) < 0.1)
+                extra = rng.integers(4, 7)
+                sites = np.r_[sites, np.c_[rng.integers(22, 136, extra), rng.integers(22, 168, extra),
+                                           rng.integers(14, 126, extra)]]
+                sizes = np.r_[sizes, rng.integers(1, 6, (extra, 3))]
+                alive = np.r_[alive, np.ones(extra, bool)]
+            lab = np.zeros(GRID, np.int16)
+            for c, ((i, jj, k), (a, b, d)) in enumerate(zip(sites[alive], sizes[alive]), start=1):
+                lab[i:i + a, jj:jj + b, k:k + d] = c
+            maps.append(lab)
+        sessions.append(maps)
+    return sessions
+
+
+def make_images(out: Path, ref: Path, n: int, seed: int = 0) -> float:
+    """Write the image pool once and hard-link it into every unit of the first ``n`` participants
+    (``ses-1..3``) under ``out``, and a reference mask per unit under ``ref``; return seconds."""
+    import nibabel as nib
+
+    from bids_app import io_spec
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-80.0, -112.0, -60.0]
+    pool = out.parent / "pool"
+    pool.mkdir(parents=True, exist_ok=True)
+    atlas = _region_atlas()
+    nib.save(nib.Nifti1Image(atlas, affine), pool / "atlas.nii.gz")
+    table = pd.DataFrame([{"index": i, "name": r if h == "bilateral" else f"{r}_{h}", "region": r, "hemisphere": h}
+                          for i, (r, h) in enumerate(REGIONS, start=1)])
+    table.to_csv(pool / "atlas.tsv", sep="\t", index=False)
+    for p, maps in enumerate(_pool_maps(rng)):
+        for j, lab in enumerate(maps):
+            nib.save(nib.Nifti1Image(lab, affine), pool / f"clusters_{p}_{j}.nii.gz")
+            nib.save(nib.Nifti1Image((lab > 0).astype(np.uint8), affine), pool / f"mask_{p}_{j}.nii.gz")
+            other = np.roll(lab > 0, 1, axis=0) & (lab % 7 != 0)  # shifted by 1 mm, every 7th cluster missed
+            nib.save(nib.Nifti1Image(other.astype(np.uint8), affine), pool / f"ref_{p}_{j}.nii.gz")
+    for k in range(n):
+        sub, p = f"{k + 1:04d}", k % POOL
+        for j in range(SESSIONS):
+            paths = io_spec.unit_paths(out, sub, str(j + 1))
+            for key, src in (("clusters_dseg", f"clusters_{p}_{j}.nii.gz"), ("epvs_mask", f"mask_{p}_{j}.nii.gz"),
+                             ("epvs_regions_dseg", "atlas.nii.gz"), ("regions_dseg", "atlas.nii.gz"),
+                             ("regions_tsv", "atlas.tsv")):
+                os.link(pool / src, paths[key])
+            target = ref / f"sub-{sub}" / f"ses-{j + 1}" / "anat" / f"sub-{sub}_ses-{j + 1}_label-PVS_mask.nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(pool / f"ref_{p}_{j}.nii.gz", target)
+    return time.perf_counter() - t0
 
 
 _CHILD = """
@@ -112,63 +205,109 @@ from bids_app.cli.run import main
 t0 = time.perf_counter()
 code = main(sys.argv[1:])
 wall = time.perf_counter() - t0
-print("RESULT", code, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print("RESULT", code, wall, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 """
 
 
-def run_size(n: int, workdir: Path) -> dict:
-    root = workdir / f"n{n}"
+def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, nprocs: int = 1) -> dict:
+    """Generate one cohort and time the group level on it (see the module docstring)."""
+    root = workdir / f"n{n}{'-images' if images else ''}"
     t0 = time.perf_counter()
-    bids, out, units = make_cohort(root, n)
+    bids, out, units = make_cohort(root, n, frac_longitudinal=1.0 if images or sessions > 2 else 0.2,
+                                   sessions=SESSIONS if images else sessions)
+    extra = []
+    if images:
+        ref = root / "reference"
+        make_images(out, ref, n)
+        extra = ["--longitudinal-matching", "header", "--reference-derivatives", str(ref)]
+    else:
+        extra = ["--longitudinal-matching", "none"]
     gen = time.perf_counter() - t0
-    cmd = [sys.executable, "-c", _CHILD, str(bids), str(out), "group", "-w", str(root / "work"),
-           "--longitudinal-matching", "none", "--covariates", "age", "sex"]
+    cmd = [sys.executable, "-c", _CHILD, str(bids), str(out), "group", "-w", str(root / "work"), *extra,
+           "--covariates", "age", "sex", "--nprocs", str(nprocs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")]
     if not line:
         raise RuntimeError(proc.stderr[-3000:])
-    _, code, wall, rss = line[-1].split()
+    _, code, wall, rss, child_rss = line[-1].split()
     report = out / "group.html"
-    res = {"participants": n, "units": units, "exit_code": int(code), "wall_s": round(float(wall), 2),
-           "peak_rss_mib": round(float(rss), 1), "generate_s": round(gen, 1),
-           "report_kib": round(report.stat().st_size / 1024, 1),
-           "cohort_rows": len(pd.read_csv(out / "group" / "cohort.tsv", sep="\t")),
-           "long_rows": len(pd.read_csv(out / "group" / "cohort_long.tsv", sep="\t"))}
+    group = out / "group"
+    res = {"participants": n, "units": units, "sessions": SESSIONS if images else sessions, "images": images,
+           "nprocs": nprocs, "exit_code": int(code), "wall_s": round(float(wall), 2),
+           "peak_rss_mib": round(float(rss), 1), "peak_worker_rss_mib": round(float(child_rss), 1),
+           "generate_s": round(gen, 1), "report_kib": round(report.stat().st_size / 1024, 1),
+           "cohort_rows": len(pd.read_csv(group / "cohort.tsv", sep="\t")),
+           "long_rows": len(pd.read_csv(group / "cohort_long.tsv", sep="\t"))}
+    if images:
+        tracks = pd.read_csv(group / "longitudinal_cluster_tracks.tsv", sep="\t")
+        agree = pd.read_csv(group / "agreement-reference_units.tsv", sep="\t")
+        res.update(cluster_tracks=len(tracks), matched_series=int(tracks["participant_id"].nunique()),
+                   agreement_units=int(agree.loc[agree["name"] == "whole_brain"].shape[0]))
+    icc = group / "longitudinal_icc.tsv"
+    if icc.exists():
+        res["icc_k"] = sorted(int(k) for k in pd.read_csv(icc, sep="\t")["k"].dropna().unique())
     shutil.rmtree(root)
     return res
 
 
+def _markdown(meta: dict) -> list[str]:
+    """The results page: the command, one row per run, and the 1000 x 3 verdict."""
+    lines = ["# Group level at scale", "", f"Command: `{meta['command']}`", "",
+             f"{meta['date']}, {meta['cpus']} CPU cores (shared with other jobs), Python {meta['python']}. Synthetic "
+             "derivatives (no real scan). *tables*: `--longitudinal-matching none`, everything read from tables and "
+             "sidecars (cohort tables, regional statistics, QC outliers, longitudinal ICC over every session with the "
+             "REML forms, slopes, change, covariate models on age and sex, HTML report). *images*: the same plus "
+             "cluster tracking through the three sessions (`--longitudinal-matching header`) and the reference "
+             "comparison (`--reference-derivatives`) on 1 mm images of a 160 x 192 x 144 grid (five images read "
+             "per unit). Peak memory: the group process and its largest worker (`ru_maxrss`).", "",
+             "| kind | participants | sessions | units | --nprocs | wall time (s) | peak memory, main / worker (MiB) "
+             "| report (KiB) | ICC k |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in meta["results"]:
+        lines.append(f"| {'images' if r['images'] else 'tables'} | {r['participants']} | {r['sessions']} | "
+                     f"{r['units']} | {r['nprocs']} | {r['wall_s']} | {r['peak_rss_mib']} / "
+                     f"{r['peak_worker_rss_mib']} | {r['report_kib']} | {r.get('icc_k', '')} |")
+    img = [r for r in meta["results"] if r["images"]]
+    tab = [r for r in meta["results"] if not r["images"] and r["participants"] == 1000 and r["sessions"] == 3]
+    lines += [""]
+    for r in img:
+        per_unit = r["wall_s"] * r["nprocs"] / r["units"]
+        lines.append(f"Images, {r['participants']} x 3: {r['cluster_tracks']} cluster tracks in "
+                     f"{r['matched_series']} series, {r['agreement_units']} units compared with the reference; "
+                     f"{per_unit:.3f} core-seconds per unit.")
+        if r["participants"] < 1000:
+            proj = r["wall_s"] * 1000 / r["participants"]
+            lines.append(f"Linear projection to 1000 x 3 with --nprocs {r['nprocs']}: about {proj:.0f} s "
+                         f"(target 60 s: {'met' if proj <= 60 else f'missed by {proj / 60:.1f}x'}; projected, "
+                         "not measured).")
+    for r in tab:
+        lines.append(f"Tables, 1000 x 3: {r['wall_s']} s, {r['peak_rss_mib']} MiB "
+                     f"(target 60 s and 4 GB: {'met' if r['wall_s'] <= 60 and r['peak_rss_mib'] < 4096 else 'missed'}).")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[250, 500, 1000], help="tables-only cohorts")
+    parser.add_argument("--sessions", type=int, default=2, help="sessions per longitudinal participant (tables)")
+    parser.add_argument("--image-sizes", type=int, nargs="*", default=[], help="cohorts with images (3 sessions)")
+    parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/group_scale"))
     opts = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in opts.sizes:
-            res = run_size(n, Path(tmp))
+        runs = [(n, False) for n in opts.sizes] + [(n, True) for n in opts.image_sizes]
+        for n, images in runs:
+            res = run_size(n, Path(tmp), sessions=opts.sessions, images=images, nprocs=opts.nprocs)
             print(res, flush=True)
             results.append(res)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"), "results": results}
+            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/group_scale.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]), "results": results}
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    lines = ["# Group level at scale", "",
-             "`python benchmarks/group_scale.py` on a fake cohort (tables only; 20% of participants with two "
-             "sessions), "
-             f"{meta['date']}, {meta['cpus']} CPU cores (shared), Python {meta['python']}. Group level run with "
-             "`--longitudinal-matching none --covariates age sex`: reading every table and sidecar, the cohort "
-             "tables, regional statistics, QC outliers, longitudinal reliability and change, covariate models and "
-             "the HTML report. Not covered: image-based steps (cluster matching across sessions, agreement with "
-             "reference masks). Peak memory is the group process's maximum resident set size (including "
-             "Python, numpy, pandas, matplotlib, statsmodels).", "",
-             "| participants | units | wall time (s) | peak memory (MiB) | report (KiB) | long-table rows |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        lines.append(f"| {r['participants']} | {r['units']} | {r['wall_s']} | {r['peak_rss_mib']} | "
-                     f"{r['report_kib']} | {r['long_rows']} |")
-    lines += ["", "Requirement (issue #5): 1000 participants in at most 60 s with bounded memory."]
-    opts.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    opts.out.with_suffix(".md").write_text("\n".join(_markdown(meta)) + "\n")
     return 0 if all(r["exit_code"] == 0 for r in results) else 1
 
 

@@ -62,35 +62,6 @@ def _load_int(path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(img.dataobj).astype(np.int64), img.affine
 
 
-def centroids_mm(labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster indices present in ``labels`` and their centroids in scanner mm, shape (n, 3)."""
-    ijk = np.nonzero(labels)
-    lab = labels[ijk]
-    if lab.size == 0:
-        return np.zeros(0, np.int64), np.zeros((0, 3))
-    counts = np.bincount(lab)
-    present = np.flatnonzero(counts)
-    cen = np.stack([np.bincount(lab, weights=ax.astype(float))[present] / counts[present] for ax in ijk], 1)
-    return present, cen @ affine[:3, :3].T + affine[:3, 3]
-
-
-def majority_region(labels: np.ndarray, regions: np.ndarray | None, names: dict[int, str],
-                    present: np.ndarray) -> list[str]:
-    """Region name of each cluster in ``present``: the most frequent region label of its voxels."""
-    if regions is None or regions.shape != labels.shape:
-        return [WHOLE_BRAIN] * len(present)
-    inside = labels > 0
-    lab, reg = labels[inside], regions[inside]
-    if lab.size == 0:
-        return []
-    n_reg = int(reg.max()) + 1
-    table = np.zeros((int(lab.max()) + 1, n_reg), np.int64)
-    np.add.at(table, (lab, reg), 1)
-    table[:, 0] = 0  # voxels outside every region do not vote
-    best = table.argmax(1)
-    return [names.get(int(best[c]), "other") if table[c, best[c]] > 0 else "other" for c in present]
-
-
 def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42, *,
                       loaded: tuple | None = None) -> Transfer:
     """Carry the follow-up cluster map onto the baseline grid (see the module docstring).
@@ -128,39 +99,76 @@ def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42,
 
 @dataclass
 class SessionClusters:
-    """The clusters of one session: ids, centroids (own scanner mm), volumes (mm³) and regions."""
+    """The clusters of one session.
+
+    ``labels`` (C order), its ``affine``, the flat indices of its labelled voxels (``flat``,
+    sorted) and their labels (``lab``); per cluster: ``ids``, ``centroids`` (own scanner mm,
+    shape (n, 3)), ``volumes`` (mm³) and ``regions`` (names).
+    """
 
     labels: np.ndarray
     affine: np.ndarray
+    flat: np.ndarray
+    lab: np.ndarray
     ids: np.ndarray
     centroids: np.ndarray
     volumes: np.ndarray
     regions: list[str]
 
 
+def _load_labels(path) -> tuple[np.ndarray, np.ndarray]:
+    """An integer label map in C order (its own integer type) and its affine."""
+    img = nib.load(str(path))
+    if len(img.shape) != 3:
+        raise ValueError(f"{path}: expected a 3D image, got shape {img.shape}")
+    data = np.asanyarray(img.dataobj)
+    if not np.issubdtype(data.dtype, np.integer):
+        data = np.rint(data).astype(np.int32)
+    return np.ascontiguousarray(data), img.affine
+
+
 def read_clusters(unit: Unit) -> SessionClusters:
-    """Load a unit's cluster map and describe each cluster (see :class:`SessionClusters`)."""
-    labels, affine = _load_int(unit.paths["clusters_dseg"])
-    ids, cen = centroids_mm(labels, affine)
-    voxel_mm3 = abs(float(np.linalg.det(affine[:3, :3])))
-    volumes = np.bincount(labels.ravel())[ids] * voxel_mm3 if len(ids) else np.zeros(0)
-    region_map, region_tsv = unit.existing("epvs_regions_dseg"), unit.existing("epvs_regions_tsv")
-    if region_map is None or region_tsv is None:
-        regions = [WHOLE_BRAIN] * len(ids)
+    """Load a unit's cluster map and describe each cluster in one pass over its labelled voxels."""
+    labels, affine = _load_labels(unit.paths["clusters_dseg"])
+    flat = np.flatnonzero(labels)
+    lab = labels.ravel()[flat].astype(np.int64)
+    counts = np.bincount(lab) if lab.size else np.zeros(1, np.int64)
+    ids = np.flatnonzero(counts)
+    ids = ids[ids > 0]
+    if len(ids):
+        ijk = np.unravel_index(flat, labels.shape)
+        cen = np.stack([np.bincount(lab, weights=ax.astype(float))[ids] / counts[ids] for ax in ijk], 1)
+        cen = cen @ affine[:3, :3].T + affine[:3, 3]
     else:
-        reg, _ = _load_int(region_map)
-        table = _read_tsv(region_tsv, ("index", "name"))
-        regions = majority_region(labels, reg, dict(zip(table["index"].astype(int), table["name"].astype(str))),
-                                  ids)
-    return SessionClusters(labels, affine, ids, cen, volumes, regions)
+        cen = np.zeros((0, 3))
+    volumes = counts[ids] * abs(float(np.linalg.det(affine[:3, :3])))
+    region_map, region_tsv = unit.existing("epvs_regions_dseg"), unit.existing("epvs_regions_tsv")
+    regions = [WHOLE_BRAIN] * len(ids)
+    if region_map is not None and region_tsv is not None and len(ids):
+        reg, _ = _load_labels(region_map)
+        if reg.shape == labels.shape:
+            table = _read_tsv(region_tsv, ("index", "name"))
+            names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
+            votes = np.zeros((int(lab.max()) + 1, int(reg.max()) + 1), np.int64)
+            np.add.at(votes, (lab, reg.ravel()[flat].astype(np.int64)), 1)
+            votes[:, 0] = 0  # voxels outside every region do not vote
+            best = votes.argmax(1)
+            regions = [names.get(int(best[c]), "other") if votes[c, best[c]] > 0 else "other" for c in ids]
+    return SessionClusters(labels, affine, flat, lab, ids, cen, volumes, regions)
 
 
 def matched_pairs(prev: SessionClusters, cur: SessionClusters, tr: Transfer,
                   tolerance_mm: float = TOLERANCE_MM) -> set[tuple[int, int]]:
     """(previous id, current id) pairs that share a voxel after the transfer or whose centroids
     lie within ``tolerance_mm`` (in the previous session's space)."""
-    both = (prev.labels > 0) & (tr.labels > 0)
-    pairs = set(zip(prev.labels[both].tolist(), tr.labels[both].tolist()))
+    if tr.labels is cur.labels:
+        flat_m, lab_m = cur.flat, cur.lab
+    else:
+        moved = np.ascontiguousarray(tr.labels)
+        flat_m = np.flatnonzero(moved)
+        lab_m = moved.ravel()[flat_m]
+    _, i_prev, i_cur = np.intersect1d(prev.flat, flat_m, assume_unique=True, return_indices=True)
+    pairs = set(zip(prev.lab[i_prev].tolist(), lab_m[i_cur].astype(np.int64).tolist()))
     if len(prev.ids) and len(cur.ids):
         from scipy.spatial import cKDTree
 

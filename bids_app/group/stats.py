@@ -181,7 +181,8 @@ def fit_random_intercept(y, subjects, x=None) -> RandomInterceptFit:
     x : array, shape (N, p), optional
         Fixed-effects design (an intercept column when omitted); full column rank.
     """
-    from scipy import optimize, stats as sps
+    from scipy import optimize
+    from scipy import stats as sps
 
     y = np.asarray(y, float)
     x = np.ones((len(y), 1)) if x is None else np.asarray(x, float)

@@ -204,7 +204,7 @@ def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.Dat
         keys = keys.sample(TRAJECTORIES_MAX, random_state=0)
     values = values.merge(keys, on=["participant_id", "input_sequences"])
     links = dict(zip(_unit_labels(cohort), _links(cohort)))
-    values["url"] = [links.get(u) for u in _unit_labels(values)]
+    values["url"] = [link if isinstance(link := links.get(u), str) else None for u in _unit_labels(values)]
     names = [n for n in long.drop_duplicates("name")["name"] if n in set(values["name"])]
     names = ["whole_brain"] + [n for n in names if n != "whole_brain"]
     ncols = min(3, len(names))
@@ -216,8 +216,9 @@ def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.Dat
         for _, grp in sub.groupby(["participant_id", "input_sequences"], sort=True):
             grp = grp.sort_values("order")
             (line,) = ax.plot(grp["t"], grp[measure], color=_BLUE, lw=1, alpha=0.6)
-            line.set_url(grp["url"].iloc[0])
-            _scatter(ax, grp["t"], grp[measure], grp["url"], s=10, color=_BLUE, alpha=0.8, zorder=3)
+            urls = [u if isinstance(u, str) else None for u in grp["url"]]
+            line.set_url(urls[0])
+            _scatter(ax, grp["t"], grp[measure], urls, s=10, color=_BLUE, alpha=0.8, zorder=3)
         if fits is not None and name in fits.index and np.isfinite(fits.at[name, "slope"]):
             ts = np.array([sub["t"].min(), sub["t"].max()])
             ax.plot(ts, fits.at[name, "intercept"] + fits.at[name, "slope"] * ts, color=_RED, lw=1.6,

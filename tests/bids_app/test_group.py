@@ -398,3 +398,21 @@ def test_agreement_on_cropped_masks_equals_the_full_grid(tmp_path):
         full = metrics.agreement_suite(exp["mask"] & inside, other & inside, (1.0, 1.0, 1.0))
         for key, value in full.items():
             assert rows.at[name, key] == pytest.approx(value, nan_ok=True), (name, key)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_hd95_equals_the_distance_transform_definition(shift):
+    """metrics.hd95 finds nearest surface voxels with a k-d tree: the distance-transform answer, exactly."""
+    from scipy import ndimage
+
+    from epvsseg import metrics
+
+    rng = np.random.default_rng(shift)
+    a = ndimage.binary_dilation(rng.random((50, 60, 40)) < 0.002)
+    b = np.roll(a, shift, axis=1) | (rng.random(a.shape) < 0.001)
+    spacing = (1.0, 0.8, 2.0)
+    sa = a & ~ndimage.binary_erosion(a, border_value=0)
+    sb = b & ~ndimage.binary_erosion(b, border_value=0)
+    d = np.concatenate([ndimage.distance_transform_edt(~sb, sampling=spacing)[sa],
+                        ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]])
+    assert metrics.hd95(a, b, spacing) == pytest.approx(float(np.percentile(d, 95)), abs=1e-9)
