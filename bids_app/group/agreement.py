@@ -99,16 +99,25 @@ def compare_unit(unit: Unit, other_path) -> list[dict]:
              **metrics.agreement_suite(ours[box], other[box], spacing)}]
     atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")
     if atlas_map is not None and atlas_tsv is not None:
-        atlas = np.asarray(nib.load(str(atlas_map)).dataobj).astype(np.int64)
+        atlas = np.asarray(nib.load(str(atlas_map)).dataobj)
         if atlas.shape != ours.shape:
             raise TableError(f"{atlas_map}: shape {atlas.shape} differs from the ePVS mask {ours.shape}")
         table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv"))
+        present = set(np.unique(atlas).tolist())
+        ijk = np.nonzero(either)  # one pass: every region's box comes from these voxels
+        region_of = atlas[ijk]
         for rec in table.to_dict("records"):
-            inside = atlas == int(rec["index"])
-            if not inside.any():
+            index = int(rec["index"])
+            if index not in present:
                 continue
-            box = _box(either & inside)
-            reg = inside[box]
+            sel = region_of == index
+            if sel.any():
+                pts = np.stack([ax[sel] for ax in ijk], 1)
+                lo, hi = np.maximum(pts.min(0) - 1, 0), pts.max(0) + 2
+                box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            else:
+                box = (slice(0, 1),) * 3
+            reg = atlas[box] == index
             rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
                          "hemisphere": str(rec["hemisphere"]),
                          **metrics.agreement_suite(ours[box] & reg, other[box] & reg, spacing)})
