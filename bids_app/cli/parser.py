@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
     parser.add_argument("--version", action="version", version=f"epvs-bids {__version__}")
 
+    for add in (_selection_options, _processing_options, _group_options, _resource_options, _slurm_options_group):
+        add(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    return parser
+
+
+def _selection_options(parser: argparse.ArgumentParser) -> None:
+    """Options that select participants, sessions and images."""
     sel = parser.add_argument_group("selecting data")
     sel.add_argument(
         "--participant-label", "--participant_label", nargs="+", metavar="LABEL",
@@ -116,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                      help="do not run the BIDS validator on the input")
 
+
+def _processing_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the detection and of the run."""
     proc = parser.add_argument_group("processing")
     proc.add_argument("--method", choices=METHODS, default="unet",
                       help="ePVS detection method: 'unet', the shipped 2.5D multi-sequence network, or 'frangi', "
@@ -133,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "disk (tables, sidecars, figures, logs/<label>_provenance.json) without recomputing or "
                       "touching anything else")
 
+
+def _group_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the group level."""
     grp = parser.add_argument_group("group level")
     grp.add_argument("--reference-derivatives", type=Path, metavar="DIR",
                      help="reference (manual) ePVS masks in BIDS-derivatives form, on the reference image's grid: "
@@ -146,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "about 50 s per 1 mm session pair on 2 cores), in scanner coordinates as they are (header), or not at "
                      "all (none) (default: %(default)s)")
 
+
+def _resource_options(parser: argparse.ArgumentParser) -> None:
+    """Cores, threads, memory, work directory and execution plugin."""
     perf = parser.add_argument_group("resources")
     perf.add_argument("-w", "--work-dir", type=Path, help="working directory (default: <output_dir>/../work)")
     perf.add_argument("--nprocs", "--n-cpus", type=_positive_int,
@@ -159,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(parallel within --nprocs and --mem) or Linear (one unit at a time); default: the built-in "
                       "process pool")
 
+
+def _slurm_options_group(parser: argparse.ArgumentParser) -> None:
+    """``--slurm-array`` and its sbatch settings (see docs/hpc.md)."""
     hpc = parser.add_argument_group("cluster (SLURM job array, see docs/hpc.md)")
     hpc.add_argument("--slurm-array", action="store_true",
                      help="do not run: write a SLURM job array (one participant per task, --nprocs cores and --mem "
@@ -179,8 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     hpc.add_argument("--slurm-extra", nargs="+", metavar="OPTION",
                      help="more sbatch options, one #SBATCH line each, written without the leading dashes, "
                      "e.g. gres=gpu:1 qos=long")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    return parser
 
 
 def _is_within(path: Path, parent: Path) -> bool:
