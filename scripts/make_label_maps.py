@@ -20,7 +20,9 @@ its sha256, licence, citation, the steps and their settings). Steps per scan:
 7. outside the brain, inside the head (scans with the skull on): bright extracerebral soft tissue
    (scalp, fat, muscle; label 10) versus dark (bone, air cavities; label 11) by a two-class
    Otsu threshold of the N4-corrected image;
-8. crop to the head (brain for skull-stripped scans) + 2 voxels.
+8. crop to the head (brain for skull-stripped scans) + 2 voxels;
+9. post-build (:func:`post_process`, also ``--post-only``): the ICBM 2009a thalamus placed through the affine
+   relabels GM/WM voxels (on T1w the thalamus falls into Atropos' WM class); gzip level 9.
 
 ITK runs on one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``) and torch on one thread, so a
 rebuild is bit-identical. About 2-4 minutes per scan on one core.
@@ -106,13 +108,34 @@ def _save(img: nib.Nifti1Image, path: Path) -> None:
         nib.openers.Opener.default_compresslevel = old
 
 
-def repack(folder: Path = OUT) -> None:
-    """Rewrite every map of the manifest through :func:`_image` and :func:`_save`; update sha256 and bytes."""
+def template_thalamus(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Relabel as thalamus the GM/WM voxels inside the ICBM 2009a thalamus (fraction >= 0.5), by world mm.
+
+    On T1w the thalamus falls mostly into Atropos' WM class, so the GM-based rule of ``build_priors`` misses it
+    in real scans; the maps are affinely aligned to ICBM 2009a, so its thalamus is placed as the CIT168 nuclei are.
+    Idempotent; returns a new array.
+    """
+    icbm = pr.load_priors(1.0)
+    frac = icbm.channels[..., pr.TISSUES.index("thalamus")].astype(np.float32) / 255.0
+    inside = pr.resample_by_affine(frac, icbm.affine, affine, labels.shape, order=1) >= 0.5
+    out = labels.copy()
+    out[inside & np.isin(labels, (lm.LABELS["gm"], lm.LABELS["wm"]))] = lm.LABELS["thalamus"]
+    return out
+
+
+def post_process(folder: Path = OUT) -> None:
+    """Apply the post-build steps to every map of the manifest (idempotent): the template thalamus on the
+    real-scan maps, the common header and gzip level 9; update sha256, bytes and label volumes."""
     path = folder / "MANIFEST.json"
     man = json.loads(path.read_text())
     for entry in man["anatomies"].values():
         src = nib.load(folder / entry["file"])
-        _save(_image(np.asarray(src.dataobj, np.uint8), src.affine), folder / entry["file"])
+        labels = np.asarray(src.dataobj, np.uint8)
+        if entry["sequence"] != "template":
+            labels = template_thalamus(labels, src.affine)
+            entry["thalamus"] = "ICBM 2009a thalamus (fraction >= 0.5) through the affine, where GM or WM"
+        entry["label_voxels"] = {k: int((labels == v).sum()) for k, v in lm.LABELS.items()}
+        _save(_image(labels, src.affine), folder / entry["file"])
         entry["sha256"] = _sha256(folder / entry["file"])
         entry["bytes"] = (folder / entry["file"]).stat().st_size
     path.write_text(json.dumps(man, indent=1, sort_keys=True) + "\n")
@@ -342,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--figures", type=Path, default=None,
                     help="only draw docs/figures/synth_label_maps.png and synth_randomised_draws.png into this folder")
-    ap.add_argument("--repack", action="store_true", help="only rewrite the maps of the manifest (gzip level 9)")
+    ap.add_argument("--post-only", action="store_true",
+                    help="only apply the post-build steps (template thalamus, gzip level 9) to the maps of the manifest")
     args = ap.parse_args(argv)
-    if args.repack:
-        repack(args.out)
+    if args.post_only:
+        post_process(args.out)
         return 0
     if args.figures is not None:
         print(figure_label_maps(args.figures / "synth_label_maps.png", args.out))
@@ -370,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest["anatomies"][name] = entry
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         print(f"{name}: {entry['shape']} {entry['bytes']} bytes {entry.get('seconds', '')} s", flush=True)
+    post_process(args.out)
     return 0
 
 
