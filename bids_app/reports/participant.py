@@ -401,21 +401,25 @@ _QC_LABELS = {
     "cnr": ("CNR (grey/white matter)", ""),
     "brain_volume_mm3": ("Brain-mask volume", "cm³"),
     "icv_mm3": ("Intracranial volume", "cm³"),
+    "background_share": ("Brain mask at ~0 intensity (empty background)", "%"),
 }
 
 
 def _qc_rows(qc: Mapping[str, Any]) -> dict[str, Any]:
     """QC object -> rows for the report: measures with range and flag, and registrations."""
-    from epvsprep.qc import RANGES
+    from epvsprep.qc import ranges_for
 
     flags = list(qc.get("flags", []))
+    if qc.get("brain_mask_ok") is False:  # a failed mask stopped the region outputs: say so first
+        flags.insert(0, "BRAIN MASK FAILED: no region outputs and no ICV were written; check the brain mask figure")
+    ranges = ranges_for(qc.get("age_years"))  # volume ranges for the participant's age (unknown: wide)
     measures = []
     for key, (label, unit) in _QC_LABELS.items():
         if key not in qc:
             continue
         value = qc[key]
-        lo, hi = RANGES.get(key, (None, None))
-        scale = 1e-3 if unit == "cm³" else 1.0
+        lo, hi = ranges.get(key, (None, None))
+        scale = {"cm³": 1e-3, "%": 100.0}.get(unit, 1.0)
         shown = "n/a" if value is None or not np.isfinite(float(value)) else f"{float(value) * scale:.4g} {unit}"
         rng = (f"{'' if lo is None else f'{lo * scale:g}'} - {'' if hi is None else f'{hi * scale:g}'} {unit}"
                if (lo is not None or hi is not None) else "")

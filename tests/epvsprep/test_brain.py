@@ -103,3 +103,66 @@ def test_extract_with_a_neck_below_matches_the_head_only_mask(demo_conformed, de
     both = mask[:, :, 120:]
     dice = 2 * (both & ref).sum() / (both.sum() + ref.sum())
     assert dice > 0.97
+
+
+def test_participant_age_from_sessions_then_participants(tmp_path):
+    """bids_app reads the age (sessions.tsv first, then participants.tsv) and hands it to preprocess."""
+    from types import SimpleNamespace
+
+    from bids_app.participant import participant_age
+
+    (tmp_path / "participants.tsv").write_text("participant_id\tAge\nsub-01\t6\nsub-02\tn/a\n")
+    (tmp_path / "sub-01").mkdir()
+    (tmp_path / "sub-01" / "sub-01_sessions.tsv").write_text("session_id\tage\nses-V02\t7.5\n")
+    assert participant_age(tmp_path, SimpleNamespace(subject="01", session="V02")) == 7.5
+    assert participant_age(tmp_path, SimpleNamespace(subject="01", session="V01")) == 6.0
+    assert participant_age(tmp_path, SimpleNamespace(subject="01", session=None)) == 6.0
+    assert participant_age(tmp_path, SimpleNamespace(subject="02", session=None)) is None  # n/a
+    assert participant_age(tmp_path, SimpleNamespace(subject="03", session=None)) is None
+    assert participant_age(tmp_path / "absent", SimpleNamespace(subject="01", session=None)) is None
+
+
+@pytest.mark.parametrize("block, ok", [((110, 110, 100), True), ((140, 140, 140), False)])
+def test_a_failed_brain_mask_stops_regions_and_icv(tmp_path, monkeypatch, block, ok):
+    """A 2.7 L 'brain' (no human brain from age 2 on) fails the mask QC: no regions, no ICV, a flag."""
+    from epvsprep import anatomy, pipeline
+
+    shape = (150, 150, 150)
+    rng = np.random.default_rng(5)
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    nib.Nifti1Image((rng.random(shape) * 100 + 50).astype(np.float32), np.eye(4)).to_filename(path)
+
+    def fake_mask(img):
+        mask = np.zeros(img.shape, np.uint8)
+        lo = [(s - b) // 2 for s, b in zip(img.shape, block)]
+        mask[lo[0]:lo[0] + block[0], lo[1]:lo[1] + block[1], lo[2]:lo[2] + block[2]] = 1
+        return nib.Nifti1Image(mask, img.affine)
+
+    def fake_template(subject, subject_mask, kit, *, sequence, setting="fast", margin_mm=8.0, seed=42):
+        mask = np.asanyarray(subject_mask.dataobj).astype(np.uint8)
+        half = np.zeros(mask.shape, np.float32)
+        half[: mask.shape[0] // 2] = 1.0
+
+        def img(data, dtype):
+            return nib.Nifti1Image(np.asarray(data, dtype), subject.affine)
+
+        return anatomy.TemplateRegistration(
+            labels=img(mask * 2, np.uint8), icv_mask=img(mask, np.uint8), brain_mask=img(mask, np.uint8),
+            gm=img(mask * half, np.float32), wm=img(mask * (1 - half), np.float32), warped=img(mask, np.float32),
+            similarity_before=-0.2, similarity_after=-0.6, mask_dice=1.0, ok=True, sequence=sequence,
+            transform="Affine:fast", seconds=0.1)
+
+    monkeypatch.setattr(ops, "n4_bias_correct", lambda img, **kw: img)
+    monkeypatch.setattr(ops, "brain_mask", fake_mask)
+    monkeypatch.setattr(anatomy, "register_template", fake_template)
+    pre = pipeline.preprocess({"T1w": path}, "T1w", age_years=40)
+    assert pre.brain_extraction["BrainExtraction"] == "deepbet"
+    assert pre.qc["brain_mask_ok"] is ok and pre.qc["age_years"] == 40
+    assert pre.qc["background_share"] == 0.0
+    if ok:
+        assert pre.regions is not None and pre.icv_mm3 == pytest.approx(110 * 110 * 100)
+        assert "brain mask failed" not in pre.qc["flags"]
+    else:
+        assert pre.regions is None and pre.icv_mm3 is None and pre.qc["icv_mm3"] is None
+        assert "brain mask failed" in pre.qc["flags"] and "large brain mask" in pre.qc["flags"]
+        assert any("brain mask failed QC" in w for w in pre.warnings)
