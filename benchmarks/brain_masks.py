@@ -186,13 +186,17 @@ def main(argv=None) -> int:
         return 0
     previous = json.loads(out_json.read_text())["scans"] if out_json.exists() else []
     rows = {r["name"]: r for r in previous}
+    mine: dict[str, dict] = {}
     for name, rel, sequence, age, dataset, ref in SCANS:
         if args.only and name not in args.only:
             continue
         started = time.monotonic()
-        rows[name] = measure(name, rel, sequence, age, dataset, ref, args.cache, args.masks)
-        rows[name]["seconds"] = round(time.monotonic() - started, 1)
-        print(json.dumps(rows[name]), flush=True)
+        mine[name] = measure(name, rel, sequence, age, dataset, ref, args.cache, args.masks)
+        mine[name]["seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps(mine[name]), flush=True)
+        if out_json.exists():  # another run may have added rows meanwhile: keep them
+            rows = {r["name"]: r for r in json.loads(out_json.read_text())["scans"]}
+        rows.update(mine)
         ordered = [rows[s[0]] for s in SCANS if s[0] in rows]
         hdbet = json.loads(args.hdbet_json.read_text()) if args.hdbet_json else None
         command = "python benchmarks/brain_masks.py" + (f" --only {' '.join(args.only)}" if args.only else "")

@@ -166,6 +166,8 @@ def read_unit(unit: Unit) -> Unit:
         "snr": _float(qc.get("snr")),
         "cnr": _float(qc.get("cnr")),
         "registration_ok": (all(reg_ok) if reg_ok else None),
+        "brain_mask_ok": qc["brain_mask_ok"] if isinstance(qc.get("brain_mask_ok"), bool) else None,
+        "brain_mask_background_share": _float(qc.get("background_share")),
         "participant_qc_flags": "; ".join(flags) or None,
         **{grade: _float(ratings.get(grade)) for grade in RATING_GRADES},
     }

@@ -52,6 +52,11 @@ COHORT = {
     "cnr": {"Description": "Contrast-to-noise ratio of the reference image (participant QC)", "Units": "1"},
     "registration_ok": {"Description": "True when every registration of the unit passed its check "
                                        "(participant QC); n/a when not recorded"},
+    "brain_mask_ok": {"Description": "False when the brain mask failed its QC (volume, background share or "
+                                     "template agreement; docs/preprocessing.md): no region rows and no ICV for "
+                                     "the unit; n/a when not recorded"},
+    "brain_mask_background_share": {"Description": "Share of brain-mask voxels at ~0 image intensity (empty "
+                                                   "background; flagged above 0.01)", "Units": "1"},
     "participant_qc_flags": {"Description": "The participant level's QC flags, separated by '; '"},
     "potter_bg": {"Description": "Estimated Potter/Doubal basal-ganglia grade 0-4 from the segmentation "
                                  "(VisualRatingEstimates of the seg-PVSregions sidecar; docs/usage.md)"},
