@@ -166,3 +166,19 @@ def test_a_failed_brain_mask_stops_regions_and_icv(tmp_path, monkeypatch, block,
         assert pre.regions is None and pre.icv_mm3 is None and pre.qc["icv_mm3"] is None
         assert "brain mask failed" in pre.qc["flags"] and "large brain mask" in pre.qc["flags"]
         assert any("brain mask failed QC" in w for w in pre.warnings)
+
+
+def test_report_qc_rows_show_age_ranges_background_and_a_failed_mask():
+    from bids_app.reports.participant import _qc_rows
+
+    qc = {"brain_volume_mm3": 1.68e6, "icv_mm3": None, "background_share": 0.08, "age_years": 6,
+          "brain_mask_ok": False, "flags": ["large brain mask", "brain mask failed"], "registration": {}}
+    rows = _qc_rows(qc)
+    assert rows["flags"][0].startswith("BRAIN MASK FAILED")
+    by_label = {m["label"]: m for m in rows["measures"]}
+    assert by_label["Brain-mask volume"]["range"] == "900 - 1600 cm³" and not by_label["Brain-mask volume"]["ok"]
+    background = by_label["Brain mask at ~0 intensity (empty background)"]
+    assert background["value"] == "8 %" and not background["ok"]
+    adult = _qc_rows({**qc, "age_years": 40, "brain_mask_ok": True, "background_share": 0.001, "flags": []})
+    assert adult["flags"] == []
+    assert {m["label"]: m["ok"] for m in adult["measures"]}["Brain-mask volume"]
