@@ -181,21 +181,83 @@ def figure_pair(x, y, urls, *, xlabel: str, ylabel: str, title: str, salt: str) 
 
 #: Above this many series, the trajectory plots show a fixed random sample of this many.
 TRAJECTORIES_MAX = 100
+#: Up to this many series, each session's point is drawn and linked too (else lines only).
+TRAJECTORY_POINTS_MAX = 30
+
+
+def _nice_ticks(lo: float, hi: float) -> list[float]:
+    """Three to six round tick values covering [lo, hi]."""
+    if not hi > lo:
+        return [lo]
+    step = 10 ** math.floor(math.log10((hi - lo) / 4))
+    for mult in (1, 2, 5, 10):
+        if (hi - lo) / (step * mult) <= 5:
+            step *= mult
+            break
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _trajectory_panel(title: str, lines: list[tuple[np.ndarray, np.ndarray, list]], fit: tuple | None,
+                      xlabel: str, ylabel: str, points: bool) -> str:
+    """One region's panel as SVG: a polyline per participant (linked), optional linked points, the fit."""
+    from html import escape
+
+    w, h, left, right, top, bottom = 330, 230, 52, 10, 24, 38
+    xs = np.concatenate([x for x, _, _ in lines])
+    ys = np.concatenate([y for _, y, _ in lines])
+    x0, x1 = float(xs.min()), float(xs.max())
+    y0, y1 = float(ys.min()), float(ys.max())
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+    sx = lambda v: left + (np.asarray(v, float) - x0) / (x1 - x0) * (w - left - right)  # noqa: E731
+    sy = lambda v: h - bottom - (np.asarray(v, float) - y0) / (y1 - y0) * (h - top - bottom)  # noqa: E731
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" width="{w}" '
+           f'height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="9">',
+           f'<text x="{w / 2}" y="14" text-anchor="middle" font-size="11">{escape(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" fill="none" '
+           f'stroke="#999"/>']
+    for t in _nice_ticks(y0, y1):
+        yy = float(sy(t))
+        out.append(f'<line x1="{left}" x2="{w - right}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 4}" y="{yy + 3:.1f}" text-anchor="end">{t:.4g}</text>')
+    for t in _nice_ticks(x0, x1):
+        xx = float(sx(t))
+        out.append(f'<text x="{xx:.1f}" y="{h - bottom + 12}" text-anchor="middle">{t:.4g}</text>')
+    out.append(f'<text x="{(left + w - right) / 2}" y="{h - 6}" text-anchor="middle">{escape(xlabel)}</text>'
+               f'<text x="12" y="{(top + h - bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 12 {(top + h - bottom) / 2})">{escape(ylabel)}</text>')
+    for x, y, urls in lines:
+        pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(sx(x), sy(y)))
+        line = f'<polyline points="{pts}" fill="none" stroke="{_BLUE}" stroke-opacity="0.6" stroke-width="1.2"/>'
+        out.append(f'<a xlink:href="{escape(urls[0])}" target="_blank">{line}</a>' if urls[0] else line)
+        if points:
+            for a, b, u in zip(sx(x), sy(y), urls):
+                dot = f'<circle cx="{a:.1f}" cy="{b:.1f}" r="2.5" fill="{_BLUE}"/>'
+                out.append(f'<a xlink:href="{escape(u)}" target="_blank">{dot}</a>' if u else dot)
+    if fit is not None:
+        (fa, fb), label = fit
+        ends = np.array([x0, x1])
+        (ax_, bx_), (ay_, by_) = sx(ends), sy(fa + fb * ends)
+        out.append(f'<line x1="{ax_:.1f}" y1="{ay_:.1f}" x2="{bx_:.1f}" y2="{by_:.1f}" stroke="{_RED}" '
+                   f'stroke-width="2"/><text x="{left + 4}" y="{top + 11}" fill="{_RED}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "".join(out)
 
 
 def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.DataFrame,
-                        slopes: pd.DataFrame | None = None, measure: str = "volume_mm3",
-                        salt: str = "traj") -> tuple[str | None, int]:
-    """Per-region small multiples: one line per participant through its sessions.
+                        slopes: pd.DataFrame | None = None, measure: str = "volume_mm3") -> tuple[str | None, int]:
+    """Per-region small multiples (inline SVG written directly): one line per participant.
 
     The x axis is years since the first session when every series has dates or ages, else the
-    session position. Each line links to the participant's first-session report and each point to
-    its own session's report; the red line is the mixed-model fit (``slopes``). Returns the SVG
-    (None without series) and the number of series drawn (at most :data:`TRAJECTORIES_MAX`).
+    session position. Each line links to the participant's first-session report and, up to
+    :data:`TRAJECTORY_POINTS_MAX` series, each point to its own session's report; the red line is
+    the mixed-model fit (``slopes``). Returns the markup (None without series) and the number of
+    series drawn (at most :data:`TRAJECTORIES_MAX`, a fixed random sample beyond).
     """
     if series.empty:
         return None, 0
-    plt = _plt()
     values = long.merge(series[["unit", "order", "years"]], on="unit")
     annual = bool(series["years"].notna().all())
     values["t"] = values["years"] if annual else values["order"].astype(float)
@@ -205,34 +267,26 @@ def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.Dat
     values = values.merge(keys, on=["participant_id", "input_sequences"])
     links = dict(zip(_unit_labels(cohort), _links(cohort)))
     values["url"] = [link if isinstance(link := links.get(u), str) else None for u in _unit_labels(values)]
-    names = [n for n in long.drop_duplicates("name")["name"] if n in set(values["name"])]
-    names = ["whole_brain"] + [n for n in names if n != "whole_brain"]
-    ncols = min(3, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), dpi=90, squeeze=False)
+    values = values.loc[values[measure].notna()].sort_values(["participant_id", "input_sequences", "order"])
     fits = slopes.loc[slopes["measure"] == measure].set_index("name") if slopes is not None and len(slopes) else None
-    for ax, name in zip(axes.ravel(), names):
-        sub = values.loc[values["name"] == name].sort_values("t")
-        for _, grp in sub.groupby(["participant_id", "input_sequences"], sort=True):
-            grp = grp.sort_values("order")
-            (line,) = ax.plot(grp["t"], grp[measure], color=_BLUE, lw=1, alpha=0.6)
-            urls = [u if isinstance(u, str) else None for u in grp["url"]]
-            line.set_url(urls[0])
-            _scatter(ax, grp["t"], grp[measure], urls, s=10, color=_BLUE, alpha=0.8, zorder=3)
+    unit = "year" if annual else "session"
+    xlabel = "years since first session" if annual else "session (0 = first)"
+    ylabel = "ePVS volume (mm³)" if measure == "volume_mm3" else measure
+    names = [n for n in long.drop_duplicates("name")["name"] if n in set(values["name"])]
+    panels = []
+    for name in ["whole_brain"] + [n for n in names if n != "whole_brain"]:
+        sub = values.loc[values["name"] == name]
+        lines = [(g["t"].to_numpy(float), g[measure].to_numpy(float), list(g["url"]))
+                 for _, g in sub.groupby(["participant_id", "input_sequences"], sort=False)]
+        if not lines:
+            continue
+        fit = None
         if fits is not None and name in fits.index and np.isfinite(fits.at[name, "slope"]):
-            ts = np.array([sub["t"].min(), sub["t"].max()])
-            ax.plot(ts, fits.at[name, "intercept"] + fits.at[name, "slope"] * ts, color=_RED, lw=1.6,
-                    label=f"mixed model {fits.at[name, 'slope']:+.3g}/{'year' if annual else 'session'}")
-            ax.legend(fontsize=7)
-        ax.set_title(name.replace("_", " "), fontsize=9)
-        ax.set_xlabel("years since first session" if annual else "session (0 = first)", fontsize=8)
-        ax.set_ylabel("ePVS volume (mm³)" if measure == "volume_mm3" else measure, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in axes.ravel()[len(names):]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    return _svg(fig, salt), len(keys)
+            fit = ((fits.at[name, "intercept"], fits.at[name, "slope"]),
+                   f"mixed model {fits.at[name, 'slope']:+.3g}/{unit}")
+        panels.append(_trajectory_panel(name.replace("_", " "), lines, fit, xlabel, ylabel,
+                                        len(keys) <= TRAJECTORY_POINTS_MAX))
+    return '<div class="trajectories">' + "".join(panels) + "</div>", len(keys)
 
 
 def figure_sens_prec(per_unit: pd.DataFrame, urls, salt: str) -> str:

@@ -253,6 +253,28 @@ def test_trajectory_lines_link_to_participant_reports(three_sessions):
     assert targets == {f"sub-{s}_ses-{ses}.html" for (s, ses) in three_sessions["plan"]}  # every session's point
     for target in targets:
         assert (three_sessions["out"] / target).is_file()  # the link opens the participant report
-    # each participant's line (a line2d group) links to its first-session report
-    lines = re.findall(r'<g id="line2d_\d+">\s*<a xlink:href="([^"#]+)"', svg)
+    # each participant's line links to its first-session report (four participants x six panels)
+    lines = re.findall(r'<a xlink:href="([^"]+)" target="_blank"><polyline', svg)
+    assert len(lines) == 4 * 6
     assert set(lines) == {f"sub-{s}_ses-1.html" for s in ("01", "02", "03", "04")}
+
+
+def test_trajectory_links_survive_in_the_chromium_dom(three_sessions, tmp_path):
+    """Chromium parses the report; the trajectory lines are anchors whose targets are the reports."""
+    import re
+    import shutil
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}"]
+    dom = subprocess.run([exe, *flags, "--dump-dom", (three_sessions["out"] / "group.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0
+    start = dom.stdout.index('<div class="trajectories">')
+    panels = dom.stdout[start:dom.stdout.index("</figure>", start)]
+    assert panels.count("<svg") == 6
+    anchors = re.findall(r'<a xlink:href="([^"]+)" target="_blank"><polyline', panels)
+    assert len(anchors) == 24 and all((three_sessions["out"] / a).is_file() for a in anchors)
