@@ -187,9 +187,11 @@ def main(argv=None) -> int:
     previous = json.loads(out_json.read_text())["scans"] if out_json.exists() else []
     rows = {r["name"]: r for r in previous}
     mine: dict[str, dict] = {}
-    for name, rel, sequence, age, dataset, ref in SCANS:
-        if args.only and name not in args.only:
-            continue
+    by_name = {s[0]: s for s in SCANS}
+    unknown = set(args.only or ()) - set(by_name)
+    if unknown:
+        parser.error(f"unknown scan name(s) {sorted(unknown)}; known: {sorted(by_name)}")
+    for name, rel, sequence, age, dataset, ref in [by_name[n] for n in args.only] if args.only else SCANS:
         started = time.monotonic()
         mine[name] = measure(name, rel, sequence, age, dataset, ref, args.cache, args.masks)
         mine[name]["seconds"] = round(time.monotonic() - started, 1)
@@ -231,10 +233,10 @@ def render_figure(rows: list[dict], masks: Path, path: Path) -> None:
             ax.contour(m, levels=[0.5], colors="yellow", linewidths=0.6)
             ax.set_axis_off()
         icv = "n/a" if r["icv_L"] is None else f"{r['icv_L']:.2f}"
-        ax_row[0].set_title(f"{r['name']} ({r['sequence']}, {r['BrainExtraction']}): brain {r['brain_L']:.2f} L, "
-                            f"ICV {icv} L, bg {100 * r['background_share']:.2f}%", color="white", fontsize=7,
-                            loc="left")
-    fig.tight_layout()
+        ax_row[1].set_title(f"{r['name']} ({r['sequence']}, {r['BrainExtraction']}): brain {r['brain_L']:.2f} L, "
+                            f"ICV {icv} L, background {100 * r['background_share']:.2f} %", color="white",
+                            fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.25 / len(rows), bottom=0.01, hspace=0.25, wspace=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80, facecolor="black")
 
