@@ -353,12 +353,11 @@ def _deepbet():
     return BrainExtraction(no_gpu=True)
 
 
-#: Plausible adult intracranial/brain-mask volumes (mm³); outside this a mask is flagged.
-BRAIN_VOLUME_RANGE_MM3 = (800e3, 2200e3)
-
-
 def brain_mask(img: nib.Nifti1Image) -> nib.Nifti1Image:
     """Brain mask with deepbet (Fisch et al. 2024), whose weights ship in its wheel.
+
+    This is the network only; :func:`epvsprep.brain.extract` (the pipeline's brain-mask step) adds the
+    skull-stripped check, the head crop and the background clean-up around it.
 
     deepbet was trained on T1w images but, measured on the real T2w images in our
     development data, also gives usable masks on T2w (see ``docs/preprocessing.md``).
