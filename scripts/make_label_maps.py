@@ -333,7 +333,9 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
     for i in range(n):
         name = names[i % len(names)]
         seq = seqs[i % len(seqs)]
-        p = randomised.sample_randomised(rng, name, sequences=(seq,), roi="centre", shape_vox=(144, 160, 24))
+        p_random = 1.0 if i >= n - 2 else 0.2  # the last two show fully random contrasts
+        p = randomised.sample_randomised(rng, name, sequences=(seq,), roi="centre", shape_vox=(144, 160, 24),
+                                         p_random=p_random)
         case = randomised.render_randomised(p)
         k = case.label.sum((0, 1)).argmax() if case.label.any() else 12
         img = case.images[seq][:, :, k]
@@ -351,7 +353,8 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
         ax.imshow(np.rot90(_real_slice(shared / rel)), cmap="gray")
         ax.set_title(f"real: {label}\n({use})", fontsize=7)
         ax.set_axis_off()
-    fig.suptitle("Randomised draws (red: ePVS label) and real scans (bottom row)", fontsize=10)
+    fig.suptitle("Randomised draws (red: ePVS label; the last two with p_random = 1) and real scans (bottom row)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=70)
     plt.close(fig)
