@@ -232,6 +232,8 @@ def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, 
         raise RuntimeError(proc.stderr[-3000:])
     _, code, wall, rss, child_rss = line[-1].split()
     report = out / "group.html"
+    if not report.exists():
+        raise RuntimeError(f"the group level wrote no report (exit {code}): {proc.stderr[-3000:]}")
     group = out / "group"
     res = {"participants": n, "units": units, "sessions": SESSIONS if images else sessions, "images": images,
            "nprocs": nprocs, "exit_code": int(code), "wall_s": round(float(wall), 2),

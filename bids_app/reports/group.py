@@ -276,7 +276,8 @@ def figure_trajectories(long: pd.DataFrame, series: pd.DataFrame, cohort: pd.Dat
     panels = []
     for name in ["whole_brain"] + [n for n in names if n != "whole_brain"]:
         sub = values.loc[values["name"] == name]
-        lines = [(g["t"].to_numpy(float), g[measure].to_numpy(float), list(g["url"]))
+        lines = [(g["t"].to_numpy(float), g[measure].to_numpy(float),
+                  [u if isinstance(u, str) else None for u in g["url"]])
                  for _, g in sub.groupby(["participant_id", "input_sequences"], sort=False)]
         if not lines:
             continue

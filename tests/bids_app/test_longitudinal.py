@@ -278,3 +278,16 @@ def test_trajectory_links_survive_in_the_chromium_dom(three_sessions, tmp_path):
     assert panels.count("<svg") == 6
     anchors = re.findall(r'<a xlink:href="([^"]+)" target="_blank"><polyline', panels)
     assert len(anchors) == 24 and all((three_sessions["out"] / a).is_file() for a in anchors)
+
+
+def test_trajectories_without_participant_reports_draw_unlinked_lines():
+    from bids_app.reports.group import figure_trajectories
+
+    table = np.array([[10.0, 12.0, 15.0], [20.0, 19.0, 22.0], [5.0, 5.0, 6.0]])
+    long = _long_from_table(table)
+    series = stats.session_series(long)
+    cohort = long.drop_duplicates("unit")[["participant_id", "session_id"]].assign(report=None)
+    cohort.loc[cohort.index[0], "report"] = "sub-00_ses-1.html"  # only one report exists
+    svg, n = figure_trajectories(long, series, cohort, stats.longitudinal_slopes(long, series))
+    assert n == 3 and svg.count("<polyline") == 3 and svg.count("<a ") == 2  # sub-00's line and its first point
+    assert "mixed model" in svg
