@@ -19,9 +19,10 @@ Example
 """
 
 from .anatomies import colin27_tissue
-from .label_maps import anatomy_names, load_anatomy
 from .contrast import SEQUENCES
+from .label_maps import anatomy_names, load_anatomy
 from .priors import AnatomyPriors, TissueMaps, build_priors, load_priors
+from .randomised import render_randomised, sample_randomised
 from .render import (
     MIMIC_CLASSES,
     ROI_CENTRES,
@@ -31,7 +32,6 @@ from .render import (
     render,
     sample_params,
 )
-from .randomised import render_randomised, sample_randomised
 
 __all__ = [
     "SEQUENCES", "MIMIC_CLASSES", "ROI_CENTRES", "AnatomyPriors", "SynthCase", "TissueMaps", "build_priors",

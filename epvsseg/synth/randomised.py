@@ -38,7 +38,15 @@ import numpy as np
 from .anatomy import Deformation, grid_affine, sample_deformation
 from .contrast import acquire, bias_field
 from .label_maps import BRAIN_LABELS, LABELS, Anatomy, anatomy_priors, load_anatomy
-from .lesions import EPVS_REGIONS, Tubes, centreline_voxels, epvs_label, rasterise_tubes, sample_epvs, sample_vessels
+from .lesions import (
+    EPVS_REGIONS,
+    Tubes,
+    centreline_voxels,
+    epvs_label,
+    rasterise_tubes,
+    sample_epvs,
+    sample_vessels,
+)
 from .priors import AnatomyPriors
 from .render import (
     EPVS_GEOMETRY,
