@@ -4,7 +4,8 @@
 
 1. **skull-stripped input?** (:func:`skull_stripped`) Brain-extracted images (FSL BET, HD-BET,
    FreeSurfer, dataset releases) are zero outside the brain. When most of the field of view is
-   exactly zero *and* the non-zero support is no larger than a brain, the given brain is kept as
+   exactly zero, the non-zero support is no larger than a brain, and at most 1 % of it is at ~0
+   intensity (the QC's background limit), the given brain is kept as
    the mask (its largest connected component, holes filled): a network would only add a border
    or, where the image lacks part of the brain, a block of empty background.
 2. **head crop** (:func:`head_crop`) Otherwise the head is found (smoothed image above a fraction
@@ -38,8 +39,10 @@ HEAD_HEIGHT_MM = 180.0
 BACKGROUND_FRACTION = 0.01
 #: A skull-stripped input: at least this share of the field of view is exactly 0 ...
 STRIPPED_ZERO_SHARE = 0.3
-#: ... and its non-zero support (holes filled) is at most this volume (mm³): larger is a head.
+#: ... and its non-zero support (holes filled) is at most this volume (mm³): larger is a head ...
 STRIPPED_MAX_MM3 = 2.5e6
+#: ... and at most this share of it is at ~0 intensity (the QC's background limit).
+STRIPPED_MAX_BACKGROUND = 0.01
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,11 @@ def skull_stripped(data: np.ndarray, voxel_mm3: float) -> bool:
     if (1.0 - nonzero.mean()) < STRIPPED_ZERO_SHARE:
         return False
     support = _largest_filled(nonzero)
-    return 0 < support.sum() * voxel_mm3 <= STRIPPED_MAX_MM3
+    if not 0 < support.sum() * voxel_mm3 <= STRIPPED_MAX_MM3:
+        return False
+    # a given brain must pass the QC's own background limit: a head whose air is zero-filled beyond a
+    # layer of low non-zero noise (e.g. a conformed 256³ image) is not a brain
+    return background_share(support, data) <= STRIPPED_MAX_BACKGROUND
 
 
 def head_mask(data: np.ndarray, zooms: np.ndarray) -> np.ndarray:

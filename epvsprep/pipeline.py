@@ -179,7 +179,7 @@ def _brain(cache: StepCache, n4, n4_key: str, params: PreprocParams, path) -> tu
         raise ValueError(f"unknown brain-extraction method {params.brain_extraction!r} (known: deepbet)")
     step = {"method": params.brain_extraction, "head_height_mm": brainm.HEAD_HEIGHT_MM,
             "background_fraction": brainm.BACKGROUND_FRACTION, "stripped_zero_share": brainm.STRIPPED_ZERO_SHARE,
-            "stripped_max_mm3": brainm.STRIPPED_MAX_MM3}
+            "stripped_max_mm3": brainm.STRIPPED_MAX_MM3, "stripped_max_background": brainm.STRIPPED_MAX_BACKGROUND}
     key = cache.key("brain_mask", step, [n4_key])
 
     def compute():

@@ -26,6 +26,9 @@ def test_skull_stripped_detects_zero_background_brain_only():
     assert not brain.skull_stripped(with_head, 1.0)
     noisy = brain_only + np.abs(rng.normal(0, 2, shape))  # noise everywhere: nothing is exactly 0
     assert not brain.skull_stripped(noisy, 1.0)
+    # zero-filled air beyond a shell of low non-zero noise (a conformed skull-on head): not a brain
+    shell = _ellipsoid(shape, (58, 73, 53)) & ~_ellipsoid(shape, (55, 70, 50))
+    assert not brain.skull_stripped(np.where(shell, 0.3, brain_only), 1.0)
 
 
 def test_drop_background_removes_an_empty_block_and_keeps_dark_interior():
