@@ -393,8 +393,8 @@ def _region_summary(long: pd.DataFrame) -> dict | None:
             region_rows.append([name.replace("_", " "), str(n_units)] + [
                 f"{_fmt(pivot.at[name, ('median', m)])} [{_fmt(pivot.at[name, ('q1', m)])}, "
                 f"{_fmt(pivot.at[name, ('q3', m)])}]" for m in ("n_clusters", measure)
-            ] + [_fmt(pivot.at[name, ("n_zero", "n_clusters")])])
-        pivot = {"columns": ["region", "units", "count: median [Q1, Q3]",
+            ] + [_fmt(pivot.at[name, ("n_zero", measure)])])  # no ePVS voxel in the region (not: no cluster assigned)
+        pivot = {"columns": ["region", "units", "clusters assigned: median [Q1, Q3]",
                              ("ppm ICV" if measure == "volume_ppm_icv" else "mm³") + ": median [Q1, Q3]",
                              "units without ePVS"], "rows": region_rows, "n": len(region_rows), "truncated": False}
 

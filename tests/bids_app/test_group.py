@@ -416,3 +416,20 @@ def test_hd95_equals_the_distance_transform_definition(shift):
     d = np.concatenate([ndimage.distance_transform_edt(~sb, sampling=spacing)[sa],
                         ndimage.distance_transform_edt(~sa, sampling=spacing)[sb]])
     assert metrics.hd95(a, b, spacing) == pytest.approx(float(np.percentile(d, 95)), abs=1e-9)
+
+
+def test_units_without_epvs_count_voxels_not_assigned_clusters():
+    """A region can hold ePVS voxels of a cluster assigned to its neighbour: it is not 'without ePVS'."""
+    import pandas as pd
+
+    from bids_app.reports.group import _region_summary
+
+    rows = []
+    for unit, (n_clusters, volume) in enumerate([(0, 4.0), (0, 0.0), (2, 30.0)]):
+        rows.append({"unit": f"u{unit}", "name": "midbrain", "region": "midbrain", "hemisphere": "bilateral",
+                     "n_clusters": n_clusters, "volume_mm3": volume, "volume_ppm_icv": volume / 1.5,
+                     "region_volume_mm3": 9000.0, "volume_fraction": volume / 9000.0,
+                     "mean_cluster_volume_mm3": volume / n_clusters if n_clusters else float("nan")})
+    summary = _region_summary(pd.DataFrame(rows))
+    assert summary["columns"][-1] == "units without ePVS"
+    assert summary["rows"][0][-1] == "1"  # only the unit with no ePVS voxel; two have no assigned cluster
