@@ -60,7 +60,26 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
             participants = collect.read_participants(bids_dir)
         except collect.TableError as exc:
             LOGGER.warning("%s (ages and covariates unavailable)", exc)
-    ages = _age_lookup(participants)
+    ok_units, base, long, failed_rows = _read_units(units)
+    dates, session_age = _session_dates(bids_dir, ok_units)
+    cohort = _cohort_table(output_dir, base, dates, session_age, _age_lookup(participants))
+    outliers = stats.qc_outliers(cohort)
+    flagged = outliers.loc[outliers["source"] == "tukey"].groupby("unit")["measure"].agg("; ".join)
+    cohort["qc_outlier"] = cohort["unit"].map(flagged)
+    cohort = _with_regional_columns(cohort, long)
+    failed_rows += failed_units(output_dir, ok_units, bids_dir, skip={r["unit"] for r in failed_rows})
+    failed = pd.DataFrame(failed_rows, columns=list(columns.FAILED))
+    models = collect.model_table(cohort)
+    mixed = collect.mixed_models_warning(models)
+    if mixed:
+        LOGGER.warning("%s", mixed)
+    return {"units": ok_units, "cohort": cohort, "long": long, "failed": failed, "outliers": outliers,
+            "participants": participants, "dates": dates, "models": models, "models_warning": mixed,
+            "unreadable": int((failed["status"] == "unreadable").sum())}
+
+
+def _read_units(units: list) -> tuple[list, pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Read every unit: the readable ones, their whole-brain rows, the long (region) rows, and the failures."""
     base_rows, long_rows, failed_rows, ok_units = [], [], [], []
     for unit, error in collect.iter_read(units):
         if error is not None:
@@ -76,8 +95,11 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
     long = pd.DataFrame(long_rows, columns=["unit", *stats.UNIT_KEY, "name", "region", "hemisphere", *collect.MEASURES])
     base = pd.DataFrame(base_rows, columns=[c for c in columns.COHORT if c not in
                                             ("qc_outlier", "age", "acq_datetime", "report")])
+    return ok_units, base, long, failed_rows
 
-    # acquisition dates (participants with several sessions only: they are what dates are for)
+
+def _session_dates(bids_dir: Path | None, ok_units: list) -> tuple[pd.DataFrame, dict]:
+    """Acquisition dates and ages of the sessions of participants with several sessions (what dates are for)."""
     dates_rows = []
     multi = {u.participant_id for u in ok_units if u.session_id} if bids_dir is not None else set()
     counts = pd.Series([u.participant_id for u in ok_units if u.session_id]).value_counts()
@@ -99,7 +121,12 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
                            "acq_datetime": when, "date_source": source,
                            "age": session_age.get((unit.participant_id, unit.session_id), math.nan)})
     dates = pd.DataFrame(dates_rows, columns=["participant_id", "session_id", "acq_datetime", "date_source", "age"])
+    return dates, session_age
 
+
+def _cohort_table(output_dir: Path, base: pd.DataFrame, dates: pd.DataFrame, session_age: dict,
+                  ages: dict) -> pd.DataFrame:
+    """The whole-brain cohort table with age, acquisition time and the link to each participant report."""
     cohort = base.copy()
     cohort["age"] = [session_age.get((p, s), ages.get(p, math.nan))
                      for p, s in zip(cohort["participant_id"], cohort["session_id"])]
@@ -115,30 +142,21 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
         rel = f"{p}_{s}.html" if isinstance(s, str) else f"{p}.html"
         reports.append(rel if (Path(output_dir) / rel).exists() else None)
     cohort["report"] = reports
-    outliers = stats.qc_outliers(cohort)
-    flagged = outliers.loc[outliers["source"] == "tukey"].groupby("unit")["measure"].agg("; ".join)
-    cohort["qc_outlier"] = cohort["unit"].map(flagged)
+    return cohort
 
-    # wide form: the whole-brain columns, then <name>__<measure> for every region
+
+def _with_regional_columns(cohort: pd.DataFrame, long: pd.DataFrame) -> pd.DataFrame:
+    """The wide form: the whole-brain columns, then ``<name>__<measure>`` for every region."""
     regional = long.loc[long["name"] != collect.WHOLE_BRAIN]
-    if len(regional):
-        order = sorted(regional.drop_duplicates("name").itertuples(index=False),
-                       key=lambda r: collect.region_sort_key(r.name, r.region, r.hemisphere))
-        wide = regional.pivot_table(index="unit", columns="name", values=list(WIDE_MEASURES),
-                                    aggfunc="first", dropna=False)
-        wide.columns = [f"{name}__{measure}" for measure, name in wide.columns]
-        wide = wide[[f"{r.name}__{m}" for r in order for m in WIDE_MEASURES if f"{r.name}__{m}" in wide.columns]]
-        cohort = cohort.merge(wide.reset_index(), on="unit", how="left")
-
-    failed_rows += failed_units(output_dir, ok_units, bids_dir, skip={r["unit"] for r in failed_rows})
-    failed = pd.DataFrame(failed_rows, columns=list(columns.FAILED))
-    models = collect.model_table(cohort)
-    mixed = collect.mixed_models_warning(models)
-    if mixed:
-        LOGGER.warning("%s", mixed)
-    return {"units": ok_units, "cohort": cohort, "long": long, "failed": failed, "outliers": outliers,
-            "participants": participants, "dates": dates, "models": models, "models_warning": mixed,
-            "unreadable": int((failed["status"] == "unreadable").sum())}
+    if not len(regional):
+        return cohort
+    order = sorted(regional.drop_duplicates("name").itertuples(index=False),
+                   key=lambda r: collect.region_sort_key(r.name, r.region, r.hemisphere))
+    wide = regional.pivot_table(index="unit", columns="name", values=list(WIDE_MEASURES),
+                                aggfunc="first", dropna=False)
+    wide.columns = [f"{name}__{measure}" for measure, name in wide.columns]
+    wide = wide[[f"{r.name}__{m}" for r in order for m in WIDE_MEASURES if f"{r.name}__{m}" in wide.columns]]
+    return cohort.merge(wide.reset_index(), on="unit", how="left")
 
 
 def failed_units(output_dir: Path, units: list, bids_dir: Path | None = None, skip=frozenset()) -> list[dict]:
