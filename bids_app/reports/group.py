@@ -404,88 +404,94 @@ def _region_summary(long: pd.DataFrame) -> dict | None:
 def _longitudinal_section(longitudinal: Mapping[str, Any], long: pd.DataFrame,
                           cohort: pd.DataFrame) -> dict | None:
     """Reliability rows, the Bland-Altman figure, cluster-matching totals and changes (None without series)."""
-    longi = None
-    if len(longitudinal["series"]):
-        icc = longitudinal["icc"]
-        agree = longitudinal["agreement"]
-        rel = {(r.name, r.measure, r.kind): r for r in icc.itertuples(index=False)}
-        rel_rows = []
-        for rec in agree.itertuples(index=False):
-            cells = []
-            anova = rel.get((rec.name, rec.measure, "ICC(3,1)"))
-            reml = rel.get((rec.name, rec.measure, "ICC(3,1)-REML"))
-            cells.append(f"{anova.n} x {anova.k}" if anova is not None else "n/a")
-            cells.append(f"{reml.n} / {reml.n_observations}" if reml is not None else "n/a")
-            for kind in ("ICC(2,1)", "ICC(3,1)", "ICC(3,1)-REML"):
-                r = rel.get((rec.name, rec.measure, kind))
-                cells.append("n/a" if r is None or not np.isfinite(r.value) else
-                             f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
-            rel_rows.append([rec.name.replace("_", " "), rec.measure, str(rec.n_participants)] + cells + [
-                _fmt(rec.wcv * 100, 3) + " %" if np.isfinite(rec.wcv) else "n/a", _fmt(rec.ba_bias),
-                f"[{_fmt(rec.ba_loa_low)}, {_fmt(rec.ba_loa_high)}]"])
-        series = longitudinal["series"]
-        firsts = series.loc[series["order"] == 0]
-        seconds = series.loc[series["order"] == 1]
-        wb = long.loc[long["name"] == "whole_brain"]
-        pair = firsts.merge(seconds, on=["participant_id", "input_sequences"], suffixes=("_1", "_2"))
-        v1 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_1", "source_entities_1"],
-                        right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
-        v2 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_2", "source_entities_2"],
-                        right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
-        links = dict(zip(_unit_labels(cohort), _links(cohort)))
-        urls = [links.get(f"{p}_{s}") for p, s in zip(v1["participant_id"], v1["session_id"])]
-        ba_svg = figure_pair(v1["volume_mm3"], v2["volume_mm3"], urls, xlabel="first session: ePVS volume (mm³)",
-                             ylabel="second session: ePVS volume (mm³)",
-                             title="Whole-brain ePVS volume across sessions (points link to the first session)",
-                             salt="long") if len(v1) >= 2 else None
-        clusters = longitudinal["clusters"]
-        cl_tab, cl_method = None, ""
-        if len(clusters):
-            tot = clusters.groupby("name", sort=False)[["n_baseline", "n_followup", "persisting", "vanished", "new"]] \
-                .sum().reset_index()
-            tot["pairs"] = clusters.groupby("name", sort=False).size().to_numpy()
-            tot["registration failed"] = clusters.groupby("name", sort=False)["registration_ok"] \
-                .apply(lambda s: int((~s.astype(bool)).sum())).to_numpy()
-            cl_method = "registered rigidly to the previous one" if (clusters["method"] == "rigid").all() else \
-                "taken in scanner coordinates as they are (no registration)"
-            cl_tab = _table(tot, ["name", "pairs", "n_baseline", "n_followup", "persisting", "vanished", "new",
-                                  "registration failed"])
-        change = longitudinal["change"]
-        ch = change.loc[change["name"] == "whole_brain"] if len(change) else change
-        slopes = longitudinal.get("slopes")
-        traj_svg, n_drawn = figure_trajectories(long, series, cohort, slopes)
-        slope_tab = None
-        if slopes is not None and len(slopes):
-            sl = slopes.loc[slopes["measure"] == "volume_mm3"]
-            slope_tab = _table(sl, ["name", "time_unit", "slope", "ci_low", "ci_high", "p_value", "n_participants",
-                                    "n_observations"])
-        persistence = longitudinal.get("persistence")
-        pers_tab = _table(persistence, ["name", "n_participants", "n_tracks", "persistent", "vanishes", "appears",
-                                        "transient", "reappears", "persistence_rate"]) \
-            if persistence is not None and len(persistence) else None
-        longi = {
-            "n_participants": int(series["participant_id"].nunique()),
-            "n_sessions": len(series),
-            "reliability": {"columns": ["region", "measure", "participants", "ANOVA n x k",
-                                        "REML participants / sessions", "ICC(2,1) [95% CI]", "ICC(3,1) [95% CI]",
-                                        "ICC(3,1)-REML [95% CI]", "wCV", "BA bias (2nd - 1st)", "95% limits"],
-                            "rows": rel_rows, "n": len(rel_rows), "truncated": False},
-            "ba_svg": ba_svg,
-            "trajectories_svg": traj_svg,
-            "trajectories_note": (f"{n_drawn} of {int(series.groupby(['participant_id', 'input_sequences']).ngroups)}"
-                                  " series, a fixed random sample" if n_drawn < series.groupby(
-                                      ["participant_id", "input_sequences"]).ngroups else f"all {n_drawn} series"),
-            "slopes": slope_tab,
-            "persistence": pers_tab,
-            "k_sessions": int(series.groupby(["participant_id", "input_sequences"]).size().max()),
-            "clusters": cl_tab,
-            "clusters_method": cl_method if cl_tab else "",
-            "change": _table(ch, ["participant_id", "first_session", "last_session", "interval_years",
-                                  "n_clusters_change", "volume_mm3_change", "n_clusters_per_year",
-                                  "volume_mm3_per_year"], limit=50),
-        }
+    series = longitudinal["series"]
+    if not len(series):
+        return None
+    slopes = longitudinal.get("slopes")
+    traj_svg, n_drawn = figure_trajectories(long, series, cohort, slopes)
+    n_series = int(series.groupby(["participant_id", "input_sequences"]).ngroups)
+    cl_tab, cl_method = _cluster_matching_table(longitudinal["clusters"])
+    change = longitudinal["change"]
+    ch = change.loc[change["name"] == "whole_brain"] if len(change) else change
+    persistence = longitudinal.get("persistence")
+    return {
+        "n_participants": int(series["participant_id"].nunique()),
+        "n_sessions": len(series),
+        "reliability": {"columns": ["region", "measure", "participants", "ANOVA n x k",
+                                    "REML participants / sessions", "ICC(2,1) [95% CI]", "ICC(3,1) [95% CI]",
+                                    "ICC(3,1)-REML [95% CI]", "wCV", "BA bias (2nd - 1st)", "95% limits"],
+                        "rows": (rows := _reliability_rows(longitudinal["icc"], longitudinal["agreement"])),
+                        "n": len(rows), "truncated": False},
+        "ba_svg": _bland_altman_figure(series, long, cohort),
+        "trajectories_svg": traj_svg,
+        "trajectories_note": (f"{n_drawn} of {n_series} series, a fixed random sample" if n_drawn < n_series
+                              else f"all {n_drawn} series"),
+        "slopes": (_table(slopes.loc[slopes["measure"] == "volume_mm3"],
+                          ["name", "time_unit", "slope", "ci_low", "ci_high", "p_value", "n_participants",
+                           "n_observations"]) if slopes is not None and len(slopes) else None),
+        "persistence": (_table(persistence, ["name", "n_participants", "n_tracks", "persistent", "vanishes",
+                                             "appears", "transient", "reappears", "persistence_rate"])
+                        if persistence is not None and len(persistence) else None),
+        "k_sessions": int(series.groupby(["participant_id", "input_sequences"]).size().max()),
+        "clusters": cl_tab,
+        "clusters_method": cl_method if cl_tab else "",
+        "change": _table(ch, ["participant_id", "first_session", "last_session", "interval_years",
+                              "n_clusters_change", "volume_mm3_change", "n_clusters_per_year",
+                              "volume_mm3_per_year"], limit=50),
+    }
 
-    return longi
+
+def _reliability_rows(icc: pd.DataFrame, agree: pd.DataFrame) -> list[list[str]]:
+    """One row per region and measure: design, the ICC forms with their 95 % CIs, wCV and Bland-Altman."""
+    rel = {(r.name, r.measure, r.kind): r for r in icc.itertuples(index=False)}
+    rows = []
+    for rec in agree.itertuples(index=False):
+        anova = rel.get((rec.name, rec.measure, "ICC(3,1)"))
+        reml = rel.get((rec.name, rec.measure, "ICC(3,1)-REML"))
+        cells = [f"{anova.n} x {anova.k}" if anova is not None else "n/a",
+                 f"{reml.n} / {reml.n_observations}" if reml is not None else "n/a"]
+        for kind in ("ICC(2,1)", "ICC(3,1)", "ICC(3,1)-REML"):
+            r = rel.get((rec.name, rec.measure, kind))
+            cells.append("n/a" if r is None or not np.isfinite(r.value) else
+                         f"{r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
+        rows.append([rec.name.replace("_", " "), rec.measure, str(rec.n_participants)] + cells + [
+            _fmt(rec.wcv * 100, 3) + " %" if np.isfinite(rec.wcv) else "n/a", _fmt(rec.ba_bias),
+            f"[{_fmt(rec.ba_loa_low)}, {_fmt(rec.ba_loa_high)}]"])
+    return rows
+
+
+def _bland_altman_figure(series: pd.DataFrame, long: pd.DataFrame, cohort: pd.DataFrame) -> str | None:
+    """Whole-brain ePVS volume, second session against first (SVG; points link to the first session's report)."""
+    firsts = series.loc[series["order"] == 0]
+    seconds = series.loc[series["order"] == 1]
+    wb = long.loc[long["name"] == "whole_brain"]
+    pair = firsts.merge(seconds, on=["participant_id", "input_sequences"], suffixes=("_1", "_2"))
+    v1 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_1", "source_entities_1"],
+                    right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
+    v2 = pair.merge(wb, left_on=["participant_id", "input_sequences", "session_id_2", "source_entities_2"],
+                    right_on=["participant_id", "input_sequences", "session_id", "source_entities"])
+    if len(v1) < 2:
+        return None
+    links = dict(zip(_unit_labels(cohort), _links(cohort)))
+    urls = [links.get(f"{p}_{s}") for p, s in zip(v1["participant_id"], v1["session_id"])]
+    return figure_pair(v1["volume_mm3"], v2["volume_mm3"], urls, xlabel="first session: ePVS volume (mm³)",
+                       ylabel="second session: ePVS volume (mm³)",
+                       title="Whole-brain ePVS volume across sessions (points link to the first session)", salt="long")
+
+
+def _cluster_matching_table(clusters: pd.DataFrame) -> tuple[dict | None, str]:
+    """Cluster matching totals per region over consecutive session pairs, and how sessions were aligned."""
+    if not len(clusters):
+        return None, ""
+    tot = clusters.groupby("name", sort=False)[["n_baseline", "n_followup", "persisting", "vanished", "new"]] \
+        .sum().reset_index()
+    tot["pairs"] = clusters.groupby("name", sort=False).size().to_numpy()
+    tot["registration failed"] = clusters.groupby("name", sort=False)["registration_ok"] \
+        .apply(lambda s: int((~s.astype(bool)).sum())).to_numpy()
+    method = "registered rigidly to the previous one" if (clusters["method"] == "rigid").all() else \
+        "taken in scanner coordinates as they are (no registration)"
+    return _table(tot, ["name", "pairs", "n_baseline", "n_followup", "persisting", "vanished", "new",
+                        "registration failed"]), method
 
 
 def _comparisons_section(comparisons: Mapping[str, Mapping[str, Any]], cohort: pd.DataFrame) -> list[dict]:
