@@ -112,9 +112,13 @@ def test_cluster_table_matches_cluster_map(run):
 def test_region_outputs_follow_the_contract(run):
     anat = run["out"] / "sub-01/anat"
     regions = pd.read_csv(anat / "sub-01_seg-PVSregions_desc-T2w_dseg.tsv", sep="\t")
-    assert list(regions.columns) == ["index", "name", "region", "hemisphere", "n_clusters", "volume_mm3",
+    assert list(regions.columns) == ["index", "name", "region", "hemisphere", "n_clusters", "n_clusters_touching",
+                                     "volume_mm3",
                                      "volume_ppm_icv", "region_volume_mm3", "volume_fraction",
                                      "mean_cluster_volume_mm3"]
+    # a region holds ePVS voxels exactly when some cluster touches it (assigned clusters may be fewer)
+    assert ((regions["n_clusters_touching"] == 0) == (regions["volume_mm3"] == 0)).all()
+    assert (regions["n_clusters_touching"] >= regions["n_clusters"]).all()
     assert {"basal_ganglia", "centrum_semiovale", "thalamus", "midbrain", "other"} <= set(regions["region"])
     brain = json.loads((anat / "sub-01_desc-brain_mask.json").read_text())
     icv = brain["IntracranialVolume_mm3"]
