@@ -5,6 +5,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+import stand_ins
 
 from epvsprep import brain, ops
 
@@ -141,23 +142,9 @@ def test_a_failed_brain_mask_stops_regions_and_icv(tmp_path, monkeypatch, block,
         mask[lo[0]:lo[0] + block[0], lo[1]:lo[1] + block[1], lo[2]:lo[2] + block[2]] = 1
         return nib.Nifti1Image(mask, img.affine)
 
-    def fake_template(subject, subject_mask, kit, *, sequence, setting="fast", margin_mm=8.0, seed=42):
-        mask = np.asanyarray(subject_mask.dataobj).astype(np.uint8)
-        half = np.zeros(mask.shape, np.float32)
-        half[: mask.shape[0] // 2] = 1.0
-
-        def img(data, dtype):
-            return nib.Nifti1Image(np.asarray(data, dtype), subject.affine)
-
-        return anatomy.TemplateRegistration(
-            labels=img(mask * 2, np.uint8), icv_mask=img(mask, np.uint8), brain_mask=img(mask, np.uint8),
-            gm=img(mask * half, np.float32), wm=img(mask * (1 - half), np.float32), warped=img(mask, np.float32),
-            similarity_before=-0.2, similarity_after=-0.6, mask_dice=1.0, ok=True, sequence=sequence,
-            transform="Affine:fast", seconds=0.1)
-
     monkeypatch.setattr(ops, "n4_bias_correct", lambda img, **kw: img)
     monkeypatch.setattr(ops, "brain_mask", fake_mask)
-    monkeypatch.setattr(anatomy, "register_template", fake_template)
+    monkeypatch.setattr(anatomy, "register_template", stand_ins.template_registration)
     pre = pipeline.preprocess({"T1w": path}, "T1w", age_years=40)
     assert pre.brain_extraction["BrainExtraction"] == "deepbet"
     assert pre.qc["brain_mask_ok"] is ok and pre.qc["age_years"] == 40

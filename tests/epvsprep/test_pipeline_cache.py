@@ -12,6 +12,7 @@ from collections import Counter
 import nibabel as nib
 import numpy as np
 import pytest
+import stand_ins
 
 from epvsprep import anatomy, ops, pipeline
 from epvsprep.cache import StepCache, step_key
@@ -40,20 +41,9 @@ def calls(monkeypatch):
         return ops.RigidResult(nib.Nifti1Image(np.asanyarray(fixed.dataobj) * 0.5, fixed.affine), np.eye(4),
                                -0.1, -0.5, True)
 
-    def template(subject, subject_mask, kit, *, sequence, setting="fast", margin_mm=8.0, seed=42):
+    def template(*args, **kwargs):
         counter["template"] += 1
-        mask = np.asanyarray(subject_mask.dataobj).astype(np.uint8)
-        left = np.zeros(mask.shape, np.float32)
-        left[: mask.shape[0] // 2] = 1.0
-
-        def img(data, dtype):
-            return nib.Nifti1Image(np.asarray(data, dtype), subject.affine)
-
-        return anatomy.TemplateRegistration(
-            labels=img(mask * 2, np.uint8), icv_mask=img(mask, np.uint8), brain_mask=img(mask, np.uint8),
-            gm=img(mask * left, np.float32), wm=img(mask * (1 - left), np.float32), warped=img(mask, np.float32),
-            similarity_before=-0.2, similarity_after=-0.6, mask_dice=1.0, ok=True, sequence=sequence,
-            transform=f"Affine:{setting}", seconds=0.1)
+        return stand_ins.template_registration(*args, **kwargs)
 
     monkeypatch.setattr(ops, "n4_bias_correct", n4)
     monkeypatch.setattr(ops, "brain_mask", brain)
