@@ -221,13 +221,7 @@ def run_longitudinal(tables: dict, *, mode: str, seed: int = 42, nprocs: int = 1
         for (pid, combination), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
             grp = grp.sort_values("order")
             jobs.append((pid, combination, [by_key[k] for k in grp["unit"]], list(grp["session_id"]), mode, seed))
-        if nprocs > 1 and len(jobs) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(max_workers=nprocs) as pool:
-                results = list(pool.map(_track_series, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))
-        else:
-            results = [_track_series(job) for job in jobs]
+        results = map_jobs(_track_series, jobs, nprocs)
         for tracks, pairs, error in results:
             if error is not None:
                 LOGGER.warning("%s", error)
@@ -258,13 +252,7 @@ def run_agreement(units: list, other_root: Path, nprocs: int = 1) -> dict:
     """Per-unit and per-region agreement with the masks of ``other_root`` (units in ``nprocs`` processes)."""
     rows, missing, errors = [], [], []
     jobs = [(unit, Path(other_root)) for unit in units]
-    if nprocs > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=nprocs) as pool:
-            results = list(pool.map(_compare_one, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))
-    else:
-        results = [_compare_one(job) for job in jobs]
+    results = map_jobs(_compare_one, jobs, nprocs)
     for label, unit_rows, error in results:
         if error is not None:
             LOGGER.error("%s", error)
@@ -366,3 +354,13 @@ def run_group_level(config: RunConfig) -> int:
         LOGGER.error("%d derivative file(s) could not be read: see %s", unreadable, group / "failed.tsv")
         return InputError.exit_code
     return EXIT_OK
+
+
+def map_jobs(func, jobs: list, nprocs: int) -> list:
+    """``[func(job) for job in jobs]``, in ``nprocs`` processes when there are several jobs and processes."""
+    if nprocs <= 1 or len(jobs) <= 1:
+        return [func(job) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=nprocs) as pool:
+        return list(pool.map(func, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))
