@@ -193,11 +193,14 @@ def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = 
     return cases
 
 
-def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
-    """Write synthetic ePVS tubes into a real T2w: CSF-level signal blended by partial-volume occupancy.
+def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = True):
+    """Write synthetic ePVS tubes into a real scan: CSF-level signal blended by partial-volume occupancy.
 
+    ``bright``: the ePVS polarity of the sequence (T2w bright, T1w and FLAIR dark; ``epvsseg.detect.BRIGHT_EPVS``).
     Seeds lie at least 10 mm inside the brain mask, away from CSF (intensity below the brain's 75th
-    percentile); directions are near-vertical (lenticulostriate / medullary course) within 30 degrees;
+    percentile when CSF is bright, above its 25th when dark); the tubes take the intensity of the
+    brain's 98th percentile x U(0.85, 1) when bright, of its 2nd percentile x U(1, 1.15) when dark.
+    Directions are near-vertical (lenticulostriate / medullary course) within 30 degrees;
     lengths 3-15 mm; radii 0.4-1.1 mm. Returns the injected image and the label (the synthetic-data rule,
     :func:`epvsseg.synth.lesions.epvs_label`).
     """
@@ -208,7 +211,7 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min())))
     values = data[mask]
-    deep &= data < np.percentile(values, 75)
+    deep &= (data < np.percentile(values, 75)) if bright else (data > np.percentile(values, 25))
     idx = np.argwhere(deep)
     n = int(rng.integers(*n_tubes))
     seeds_vox = idx[rng.choice(len(idx), size=n, replace=False)]
@@ -222,7 +225,8 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140)):
     tubes = Tubes(points, radii, np.zeros(n, int))
     occ, _ = rasterise_tubes(tubes, affine, data.shape)
     occ = occ * mask
-    csf = np.percentile(values, 98) * rng.uniform(0.85, 1.0)
+    csf = (np.percentile(values, 98) * rng.uniform(0.85, 1.0) if bright
+           else np.percentile(values, 2) * rng.uniform(1.0, 1.15))
     truth = epvs_label(occ, centreline_voxels(tubes, affine, data.shape)) > 0
     return (data * (1 - occ) + csf * occ).astype(np.float32), truth
 
