@@ -194,6 +194,61 @@ def test_rigid_registration_recovers_rotated_oblique_las_copy(demo_t2w):
     assert result.image.shape == small.shape
 
 
+def _smooth_texture(seed: int, shape=(40, 40, 30)) -> np.ndarray:
+    """A smooth random image inside a box (a registration target with no symmetry), float32."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    img = ndimage.gaussian_filter(rng.normal(size=shape), 2.0)
+    out = np.zeros(shape, np.float32)
+    out[4:36, 4:36, 2:28] = ((img - img.min()) / np.ptp(img) * 600 + 200)[4:36, 4:36, 2:28]
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5])
+def test_rigid_registration_of_aligned_images_keeps_the_identity(seed):
+    # with these textures the former absolute check (MI after <= before + 1e-3) flagged the aligned
+    # copies failed: the registration lands a few micrometres off and interpolation costs 0.002-0.003 of MI
+    affine = np.array([[1.0, 0, 0, -20], [0, 1, 0, -20], [0, 0, 1, -15], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(_smooth_texture(seed), affine)
+    brain = np.zeros(img.shape, np.uint8)
+    brain[4:36, 4:36, 2:28] = 1
+    result = ops.register_rigid(img, img, fixed_mask=nib.Nifti1Image(brain, affine), seed=42)
+    assert result.ok
+    assert np.array_equal(result.matrix, np.eye(4))
+    assert result.similarity_after == result.similarity_before
+    assert np.allclose(np.asanyarray(result.image.dataobj), np.asanyarray(img.dataobj), atol=1e-3)
+
+
+def test_rigid_registration_recovers_a_real_misalignment_of_the_texture():
+    from scipy import ndimage
+
+    affine = np.array([[1.0, 0, 0, -20], [0, 1, 0, -20], [0, 0, 1, -15], [0, 0, 0, 1]])
+    fixed = nib.Nifti1Image(_smooth_texture(3), affine)
+    move = rotation_z(6.0)
+    move[:3, 3] = [2.5, -1.5, 1.0]  # fixed mm -> moving mm
+    vox = np.linalg.inv(affine) @ np.linalg.inv(move) @ affine  # moving voxel -> fixed voxel
+    data = ndimage.affine_transform(np.asanyarray(fixed.dataobj), vox[:3, :3], offset=vox[:3, 3], order=1)
+    result = ops.register_rigid(nib.Nifti1Image(data.astype(np.float32), affine), fixed, seed=42)
+    err = result.matrix @ np.linalg.inv(move)
+    assert ops.rotation_degrees(err) < 1.0 and np.linalg.norm(err[:3, 3]) < 1.0
+    assert result.ok and result.similarity_after < result.similarity_before
+
+
+def test_choose_rigid_keeps_the_better_transform_and_flags_wandering():
+    img = nib.Nifti1Image(np.zeros((40, 40, 30), np.float32), np.eye(4))
+    tiny, far = np.eye(4), np.eye(4)
+    tiny[:3, 3] = [0.005, 0.0, 0.0]
+    far[:3, 3] = [6.0, 0.0, 0.0]
+    turned = rotation_z(60.0)
+    assert ops.choose_rigid(-2.2, -2.5, far, img) == (True, True)  # better MI: the registration, ok
+    assert ops.choose_rigid(-2.2, -2.5, turned, img) == (True, False)  # better MI but a 60 degree turn
+    assert ops.choose_rigid(-2.2, -2.197, tiny, img) == (False, True)  # identity, worse by MI noise only
+    assert ops.choose_rigid(-2.2, -2.0, tiny, img) == (False, False)  # identity, worse beyond the noise
+    assert ops.choose_rigid(-2.2, -2.199, far, img) == (False, False)  # the optimiser wandered 6 mm away
+    assert ops.max_displacement_mm(turned, img) > 30.0
+
+
 def test_ants_seeded_sets_and_restores_the_registration_seed():
     import ants
 
