@@ -1,0 +1,798 @@
+"""Proof on real scans without labels (issue #17, item 4): one model at a time, old beside new with ``--compare``.
+
+Every real scan of ``../shared/data`` is preprocessed once through the application's own path
+(:func:`epvsprep.pipeline.preprocess`: conform, N4, brain mask, template registration; its step cache under
+``work/h17-cache``), and the arrays the benchmark needs are kept in ``work/h17/prep/<scan>.npz``; a model then
+costs only inference (:func:`epvsseg.detect.detect`, the app's detection entry with its decision function).
+
+Measures, each labelled with the data set it comes from (``SCANS`` gives every scan's set):
+
+1. **injected ePVS** (:func:`bench_models.inject_epvs`, with the sequence's polarity) on every evaluation-only
+   real T2w and on the real T1w that neither model trained on, at three seeded burdens per scan (0, low,
+   high): cluster sensitivity, precision over new detections (clusters already detected before the injection
+   left out) and count ICC(2,1) across scan x burden;
+2. **scan-rescan**: the ``dcm_qa_uih`` same-day pair (target) and the DBC-Lab child pair (no target), brains
+   rigidly aligned (:func:`epvsprep.ops.register_rigid`): share of clusters (>= 3 voxels) found again in the
+   other scan within 1.5 mm, and the relative count difference;
+3. **averages with no ePVS** (MNI152 T2w, ICBM 2009a T1w): clusters reported by the decision function;
+4. **anatomical plausibility** on every real scan: share of detected volume and of clusters in white matter,
+   deep grey matter, cortex, sulcal CSF, ventricles and outside the brain (tissue from the template
+   registration's warped GM/WM probabilities, :func:`tissue_classes`), and in the centrum semiovale the
+   share of elongated clusters whose long axis lies within 30 degrees of the radial direction
+   (:func:`radial_angles`).
+
+Usage::
+
+    python benchmarks/real_scans.py --prep-only              # preprocess every scan (slow, once)
+    python benchmarks/real_scans.py --model epvs-unet25d-v3  # results/real_scans_<model>.md/.json
+    python benchmarks/real_scans.py --compare OLD NEW        # results/real_scans.md, old beside new
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+WORK = ROOT / "work" / "h17"
+CACHE = ROOT / "work" / "h17-cache"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+#: Version string of the step-cache keys: fixed, so that commits by others do not invalidate the cache
+#: (the steps and their parameters are the participant level's; only this label differs).
+CACHE_VERSION = "real-scans-bench"
+
+EVAL = "evaluation only"
+TRAIN = "training"
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One real scan of ``../shared/data``: its file, sequence, data set and what the benchmark does with it."""
+
+    name: str
+    path: str
+    sequence: str
+    dataset: str
+    inject: bool = False
+    average: bool = False
+    note: str = ""
+
+
+#: Every real scan of ``../shared/data`` (ch2bet is ch2 without scalp, the same person: left out; CLEARSWI is a
+#: 40x40x20 crop, not a brain: left out). The order is the preprocessing order (most needed first).
+SCANS: tuple[Scan, ...] = (
+    Scan("clinical_t2w", "github_neurolabusc_Clinical/T2.nii.gz", "T2w", EVAL, inject=True,
+         note="real T2w, 1 mm, chronic stroke"),
+    Scan("m2265_t2w", "github_neurolabusc_T2lesion/M2265_T2w.nii.gz", "T2w", EVAL, inject=True,
+         note="real T2w, 1 mm, chronic stroke (Aphasia Recovery Cohort)"),
+    Scan("m2208_t2w", "github_niivue-demo-images/M2208_T2w.nii.gz", "T2w", EVAL, inject=True,
+         note="real T2w, 1 mm, skull-stripped"),
+    Scan("register_t2w", "github_niivue-demo-images/register_T2w.nii.gz", "T2w", EVAL, inject=True,
+         note="real T2w, 1x1x2 mm axial"),
+    Scan("colin27_t1w", "debian_mricron-data/ch2.nii.gz", "T1w", EVAL, inject=True,
+         note="Colin27: one person, average of 27 scans"),
+    Scan("uih_132750_t1w", "github_neurolabusc_dcm_qa_uih/t1_gre_fsp_3d_sag__132750.nii.gz", "T1w", EVAL,
+         inject=True, note="same-day rescan pair, scan 1 (3 T UIH)"),
+    Scan("uih_134917_t1w", "github_neurolabusc_dcm_qa_uih/t1_gre_fsp_3d_sag__134917.nii.gz", "T1w", EVAL,
+         inject=True, note="same-day rescan pair, scan 2 (21 min later)"),
+    Scan("xa30_t1w", "github_neurolabusc_dcm_qa_xa30/5_anat-T1w_acq-tfl.nii.gz", "T1w", TRAIN, inject=True,
+         note="2 mm MPRAGE; in the training set, unused by a model whose training.anatomies leaves it out"),
+    Scan("mni152_t2w", "github_HCPpipelines/MNI152_T2_1mm_brain.nii.gz", "T2w", EVAL, average=True,
+         note="FSL MNI152 T2w average"),
+    Scan("mni152_t1w", "github_HCPpipelines/MNI152_T1_1mm_brain.nii.gz", "T1w", EVAL, inject=True,
+         note="FSL MNI152 T1w average"),
+    Scan("icbm2009a_t1w", "pypi_nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "T1w", TRAIN,
+         average=True, note="ICBM 2009a average (the training anatomy of both models)"),
+    Scan("dbc_v01_t1w", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V01_T1w.nii.gz", "T1w", EVAL,
+         note="child, session 1, 0.8 mm, skull-stripped"),
+    Scan("dbc_v02_t1w", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V02_T1w.nii.gz", "T1w", EVAL,
+         note="child, session 2 (other contrast and quality)"),
+    Scan("synthsr_flair", "github_neurolabusc_py_synthsr/FLAIR.nii.gz", "FLAIR", TRAIN, note="3D FLAIR, 1 mm"),
+    Scan("coreg_qa_t1w", "github_neurolabusc_coreg_qa/highres_T1w_brain.nii.gz", "T1w", TRAIN,
+         note="brain-extracted T1w"),
+    Scan("otsu_t1w", "github_niivue/otsu_T1w.nii.gz", "T1w", TRAIN, note="8-bit T1w, skull on"),
+    Scan("head_ext2_t1w", "github_niivue-demo-images/training/T1_head_ext2.nii.gz", "T1w", TRAIN,
+         note="1.6 mm T1w with neck"),
+    Scan("mpr_gk_t1w", "github_niivue-demo-images/training/t1_mpr_tra_gk_v4.nii.gz", "T1w", TRAIN,
+         note="contrast-enhanced MPRAGE, 0.41x0.41x1.5 mm, stereotactic frame"),
+    Scan("studyforrest_t1w", "github_datalad_example-dicom-structural/anat-T1w.nii.gz", "T1w", TRAIN,
+         note="3 T T1w, 0.7 mm, defaced"),
+)
+BY_NAME = {s.name: s for s in SCANS}
+RESCAN_PAIRS = {"dcm_qa_uih (adult, same day)": ("uih_132750_t1w", "uih_134917_t1w"),
+                "DBC-Lab (child, two sessions)": ("dbc_v01_t1w", "dbc_v02_t1w")}
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+def _recording_cache(folder: Path):
+    """A :class:`epvsprep.cache.StepCache` that also keeps the last output of every step (the template
+    registration's warped tissue maps are not part of :class:`epvsprep.pipeline.Preprocessed`)."""
+    from epvsprep.cache import StepCache
+
+    class RecordingCache(StepCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.last: dict[str, tuple] = {}
+
+        def get(self, step, key, compute):
+            out = super().get(step, key, compute)
+            self.last[step] = out
+            return out
+
+    return RecordingCache(folder, CACHE_VERSION)
+
+
+def prep_path(name: str) -> Path:
+    return WORK / "prep" / f"{name}.npz"
+
+
+def preprocess_scan(scan: Scan) -> Path:
+    """Preprocess one scan as the participant level does (default :class:`PreprocParams`, seed 42) and keep
+    the bias-corrected reference, brain mask, affine, regions and warped GM/WM in ``work/h17/prep``."""
+    from epvsprep import pipeline
+
+    out = prep_path(scan.name)
+    if out.exists():
+        return out
+    cache = _recording_cache(CACHE / scan.name)
+    t0 = time.perf_counter()
+    pre = pipeline.preprocess({scan.sequence: SHARED / scan.path}, scan.sequence,
+                              params=pipeline.PreprocParams(seed=42), cache=cache)
+    maps = cache.last.get("template", ({}, {}))[0]
+    gm = np.asanyarray(maps["gm"].dataobj) if "gm" in maps else np.zeros(pre.mask.shape)
+    wm = np.asanyarray(maps["wm"].dataobj) if "wm" in maps else np.zeros(pre.mask.shape)
+    regions = pre.regions if pre.regions is not None else np.zeros(pre.mask.shape, np.uint8)
+    info = {"scan": scan.name, "sequence": scan.sequence, "seconds": round(time.perf_counter() - t0, 1),
+            "qc_flags": pre.qc.get("flags", []), "warnings": pre.warnings, "has_regions": pre.regions is not None,
+            "has_tissue": "gm" in maps, "spacing_mm": list(pre.spacing_mm),
+            "brain_extraction": pre.brain_extraction, "template_ok": pre.qc["registration"].get(
+                "template", {}).get("ok")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, n4=np.asanyarray(pre.n4.dataobj).astype(np.float32), mask=pre.mask, affine=pre.n4.affine,
+             regions=regions.astype(np.uint8), gm=gm.astype(np.float16), wm=wm.astype(np.float16),
+             info=json.dumps(info, default=str))
+    tmp.replace(out)
+    print(json.dumps(info, default=str), flush=True)
+    return out
+
+
+@dataclass
+class Prepared:
+    """The arrays of one preprocessed scan (see :func:`preprocess_scan`)."""
+
+    scan: Scan
+    n4: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    regions: np.ndarray
+    gm: np.ndarray
+    wm: np.ndarray
+    info: dict
+
+
+def load_prepared(name: str) -> Prepared:
+    with np.load(prep_path(name)) as z:
+        return Prepared(BY_NAME[name], z["n4"], z["mask"].astype(bool), z["affine"], z["regions"],
+                        z["gm"].astype(np.float32), z["wm"].astype(np.float32), json.loads(str(z["info"])))
+
+
+# ------------------------------------------------------------------------------------------ metric functions
+#: Tissue classes of :func:`tissue_classes`, by value.
+TISSUES = ("outside the brain", "white matter", "deep grey matter", "cortex", "sulcal CSF", "ventricles")
+PLAUSIBLE = ("white matter", "deep grey matter")
+#: Region atlas names counted as deep grey matter.
+DEEP_REGIONS = ("basal_ganglia", "thalamus")
+#: CSF voxels at least this deep inside the brain mask (mm) count as ventricles, shallower ones as sulcal CSF.
+VENTRICLE_DEPTH_MM = 20.0
+
+
+def tissue_classes(mask: np.ndarray, gm: np.ndarray, wm: np.ndarray, regions: np.ndarray, deep_labels,
+                   spacing) -> np.ndarray:
+    """Tissue class of every voxel (index into :data:`TISSUES`), from the template's warped tissue maps.
+
+    Outside the brain mask: 0. Inside: CSF where ``1 - gm - wm`` exceeds both GM and WM probabilities,
+    split into ventricles (at least :data:`VENTRICLE_DEPTH_MM` from the brain-mask border) and sulcal CSF;
+    otherwise deep grey matter where the region atlas says basal ganglia or thalamus (``deep_labels``),
+    cortex where GM > WM, white matter elsewhere. The maps come from the template registration, not from the
+    image intensities, so a CSF-like ePVS does not make its own voxel "CSF".
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    out = np.zeros(mask.shape, np.uint8)
+    out[mask] = TISSUES.index("white matter")
+    out[mask & (gm > wm)] = TISSUES.index("cortex")
+    out[mask & np.isin(regions, list(deep_labels))] = TISSUES.index("deep grey matter")
+    is_csf = mask & (csf > np.maximum(gm, wm))
+    depth = ndimage.distance_transform_edt(mask, sampling=spacing)
+    out[is_csf & (depth >= VENTRICLE_DEPTH_MM)] = TISSUES.index("ventricles")
+    out[is_csf & (depth < VENTRICLE_DEPTH_MM)] = TISSUES.index("sulcal CSF")
+    return out
+
+
+def tissue_shares(detected: np.ndarray, labels: np.ndarray, classes: np.ndarray) -> dict:
+    """Share of the detected voxels, and of the clusters (majority vote of their voxels), in each tissue."""
+    from epvsprep.anatomy import assign_clusters
+
+    n_vox = int(detected.sum())
+    vox = np.bincount(classes[detected], minlength=len(TISSUES))
+    owner = assign_clusters(labels, classes.astype(np.int64) + 1)  # +1: "outside" is a class, not unlabelled
+    clus = np.bincount(np.maximum(owner - 1, 0), minlength=len(TISSUES)) if owner.size else np.zeros(len(TISSUES))
+    return {"n_voxels": n_vox, "n_clusters": int(owner.size),
+            "volume_share": {t: float(vox[i] / n_vox) if n_vox else None for i, t in enumerate(TISSUES)},
+            "cluster_share": {t: float(clus[i] / owner.size) if owner.size else None for i, t in enumerate(TISSUES)}}
+
+
+def radial_angles(centroids_mm: np.ndarray, axes: np.ndarray, centres_mm: np.ndarray) -> np.ndarray:
+    """Angle (degrees, 0-90) between each cluster's long axis and the radial direction.
+
+    The radial direction of a cluster is the unit vector from its hemisphere's centre (``centres_mm[0]`` for
+    x below the midpoint of the two centres, ``centres_mm[1]`` above; pass the same centre twice for one) to
+    its centroid. ``axes`` are unit long axes (first principal axis, sign irrelevant).
+    """
+    centroids_mm, axes, centres_mm = (np.asarray(a, float) for a in (centroids_mm, axes, centres_mm))
+    mid = centres_mm[:, 0].mean()
+    centre = np.where((centroids_mm[:, 0] < mid)[:, None], centres_mm[0], centres_mm[1])
+    radial = centroids_mm - centre
+    radial /= np.maximum(np.linalg.norm(radial, axis=1, keepdims=True), 1e-9)
+    unit = axes / np.maximum(np.linalg.norm(axes, axis=1, keepdims=True), 1e-9)
+    return np.degrees(np.arccos(np.clip(np.abs((radial * unit).sum(1)), 0.0, 1.0)))
+
+
+def ventricle_centres(classes: np.ndarray, affine: np.ndarray) -> np.ndarray | None:
+    """Centroids (mm) of the ventricle voxels left and right of their own centroid's x, or None without any."""
+    ijk = np.argwhere(classes == TISSUES.index("ventricles"))
+    if len(ijk) < 20:
+        return None
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    left = xyz[:, 0] < xyz[:, 0].mean()
+    if left.all() or not left.any():
+        return np.stack([xyz.mean(0)] * 2)
+    return np.stack([xyz[left].mean(0), xyz[~left].mean(0)])
+
+
+#: Clusters at least this elongated (length / width of the principal axes) and this large count as elongated.
+ELONGATION = 2.0
+MIN_ELONGATED_VOXELS = 3
+RADIAL_TOLERANCE_DEG = 30.0
+#: Share of random directions within 30 degrees of a fixed one: 1 - cos(30 deg).
+RADIAL_CHANCE = 1.0 - np.cos(np.radians(RADIAL_TOLERANCE_DEG))
+
+
+def persistence(labels: np.ndarray, other: np.ndarray, spacing, *, tolerance_mm: float = 1.5,
+                min_voxels: int = 3) -> tuple[int, int]:
+    """(clusters found again, clusters) among the clusters of ``labels`` with at least ``min_voxels`` voxels.
+
+    ``other`` is the other scan's detection resampled onto this grid; a cluster is found again when any of its
+    voxels lies within ``tolerance_mm`` of a voxel of ``other``.
+    """
+    from scipy import ndimage
+
+    sizes = np.bincount(labels.ravel())
+    big = np.flatnonzero(sizes >= min_voxels)
+    big = big[big > 0]
+    if not big.size:
+        return 0, 0
+    if not np.any(other):
+        return 0, int(big.size)
+    dist = ndimage.distance_transform_edt(~np.asarray(other, bool), sampling=spacing)
+    sel = labels > 0
+    near = np.zeros(sizes.size, bool)
+    near[np.unique(labels[sel & (dist <= tolerance_mm)])] = True
+    return int(near[big].sum()), int(big.size)
+
+
+def resample_mask(mask: np.ndarray, affine: np.ndarray, target_shape, target_affine: np.ndarray,
+                  matrix: np.ndarray) -> np.ndarray:
+    """A mask moved onto a target grid: ``matrix`` maps target-space points (mm) to the mask's space points
+    (:attr:`epvsprep.ops.RigidResult.matrix`); linear interpolation, kept where >= 0.5."""
+    from scipy import ndimage
+
+    vox = np.linalg.inv(affine) @ matrix @ target_affine
+    moved = ndimage.affine_transform(np.asarray(mask, np.float32), vox[:3, :3], vox[:3, 3],
+                                     output_shape=tuple(target_shape), order=1)
+    return moved >= 0.5
+
+
+def relative_count_difference(a: int, b: int) -> float:
+    """|a - b| / mean(a, b) (0 when both are 0)."""
+    return abs(a - b) / ((a + b) / 2) if a + b else 0.0
+
+
+# ------------------------------------------------------------------------------------------ detection
+#: Injected burdens: name -> range of tubes drawn (seeded per scan and burden).
+BURDENS = {"0": None, "low": (15, 35), "high": (90, 150)}
+SEED = 1_717_000
+
+
+def burden_rng(scan: str, burden: str) -> np.random.Generator:
+    import zlib
+
+    return np.random.default_rng([SEED, zlib.crc32(scan.encode()), list(BURDENS).index(burden)])
+
+
+def det_path(model_id: str, scan: str, burden: str = "0") -> Path:
+    return WORK / "det" / model_id / f"{scan}__{burden}.npz"
+
+
+def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The app's detection (:func:`epvsseg.detect.detect`, CPU) on one preprocessed image; mask and seconds."""
+    from epvsseg.detect import detect
+
+    t0 = time.perf_counter()
+    det = detect({prep.scan.sequence: image}, prep.mask, prep.affine, combination=(prep.scan.sequence,),
+                 model=spec, device="cpu")
+    return det.mask, time.perf_counter() - t0
+
+
+def baseline_detection(spec, prep: Prepared) -> tuple[np.ndarray, float]:
+    """The model's mask on the scan as it is (kept in ``work/h17/det/<model>/`` for the overlays)."""
+    path = det_path(spec.model_id, prep.scan.name)
+    if path.exists():
+        with np.load(path) as z:
+            return np.unpackbits(z["bits"], count=int(np.prod(z["shape"]))).reshape(z["shape"]).astype(bool), \
+                float(z["seconds"])
+    mask, seconds = detect_mask(spec, prep, prep.n4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, bits=np.packbits(mask), shape=np.array(mask.shape), seconds=seconds)
+    tmp.replace(path)
+    return mask, seconds
+
+
+def load_detection(model_id: str, scan: str) -> np.ndarray | None:
+    path = det_path(model_id, scan)
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return np.unpackbits(z["bits"], count=int(np.prod(z["shape"]))).reshape(z["shape"]).astype(bool)
+
+
+def held_out(spec, scan: Scan) -> bool:
+    """Whether the model never trained on ``scan``: evaluation-only scans always; a training-set scan when the
+    model's ``training`` record (``training.anatomies`` for models trained on real anatomies) does not name it."""
+    if scan.dataset == EVAL:
+        return True
+    training = json.dumps(spec.meta.get("training", {}))
+    tokens = {Path(scan.path).name.split(".")[0], Path(scan.path).parent.name.removeprefix("github_")}
+    return not any(t in training for t in tokens)
+
+
+# ------------------------------------------------------------------------------------------ the measures
+def injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
+    """One record per burden: injected clusters, detected clusters, and their agreement."""
+    from bench_models import inject_epvs, preexisting_clusters
+
+    from epvsseg import metrics
+    from epvsseg.detect import BRIGHT_EPVS
+
+    records = [{"scan": prep.scan.name, "sequence": prep.scan.sequence, "burden": "0", "n_ref": 0,
+                "n_pred": metrics.count_clusters(baseline), "ref_detected": 0, "pred_true": 0,
+                "pred_preexisting": metrics.count_clusters(baseline)}]
+    for burden, tubes in BURDENS.items():
+        if tubes is None:
+            continue
+        image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden), tubes,
+                                   bright=BRIGHT_EPVS[prep.scan.sequence])
+        pred, seconds = detect_mask(spec, prep, image)
+        ag = metrics.cluster_agreement(pred, truth)
+        records.append({"scan": prep.scan.name, "sequence": prep.scan.sequence, "burden": burden,
+                        "n_ref": ag.n_ref, "n_pred": ag.n_pred, "ref_detected": ag.ref_detected,
+                        "pred_true": ag.pred_true, "pred_preexisting": preexisting_clusters(pred, truth, baseline),
+                        "seconds": round(seconds, 1)})
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def injected_summary(records: list[dict]) -> dict:
+    """Pooled sensitivity, precision (all and over new detections) and count ICC(2,1) across scan x burden.
+
+    Count ICC: injected clusters against all clusters the model reports (``count_icc21``, the definition of
+    ``bench_models``), and against the clusters added by the injection (``added_count_icc21``: reported minus
+    reported on the same scan at burden 0).
+    """
+    from epvsseg import metrics
+
+    injected = [r for r in records if r["burden"] != "0"]
+    if not injected:
+        return {"n_scans": 0}
+    n_ref = sum(r["n_ref"] for r in injected)
+    new = sum(r["n_pred"] - r["pred_preexisting"] for r in injected)
+    zero = {r["scan"]: r["n_pred"] for r in records if r["burden"] == "0"}
+    counts = np.array([[r["n_ref"], r["n_pred"]] for r in records], float)
+    added = np.array([[r["n_ref"], r["n_pred"] - zero.get(r["scan"], 0)] for r in records], float)
+    return {"n_scans": len({r["scan"] for r in records}), "n_cases": len(records),
+            "sensitivity": sum(r["ref_detected"] for r in injected) / max(n_ref, 1),
+            "precision_all": sum(r["pred_true"] for r in injected) / max(sum(r["n_pred"] for r in injected), 1),
+            "precision_new": sum(r["pred_true"] for r in injected) / new if new > 0 else float("nan"),
+            "count_icc21": metrics.icc(counts), "added_count_icc21": metrics.icc(added)}
+
+
+def rigid_matrix(a: Prepared, b: Prepared, name: str) -> dict:
+    """Rigid registration of b's brain to a's (1 mm copies; :func:`epvsprep.ops.register_rigid`), cached in
+    ``work/h17/rescan``: the matrix maps a-space points (mm) to b-space points."""
+    import nibabel as nib
+    from nibabel.processing import resample_to_output
+
+    from epvsprep import ops
+
+    path = WORK / "rescan" / f"{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+
+    def brain(p: Prepared):
+        return resample_to_output(nib.Nifti1Image(p.n4 * p.mask, p.affine), voxel_sizes=(1.0, 1.0, 1.0), order=1)
+
+    fixed, moving = brain(a), brain(b)
+    fixed_mask = nib.Nifti1Image((np.asanyarray(fixed.dataobj) > 0).astype(np.uint8), fixed.affine)
+    result = ops.register_rigid(moving, fixed, fixed_mask=fixed_mask, seed=42)
+    record = {"matrix": result.matrix.tolist(), "ok": bool(result.ok), "mi_before": result.similarity_before,
+              "mi_after": result.similarity_after, "rotation_deg": float(ops.rotation_degrees(result.matrix)),
+              "translation_mm": float(np.linalg.norm(result.matrix[:3, 3]))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def rescan(spec, name: str, a: Prepared, b: Prepared, det_a: np.ndarray, det_b: np.ndarray) -> dict:
+    """Persistence of clusters (>= 3 voxels, 1.5 mm) both ways, and the relative count difference."""
+    from epvsseg import metrics
+    from epvsseg.postproc import label_clusters
+
+    reg = rigid_matrix(a, b, name.split(" ")[0])
+    m = np.array(reg["matrix"])
+    b_on_a = resample_mask(det_b, b.affine, a.mask.shape, a.affine, m)
+    a_on_b = resample_mask(det_a, a.affine, b.mask.shape, b.affine, np.linalg.inv(m))
+    spacing_a = np.sqrt((a.affine[:3, :3] ** 2).sum(0))
+    spacing_b = np.sqrt((b.affine[:3, :3] ** 2).sum(0))
+    found_a, n_a = persistence(label_clusters(det_a)[0], b_on_a, spacing_a)
+    found_b, n_b = persistence(label_clusters(det_b)[0], a_on_b, spacing_b)
+    count_a, count_b = metrics.count_clusters(det_a), metrics.count_clusters(det_b)
+    return {"pair": name, "scans": [a.scan.name, b.scan.name], "registration": reg,
+            "clusters": [count_a, count_b], "clusters_3vox": [n_a, n_b], "found_again": [found_a, found_b],
+            "persistence": (found_a + found_b) / (n_a + n_b) if n_a + n_b else float("nan"),
+            "count_difference": relative_count_difference(count_a, count_b)}
+
+
+def plausibility(prep: Prepared, detected: np.ndarray, table) -> dict:
+    """Tissue shares of the detections and, in the centrum semiovale, the radial share of elongated clusters."""
+    from scipy import ndimage
+
+    from epvsprep.anatomy import assign_clusters
+    from epvsseg.postproc import cluster_geometry, label_clusters
+
+    if not prep.info["has_tissue"]:
+        return {"scan": prep.scan.name, "available": False, "why": "template registration failed"}
+    spacing = np.sqrt((prep.affine[:3, :3] ** 2).sum(0))
+    deep = table.loc[table["region"].isin(DEEP_REGIONS), "index"].to_numpy()
+    classes = tissue_classes(prep.mask, prep.gm, prep.wm, prep.regions, deep, spacing)
+    labels, n = label_clusters(detected)
+    out = {"scan": prep.scan.name, "available": True, **tissue_shares(detected, labels, classes)}
+    out["plausible_cluster_share"] = (sum(out["cluster_share"][t] for t in PLAUSIBLE) if n else None)
+    out["plausible_volume_share"] = (sum(out["volume_share"][t] for t in PLAUSIBLE) if n else None)
+    cso = table.loc[table["region"] == "centrum_semiovale", "index"].to_numpy()
+    centres = ventricle_centres(classes, prep.affine)
+    out.update({"cso_clusters": 0, "cso_elongated": 0, "cso_radial": 0, "cso_radial_share": None})
+    if not n or centres is None or not prep.info["has_regions"]:
+        return out
+    in_cso = np.isin(assign_clusters(labels, prep.regions, n), cso)
+    geom = cluster_geometry(labels, prep.affine).reindex(range(1, n + 1))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    elongated = in_cso & (sizes >= MIN_ELONGATED_VOXELS) & (geom["length_mm"] >= ELONGATION * geom["width_mm"]).to_numpy()
+    out["cso_clusters"], out["cso_elongated"] = int(in_cso.sum()), int(elongated.sum())
+    if elongated.any():
+        idx = np.flatnonzero(elongated) + 1
+        com = np.array(ndimage.center_of_mass(labels > 0, labels, idx))
+        xyz = com @ prep.affine[:3, :3].T + prep.affine[:3, 3]
+        angles = radial_angles(xyz, geom.loc[idx, ["axis_x", "axis_y", "axis_z"]].to_numpy(), centres)
+        out["cso_radial"] = int((angles <= RADIAL_TOLERANCE_DEG).sum())
+        out["cso_radial_share"] = out["cso_radial"] / out["cso_elongated"]
+        out["cso_median_angle_deg"] = float(np.median(angles))
+    return out
+
+
+def run_model(model: str, names: list[str], command: str) -> dict:
+    """Every measure for one model; writes ``real_scans_<model>.json`` and ``.md``."""
+    from epvsprep.anatomy import load_kit
+    from epvsseg.spec import load_spec
+
+    spec = load_spec(model)
+    table = load_kit().table
+    results = {"model_id": spec.model_id, "weights_sha256": spec.sha256, "threshold": spec.threshold,
+               "min_cluster_voxels": spec.min_cluster_voxels, "command": command, "scans": {},
+               "injected": [], "rescan": [], "plausibility": []}
+    detections = {}
+    for name in names:
+        if not prep_path(name).exists():
+            print(f"{name}: not preprocessed, skipped", flush=True)
+            continue
+        prep = load_prepared(name)
+        det, seconds = baseline_detection(spec, prep)
+        detections[name] = (prep, det)
+        from epvsseg.metrics import count_clusters
+
+        results["scans"][name] = {"sequence": prep.scan.sequence, "dataset": prep.scan.dataset,
+                                  "held_out": held_out(spec, prep.scan), "note": prep.scan.note,
+                                  "n_clusters": count_clusters(det), "detected_mm3": float(
+                                      det.sum() * abs(np.linalg.det(prep.affine[:3, :3]))),
+                                  "seconds": round(seconds, 1), "qc_flags": prep.info["qc_flags"]}
+        print(json.dumps({name: results["scans"][name]}), flush=True)
+        results["plausibility"].append(plausibility(prep, det, table))
+        if prep.scan.inject and results["scans"][name]["held_out"]:
+            results["injected"].extend(injected_cases(spec, prep, det))
+    for pair, (a, b) in RESCAN_PAIRS.items():
+        if a in detections and b in detections:
+            results["rescan"].append(rescan(spec, pair, detections[a][0], detections[b][0], detections[a][1],
+                                            detections[b][1]))
+            print(json.dumps({k: v for k, v in results["rescan"][-1].items() if k != "registration"}), flush=True)
+    results["injected_summary"] = summaries(results["injected"])
+    out = RESULTS / f"real_scans_{spec.model_id}"
+    _write(out.with_suffix(".json"), json.dumps(results, indent=1, default=float) + "\n")
+    _write(out.with_suffix(".md"), report([results]))
+    return results
+
+
+def summaries(records: list[dict]) -> dict:
+    """Injected-ePVS summaries: by sequence (the T2w set is the one with #17's targets), by scan, by burden."""
+    out = {}
+    for seq in ("T2w", "T1w", "FLAIR"):
+        sel = [r for r in records if r["sequence"] == seq]
+        if sel:
+            out[f"{seq} (all)"] = injected_summary(sel)
+            for scan in dict.fromkeys(r["scan"] for r in sel):
+                out[f"{seq} scan {scan}"] = injected_summary([r for r in sel if r["scan"] == scan])
+            for burden in ("low", "high"):
+                out[f"{seq} burden {burden}"] = injected_summary(
+                    [r for r in sel if r["burden"] in ("0", burden)])
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------ the report
+def verdict(value, target: float, higher: bool = True) -> str:
+    """``met`` or ``missed by X`` against a #17 target (``higher``: the value must be >= target)."""
+    if value is None or value != value:
+        return "n/a"
+    gap = (target - value) if higher else (value - target)
+    return "met" if gap <= 1e-12 else f"missed by {gap:.3g}"
+
+
+def _f(v, nd: int = 3) -> str:
+    return "n/a" if v is None or v != v else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def _cell(v, target=None, higher=True, nd=3) -> str:
+    return _f(v, nd) if target is None else f"{_f(v, nd)} ({verdict(v, target, higher)})"
+
+
+def _common_injected(results: list[dict]) -> list[dict]:
+    """Each model's injected summaries restricted to the scans every model was scored on (held out by all)."""
+    common = set.intersection(*({r["scan"] for r in res["injected"]} for res in results))
+    return [summaries([r for r in res["injected"] if r["scan"] in common]) for res in results]
+
+
+def report(results: list[dict]) -> str:
+    """Markdown of one model's results, or of several side by side (same scans, same seeds)."""
+    ids = [r["model_id"] for r in results]
+    head = "| measure (data set) | " + " | ".join(ids) + " |\n|---|" + "---|" * len(ids) + "\n"
+    lines = [f"# Real scans without labels: {' vs '.join(ids)}\n\n",
+             "Issue #17, item 4. Produced by `benchmarks/real_scans.py` (seeded). Commands:\n\n",
+             *[f"- `{r['command']}` (weights sha256 `{r['weights_sha256'][:16]}...`, threshold {r['threshold']}, "
+               f"min cluster {r['min_cluster_voxels']} voxels)\n" for r in results],
+             "\nEvery scan was preprocessed once by the app's own path (`epvsprep.pipeline.preprocess`: conform, "
+             "N4, deepbet brain mask, template registration) and detected with `epvsseg.detect.detect` on the "
+             "CPU. Targets of #17 are given beside each number (`met` / `missed by X`). Sets: *evaluation only* "
+             "and *training* as in `../shared/README.md`.\n"]
+    lines += _injected_section(results, head)
+    lines += _rescan_section(results, head)
+    lines += _average_section(results, head)
+    lines += _plausibility_section(results, head)
+    lines += _scans_section(results)
+    return "".join(lines)
+
+
+INJECTED_ROWS = (("sensitivity", 0.80, True), ("precision_new", 0.85, True), ("count_icc21", 0.90, True),
+                 ("precision_all", None, True), ("added_count_icc21", None, True))
+
+
+def _injected_section(results, head) -> list[str]:
+    sums = _common_injected(results) if len(results) > 1 else [r["injected_summary"] for r in results]
+    scans = sorted({r["scan"] for r in results[0]["injected"]} & set.intersection(
+        *({r["scan"] for r in res["injected"]} for res in results)))
+    lines = ["\n## 1. Injected ePVS on real scans\n\n",
+             f"Synthetic ePVS tubes (`bench_models.inject_epvs`, CSF-like partial-volume signal with the sequence's "
+             f"polarity: bright on T2w, dark on T1w) written into each held-out real scan at three seeded burdens: "
+             f"0, low ({BURDENS['low'][0]}-{BURDENS['low'][1]} tubes), high ({BURDENS['high'][0]}-"
+             f"{BURDENS['high'][1]}). Scans: {', '.join(f'`{s}` ({BY_NAME[s].dataset})' for s in scans)}. "
+             "Sensitivity: injected clusters touched by a detection. Precision over new detections: detected "
+             "clusters that touch an injected one, over those not already detected on the scan before injection "
+             "(real ePVS or steady false positives are left out). Count ICC(2,1): injected clusters vs all "
+             "reported clusters across scan x burden (the `bench_models` definition, whose value on real T2w was "
+             "-0.02 for v3); *added* ICC uses reported minus reported at burden 0. No held-out real FLAIR exists "
+             "in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n\n"]
+    for key in sums[0]:
+        if " " not in key or not key.endswith("(all)"):
+            continue
+        seq = key.split(" ")[0]
+        target_note = " — #17 targets apply here" if seq == "T2w" else " — no #17 target (reported)"
+        lines.append(f"\n### {seq}, all held-out scans{target_note}\n\n" + head)
+        for m, target, higher in INJECTED_ROWS:
+            t = target if seq == "T2w" else None
+            lines.append(f"| {m} ({seq}, {sums[0][key]['n_scans']} scans x 3 burdens) | "
+                         + " | ".join(_cell(s.get(key, {}).get(m), t, higher) for s in sums) + " |\n")
+        lines.append(f"\nStrata ({seq}): sensitivity / precision over new / count ICC(2,1) / added-count ICC\n\n"
+                     + head)
+        for k in sums[0]:
+            if k.startswith(seq + " ") and k != key:
+                lines.append(f"| {k[len(seq) + 1:]} | " + " | ".join(
+                    "{} / {} / {} / {}".format(*(_f(s.get(k, {}).get(m)) for m in (
+                        "sensitivity", "precision_new", "count_icc21", "added_count_icc21"))) for s in sums) + " |\n")
+    ids = [r["model_id"] for r in results]
+    per_case = "| scan | burden | " + " | ".join(f"{i}: injected / detected / found / new true" for i in ids) + \
+        " |\n|---|---|" + "---|" * len(ids) + "\n"
+    lines.append("\nPer case (injected clusters / reported clusters / injected found / detections that are injected "
+                 "ePVS):\n\n" + per_case)
+    for rec in results[0]["injected"]:
+        others = [next((r for r in res["injected"] if r["scan"] == rec["scan"] and r["burden"] == rec["burden"]),
+                       None) for res in results]
+        lines.append(f"| {rec['scan']} | {rec['burden']} | " + " | ".join(
+            "n/a" if o is None else f"{o['n_ref']} / {o['n_pred']} / {o['ref_detected']} / {o['pred_true']}"
+            for o in others) + " |\n")
+    return lines
+
+
+def _rescan_section(results, head) -> list[str]:
+    lines = ["\n## 2. Scan-rescan\n\n",
+             "Brains (N4 image x brain mask, 1 mm copies) rigidly aligned with `epvsprep.ops.register_rigid` "
+             "(Mattes MI); each scan's detection moved onto the other's grid (linear, >= 0.5). A cluster (>= 3 "
+             "voxels) persists when one of its voxels lies within 1.5 mm of a detection of the other scan; the "
+             "share is pooled over both directions. Count difference: |a - b| / mean(a, b) of all reported "
+             "clusters. Both pairs are evaluation only; only the adult pair has a #17 target.\n\n" + head]
+    for pair in RESCAN_PAIRS:
+        rows = [next((r for r in res["rescan"] if r["pair"] == pair), None) for res in results]
+        adult = pair.startswith("dcm_qa_uih")
+        for m, target, higher in (("persistence", 0.70, True), ("count_difference", 0.15, False)):
+            lines.append(f"| {m}, {pair} | " + " | ".join(
+                "n/a" if r is None else _cell(r[m], target if adult else None, higher) for r in rows) + " |\n")
+        lines.append(f"| clusters (scan 1, scan 2; >= 3 voxels found again), {pair} | " + " | ".join(
+            "n/a" if r is None else f"{r['clusters'][0]}, {r['clusters'][1]} ({r['found_again'][0]}/"
+            f"{r['clusters_3vox'][0]}, {r['found_again'][1]}/{r['clusters_3vox'][1]})" for r in rows) + " |\n")
+        reg = next((r["registration"] for r in rows if r is not None), None)
+        if reg:
+            lines.append(f"| registration, {pair} | rotation {reg['rotation_deg']:.1f} deg, translation "
+                         f"{reg['translation_mm']:.1f} mm, MI {reg['mi_before']:.3f} -> {reg['mi_after']:.3f}, ok "
+                         f"{reg['ok']} |" + " |" * (len(results) - 1) + "\n")
+    return lines
+
+
+def _average_section(results, head) -> list[str]:
+    lines = ["\n## 3. Averages with no ePVS\n\n",
+             "Clusters reported by the decision function on template averages, where ePVS cannot survive the "
+             "averaging (#17 target: <= 3 each). MNI152 T2w is evaluation only; the ICBM 2009a T1w is the "
+             "anatomy both models' synthetic training data were rendered from (training set). MNI152 T1w "
+             "(evaluation only) is given for reference.\n\n" + head]
+    for name in ("mni152_t2w", "icbm2009a_t1w", "mni152_t1w"):
+        target = None if name == "mni152_t1w" else 3
+        lines.append(f"| clusters, `{name}` ({BY_NAME[name].dataset}) | " + " | ".join(
+            _cell(res["scans"].get(name, {}).get("n_clusters"), target, False, 0) for res in results) + " |\n")
+    return lines
+
+
+def _plausibility_section(results, head) -> list[str]:
+    lines = ["\n## 4. Anatomical plausibility on every real scan\n\n",
+             "Tissue of each detected voxel from the app's template registration (ICBM 2009a GM/WM probabilities "
+             "and region atlas warped to the scan by `epvsprep.anatomy.register_template`, setting `fast`): CSF "
+             f"where 1 - GM - WM exceeds both (ventricles when >= {VENTRICLE_DEPTH_MM:g} mm inside the brain mask, "
+             "else sulcal CSF), deep grey matter in the atlas's basal ganglia and thalamus, cortex where GM > WM, "
+             "white matter elsewhere. A cluster belongs to the class of most of its voxels. #17 target: >= 95 % "
+             "of clusters in white matter or deep grey matter on every scan. The warped maps are smooth "
+             "(2 mm template, fast SyN), so a true ePVS beside a ventricle or in a deep sulcus can be counted "
+             "there: these shares are a floor for plausibility.\n\n"
+             "Radial orientation: elongated centrum-semiovale clusters (>= 3 voxels, principal length >= 2x "
+             "width, `epvsseg.postproc.cluster_geometry`); radial direction = from the centroid of the "
+             "ventricle voxels of the cluster's hemisphere to the cluster's centroid; share within 30 deg of "
+             f"it (chance for random directions: {RADIAL_CHANCE:.3f}). No #17 target.\n\n"
+             "| scan (set) | " + " | ".join(
+                 f"{i}: clusters / in WM+deep GM (target >= 0.95) / volume in WM+deep GM / cortex / sulcal CSF / "
+                 "ventricles / outside / CSO radial" for i in [r["model_id"] for r in results])
+             + " |\n|---|" + "---|" * len(results) + "\n"]
+    for name in results[0]["scans"]:
+        cells = []
+        for res in results:
+            p = next((q for q in res["plausibility"] if q["scan"] == name), None)
+            if p is None or not p["available"]:
+                cells.append("n/a" if p is None else p["why"])
+                continue
+            cs = p["cluster_share"]
+            radial = (f"{p['cso_radial']}/{p['cso_elongated']}" if p["cso_elongated"] else "0/0")
+            cells.append(f"{p['n_clusters']} / {_cell(p['plausible_cluster_share'], 0.95)} / "
+                         f"{_f(p['plausible_volume_share'])} / {_f(cs['cortex'])} / {_f(cs['sulcal CSF'])} / "
+                         f"{_f(cs['ventricles'])} / {_f(cs['outside the brain'])} / {radial}")
+        lines.append(f"| `{name}` ({BY_NAME[name].dataset}) | " + " | ".join(cells) + " |\n")
+    tot = []
+    for res in results:
+        el = sum(p.get("cso_elongated", 0) for p in res["plausibility"])
+        ra = sum(p.get("cso_radial", 0) for p in res["plausibility"])
+        met = sum(1 for p in res["plausibility"] if p.get("plausible_cluster_share") is not None
+                  and p["plausible_cluster_share"] >= 0.95)
+        n = sum(1 for p in res["plausibility"] if p.get("plausible_cluster_share") is not None)
+        tot.append(f"{met}/{n} scans meet the 95 % target; CSO radial {ra}/{el} = {_f(ra / el if el else None)}")
+    lines.append("| all scans | " + " | ".join(tot) + " |\n")
+    return lines
+
+
+def _scans_section(results) -> list[str]:
+    lines = ["\n## Scans\n\n| scan | sequence | set | held out from | note | QC flags | "
+             + " | ".join(f"{r['model_id']} clusters / mm3 / s" for r in results) + " |\n|---|---|---|---|---|---|"
+             + "---|" * len(results) + "\n"]
+    for name, s in results[0]["scans"].items():
+        held = ", ".join(r["model_id"] for r in results if r["scans"].get(name, {}).get("held_out")) or "none"
+        lines.append(f"| `{name}` | {s['sequence']} | {s['dataset']} | {held} | {s['note']} | "
+                     f"{', '.join(s['qc_flags']) or '-'} | " + " | ".join(
+                         "n/a" if name not in r["scans"] else
+                         f"{r['scans'][name]['n_clusters']} / {r['scans'][name]['detected_mm3']:.0f} / "
+                         f"{r['scans'][name]['seconds']:.0f}" for r in results) + " |\n")
+    return lines
+
+
+def compare(old: str, new: str) -> None:
+    """``real_scans.md``: two models' committed results side by side."""
+    results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in (old, new)]
+    _write(RESULTS / "real_scans.md", report(results))
+    print((RESULTS / "real_scans.md").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model id or folder (as the app's --model)")
+    parser.add_argument("--prep-only", action="store_true", help="preprocess every scan into work/h17/prep")
+    parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
+                        help="model ids whose results/real_scans_<id>.json to put side by side in real_scans.md")
+    parser.add_argument("--threads", type=int, default=1)
+    opts = parser.parse_args()
+    if opts.compare:
+        compare(*opts.compare)
+        return
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(opts.threads))
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    scans = [BY_NAME[n] for n in opts.scans.split(",")] if opts.scans else list(SCANS)
+    for scan in scans:
+        if not (SHARED / scan.path).exists():
+            print(f"{scan.name}: {SHARED / scan.path} not found, skipped", flush=True)
+            continue
+        try:
+            preprocess_scan(scan)
+        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others; reported
+            print(f"{scan.name}: preprocessing failed: {type(exc).__name__}: {exc}", flush=True)
+    if opts.prep_only:
+        return
+    from epvsseg.spec import DEFAULT_MODEL
+
+    command = "python benchmarks/real_scans.py " + " ".join(sys.argv[1:])
+    run_model(opts.model or DEFAULT_MODEL, [s.name for s in scans], command.strip())
+
+
+if __name__ == "__main__":
+    main()

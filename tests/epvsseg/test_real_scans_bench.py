@@ -1,0 +1,149 @@
+"""The metric functions of ``benchmarks/real_scans.py`` (issue #17 proof on real scans) on tiny synthetic arrays."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_models  # noqa: E402
+import real_scans as rs  # noqa: E402
+
+
+def _brain(shape=(48, 48, 48), radius=20.0):
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    dist = np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0))
+    return dist <= radius
+
+
+@pytest.mark.parametrize("bright", [True, False])
+def test_injection_follows_the_sequence_polarity(bright):
+    rng = np.random.default_rng(0)
+    mask = _brain()
+    tissue = np.where(mask, 100.0, 0.0) + rng.normal(0, 2, mask.shape)
+    csf_value = 200.0 if bright else 20.0  # a few CSF voxels set the brain's extreme percentiles
+    tissue[mask & (rng.random(mask.shape) < 0.05)] = csf_value
+    image, truth = bench_models.inject_epvs(tissue.astype(np.float32), mask, np.eye(4), np.random.default_rng(1),
+                                            (10, 12), bright=bright)
+    assert truth.sum() > 20
+    core = truth & (np.abs(tissue - 100) < 10)  # injected voxels that were tissue before
+    change = image[core] - tissue[core]
+    assert (np.median(change) > 30) if bright else (np.median(change) < -30)
+
+
+def test_persistence_counts_clusters_found_within_the_tolerance():
+    labels = np.zeros((30, 30, 30), int)
+    labels[5, 5, 5:9] = 1     # 4 voxels: the other scan has a voxel 1 mm away
+    labels[20, 20, 5:9] = 2   # 4 voxels: nothing within 1.5 mm (3 mm away)
+    labels[10, 25, 10:12] = 3  # 2 voxels: too small to count
+    other = np.zeros(labels.shape, bool)
+    other[6, 5, 6] = True
+    other[23, 20, 6] = True
+    other[10, 25, 10] = True
+    assert rs.persistence(labels, other, (1.0, 1.0, 1.0)) == (1, 2)
+    # in mm: with 0.5 mm voxels the 3-voxel gap is 1.5 mm, within the tolerance
+    assert rs.persistence(labels, other, (0.5, 0.5, 0.5)) == (2, 2)
+    assert rs.persistence(labels, np.zeros_like(other), (1.0, 1.0, 1.0)) == (0, 2)
+
+
+def test_radial_angle_is_zero_along_and_ninety_across_the_radius():
+    centres = np.array([[-10.0, 0, 0], [10.0, 0, 0]])
+    centroids = np.array([[-10.0, 0, 30], [10.0, 0, 30], [30.0, 0, 0]])
+    axes = np.array([[0.0, 0, 1], [0.0, 0, -1], [0.0, 1, 0]])  # radial, radial (sign ignored), tangential
+    angles = rs.radial_angles(centroids, axes, centres)
+    np.testing.assert_allclose(angles, [0.0, 0.0, 90.0], atol=1e-6)
+    tilted = rs.radial_angles(np.array([[10.0, 0, 30]]), np.array([[np.sin(np.radians(40)), 0,
+                                                                    np.cos(np.radians(40))]]), centres)
+    assert tilted[0] == pytest.approx(40.0)
+
+
+def test_radial_angle_uses_the_centre_of_the_clusters_hemisphere():
+    centres = np.array([[-20.0, 0, 0], [20.0, 0, 0]])
+    # a cluster right of the midline above the right centre: vertical is radial for it, not from the left centre
+    assert rs.radial_angles(np.array([[20.0, 0, 25]]), np.array([[0.0, 0, 1]]), centres)[0] == pytest.approx(0.0)
+
+
+def test_tissue_classes_split_csf_by_depth_and_keep_deep_regions():
+    mask = _brain(radius=22)
+    gm = np.zeros(mask.shape, np.float32)
+    wm = np.full(mask.shape, 0.9, np.float32)
+    regions = np.zeros(mask.shape, np.uint8)
+    wm[24, 24, 24] = gm[24, 24, 24] = 0.0      # deep CSF: ventricle
+    wm[24, 24, 45] = gm[24, 24, 45] = 0.0      # CSF at the border: sulcal
+    gm[24, 5, 24], wm[24, 5, 24] = 0.8, 0.1    # GM near the border: cortex
+    regions[30, 30, 30] = 7                     # atlas deep grey matter
+    classes = rs.tissue_classes(mask, gm, wm, regions, [7], (1.0, 1.0, 1.0))
+    names = {k: rs.TISSUES[classes[k]] for k in [(24, 24, 24), (24, 24, 45), (24, 5, 24), (30, 30, 30),
+                                                 (20, 20, 20), (0, 0, 0)]}
+    assert names == {(24, 24, 24): "ventricles", (24, 24, 45): "sulcal CSF", (24, 5, 24): "cortex",
+                     (30, 30, 30): "deep grey matter", (20, 20, 20): "white matter", (0, 0, 0): "outside the brain"}
+
+
+def test_tissue_shares_by_volume_and_by_cluster_majority():
+    classes = np.full((10, 10, 10), rs.TISSUES.index("white matter"), np.uint8)
+    classes[:, :, 8:] = rs.TISSUES.index("cortex")
+    detected = np.zeros(classes.shape, bool)
+    detected[2, 2, 1:4] = True        # WM cluster, 3 voxels
+    detected[6, 6, 6:10] = True       # 2 WM + 2 cortex voxels: tie goes to the lower class (WM)
+    detected[2, 8, 8:10] = True       # cortex cluster
+    labels = np.zeros(classes.shape, int)
+    labels[2, 2, 1:4], labels[6, 6, 6:10], labels[2, 8, 8:10] = 1, 2, 3
+    shares = rs.tissue_shares(detected, labels, classes)
+    assert shares["n_clusters"] == 3
+    assert shares["volume_share"]["white matter"] == pytest.approx(5 / 9)
+    assert shares["cluster_share"]["white matter"] == pytest.approx(2 / 3)
+    assert shares["cluster_share"]["cortex"] == pytest.approx(1 / 3)
+
+
+def test_resample_mask_follows_a_world_translation():
+    mask = np.zeros((20, 20, 20), bool)
+    mask[10, 10, 10] = True
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shift = np.eye(4)
+    shift[0, 3] = 4.0  # target point x maps to mask-space point x + 4 mm (2 voxels)
+    moved = rs.resample_mask(mask, affine, (20, 20, 20), affine, shift)
+    assert np.argwhere(moved).tolist() == [[8, 10, 10]]
+
+
+def test_injected_summary_pools_and_leaves_out_preexisting_detections():
+    records = [
+        {"scan": "a", "burden": "0", "n_ref": 0, "n_pred": 5, "ref_detected": 0, "pred_true": 0, "pred_preexisting": 5},
+        {"scan": "a", "burden": "low", "n_ref": 10, "n_pred": 13, "ref_detected": 8, "pred_true": 8,
+         "pred_preexisting": 5},
+        {"scan": "b", "burden": "0", "n_ref": 0, "n_pred": 0, "ref_detected": 0, "pred_true": 0, "pred_preexisting": 0},
+        {"scan": "b", "burden": "low", "n_ref": 30, "n_pred": 20, "ref_detected": 20, "pred_true": 20,
+         "pred_preexisting": 0},
+    ]
+    s = rs.injected_summary(records)
+    assert s["sensitivity"] == pytest.approx(28 / 40)
+    assert s["precision_new"] == pytest.approx(28 / 28)
+    assert s["precision_all"] == pytest.approx(28 / 33)
+    assert s["n_scans"] == 2 and s["n_cases"] == 4
+    assert -1.0 <= s["count_icc21"] <= 1.0 and s["added_count_icc21"] > s["count_icc21"]
+
+
+def test_verdict_and_count_difference():
+    assert rs.verdict(0.81, 0.80) == "met"
+    assert rs.verdict(0.55, 0.80) == "missed by 0.25"
+    assert rs.verdict(14, 3, higher=False) == "missed by 11"
+    assert rs.verdict(float("nan"), 0.8) == "n/a"
+    assert rs.relative_count_difference(120, 74) == pytest.approx(46 / 97)
+    assert rs.relative_count_difference(0, 0) == 0.0
+
+
+def test_held_out_reads_the_models_training_record():
+    class Spec:
+        meta = {"training": {"anatomies": ["icbm2009a", "dcm_qa_xa30/5_anat-T1w_acq-tfl"]}}
+
+    class Bare:
+        meta = {"training": {"seed": 1}}
+
+    xa30 = rs.BY_NAME["xa30_t1w"]
+    assert not rs.held_out(Spec, xa30)
+    assert rs.held_out(Bare, xa30)
+    assert rs.held_out(Spec, rs.BY_NAME["clinical_t2w"])  # evaluation-only scans are always held out
