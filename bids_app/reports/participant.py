@@ -1,14 +1,23 @@
 """Participant report: reportlet figures written to disk, then assembled into one HTML file.
 
 Figures are PNG files under ``<out>/sub-<label>/figures/`` (reportlets); the HTML
-report inlines them (base64) so that it is a single self-contained file that can be
-mailed or archived, and it can be rebuilt from the files on disk.
+report inlines them (base64), and it can be rebuilt from the files on disk.
+
+The report's interactive viewer and cluster review (``docs/review.md``) work from a file on
+disk, with no server and no network: the viewer library (NiiVue, vendored in
+``bids_app/data/viewer/``) is written once per output folder (``<out>/viewer/``), and each
+unit's images are a classic script beside its figures (``<stem>_desc-<combination>_viewer.js``),
+small uint8/uint16 NIfTI volumes cropped to the brain, gzip- and base64-encoded. A report
+copied with its output folder keeps working; the report alone still shows its figures and tables.
 """
 
 from __future__ import annotations
 
 import base64
+import gzip
+import hashlib
 import html
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -264,6 +273,7 @@ def write_report(
     table,
     outputs: Sequence[str],
     regions=None,
+    review: Mapping[str, Any] | None = None,
 ) -> Path:
     """Assemble the participant HTML report from the reportlets on disk.
 
@@ -285,6 +295,10 @@ def write_report(
         Output files, relative to the output directory.
     regions : pandas.DataFrame, optional
         Per-region table (``epvsprep.anatomy.region_table``).
+    review : mapping, optional
+        :func:`review_meta`: with it the report holds the interactive viewer and the cluster review
+        (loading ``review["library"]`` and ``review["data"]``, relative to the report); without it,
+        the cluster table only.
     """
     import jinja2
 
@@ -293,10 +307,6 @@ def write_report(
     template_text = resources.files("bids_app.data").joinpath("report.html.j2").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=jinja2.select_autoescape(default=True), undefined=jinja2.StrictUndefined)
     template = env.from_string(template_text)
-    top = table.sort_values("volume_mm3", ascending=False).head(15) if len(table) else table
-    columns = [c for c in ("index", "n_voxels", "volume_mm3", "region", "hemisphere", "centroid_x", "centroid_y",
-                           "centroid_z", "mean_score", "max_score") if c in table.columns]
-    rows = [[_fmt(r[c]) for c in columns] for _, r in top.iterrows()]
     images = [{"title": io_spec.entry(key)["title"], "caption": io_spec.entry(key)["description"],
                "src": _data_uri(figures[key]), "file": Path(figures[key]).name}
               for key in io_spec.keys() if key in figures]
@@ -305,11 +315,31 @@ def write_report(
     region_rows = [] if regions is None else [
         [_fmt(r[c]) for c in region_columns] for _, r in regions.iterrows()]
     text = template.render(
-        summary=summary, plan=plan, images=images, columns=columns, rows=rows, n_rows=len(table),
+        summary=summary, plan=plan, images=images, n_rows=len(table), **_review_context(table, review),
         region_columns=region_columns, region_rows=region_rows, qc=_qc_rows(summary.get("qc", {})),
+        validation=validation_rows(summary.get("validation")),
         outputs=list(outputs), created=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     )
     return write_text(Path(path), text)
+
+
+def _review_context(table, review: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Template values of the review section: table headings and rows, regions, meta JSON, inlined JS/CSS."""
+    import markupsafe
+
+    viewer = resources.files("bids_app.data").joinpath("viewer")
+    sort_keys = {"index": "cluster", "volume_mm3": "volume", "mean_score": "score"}
+    headings = [{"key": sort_keys.get(c, c), "title": title,
+                 "type": "text" if c in ("region", "hemisphere") else "number"}
+                for c, title in REVIEW_COLUMNS.items() if c in table.columns]
+    headings.append({"key": "elongation", "title": "elongation", "type": "number"})
+    rows = review_rows(table)
+    meta = "" if review is None else json.dumps(review, sort_keys=True).replace("</", "<\\/")
+    return {"review": review, "review_rows": rows, "review_headings": headings,
+            "review_regions": sorted({r["data"]["region"] for r in rows}),
+            "review_json": markupsafe.Markup(meta),
+            "review_js": markupsafe.Markup(viewer.joinpath("review.js").read_text(encoding="utf-8")),
+            "review_css": markupsafe.Markup(viewer.joinpath("review.css").read_text(encoding="utf-8"))}
 
 
 #: Outputs the report does not list as output files (itself and the figures it shows).
@@ -317,11 +347,12 @@ _NOT_LISTED = ("report",)
 
 
 def rebuild_report(output_dir: Path, unit) -> Path:
-    """Write a unit's HTML report from its derivatives on disk (tables, provenance, figures).
+    """Write a unit's HTML report from its derivatives on disk (tables, provenance, figures, images).
 
-    Nothing is recomputed and no image is read: the summary and plan come from
-    ``logs/<label>_provenance.json``, the tables from the TSVs, the figures from the PNGs
-    (:func:`bids_app.outputs.read_unit`).
+    Nothing is recomputed: the summary and plan come from ``logs/<label>_provenance.json``, the
+    tables from the TSVs, the figures from the PNGs (:func:`bids_app.outputs.read_unit`), the
+    viewer's images from the written NIfTI files (:func:`write_viewer_data`; left untouched when
+    unchanged), and the viewer library is written once per output folder (:func:`install_viewer`).
 
     Parameters
     ----------
@@ -348,7 +379,25 @@ def rebuild_report(output_dir: Path, unit) -> Path:
               if k not in _NOT_LISTED and not k.startswith("figure_") and p.is_file()]
     prov = outs.provenance
     return write_report(outs.paths["report"], summary=prov, plan=prov["plan"], figures=outs.figures,
-                        table=outs.clusters, outputs=listed, regions=outs.regions)
+                        table=outs.clusters, outputs=listed, regions=outs.regions,
+                        review=_prepare_review(output_dir, outs))
+
+
+def _prepare_review(output_dir: Path, outs) -> dict[str, Any]:
+    """Write the viewer library (once per folder) and the unit's viewer data; return :func:`review_meta`.
+
+    When the images cannot be read the report is still written, without images in its viewer
+    (``viewer_problem`` says why).
+    """
+    from ..io_spec import TableError
+
+    install_viewer(output_dir)
+    try:
+        data, problem = write_viewer_data(output_dir, outs.unit, outs.paths), None
+    except TableError as exc:
+        LOGGER.warning("%s: report viewer without images: %s", outs.unit.label, exc)
+        data, problem = None, str(exc)
+    return {**review_meta(output_dir, outs, outs.provenance, data), "viewer_problem": problem}
 
 
 def rebuild_reports(config) -> int:
@@ -393,6 +442,246 @@ def rebuild_reports(config) -> int:
             continue
         LOGGER.info("%s: report rebuilt from the derivatives on disk: %s", label, path)
     return code
+
+
+# ------------------------------------------------------------------ interactive viewer and cluster review
+#: Reasons a rater gives for rejecting a cluster, in the order of the keys 1-6 (Edits JSON, docs/review.md).
+REJECT_REASONS = ("vessel", "lacune", "WMH", "artefact", "CSF", "other")
+
+#: Output key -> name of the volume in the viewer data (regions only when the unit has them).
+VIEWER_VOLUMES = {"preproc": "reference", "brain_mask": "brain", "epvs_probseg": "probability",
+                  "clusters_dseg": "clusters", "regions_dseg": "regions"}
+
+#: Columns of the review table: cluster-table column -> heading (those present are shown).
+REVIEW_COLUMNS = {"index": "cluster", "n_voxels": "voxels", "volume_mm3": "volume (mm³)", "region": "region",
+                  "hemisphere": "hemisphere", "mean_score": "mean score", "max_score": "max score",
+                  "length_mm": "length (mm)", "width_mm": "width (mm)"}
+
+
+def viewer_library() -> dict[str, str]:
+    """The vendored viewer library: ``bids_app/data/viewer/VENDOR.json`` (name, version, file, sha256)."""
+    text = resources.files("bids_app.data").joinpath("viewer", "VENDOR.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_if_changed(path: Path, data: bytes) -> Path:
+    """Write ``data`` atomically unless ``path`` already holds exactly these bytes (then it is not touched)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return path
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def install_viewer(output_dir: Path) -> Path:
+    """Write the viewer library once per output folder: ``<out>/viewer/niivue-<version>.umd.js``.
+
+    Every report of the folder loads this one file with a classic ``<script src>``; it is left
+    untouched when it already holds the vendored bytes. Its licence is written beside it.
+
+    Returns
+    -------
+    Path
+        The library file.
+
+    Raises
+    ------
+    RuntimeError
+        The packaged library does not match the sha256 recorded in ``VENDOR.json`` (a damaged install).
+    """
+    lib = viewer_library()
+    source = resources.files("bids_app.data").joinpath("viewer")
+    data = source.joinpath(lib["file"]).read_bytes()
+    if _sha256(data) != lib["sha256"]:
+        raise RuntimeError(f"bids_app/data/viewer/{lib['file']}: sha256 differs from VENDOR.json; reinstall "
+                           "epvs-bids or run scripts/vendor_niivue.sh")
+    folder = Path(output_dir) / "viewer"
+    _write_if_changed(folder / "LICENSE_NiiVue.txt", source.joinpath("LICENSE_NiiVue.txt").read_bytes())
+    return _write_if_changed(folder / lib["file"], data)
+
+
+def viewer_data_path(output_dir: Path, unit) -> Path:
+    """``<out>/sub-<s>/figures/<stem>_desc-<combination>_viewer.js``: the unit's images for the viewer."""
+    from .. import io_spec
+
+    return io_spec.path_of(output_dir, unit, "figure_epvs").parent / f"{unit.key}_viewer.js"
+
+
+def crop_box(keep: np.ndarray, pad: int = 4) -> tuple[slice, slice, slice]:
+    """Bounding box of ``keep`` (bool, shape (I, J, K)) grown by ``pad`` voxels, within the image."""
+    if not keep.any():
+        return tuple(slice(0, n) for n in keep.shape)
+    idx = np.argwhere(keep)
+    lo = np.maximum(idx.min(0) - pad, 0)
+    hi = np.minimum(idx.max(0) + pad + 1, keep.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _label_dtype(labels: np.ndarray):
+    top = int(labels.max(initial=0))
+    return np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
+
+
+def viewer_volumes(paths: Mapping[str, Path]) -> dict[str, Any]:
+    """The unit's images for the viewer, cropped to the brain and stored small.
+
+    Parameters
+    ----------
+    paths : mapping
+        Output key -> path (:func:`bids_app.io_spec.unit_paths`); reads ``preproc``, ``brain_mask``,
+        ``epvs_probseg``, ``clusters_dseg`` and, when present, ``regions_dseg`` (all on the reference grid).
+
+    Returns
+    -------
+    dict
+        ``volumes`` (name -> ndarray, shape of the crop: ``reference`` uint8 after windowing the
+        1st-99.5th percentile inside the brain, ``probability`` uint8 = round(255 x score),
+        ``brain`` uint8, ``clusters`` and ``regions`` uint8/uint16 labels), ``affine`` (4, 4) of the
+        crop, ``full_affine`` and ``shape`` of the written images, ``offset`` (voxel index of the
+        crop's first voxel, i j k) and ``window`` (reference intensities mapped to 0 and 255).
+
+    Raises
+    ------
+    TableError
+        An image is missing, unreadable, or not on the reference's grid (the message names it).
+    """
+    import nibabel as nib
+
+    from ..io_spec import TableError
+
+    arrays, grid = {}, None
+    for key, name in VIEWER_VOLUMES.items():
+        if key == "regions_dseg" and not Path(paths[key]).is_file():
+            continue
+        try:
+            img = nib.load(paths[key])
+            data = np.asanyarray(img.dataobj)
+        except (OSError, ValueError, EOFError) as exc:
+            raise TableError(f"{paths[key]}: cannot be read for the report viewer ({exc})") from exc
+        data = data[..., 0] if data.ndim == 4 else data
+        if grid is None:
+            grid = (data.shape, img.affine)
+        elif data.shape != grid[0] or not np.allclose(img.affine, grid[1], atol=1e-3):
+            raise TableError(f"{paths[key]}: not on the grid of {paths['preproc']} (shape {data.shape})")
+        arrays[name] = data
+    brain, clusters = arrays["brain"] > 0, arrays["clusters"]
+    box = crop_box(brain | (clusters > 0))
+    lo, hi = _window(np.asarray(arrays["reference"], dtype=np.float32), brain)
+    ref = np.asarray(arrays["reference"][box], dtype=np.float32)
+    volumes = {"reference": np.rint(np.clip((ref - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8),
+               "probability": np.rint(np.clip(np.nan_to_num(arrays["probability"][box]), 0, 1) * 255).astype(np.uint8),
+               "brain": brain[box].astype(np.uint8),
+               "clusters": clusters[box].astype(_label_dtype(clusters))}
+    if "regions" in arrays:
+        volumes["regions"] = arrays["regions"][box].astype(_label_dtype(arrays["regions"]))
+    offset = [s.start for s in box]
+    affine = np.asarray(grid[1], dtype=float)
+    crop_affine = affine.copy()
+    crop_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
+    return {"volumes": volumes, "affine": crop_affine, "full_affine": affine, "shape": list(grid[0]),
+            "offset": offset, "window": [lo, hi]}
+
+
+def _nifti_base64(data: np.ndarray, affine: np.ndarray) -> str:
+    """A NIfTI-1 image, gzip-compressed (no time stamp: the same data give the same bytes), in base64."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return base64.b64encode(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)).decode("ascii")
+
+
+def write_viewer_data(output_dir: Path, unit, paths: Mapping[str, Path]) -> Path:
+    """Write the unit's viewer data file: a classic script setting ``window.EPVS_VIEWER_DATA``.
+
+    A page opened from disk (``file://``) may load classic scripts but not ``fetch()`` files or ES
+    modules, so the volumes travel as base64 ``.nii.gz`` strings inside a script (:func:`viewer_volumes`).
+    The bytes depend only on the images: a rebuild from unchanged outputs leaves the file untouched.
+
+    Returns
+    -------
+    Path
+        :func:`viewer_data_path`.
+    """
+    found = viewer_volumes(paths)
+    record = {"format_version": 1, "key": unit.key, "label": unit.label, "shape": found["shape"],
+              "offset": found["offset"], "affine": np.round(found["full_affine"], 6).tolist(),
+              "inverse_affine": np.round(np.linalg.inv(found["full_affine"]), 9).tolist(),
+              "window": [round(float(v), 4) for v in found["window"]],
+              "volumes": {name: _nifti_base64(arr, found["affine"]) for name, arr in found["volumes"].items()},
+              "dtypes": {name: str(arr.dtype) for name, arr in found["volumes"].items()}}
+    text = (f"/* epvs-bids viewer data for {unit.key}: images cropped to the brain, uint8/uint16 NIfTI, gzip, "
+            f"base64 (docs/review.md) */\nwindow.EPVS_VIEWER_DATA = {json.dumps(record, separators=(',', ':'))};\n")
+    return _write_if_changed(viewer_data_path(output_dir, unit), text.encode("ascii"))
+
+
+def review_meta(output_dir: Path, outs, provenance: Mapping[str, Any], data_file: Path | None) -> dict[str, Any]:
+    """What the report's review needs besides the table: the Edits JSON header and where the data are.
+
+    Paths are relative to the output folder (where the report lies); ``storage_key`` names the
+    browser storage of the decisions and changes when the cluster table changes.
+    """
+    output_dir = Path(output_dir)
+    unit, paths = outs.unit, outs.paths
+    model = outs.model
+    rel = lambda p: Path(p).relative_to(output_dir).as_posix()  # noqa: E731
+    table_sha = _sha256(Path(paths["clusters_tsv"]).read_bytes())[:16]
+    return {
+        "software": {"name": "epvs-bids", "version": provenance.get("version")},
+        "model": {"id": model["model_id"] or provenance.get("model_id"), "weights_sha256": model["weights_sha256"]},
+        "unit": {"label": unit.label, "subject": unit.subject, "session": unit.session, "combination": unit.desc},
+        "mask": rel(paths["epvs_mask"]), "clusters": rel(paths["clusters_dseg"]),
+        "n_clusters": int(len(outs.clusters)), "reasons": list(REJECT_REASONS), "key": unit.key,
+        "storage_key": f"epvs-bids-review:{rel(paths['clusters_dseg'])}:{table_sha}",
+        "data": None if data_file is None else rel(data_file),
+        "library": f"viewer/{viewer_library()['file']}",
+    }
+
+
+def review_rows(table) -> list[dict[str, Any]]:
+    """One row per cluster for the review table: shown cells and the values the page sorts, filters and jumps by.
+
+    ``x``, ``y``, ``z`` are the centroid in scanner mm (RAS+); ``elongation`` = length / width.
+    """
+    from ..outputs import finite
+
+    rows = []
+    for _, r in table.sort_values("index").iterrows():
+        length, width = finite(r.get("length_mm")), finite(r.get("width_mm"))
+        values = {"cluster": int(r["index"]), "x": finite(r.get("centroid_x")), "y": finite(r.get("centroid_y")),
+                  "z": finite(r.get("centroid_z")), "volume": finite(r["volume_mm3"]),
+                  "score": finite(r.get("mean_score")), "elongation": length / width if width > 0 else float("nan"),
+                  "region": str(r["region"]) if "region" in r and r["region"] == r["region"] else "n/a"}
+        cells = [_fmt(r[c]) if c in r else "n/a" for c in REVIEW_COLUMNS if c in table.columns]
+        cells.append(_fmt(values["elongation"]))
+        rows.append({"cells": cells, "data": {k: ("" if isinstance(v, float) and not np.isfinite(v) else
+                                                  (f"{v:.6g}" if isinstance(v, float) else str(v)))
+                                              for k, v in values.items()}})
+    return rows
+
+
+def validation_rows(record) -> list[tuple[str, str]]:
+    """The BIDS validation of the run as label/value pairs for the report (``validation`` of the provenance).
+
+    A mapping gives validator, scope, result and counts; a sentence (``Intake.validation``) is shown
+    as the result; nothing recorded gives one row that says so.
+    """
+    if isinstance(record, Mapping):
+        names = (("validator", "Validator"), ("version", "Validator version"), ("scope", "Scope"),
+                 ("result", "Result"), ("n_errors", "Errors"), ("n_warnings", "Warnings"),
+                 ("warning_codes", "Warning codes"))
+        return [(label, ", ".join(map(str, record[k])) if isinstance(record[k], (list, tuple)) else str(record[k]))
+                for k, label in names if record.get(k) is not None]
+    if isinstance(record, str) and record:
+        return [("Result", record)]
+    return [("Result", "not recorded in this run's provenance (logs/<label>_provenance.json has no 'validation')")]
 
 
 #: How each QC measure is shown: label, unit, and its normal range text.
