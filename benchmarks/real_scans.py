@@ -140,11 +140,29 @@ def prep_path(name: str) -> Path:
 def preprocess_scan(scan: Scan) -> Path:
     """Preprocess one scan as the participant level does (default :class:`PreprocParams`, seed 42) and keep
     the bias-corrected reference, brain mask, affine, regions and warped GM/WM in ``work/h17/prep``."""
-    from epvsprep import pipeline
 
     out = prep_path(scan.name)
     if out.exists():
         return out
+    lock = out.with_suffix(".lock")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # several --prep-only processes may share the list: each scan is done by one of them
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        print(f"{scan.name}: being preprocessed by another process ({lock}), skipped", flush=True)
+        return out
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        _preprocess_into(scan, out)
+    finally:
+        lock.unlink(missing_ok=True)
+    return out
+
+
+def _preprocess_into(scan: Scan, out: Path) -> None:
+    from epvsprep import pipeline
+
     cache = _recording_cache(CACHE / scan.name)
     t0 = time.perf_counter()
     pre = pipeline.preprocess({scan.sequence: SHARED / scan.path}, scan.sequence,
@@ -165,7 +183,6 @@ def preprocess_scan(scan: Scan) -> Path:
              info=json.dumps(info, default=str))
     tmp.replace(out)
     print(json.dumps(info, default=str), flush=True)
-    return out
 
 
 @dataclass
@@ -612,6 +629,10 @@ def report(results: list[dict]) -> str:
 
 INJECTED_ROWS = (("sensitivity", 0.80, True), ("precision_new", 0.85, True), ("count_icc21", 0.90, True),
                  ("precision_all", None, True), ("added_count_icc21", None, True))
+LABELS = {"sensitivity": "cluster sensitivity", "precision_new": "precision over new detections",
+          "count_icc21": "count ICC(2,1)", "precision_all": "precision over all detections",
+          "added_count_icc21": "count ICC(2,1) of added clusters", "persistence": "clusters found again",
+          "count_difference": "relative count difference"}
 
 
 def _injected_section(results, head) -> list[str]:
@@ -637,7 +658,7 @@ def _injected_section(results, head) -> list[str]:
         lines.append(f"\n### {seq}, all held-out scans{target_note}\n\n" + head)
         for m, target, higher in INJECTED_ROWS:
             t = target if seq == "T2w" else None
-            lines.append(f"| {m} ({seq}, {sums[0][key]['n_scans']} scans x 3 burdens) | "
+            lines.append(f"| {LABELS[m]} ({seq}, {sums[0][key]['n_scans']} scans x 3 burdens) | "
                          + " | ".join(_cell(s.get(key, {}).get(m), t, higher) for s in sums) + " |\n")
         lines.append(f"\nStrata ({seq}): sensitivity / precision over new / count ICC(2,1) / added-count ICC\n\n"
                      + head)
@@ -671,7 +692,7 @@ def _rescan_section(results, head) -> list[str]:
         rows = [next((r for r in res["rescan"] if r["pair"] == pair), None) for res in results]
         adult = pair.startswith("dcm_qa_uih")
         for m, target, higher in (("persistence", 0.70, True), ("count_difference", 0.15, False)):
-            lines.append(f"| {m}, {pair} | " + " | ".join(
+            lines.append(f"| {LABELS[m]}, {pair} | " + " | ".join(
                 "n/a" if r is None else _cell(r[m], target if adult else None, higher) for r in rows) + " |\n")
         lines.append(f"| clusters (scan 1, scan 2; >= 3 voxels found again), {pair} | " + " | ".join(
             "n/a" if r is None else f"{r['clusters'][0]}, {r['clusters'][1]} ({r['found_again'][0]}/"
@@ -768,6 +789,8 @@ def main() -> None:
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
                         help="model ids whose results/real_scans_<id>.json to put side by side in real_scans.md")
+    parser.add_argument("--prep-order", default=None,
+                        help="comma-separated scan names to preprocess, in this order (a second --prep-only process)")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
     if opts.compare:
@@ -778,7 +801,7 @@ def main() -> None:
 
     torch.set_num_threads(opts.threads)
     scans = [BY_NAME[n] for n in opts.scans.split(",")] if opts.scans else list(SCANS)
-    for scan in scans:
+    for scan in (scans if opts.prep_order is None else [BY_NAME[n] for n in opts.prep_order.split(",")]):
         if not (SHARED / scan.path).exists():
             print(f"{scan.name}: {SHARED / scan.path} not found, skipped", flush=True)
             continue
