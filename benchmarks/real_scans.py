@@ -67,6 +67,8 @@ class Scan:
     inject: bool = False
     average: bool = False
     note: str = ""
+    #: Its name among the real training anatomies (``epvsseg.synth.label_maps``), for training-set scans.
+    anatomy: str = ""
 
 
 #: Every real scan of ``../shared/data`` (ch2bet is ch2 without scalp, the same person: left out; CLEARSWI is a
@@ -87,27 +89,29 @@ SCANS: tuple[Scan, ...] = (
     Scan("uih_134917_t1w", "github_neurolabusc_dcm_qa_uih/t1_gre_fsp_3d_sag__134917.nii.gz", "T1w", EVAL,
          inject=True, note="same-day rescan pair, scan 2 (21 min later)"),
     Scan("xa30_t1w", "github_neurolabusc_dcm_qa_xa30/5_anat-T1w_acq-tfl.nii.gz", "T1w", TRAIN, inject=True,
-         note="2 mm MPRAGE; in the training set, unused by a model whose training.anatomies leaves it out"),
+         note="2 mm MPRAGE; in the training set, unused by a model whose training.anatomies leaves it out",
+         anatomy="dcm_qa_xa30_T1w"),
     Scan("mni152_t2w", "github_HCPpipelines/MNI152_T2_1mm_brain.nii.gz", "T2w", EVAL, average=True,
          note="FSL MNI152 T2w average"),
     Scan("mni152_t1w", "github_HCPpipelines/MNI152_T1_1mm_brain.nii.gz", "T1w", EVAL, inject=True,
          note="FSL MNI152 T1w average"),
     Scan("icbm2009a_t1w", "pypi_nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "T1w", TRAIN,
-         average=True, note="ICBM 2009a average (the training anatomy of both models)"),
+         average=True, note="ICBM 2009a average (the training anatomy of both models)", anatomy="icbm2009a"),
     Scan("dbc_v01_t1w", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V01_T1w.nii.gz", "T1w", EVAL,
          note="child, session 1, 0.8 mm, skull-stripped"),
     Scan("dbc_v02_t1w", "github_DBC-Lab_Brain_MRI_Enhancement/sub-0001_ses-V02_T1w.nii.gz", "T1w", EVAL,
          note="child, session 2 (other contrast and quality)"),
-    Scan("synthsr_flair", "github_neurolabusc_py_synthsr/FLAIR.nii.gz", "FLAIR", TRAIN, note="3D FLAIR, 1 mm"),
+    Scan("synthsr_flair", "github_neurolabusc_py_synthsr/FLAIR.nii.gz", "FLAIR", TRAIN, note="3D FLAIR, 1 mm",
+         anatomy="py_synthsr_FLAIR"),
     Scan("coreg_qa_t1w", "github_neurolabusc_coreg_qa/highres_T1w_brain.nii.gz", "T1w", TRAIN,
-         note="brain-extracted T1w"),
-    Scan("otsu_t1w", "github_niivue/otsu_T1w.nii.gz", "T1w", TRAIN, note="8-bit T1w, skull on"),
+         note="brain-extracted T1w", anatomy="coreg_qa_highres_T1w_brain"),
+    Scan("otsu_t1w", "github_niivue/otsu_T1w.nii.gz", "T1w", TRAIN, note="8-bit T1w, skull on", anatomy="otsu_T1w"),
     Scan("head_ext2_t1w", "github_niivue-demo-images/training/T1_head_ext2.nii.gz", "T1w", TRAIN,
-         note="1.6 mm T1w with neck"),
+         note="1.6 mm T1w with neck", anatomy="T1_head_ext2"),
     Scan("mpr_gk_t1w", "github_niivue-demo-images/training/t1_mpr_tra_gk_v4.nii.gz", "T1w", TRAIN,
-         note="contrast-enhanced MPRAGE, 0.41x0.41x1.5 mm, stereotactic frame"),
+         note="contrast-enhanced MPRAGE, 0.41x0.41x1.5 mm, stereotactic frame", anatomy="t1_mpr_tra_gk_v4"),
     Scan("studyforrest_t1w", "github_datalad_example-dicom-structural/anat-T1w.nii.gz", "T1w", TRAIN,
-         note="3 T T1w, 0.7 mm, defaced"),
+         note="3 T T1w, 0.7 mm, defaced", anatomy="studyforrest_T1w"),
 )
 BY_NAME = {s.name: s for s in SCANS}
 RESCAN_PAIRS = {"dcm_qa_uih (adult, same day)": ("uih_132750_t1w", "uih_134917_t1w"),
@@ -378,14 +382,28 @@ def load_detection(model_id: str, scan: str) -> np.ndarray | None:
         return np.unpackbits(z["bits"], count=int(np.prod(z["shape"]))).reshape(z["shape"]).astype(bool)
 
 
+def trained_anatomies(spec) -> tuple[str, ...]:
+    """Real anatomies (``epvsseg.synth.label_maps`` names) the model was trained on, from ``model.json``:
+    ``training.generator`` ``randomised`` with ``training.anatomies`` (comma-separated; empty = every shipped
+    one); none for the ``v3`` generator (ICBM 2009a average only)."""
+    training = spec.meta.get("training", {})
+    if training.get("generator", "v3") != "randomised":
+        return ("icbm2009a",)
+    names = training.get("anatomies", "")
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    if names:
+        return tuple(names)
+    from epvsseg.synth import label_maps
+
+    return label_maps.anatomy_names()
+
+
 def held_out(spec, scan: Scan) -> bool:
-    """Whether the model never trained on ``scan``: evaluation-only scans always; a training-set scan when the
-    model's ``training`` record (``training.anatomies`` for models trained on real anatomies) does not name it."""
+    """Whether the model never trained on ``scan``: evaluation-only scans always; a training-set scan when it
+    is not one of the model's :func:`trained_anatomies`."""
     if scan.dataset == EVAL:
         return True
-    training = json.dumps(spec.meta.get("training", {}))
-    tokens = {Path(scan.path).name.split(".")[0], Path(scan.path).parent.name.removeprefix("github_")}
-    return not any(t in training for t in tokens)
+    return scan.anatomy not in trained_anatomies(spec)
 
 
 # ------------------------------------------------------------------------------------------ the measures

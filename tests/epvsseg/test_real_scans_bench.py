@@ -137,13 +137,19 @@ def test_verdict_and_count_difference():
 
 
 def test_held_out_reads_the_models_training_record():
-    class Spec:
-        meta = {"training": {"anatomies": ["icbm2009a", "dcm_qa_xa30/5_anat-T1w_acq-tfl"]}}
+    class Randomised:
+        meta = {"training": {"generator": "randomised", "anatomies": "icbm2009a,otsu_T1w"}}
 
-    class Bare:
+    class AllAnatomies:
+        meta = {"training": {"generator": "randomised", "anatomies": ""}}
+
+    class V3:
         meta = {"training": {"seed": 1}}
 
     xa30 = rs.BY_NAME["xa30_t1w"]
-    assert not rs.held_out(Spec, xa30)
-    assert rs.held_out(Bare, xa30)
-    assert rs.held_out(Spec, rs.BY_NAME["clinical_t2w"])  # evaluation-only scans are always held out
+    assert rs.held_out(Randomised, xa30)
+    assert not rs.held_out(Randomised, rs.BY_NAME["otsu_t1w"])
+    assert not rs.held_out(AllAnatomies, xa30)  # empty list: every shipped anatomy, xa30 among them
+    assert rs.held_out(V3, xa30)
+    assert not rs.held_out(V3, rs.BY_NAME["icbm2009a_t1w"])
+    assert rs.held_out(AllAnatomies, rs.BY_NAME["clinical_t2w"])  # evaluation-only scans are always held out
