@@ -23,8 +23,10 @@ Measures, each labelled with the data set it comes from (``SCANS`` gives every s
 
 Usage::
 
-    python benchmarks/real_scans.py --prep-only              # preprocess every scan (slow, once)
-    python benchmarks/real_scans.py --model epvs-unet25d-v3  # results/real_scans_<model>.md/.json
+    python benchmarks/real_scans.py --prep-only              # preprocess every scan (slow, once; several
+                                                             # processes may share it, see --prep-order)
+    python benchmarks/real_scans.py --model epvs-unet25d-v3  # results/real_scans_<model>.md/.json (scans
+                                                             # not preprocessed yet are reported as skipped)
     python benchmarks/real_scans.py --compare OLD NEW        # results/real_scans.md, old beside new
 """
 
@@ -346,7 +348,14 @@ def burden_rng(scan: str, burden: str) -> np.random.Generator:
 
 
 def det_path(model_id: str, scan: str, burden: str = "0") -> Path:
+    """Where a model's detection on a scan is kept (``model_id``: the id, or id and weights digest)."""
     return WORK / "det" / model_id / f"{scan}__{burden}.npz"
+
+
+def det_key(spec) -> str:
+    """The detection folder of a model: its id and the start of its weights' sha256 (a retrained model with
+    the same id gets a new folder)."""
+    return f"{spec.model_id}-{spec.sha256[:8]}"
 
 
 def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -361,7 +370,7 @@ def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, fl
 
 def baseline_detection(spec, prep: Prepared) -> tuple[np.ndarray, float]:
     """The model's mask on the scan as it is (kept in ``work/h17/det/<model>/`` for the overlays)."""
-    path = det_path(spec.model_id, prep.scan.name)
+    path = det_path(det_key(spec), prep.scan.name)
     if path.exists():
         with np.load(path) as z:
             return np.unpackbits(z["bits"], count=int(np.prod(z["shape"]))).reshape(z["shape"]).astype(bool), \
@@ -374,8 +383,11 @@ def baseline_detection(spec, prep: Prepared) -> tuple[np.ndarray, float]:
     return mask, seconds
 
 
-def load_detection(model_id: str, scan: str) -> np.ndarray | None:
-    path = det_path(model_id, scan)
+def load_detection(model: str, scan: str) -> np.ndarray | None:
+    """A model's kept detection on a scan (``model``: id or folder, as ``--model``), or None."""
+    from epvsseg.spec import load_spec
+
+    path = det_path(det_key(load_spec(model, verify=False)), scan)
     if not path.exists():
         return None
     with np.load(path) as z:
@@ -408,7 +420,17 @@ def held_out(spec, scan: Scan) -> bool:
 
 # ------------------------------------------------------------------------------------------ the measures
 def injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
-    """One record per burden: injected clusters, detected clusters, and their agreement."""
+    """One record per burden: injected clusters, detected clusters, and their agreement (kept beside the
+    model's detections, so that a rerun scores only new scans)."""
+    path = det_path(det_key(spec), prep.scan.name, "injected").with_suffix(".json")
+    if path.exists():
+        return json.loads(path.read_text())
+    records = _injected_cases(spec, prep, baseline)
+    _write(path, json.dumps(records))
+    return records
+
+
+def _injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
     from bench_models import inject_epvs, preexisting_clusters
 
     from epvsseg import metrics
@@ -800,6 +822,18 @@ def compare(old: str, new: str) -> None:
     print((RESULTS / "real_scans.md").read_text())
 
 
+def prep_all(scans: list[Scan]) -> None:
+    """Preprocess the scans in order; a scan that fails is reported and the others go on."""
+    for scan in scans:
+        if not (SHARED / scan.path).exists():
+            print(f"{scan.name}: {SHARED / scan.path} not found, skipped", flush=True)
+            continue
+        try:
+            preprocess_scan(scan)
+        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others; reported
+            print(f"{scan.name}: preprocessing failed: {type(exc).__name__}: {exc}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="model id or folder (as the app's --model)")
@@ -819,15 +853,8 @@ def main() -> None:
 
     torch.set_num_threads(opts.threads)
     scans = [BY_NAME[n] for n in opts.scans.split(",")] if opts.scans else list(SCANS)
-    for scan in (scans if opts.prep_order is None else [BY_NAME[n] for n in opts.prep_order.split(",")]):
-        if not (SHARED / scan.path).exists():
-            print(f"{scan.name}: {SHARED / scan.path} not found, skipped", flush=True)
-            continue
-        try:
-            preprocess_scan(scan)
-        except Exception as exc:  # noqa: BLE001 - one bad scan must not stop the others; reported
-            print(f"{scan.name}: preprocessing failed: {type(exc).__name__}: {exc}", flush=True)
     if opts.prep_only:
+        prep_all(scans if opts.prep_order is None else [BY_NAME[n] for n in opts.prep_order.split(",")])
         return
     from epvsseg.spec import DEFAULT_MODEL
 
