@@ -5,7 +5,7 @@ report inlines them (base64), and it can be rebuilt from the files on disk.
 
 The report's interactive viewer and cluster review (``docs/review.md``) work from a file on
 disk, with no server and no network: the viewer library (NiiVue, vendored in
-``bids_app/data/viewer/``) is written once per output folder (``<out>/viewer/``), and each
+``bids_app/data/viewer/``) is written once per output folder (``<out>/figures/``), and each
 unit's images are a classic script beside its figures (``<stem>_desc-<combination>_viewer.js``),
 small uint8/uint16 NIfTI volumes cropped to the brain, gzip- and base64-encoded. A report
 copied with its output folder keeps working; the report alone still shows its figures and tables.
@@ -458,6 +458,10 @@ REVIEW_COLUMNS = {"index": "cluster", "n_voxels": "voxels", "volume_mm3": "volum
                   "length_mm": "length (mm)", "width_mm": "width (mm)"}
 
 
+#: Folder of the output dataset, relative to its root, that holds the viewer library shared by the reports.
+VIEWER_FOLDER = "figures"
+
+
 def viewer_library() -> dict[str, str]:
     """The vendored viewer library: ``bids_app/data/viewer/VENDOR.json`` (name, version, file, sha256)."""
     text = resources.files("bids_app.data").joinpath("viewer", "VENDOR.json").read_text(encoding="utf-8")
@@ -479,10 +483,11 @@ def _write_if_changed(path: Path, data: bytes) -> Path:
 
 
 def install_viewer(output_dir: Path) -> Path:
-    """Write the viewer library once per output folder: ``<out>/viewer/niivue-<version>.umd.js``.
+    """Write the viewer library once per output folder: ``<out>/figures/niivue-<version>.umd.js``.
 
     Every report of the folder loads this one file with a classic ``<script src>``; it is left
-    untouched when it already holds the vendored bytes. Its licence is written beside it.
+    untouched when it already holds the vendored bytes. Its licence is written beside it. The
+    folder is one the derivatives' ``.bidsignore`` already lists (``**/figures``), like the reports.
 
     Returns
     -------
@@ -500,7 +505,7 @@ def install_viewer(output_dir: Path) -> Path:
     if _sha256(data) != lib["sha256"]:
         raise RuntimeError(f"bids_app/data/viewer/{lib['file']}: sha256 differs from VENDOR.json; reinstall "
                            "epvs-bids or run scripts/vendor_niivue.sh")
-    folder = Path(output_dir) / "viewer"
+    folder = Path(output_dir) / VIEWER_FOLDER
     _write_if_changed(folder / "LICENSE_NiiVue.txt", source.joinpath("LICENSE_NiiVue.txt").read_bytes())
     return _write_if_changed(folder / lib["file"], data)
 
@@ -641,7 +646,7 @@ def review_meta(output_dir: Path, outs, provenance: Mapping[str, Any], data_file
         "n_clusters": int(len(outs.clusters)), "reasons": list(REJECT_REASONS), "key": unit.key,
         "storage_key": f"epvs-bids-review:{rel(paths['clusters_dseg'])}:{table_sha}",
         "data": None if data_file is None else rel(data_file),
-        "library": f"viewer/{viewer_library()['file']}",
+        "library": f"{VIEWER_FOLDER}/{viewer_library()['file']}",
     }
 
 

@@ -161,11 +161,11 @@ def test_viewer_reference_is_windowed_to_uint8(unit):
 def test_viewer_library_is_written_once_per_output_folder(unit):
     out = unit["out"]
     lib = report.viewer_library()
-    target = out / "viewer" / lib["file"]
+    target = out / "figures" / lib["file"]
     assert hashlib.sha256(target.read_bytes()).hexdigest() == lib["sha256"]
-    assert (out / "viewer" / "LICENSE_NiiVue.txt").read_text().count("BSD 2-Clause") == 1
+    assert (out / "figures" / "LICENSE_NiiVue.txt").read_text().count("BSD 2-Clause") == 1
     html = unit["report"].read_text()
-    assert f'<script src="viewer/{lib["file"]}"></script>' in html
+    assert f'<script src="figures/{lib["file"]}"></script>' in html
     assert '<script src="sub-01/figures/sub-01_ses-1_desc-T2wT1w_viewer.js"></script>' in html
     assert len(html) < len(target.read_bytes()) / 4  # the library is not copied into the report
     stamps = {p: p.stat().st_mtime_ns for p in (target, report.viewer_data_path(out, UNIT))}

@@ -173,7 +173,7 @@ def test_report_without_its_data_file_says_what_to_copy(browser, unit, tmp_path)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(alone.as_uri())
     page.wait_for_function("document.getElementById('viewer-status').textContent.includes('not found')")
-    assert "viewer/niivue-" in page.locator("#viewer-status").inner_text()
+    assert "figures/niivue-" in page.locator("#viewer-status").inner_text()
     _row(page, 2).click()  # the table still works
     page.keyboard.press("a")
     assert page.locator("#review-progress").inner_text() == "1 of 4 reviewed"

@@ -248,8 +248,21 @@
     byId("viewer-position").textContent = "x " + mm[0].toFixed(1) + ", y " + mm[1].toFixed(1) + ", z " + mm[2].toFixed(1) + " mm";
     if (!nv) return;
     nv.scene.crosshairPos = nv.mm2frac(mm);
+    centreOn(mm);
     nv.drawScene();
     nv.createOnLocationChange();
+  }
+
+  // NiiVue draws a 2D point p at zoom * p + pan (mm, plus a constant that puts the volume's centre m in the
+  // middle at zoom 1 and pan 0), so pan = m - zoom * p puts p in the middle; at zoom 1 the whole brain is shown.
+  function centreOn(mm) {
+    const zoom = nv.scene.pan2Dxyzmm[3];
+    if (zoom <= 1) {
+      nv.scene.pan2Dxyzmm = [0, 0, 0, zoom];
+      return;
+    }
+    const m = nv.frac2mm([0.5, 0.5, 0.5]);
+    nv.scene.pan2Dxyzmm = [0, 1, 2].map((a) => m[a] - zoom * mm[a]).concat([zoom]);
   }
 
   function labelColours(n) {
@@ -300,8 +313,9 @@
     const zoom = parseFloat(byId("viewer-zoom").value);
     byId("viewer-zoom-value").textContent = zoom.toFixed(1) + "×";
     if (!nv) return;
-    const pan = nv.scene.pan2Dxyzmm;
-    nv.setPan2Dxyzmm([pan[0], pan[1], pan[2], zoom]);
+    nv.scene.pan2Dxyzmm[3] = zoom;
+    centreOn(Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3));
+    nv.drawScene();
   }
 
   async function startViewer() {
@@ -326,7 +340,7 @@
       return;
     }
     const viewer = new niivue.Niivue({
-      backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 1,
+      backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 0.3, crosshairGap: 8,
       crosshairColor: [0.2, 0.9, 1, 0.8], viewModeHotKey: "", clipPlaneHotKey: "", loadingText: "",
       isRadiologicalConvention: false,
     });
