@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from epvsseg import metrics
 
 from .. import io_spec
+from . import sparse
 from .collect import WHOLE_BRAIN, TableError, Unit, _read_tsv, region_sort_key
 
 LOGGER = logging.getLogger(__name__)
@@ -57,70 +57,64 @@ def find_other_mask(root, unit: Unit) -> object:
     return hits[0] if hits else None
 
 
-def _load_mask(path, like: nib.spatialimages.SpatialImage | None = None) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for a bad file
-        raise TableError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
-    if data.ndim != 3:
-        raise TableError(f"{path}: expected a 3D mask, got shape {data.shape}")
-    if like is not None and (data.shape != like.shape or not np.allclose(img.affine, like.affine, atol=1e-3)):
-        raise TableError(f"{path}: not on the voxel grid of this run's outputs (shape {data.shape} vs "
-                         f"{tuple(like.shape)}, or a different affine); resample it to the reference image")
-    return data > 0, img.affine
+def _load_mask(path, like: sparse.Volume | None = None) -> tuple[sparse.Volume, np.ndarray]:
+    """A mask image and the sorted linear indices (:mod:`~bids_app.group.sparse`) of its voxels > 0.
 
-
-def _box(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` with a one-voxel margin (a 1-voxel box when empty).
-
-    Every measure of :func:`epvsseg.metrics.agreement_suite` is unchanged when both masks are
-    cropped to a box holding all their voxels (clusters, surfaces and distances all lie inside),
-    and the distance transforms then run on the box, not the whole grid.
+    ``like``: the volume whose grid the mask must share (else a :class:`TableError` says so).
     """
-    idx = np.argwhere(mask)
-    if not len(idx):
-        return (slice(0, 1),) * mask.ndim
-    lo, hi = np.maximum(idx.min(0) - 1, 0), idx.max(0) + 2
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    try:
+        vol = sparse.read_volume(path)
+    except ValueError as exc:
+        raise TableError(str(exc)) from exc
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
+        raise TableError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
+    if like is not None and (vol.shape != like.shape or not np.allclose(vol.affine, like.affine, atol=1e-3)):
+        raise TableError(f"{path}: not on the voxel grid of this run's outputs (shape {vol.shape} vs "
+                         f"{like.shape}, or a different affine); resample it to the reference image")
+    idx, values = vol.nonzero()
+    return vol, idx[values > 0]
+
+
+def _labels_present(data: np.ndarray) -> np.ndarray:
+    """The distinct values of an integer label image (one pass; :func:`numpy.unique` for wide ranges)."""
+    flat = data.ravel(order="F")
+    if flat.dtype.kind in "ui" and flat.size and 0 <= int(flat.min()) and int(flat.max()) < 65536:
+        seen = np.zeros(int(flat.max()) + 1, bool)
+        seen[flat] = True
+        return np.flatnonzero(seen)
+    return np.unique(flat)
 
 
 def compare_unit(unit: Unit, other_path) -> list[dict]:
-    """Agreement rows of one unit: the whole brain, then every region of the unit's atlas."""
-    ours_img = nib.load(str(unit.paths["epvs_mask"]))
-    ours = np.asanyarray(ours_img.dataobj) > 0
-    other, _ = _load_mask(other_path, like=ours_img)
-    spacing = tuple(float(z) for z in ours_img.header.get_zooms()[:3])
+    """Agreement rows of one unit: the whole brain, then every region of the unit's atlas.
+
+    The masks are read once into voxel lists and every region's suite is computed on the voxels
+    of both masks inside it (:func:`bids_app.group.sparse.suite`, the numbers of
+    :func:`epvsseg.metrics.agreement_suite` on the dense masks).
+    """
+    ours, p_idx = _load_mask(unit.paths["epvs_mask"])
+    _, r_idx = _load_mask(other_path, like=ours)
+    shape, spacing = ours.shape, ours.zooms
     key = {"participant_id": unit.participant_id, "session_id": unit.session_id,
            "source_entities": unit.source_entities, "input_sequences": unit.combination, "other_mask": str(other_path)}
-    either = ours | other
-    box = _box(either)
-    rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
-             **metrics.agreement_suite(ours[box], other[box], spacing)}]
     atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")
+    atlas = table = None
     if atlas_map is not None and atlas_tsv is not None:
-        atlas = np.asarray(nib.load(str(atlas_map)).dataobj)
-        if atlas.shape != ours.shape:
-            raise TableError(f"{atlas_map}: shape {atlas.shape} differs from the ePVS mask {ours.shape}")
+        atlas = sparse.read_volume(atlas_map)
+        if atlas.shape != shape:
+            raise TableError(f"{atlas_map}: shape {atlas.shape} differs from the ePVS mask {shape}")
         table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv"))
-        present = set(np.unique(atlas).tolist())
-        ijk = np.nonzero(either)  # one pass: every region's box comes from these voxels
-        region_of = atlas[ijk]
+    flat = atlas.data.ravel(order="F") if atlas is not None else None
+    pred, ref = (sparse.VoxelSet(idx, shape, None if flat is None else flat[idx]) for idx in (p_idx, r_idx))
+    rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
+             **sparse.suite(pred, ref, spacing)}]
+    if atlas is not None:
+        present = set(_labels_present(atlas.data).tolist())
         for rec in table.to_dict("records"):
             index = int(rec["index"])
-            if index not in present:
-                continue
-            sel = region_of == index
-            if sel.any():
-                pts = np.stack([ax[sel] for ax in ijk], 1)
-                lo, hi = np.maximum(pts.min(0) - 1, 0), pts.max(0) + 2
-                box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-            else:
-                box = (slice(0, 1),) * 3
-            reg = atlas[box] == index
-            rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
-                         "hemisphere": str(rec["hemisphere"]),
-                         **metrics.agreement_suite(ours[box] & reg, other[box] & reg, spacing)})
+            if index in present:
+                rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
+                             "hemisphere": str(rec["hemisphere"]), **sparse.suite(pred, ref, spacing, index)})
     return rows
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from . import sparse
 from .collect import WHOLE_BRAIN, Unit, _read_tsv
 
 LOGGER = logging.getLogger(__name__)
@@ -101,8 +102,8 @@ def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42,
 class SessionClusters:
     """The clusters of one session.
 
-    ``labels`` (C order), its ``affine``, the flat indices of its labelled voxels (``flat``,
-    sorted) and their labels (``lab``); per cluster: ``ids``, ``centroids`` (own scanner mm,
+    ``labels``, its ``affine``, the Fortran-order linear indices of its labelled voxels
+    (``flat``, sorted; nibabel's voxel order) and their labels (``lab``); per cluster: ``ids``, ``centroids`` (own scanner mm,
     shape (n, 3)), ``volumes`` (mm³) and ``regions`` (names).
     """
 
@@ -117,26 +118,24 @@ class SessionClusters:
 
 
 def _load_labels(path) -> tuple[np.ndarray, np.ndarray]:
-    """An integer label map in C order (its own integer type) and its affine."""
-    img = nib.load(str(path))
-    if len(img.shape) != 3:
-        raise ValueError(f"{path}: expected a 3D image, got shape {img.shape}")
-    data = np.asanyarray(img.dataobj)
+    """An integer label map in nibabel voxel order (its own integer type, read in one pass) and its affine."""
+    vol = sparse.read_volume(path)
+    data = vol.data
     if not np.issubdtype(data.dtype, np.integer):
         data = np.rint(data).astype(np.int32)
-    return np.ascontiguousarray(data), img.affine
+    return data, vol.affine
 
 
 def read_clusters(unit: Unit) -> SessionClusters:
     """Load a unit's cluster map and describe each cluster in one pass over its labelled voxels."""
     labels, affine = _load_labels(unit.paths["clusters_dseg"])
-    flat = np.flatnonzero(labels)
-    lab = labels.ravel()[flat].astype(np.int64)
+    flat = np.flatnonzero(labels.ravel(order="F"))
+    lab = labels.ravel(order="F")[flat].astype(np.int64)
     counts = np.bincount(lab) if lab.size else np.zeros(1, np.int64)
     ids = np.flatnonzero(counts)
     ids = ids[ids > 0]
     if len(ids):
-        ijk = np.unravel_index(flat, labels.shape)
+        ijk = np.unravel_index(flat, labels.shape, order="F")
         cen = np.stack([np.bincount(lab, weights=ax.astype(float))[ids] / counts[ids] for ax in ijk], 1)
         cen = cen @ affine[:3, :3].T + affine[:3, 3]
     else:
@@ -150,7 +149,7 @@ def read_clusters(unit: Unit) -> SessionClusters:
             table = _read_tsv(region_tsv, ("index", "name"))
             names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
             votes = np.zeros((int(lab.max()) + 1, int(reg.max()) + 1), np.int64)
-            np.add.at(votes, (lab, reg.ravel()[flat].astype(np.int64)), 1)
+            np.add.at(votes, (lab, reg.ravel(order="F")[flat].astype(np.int64)), 1)
             votes[:, 0] = 0  # voxels outside every region do not vote
             best = votes.argmax(1)
             regions = [names.get(int(best[c]), "other") if votes[c, best[c]] > 0 else "other" for c in ids]
@@ -164,9 +163,9 @@ def matched_pairs(prev: SessionClusters, cur: SessionClusters, tr: Transfer,
     if tr.labels is cur.labels:
         flat_m, lab_m = cur.flat, cur.lab
     else:
-        moved = np.ascontiguousarray(tr.labels)
+        moved = tr.labels.ravel(order="F")
         flat_m = np.flatnonzero(moved)
-        lab_m = moved.ravel()[flat_m]
+        lab_m = moved[flat_m]
     _, i_prev, i_cur = np.intersect1d(prev.flat, flat_m, assume_unique=True, return_indices=True)
     pairs = set(zip(prev.lab[i_prev].tolist(), lab_m[i_cur].astype(np.int64).tolist()))
     if len(prev.ids) and len(cur.ids):
