@@ -85,14 +85,20 @@ def _labels_present(data: np.ndarray) -> np.ndarray:
     return np.unique(flat)
 
 
-def compare_unit(unit: Unit, other_path) -> list[dict]:
+def compare_unit(unit: Unit, other_path, *, pred_path=None) -> list[dict]:
     """Agreement rows of one unit: the whole brain, then every region of the unit's atlas.
+
+    ``other_path``: the reference mask; ``pred_path``: the mask compared with it (default: this
+    run's ePVS mask of the unit; a rater's reviewed mask for inter-rater agreement). Both must be
+    on the grid of the unit's outputs.
 
     The masks are read once into voxel lists and every region's suite is computed on the voxels
     of both masks inside it (:func:`bids_app.group.sparse.suite`, the numbers of
     :func:`epvsseg.metrics.agreement_suite` on the dense masks).
     """
     ours, p_idx = _load_mask(unit.paths["epvs_mask"])
+    if pred_path is not None:
+        _, p_idx = _load_mask(pred_path, like=ours)
     _, r_idx = _load_mask(other_path, like=ours)
     shape, spacing = ours.shape, ours.zooms
     key = {"participant_id": unit.participant_id, "session_id": unit.session_id,

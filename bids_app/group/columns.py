@@ -255,6 +255,34 @@ AGREEMENT_UNITS = {
 }
 
 
+_REVIEW_NOTE = ("In the reviewed tables 'this run' is the automatic mask (inter-rater: rater A) and 'the other' "
+                "the reviewed mask (inter-rater: rater B)")
+#: ``reviewed_agreement.tsv``: automatic mask vs a rater's reviewed mask, per unit, rater and region.
+REVIEWED_UNITS = {
+    **AGREEMENT_UNITS,
+    "rater": {"Description": "Rater tag of the reviewed mask (its desc-reviewed<tag> entity). " + _REVIEW_NOTE},
+    "reviewed_mask": {"Description": "The reviewed mask (the reference)"},
+}
+#: ``interrater_agreement.tsv``: rater A's reviewed mask vs rater B's, per unit and region.
+INTERRATER_UNITS = {
+    **AGREEMENT_UNITS,
+    "rater_a": {"Description": "Rater A (the first tag in alphabetical order): the 'prediction'. " + _REVIEW_NOTE},
+    "rater_b": {"Description": "Rater B: the 'reference'"},
+    "mask_a": {"Description": "Rater A's reviewed mask"},
+    "mask_b": {"Description": "Rater B's reviewed mask"},
+}
+
+
+def reviewed_summary_columns(columns) -> dict:
+    """Sidecar of ``reviewed_agreement_summary.tsv`` and ``interrater_agreement_summary.tsv``."""
+    out = agreement_summary_columns(columns)
+    out.update({k: v for k, v in {**REVIEWED_UNITS, **INTERRATER_UNITS}.items() if k.startswith("rater")})
+    for col in columns:
+        if col.startswith(("count_icc", "volume_icc", "count_ba", "volume_ba")):
+            out[col] = {**out[col], "Description": out[col]["Description"] + ". " + _REVIEW_NOTE}
+    return out
+
+
 def agreement_summary_columns(columns) -> dict:
     """Sidecar of the agreement summary (columns generated from the per-unit measures)."""
     out = {**_REGION, "n_units": {"Description": "Units compared"}}

@@ -13,7 +13,7 @@ import pandas as pd
 from ..config import RunConfig
 from ..derivatives import init_output_dir, write_json, write_tsv
 from ..errors import EXIT_DATAERR, EXIT_OK, InputError, MissingInputError
-from . import agreement, collect, columns, longitudinal, stats
+from . import agreement, collect, columns, longitudinal, reviewed, stats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -269,6 +269,67 @@ def run_agreement(units: list, other_root: Path, nprocs: int = 1) -> dict:
             "errors": errors, "root": str(other_root)}
 
 
+def _compare_masks(job: tuple) -> tuple[str, list[dict], str | None]:
+    """Agreement rows of one unit between two masks (a worker: failures come back as a message)."""
+    unit, pred_path, ref_path, extra = job
+    try:
+        rows = agreement.compare_unit(unit, ref_path, pred_path=pred_path)
+    except (collect.TableError, OSError) as exc:
+        return unit.label, [], str(exc)
+    return unit.label, [{**extra, **row} for row in rows], None
+
+
+def _with_first(frame: pd.DataFrame, first: list[str]) -> pd.DataFrame:
+    return frame[first + [c for c in frame.columns if c not in first]] if len(frame) else frame
+
+
+def _summaries(per_unit: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """:func:`agreement.agreement_summary` per rater (or rater pair), the ``by`` columns first."""
+    if per_unit.empty:
+        return pd.DataFrame()
+    parts = []
+    for values, sub in per_unit.groupby(by, sort=True):
+        summary = agreement.agreement_summary(sub)
+        for col, value in zip(by, values if isinstance(values, tuple) else (values,)):
+            summary[col] = value
+        parts.append(summary)
+    return _with_first(pd.concat(parts, ignore_index=True), by)
+
+
+def run_reviewed(units: list, nprocs: int = 1) -> dict | None:
+    """Automatic results against every reviewed mask, and raters against each other (None without reviews).
+
+    Returns
+    -------
+    dict or None
+        ``reviews`` (:class:`~bids_app.group.reviewed.Review`), ``units`` and ``summary`` (automatic vs
+        reviewed: per unit, rater and region; per rater and region), ``interrater`` and
+        ``interrater_summary`` (per unit, rater pair and region; per pair and region), ``errors``.
+    """
+    reviews = reviewed.find_reviews(units)
+    if not reviews:
+        return None
+    pairs = reviewed.rater_pairs(reviews)
+    jobs = [(r.unit, None, r.path, {"rater": r.rater}) for r in reviews]
+    jobs += [(a.unit, a.path, b.path, {"rater_a": a.rater, "rater_b": b.rater, "mask_a": str(a.path)})
+             for a, b in pairs]
+    auto_rows, pair_rows, errors = [], [], []
+    for label, rows, error in map_jobs(_compare_masks, jobs, nprocs):
+        if error is not None:
+            LOGGER.error("%s", error)
+            errors.append((label, error))
+        for row in rows:
+            (pair_rows if "rater_a" in row else auto_rows).append(row)
+    keys = ["participant_id", "session_id", "source_entities", "input_sequences"]
+    auto = _with_first(pd.DataFrame(auto_rows).rename(columns={"other_mask": "reviewed_mask"}), [*keys, "rater"])
+    inter = _with_first(pd.DataFrame(pair_rows).rename(columns={"other_mask": "mask_b"}),
+                        [*keys, "rater_a", "rater_b", "mask_a"])
+    LOGGER.info("%d reviewed mask(s) by %d rater(s); %d unit(s) reviewed by two or more raters", len(reviews),
+                len({r.rater for r in reviews}), len({a.unit.key for a, _ in pairs}))
+    return {"reviews": reviews, "units": auto, "summary": _summaries(auto, ["rater"]), "interrater": inter,
+            "interrater_summary": _summaries(inter, ["rater_a", "rater_b"]), "errors": errors}
+
+
 def run_group_level(config: RunConfig) -> int:
     """Write the group tables under ``<out>/group/`` and the report ``<out>/group.html``.
 
@@ -332,6 +393,17 @@ def run_group_level(config: RunConfig) -> int:
         elif not res["errors"]:
             raise MissingInputError(f"no ePVS mask (*_label-PVS*_mask.nii.gz) for any of the "
                                     f"{len(tables['units'])} unit(s)", root)
+    rev = run_reviewed(tables["units"], nprocs=max(1, int(config.nprocs or 1)))
+    if rev is not None:
+        for label, message in rev["errors"]:
+            tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]
+        for name, key, sidecar in (("reviewed_agreement", "units", columns.REVIEWED_UNITS),
+                                   ("reviewed_agreement_summary", "summary", None),
+                                   ("interrater_agreement", "interrater", columns.INTERRATER_UNITS),
+                                   ("interrater_agreement_summary", "interrater_summary", None)):
+            if len(rev[key]):
+                written.append(_write(group, name, rev[key], sidecar or columns.reviewed_summary_columns(
+                    rev[key].columns)))
     assoc = None
     if config.covariates:
         assoc = stats.associations(tables["long"], tables["participants"], list(config.covariates),
@@ -342,14 +414,15 @@ def run_group_level(config: RunConfig) -> int:
     from ..reports.group import write_group_report
 
     report = write_group_report(output_dir / "group.html", tables=tables, longitudinal=longi,
-                                comparisons=comparisons, associations=assoc,
+                                comparisons=comparisons, reviewed=rev, associations=assoc,
                                 covariates=list(config.covariates or []),
                                 outputs=[str(p.relative_to(output_dir)) for p in written])
     n_failed = int((tables["failed"]["status"] != "not_run").sum()) if len(tables["failed"]) else 0
     LOGGER.info("group level: %d unit(s) of %d participant(s) in %s; %d failed or unreadable unit(s) in %s; "
                 "report %s (%.1f s)", len(tables["cohort"]), tables["cohort"]["participant_id"].nunique(),
                 group / "cohort.tsv", n_failed, group / "failed.tsv", report, time.monotonic() - t0)
-    unreadable = tables["unreadable"] + sum(len(c["errors"]) for c in comparisons.values())
+    unreadable = tables["unreadable"] + sum(len(c["errors"]) for c in comparisons.values()) + (
+        len(rev["errors"]) if rev is not None else 0)
     if unreadable:
         LOGGER.error("%d derivative file(s) could not be read: see %s", unreadable, group / "failed.tsv")
         return InputError.exit_code

@@ -526,9 +526,47 @@ def _comparisons_section(comparisons: Mapping[str, Mapping[str, Any]], cohort: p
     return comps
 
 
+_INTERRATER_HEADERS = {
+    "rater_a": "rater A", "rater_b": "rater B", "name": "region", "n_units": "units", "mean_dice": "Dice",
+    "mean_cluster_f1": "F1 (cluster)", "mean_volumetric_similarity": "VS", "mean_hd95_mm": "HD95 mm",
+    "count_icc": "ICC(2,1) count", "count_icc_ci_low": "CI low", "count_icc_ci_high": "CI high",
+    "volume_icc": "ICC(2,1) volume", "count_ba_bias": "bias count (A - B)",
+}
+
+
+def _reviewed_section(rev: Mapping[str, Any] | None, cohort: pd.DataFrame) -> dict | None:
+    """Automatic vs reviewed results per rater, and inter-rater agreement (None without reviews)."""
+    if rev is None:
+        return None
+    raters = sorted({r.rater for r in rev["reviews"]})
+    out = {"n_reviews": len(rev["reviews"]), "n_units": len({r.unit.key for r in rev["reviews"]}),
+           "raters": raters, "errors": rev["errors"], "summary": None, "figures": [], "interrater": None,
+           "n_pair_units": int(rev["interrater"].drop_duplicates(["participant_id", "session_id", "input_sequences"])
+                               .shape[0]) if len(rev["interrater"]) else 0}
+    if len(rev["summary"]):
+        summary = rev["summary"].assign(name=rev["summary"]["name"].str.replace("_", " "))
+        shown = _table(summary, ["rater", *_AGREEMENT_HEADERS])
+        shown["columns"] = [_AGREEMENT_HEADERS.get(c, c) for c in shown["columns"]]
+        out["summary"] = shown
+        wb = rev["units"].loc[rev["units"]["name"] == "whole_brain"]
+        if len(wb) >= 2:
+            links = dict(zip(_unit_labels(cohort), _links(cohort)))
+            out["figures"].append(figure_pair(wb["n_ref_clusters"], wb["n_pred_clusters"],
+                                              [links.get(lb) for lb in _unit_labels(wb)],
+                                              xlabel="reviewed: ePVS count", ylabel="automatic: ePVS count",
+                                              title="ePVS count, automatic vs reviewed (every rater)", salt="rev"))
+    if len(rev["interrater_summary"]):
+        inter = rev["interrater_summary"].assign(name=rev["interrater_summary"]["name"].str.replace("_", " "))
+        shown = _table(inter, list(_INTERRATER_HEADERS))
+        shown["columns"] = [_INTERRATER_HEADERS[c] for c in shown["columns"]]
+        out["interrater"] = shown
+    return out
+
+
 def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: Mapping[str, Any],
                        comparisons: Mapping[str, Mapping[str, Any]], associations: pd.DataFrame | None,
-                       covariates: Sequence[str], outputs: Sequence[str]) -> Path:
+                       covariates: Sequence[str], outputs: Sequence[str],
+                       reviewed: Mapping[str, Any] | None = None) -> Path:
     """Assemble ``<out>/group.html`` from the group tables (see :func:`bids_app.group.run_group_level`).
 
     Parameters
@@ -547,6 +585,8 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
         The ``--covariates`` columns.
     outputs : sequence of str
         The group tables written, relative to the output folder.
+    reviewed : mapping, optional
+        :func:`bids_app.group.run.run_reviewed` output (None without reviewed masks).
     """
     import jinja2
 
@@ -579,7 +619,8 @@ def write_group_report(path: Path, *, tables: Mapping[str, Any], longitudinal: M
         outliers=_table(outliers, ["participant_id", "session_id", "measure", "value", "lower_fence", "upper_fence",
                                    "flag"], limit=100),
         failed=_table(failed, ["unit", "status", "exit_code", "message"], limit=200),
-        longitudinal=longi, comparisons=comps, associations=assoc, covariates=list(covariates),
+        longitudinal=longi, comparisons=comps, reviewed=_reviewed_section(reviewed, cohort),
+        associations=assoc, covariates=list(covariates),
         outputs=list(outputs), models=_models_section(tables),
     )
     return write_text(Path(path), text)
