@@ -281,7 +281,7 @@ def match_unit(edits: Edits, output_dir: Path) -> Automatic:
     paths = io_spec.unit_paths(output_dir, unit)
     try:
         sidecars = {k: _read_json(paths[k]) for k in ("epvs_mask_json", "clusters_json", "epvs_regions_json")
-                    if k != "epvs_regions_json" or paths[k].is_file()}
+                    if k == "epvs_mask_json" or paths[k].is_file()}
         table = pd.read_csv(paths["clusters_tsv"], sep="\t", na_values=["n/a"], keep_default_na=False)
         grid = nib.load(str(paths["epvs_mask"]))
         images = {k: np.asanyarray(nib.load(str(paths[k])).dataobj) for k in ("clusters_dseg", "epvs_probseg")}
@@ -448,7 +448,7 @@ def apply_review(edits: Edits, auto: Automatic, *, unsure: str = "keep") -> Revi
     """
     mask = reviewed_mask(auto.mask, auto.clusters, edits.decisions, unsure=unsure)
     blocked = auto.mask & ~mask
-    threshold = float(auto.sidecars["epvs_mask_json"].get("Threshold") or 0.5)
+    threshold = _threshold(auto.sidecars["epvs_mask_json"])
     zooms = auto.grid.header.get_zooms()[:3]
     added = []
     for n, (voxel, _) in enumerate(edits.added):
@@ -465,6 +465,13 @@ def apply_review(edits: Edits, auto: Automatic, *, unsure: str = "keep") -> Revi
         added.append({"voxel": list(voxel), "score": round(float(auto.score[voxel]), 4),
                       "grown_voxels": int(grown.sum())})
     return Review(mask, added, _counts(edits, auto, unsure, added))
+
+
+def _threshold(sidecar: dict) -> float:
+    """The operating point's threshold on the score (``Threshold``, else ``Parameters.threshold``; 0.5 if neither)."""
+    params = sidecar.get("Parameters") if isinstance(sidecar.get("Parameters"), dict) else {}
+    value = sidecar.get("Threshold", params.get("threshold"))
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.5
 
 
 def _counts(edits: Edits, auto: Automatic, unsure: str, added: list[dict]) -> dict:
@@ -492,18 +499,22 @@ def measure_reviewed(auto: Automatic, mask: np.ndarray):
         return nib.as_closest_canonical(nib.Nifti1Image(np.asarray(data, dtype), auto.grid.affine))
 
     paths = auto.paths
+    icv = _read_json(paths["brain_mask_json"]).get("IntracranialVolume_mm3")
+    with_regions = all(paths[k].is_file() for k in ("regions_dseg", "regions_tsv", "epvs_regions_tsv")) and icv
+    if paths["regions_dseg"].is_file() and not with_regions:
+        LOGGER.warning("%s: no region table or intracranial volume beside the regions dseg: no reviewed region "
+                       "outputs", auto.unit.label)
     try:
         preproc = nib.load(str(paths["preproc"]))
         n4 = nib.as_closest_canonical(preproc)
         brain = np.asanyarray(canonical(nib.load(str(paths["brain_mask"])).dataobj, np.uint8).dataobj) > 0
         regions = atlas = None
-        if paths["regions_dseg"].is_file():
+        if with_regions:
             regions = np.asanyarray(canonical(nib.load(str(paths["regions_dseg"])).dataobj, np.uint8).dataobj)
             atlas = pd.read_csv(paths["regions_tsv"], sep="\t", na_values=["n/a"], keep_default_na=False)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         raise MissingInputError(f"automatic outputs of {auto.unit.label} cannot be read ({exc})",
                                 paths["preproc"]) from None
-    icv = _read_json(paths["brain_mask_json"]).get("IntracranialVolume_mm3")
     pre = SimpleNamespace(n4=n4, originals={auto.unit.reference: preproc}, mask=brain, regions=regions,
                           atlas=SimpleNamespace(table=atlas if atlas is not None else _no_atlas()),
                           voxel_mm3=ops.voxel_volume_mm3(n4), icv_mm3=icv)
@@ -580,10 +591,12 @@ def write_reviewed(output_dir: Path, edits: Edits, auto: Automatic, review: Revi
     extras = {"clusters_json": REVIEW_COLUMNS, "epvs_regions_json": {"VisualRatingEstimates": measures.rating},
               "epvs_mask_json": {}}
     for key in ("clusters_json", *(("epvs_regions_json",) if have_regions else ()), "epvs_mask_json"):
-        source, extra = auto.paths[_REVIEWS[key]], extras[key]
-        written.append(write_json(paths[key], {**auto.sidecars[key], **extra, **prov,
+        source, automatic = auto.paths[_REVIEWS[key]], auto.sidecars.get(key, {})
+        if key == "clusters_json":  # column descriptions, when the automatic sidecar lacks them
+            automatic = {**io_spec.columns("clusters_tsv", auto.unit.combination), **automatic}
+        written.append(write_json(paths[key], {**automatic, **extras[key], **prov,
                                                "Sources": [bids_uri("", source.relative_to(output_dir))],
-                                               "Description": _description(auto.sidecars[key], edits)}))
+                                               "Description": _description(automatic, edits)}))
     return written
 
 

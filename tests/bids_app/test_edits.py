@@ -283,3 +283,37 @@ def test_finetune_takes_reviewed_masks_not_automatic_ones(tmp_path):
     assert [ft.mask_kind(n) for n in ("x_desc-manual_mask.nii.gz", "x_label-PVS_mask.nii.gz",
                                       "x_desc-T1wFLAIR_mask.nii.gz", "x_desc-reviewedZ_mask.nii.gz")] == \
         ["manual", "manual", "automatic", "reviewed"]
+
+
+def _to_las(out) -> None:
+    """Store the unit's images in LAS voxel order (first axis flipped), as many scanners write them."""
+    shape = (40, 40, 30)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = shape[0] - 1  # new voxel i -> old voxel I - 1 - i
+    for path in (out / "sub-01" / "anat").glob("*.nii.gz"):
+        img = nib.load(path)
+        nib.Nifti1Image(np.asanyarray(img.dataobj)[::-1], img.affine @ flip, img.header).to_filename(path)
+    tsv = _paths(out)["clusters_tsv"]
+    table = pd.read_csv(tsv, sep="\t")
+    table["centroid_i"] = shape[0] - 1 - table["centroid_i"]
+    table.to_csv(tsv, sep="\t", index=False, na_rep="n/a")
+
+
+def test_outputs_in_another_voxel_order(out, tmp_path):
+    """Edits name voxels of the files as stored; measuring happens on the RAS+ grid, as at the participant level."""
+    _to_las(out)
+    auto, rev = _paths(out), _paths(out, "JD")
+    assert nib.aff2axcodes(nib.load(auto["epvs_mask"]).affine) == ("L", "A", "S")
+    assert edits.main(["apply", str(out), _edits(out, tmp_path, decisions=[(c, "accept", None)
+                                                                       for c in range(1, 13)])]) == 0
+    np.testing.assert_array_equal(_load(rev["clusters_dseg"]), _load(auto["clusters_dseg"]))
+    a, r = (pd.read_csv(p["clusters_tsv"], sep="\t") for p in (auto, rev))
+    pd.testing.assert_frame_equal(r[a.columns], a, rtol=1e-5)
+    seed = (39 - BLOB_CENTRE[0], *BLOB_CENTRE[1:])
+    assert edits.main(["apply", str(out), _edits(out, tmp_path, decisions=[(3, "reject", "other"),
+                                                                       (7, "reject", "other")],
+                                                 added=[seed])]) == 0
+    mask, clusters = _load(auto["epvs_mask"]) > 0, _load(auto["clusters_dseg"])
+    expected = (mask & ~np.isin(clusters, [3, 7])) | _blob()[::-1]
+    np.testing.assert_array_equal(_load(rev["epvs_mask"]) > 0, expected)
+    assert nib.load(rev["epvs_mask"]).affine.tolist() == nib.load(auto["epvs_mask"]).affine.tolist()
