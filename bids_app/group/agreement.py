@@ -22,6 +22,7 @@ import pandas as pd
 from epvsseg import metrics
 
 from .. import io_spec
+from . import reviewed as reviews
 from . import sparse
 from .collect import WHOLE_BRAIN, TableError, Unit, _read_tsv, region_sort_key
 
@@ -39,15 +40,25 @@ RATE_MEASURES = ("voxel_sensitivity", "voxel_precision", "dice", "volumetric_sim
 def find_other_mask(root, unit: Unit) -> object:
     """The other folder's ePVS mask for ``unit``, or None when it has none.
 
-    Looks in ``<root>/sub-<l>[/ses-<s>]/anat`` for ``<stem>*_label-PVS*_mask.nii.gz``; with several,
-    the one with this unit's ``desc`` wins, else the choice is ambiguous and a :class:`TableError`
-    names the folder.
+    Looks in ``<root>/sub-<l>[/ses-<s>]/anat`` for ``<stem>*_label-PVS*_mask.nii.gz``. A reviewed mask
+    (``desc-reviewed<Rater>``) wins over the others (an output folder reviewed with ``epvs-bids-edits``;
+    reviews by several raters are ambiguous); else, with several, the one with this unit's ``desc``
+    wins, else the choice is ambiguous. Ambiguity raises a :class:`TableError` naming the folder.
     """
     from pathlib import Path
 
     anat = Path(root) / unit.participant_id / (unit.session_id or "") / "anat"
     hits = sorted(p for p in anat.glob(f"{unit.stem}_*mask.nii.gz") if "_label-PVS" in p.name
                   and p.name[len(unit.stem)] == "_")
+    reviewed = [p for p in hits if "_desc-reviewed" in p.name and reviews.reviewed_combination(
+        reviews.read_sidecar(p)) in (None, unit.combination)]
+    hits = [p for p in hits if "_desc-reviewed" not in p.name]
+    if reviewed:  # a folder holding automatic and reviewed masks (epvs-bids-edits apply): the reviewed one
+        if len(reviewed) > 1:
+            raise TableError(f"{anat}: reviewed masks of several raters for {unit.stem} "
+                             f"({', '.join(p.name for p in reviewed)}); keep one per unit, or run the group level "
+                             "on that output folder for agreement with every rater and between raters")
+        return reviewed[0]
     if len(hits) > 1:
         same = [p for p in hits if f"_desc-{unit.combination}_" in p.name]
         if len(same) == 1:

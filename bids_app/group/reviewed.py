@@ -40,7 +40,8 @@ class Review:
     sidecar: dict
 
 
-def _sidecar(path: Path) -> dict:
+def read_sidecar(path: Path) -> dict:
+    """The JSON sidecar of a reviewed mask ({} when absent or unreadable, with a warning)."""
     side = path.with_name(path.name[:-len(".nii.gz")] + ".json")
     if not side.is_file():
         return {}
@@ -81,7 +82,7 @@ def find_reviews(units: list[Unit]) -> list[Review]:
             rater = desc[len(PREFIX):]
             if not rater or path.name != f"{stem}_label-PVS_desc-{desc}_mask.nii.gz":
                 continue  # other entities in the name: not a review of this unit
-            sidecar = _sidecar(path)
+            sidecar = read_sidecar(path)
             combination = reviewed_combination(sidecar)
             if combination:
                 match = [u for u in group if u.combination == combination]

@@ -140,3 +140,13 @@ def test_review_matching_by_sources_and_inputsequences(run):
     assert reviewed.reviewed_combination({"InputSequences": ["T2w", "FLAIR"]}) == "T2wFLAIR"
     assert reviewed.reviewed_combination({"InputSequences": "T2w"}) == "T2w"
     assert reviewed.reviewed_combination({}) is None
+
+
+def test_reference_derivatives_take_the_reviewed_mask_of_an_output_folder(run, tmp_path):
+    from bids_app.group import agreement, collect
+    from bids_app.io_spec import TableError
+
+    units = {u.participant_id: u for u in collect.find_units(run["out"])}
+    assert agreement.find_other_mask(run["out"], units["sub-04"]).name == "sub-04_label-PVS_desc-reviewedJD_mask.nii.gz"
+    with pytest.raises(TableError, match="several raters for sub-01"):
+        agreement.find_other_mask(run["out"], units["sub-01"])
