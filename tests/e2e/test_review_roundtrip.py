@@ -24,9 +24,6 @@ from bids_app import finetune as ft
 from bids_app.cli.run import main
 from epvsseg import spec, synth
 
-GROUP_REVIEWED = pytest.mark.xfail(
-    strict=True, reason="the group level's reviewed_agreement.tsv (bids_app/group, issue #15 item 4) has not landed")
-
 
 def _review(out, label: str, rater: str, reject, seed) -> dict:
     """An Edits JSON for ``label``: reject clusters ``reject``, add a point at voxel ``seed``."""
@@ -125,15 +122,21 @@ def test_group_level_keeps_reviewed_files_out_of_the_cohort(roundtrip):
 
 
 @pytest.mark.slow
-@GROUP_REVIEWED
 def test_group_level_compares_automatic_and_reviewed(roundtrip):
     agreement = pd.read_csv(roundtrip["out"] / "group" / "reviewed_agreement.tsv", sep="\t")
-    assert len(agreement) >= 2
+    brain = agreement[agreement["name"] == "whole_brain"].set_index("participant_id")
+    assert sorted(brain.index) == ["sub-01", "sub-02"] and set(brain["rater"]) == {"JD"}
+    for sub in ("01", "02"):  # the automatic mask against the review: the rejected clusters and the point differ
+        auto, rev = (np.asanyarray(nib.load(p).dataobj) > 0 for p in sorted(
+            (roundtrip["out"] / f"sub-{sub}/anat").glob("*label-PVS_desc-*_mask.nii.gz"), key=lambda p: "rev" in p.name))
+        assert brain.at[f"sub-{sub}", "dice"] == pytest.approx(2 * (auto & rev).sum() / (auto.sum() + rev.sum()))
+        assert brain.at[f"sub-{sub}", "dice"] < 1
 
 
 # ------------------------------------------------------------------ fast: one unit, the console script
-@pytest.fixture
-def reviewed_unit(tmp_path):
+@pytest.fixture(scope="module")
+def reviewed_unit(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("one-unit")
     make_raw(tmp_path / "raw", {"01": {"age": 70}})
     out = tmp_path / "out"
     make_unit(out, "01", sites=lattice()[:10])
@@ -158,7 +161,11 @@ def test_apply_then_group_on_one_unit(reviewed_unit):
     assert len(pd.read_csv(out / "group" / "cohort.tsv", sep="\t")) == 1  # the review is not a unit
 
 
-@GROUP_REVIEWED
 def test_group_level_writes_reviewed_agreement_for_one_unit(reviewed_unit):
+    """10 clusters of 12 voxels; the review rejects 2 and adds a 7-voxel point (score 0 there: the face cross)."""
     agreement = pd.read_csv(reviewed_unit["out"] / "group" / "reviewed_agreement.tsv", sep="\t")
-    assert len(agreement) >= 1
+    brain = agreement[agreement["name"] == "whole_brain"].iloc[0]
+    assert brain["rater"] == "AB" and "desc-reviewedAB" in brain["reviewed_mask"]
+    assert brain["dice"] == pytest.approx(2 * 96 / (120 + 103))
+    assert brain["voxel_precision"] == pytest.approx(96 / 120) and brain["voxel_sensitivity"] == pytest.approx(96 / 103)
+    assert (brain["n_pred_clusters"], brain["n_ref_clusters"]) == (10, 9)
