@@ -561,9 +561,25 @@ def plausibility(prep: Prepared, detected: np.ndarray, table) -> dict:
     return out
 
 
+def task_order(names: list[str]) -> list[tuple[str, str]]:
+    """What a model run does, most needed first (results are written after each task, so a run cut short
+    still leaves the most important numbers): the T2w scans and their injections (#17's targets), the
+    averages, the adult rescan pair, every other scan as it is, the child pair, then the T1w injections."""
+    t2w = [n for n in names if BY_NAME[n].inject and BY_NAME[n].sequence == "T2w"]
+    tasks = [t for n in t2w for t in (("scan", n), ("inject", n))]
+    tasks += [("scan", n) for n in names if BY_NAME[n].average]
+    for pair, scans in RESCAN_PAIRS.items():
+        tasks += [("scan", n) for n in scans if n in names and ("scan", n) not in tasks] + [("rescan", pair)]
+        if pair.startswith("dcm_qa_uih"):
+            tasks += [("scan", n) for n in names if ("scan", n) not in tasks]
+    tasks += [("inject", n) for n in names if BY_NAME[n].inject and BY_NAME[n].sequence != "T2w"]
+    return tasks
+
+
 def run_model(model: str, names: list[str], command: str) -> dict:
-    """Every measure for one model; writes ``real_scans_<model>.json`` and ``.md``."""
+    """Every measure for one model, in :func:`task_order`; writes ``real_scans_<model>.json`` and ``.md``."""
     from epvsprep.anatomy import load_kit
+    from epvsseg.metrics import count_clusters
     from epvsseg.spec import load_spec
 
     spec = load_spec(model)
@@ -571,35 +587,42 @@ def run_model(model: str, names: list[str], command: str) -> dict:
     results = {"model_id": spec.model_id, "weights_sha256": spec.sha256, "threshold": spec.threshold,
                "min_cluster_voxels": spec.min_cluster_voxels, "command": command, "scans": {},
                "injected": [], "rescan": [], "plausibility": []}
-    detections = {}
-    for name in names:
-        if not prep_path(name).exists():
-            print(f"{name}: not preprocessed, skipped", flush=True)
-            continue
-        prep = load_prepared(name)
-        det, seconds = baseline_detection(spec, prep)
-        detections[name] = (prep, det)
-        from epvsseg.metrics import count_clusters
-
-        results["scans"][name] = {"sequence": prep.scan.sequence, "dataset": prep.scan.dataset,
-                                  "held_out": held_out(spec, prep.scan), "note": prep.scan.note,
-                                  "n_clusters": count_clusters(det), "detected_mm3": float(
-                                      det.sum() * abs(np.linalg.det(prep.affine[:3, :3]))),
-                                  "seconds": round(seconds, 1), "qc_flags": prep.info["qc_flags"]}
-        print(json.dumps({name: results["scans"][name]}), flush=True)
-        results["plausibility"].append(plausibility(prep, det, table))
-        if prep.scan.inject and results["scans"][name]["held_out"]:
-            results["injected"].extend(injected_cases(spec, prep, det))
-    for pair, (a, b) in RESCAN_PAIRS.items():
-        if a in detections and b in detections:
-            results["rescan"].append(rescan(spec, pair, detections[a][0], detections[b][0], detections[a][1],
-                                            detections[b][1]))
+    missing = [n for n in names if not prep_path(n).exists()]
+    for name in missing:
+        print(f"{name}: not preprocessed (run --prep-only), skipped", flush=True)
+    for task, name in task_order([n for n in names if n not in missing]):
+        if task == "scan":
+            prep = load_prepared(name)
+            det, seconds = baseline_detection(spec, prep)
+            results["scans"][name] = {
+                "sequence": prep.scan.sequence, "dataset": prep.scan.dataset, "held_out": held_out(spec, prep.scan),
+                "note": prep.scan.note, "n_clusters": count_clusters(det),
+                "detected_mm3": float(det.sum() * abs(np.linalg.det(prep.affine[:3, :3]))),
+                "seconds": round(seconds, 1), "qc_flags": prep.info["qc_flags"]}
+            print(json.dumps({name: results["scans"][name]}), flush=True)
+            results["plausibility"].append(plausibility(prep, det, table))
+        elif task == "inject" and held_out(spec, BY_NAME[name]):
+            prep = load_prepared(name)
+            results["injected"].extend(injected_cases(spec, prep, baseline_detection(spec, prep)[0]))
+        elif task == "rescan" and all(n in results["scans"] for n in RESCAN_PAIRS[name]):
+            a, b = (load_prepared(n) for n in RESCAN_PAIRS[name])
+            results["rescan"].append(rescan(spec, name, a, b, baseline_detection(spec, a)[0],
+                                            baseline_detection(spec, b)[0]))
             print(json.dumps({k: v for k, v in results["rescan"][-1].items() if k != "registration"}), flush=True)
+        save_results(results)
+    return results
+
+
+def save_results(results: dict) -> None:
+    """``real_scans_<model>.json`` and ``.md`` of the results so far (scans in :data:`SCANS` order)."""
+    order = [s.name for s in SCANS]
+    results["scans"] = dict(sorted(results["scans"].items(), key=lambda kv: order.index(kv[0])))
+    results["plausibility"].sort(key=lambda p: order.index(p["scan"]))
+    results["injected"].sort(key=lambda r: (order.index(r["scan"]), list(BURDENS).index(r["burden"])))
     results["injected_summary"] = summaries(results["injected"])
-    out = RESULTS / f"real_scans_{spec.model_id}"
+    out = RESULTS / f"real_scans_{results['model_id']}"
     _write(out.with_suffix(".json"), json.dumps(results, indent=1, default=float) + "\n")
     _write(out.with_suffix(".md"), report([results]))
-    return results
 
 
 def summaries(records: list[dict]) -> dict:
@@ -655,7 +678,8 @@ def report(results: list[dict]) -> str:
              "Issue #17, item 4. Produced by `benchmarks/real_scans.py` (seeded). Commands:\n\n",
              *[f"- `{r['command']}` (weights sha256 `{r['weights_sha256'][:16]}...`, threshold {r['threshold']}, "
                f"min cluster {r['min_cluster_voxels']} voxels)\n" for r in results],
-             "\nEvery scan was preprocessed once by the app's own path (`epvsprep.pipeline.preprocess`: conform, "
+             "\nPreprocessing first: `python benchmarks/real_scans.py --prep-only` (once for all models). "
+             "Every scan was preprocessed once by the app's own path (`epvsprep.pipeline.preprocess`: conform, "
              "N4, deepbet brain mask, template registration) and detected with `epvsseg.detect.detect` on the "
              "CPU. Targets of #17 are given beside each number (`met` / `missed by X`). Sets: *evaluation only* "
              "and *training* as in `../shared/README.md`.\n"]

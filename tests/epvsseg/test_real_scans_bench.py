@@ -153,3 +153,15 @@ def test_held_out_reads_the_models_training_record():
     assert rs.held_out(V3, xa30)
     assert not rs.held_out(V3, rs.BY_NAME["icbm2009a_t1w"])
     assert rs.held_out(AllAnatomies, rs.BY_NAME["clinical_t2w"])  # evaluation-only scans are always held out
+
+
+def test_task_order_puts_the_t2w_targets_first_and_does_each_task_once():
+    names = [s.name for s in rs.SCANS]
+    tasks = rs.task_order(names)
+    assert len(tasks) == len(set(tasks))
+    assert tasks[:2] == [("scan", "clinical_t2w"), ("inject", "clinical_t2w")]
+    assert {n for t, n in tasks if t == "scan"} == set(names)
+    first_t1w_injection = next(i for i, (t, n) in enumerate(tasks) if t == "inject" and rs.BY_NAME[n].sequence == "T1w")
+    assert all(t != "scan" for t, _ in tasks[first_t1w_injection:])
+    rescans = [n for t, n in tasks if t == "rescan"]
+    assert rescans == list(rs.RESCAN_PAIRS)
