@@ -62,7 +62,7 @@ def _open(context, url: str):
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("request", lambda r: requests.append(r.url))
     started = time.monotonic()
-    page.goto(url)
+    page.goto(url, timeout=120_000)
     page.wait_for_function("document.body.dataset.viewer === 'ready'", timeout=90_000)
     return page, problems, requests, time.monotonic() - started
 
@@ -130,8 +130,7 @@ def test_review_in_chromium(browser, unit, tmp_path):
     assert all(0 <= v < n for v, n in zip(added["voxel"], viewer_unit.SHAPE))
 
     # decisions and the added point survive a reload (browser storage)
-    page.reload()
-    page.wait_for_function("document.body.dataset.viewer === 'ready'", timeout=90_000)
+    page.reload(timeout=120_000)  # the table and the progress are painted before the viewer starts: no need to wait for it
     assert page.locator("#review-progress").inner_text() == "3 of 4 reviewed"
     assert _row(page, 1).locator(".decision").inner_text() == "accept"
 
@@ -171,7 +170,7 @@ def test_report_without_its_data_file_says_what_to_copy(browser, unit, tmp_path)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(alone.as_uri())
+    page.goto(alone.as_uri(), timeout=120_000)
     page.wait_for_function("document.getElementById('viewer-status').textContent.includes('not found')")
     assert "figures/niivue-" in page.locator("#viewer-status").inner_text()
     _row(page, 2).click()  # the table still works
@@ -179,3 +178,49 @@ def test_report_without_its_data_file_says_what_to_copy(browser, unit, tmp_path)
     assert page.locator("#review-progress").inner_text() == "1 of 4 reviewed"
     assert not errors, errors
     context.close()
+
+
+def measure(out_dir: Path, repeats: int = 3) -> list[dict]:
+    """Size of each report and of its viewer data, and the time chromium takes to show its viewer.
+
+    ``load_s``: from navigation to the viewer being ready (images decoded, NiiVue drawing), median of
+    ``repeats`` loads in a fresh browser context each; headless chromium renders WebGL2 in software
+    (SwiftShader), so a desktop browser with a GPU is faster.
+    """
+    import statistics
+
+    from playwright.sync_api import sync_playwright
+
+    from bids_app import io_spec
+    from bids_app.outputs import read_json, unit_id
+
+    out_dir = Path(out_dir)
+    library = out_dir / report.VIEWER_FOLDER / report.viewer_library()["file"]
+    rows = []
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        for found in io_spec.find_units(out_dir):
+            plan = read_json(io_spec.unit_paths(out_dir, found)["provenance"], ("plan",))["plan"]
+            unit = unit_id(plan)
+            html = io_spec.unit_paths(out_dir, unit)["report"]
+            data = report.viewer_data_path(out_dir, unit)
+            times = []
+            for _ in range(repeats):
+                context = chromium.new_context()
+                page, problems, requests, load_s = _open(context, html.as_uri())
+                assert not problems, problems
+                assert not [u for u in requests if not u.startswith(("file://", "blob:", "data:"))]
+                times.append(load_s)
+                context.close()
+            rows.append({"unit": unit.label, "report_MB": html.stat().st_size / 1e6,
+                         "viewer_data_MB": data.stat().st_size / 1e6, "library_MB": library.stat().st_size / 1e6,
+                         "load_s": statistics.median(times), "loads_s": [round(t, 2) for t in times]})
+        chromium.close()
+    return rows
+
+
+if __name__ == "__main__":  # python tests/e2e/test_review_browser.py OUT_DIR: the numbers of docs/review.md
+    import sys
+
+    for row in measure(Path(sys.argv[1])):
+        print(json.dumps(row))

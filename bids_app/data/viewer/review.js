@@ -165,7 +165,12 @@
     paintRow(current);
     paintProgress();
     say("cluster " + current + ": " + (decision === null ? "decision cleared" : decisionText(state.decisions[current])));
-    if (decision !== null) step(1);
+    if (decision === null) return;
+    const shown = visibleRows(); // the next row is taken before the filter may hide the one just decided
+    const at = shown.findIndex((r) => Number(r.dataset.cluster) === current);
+    const next = at >= 0 && at + 1 < shown.length ? Number(shown[at + 1].dataset.cluster) : null;
+    applyFilters();
+    if (next !== null) select(next);
   }
 
   // ------------------------------------------------------------------ added (missed) ePVS
@@ -342,7 +347,7 @@
     const viewer = new niivue.Niivue({
       backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 0.3, crosshairGap: 8,
       crosshairColor: [0.2, 0.9, 1, 0.8], viewModeHotKey: "", clipPlaneHotKey: "", loadingText: "",
-      isRadiologicalConvention: false,
+      isRadiologicalConvention: false, multiplanarShowRender: 0, // no 3D panel: slow without a GPU; "3D" in View
     });
     await viewer.attachToCanvas(canvas);
     const load = async (name, colormap, extra) => {
