@@ -33,7 +33,16 @@ import pandas as pd
 
 from . import __version__, io_spec
 from .derivatives import bids_uri, write_json, write_nifti, write_text, write_tsv
-from .errors import EXIT_OK, EpvsError, InputError, MissingInputError, UsageError, exit_code_for
+from .errors import (
+    EXIT_DATAERR,
+    EXIT_NOINPUT,
+    EXIT_OK,
+    EpvsError,
+    InputError,
+    MissingInputError,
+    UsageError,
+    exit_code_for,
+)
 from .io_spec import TableError, UnitId
 
 LOGGER = logging.getLogger(__name__)
@@ -286,14 +295,20 @@ def match_unit(edits: Edits, output_dir: Path) -> Automatic:
         grid = nib.load(str(paths["epvs_mask"]))
         images = {k: np.asanyarray(nib.load(str(paths[k])).dataobj) for k in ("clusters_dseg", "epvs_probseg")}
     except (OSError, ValueError, TableError, nib.filebasedimages.ImageFileError) as exc:
-        raise MissingInputError(f"automatic outputs of {unit.label} cannot be read ({exc})",
-                                paths["epvs_mask"]) from None
+        raise _unreadable(exc, unit, paths["epvs_mask"]) from None
     auto = Automatic(unit, paths, grid, np.asanyarray(grid.dataobj) > 0, images["clusters_dseg"].astype(np.int64),
                      images["epvs_probseg"].astype(np.float32), table, sidecars)
     _check_model(edits, auto)
     _check_clusters(edits, auto)
     _check_added(edits, auto)
     return auto
+
+
+def _unreadable(exc: Exception, unit: UnitId, path: Path) -> EpvsError:
+    """A missing automatic output (exit 66) or an unreadable one (exit 65), naming it."""
+    if isinstance(exc, FileNotFoundError) or isinstance(exc.__cause__, FileNotFoundError):
+        return MissingInputError(f"an automatic output of {unit.label} is missing ({exc})", path)
+    return InputError(f"an automatic output of {unit.label} cannot be read ({exc})", path)
 
 
 def _read_json(path: Path) -> dict:
@@ -513,8 +528,7 @@ def measure_reviewed(auto: Automatic, mask: np.ndarray):
             regions = np.asanyarray(canonical(nib.load(str(paths["regions_dseg"])).dataobj, np.uint8).dataobj)
             atlas = pd.read_csv(paths["regions_tsv"], sep="\t", na_values=["n/a"], keep_default_na=False)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise MissingInputError(f"automatic outputs of {auto.unit.label} cannot be read ({exc})",
-                                paths["preproc"]) from None
+        raise _unreadable(exc, auto.unit, paths["preproc"]) from None
     pre = SimpleNamespace(n4=n4, originals={auto.unit.reference: preproc}, mask=brain, regions=regions,
                           atlas=SimpleNamespace(table=atlas if atlas is not None else _no_atlas()),
                           voxel_mm3=ops.voxel_volume_mm3(n4), icv_mm3=icv)
@@ -729,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     except EpvsError as exc:
         LOGGER.error("%s", exc)
         return exc.exit_code
+    except TableError as exc:  # an automatic sidecar or table (names the file)
+        LOGGER.error("%s", exc)
+        return EXIT_NOINPUT if isinstance(exc.__cause__, FileNotFoundError) else EXIT_DATAERR
     except OSError as exc:
         LOGGER.error("%s", exc)
         return exit_code_for(exc)

@@ -317,3 +317,19 @@ def test_outputs_in_another_voxel_order(out, tmp_path):
     expected = (mask & ~np.isin(clusters, [3, 7])) | _blob()[::-1]
     np.testing.assert_array_equal(_load(rev["epvs_mask"]) > 0, expected)
     assert nib.load(rev["epvs_mask"]).affine.tolist() == nib.load(auto["epvs_mask"]).affine.tolist()
+
+
+@pytest.mark.parametrize("key, damage, code", [
+    ("epvs_probseg", b"not an image", 65), ("preproc", None, 66), ("brain_mask_json", b"{broken", 65),
+    ("brain_mask_json", None, 66), ("epvs_mask_json", None, 66),
+])
+def test_damaged_automatic_outputs_are_named(out, tmp_path, caplog, key, damage, code):
+    path = _edits(out, tmp_path, decisions=[(1, "reject", "vessel")])
+    target = _paths(out)[key]
+    if damage is None:
+        target.unlink()
+    else:
+        target.write_bytes(damage)
+    before = _snapshot(out)
+    assert edits.main(["apply", str(out), path]) == code
+    assert _snapshot(out) == before and target.name in caplog.text
