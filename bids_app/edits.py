@@ -596,15 +596,22 @@ def write_reviewed(output_dir: Path, edits: Edits, auto: Automatic, review: Revi
     written = [write_nifti(paths["epvs_mask"], review.mask.astype(np.uint8), grid, np.uint8),
                write_nifti(paths["clusters_dseg"], ops.restore_orientation(measures.labels, grid), grid, np.int32),
                write_tsv(paths["clusters_tsv"], table)]
-    have_regions = measures.regions_table is not None
-    if have_regions:
+    if measures.regions_table is not None:
         regions = np.asanyarray(nib.load(str(auto.paths["regions_dseg"])).dataobj).astype(np.uint8)
         written += [write_nifti(paths["epvs_regions_dseg"], regions * review.mask, grid, np.uint8),
                     write_tsv(paths["epvs_regions_tsv"], measures.regions_table)]
+    return written + _write_sidecars(output_dir, paths, edits, auto, review, measures)
+
+
+def _write_sidecars(output_dir: Path, paths: dict, edits: Edits, auto: Automatic, review: Review,
+                    measures) -> list[Path]:
+    """The reviewed sidecars: the automatic one's fields, the review's provenance, ``Sources`` = the file reviewed."""
     prov = _provenance(output_dir, edits, review)
     extras = {"clusters_json": REVIEW_COLUMNS, "epvs_regions_json": {"VisualRatingEstimates": measures.rating},
               "epvs_mask_json": {}}
-    for key in ("clusters_json", *(("epvs_regions_json",) if have_regions else ()), "epvs_mask_json"):
+    written = []
+    for key in ("clusters_json", *(("epvs_regions_json",) if measures.regions_table is not None else ()),
+                "epvs_mask_json"):
         source, automatic = auto.paths[_REVIEWS[key]], auto.sidecars.get(key, {})
         if key == "clusters_json":  # column descriptions, when the automatic sidecar lacks them
             automatic = {**io_spec.columns("clusters_tsv", auto.unit.combination), **automatic}
