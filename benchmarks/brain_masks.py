@@ -94,7 +94,7 @@ def measure(name: str, rel: str, sequence: str, age, dataset: str, ref, cache: P
     """Run the preprocessing on one scan and measure its mask and ICV."""
     import torch
 
-    from epvsprep import brain, ops, pipeline
+    from epvsprep import anatomy, brain, pipeline
     from epvsprep.cache import StepCache
 
     torch.set_num_threads(2)
@@ -104,12 +104,12 @@ def measure(name: str, rel: str, sequence: str, age, dataset: str, ref, cache: P
                               tick=lambda step: ticks.setdefault(step, round(time.monotonic() - started, 1)),
                               age_years=age)
     data = np.asanyarray(pre.n4.dataobj)
-    t = time.monotonic()
-    plain = np.asanyarray(ops.brain_mask(pre.n4).dataobj) > 0
-    plain_s = time.monotonic() - t
+    plain, plain_s = _plain_deepbet(name, pre.n4, masks)
     masks.mkdir(parents=True, exist_ok=True)
     nib.save(pre.n4, masks / f"{name}_n4.nii.gz")
     nib.save(pre.brain, masks / f"{name}_mask.nii.gz")
+    if pre.icv_mask is not None:
+        nib.save(nib.Nifti1Image(pre.icv_mask.astype(np.uint8), pre.n4.affine), masks / f"{name}_icv.nii.gz")
     nib.save(nib.Nifti1Image(plain.astype(np.uint8), pre.n4.affine), masks / f"{name}_deepbet.nii.gz")
     row = {"name": name, "file": rel, "sequence": sequence, "age_years": age, "set": dataset,
            "shape": list(data.shape), "spacing_mm": [round(float(s), 3) for s in pre.spacing_mm],
@@ -118,15 +118,57 @@ def measure(name: str, rel: str, sequence: str, age, dataset: str, ref, cache: P
            "background_share": brain.background_share(pre.mask, data),
            "deepbet_plain_brain_L": round(float(plain.sum() * pre.voxel_mm3) / 1e6, 4),
            "deepbet_plain_background_share": brain.background_share(plain, data),
-           "deepbet_plain_seconds": round(plain_s, 1),
+           "deepbet_plain_seconds": plain_s,
            "template_mask_dice": (pre.qc["registration"].get("template") or {}).get("brain_mask_dice"),
+           "IcvMethod": anatomy.ICV_METHOD_NAME,
+           "icv_brain_ratio": None if pre.icv_mm3 is None else round(pre.icv_mm3 / pre.brain_mm3, 3),
+           "icv_affine_L": None if pre.qc.get("icv_affine_mm3") is None else round(pre.qc["icv_affine_mm3"] / 1e6, 4),
            "flags": pre.qc["flags"], "brain_mask_ok": pre.qc["brain_mask_ok"], "step_seconds": ticks}
     if ref is not None:
         refm = reference_mask(ref[0], ref[1], pre.n4)
         row["dice_vs_reference"] = round(dice(pre.mask, refm), 4)
         row["deepbet_plain_dice_vs_reference"] = round(dice(plain, refm), 4)
         row["reference"] = ref[1] or "template kit tpl-ICBM152NLin2009aSym_res-2_desc-brain_mask"
+        row["difference_vs_reference"] = edge_difference(pre.mask, refm, data, pre.spacing_mm)
+        row["plain_difference_vs_reference"] = edge_difference(plain, refm, data, pre.spacing_mm)
     return row
+
+
+def _plain_deepbet(name: str, n4: nib.Nifti1Image, masks: Path) -> tuple[np.ndarray, float | None]:
+    """Plain deepbet on the bias-corrected image; reused from ``masks`` when saved there for the same image."""
+    from epvsprep import ops
+
+    saved, saved_n4 = masks / f"{name}_deepbet.nii.gz", masks / f"{name}_n4.nii.gz"
+    if saved.exists() and saved_n4.exists():
+        old = nib.load(saved_n4)
+        if old.shape == n4.shape and np.allclose(old.affine, n4.affine) and np.array_equal(
+                np.asanyarray(old.dataobj), np.asanyarray(n4.dataobj)):
+            return np.asanyarray(nib.load(saved).dataobj) > 0, None
+    started = time.monotonic()
+    plain = np.asanyarray(ops.brain_mask(n4).dataobj) > 0
+    return plain, round(time.monotonic() - started, 1)
+
+
+def edge_difference(mask: np.ndarray, ref: np.ndarray, data: np.ndarray, zooms) -> dict:
+    """Where a mask differs from a reference mask: volume outside the reference by distance from its edge
+    (mm³ per band), volume missing, and the intensity of the extra voxels relative to the reference brain."""
+    from scipy import ndimage
+
+    mask, ref = np.asarray(mask) > 0, np.asarray(ref) > 0
+    vox = float(np.prod(zooms))
+    extra, missing = mask & ~ref, ref & ~mask
+    dist = ndimage.distance_transform_edt(~ref, sampling=zooms)
+    bands = [(0, 1), (1, 2), (2, 3), (3, 1000)]
+    out = {"extra_mm3": round(float(extra.sum() * vox)), "missing_mm3": round(float(missing.sum() * vox)),
+           "extra_by_distance_mm3": {f"{lo}-{hi} mm" if hi < 1000 else f">{lo} mm":
+                                     round(float((extra & (dist > lo) & (dist <= hi)).sum() * vox))
+                                     for lo, hi in bands}}
+    if extra.any():
+        top = float(np.percentile(data[ref], 90))
+        rim = ref & (ndimage.distance_transform_edt(ref, sampling=zooms) <= 2.0)
+        out["extra_median_intensity"] = round(float(np.median(data[extra])) / top, 3)
+        out["reference_rim_median_intensity"] = round(float(np.median(data[rim])) / top, 3)
+    return out
 
 
 def pair_rows(rows: dict[str, dict]) -> list[dict]:

@@ -203,6 +203,8 @@ class TemplateRegistration:
         Template sequence and transform type used.
     seconds : float
         Wall time of the registration (s).
+    affine_icv_mm3 : float or None
+        The template's ICV scaled by the affine part of the registration (:func:`_affine_icv_mm3`), mm³.
     """
 
     labels: nib.Nifti1Image
@@ -218,6 +220,7 @@ class TemplateRegistration:
     sequence: str
     transform: str
     seconds: float
+    affine_icv_mm3: float | None = None
 
 
 #: Registration settings by name: ``(type_of_transform, syn iterations per level, grid mm)``.
@@ -238,6 +241,31 @@ def _resample_iso(aimg, mm: float):
     return ants.resample_image(aimg, (mm, mm, mm), use_voxels=False, interp_type=0)
 
 
+#: Margin (mm) around the subject's brain mask and the template's region seen by the registration: 0, because the
+#: template is zero outside its intracranial mask; any margin lets the subject's skull and scalp pull the
+#: template's intracranial edge out to the margin's edge (the ICV was 1.4 x the brain mask with 8 mm).
+REGISTRATION_MARGIN_MM = 0.0
+#: Which template mask corresponds to a subject's brain mask in the registration (``icv`` or ``brain``).
+TEMPLATE_REGION = "icv"
+
+
+def template_region(kit: TemplateKit) -> np.ndarray:
+    """The template voxels matched with the subject's brain mask (bool, 2 mm template grid)."""
+    from scipy import ndimage
+
+    return ndimage.binary_fill_holes(np.asanyarray(kit.images[TEMPLATE_REGION].dataobj) > 0.5)
+
+
+def _within(mask: np.ndarray, affine: np.ndarray, margin_mm: float) -> np.ndarray:
+    """Voxels of ``mask`` or at most ``margin_mm`` (mm) outside it (bool, same shape)."""
+    if margin_mm <= 0:
+        return mask
+    from scipy import ndimage
+
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return ndimage.distance_transform_edt(~mask, sampling=zooms) <= margin_mm
+
+
 def register_template(
     subject: nib.Nifti1Image,
     subject_mask: nib.Nifti1Image,
@@ -245,15 +273,15 @@ def register_template(
     *,
     sequence: str,
     setting: str = "fast",
-    margin_mm: float = 8.0,
+    margin_mm: float = REGISTRATION_MARGIN_MM,
     seed: int = 42,
 ) -> TemplateRegistration:
     """Register the template to a subject (affine + optional SyN, antspyx) and warp the atlas.
 
-    Both images are brain-masked (the subject by ``subject_mask``, the template by its
-    intracranial mask) and registered on an isotropic grid (2 mm by default), which makes
-    the result insensitive to thick slices and to the skull; the transforms then map the
-    1 mm labels and the masks onto the subject's full-resolution grid.
+    Both images are masked (the subject by ``subject_mask``, the template by
+    :func:`template_region`, both plus ``margin_mm``) and registered on an isotropic grid (2 mm by
+    default), which makes the result insensitive to thick slices, to the skull and to the neck; the
+    transforms then map the 1 mm labels and the masks onto the subject's full-resolution grid.
 
     Parameters
     ----------
@@ -267,6 +295,8 @@ def register_template(
         Sequence of ``subject`` (``T1w``, ``T2w``, ``FLAIR``, ``SWI``) selecting the template image.
     setting : str
         Key of :data:`REGISTRATION_SETTINGS`.
+    margin_mm : float
+        Margin around both masks seen by the registration (mm; :data:`REGISTRATION_MARGIN_MM`).
     seed : int
         Random seed of the metric sampling.
 
@@ -283,17 +313,12 @@ def register_template(
     mask = np.asanyarray(subject_mask.dataobj) > 0
     if not mask.any():
         raise ImageError("brain mask is empty: cannot register the template")
-    keep = mask
-    if margin_mm > 0:
-        from scipy import ndimage
-
-        zooms = np.sqrt((np.asarray(subject.affine)[:3, :3] ** 2).sum(axis=0))
-        keep = ndimage.distance_transform_edt(~mask, sampling=zooms) <= margin_mm
-    sdata = np.asanyarray(subject.dataobj).astype(np.float32) * keep
+    sdata = np.asanyarray(subject.dataobj).astype(np.float32) * _within(mask, subject.affine, margin_mm)
     afix_full = nib_to_ants(nib.Nifti1Image(sdata, subject.affine))
     afix = _resample_iso(afix_full, grid_mm)
     template = synthesise_contrast(kit, sequence)
-    amov = _resample_iso(nib_to_ants(template), grid_mm)
+    tdata = np.asanyarray(template.dataobj) * _within(template_region(kit), template.affine, margin_mm)
+    amov = _resample_iso(nib_to_ants(nib.Nifti1Image(tdata.astype(np.float32), template.affine)), grid_mm)
     kwargs = {"aff_metric": "mattes", "aff_sampling": 32, "aff_random_sampling_rate": 0.25,
               "aff_iterations": (1000, 500, 250), "aff_shrink_factors": (4, 2, 1),
               "aff_smoothing_sigmas": (2, 1, 0)}
@@ -302,6 +327,7 @@ def register_template(
     with ants_seeded(seed):  # antspyx ignores a random_seed= keyword
         reg = ants.registration(fixed=afix, moving=amov, type_of_transform=kind, **kwargs)
     fwd = reg["fwdtransforms"]
+    affine_icv = _affine_icv_mm3(fwd, kit)
     fix_mask = _resample_iso(nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), subject.affine)), grid_mm)
     fix_mask = fix_mask.new_image_like((fix_mask.numpy() > 0.5).astype(np.float32))
     identity = ants.resample_image_to_target(amov, afix, interp_type="linear")
@@ -337,15 +363,36 @@ def register_template(
         labels=img(labels, np.uint8), icv_mask=img(icv, np.uint8), brain_mask=img(brain, np.uint8),
         gm=img(gm, np.float32), wm=img(wm, np.float32), warped=img(warped, np.float32),
         similarity_before=before, similarity_after=after, mask_dice=dice, ok=ok, sequence=sequence,
-        transform=f"{kind}:{setting}", seconds=time.monotonic() - started,
+        transform=f"{kind}:{setting}", seconds=time.monotonic() - started, affine_icv_mm3=affine_icv,
     )
 
 
+def _affine_icv_mm3(transforms: list[str], kit: TemplateKit) -> float | None:
+    """The template's ICV divided by the volume scaling of the registration's affine part (mm³).
+
+    ANTs' forward affine maps subject points to template points, so a subject head of volume V
+    occupies ``V * |det A|`` in template space (Buckner et al. 2004's atlas scaling factor, the
+    basis of FreeSurfer's eTIV). None when the transform list has no affine.
+    """
+    import ants
+
+    mats = [t for t in transforms if t.endswith(".mat")]
+    if not mats:
+        return None
+    matrix = np.asarray(ants.read_transform(mats[-1]).parameters[:9], dtype=float).reshape(3, 3)
+    icv = kit.images["icv"]
+    vox = float(abs(np.linalg.det(icv.affine[:3, :3])))
+    return float((np.asanyarray(icv.dataobj) > 0.5).sum() * vox / abs(np.linalg.det(matrix)))
+
+
 # ------------------------------------------------------------------- ICV and regions
+#: Short name of the ICV method (benchmarks and tables).
+ICV_METHOD_NAME = "template-warp-brain-restricted"
 #: How :func:`intracranial_volume_mm3` is computed, for the brain-mask sidecar (``IcvMethod``).
-ICV_METHOD = ("template-warp: the ICBM152 2009a intracranial mask registered (affine + SyN) to the reference "
-              "image inside its brain mask (8 mm margin), united with the brain mask; the head crop and the "
-              "skull-stripped check of the brain mask keep neck and skull out of it")
+ICV_METHOD = (f"{ICV_METHOD_NAME}: the ICBM152 2009a template, zero outside its intracranial mask, registered "
+              "(affine + SyN, 2 mm) to the reference image zeroed outside its brain mask (no margin: neither "
+              "skull, scalp nor neck is seen), its intracranial mask warped and united with the brain mask; "
+              "QC.icv_affine_mm3 is the template ICV scaled by the affine part alone (eTIV-like cross-check)")
 
 
 def intracranial_volume_mm3(icv_mask: np.ndarray, brain_mask: np.ndarray, voxel_mm3: float) -> float:

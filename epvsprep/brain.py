@@ -4,9 +4,10 @@
 
 1. **skull-stripped input?** (:func:`skull_stripped`) Brain-extracted images (FSL BET, HD-BET,
    FreeSurfer, dataset releases) are zero outside the brain. When most of the field of view is
-   exactly zero, the non-zero support is no larger than a brain, and at most 1 % of it is at ~0
-   intensity (the QC's background limit), the given brain is kept as
-   the mask (its largest connected component, holes filled): a network would only add a border
+   exactly zero, the non-zero support is no larger than a brain, and at most 1 % of it (less its
+   outermost voxel layer, where a resampled or averaged brain fades to 0) is at ~0 intensity (the
+   QC's background limit), the given brain is kept as the mask (its largest connected component,
+   holes filled, less its ~0 rim by :func:`drop_background`): a network would only add a border
    or, where the image lacks part of the brain, a block of empty background.
 2. **head crop** (:func:`head_crop`) Otherwise the head is found (smoothed image above a fraction
    of its robust maximum, largest component), and everything more than :data:`HEAD_HEIGHT_MM`
@@ -102,8 +103,9 @@ def skull_stripped(data: np.ndarray, voxel_mm3: float) -> bool:
     if not 0 < support.sum() * voxel_mm3 <= STRIPPED_MAX_MM3:
         return False
     # a given brain must pass the QC's own background limit: a head whose air is zero-filled beyond a
-    # layer of low non-zero noise (e.g. a conformed 256³ image) is not a brain
-    return background_share(support, data) <= STRIPPED_MAX_BACKGROUND
+    # layer of low non-zero noise (e.g. a conformed 256³ image) is not a brain. The outermost voxel layer
+    # is left out: a resampled or averaged stripped brain (e.g. a template) fades to 0 over one voxel there
+    return background_share(ndimage.binary_erosion(support), data) <= STRIPPED_MAX_BACKGROUND
 
 
 def head_mask(data: np.ndarray, zooms: np.ndarray) -> np.ndarray:
@@ -179,8 +181,9 @@ def extract(img: nib.Nifti1Image, *, method: str = "deepbet") -> Extraction:
     zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
     voxel_mm3 = float(np.prod(zooms))
     if skull_stripped(data, voxel_mm3):
-        mask = _largest_filled(data != 0)
-        return Extraction(_as_mask(mask, img), "given", True, None, 0.0)
+        support = _largest_filled(data != 0)
+        mask = drop_background(support, data)  # the ~0 rim of a resampled stripped brain
+        return Extraction(_as_mask(mask, img), "given", True, None, float((support & ~mask).sum() * voxel_mm3))
     lowest = head_crop(data, zooms)
     if lowest is None:
         raw = np.asanyarray(ops.brain_mask(img).dataobj) > 0

@@ -96,6 +96,8 @@ class Preprocessed:
         The template kit (``atlas.table`` names the region labels).
     icv_mm3 : float or None
         Intracranial volume, mm³.
+    icv_mask : ndarray of bool or None, shape (I, J, K)
+        The intracranial mask whose volume is ``icv_mm3`` (for figures and checks).
     template : dict
         How the template registration was done (sequence, image, sources, setting, seconds).
     brain_extraction : dict
@@ -118,6 +120,7 @@ class Preprocessed:
     regions: np.ndarray | None = None
     atlas: Any = None
     icv_mm3: float | None = None
+    icv_mask: np.ndarray | None = None
     template: dict = field(default_factory=dict)
     brain_extraction: dict = field(default_factory=dict)
     age_years: float | None = None
@@ -179,7 +182,8 @@ def _brain(cache: StepCache, n4, n4_key: str, params: PreprocParams, path) -> tu
         raise ValueError(f"unknown brain-extraction method {params.brain_extraction!r} (known: deepbet)")
     step = {"method": params.brain_extraction, "head_height_mm": brainm.HEAD_HEIGHT_MM,
             "background_fraction": brainm.BACKGROUND_FRACTION, "stripped_zero_share": brainm.STRIPPED_ZERO_SHARE,
-            "stripped_max_mm3": brainm.STRIPPED_MAX_MM3, "stripped_max_background": brainm.STRIPPED_MAX_BACKGROUND}
+            "stripped_max_mm3": brainm.STRIPPED_MAX_MM3, "stripped_max_background": brainm.STRIPPED_MAX_BACKGROUND,
+            "stripped_rim": "outer voxel layer left out; given mask less its ~0 rim"}
     key = cache.key("brain_mask", step, [n4_key])
 
     def compute():
@@ -211,14 +215,15 @@ def _coregister(cache: StepCache, moving, fixed, brain, keys: list[str], params:
 
 def _template(cache: StepCache, n4, brain, keys: list[str], sequence: str, kit, params: PreprocParams):
     """Template registration to the reference (cached): warped maps by name, and the record."""
-    step = {"setting": params.template_setting, "sequence": sequence, "seed": params.seed, "sources": kit.sources}
+    step = {"setting": params.template_setting, "sequence": sequence, "seed": params.seed, "sources": kit.sources,
+            "template_region": anatomy.TEMPLATE_REGION, "margin_mm": anatomy.REGISTRATION_MARGIN_MM}
 
     def compute():
         reg = anatomy.register_template(n4, brain, kit, sequence=sequence, setting=params.template_setting,
                                         seed=params.seed)
         images = {n: getattr(reg, n) for n in ("labels", "icv_mask", "brain_mask", "gm", "wm", "warped")}
         meta = {k: getattr(reg, k) for k in ("similarity_before", "similarity_after", "mask_dice", "ok",
-                                              "sequence", "transform", "seconds")}
+                                              "sequence", "transform", "seconds", "affine_icv_mm3")}
         return images, meta
 
     images, meta = cache.get("template", cache.key("template", step, keys), compute)
@@ -324,6 +329,7 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
     if maps is not None:
         if not failures:
             pre.regions = anatomy.subject_regions(maps["labels"], pre.mask, kit.table)
+            pre.icv_mask = (maps["icv_mask"] > 0) | pre.mask
             pre.icv_mm3 = anatomy.intracranial_volume_mm3(maps["icv_mask"], pre.mask, pre.voxel_mm3)
         gm, wm = qcm.tissue_masks(pre.mask, maps["gm"], maps["wm"])
         registration["template"] = {
@@ -335,6 +341,12 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
     pre.template = {"sequence": sequence, "image": reference, "sources": dict(kit.sources),
                     "setting": params.template_setting,
                     "seconds": None if meta is None else round(meta["seconds"], 1)}
+
+
+def _icv_affine(pre: Preprocessed, meta: Mapping[str, Any] | None) -> float | None:
+    """The eTIV-like cross-check of the ICV (mm³), only where the ICV itself is given."""
+    value = None if meta is None or pre.icv_mm3 is None else meta.get("affine_icv_mm3")
+    return None if value is None else round(float(value), 1)
 
 
 def _qc(pre: Preprocessed, gm, wm, registration: dict, meta: Mapping[str, Any] | None, background: float,
@@ -349,6 +361,7 @@ def _qc(pre: Preprocessed, gm, wm, registration: dict, meta: Mapping[str, Any] |
         "snr": round(qcm.snr(ref_data, wm), 2), "cnr": round(qcm.cnr(ref_data, gm, wm), 3),
         "brain_volume_mm3": round(pre.brain_mm3, 1),
         "icv_mm3": None if pre.icv_mm3 is None else round(pre.icv_mm3, 1),
+        "icv_affine_mm3": _icv_affine(pre, meta),
         "background_share": round(background, 4), "age_years": pre.age_years,
         "brain_mask_ok": not failures,
         "registration": registration,

@@ -32,6 +32,26 @@ def test_skull_stripped_detects_zero_background_brain_only():
     assert not brain.skull_stripped(np.where(shell, 0.3, brain_only), 1.0)
 
 
+def test_skull_stripped_accepts_a_brain_that_fades_to_zero_over_one_voxel():
+    """A resampled or averaged stripped brain (e.g. the CIT168 T1w template) has an outer voxel layer at 1-2
+    of 255: more than 1 % of its support, yet it is no background. The mask is the brain less that rim."""
+    shape = (120, 140, 120)
+    inner = _ellipsoid(shape, (55, 70, 50))
+    rim = _ellipsoid(shape, (56, 71, 51)) & ~inner
+    data = np.where(inner, 200.0, 0.0) + np.where(rim, 1.0, 0.0)
+    support = inner | rim
+    assert brain.background_share(support, data) > brain.STRIPPED_MAX_BACKGROUND  # the rim alone is > 1 %
+    assert brain.skull_stripped(data, 1.0)
+    ex = brain.extract(nib.Nifti1Image(data.astype(np.float32), np.eye(4)))
+    mask = np.asanyarray(ex.mask.dataobj) > 0
+    assert ex.method == "given" and ex.skull_stripped_input
+    np.testing.assert_array_equal(mask, inner)
+    assert ex.removed_background_mm3 == rim.sum()
+    # a rim two voxels deep is still background: not a stripped brain
+    thick = _ellipsoid(shape, (57, 72, 52)) & ~inner
+    assert not brain.skull_stripped(np.where(inner, 200.0, 0.0) + np.where(thick, 1.0, 0.0), 1.0)
+
+
 def test_drop_background_removes_an_empty_block_and_keeps_dark_interior():
     shape = (60, 60, 60)
     ball = _ellipsoid(shape, (20, 20, 20))
