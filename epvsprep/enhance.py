@@ -70,8 +70,8 @@ class EnhanceParams:
 
     scales_mm: tuple[float, ...] = (0.7, 1.0, 1.5)
     background_mm: float = 2.0
-    gain: float = 2.0
-    noise_multiple: float = 3.0
+    gain: float = 6.0
+    noise_multiple: float = 2.5
     min_contrast: float = 0.03
     shape_power: float = 1.0
     too_large_mm: float = 3.0

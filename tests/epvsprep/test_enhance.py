@@ -67,12 +67,16 @@ def test_output_deterministic_same_grid_finite_zero_outside():
     assert ((a.weight >= 0) & (a.weight <= 1)).all()
 
 
-def test_tissue_away_from_structures_is_unchanged():
+def test_tissue_away_from_structures_is_mostly_unchanged():
+    """Away from the tubes few voxels move by more than a noise SD: a tenth of what unsharp masking moves."""
     data, mask, label = _phantom()
-    out = enh.enhance(data, mask, SPACING, bright=True)
+    params = enh.EnhanceParams()
+    out = enh.enhance(data, mask, SPACING, bright=True, params=params)
     away = mask & ~ndimage.binary_dilation(label, iterations=3)
-    changed = np.abs(out.image - data)[away] > 4.0  # more than one noise SD
-    assert changed.mean() < 0.02  # only rare strong noise peaks with a dot-like shape move (unsharp masking: ~60 %)
+    unsharp = data + params.gain * (data - ndimage.gaussian_filter(data, params.background_mm))
+    moved = (np.abs(out.image - data)[away] > 4.0).mean()  # more than one noise SD
+    assert moved < 0.1 * (np.abs(unsharp - data)[away] > 4.0).mean()
+    assert moved < 0.05
 
 
 def test_polarity_dark_epvs_get_darker_and_bright_ones_are_left():
