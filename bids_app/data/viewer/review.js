@@ -292,10 +292,11 @@
     return box && box.checked ? parseFloat(byId("overlay-opacity").value) : 0;
   }
 
-  function refreshOverlays() {
-    if (!nv) return;
+  // Every NiiVue call that changes a layer recomposes all layers over the whole volume (slow with software WebGL),
+  // so layer settings are written first and applied by one updateGLVolume per animation frame.
+  function applyLayerSettings() {
     for (const name of ["clusters", "probability", "regions", "brain"]) {
-      if (name in layer) nv.setOpacity(layer[name], overlayOpacity(name));
+      if (name in layer) nv.volumes[layer[name]].opacity = overlayOpacity(name);
     }
     const threshold = parseFloat(byId("prob-threshold").value);
     byId("prob-threshold-value").textContent = threshold.toFixed(2);
@@ -303,15 +304,24 @@
     prob.cal_min = Math.max(1, threshold * 255);
     prob.cal_max = 255;
     const ref = nv.volumes[layer.reference];
-    let lo = parseFloat(byId("window-low").value);
-    let hi = parseFloat(byId("window-high").value);
-    if (hi <= lo) hi = lo + 1;
+    const lo = parseFloat(byId("window-low").value);
+    const hi = Math.max(parseFloat(byId("window-high").value), lo + 1);
     ref.cal_min = lo;
     ref.cal_max = hi;
     const w = window.EPVS_VIEWER_DATA.window;
     byId("window-value").textContent =
       (w[0] + (lo / 255) * (w[1] - w[0])).toFixed(0) + " to " + (w[0] + (hi / 255) * (w[1] - w[0])).toFixed(0);
-    nv.updateGLVolume();
+  }
+
+  let refreshPending = false;
+  function refreshOverlays() {
+    if (!nv || refreshPending) return;
+    refreshPending = true;
+    requestAnimationFrame(() => {
+      refreshPending = false;
+      applyLayerSettings();
+      nv.updateGLVolume();
+    });
   }
 
   function setZoom() {
@@ -347,13 +357,14 @@
     const viewer = new niivue.Niivue({
       backColor: [0, 0, 0, 1], show3Dcrosshair: false, isColorbar: false, crosshairWidth: 0.3, crosshairGap: 8,
       crosshairColor: [0.2, 0.9, 1, 0.8], viewModeHotKey: "", clipPlaneHotKey: "", loadingText: "",
-      isRadiologicalConvention: false, multiplanarShowRender: 0, // no 3D panel: slow without a GPU; "3D" in View
+      isRadiologicalConvention: false, isNearestInterpolation: true, multiplanarShowRender: 0, // no 3D panel: slow without a GPU; "3D" in View
     });
     await viewer.attachToCanvas(canvas);
+    const images = [];
     const load = async (name, colormap, extra) => {
       const image = await niivue.NVImage.loadFromBase64({ base64: data.volumes[name], name: name + ".nii.gz", colormap, ...extra });
-      layer[name] = viewer.volumes.length;
-      viewer.addVolume(image);
+      layer[name] = images.length;
+      images.push(image);
       return image;
     };
     await load("reference", "gray", { cal_min: 0, cal_max: 255 });
@@ -364,7 +375,10 @@
     }
     await load("probability", "warm", { cal_min: 128, cal_max: 255, opacity: 0 });
     await load("clusters", "red", { cal_min: 0.5, cal_max: 1, opacity: 0 });
-    viewer.setInterpolation(true);
+    nv = viewer;
+    viewer.volumes = images.slice(); // all layers at once, composed by one update (addVolume updates each time)
+    applyLayerSettings();
+    viewer.setVolume(images[0], 0);
     viewer.setSliceType(viewer.sliceTypeMultiplanar);
     viewer.onLocationChange = (where) => {
       if (where && where.mm) {
@@ -381,9 +395,7 @@
       pressed = false;
       setTimeout(() => addPoint(Array.from(viewer.frac2mm(viewer.scene.crosshairPos)).slice(0, 3)), 0);
     });
-    nv = viewer;
     window.epvsViewer = viewer; // for tests and the browser console
-    refreshOverlays();
     setZoom();
     byId("viewer-status").textContent = "";
     document.body.dataset.viewer = "ready";
