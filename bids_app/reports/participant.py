@@ -617,8 +617,8 @@ def write_viewer_data(output_dir: Path, unit, paths: Mapping[str, Path]) -> Path
     """
     found = viewer_volumes(paths)
     record = {"format_version": 1, "key": unit.key, "label": unit.label, "shape": found["shape"],
-              "offset": found["offset"], "affine": np.round(found["full_affine"], 6).tolist(),
-              "inverse_affine": np.round(np.linalg.inv(found["full_affine"]), 9).tolist(),
+              "offset": found["offset"], "affine": found["full_affine"].tolist(),
+              "inverse_affine": np.linalg.inv(found["full_affine"]).tolist(),
               "window": [round(float(v), 4) for v in found["window"]],
               "volumes": {name: _nifti_base64(arr, found["affine"]) for name, arr in found["volumes"].items()},
               "dtypes": {name: str(arr.dtype) for name, arr in found["volumes"].items()}}

@@ -24,7 +24,8 @@ from bids_app.derivatives import write_json, write_tsv
 from bids_app.io_spec import TableError, UnitId
 from bids_app.reports import participant as report
 
-#: The synthetic unit: 2 mm voxels stored LAS (the first voxel axis runs right to left), T2w + T1w.
+#: The synthetic unit: 2 mm voxels stored LAS (the first voxel axis runs right to left), oblique (rotated 6 degrees
+#: about z and 4 about x: a viewer that draws on the nearest orthogonal grid must still use scanner mm), T2w + T1w.
 UNIT = UnitId("01", "1", (), ("T2w", "T1w"))
 SHAPE = (48, 56, 44)
 #: Cluster label -> voxel box (i, j, k slices) of that cluster on the grid above.
@@ -39,7 +40,10 @@ CLUSTERS = {
 def synthetic_affine() -> np.ndarray:
     affine = np.diag([-2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = [47.0, -60.0, -40.0]
-    return affine
+    z, x = np.radians(6.0), np.radians(4.0)
+    rot_z = np.array([[np.cos(z), -np.sin(z), 0, 0], [np.sin(z), np.cos(z), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    rot_x = np.array([[1, 0, 0, 0], [0, np.cos(x), -np.sin(x), 0], [0, np.sin(x), np.cos(x), 0], [0, 0, 0, 1]])
+    return rot_z @ rot_x @ affine
 
 
 def write_synthetic_unit(out: Path, *, with_regions: bool = True) -> dict:

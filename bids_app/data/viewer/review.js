@@ -249,16 +249,26 @@
   }
 
   // ------------------------------------------------------------------ viewer
-  function moveTo(mm) {
+  // NiiVue draws an oblique image on the nearest orthogonal grid: its default "mm" are that grid's, while the cluster
+  // table and the Edits JSON use scanner mm (the image's affine). isForceSliceMM = true converts with the affine.
+  function scannerMM() {
+    return Array.from(nv.frac2mm(nv.scene.crosshairPos, 0, true)).slice(0, 3);
+  }
+
+  function showPosition(mm) {
     byId("viewer-position").textContent = "x " + mm[0].toFixed(1) + ", y " + mm[1].toFixed(1) + ", z " + mm[2].toFixed(1) + " mm";
+  }
+
+  function moveTo(mm) {
+    showPosition(mm);
     if (!nv) return;
-    nv.scene.crosshairPos = nv.mm2frac(mm);
-    centreOn(mm);
+    nv.scene.crosshairPos = nv.mm2frac(mm, 0, true);
+    centreOn(Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3));
     nv.drawScene();
     nv.createOnLocationChange();
   }
 
-  // NiiVue draws a 2D point p at zoom * p + pan (mm, plus a constant that puts the volume's centre m in the
+  // NiiVue draws a 2D point p (its display mm) at zoom * p + pan (mm, plus a constant that puts the volume's centre m in the
   // middle at zoom 1 and pan 0), so pan = m - zoom * p puts p in the middle; at zoom 1 the whole brain is shown.
   function centreOn(mm) {
     const zoom = nv.scene.pan2Dxyzmm[3];
@@ -380,12 +390,7 @@
     applyLayerSettings();
     viewer.setVolume(images[0], 0);
     viewer.setSliceType(viewer.sliceTypeMultiplanar);
-    viewer.onLocationChange = (where) => {
-      if (where && where.mm) {
-        const mm = Array.from(where.mm).slice(0, 3);
-        byId("viewer-position").textContent = "x " + mm[0].toFixed(1) + ", y " + mm[1].toFixed(1) + ", z " + mm[2].toFixed(1) + " mm";
-      }
-    };
+    viewer.onLocationChange = () => showPosition(scannerMM());
     let pressed = false;
     canvas.addEventListener("pointerdown", () => {
       pressed = addMode;
@@ -393,7 +398,7 @@
     canvas.addEventListener("pointerup", () => {
       if (!pressed) return;
       pressed = false;
-      setTimeout(() => addPoint(Array.from(viewer.frac2mm(viewer.scene.crosshairPos)).slice(0, 3)), 0);
+      setTimeout(() => addPoint(scannerMM()), 0);
     });
     window.epvsViewer = viewer; // for tests and the browser console
     setZoom();
