@@ -7,9 +7,11 @@ contrast of exactly such structures and leaves tissue, edges and noise as they a
    SWI, where ePVS are dark). Voxels outside the brain mask are filled with the local mean of the brain
    (normalised convolution), so that the mask border is not seen as a structure.
 2. *Detail* ``d = y - G_b * y``: the excess over a Gaussian local background (``background_mm``).
-3. *Strength*: ``1 - exp(-(d / tau)^2)`` for ``d > 0``, where ``tau = max(noise_multiple * noise_sd,
-   min_contrast * median)``: a detail counts when it stands several noise SDs above its background and
-   is a visible fraction of the brain's median intensity (so a smooth, noiseless image is left alone).
+3. *Strength*: ``1 - exp(-(g / tau)^2)`` for ``g > tau / 2`` (else 0), where ``g = G_s * y - G_b * y`` is the
+   detail after a light smoothing at the smallest scale (single noisy voxels do not pass) and
+   ``tau = max(noise_multiple * SD(g), min_contrast * median)``, SD(g) robust (1.4826 x MAD in the mask): a
+   detail counts when it stands several SDs above its background and is a visible fraction of the brain's
+   median intensity (so a smooth, noiseless image is left alone).
 4. *Shape*, from the Hessian of ``y`` at the scales ``scales_mm`` (scale-normalised, the scale of the
    strongest response kept): with eigenvalues ``e1 <= e2 <= e3``, ``q = max(0, -e2) / |e1|`` is 1 for a
    bright tube or dot (curved down in two or three directions) and 0 for a sheet or an edge (curved in
@@ -20,7 +22,8 @@ contrast of exactly such structures and leaves tissue, edges and noise as they a
    tissue around it (``d <= 0``) and isolated noise (weak, or without a tubular shape) are unchanged.
 
 The method is deterministic (no randomness) and runs in a few seconds on a 1 mm brain (the Hessian is
-computed on the mask's bounding box; eigenvalues only where ``d`` is above half the threshold). Its
+computed on the mask's bounding box, eigenvalues in closed form only where ``g`` is above half the
+threshold). Its
 parameters were chosen on synthetic cases only (``benchmarks/enhancement.py``, ``docs/enhancement.md``).
 
 Unlike Chae et al. 2024 (a U-Net trained to add the ePVS mask to the image), it needs no labels and no
@@ -101,7 +104,8 @@ class Enhanced:
     weight : ndarray of float32, shape (I, J, K)
         ``strength * shape`` in [0, 1]: how much of its detail each voxel had boosted.
     record : dict
-        Parameters, polarity, noise SD and threshold (input intensity units) for the sidecar.
+        ``Parameters``, ``EpvsBright`` (polarity), ``GateSD`` and ``Threshold`` (``SD(g)`` and ``tau``, input
+        intensity units) and ``BoostedVoxels`` (weight > 0.5), for the sidecar.
     """
 
     image: np.ndarray
@@ -142,16 +146,7 @@ def enhance(data: np.ndarray, mask: np.ndarray, spacing_mm, *, bright: bool,
     y = sign * data[box].astype(np.float32)
     inside = mask[box]
     filled = _fill_outside(y, inside, _sigma_vox(params.background_mm, spacing))
-    background = ndimage.gaussian_filter(filled, _sigma_vox(params.background_mm, spacing), mode="nearest")
-    detail = filled - background
-    gate = ndimage.gaussian_filter(filled, _sigma_vox(min(params.scales_mm), spacing), mode="nearest") - background
-    gate_sd = _robust_sd(gate[inside])
-    median = float(np.median(np.abs(y[inside])))
-    tau = max(params.noise_multiple * gate_sd, params.min_contrast * median, np.finfo(np.float32).tiny)
-    candidates = inside & (gate > 0.5 * tau) & (detail > 0)
-    weight = np.zeros_like(y)
-    strength = 1.0 - np.exp(-(gate[candidates] / tau) ** 2)
-    weight[candidates] = strength * _tube_shape(filled, candidates, spacing, params) ** params.shape_power
+    weight, detail, gate_sd, tau = _weight(filled, inside, spacing, params)
     out = np.zeros(data.shape, np.float32)
     out[box] = np.where(inside, sign * (y + params.gain * weight * np.maximum(detail, 0)), 0)
     full_weight = np.zeros(data.shape, np.float32)
@@ -159,6 +154,21 @@ def enhance(data: np.ndarray, mask: np.ndarray, spacing_mm, *, bright: bool,
     record = {"Parameters": params.to_dict(), "EpvsBright": bool(bright), "GateSD": round(gate_sd, 4),
               "Threshold": round(float(tau), 4), "BoostedVoxels": int((full_weight > 0.5).sum())}
     return Enhanced(out, full_weight, record)
+
+
+def _weight(filled: np.ndarray, inside: np.ndarray, spacing: np.ndarray, params: EnhanceParams):
+    """``strength * shape`` per voxel, the detail ``d``, ``SD(g)`` and the threshold ``tau`` (module docstring)."""
+    background = ndimage.gaussian_filter(filled, _sigma_vox(params.background_mm, spacing), mode="nearest")
+    detail = filled - background
+    gate = ndimage.gaussian_filter(filled, _sigma_vox(min(params.scales_mm), spacing), mode="nearest") - background
+    gate_sd = _robust_sd(gate[inside])
+    median = float(np.median(np.abs(filled[inside])))
+    tau = max(params.noise_multiple * gate_sd, params.min_contrast * median, float(np.finfo(np.float32).tiny))
+    candidates = inside & (gate > 0.5 * tau) & (detail > 0)
+    weight = np.zeros_like(filled)
+    strength = 1.0 - np.exp(-(gate[candidates] / tau) ** 2)
+    weight[candidates] = strength * _tube_shape(filled, candidates, spacing, params) ** params.shape_power
+    return weight, detail, gate_sd, tau
 
 
 def _checked(data, mask, spacing_mm) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
