@@ -7,7 +7,7 @@ Three measurements (definitions in ``docs/enhancement.md``):
    (:func:`epvsprep.enhance.epvs_cnr`) before and after; and the clusters that the fixed ePVS-like rule
    (:func:`epvsprep.enhance.epvs_like_clusters`) finds away from the ePVS (false) and on them.
 2. **Real T2w with injected ePVS** (evaluation-only scans, measured only): the real T2w scans of ``../shared``
-   with synthetic tubes injected by ``benchmarks/bench_models.py`` (:func:`bench_models.real_t2w_cases`):
+   with synthetic tubes injected by ``benchmarks/bench_models.py`` (:func:`bench_models.inject_epvs`):
    CNR of the injected ePVS before and after, and the time per 1 mm brain.
 3. **Averages with no ePVS** (evaluation-only): the MNI152 T2w (FSL 1 mm brain) and the ICBM 2009a T1w:
    ePVS-like clusters on the original and on the enhanced image.
@@ -18,7 +18,8 @@ rule's choice over every grid run; the evaluation uses the defaults of :class:`e
 
 Usage::
 
-    python benchmarks/enhancement.py [--n-synth 8] [--n-real 1] [--figure]
+    python benchmarks/enhancement.py [--parts averages synthetic real] [--n-synth 8] [--real M2208_T2w ...]
+                                     [--n-real 1] [--figure]
     python benchmarks/enhancement.py --select --stage {1,2} [--n-select 4]
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -143,18 +145,38 @@ def choose(stages: list[dict]) -> dict | None:
     return max(allowed, key=lambda t: t["cnr_ratio"]) if allowed else None
 
 
-def real_t2w(n_per_image: int, params) -> tuple[list[dict], list]:
-    """Real T2w scans with injected ePVS (bench_models' injection), measured only; the rows and the cases."""
+#: Real T2w scans (evaluation-only) measured here: name -> (file, skull-stripped). A skull-stripped scan's brain
+#: mask is its non-zero voxels; the others are bias-corrected and brain-masked as bench_models does.
+REAL_T2W = {"M2208_T2w": ("github_niivue-demo-images/M2208_T2w.nii.gz", True),
+            "Clinical_T2": ("github_neurolabusc_Clinical/T2.nii.gz", False),
+            "M2265_T2w": ("github_neurolabusc_T2lesion/M2265_T2w.nii.gz", False)}
+
+
+def real_t2w(names, n_per_image: int, params) -> tuple[list[dict], list]:
+    """Real T2w scans with ePVS injected by ``bench_models.inject_epvs``, measured only; the rows and the cases."""
     import bench_models
 
-    rows = []
-    cases = bench_models.real_t2w_cases(n_per_image)
-    for images, mask, affine, truth, _, info in cases:
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        row, _ = measure(images["T2w"], truth, mask, spacing, True, params)
-        rows.append({"case": f"{info['baseline']}#{info['injection']}", "sequence": "T2w",
-                     "brain_voxels": int(mask.sum()), **row, "cache_roundtrip_s": cache_roundtrip(images["T2w"], affine)})
-        print(rows[-1], flush=True)
+    from epvsprep import ops
+
+    rows, cases = [], []
+    for name in names:
+        rel, stripped = REAL_T2W[name]
+        if not (SHARED / rel).exists():
+            continue
+        img = ops.conform(ops.load(SHARED / rel))
+        if not stripped:
+            img = ops.n4_bias_correct(img)
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        mask = data > 0 if stripped else np.asanyarray(ops.brain_mask(img).dataobj) > 0
+        spacing = np.asarray(ops.spacing_mm(img))
+        for j in range(n_per_image):
+            rng = np.random.default_rng(bench_models.TEST_SEED + 700 + 10 * len(cases) + j)
+            injected, truth = bench_models.inject_epvs(data, mask, img.affine, rng)
+            cases.append(({"T2w": injected}, mask, img.affine, truth, None, {"baseline": name, "injection": j}))
+            row, _ = measure(injected, truth, mask, spacing, True, params)
+            rows.append({"case": f"{name}#{j}", "sequence": "T2w", "brain_voxels": int(mask.sum()), **row,
+                         "cache_roundtrip_s": cache_roundtrip(injected, img.affine)})
+            print(rows[-1], flush=True)
     return rows, cases
 
 
@@ -229,6 +251,9 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=1, choices=range(1, len(GRIDS) + 1), help="which grid")
     parser.add_argument("--n-synth", type=int, default=8)
     parser.add_argument("--n-real", type=int, default=1, help="injections per real T2w scan")
+    parser.add_argument("--real", nargs="+", default=list(REAL_T2W), choices=list(REAL_T2W), help="real T2w scans")
+    parser.add_argument("--parts", nargs="+", default=["averages", "synthetic", "real"],
+                        choices=["averages", "synthetic", "real"], help="what to measure (results are merged)")
     parser.add_argument("--figure", action="store_true", help="also draw docs/figures/enhancement_*.png")
     args = parser.parse_args()
     command = "python benchmarks/enhancement.py " + " ".join(sys.argv[1:])
@@ -244,23 +269,37 @@ def main() -> None:
         print(json.dumps(selection["choice"]))
         return
     params = enh.EnhanceParams()
-    synth_cases = synthetic_cases(args.n_synth, EVAL_SEED)
-    synth_rows = run_synthetic(synth_cases, params)
-    real_rows, real_cases = real_t2w(args.n_real, params)
-    results = {"command": command, "params": params.to_dict(), "rule": enh.EPVS_LIKE_RULE,
-               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-               "synthetic": {"rows": synth_rows,
-                             "by_sequence": {s: summarise([r for r in synth_rows if r["sequence"] == s])
-                                             for s in SEQUENCES}},
-               "real_t2w_injected": {"rows": real_rows},
-               "averages": averages(params), "selection": previous.get("selection")}
-    results["real_t2w_injected"]["summary"] = summarise(results["real_t2w_injected"]["rows"])
-    _write("enhancement", results)
-    (RESULTS / "enhancement.md").write_text(markdown(results))
-    if args.figure:
-        draw_synthetic(synth_cases[0], params, ROOT / "docs/figures/enhancement_synthetic.png")
-        if real_cases:
-            draw_real(real_cases[0], params, ROOT / "docs/figures/enhancement_real_t2w.png")
+    results = {**previous, "params": params.to_dict(), "rule": enh.EPVS_LIKE_RULE,
+               "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()}}
+    results.setdefault("commands", {})
+    if "averages" in args.parts:
+        results["averages"] = averages(params)
+        _save_part(results, "averages", command)
+    if "synthetic" in args.parts:
+        synth_cases = synthetic_cases(args.n_synth, EVAL_SEED)
+        rows = run_synthetic(synth_cases, params)
+        results["synthetic"] = {"rows": rows, "by_sequence": {s: summarise([r for r in rows if r["sequence"] == s])
+                                                              for s in SEQUENCES}}
+        _save_part(results, "synthetic", command)
+        if args.figure:
+            draw_synthetic(synth_cases[0], params, ROOT / "docs/figures/enhancement_synthetic.png")
+    if "real" in args.parts:
+        rows, cases = real_t2w(args.real, args.n_real, params)
+        results["real_t2w_injected"] = {"rows": rows, "summary": summarise(rows)}
+        _save_part(results, "real_t2w_injected", command)
+        if args.figure and cases:
+            draw_real(cases[0], params, ROOT / "docs/figures/enhancement_real_t2w.png")
+
+
+def _save_part(results: dict, part: str, command: str) -> None:
+    """Merge ``part`` and the command that measured it into the JSON on disk; write it and the page (atomically)."""
+    current = _read("enhancement")  # another run may have written other parts meanwhile
+    current.update({k: results[k] for k in (part, "params", "rule", "machine")})
+    current.setdefault("commands", {})[part] = command
+    _write("enhancement", current)
+    tmp = RESULTS / f"enhancement.md.{os.getpid()}.tmp"
+    tmp.write_text(markdown(current))
+    tmp.replace(RESULTS / "enhancement.md")
 
 
 def _panel(ax, image, title, window, outline=None):
@@ -342,52 +381,76 @@ def _read(stem: str) -> dict:
 
 def _write(stem: str, data: dict) -> None:
     path = RESULTS / f"{stem}.json"
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))
     tmp.replace(path)
 
 
 def markdown(res: dict) -> str:
-    """The results page."""
-    def f(v):
-        return "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    def ms(s):
-        return "n/a" if s is None else f"{s['mean']:.1f} ± {s['sd']:.1f}"
-
+    """The results page (the parts measured so far)."""
     lines = ["# ePVS-enhanced image: CNR and invented structures", "",
-             f"Command: `{res['command']}` (defaults of `EnhanceParams`: {json.dumps(res['params'])}). "
-             "Definitions: `docs/enhancement.md`. CNR = (mean of the ePVS cluster − mean of a 2 mm shell around it) "
-             "/ SD of that shell, in the ePVS polarity; per image the median over its ePVS clusters; the table "
-             "gives mean ± SD over images. ePVS-like rule (fixed before any measurement): "
-             f"`{json.dumps(res['rule'])}`.", "",
-             "## Synthetic crops (epvsseg.synth, evaluation seeds, known labels)", "",
+             f"Parameters: the defaults of `EnhanceParams`, {json.dumps(res['params'])}. Definitions: "
+             "`docs/enhancement.md`. CNR = (mean of the ePVS cluster − mean of a 2 mm shell around it) / SD of that "
+             "shell, in the ePVS polarity; per image the median over its ePVS clusters; tables give mean ± SD over "
+             "images. ePVS-like rule (fixed before any measurement, not tuned on the averages): "
+             f"`{json.dumps(res['rule'])}`.", ""]
+    commands = res.get("commands", {})
+    if "synthetic" in res:
+        lines += _synthetic_lines(res["synthetic"], commands.get("synthetic"))
+    if "real_t2w_injected" in res:
+        lines += _real_lines(res["real_t2w_injected"], commands.get("real_t2w_injected"))
+    if "averages" in res:
+        lines += _average_lines(res["averages"], commands.get("averages"))
+    lines += [f"Machine: {res['machine']['cpu']}, Python {res['machine']['python']}, 2 cores shared with a training "
+              "job and other work (load average about 20), `OMP_NUM_THREADS=1`, `nice -n 15`: times are upper "
+              "bounds.", ""]
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _ms(s) -> str:
+    return "n/a" if s is None else f"{s['mean']:.1f} ± {s['sd']:.1f}"
+
+
+def _synthetic_lines(part: dict, command: str | None) -> list[str]:
+    lines = ["## Synthetic crops (epvsseg.synth, evaluation seeds, known labels)", "", f"Command: `{command}`.", "",
              "| sequence | images | CNR before | CNR after | median ratio | false ePVS-like clusters before → after | "
              "ePVS-like clusters on ePVS before → after |", "|---|---|---|---|---|---|---|"]
-    for seq, s in res["synthetic"]["by_sequence"].items():
+    for seq, s in part["by_sequence"].items():
         on_b = s["rule_clusters_before"] - s["rule_false_before"]
         on_a = s["rule_clusters_after"] - s["rule_false_after"]
-        lines.append(f"| {seq} | {s['cnr_before']['n']} | {ms(s['cnr_before'])} | {ms(s['cnr_after'])} | "
-                     f"{f(s['cnr_ratio_median'])} | {s['rule_false_before']} → {s['rule_false_after']} | "
+        lines.append(f"| {seq} | {s['cnr_before']['n']} | {_ms(s['cnr_before'])} | {_ms(s['cnr_after'])} | "
+                     f"{_f(s['cnr_ratio_median'])} | {s['rule_false_before']} → {s['rule_false_after']} | "
                      f"{on_b} → {on_a} |")
-    real = res["real_t2w_injected"]
-    lines += ["", "## Real T2w with injected ePVS (evaluation-only scans; measured only)", "",
-              "| scan#injection | injected ePVS | CNR before | CNR after | ratio | enhancement time (s) | "
-              "write + read as .nii.gz (s) |", "|---|---|---|---|---|---|---|"]
-    for r in real["rows"]:
-        lines.append(f"| {r['case']} | {r['n_epvs']} | {f(r['cnr_before'])} | {f(r['cnr_after'])} | "
-                     f"{f(r['cnr_ratio'])} | {f(r['seconds'])} | {f(r['cache_roundtrip_s'])} |")
-    s = real.get("summary")
-    if s and s["cnr_before"]:
-        lines.append(f"| **all** | | {ms(s['cnr_before'])} | {ms(s['cnr_after'])} | {f(s['cnr_ratio_median'])} | | |")
-    lines += ["", "## Averages with no ePVS (evaluation-only): ePVS-like clusters the rule finds", "",
-              "| image | original | enhanced | voxels boosted > 50 % | time (s) |", "|---|---|---|---|---|"]
-    for r in res["averages"]:
+    return lines + [""]
+
+
+def _real_lines(part: dict, command: str | None) -> list[str]:
+    lines = ["## Real T2w with injected ePVS (evaluation-only scans; measured only)", "", f"Command: `{command}`.", "",
+             "| scan#injection | brain voxels | injected ePVS | CNR before | CNR after | ratio | enhancement (s) | "
+             "write + read as .nii.gz (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in part["rows"]:
+        lines.append(f"| {r['case']} | {r['brain_voxels']} | {r['n_epvs']} | {_f(r['cnr_before'])} | "
+                     f"{_f(r['cnr_after'])} | {_f(r['cnr_ratio'])} | {_f(r['seconds'])} | "
+                     f"{_f(r['cache_roundtrip_s'])} |")
+    s = part.get("summary")
+    if s and s["cnr_before"] and len(part["rows"]) > 1:
+        lines.append(f"| **all** | | | {_ms(s['cnr_before'])} | {_ms(s['cnr_after'])} | "
+                     f"{_f(s['cnr_ratio_median'])} | | |")
+    return lines + [""]
+
+
+def _average_lines(rows: list[dict], command: str | None) -> list[str]:
+    lines = ["## Averages with no ePVS (evaluation-only): ePVS-like clusters the rule finds", "",
+             f"Command: `{command}`.", "",
+             "| image | original | enhanced | voxels boosted > 50 % | enhancement (s) |", "|---|---|---|---|---|"]
+    for r in rows:
         lines.append(f"| {r['image']} | {r['rule_clusters_before']} | {r['rule_clusters_after']} | "
-                     f"{r['boosted_voxels']} | {f(r['seconds'])} |")
-    lines += ["", f"Machine: {res['machine']['cpu']}, Python {res['machine']['python']}, 2 shared cores "
-              "(a training job ran beside it), `OMP_NUM_THREADS=1`.", ""]
-    return "\n".join(lines)
+                     f"{r['boosted_voxels']} | {_f(r['seconds'])} |")
+    return lines + [""]
 
 
 if __name__ == "__main__":
