@@ -25,8 +25,8 @@ from .derivatives import bids_uri, source_entities, write_json, write_nifti, wri
 from .environment import container_provenance
 from .io_spec import TableError, UnitId
 
-__all__ = ["TableError", "UnitMeasures", "UnitOutputs", "centroids_in_grid", "read_json", "read_tsv", "read_unit",
-           "reference_image", "unit_id", "write_unit"]
+__all__ = ["TableError", "UnitMeasures", "UnitOutputs", "centroids_in_grid", "enhance_reference", "read_json",
+           "read_tsv", "read_unit", "reference_image", "unit_id", "write_unit"]
 
 
 @dataclass
@@ -112,7 +112,7 @@ def _target(plan, pre, bids_dir: Path, output_dir: Path) -> _Target:
 
 
 def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output_dir: Path, seed: int,
-               timings: dict[str, float]) -> list[str]:
+               timings: dict[str, float], enhanced=None) -> list[str]:
     """Write every output of one unit (names from ``io_spec.json``); return their paths relative to ``output_dir``.
 
     Parameters
@@ -131,6 +131,8 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
         Master random seed (recorded in the provenance).
     timings : dict
         Step -> seconds (recorded in the provenance and shown in the report).
+    enhanced : epvsprep.enhance.Enhanced, optional
+        The ePVS-enhanced reference (:func:`enhance_reference`); computed here when not given.
 
     Returns
     -------
@@ -145,6 +147,8 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
     if pre.regions is not None:
         written += _write_regions(target, pre, measures, det.mask)
     written += _write_brain(target, pre, measures.volumes[plan.reference])
+    written += _write_enhanced(target, enhanced or enhance_reference(pre, measures.volumes[plan.reference],
+                                                                      plan.reference))
     figures = _write_figures(target, plan, pre, det, measures)
     written.append(write_json(target.paths["provenance"],
                               provenance(plan, pre, det, measures, target, seed=seed, timings=timings)))
@@ -230,6 +234,35 @@ def _write_brain(target: _Target, pre, reference: np.ndarray) -> list[Path]:
             "QC": pre.qc}),
         target.image("preproc", reference, np.float32),
         target.sidecar("preproc_json", ref),
+    ]
+
+
+def enhance_reference(pre, reference: np.ndarray, sequence: str):
+    """The ePVS-enhanced reference (:func:`epvsprep.enhance.enhance`, default parameters) on the RAS+ grid.
+
+    Parameters
+    ----------
+    pre : Preprocessed
+        Gives the brain mask and, from the bias-corrected reference's affine, the voxel size (mm).
+    reference : ndarray, shape (I, J, K)
+        The bias-corrected reference volume.
+    sequence : str
+        The reference sequence: sets the ePVS polarity (bright on T2w, dark on T1w, FLAIR, SWI).
+    """
+    from epvsprep import enhance, ops
+
+    return enhance.enhance(reference, pre.mask, ops.spacing_mm(pre.n4), bright=enhance.BRIGHT_EPVS[sequence])
+
+
+def _write_enhanced(target: _Target, enhanced) -> list[Path]:
+    """The ePVS-enhanced reference image and its sidecar (method, parameters, what was measured)."""
+    from epvsprep.enhance import METHOD
+
+    return [
+        target.image("epvs_enhanced", enhanced.image, np.float32),
+        target.sidecar("epvs_enhanced_json", {
+            "Sources": [target.sources[0]], "SpatialReference": target.common["SpatialReference"],
+            "Method": METHOD, **enhanced.record, "SoftwareVersion": __version__}),
     ]
 
 

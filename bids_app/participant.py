@@ -1,10 +1,12 @@
-"""Participant level: intake -> plan -> preprocess -> detect -> measure -> derivatives + report.
+"""Participant level: intake -> plan -> preprocess -> detect -> measure -> enhance -> derivatives + report.
 
 Each subject x session is a separate unit of work, run by :mod:`bids_app.execution` (a failing
 unit is recorded with its error and exit code and the others go on; complete units are skipped on
 a rerun unless ``--overwrite``). Preprocessing is :func:`epvsprep.pipeline.preprocess` (cached in
 the work directory by step, parameters, version and inputs), detection
-:func:`epvsseg.detect.detect`, and the outputs are written by :func:`bids_app.outputs.write_unit`.
+:func:`epvsseg.detect.detect`, the ePVS-enhanced image for visual rating :func:`epvsprep.enhance.enhance`
+(not cached: a few seconds, about what writing and reading it back would cost), and the outputs are
+written by :func:`bids_app.outputs.write_unit`.
 See ``docs/architecture.md``.
 """
 
@@ -192,8 +194,10 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
             pre.warnings.append(f"{count} cluster(s) excluded as {reason.replace('_', ' ')} (see the mask sidecar)")
     measures = measure_unit(pre, det, volumes, plan.reference)
     tick("clusters")
+    enhanced = outputs.enhance_reference(pre, volumes[plan.reference], plan.reference)
+    tick("enhance")
     written = outputs.write_unit(plan, pre, det, measures, bids_dir=bids_dir, output_dir=output_dir, seed=seed,
-                                 timings=timings)
+                                 timings=timings, enhanced=enhanced)
     tick("write")
     return written
 
