@@ -129,6 +129,7 @@ def test_review_in_chromium(browser, unit, tmp_path):
     assert added["voxel"] == voxel.tolist()
     assert np.allclose(added["mm"], (affine @ [*voxel, 1])[:3], atol=1e-3)
     assert all(0 <= v < n for v, n in zip(added["voxel"], viewer_unit.SHAPE))
+    assert page.evaluate("window.epvsViewer.drawBitmap.reduce((n, v) => n + (v > 0), 0)") == 1  # drawn in green
 
     # decisions and the added point survive a reload (browser storage)
     page.reload(timeout=120_000)  # the table and the progress are painted before the viewer starts: no need to wait for it

@@ -83,6 +83,21 @@
       list.append(item);
     });
     byId("review-added-count").textContent = String(state.added.length);
+    paintAdded();
+  }
+
+  // Added points are drawn in green on NiiVue's drawing layer (a bitmap on the reference's RAS voxel grid).
+  function paintAdded() {
+    if (!nv || !nv.back) return;
+    if (!nv.drawBitmap) nv.createEmptyDrawing();
+    const d = nv.back.dimsRAS;
+    nv.drawBitmap.fill(0);
+    for (const p of state.added) {
+      const f = nv.mm2frac(p.mm, 0, true);
+      const v = [0, 1, 2].map((a) => Math.min(d[a + 1] - 1, Math.max(0, Math.floor(f[a] * d[a + 1]))));
+      nv.drawBitmap[v[0] + v[1] * d[1] + v[2] * d[1] * d[2]] = 2;
+    }
+    nv.refreshDrawing(true);
   }
 
   function visibleRows() {
@@ -401,6 +416,7 @@
       setTimeout(() => addPoint(scannerMM()), 0);
     });
     window.epvsViewer = viewer; // for tests and the browser console
+    paintAdded();
     setZoom();
     byId("viewer-status").textContent = "";
     document.body.dataset.viewer = "ready";
