@@ -576,8 +576,28 @@ def task_order(names: list[str]) -> list[tuple[str, str]]:
     return tasks
 
 
-def run_model(model: str, names: list[str], command: str) -> dict:
-    """Every measure for one model, in :func:`task_order`; writes ``real_scans_<model>.json`` and ``.md``."""
+def kept_tasks(spec, tasks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The tasks whose detections are already kept in ``work/h17/det`` (``--kept-only``: assemble the results
+    of earlier or parallel runs without detecting anything)."""
+    key = det_key(spec)
+    have = {n for t, n in tasks if t == "scan" and det_path(key, n).exists()}
+    out = []
+    for task, name in tasks:
+        if task == "scan" and name in have:
+            out.append((task, name))
+        elif task == "inject" and name in have and det_path(key, name, "injected").with_suffix(".json").exists():
+            out.append((task, name))
+        elif task == "rescan" and set(RESCAN_PAIRS[name]) <= have:
+            out.append((task, name))
+    return out
+
+
+def run_model(model: str, names: list[str], command: str, kept_only: bool = False) -> dict:
+    """Every measure for one model, in :func:`task_order`; writes ``real_scans_<model>.json`` and ``.md``.
+
+    ``kept_only``: only what earlier runs already detected (see :func:`kept_tasks`); the results then list
+    the scans left out.
+    """
     from epvsprep.anatomy import load_kit
     from epvsseg.metrics import count_clusters
     from epvsseg.spec import load_spec
@@ -590,7 +610,13 @@ def run_model(model: str, names: list[str], command: str) -> dict:
     missing = [n for n in names if not prep_path(n).exists()]
     for name in missing:
         print(f"{name}: not preprocessed (run --prep-only), skipped", flush=True)
-    for task, name in task_order([n for n in names if n not in missing]):
+    tasks = task_order([n for n in names if n not in missing])
+    if kept_only:
+        kept = kept_tasks(spec, tasks)
+        results["not_run"] = [f"{t} {n}" for t, n in tasks if (t, n) not in kept]
+        results["not_preprocessed"] = missing
+        tasks = kept
+    for task, name in tasks:
         if task == "scan":
             prep = load_prepared(name)
             det, seconds = baseline_detection(spec, prep)
@@ -683,6 +709,12 @@ def report(results: list[dict]) -> str:
              "N4, deepbet brain mask, template registration) and detected with `epvsseg.detect.detect` on the "
              "CPU. Targets of #17 are given beside each number (`met` / `missed by X`). Sets: *evaluation only* "
              "and *training* as in `../shared/README.md`.\n"]
+    for r in results:
+        if r.get("not_run") or r.get("not_preprocessed"):
+            lines.append(f"\n**Partial results for {r['model_id']}.** Not preprocessed in the time this run had: "
+                         f"{', '.join(f'`{n}`' for n in r.get('not_preprocessed', [])) or 'none'}. Not detected: "
+                         f"{', '.join(f'`{t}`' for t in r.get('not_run', [])) or 'none'}. Every number below is "
+                         "over the scans it names.\n")
     lines += _injected_section(results, head)
     lines += _rescan_section(results, head)
     lines += _average_section(results, head)
@@ -867,6 +899,8 @@ def main() -> None:
                         help="model ids whose results/real_scans_<id>.json to put side by side in real_scans.md")
     parser.add_argument("--prep-order", default=None,
                         help="comma-separated scan names to preprocess, in this order (a second --prep-only process)")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="assemble the results from detections earlier runs kept in work/h17/det; detect nothing")
     parser.add_argument("--threads", type=int, default=1)
     opts = parser.parse_args()
     if opts.compare:
@@ -883,7 +917,7 @@ def main() -> None:
     from epvsseg.spec import DEFAULT_MODEL
 
     command = "python benchmarks/real_scans.py " + " ".join(sys.argv[1:])
-    run_model(opts.model or DEFAULT_MODEL, [s.name for s in scans], command.strip())
+    run_model(opts.model or DEFAULT_MODEL, [s.name for s in scans], command.strip(), kept_only=opts.kept_only)
 
 
 if __name__ == "__main__":
