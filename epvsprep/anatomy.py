@@ -266,6 +266,21 @@ def _within(mask: np.ndarray, affine: np.ndarray, margin_mm: float) -> np.ndarra
     return ndimage.distance_transform_edt(~mask, sampling=zooms) <= margin_mm
 
 
+def registration_inputs(subject: nib.Nifti1Image, mask: np.ndarray, kit: TemplateKit, sequence: str,
+                        margin_mm: float = REGISTRATION_MARGIN_MM) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+    """The two images the template registration sees: ``(subject, template)``, float32.
+
+    The subject is zeroed outside its brain mask and the template outside :func:`template_region`
+    (each plus ``margin_mm``): what lies outside (skull, scalp, neck) cannot move the template's
+    intracranial edge.
+    """
+    sdata = np.asanyarray(subject.dataobj).astype(np.float32) * _within(mask, subject.affine, margin_mm)
+    template = synthesise_contrast(kit, sequence)
+    tdata = np.asanyarray(template.dataobj) * _within(template_region(kit), template.affine, margin_mm)
+    return (nib.Nifti1Image(sdata, subject.affine),
+            nib.Nifti1Image(tdata.astype(np.float32), template.affine))
+
+
 def register_template(
     subject: nib.Nifti1Image,
     subject_mask: nib.Nifti1Image,
@@ -313,12 +328,10 @@ def register_template(
     mask = np.asanyarray(subject_mask.dataobj) > 0
     if not mask.any():
         raise ImageError("brain mask is empty: cannot register the template")
-    sdata = np.asanyarray(subject.dataobj).astype(np.float32) * _within(mask, subject.affine, margin_mm)
-    afix_full = nib_to_ants(nib.Nifti1Image(sdata, subject.affine))
+    fixed, template = registration_inputs(subject, mask, kit, sequence, margin_mm)
+    afix_full = nib_to_ants(fixed)
     afix = _resample_iso(afix_full, grid_mm)
-    template = synthesise_contrast(kit, sequence)
-    tdata = np.asanyarray(template.dataobj) * _within(template_region(kit), template.affine, margin_mm)
-    amov = _resample_iso(nib_to_ants(nib.Nifti1Image(tdata.astype(np.float32), template.affine)), grid_mm)
+    amov = _resample_iso(nib_to_ants(template), grid_mm)
     kwargs = {"aff_metric": "mattes", "aff_sampling": 32, "aff_random_sampling_rate": 0.25,
               "aff_iterations": (1000, 500, 250), "aff_shrink_factors": (4, 2, 1),
               "aff_smoothing_sigmas": (2, 1, 0)}
