@@ -182,13 +182,34 @@ def test_report_without_its_data_file_says_what_to_copy(browser, unit, tmp_path)
     context.close()
 
 
+def _descendants_cpu_s() -> float:
+    """CPU time (user + system, s) of every live process below this one (the browser's), from /proc (Linux)."""
+    import os
+
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, (ppid, _) in parents.items() if ppid in mine and pid not in mine}
+        mine |= new
+        grew = bool(new)
+    return sum(parents[pid][1] for pid in mine if pid != os.getpid() and pid in parents)
+
+
 def measure(out_dir: Path, repeats: int = 3) -> list[dict]:
     """Size of each report and of its viewer data, and the time chromium takes to show its viewer.
 
     ``load_s``: from navigation to the viewer being ready (images decoded, NiiVue drawing), median of
-    ``repeats`` loads in a fresh browser context each; headless chromium renders WebGL2 in software
-    (SwiftShader), so a desktop browser with a GPU is faster.
+    ``repeats`` loads in a fresh browser context each; ``cpu_s``: the CPU time the browser's processes
+    spent meanwhile (what a busy machine stretches into a longer ``load_s``). Headless chromium renders
+    WebGL2 in software (SwiftShader), so a desktop browser with a GPU is faster.
     """
+    import os
     import statistics
 
     from playwright.sync_api import sync_playwright
@@ -206,17 +227,20 @@ def measure(out_dir: Path, repeats: int = 3) -> list[dict]:
             unit = unit_id(plan)
             html = io_spec.unit_paths(out_dir, unit)["report"]
             data = report.viewer_data_path(out_dir, unit)
-            times = []
+            times, cpu = [], []
             for _ in range(repeats):
                 context = chromium.new_context()
+                before = _descendants_cpu_s()
                 page, problems, requests, load_s = _open(context, html.as_uri())
+                cpu.append(_descendants_cpu_s() - before)
                 assert not problems, problems
                 assert not [u for u in requests if not u.startswith(("file://", "blob:", "data:"))]
                 times.append(load_s)
                 context.close()
             rows.append({"unit": unit.label, "report_MB": html.stat().st_size / 1e6,
                          "viewer_data_MB": data.stat().st_size / 1e6, "library_MB": library.stat().st_size / 1e6,
-                         "load_s": statistics.median(times), "loads_s": [round(t, 2) for t in times]})
+                         "load_s": round(statistics.median(times), 2), "loads_s": [round(t, 2) for t in times],
+                         "cpu_s": round(statistics.median(cpu), 2), "os_load_average": os.getloadavg()[0]})
         chromium.close()
     return rows
 
