@@ -150,3 +150,20 @@ def test_reference_derivatives_take_the_reviewed_mask_of_an_output_folder(run, t
     assert agreement.find_other_mask(run["out"], units["sub-04"]).name == "sub-04_label-PVS_desc-reviewedJD_mask.nii.gz"
     with pytest.raises(TableError, match="several raters for sub-01"):
         agreement.find_other_mask(run["out"], units["sub-01"])
+
+
+def test_reviewed_mask_off_the_grid_is_named_not_fatal(tmp_path):
+    from bids_app.group import collect
+    from bids_app.group.run import run_reviewed
+
+    out = tmp_path / "out"
+    units = {s: gf.make_unit(out, s, sites=SITES[:5]) for s in ("01", "02")}
+    write_review(units["01"], "JD", reject=[1])
+    e = units["02"]
+    nib.Nifti1Image(e["mask"][:, :, :20].astype(np.uint8), gf.AFFINE).to_filename(
+        e["anat"] / f"{e['stem']}_label-PVS_desc-reviewedJD_mask.nii.gz")  # cropped: not on the unit's grid
+    res = run_reviewed(collect.find_units(out))
+    assert [label for label, _ in res["errors"]] == ["sub-02"]
+    assert "not on the voxel grid" in res["errors"][0][1] and "sub-02_label-PVS_desc-reviewedJD" in res["errors"][0][1]
+    assert set(res["units"]["participant_id"]) == {"sub-01"} and res["interrater"].empty
+    assert run_reviewed(collect.find_units(tmp_path / "nothing")) is None
