@@ -57,14 +57,18 @@ GRIDS = ({"gain": (1.0, 2.0, 3.0), "noise_multiple": (1.5, 2.0, 3.0), "shape_pow
 MAX_FALSE_RISE = 0.10
 
 
-def synthetic_cases(n: int, seed0: int) -> list[dict]:
-    """``n`` synthetic crops (seeds ``seed0 ...``), alternating basal ganglia and centrum semiovale."""
+def synthetic_cases(n: int, seed0: int, offset: int = 0) -> list[dict]:
+    """``n`` synthetic crops (seeds ``seed0 ...``), alternating basal ganglia and centrum semiovale.
+
+    ``offset``: index of the first case in the alternation (``synthetic_cases(1, seed0 + i, i)`` is case ``i``
+    of ``synthetic_cases(n, seed0)``).
+    """
     from epvsseg import synth
 
     priors = synth.load_priors()
     cases = []
     for i in range(n):
-        roi = ROIS[i % len(ROIS)]
+        roi = ROIS[(offset + i) % len(ROIS)]
         params = synth.sample_params(np.random.default_rng(seed0 + i), sequences=SEQUENCES, roi=roi, shape_vox=CROP)
         case = synth.render(params, priors)
         spacing = np.sqrt((case.affine[:3, :3] ** 2).sum(0))
@@ -180,6 +184,21 @@ def real_t2w(names, n_per_image: int, params) -> tuple[list[dict], list]:
     return rows, cases
 
 
+def timing(params, repeats: int = 3) -> dict:
+    """CPU seconds of one enhancement of a 1 mm brain (M2208_T2w, skull-stripped): load-independent, unlike wall time."""
+    from epvsprep import ops
+
+    img = ops.conform(ops.load(SHARED / REAL_T2W["M2208_T2w"][0]))
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    cpu = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        enh.enhance(data, data > 0, ops.spacing_mm(img), bright=True, params=params)
+        cpu.append(time.process_time() - t0)
+    return {"image": "M2208_T2w", "shape": list(data.shape), "brain_voxels": int((data > 0).sum()),
+            "cpu_seconds": [round(c, 2) for c in cpu], "threads": os.environ.get("OMP_NUM_THREADS")}
+
+
 def cache_roundtrip(image: np.ndarray, affine: np.ndarray) -> float:
     """Seconds to write an image of this size as a compressed NIfTI and read it back (what a cache entry costs)."""
     import tempfile
@@ -253,7 +272,8 @@ def main() -> None:
     parser.add_argument("--n-real", type=int, default=1, help="injections per real T2w scan")
     parser.add_argument("--real", nargs="+", default=list(REAL_T2W), choices=list(REAL_T2W), help="real T2w scans")
     parser.add_argument("--parts", nargs="+", default=["averages", "synthetic", "real"],
-                        choices=["averages", "synthetic", "real"], help="what to measure (results are merged)")
+                        choices=["averages", "synthetic", "real", "timing", "figures"],
+                        help="what to measure (results are merged); figures: draw them again from the measured cases")
     parser.add_argument("--figure", action="store_true", help="also draw docs/figures/enhancement_*.png")
     args = parser.parse_args()
     command = "python benchmarks/enhancement.py " + " ".join(sys.argv[1:])
@@ -283,6 +303,11 @@ def main() -> None:
         _save_part(results, "synthetic", command)
         if args.figure:
             draw_synthetic(synth_cases[0], params, ROOT / "docs/figures/enhancement_synthetic.png")
+    if "figures" in args.parts:
+        draw_figures(results, args, params)
+    if "timing" in args.parts:
+        results["timing"] = timing(params)
+        _save_part(results, "timing", command)
     if "real" in args.parts:
         rows, cases = real_t2w(args.real, args.n_real, params)
         results["real_t2w_injected"] = {"rows": rows, "summary": summarise(rows)}
@@ -300,6 +325,18 @@ def _save_part(results: dict, part: str, command: str) -> None:
     tmp = RESULTS / f"enhancement.md.{os.getpid()}.tmp"
     tmp.write_text(markdown(current))
     tmp.replace(RESULTS / "enhancement.md")
+
+
+def draw_figures(results: dict, args, params) -> None:
+    """Both figures: the measured synthetic case with the most ePVS clusters, and the first real T2w injection."""
+    rows = [r for r in results["synthetic"]["rows"] if r["sequence"] == "T2w"]
+    best = max(rows, key=lambda r: r["n_epvs"])["case"]
+    seed = int(best.split("-")[1])
+    case = synthetic_cases(1, seed, seed - EVAL_SEED)[0]
+    draw_synthetic(case, params, ROOT / "docs/figures/enhancement_synthetic.png")
+    _, cases = real_t2w(args.real[:1], 1, params)
+    if cases:
+        draw_real(cases[0], params, ROOT / "docs/figures/enhancement_real_t2w.png")
 
 
 def _panel(ax, image, title, window, outline=None):
@@ -321,7 +358,7 @@ def draw_synthetic(case, params, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    k = case["images"]["T2w"].shape[2] // 2
+    k = int(np.argmax(case["label"].sum((0, 1))))  # the axial slice with the most ePVS voxels
     fig, axes = plt.subplots(len(SEQUENCES), 3, figsize=(7.5, 2.6 * len(SEQUENCES)), dpi=130)
     for row, seq in zip(axes, SEQUENCES):
         img = case["images"][seq]
@@ -330,7 +367,7 @@ def draw_synthetic(case, params, path: Path) -> None:
         _panel(row[0], img[..., k], f"{seq} original", win)
         _panel(row[1], out[..., k], f"{seq} enhanced (same window)", win)
         _panel(row[2], out[..., k], "enhanced, true ePVS in red", win, case["label"][..., k])
-    fig.suptitle(f"Synthetic basal-ganglia crop {case['name']} (epvsseg.synth), axial slice {k}", fontsize=9)
+    fig.suptitle(f"Synthetic crop {case['name']} (epvsseg.synth, evaluation seed), axial slice {k}", fontsize=9)
     _save(fig, path)
 
 
@@ -346,7 +383,7 @@ def draw_real(case, params, path: Path) -> None:
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
     out = enh.enhance(img, mask, spacing, bright=True, params=params).image
     zs = np.nonzero(mask.any((0, 1)))[0]
-    band = range(int(zs.min() + 0.40 * np.ptp(zs)), int(zs.min() + 0.60 * np.ptp(zs)) + 1)
+    band = range(int(zs.min() + 0.42 * np.ptp(zs)), int(zs.min() + 0.52 * np.ptp(zs)) + 1)  # basal-ganglia level
     k = max(band, key=lambda z: truth[..., z].sum())
     ci, cj = (int(v) for v in np.argwhere(mask[..., k]).mean(0))
     half = (np.array([30, 30]) / spacing[:2]).astype(int)
@@ -354,7 +391,7 @@ def draw_real(case, params, path: Path) -> None:
                                                     + int(10 / spacing[1])))
     win = _window(img, mask)
     fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), dpi=130)
-    _panel(axes[0, 0], img[..., k], "original (N4)", win)
+    _panel(axes[0, 0], img[..., k], "original", win)
     _panel(axes[0, 1], out[..., k], "enhanced (same window)", win)
     _panel(axes[0, 2], out[..., k], "enhanced, injected ePVS in red", win, truth[..., k])
     _panel(axes[1, 0], img[zoom + (k,)], "zoom: basal ganglia, original", win)
@@ -401,6 +438,12 @@ def markdown(res: dict) -> str:
         lines += _real_lines(res["real_t2w_injected"], commands.get("real_t2w_injected"))
     if "averages" in res:
         lines += _average_lines(res["averages"], commands.get("averages"))
+    if "timing" in res:
+        t = res["timing"]
+        lines += ["## Speed", "", f"Command: `{commands.get('timing')}`.", "",
+                  f"CPU time of one enhancement of {t['image']} ({'x'.join(map(str, t['shape']))} voxels at 1 mm, "
+                  f"{t['brain_voxels']} brain voxels), one thread: {', '.join(map(str, t['cpu_seconds']))} s "
+                  "(process CPU time, which the load of the machine does not inflate as it does wall time).", ""]
     lines += [f"Machine: {res['machine']['cpu']}, Python {res['machine']['python']}, 2 cores shared with a training "
               "job and other work (load average about 20), `OMP_NUM_THREADS=1`, `nice -n 15`: times are upper "
               "bounds.", ""]
