@@ -167,3 +167,36 @@ def test_reviewed_mask_off_the_grid_is_named_not_fatal(tmp_path):
     assert "not on the voxel grid" in res["errors"][0][1] and "sub-02_label-PVS_desc-reviewedJD" in res["errors"][0][1]
     assert set(res["units"]["participant_id"]) == {"sub-01"} and res["interrater"].empty
     assert run_reviewed(collect.find_units(tmp_path / "nothing")) is None
+
+
+def test_reviews_written_by_epvs_bids_edits_apply_are_compared(tmp_path):
+    """The real writer (``bids_app.edits.apply``) and the group level agree on names and sidecars."""
+    from bids_app import edits
+    from bids_app.group import collect
+    from bids_app.group.run import run_reviewed
+
+    out = tmp_path / "out"
+    e = gf.make_unit(out, "01", sites=SITES[:6])
+    mask = e["anat"] / f"{e['stem']}_label-PVS_desc-T2w_mask.nii.gz"
+    side = json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())
+    for tag, rejected in (("JD", [1]), ("AB", [1, 2])):
+        doc = {"format": "epvs-bids-edits", "format_version": 1, "rater": tag, "date": "2026-12-05T17:00:00Z",
+               "software": {"name": "epvs-bids", "version": side.get("SoftwareVersion", "")},
+               "model": {"id": side.get("ModelId"), "weights_sha256": (side.get("Parameters") or {}).get(
+                   "weights_sha256")},
+               "unit": {"label": "sub-01", "subject": "01", "session": None, "combination": "T2w"},
+               "mask": str(mask.relative_to(out)),
+               "clusters": str((e["anat"] / f"{e['stem']}_seg-PVSclusters_desc-T2w_dseg.nii.gz").relative_to(out)),
+               "n_clusters": 6, "n_reviewed": len(rejected), "added": [],
+               "decisions": [{"cluster": c, "decision": "reject", "reason": "vessel"} for c in rejected]}
+        path = tmp_path / f"edits_{tag}.json"
+        path.write_text(json.dumps(doc))
+        edits.apply(out, path)
+    units = collect.find_units(out)
+    assert [u.key for u in units] == ["sub-01_desc-T2w"]  # the reviewed tables are not automatic units
+    res = run_reviewed(units)
+    wb = res["units"].loc[res["units"]["name"] == "whole_brain"].set_index("rater")
+    assert wb["n_ref_clusters"].to_dict() == {"AB": 4, "JD": 5} and (wb["n_pred_clusters"] == 6).all()
+    pair = res["interrater"].loc[res["interrater"]["name"] == "whole_brain"].iloc[0]
+    assert (pair["rater_a"], pair["rater_b"], pair["n_pred_clusters"], pair["n_ref_clusters"]) == ("AB", "JD", 4, 5)
+    assert pair["dice"] == pytest.approx(2 * 4 / 9)
