@@ -85,8 +85,10 @@ def roundtrip(tmp_path_factory):
     out2 = root / "out-finetuned"
     code = main([str(bids), str(out2), "participant", "--nprocs", "1", "--model", str(model), *common])
     group = main([str(bids), str(out), "group", *common, "--longitudinal-matching", "none"])
+    against = main([str(bids), str(out2), "group", *common, "--longitudinal-matching", "none",
+                    "--reference-derivatives", str(out)])  # the fine-tuned model against the raters
     return {"root": root, "bids": bids, "out": out, "out2": out2, "model": model, "code": code, "group": group,
-            "seen": seen}
+            "against": against, "seen": seen}
 
 
 @pytest.mark.slow
@@ -169,3 +171,11 @@ def test_group_level_writes_reviewed_agreement_for_one_unit(reviewed_unit):
     assert brain["dice"] == pytest.approx(2 * 96 / (120 + 103))
     assert brain["voxel_precision"] == pytest.approx(96 / 120) and brain["voxel_sensitivity"] == pytest.approx(96 / 103)
     assert (brain["n_pred_clusters"], brain["n_ref_clusters"]) == (10, 9)
+
+
+@pytest.mark.slow
+def test_the_finetuned_model_is_measured_against_the_reviews(roundtrip):
+    assert roundtrip["against"] == 0
+    units = pd.read_csv(roundtrip["out2"] / "group" / "agreement-reference_units.tsv", sep="\t")
+    brain = units[units["name"] == "whole_brain"]
+    assert len(brain) == 2 and brain["other_mask"].str.contains("desc-reviewedJD").all()
