@@ -438,6 +438,8 @@ def markdown(res: dict) -> str:
         lines += _real_lines(res["real_t2w_injected"], commands.get("real_t2w_injected"))
     if "averages" in res:
         lines += _average_lines(res["averages"], commands.get("averages"))
+    if res.get("selection"):
+        lines += _selection_lines(res["selection"])
     if "timing" in res:
         t = res["timing"]
         lines += ["## Speed", "", f"Command: `{commands.get('timing')}`.", "",
@@ -483,6 +485,18 @@ def _real_lines(part: dict, command: str | None) -> list[str]:
     if s and s["cnr_before"] and len(part["rows"]) > 1:
         lines.append(f"| **all** | | | {_ms(s['cnr_before'])} | {_ms(s['cnr_after'])} | "
                      f"{_f(s['cnr_ratio_median'])} | | |")
+    return lines + [""]
+
+
+def _selection_lines(selection: dict) -> list[str]:
+    lines = ["## Choice of gain and noise_multiple (synthetic selection seeds only)", "",
+             f"Rule: {selection['rule']}. Choice: `{json.dumps(selection['choice'])}`.", "",
+             "| grid | command | gain | noise_multiple | median CNR ratio | false ePVS-like clusters |",
+             "|---|---|---|---|---|---|"]
+    for stage in selection["stages"]:
+        for t in stage["table"]:
+            lines.append(f"| {stage['stage']} | `{stage['command']}` | {t['gain']} | {t['noise_multiple']} | "
+                         f"{t['cnr_ratio']} | {t['false_rise']:+.1%} |")
     return lines + [""]
 
 
