@@ -532,6 +532,36 @@ def _label_dtype(labels: np.ndarray):
     return np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int32
 
 
+def _grid_images(paths: Mapping[str, Path]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The images of :data:`VIEWER_VOLUMES` (viewer name -> array) and the affine of their common grid.
+
+    Raises
+    ------
+    TableError
+        An image is missing, unreadable, or not on the grid of ``preproc`` (the message names it).
+    """
+    import nibabel as nib
+
+    from ..io_spec import TableError
+
+    arrays, grid = {}, None
+    for key, name in VIEWER_VOLUMES.items():
+        if key == "regions_dseg" and not Path(paths[key]).is_file():
+            continue
+        try:
+            img = nib.load(paths[key])
+            data = np.asanyarray(img.dataobj)
+        except (OSError, ValueError, EOFError) as exc:
+            raise TableError(f"{paths[key]}: cannot be read for the report viewer ({exc})") from exc
+        data = data[..., 0] if data.ndim == 4 else data
+        if grid is None:
+            grid = (data.shape, img.affine)
+        elif data.shape != grid[0] or not np.allclose(img.affine, grid[1], atol=1e-3):
+            raise TableError(f"{paths[key]}: not on the grid of {paths['preproc']} (shape {data.shape})")
+        arrays[name] = data
+    return arrays, np.asarray(grid[1], dtype=float)
+
+
 def viewer_volumes(paths: Mapping[str, Path]) -> dict[str, Any]:
     """The unit's images for the viewer, cropped to the brain and stored small.
 
@@ -555,40 +585,22 @@ def viewer_volumes(paths: Mapping[str, Path]) -> dict[str, Any]:
     TableError
         An image is missing, unreadable, or not on the reference's grid (the message names it).
     """
-    import nibabel as nib
-
-    from ..io_spec import TableError
-
-    arrays, grid = {}, None
-    for key, name in VIEWER_VOLUMES.items():
-        if key == "regions_dseg" and not Path(paths[key]).is_file():
-            continue
-        try:
-            img = nib.load(paths[key])
-            data = np.asanyarray(img.dataobj)
-        except (OSError, ValueError, EOFError) as exc:
-            raise TableError(f"{paths[key]}: cannot be read for the report viewer ({exc})") from exc
-        data = data[..., 0] if data.ndim == 4 else data
-        if grid is None:
-            grid = (data.shape, img.affine)
-        elif data.shape != grid[0] or not np.allclose(img.affine, grid[1], atol=1e-3):
-            raise TableError(f"{paths[key]}: not on the grid of {paths['preproc']} (shape {data.shape})")
-        arrays[name] = data
+    arrays, affine = _grid_images(paths)
     brain, clusters = arrays["brain"] > 0, arrays["clusters"]
     box = crop_box(brain | (clusters > 0))
     lo, hi = _window(np.asarray(arrays["reference"], dtype=np.float32), brain)
     ref = np.asarray(arrays["reference"][box], dtype=np.float32)
+    score = np.clip(np.nan_to_num(arrays["probability"][box]), 0, 1)
     volumes = {"reference": np.rint(np.clip((ref - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8),
-               "probability": np.rint(np.clip(np.nan_to_num(arrays["probability"][box]), 0, 1) * 255).astype(np.uint8),
+               "probability": np.rint(score * 255).astype(np.uint8),
                "brain": brain[box].astype(np.uint8),
                "clusters": clusters[box].astype(_label_dtype(clusters))}
     if "regions" in arrays:
         volumes["regions"] = arrays["regions"][box].astype(_label_dtype(arrays["regions"]))
     offset = [s.start for s in box]
-    affine = np.asarray(grid[1], dtype=float)
     crop_affine = affine.copy()
     crop_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
-    return {"volumes": volumes, "affine": crop_affine, "full_affine": affine, "shape": list(grid[0]),
+    return {"volumes": volumes, "affine": crop_affine, "full_affine": affine, "shape": list(clusters.shape),
             "offset": offset, "window": [lo, hi]}
 
 
