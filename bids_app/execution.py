@@ -164,7 +164,7 @@ def kill_point(step: str) -> None:
     """Test hook: SIGKILL this process at ``step`` when ``EPVS_TEST_KILL_AT`` names it.
 
     Steps are those of :func:`process_unit`'s timings (``load``, ``n4``, ``brain_mask``,
-    ``template``, ``detect``, ``clusters``, ``write``: each after its work is done) and
+    ``template``, ``detect``, ``clusters``, ``enhance``, ``write``: each after its work is done) and
     ``status`` (every output written, status record not yet). Used by
     ``tests/e2e/test_crash_safety.py`` to prove that a run killed there resumes to identical
     outputs; unset in normal use.

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from epvsprep import enhance
+
 from .spec import ModelSpec, load_spec
 
 LOGGER = logging.getLogger(__name__)
 
-#: Polarity of ePVS (CSF-like) per sequence: True = brighter than tissue.
-BRIGHT_EPVS: dict[str, bool] = {"T2w": True, "T1w": False, "FLAIR": False, "SWI": False}
+#: Polarity of ePVS (CSF-like) per sequence: True = brighter than tissue (one definition, in epvsprep).
+BRIGHT_EPVS = enhance.BRIGHT_EPVS
 
 #: Single-sequence inputs the Frangi baseline can use, in ranking order.
 FRANGI_COMBINATIONS: tuple[tuple[str, ...], ...] = (("T2w",), ("T1w",), ("FLAIR",))
