@@ -338,16 +338,20 @@ def register_template(
     if kind == "SyN":
         kwargs.update(syn_metric="mattes", syn_sampling=32, reg_iterations=syn_iters, flow_sigma=3, total_sigma=0)
     with ants_seeded(seed):  # antspyx ignores a random_seed= keyword
-        reg = ants.registration(fixed=afix, moving=amov, type_of_transform=kind, **kwargs)
+        try:
+            reg = ants.registration(fixed=afix, moving=amov, type_of_transform=kind, **kwargs)
+        except RuntimeError as exc:  # e.g. nothing but zeros inside a wrong brain mask
+            LOGGER.warning("template registration failed (%s): header alignment kept, marked failed", exc)
+            reg = None
+    failed = reg is None
+    if failed:
+        reg = _identity_registration(amov, afix)
     fwd = reg["fwdtransforms"]
     affine_icv = _affine_icv_mm3(fwd, kit)
     fix_mask = _resample_iso(nib_to_ants(nib.Nifti1Image(mask.astype(np.float32), subject.affine)), grid_mm)
     fix_mask = fix_mask.new_image_like((fix_mask.numpy() > 0.5).astype(np.float32))
     identity = ants.resample_image_to_target(amov, afix, interp_type="linear")
-    before = float(ants.image_similarity(afix, identity, metric_type="MattesMutualInformation",
-                                         fixed_mask=fix_mask))
-    after = float(ants.image_similarity(afix, reg["warpedmovout"], metric_type="MattesMutualInformation",
-                                        fixed_mask=fix_mask))
+    before, after = (_mattes(afix, moved, fix_mask) for moved in (identity, reg["warpedmovout"]))
 
     def warp(img: nib.Nifti1Image, interpolator: str) -> np.ndarray:
         out = ants.apply_transforms(afix_full, nib_to_ants(img), fwd, interpolator=interpolator)
@@ -363,7 +367,7 @@ def register_template(
     wm = np.clip(warp(kit.images["WM"], "linear"), 0, 1).astype(np.float32)
     warped = warp(template, "linear").astype(np.float32)
     dice = float(2 * (brain.astype(bool) & mask).sum() / max(int(brain.sum()) + int(mask.sum()), 1))
-    ok = bool(after <= before + 0.01 * abs(before) + 1e-3 and dice >= 0.8)
+    ok = bool(after <= before + 0.01 * abs(before) + 1e-3 and dice >= 0.8 and not failed)
     for path in {*reg["fwdtransforms"], *reg["invtransforms"]}:  # antspyx's temporary transform files
         Path(path).unlink(missing_ok=True)
 
@@ -378,6 +382,30 @@ def register_template(
         similarity_before=before, similarity_after=after, mask_dice=dice, ok=ok, sequence=sequence,
         transform=f"{kind}:{setting}", seconds=time.monotonic() - started, affine_icv_mm3=affine_icv,
     )
+
+
+def _mattes(fixed, moving, mask) -> float:
+    """Mattes mutual information inside ``mask`` (more negative is better); 0 (no information) when ITK cannot
+    compute it, e.g. for an image that is constant inside the mask."""
+    import ants
+
+    try:
+        return float(ants.image_similarity(fixed, moving, metric_type="MattesMutualInformation", fixed_mask=mask))
+    except RuntimeError:
+        return 0.0
+
+
+def _identity_registration(amov, afix) -> dict:
+    """What ``ants.registration`` returns, for the header alignment (an identity affine in a temporary file)."""
+    import tempfile
+
+    import ants
+
+    with tempfile.NamedTemporaryFile(suffix=".mat", delete=False) as handle:
+        path = handle.name
+    ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), path)
+    return {"fwdtransforms": [path], "invtransforms": [path],
+            "warpedmovout": ants.resample_image_to_target(amov, afix, interp_type="linear")}
 
 
 def _affine_icv_mm3(transforms: list[str], kit: TemplateKit) -> float | None:
