@@ -28,6 +28,10 @@ from .errors import InputError, ValidationError
 LOGGER = logging.getLogger(__name__)
 
 
+#: The validation record of a run with --skip-bids-validation.
+NOT_VALIDATED = {"result": "skipped (--skip-bids-validation)"}
+
+
 @dataclass
 class Intake:
     """What the intake found.
@@ -38,11 +42,14 @@ class Intake:
         Selected units whose files could be indexed.
     failed : dict
         Unit label -> :class:`InputError` for selected units left out because a sidecar is broken.
+    validation : dict
+        What was validated: ``result`` and, when the validator ran, ``validator``, ``scope``, ``n_errors``
+        and ``warning_codes`` (:func:`validation_record`).
     """
 
     units: list
     failed: dict[str, InputError] = field(default_factory=dict)
-    validation: str = "BIDS validation skipped (--skip-bids-validation)"
+    validation: dict = field(default_factory=lambda: dict(NOT_VALIDATED))
 
 
 def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
@@ -67,13 +74,8 @@ def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
     from .query import check_dataset, collect_sessions, load_layout
 
     check_dataset(bids_dir)
-    validation = Intake.validation
-    if validate:
-        warnings_ = validate_bids(bids_dir, participant_labels=participant_labels)
-        validation = f"BIDS validation passed ({validated_scope(bids_dir, participant_labels)})"
-        LOGGER.info("%s%s", validation, f" with warnings: {', '.join(warnings_)}" if warnings_ else "")
-    else:
-        LOGGER.info("%s", validation)
+    validation = validation_record(bids_dir, participant_labels) if validate else dict(NOT_VALIDATED)
+    LOGGER.info("BIDS validation: %s (%s)", validation["result"], validation.get("scope", "nothing validated"))
     broken: dict[str, tuple[Path, str]] = {}
     try:
         try:
@@ -95,6 +97,24 @@ def take_in(bids_dir: Path, *, index_dir: Path, validate: bool = True,
             units = [u for u in units if u not in hit]
             failed[label] = InputError(problem, sidecar)
     return Intake(units, failed, validation)
+
+
+def validation_record(bids_dir: Path, participant_labels: Sequence[str] | None) -> dict:
+    """Validate (:func:`validate_bids`) and say what was validated, for the provenance and the report.
+
+    Raises
+    ------
+    ValidationError
+        When the validator reports errors (exit 16).
+    """
+    exe = shutil.which("bids-validator-deno") or shutil.which("bids-validator")
+    if exe is None:
+        LOGGER.warning("bids-validator-deno not found: skipping BIDS validation")
+        return {"result": "skipped: bids-validator-deno not found"}
+    codes = validate_bids(bids_dir, participant_labels=participant_labels)
+    return {"validator": Path(exe).name, "scope": validated_scope(bids_dir, participant_labels),
+            "result": "passed" + (" with warnings" if codes else ""), "n_errors": 0,
+            "warning_codes": codes}
 
 
 def _selected_subjects(bids_dir: Path, participant_labels: Sequence[str] | None) -> list[str] | None:

@@ -112,7 +112,7 @@ def _target(plan, pre, bids_dir: Path, output_dir: Path) -> _Target:
 
 
 def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output_dir: Path, seed: int,
-               timings: dict[str, float], enhanced=None) -> list[str]:
+               timings: dict[str, float], enhanced=None, validation: dict | None = None) -> list[str]:
     """Write every output of one unit (names from ``io_spec.json``); return their paths relative to ``output_dir``.
 
     Parameters
@@ -133,6 +133,9 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
         Step -> seconds (recorded in the provenance and shown in the report).
     enhanced : epvsprep.enhance.Enhanced, optional
         The ePVS-enhanced reference (:func:`enhance_reference`); computed here when not given.
+    validation : dict, optional
+        The run's BIDS validation record (``bids_app.intake.Intake.validation``), kept in the provenance
+        and shown in the report.
 
     Returns
     -------
@@ -151,7 +154,8 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
                                                                       plan.reference))
     figures = _write_figures(target, plan, pre, det, measures)
     written.append(write_json(target.paths["provenance"],
-                              provenance(plan, pre, det, measures, target, seed=seed, timings=timings)))
+                              provenance(plan, pre, det, measures, target, seed=seed, timings=timings,
+                                         validation=validation)))
     written += [figures[k] for k in sorted(figures, key=io_spec.keys().index)]
     written.append(rebuild_report(output_dir, unit_id(plan)))
     return [str(Path(w).relative_to(output_dir)) for w in written]
@@ -326,13 +330,14 @@ def template_image_origin(template: Mapping[str, Any]) -> str | None:
 
 
 def provenance(plan, pre, det, measures: UnitMeasures, target: _Target, *, seed: int,
-               timings: Mapping[str, float]) -> dict[str, Any]:
-    """The provenance record (``logs/<label>_provenance.json``): summary, inputs, plan, parameters, software."""
+               timings: Mapping[str, float], validation: dict | None = None) -> dict[str, Any]:
+    """The provenance record (``logs/<label>_provenance.json``): summary, inputs, plan, parameters, software,
+    and the run's BIDS validation (None when the unit was written outside a participant run)."""
     return {
         **summary(plan, pre, det, measures, timings),
         "inputs": {sequence: {"path": target.rel_source[sequence], "sha256": pre.digests[sequence]} for sequence in plan.images},
         "plan": plan.to_dict(), "parameters": det.parameters, "random_seed": seed,
-        "software": _software_versions(),
+        "software": _software_versions(), "validation": validation,
     }
 
 

@@ -61,7 +61,7 @@ def run_participant_level(config: RunConfig) -> int:
     results += [_failed(config.output_dir, label, exc) for label, exc in failed.items()]
     kwargs = {"bids_dir": config.bids_dir, "output_dir": config.output_dir, "work_dir": config.work_dir,
               "overwrite": config.overwrite, "seed": config.random_seed, "omp_nthreads": config.omp_nthreads,
-              "device": config.device, "model": config.model}
+              "device": config.device, "model": config.model, "validation": intake.validation}
     n_workers = max(1, min(len(jobs), config.nprocs // max(1, config.omp_nthreads)))
     results += run_units(jobs, kwargs, n_workers=n_workers, nipype_plugin=config.nipype_plugin,
                          plugin_args=config.nipype_plugin_args(), base_dir=Path(config.work_dir) / "nipype")
@@ -126,8 +126,12 @@ def method_support(method: str, model: str | None = None) -> tuple[tuple[tuple[s
 
 
 def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrite: bool = False,
-             seed: int = 42, omp_nthreads: int = 1, device: str = "auto", model: str | None = None) -> UnitResult:
-    """Process one planned subject x session, never raising: failures become a result."""
+             seed: int = 42, omp_nthreads: int = 1, device: str = "auto", model: str | None = None,
+             validation: dict | None = None) -> UnitResult:
+    """Process one planned subject x session, never raising: failures become a result.
+
+    ``validation``: the run's BIDS validation record (``Intake.validation``), kept in the provenance.
+    """
     label = plan.label
     started = time.monotonic()
     key = None
@@ -138,7 +142,8 @@ def run_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, overwrit
             return UnitResult(label, "skipped")
         remove_stale_temporaries(output_dir, plan)
         written = process_unit(plan, bids_dir=bids_dir, output_dir=output_dir,
-                               work_dir=Path(work_dir) / label, seed=seed, device=device, model=model)
+                               work_dir=Path(work_dir) / label, seed=seed, device=device, model=model,
+                               validation=validation)
     except Exception as exc:
         return _unit_failure(plan, exc, output_dir, key, time.monotonic() - started)
     result = UnitResult(label, "complete", outputs=written, seconds=time.monotonic() - started)
@@ -166,7 +171,7 @@ def _unit_failure(plan, exc: Exception, output_dir: Path, key: str | None, secon
 
 
 def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed: int = 42,
-                 device: str = "auto", model: str | None = None) -> list[str]:
+                 device: str = "auto", model: str | None = None, validation: dict | None = None) -> list[str]:
     """Preprocess, detect, measure and write every output of one unit; return output paths (relative).
 
     Raises
@@ -197,7 +202,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     enhanced = outputs.enhance_reference(pre, volumes[plan.reference], plan.reference)
     tick("enhance")
     written = outputs.write_unit(plan, pre, det, measures, bids_dir=bids_dir, output_dir=output_dir, seed=seed,
-                                 timings=timings, enhanced=enhanced)
+                                 timings=timings, enhanced=enhanced, validation=validation)
     tick("write")
     return written
 

@@ -39,3 +39,19 @@ def test_selected_broken_subject_still_fails(broken_other):
     with pytest.raises(errors.ValidationError, match="sub-02_notasuffix") as exc:
         intake.validate_bids(broken_other, participant_labels=["02"])
     assert "sub-02 (--participant-label)" in str(exc.value)
+
+
+def test_validation_record_says_what_was_validated(broken_other):
+    record = intake.validation_record(broken_other, ["01"])
+    assert record["result"].startswith("passed")
+    assert record["scope"] == "validated: top-level files and sub-01 (--participant-label)"
+    assert record["validator"].startswith("bids-validator")
+    assert record["n_errors"] == 0
+
+
+def test_validation_record_reaches_the_report_rows(broken_other):
+    from bids_app.reports.participant import validation_rows
+
+    rows = dict(validation_rows(intake.validation_record(broken_other, ["01"])))
+    assert rows["Scope"].endswith("sub-01 (--participant-label)")
+    assert dict(validation_rows(dict(intake.NOT_VALIDATED)))["Result"] == "skipped (--skip-bids-validation)"

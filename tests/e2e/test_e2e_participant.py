@@ -149,7 +149,10 @@ def test_region_outputs_follow_the_contract(run):
     x_right = (nib.load(anat / "sub-01_seg-regions_dseg.nii.gz").affine @ [*ijk, 1.0])[0]
     assert x_left < x_right
     prov = json.loads((run["out"] / "logs/sub-01_provenance.json").read_text())
-    assert {"n4", "brain_mask", "coreg_T1w", "template"} <= set(prov["timings_s"])
+    assert {"n4", "brain_mask", "coreg_T1w", "template", "enhance"} <= set(prov["timings_s"])
+    # the run's BIDS validation is recorded and reported (this run skipped it)
+    assert prov["validation"] == {"result": "skipped (--skip-bids-validation)"}
+    assert "skipped (--skip-bids-validation)" in (run["out"] / "sub-01.html").read_text()
 
 
 def test_cluster_shape_signal_and_rating_estimates(run):
