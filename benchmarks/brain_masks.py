@@ -318,8 +318,9 @@ def main(argv=None) -> int:
             parser.error(f"{out_json} does not exist: run the benchmark first")
         rows = {r["name"]: r for r in saved["scans"]}
         saved["pairs"] = pair_rows(rows)
+        saved["command"] = args.command or saved["command"]
         _write(out_json, json.dumps(saved, indent=1) + "\n")
-        _write(RESULTS / "brain_masks.md", markdown(saved["scans"], saved["pairs"], args.command or saved["command"],
+        _write(RESULTS / "brain_masks.md", markdown(saved["scans"], saved["pairs"], saved["command"],
                                                     saved.get("hdbet"), _runtime_result()))
         return 0
     if args.runtime:
