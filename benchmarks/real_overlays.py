@@ -98,8 +98,8 @@ def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int]
     width = (box[0].stop - box[0].start) * spacing[0]
     height = (box[1].stop - box[1].start) * spacing[1]
     panel = 4.2
-    fig, axes = plt.subplots(len(masks), len(slices), figsize=(panel * len(slices), panel * height / width *
-                                                                 len(masks) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(len(masks), len(slices), figsize=(panel * len(slices), (panel * height / width + 0.35)
+                                                                 * len(masks) + 0.4), squeeze=False)
     for row, (model, mask) in enumerate(masks.items()):
         colour = COLOURS[row % len(COLOURS)]
         for col, (name, k) in enumerate(slices):
@@ -114,7 +114,7 @@ def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int]
             ax.set_yticks([])
     summary = "; ".join(f"{m}: {counts[m]} clusters" for m in masks)
     fig.suptitle(f"{prep.scan.name} ({prep.scan.sequence}, {prep.scan.dataset}): {summary}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.96), pad=0.4)
+    fig.tight_layout(rect=(0, 0, 1, 0.96), pad=0.4, h_pad=1.6)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
