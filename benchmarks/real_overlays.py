@@ -9,7 +9,7 @@ the left), cropped to the brain, each model's detected voxels filled in its colo
 ringed (5 mm) so that one-voxel clusters can be found. Writes
 ``docs/figures/real_overlays/<scan>.png`` (palette PNG, ~100-200 KB).
 
-Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3 epvs-unet25d-v4 [--scans a,b]
+Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3 benchmarks/models/epvs-unet25d-v4 [--scans a,b]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", required=True, help="model ids, old first")
+    parser.add_argument("--models", nargs="+", required=True, help="model ids or folders, old first")
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
     opts = parser.parse_args()
     from epvsprep.anatomy import load_kit

@@ -169,6 +169,11 @@ def test_wheel_from_the_build_context_carries_weights_and_kit(tmp_path):
             assert {f"{folder}/model.json", f"{folder}/weights.pt", f"{folder}/MODEL_CARD.md"} <= names, model_id
             meta = json.loads(zf.read(f"{folder}/model.json"))
             assert hashlib.sha256(zf.read(f"{folder}/weights.pt")).hexdigest() == meta["sha256"], model_id
+        # the review viewer: the vendored NiiVue build (hash-checked against VENDOR.json), its licence, our code
+        viewer = {p.relative_to(ROOT).as_posix() for p in (ROOT / "bids_app/data/viewer").iterdir() if p.is_file()}
+        assert "bids_app/data/viewer/LICENSE_NiiVue.txt" in viewer and viewer <= names
+        vendor = json.loads(zf.read("bids_app/data/viewer/VENDOR.json"))
+        assert hashlib.sha256(zf.read(f"bids_app/data/viewer/{vendor['file']}")).hexdigest() == vendor["sha256"]
         # the template kit (hash-checked against its manifest) and the subcortical atlas
         manifest = json.loads(zf.read("epvsprep/data/templates/MANIFEST.json"))
         assert manifest["sha256"]
