@@ -158,11 +158,32 @@ def test_review_in_chromium(browser, unit, tmp_path):
     assert edits["decisions"] == [{"cluster": 1, "decision": "accept"}, {"cluster": 2, "decision": "unsure"},
                                   {"cluster": 3, "decision": "reject", "reason": "vessel"}]
     assert edits["added"] == [added]
+    _apply_gives_the_reviewed_mask(unit, download.path(), added)
 
     assert not problems, problems
     assert [u for u in requests if not u.startswith(("file://", "blob:", "data:"))] == []
     assert any(u.endswith(report.viewer_library()["file"]) for u in requests)
     context.close()
+
+
+def _apply_gives_the_reviewed_mask(unit, edits_path, added) -> None:
+    """The downloaded review, applied by ``epvs-bids-edits apply``: cluster 3 (rejected) loses exactly its
+    voxels, the accepted and unsure clusters stay, and the added point becomes a cluster."""
+    import nibabel as nib
+
+    from bids_app import edits
+
+    paths = unit["paths"]
+    out = paths["epvs_mask"].parents[3]  # <out>/sub-01/ses-1/anat/<mask>
+    assert edits.main(["apply", str(out), str(edits_path)]) == 0
+    automatic = np.asanyarray(nib.load(paths["epvs_mask"]).dataobj) > 0
+    clusters = np.asanyarray(nib.load(paths["clusters_dseg"]).dataobj)
+    reviewed_path = paths["epvs_mask"].with_name(paths["epvs_mask"].name.replace("desc-T2wT1w", "desc-reviewedJD"))
+    reviewed = np.asanyarray(nib.load(reviewed_path).dataobj) > 0
+    assert not (reviewed & (clusters == 3)).any()
+    assert (reviewed[automatic & (clusters != 3)]).all()
+    new = reviewed & ~automatic
+    assert new[tuple(added["voxel"])] and new.sum() >= 1
 
 
 def test_report_without_its_data_file_says_what_to_copy(browser, unit, tmp_path):
