@@ -445,21 +445,29 @@ def agreement_suite(pred: np.ndarray, ref: np.ndarray, spacing=(1.0, 1.0, 1.0)) 
         ``hd95_mm``, ``ref_volume_mm3`` and ``pred_volume_mm3``.
     """
     p, r = np.asarray(pred, bool), np.asarray(ref, bool)
-    voxel_mm3 = float(np.prod(spacing))
-    sens, prec = voxel_rates(p, r)
-    ca = cluster_agreement(p, r)
+    return suite_record(int(p.sum()), int(r.sum()), int(np.logical_and(p, r).sum()), cluster_agreement(p, r),
+                        hd95(p, r, spacing), float(np.prod(spacing)))
+
+
+def suite_record(n_pred: int, n_ref: int, n_both: int, clusters: ClusterAgreement, hd95_mm: float,
+                 voxel_mm3: float) -> dict[str, float]:
+    """The record of :func:`agreement_suite` from voxel counts (predicted, reference, both), the
+    cluster-level agreement and the HD95: shared with the voxel-list form of the group level
+    (``bids_app.group.sparse``). Rates of an empty mask are NaN; Dice and volumetric similarity of two
+    empty masks are 1."""
+    total = n_pred + n_ref
     return {
-        "voxel_sensitivity": sens,
-        "voxel_precision": prec,
-        "dice": dice(p, r),
-        "volumetric_similarity": volumetric_similarity(p, r),
-        "n_ref_clusters": ca.n_ref,
-        "n_pred_clusters": ca.n_pred,
-        "cluster_sensitivity": ca.sensitivity,
-        "cluster_precision": ca.precision,
-        "cluster_f1": ca.f1,
-        "magnitude_accuracy": ca.magnitude_accuracy,
-        "hd95_mm": hd95(p, r, spacing),
-        "ref_volume_mm3": float(r.sum()) * voxel_mm3,
-        "pred_volume_mm3": float(p.sum()) * voxel_mm3,
+        "voxel_sensitivity": n_both / n_ref if n_ref else float("nan"),
+        "voxel_precision": n_both / n_pred if n_pred else float("nan"),
+        "dice": 1.0 if total == 0 else 2.0 * n_both / total,
+        "volumetric_similarity": 1.0 if total == 0 else 1.0 - abs(n_pred - n_ref) / total,
+        "n_ref_clusters": clusters.n_ref,
+        "n_pred_clusters": clusters.n_pred,
+        "cluster_sensitivity": clusters.sensitivity,
+        "cluster_precision": clusters.precision,
+        "cluster_f1": clusters.f1,
+        "magnitude_accuracy": clusters.magnitude_accuracy,
+        "hd95_mm": hd95_mm,
+        "ref_volume_mm3": float(n_ref) * voxel_mm3,
+        "pred_volume_mm3": float(n_pred) * voxel_mm3,
     }

@@ -178,7 +178,7 @@ def _hd95(pts_p: np.ndarray, pts_r: np.ndarray) -> float:
 def suite(pred: VoxelSet, ref: VoxelSet, spacing, region: int | None = None) -> dict[str, float]:
     """:func:`epvsseg.metrics.agreement_suite` of two voxel sets (on one grid), over every voxel
     (``region=None``) or within one region: both masks restricted to the region's voxels."""
-    from epvsseg.metrics import ClusterAgreement
+    from epvsseg.metrics import ClusterAgreement, suite_record
 
     p_idx, p_lab, p_surf = pred.part(region)
     r_idx, r_lab, r_surf = ref.part(region)
@@ -190,22 +190,7 @@ def suite(pred: VoxelSet, ref: VoxelSet, spacing, region: int | None = None) -> 
     scale = np.asarray([float(z) for z in spacing])
     hd = float("nan") if not n_p or not n_r else _hd95(_coords(p_idx[p_surf], pred.shape) * scale,
                                                         _coords(r_idx[r_surf], ref.shape) * scale)
-    voxel_mm3 = float(np.prod(scale))
-    return {
-        "voxel_sensitivity": len(both) / n_r if n_r else float("nan"),
-        "voxel_precision": len(both) / n_p if n_p else float("nan"),
-        "dice": 1.0 if n_p + n_r == 0 else 2.0 * len(both) / (n_p + n_r),
-        "volumetric_similarity": 1.0 if n_p + n_r == 0 else 1.0 - abs(n_p - n_r) / (n_p + n_r),
-        "n_ref_clusters": ca.n_ref,
-        "n_pred_clusters": ca.n_pred,
-        "cluster_sensitivity": ca.sensitivity,
-        "cluster_precision": ca.precision,
-        "cluster_f1": ca.f1,
-        "magnitude_accuracy": ca.magnitude_accuracy,
-        "hd95_mm": hd,
-        "ref_volume_mm3": float(n_r) * voxel_mm3,
-        "pred_volume_mm3": float(n_p) * voxel_mm3,
-    }
+    return suite_record(n_p, n_r, len(both), ca, hd, float(np.prod(scale)))
 
 
 def agreement_suite(p_idx: np.ndarray, r_idx: np.ndarray, shape, spacing) -> dict[str, float]:
