@@ -60,7 +60,7 @@ ENTITY_ORDER: tuple[tuple[str, str], ...] = (
 _KEYS = {key for _, key in ENTITY_ORDER}
 
 #: Patterns in the output dataset that are not BIDS files (reports, figures, logs).
-BIDSIGNORE = ("*.html", "logs", "group", "**/figures")
+BIDSIGNORE = ("*.html", "logs", "group", "**/figures", "*_voxels.npz")
 
 
 def source_entities(entities: Mapping[str, Any]) -> dict[str, str]:

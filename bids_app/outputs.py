@@ -21,12 +21,13 @@ import numpy as np
 import pandas as pd
 
 from . import __version__, io_spec
-from .derivatives import bids_uri, source_entities, write_json, write_nifti, write_tsv
+from .derivatives import atomic_path, bids_uri, source_entities, write_json, write_nifti, write_tsv
 from .environment import container_provenance
 from .io_spec import TableError, UnitId
 
-__all__ = ["TableError", "UnitMeasures", "UnitOutputs", "centroids_in_grid", "enhance_reference", "read_json",
-           "read_tsv", "read_unit", "reference_image", "unit_id", "write_unit"]
+__all__ = ["TableError", "UnitMeasures", "UnitOutputs", "UnitVoxels", "centroids_in_grid", "enhance_reference",
+           "read_json", "read_tsv", "read_unit", "read_voxels", "reference_image", "unit_id", "write_unit",
+           "write_voxels"]
 
 
 @dataclass
@@ -149,6 +150,7 @@ def write_unit(plan, pre, det, measures: UnitMeasures, *, bids_dir: Path, output
     written = _write_detection(target, det, measures)
     if pre.regions is not None:
         written += _write_regions(target, pre, measures, det.mask)
+    written.append(_write_unit_voxels(target, det.mask, measures.labels, pre.regions))
     written += _write_brain(target, pre, measures.volumes[plan.reference])
     written += _write_enhanced(target, enhanced or enhance_reference(pre, measures.volumes[plan.reference],
                                                                       plan.reference))
@@ -220,6 +222,22 @@ def _write_regions(target: _Target, pre, measures: UnitMeasures, detected: np.nd
         target.sidecar("epvs_regions_json", {**target.common, "IntracranialVolume_mm3": round(pre.icv_mm3, 1),
                                              **meta, **io_spec.columns("epvs_regions_tsv")}),
     ]
+
+
+def _write_unit_voxels(target: _Target, mask: np.ndarray, labels: np.ndarray, regions: np.ndarray | None) -> Path:
+    """The voxel lists of the label maps just written (``epvs_voxels``), on their grid as readers see it.
+
+    The affine and voxel size are read back from the written cluster map's header (float32 in
+    NIfTI), so a reader of this file gets exactly what a reader of the images gets.
+    """
+    import nibabel as nib
+
+    header = nib.load(str(target.paths["clusters_dseg"])).header
+    atlas = None if regions is None else target.back(np.asarray(regions).astype(np.uint8))
+    epvs_regions = None if regions is None else target.back((regions * mask).astype(np.uint8))  # as written
+    return write_voxels(target.paths["epvs_voxels"], mask=target.back(np.asarray(mask).astype(np.uint8)),
+                        clusters=target.back(np.asarray(labels).astype(np.int32)), epvs_regions=epvs_regions,
+                        atlas=atlas, affine=header.get_best_affine(), zooms=header.get_zooms()[:3])
 
 
 def _write_brain(target: _Target, pre, reference: np.ndarray) -> list[Path]:
@@ -543,3 +561,125 @@ def finite(value) -> float:
     except (TypeError, ValueError):
         return math.nan
     return out if math.isfinite(out) else math.nan
+
+
+# ------------------------------------------------------------------ voxel lists (epvs_voxels)
+@dataclass(frozen=True)
+class UnitVoxels:
+    """A unit's label maps as voxel lists (the ``epvs_voxels`` file): what the group level reads.
+
+    Every index is a Fortran-order linear index into the grid (nibabel's voxel order on disk:
+    ``flat = i + I (j + J k)``), so ``index`` lists the voxels of the images exactly as
+    :func:`numpy.flatnonzero` of ``data.ravel(order="F")`` would.
+
+    Attributes
+    ----------
+    shape : tuple of 3 int
+        The grid (voxels), that of the unit's images.
+    affine : ndarray, shape (4, 4)
+        Voxel -> scanner mm, as read from the images' header.
+    zooms : tuple of 3 float
+        Voxel size (mm), as read from the images' header.
+    index : ndarray of int64, shape (n,)
+        Sorted linear indices of the voxels non-zero in the ePVS mask, the cluster map or the
+        ePVS region map.
+    mask, clusters : ndarray, shape (n,)
+        The ePVS mask (uint8) and the cluster map (int32) at ``index``.
+    epvs_regions : ndarray of uint8, shape (n,), or None
+        The ePVS region map at ``index`` (None when the unit has no regions).
+    atlas_starts, atlas_labels : ndarray, shape (r,), or None
+        The region atlas (``regions_dseg``) as runs in linear-index order: run ``m`` covers
+        ``atlas_starts[m]`` up to the next start with label ``atlas_labels[m]`` (uint8); None
+        without regions.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    zooms: tuple[float, float, float]
+    index: np.ndarray
+    mask: np.ndarray
+    clusters: np.ndarray
+    epvs_regions: np.ndarray | None = None
+    atlas_starts: np.ndarray | None = None
+    atlas_labels: np.ndarray | None = None
+
+    def atlas_at(self, index: np.ndarray) -> np.ndarray:
+        """Atlas labels (uint8) at sorted or unsorted linear indices ``index``."""
+        if self.atlas_starts is None:
+            raise ValueError("this unit has no region atlas")
+        return self.atlas_labels[np.searchsorted(self.atlas_starts, index, side="right") - 1]
+
+    def atlas_present(self) -> np.ndarray:
+        """The distinct atlas labels of the grid, sorted (0 included when some voxel is outside every region)."""
+        if self.atlas_labels is None:
+            raise ValueError("this unit has no region atlas")
+        return np.unique(self.atlas_labels)
+
+
+def _runs(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths (uint32) and labels of a label image in Fortran (linear-index) order."""
+    flat = np.asarray(data).ravel(order="F")
+    starts = np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1]
+    return np.diff(np.r_[starts, flat.size]).astype(np.uint32), flat[starts]
+
+
+def write_voxels(target: Path, *, mask: np.ndarray, clusters: np.ndarray, affine: np.ndarray, zooms,
+                 epvs_regions: np.ndarray | None = None, atlas: np.ndarray | None = None) -> Path:
+    """Write a unit's label maps as voxel lists (:class:`UnitVoxels`, a compressed ``.npz``) atomically.
+
+    Parameters
+    ----------
+    target : Path
+        The ``epvs_voxels`` path of the unit.
+    mask, clusters : ndarray, shape (I, J, K)
+        The ePVS mask (uint8) and the cluster map (int32) as written (the images' voxel order).
+    affine : ndarray, shape (4, 4)
+        Voxel -> scanner mm of the written images (from their header).
+    zooms : sequence of 3 float
+        Voxel size (mm) of the written images (from their header).
+    epvs_regions, atlas : ndarray, shape (I, J, K), optional
+        The ePVS region map and the region atlas (uint8), when the unit has regions.
+    """
+    mask, clusters = np.asarray(mask, np.uint8), np.asarray(clusters, np.int32)
+    maps = [mask, clusters] + ([] if epvs_regions is None else [np.asarray(epvs_regions, np.uint8)])
+    labelled = np.zeros(mask.shape, bool)
+    for data in maps:
+        labelled |= data != 0
+    index = np.flatnonzero(labelled.ravel(order="F"))
+    arrays = {"shape": np.asarray(mask.shape, np.int64), "affine": np.asarray(affine, np.float64),
+              "zooms": np.asarray([float(z) for z in zooms][:3], np.float64), "index": index.astype(np.int64),
+              "mask": mask.ravel(order="F")[index], "clusters": clusters.ravel(order="F")[index]}
+    if epvs_regions is not None:
+        arrays["epvs_regions"] = maps[2].ravel(order="F")[index]
+    if atlas is not None:
+        arrays["atlas_run_lengths"], arrays["atlas_run_labels"] = _runs(np.asarray(atlas, np.uint8))
+    with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)
+    return Path(target)
+
+
+def read_voxels(path: Path) -> UnitVoxels:
+    """Read a unit's voxel lists (:func:`write_voxels`).
+
+    Raises
+    ------
+    TableError
+        The file is missing, unreadable or lacks an array (the message names the file).
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError as exc:
+        raise TableError(f"{path}: missing") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise TableError(f"{path}: not a readable voxel-list file ({type(exc).__name__}: {exc})") from exc
+    missing = [k for k in ("shape", "affine", "zooms", "index", "mask", "clusters") if k not in arrays]
+    if missing:
+        raise TableError(f"{path}: missing array(s) {', '.join(missing)}")
+    starts = labels = None
+    if "atlas_run_lengths" in arrays:
+        lengths = arrays["atlas_run_lengths"].astype(np.int64)
+        starts, labels = np.r_[0, np.cumsum(lengths)[:-1]], arrays["atlas_run_labels"]
+    return UnitVoxels(tuple(int(s) for s in arrays["shape"]), arrays["affine"],
+                      tuple(float(z) for z in arrays["zooms"]), arrays["index"], arrays["mask"], arrays["clusters"],
+                      arrays.get("epvs_regions"), starts, labels)

@@ -22,8 +22,8 @@ import pandas as pd
 from epvsseg import metrics
 
 from .. import io_spec
+from . import maps, sparse
 from . import reviewed as reviews
-from . import sparse
 from .collect import WHOLE_BRAIN, TableError, Unit, _read_tsv, region_sort_key
 
 LOGGER = logging.getLogger(__name__)
@@ -68,34 +68,6 @@ def find_other_mask(root, unit: Unit) -> object:
     return hits[0] if hits else None
 
 
-def _load_mask(path, like: sparse.Volume | None = None) -> tuple[sparse.Volume, np.ndarray]:
-    """A mask image and the sorted linear indices (:mod:`~bids_app.group.sparse`) of its voxels > 0.
-
-    ``like``: the volume whose grid the mask must share (else a :class:`TableError` says so).
-    """
-    try:
-        vol = sparse.read_volume(path)
-    except ValueError as exc:
-        raise TableError(str(exc)) from exc
-    except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
-        raise TableError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
-    if like is not None and (vol.shape != like.shape or not np.allclose(vol.affine, like.affine, atol=1e-3)):
-        raise TableError(f"{path}: not on the voxel grid of this run's outputs (shape {vol.shape} vs "
-                         f"{like.shape}, or a different affine); resample it to the reference image")
-    idx, values = vol.nonzero()
-    return vol, idx[values > 0]
-
-
-def _labels_present(data: np.ndarray) -> np.ndarray:
-    """The distinct values of an integer label image (one pass; :func:`numpy.unique` for wide ranges)."""
-    flat = data.ravel(order="F")
-    if flat.dtype.kind in "ui" and flat.size and 0 <= int(flat.min()) and int(flat.max()) < 65536:
-        seen = np.zeros(int(flat.max()) + 1, bool)
-        seen[flat] = True
-        return np.flatnonzero(seen)
-    return np.unique(flat)
-
-
 def compare_unit(unit: Unit, other_path, *, pred_path=None) -> list[dict]:
     """Agreement rows of one unit: the whole brain, then every region of the unit's atlas.
 
@@ -103,30 +75,30 @@ def compare_unit(unit: Unit, other_path, *, pred_path=None) -> list[dict]:
     run's ePVS mask of the unit; a rater's reviewed mask for inter-rater agreement). Both must be
     on the grid of the unit's outputs.
 
-    The masks are read once into voxel lists and every region's suite is computed on the voxels
-    of both masks inside it (:func:`bids_app.group.sparse.suite`, the numbers of
-    :func:`epvsseg.metrics.agreement_suite` on the dense masks).
+    This run's mask and atlas come from the unit's voxel lists when present, else from its images
+    (:class:`~bids_app.group.maps.UnitMaps`); the other masks are images, read once into voxel
+    lists. Every region's suite is computed on the voxels of both masks inside it
+    (:func:`bids_app.group.sparse.suite`, the numbers of :func:`epvsseg.metrics.agreement_suite`
+    on the dense masks).
     """
-    ours, p_idx = _load_mask(unit.paths["epvs_mask"])
-    if pred_path is not None:
-        _, p_idx = _load_mask(pred_path, like=ours)
-    _, r_idx = _load_mask(other_path, like=ours)
-    shape, spacing = ours.shape, ours.zooms
+    try:
+        ours = maps.UnitMaps(unit)
+        grid = ours.grid
+    except ValueError as exc:
+        raise TableError(str(exc)) from exc
+    p_idx = ours.mask() if pred_path is None else maps.read_mask(pred_path, like=grid)[1]
+    _, r_idx = maps.read_mask(other_path, like=grid)
+    shape, spacing = grid.shape, grid.zooms
     key = {"participant_id": unit.participant_id, "session_id": unit.session_id,
            "source_entities": unit.source_entities, "input_sequences": unit.combination, "other_mask": str(other_path)}
-    atlas_map, atlas_tsv = unit.existing("regions_dseg"), unit.existing("regions_tsv")
-    atlas = table = None
-    if atlas_map is not None and atlas_tsv is not None:
-        atlas = sparse.read_volume(atlas_map)
-        if atlas.shape != shape:
-            raise TableError(f"{atlas_map}: shape {atlas.shape} differs from the ePVS mask {shape}")
-        table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv"))
-    flat = atlas.data.ravel(order="F") if atlas is not None else None
-    pred, ref = (sparse.VoxelSet(idx, shape, None if flat is None else flat[idx]) for idx in (p_idx, r_idx))
+    atlas_tsv = unit.existing("regions_tsv")
+    atlas = ours.atlas() if atlas_tsv is not None else None
+    table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv")) if atlas is not None else None
+    pred, ref = (sparse.VoxelSet(idx, shape, None if atlas is None else atlas.at(idx)) for idx in (p_idx, r_idx))
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
              **sparse.suite(pred, ref, spacing)}]
     if atlas is not None:
-        present = set(_labels_present(atlas.data).tolist())
+        present = set(atlas.present().tolist())
         for rec in table.to_dict("records"):
             index = int(rec["index"])
             if index in present:

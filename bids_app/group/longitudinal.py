@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from . import sparse
+from . import maps
 from .collect import WHOLE_BRAIN, Unit, _read_tsv
 
 LOGGER = logging.getLogger(__name__)
@@ -45,10 +45,12 @@ TOLERANCE_MM = 2.0
 class Transfer:
     """A follow-up cluster map on the baseline grid, and how it got there.
 
+    ``labels``: the follow-up map resampled onto the baseline grid (int64), or None when the
+    voxel-to-voxel map is the identity (the follow-up's own voxels are used as they are).
     ``matrix`` maps baseline scanner coordinates (mm) to follow-up scanner coordinates (mm).
     """
 
-    labels: np.ndarray
+    labels: np.ndarray | None
     matrix: np.ndarray
     method: str
     ok: bool
@@ -56,26 +58,14 @@ class Transfer:
     similarity_after: float
 
 
-def _load_int(path) -> tuple[np.ndarray, np.ndarray]:
-    img = nib.load(str(path))
-    if len(img.shape) != 3:
-        raise ValueError(f"{path}: expected a 3D image, got shape {img.shape}")
-    return np.asarray(img.dataobj).astype(np.int64), img.affine
-
-
 def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42, *,
                       loaded: tuple | None = None) -> Transfer:
     """Carry the follow-up cluster map onto the baseline grid (see the module docstring).
 
     ``loaded``: the two sessions' :class:`SessionClusters`, when already read (saves two reads).
-    When the voxel-to-voxel map is the identity (header mode, one grid) the map is used as it is.
+    When the voxel-to-voxel map is the identity (header mode, one grid) nothing is resampled.
     """
-    if loaded is None:
-        (base_labels, base_aff), (fol_labels, fol_aff) = (_load_int(baseline.paths["clusters_dseg"]),
-                                                          _load_int(followup.paths["clusters_dseg"]))
-    else:
-        base_labels, base_aff, fol_labels, fol_aff = (loaded[0].labels, loaded[0].affine, loaded[1].labels,
-                                                      loaded[1].affine)
+    prev, cur = loaded if loaded is not None else (read_clusters(baseline), read_clusters(followup))
     matrix = np.eye(4)
     ok, before, after, method = True, math.nan, math.nan, "header"
     if mode == "rigid":
@@ -90,10 +80,10 @@ def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42,
         res = ops.register_rigid(nib.load(str(moving_path)), nib.load(str(fixed_path)), fixed_mask=fixed_mask,
                                  seed=seed)
         matrix, ok, before, after, method = res.matrix, res.ok, res.similarity_before, res.similarity_after, "rigid"
-    vox = np.linalg.inv(fol_aff) @ matrix @ base_aff
-    if fol_labels.shape == base_labels.shape and np.allclose(vox, np.eye(4), atol=1e-6):
-        return Transfer(fol_labels, matrix, method, bool(ok), float(before), float(after))
-    moved = ndimage.affine_transform(fol_labels, vox[:3, :3], offset=vox[:3, 3], output_shape=base_labels.shape,
+    vox = np.linalg.inv(cur.affine) @ matrix @ prev.affine
+    if cur.shape == prev.shape and np.allclose(vox, np.eye(4), atol=1e-6):
+        return Transfer(None, matrix, method, bool(ok), float(before), float(after))
+    moved = ndimage.affine_transform(cur.dense(), vox[:3, :3], offset=vox[:3, 3], output_shape=prev.shape,
                                      order=0, mode="constant", cval=0)
     return Transfer(moved.astype(np.int64), matrix, method, bool(ok), float(before), float(after))
 
@@ -102,12 +92,12 @@ def transfer_clusters(baseline: Unit, followup: Unit, mode: str, seed: int = 42,
 class SessionClusters:
     """The clusters of one session.
 
-    ``labels``, its ``affine``, the Fortran-order linear indices of its labelled voxels
-    (``flat``, sorted; nibabel's voxel order) and their labels (``lab``); per cluster: ``ids``, ``centroids`` (own scanner mm,
-    shape (n, 3)), ``volumes`` (mm³) and ``regions`` (names).
+    The grid (``shape``, ``affine``), the Fortran-order linear indices of its labelled voxels
+    (``flat``, sorted; nibabel's voxel order) and their labels (``lab``); per cluster: ``ids``,
+    ``centroids`` (own scanner mm, shape (n, 3)), ``volumes`` (mm³) and ``regions`` (names).
     """
 
-    labels: np.ndarray
+    shape: tuple[int, int, int]
     affine: np.ndarray
     flat: np.ndarray
     lab: np.ndarray
@@ -116,51 +106,48 @@ class SessionClusters:
     volumes: np.ndarray
     regions: list[str]
 
-
-def _load_labels(path) -> tuple[np.ndarray, np.ndarray]:
-    """An integer label map in nibabel voxel order (its own integer type, read in one pass) and its affine."""
-    vol = sparse.read_volume(path)
-    data = vol.data
-    if not np.issubdtype(data.dtype, np.integer):
-        data = np.rint(data).astype(np.int32)
-    return data, vol.affine
+    def dense(self) -> np.ndarray:
+        """The cluster map as an int32 array of ``shape`` (nibabel voxel order)."""
+        out = np.zeros(self.shape, np.int32, order="F")
+        out.ravel(order="K")[self.flat] = self.lab
+        return out
 
 
 def read_clusters(unit: Unit) -> SessionClusters:
-    """Load a unit's cluster map and describe each cluster in one pass over its labelled voxels."""
-    labels, affine = _load_labels(unit.paths["clusters_dseg"])
-    flat = np.flatnonzero(labels.ravel(order="F"))
-    lab = labels.ravel(order="F")[flat].astype(np.int64)
+    """Describe each cluster of a unit in one pass over its labelled voxels (:class:`~bids_app.group.maps.UnitMaps`:
+    the unit's voxel lists, else its cluster and region images)."""
+    unit_maps = maps.UnitMaps(unit)
+    grid, flat, lab = unit_maps.clusters()
     counts = np.bincount(lab) if lab.size else np.zeros(1, np.int64)
     ids = np.flatnonzero(counts)
     ids = ids[ids > 0]
+    affine = grid.affine
     if len(ids):
-        ijk = np.unravel_index(flat, labels.shape, order="F")
+        ijk = np.unravel_index(flat, grid.shape, order="F")
         cen = np.stack([np.bincount(lab, weights=ax.astype(float))[ids] / counts[ids] for ax in ijk], 1)
         cen = cen @ affine[:3, :3].T + affine[:3, 3]
     else:
         cen = np.zeros((0, 3))
     volumes = counts[ids] * abs(float(np.linalg.det(affine[:3, :3])))
-    region_map, region_tsv = unit.existing("epvs_regions_dseg"), unit.existing("epvs_regions_tsv")
     regions = [WHOLE_BRAIN] * len(ids)
-    if region_map is not None and region_tsv is not None and len(ids):
-        reg, _ = _load_labels(region_map)
-        if reg.shape == labels.shape:
-            table = _read_tsv(region_tsv, ("index", "name"))
-            names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
-            votes = np.zeros((int(lab.max()) + 1, int(reg.max()) + 1), np.int64)
-            np.add.at(votes, (lab, reg.ravel(order="F")[flat].astype(np.int64)), 1)
-            votes[:, 0] = 0  # voxels outside every region do not vote
-            best = votes.argmax(1)
-            regions = [names.get(int(best[c]), "other") if votes[c, best[c]] > 0 else "other" for c in ids]
-    return SessionClusters(labels, affine, flat, lab, ids, cen, volumes, regions)
+    region_tsv = unit.existing("epvs_regions_tsv")
+    reg = unit_maps.epvs_regions_at(flat, grid.shape) if region_tsv is not None and len(ids) else None
+    if reg is not None:
+        table = _read_tsv(region_tsv, ("index", "name"))
+        names = dict(zip(table["index"].astype(int), table["name"].astype(str)))
+        votes = np.zeros((int(lab.max()) + 1, int(reg.max()) + 1), np.int64)
+        np.add.at(votes, (lab, reg), 1)
+        votes[:, 0] = 0  # voxels outside every region do not vote
+        best = votes.argmax(1)
+        regions = [names.get(int(best[c]), "other") if votes[c, best[c]] > 0 else "other" for c in ids]
+    return SessionClusters(grid.shape, affine, flat, lab, ids, cen, volumes, regions)
 
 
 def matched_pairs(prev: SessionClusters, cur: SessionClusters, tr: Transfer,
                   tolerance_mm: float = TOLERANCE_MM) -> set[tuple[int, int]]:
     """(previous id, current id) pairs that share a voxel after the transfer or whose centroids
     lie within ``tolerance_mm`` (in the previous session's space)."""
-    if tr.labels is cur.labels:
+    if tr.labels is None:
         flat_m, lab_m = cur.flat, cur.lab
     else:
         moved = tr.labels.ravel(order="F")

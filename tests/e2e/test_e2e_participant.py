@@ -29,6 +29,7 @@ EXPECTED_KEYS = (
     "epvs_mask", "epvs_mask_json", "epvs_probseg", "epvs_probseg_json",
     "clusters_dseg", "clusters_tsv", "clusters_json", "brain_mask", "brain_mask_json", "preproc", "preproc_json",
     "regions_dseg", "regions_tsv", "regions_json", "epvs_regions_dseg", "epvs_regions_tsv", "epvs_regions_json",
+    "epvs_voxels",
     "epvs_enhanced", "epvs_enhanced_json", "figure_epvs", "figure_zoom", "figure_mask", "figure_coreg", "figure_regions", "provenance", "report",
 )
 _PATHS = io_spec.unit_paths(Path("."), "01", None, {}, "T2w")
