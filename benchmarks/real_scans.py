@@ -54,6 +54,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 #: (the steps and their parameters are the participant level's; only this label differs).
 CACHE_VERSION = "real-scans-bench"
 
+#: Whether detections pass the subject's tissue classes to the decision (its location test), as the participant
+#: level does since #17's location test; ``--no-location`` turns it off to reproduce the decision before it.
+LOCATION = True
+
 EVAL = "evaluation only"
 TRAIN = "training"
 
@@ -203,6 +207,16 @@ class Prepared:
     gm: np.ndarray
     wm: np.ndarray
     info: dict
+
+    def tissue(self, image: np.ndarray) -> np.ndarray | None:
+        """The tissue classes of ``image`` (this scan, injected or not) as the participant level computes them
+        from its registration (None without regions)."""
+        from epvsprep.anatomy import load_kit
+        from epvsprep.tissue import subject_tissue
+
+        if not (self.info["has_regions"] and self.info["has_tissue"]):
+            return None
+        return subject_tissue(image, self.mask, self.gm, self.wm, self.regions, load_kit().table)
 
 
 def load_prepared(name: str) -> Prepared:
@@ -355,7 +369,12 @@ def det_path(model_id: str, scan: str, burden: str = "0") -> Path:
 def det_key(spec) -> str:
     """The detection folder of a model: its id and the start of its weights' sha256 (a retrained model with
     the same id gets a new folder)."""
-    return f"{spec.model_id}-{spec.sha256[:8]}"
+    return f"{spec.model_id}-{spec.sha256[:8]}" + ("-location" if LOCATION else "")
+
+
+def run_label(model_id: str) -> str:
+    """The name of a run in tables: the model and whether the decision had its location test."""
+    return f"{model_id} + location test" if LOCATION else f"{model_id}, no location test"
 
 
 def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -364,7 +383,7 @@ def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, fl
 
     t0 = time.perf_counter()
     det = detect({prep.scan.sequence: image}, prep.mask, prep.affine, combination=(prep.scan.sequence,),
-                 model=spec, device="cpu")
+                 model=spec, device="cpu", tissue=prep.tissue(image) if LOCATION else None)
     return det.mask, time.perf_counter() - t0
 
 
@@ -604,7 +623,8 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
 
     spec = load_spec(model)
     table = load_kit().table
-    results = {"model_id": spec.model_id, "weights_sha256": spec.sha256, "threshold": spec.threshold,
+    results = {"model_id": spec.model_id, "label": run_label(spec.model_id), "location_test": LOCATION,
+               "weights_sha256": spec.sha256, "threshold": spec.threshold,
                "min_cluster_voxels": spec.min_cluster_voxels, "command": command, "scans": {},
                "injected": [], "rescan": [], "plausibility": []}
     missing = [n for n in names if not prep_path(n).exists()]
@@ -646,7 +666,7 @@ def save_results(results: dict) -> None:
     results["plausibility"].sort(key=lambda p: order.index(p["scan"]))
     results["injected"].sort(key=lambda r: (order.index(r["scan"]), list(BURDENS).index(r["burden"])))
     results["injected_summary"] = summaries(results["injected"])
-    out = RESULTS / f"real_scans_{results['model_id']}"
+    out = RESULTS / f"real_scans_{results['model_id']}{'' if results.get('location_test', True) else '_nolocation'}"
     _write(out.with_suffix(".json"), json.dumps(results, indent=1, default=float) + "\n")
     _write(out.with_suffix(".md"), report([results]))
 
@@ -682,6 +702,10 @@ def verdict(value, target: float, higher: bool = True) -> str:
     return "met" if gap <= 1e-12 else f"missed by {gap:.3g}"
 
 
+def _label(result: dict) -> str:
+    return result.get("label", result["model_id"])
+
+
 def _f(v, nd: int = 3) -> str:
     return "n/a" if v is None or v != v else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -698,7 +722,7 @@ def _common_injected(results: list[dict]) -> list[dict]:
 
 def report(results: list[dict]) -> str:
     """Markdown of one model's results, or of several side by side (same scans, same seeds)."""
-    ids = [r["model_id"] for r in results]
+    ids = [_label(r) for r in results]
     head = "| measure (data set) | " + " | ".join(ids) + " |\n|---|" + "---|" * len(ids) + "\n"
     lines = [f"# Real scans without labels: {' vs '.join(ids)}\n\n",
              "Issue #17, item 4. Produced by `benchmarks/real_scans.py` (seeded). Commands:\n\n",
@@ -711,7 +735,7 @@ def report(results: list[dict]) -> str:
              "and *training* as in `../shared/README.md`.\n"]
     for r in results:
         if r.get("not_run") or r.get("not_preprocessed"):
-            lines.append(f"\n**Partial results for {r['model_id']}.** Not preprocessed in the time this run had: "
+            lines.append(f"\n**Partial results for {_label(r)}.** Not preprocessed in the time this run had: "
                          f"{', '.join(f'`{n}`' for n in r.get('not_preprocessed', [])) or 'none'}. Not detected: "
                          f"{', '.join(f'`{t}`' for t in r.get('not_run', [])) or 'none'}. Every number below is "
                          "over the scans it names.\n")
@@ -763,7 +787,7 @@ def _injected_section(results, head) -> list[str]:
                 lines.append(f"| {k[len(seq) + 1:]} | " + " | ".join(
                     "{} / {} / {} / {}".format(*(_f(s.get(k, {}).get(m)) for m in (
                         "sensitivity", "precision_new", "count_icc21", "added_count_icc21"))) for s in sums) + " |\n")
-    ids = [r["model_id"] for r in results]
+    ids = [_label(r) for r in results]
     per_case = "| scan | burden | " + " | ".join(f"{i}: injected / detected / found / new true" for i in ids) + \
         " |\n|---|---|" + "---|" * len(ids) + "\n"
     lines.append("\nPer case (injected clusters / reported clusters / injected found / detections that are injected "
@@ -830,7 +854,7 @@ def _plausibility_section(results, head) -> list[str]:
              f"it (chance for random directions: {RADIAL_CHANCE:.3f}). No #17 target.\n\n"
              "| scan (set) | " + " | ".join(
                  f"{i}: clusters / in WM+deep GM (target >= 0.95) / volume in WM+deep GM / cortex / sulcal CSF / "
-                 "ventricles / outside / CSO radial" for i in [r["model_id"] for r in results])
+                 "ventricles / outside / CSO radial" for i in [_label(r) for r in results])
              + " |\n|---|" + "---|" * len(results) + "\n"]
     for name in results[0]["scans"]:
         cells = []
@@ -859,10 +883,10 @@ def _plausibility_section(results, head) -> list[str]:
 
 def _scans_section(results) -> list[str]:
     lines = ["\n## Scans\n\n| scan | sequence | set | held out from | note | QC flags | "
-             + " | ".join(f"{r['model_id']} clusters / mm3 / s" for r in results) + " |\n|---|---|---|---|---|---|"
+             + " | ".join(f"{_label(r)} clusters / mm3 / s" for r in results) + " |\n|---|---|---|---|---|---|"
              + "---|" * len(results) + "\n"]
     for name, s in results[0]["scans"].items():
-        held = ", ".join(r["model_id"] for r in results if r["scans"].get(name, {}).get("held_out")) or "none"
+        held = ", ".join(_label(r) for r in results if r["scans"].get(name, {}).get("held_out")) or "none"
         lines.append(f"| `{name}` | {s['sequence']} | {s['dataset']} | {held} | {s['note']} | "
                      f"{', '.join(s['qc_flags']) or '-'} | " + " | ".join(
                          "n/a" if name not in r["scans"] else
@@ -873,7 +897,7 @@ def _scans_section(results) -> list[str]:
 
 def compare(old: str, new: str) -> None:
     """``real_scans.md``: two models' committed results side by side."""
-    results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in (old, new)]
+    results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in (old, new)]  # file stems
     _write(RESULTS / "real_scans.md", report(results))
     print((RESULTS / "real_scans.md").read_text())
 
@@ -902,7 +926,11 @@ def main() -> None:
     parser.add_argument("--kept-only", action="store_true",
                         help="assemble the results from detections earlier runs kept in work/h17/det; detect nothing")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-location", action="store_true",
+                        help="decide without the location test (the decision before #17's test; results *_nolocation)")
     opts = parser.parse_args()
+    global LOCATION
+    LOCATION = not opts.no_location
     if opts.compare:
         compare(*opts.compare)
         return

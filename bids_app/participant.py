@@ -192,7 +192,7 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     volumes = {plan.reference: np.asanyarray(pre.n4.dataobj).astype(np.float32),
                **{r: np.asanyarray(im.dataobj).astype(np.float32) for r, im in pre.coregistered.items()}}
     det = detect(volumes, pre.mask, pre.n4.affine, combination=plan.combination, method=plan.method, model=model,
-                 device=device)
+                 device=device, tissue=pre.tissue)
     tick("detect")
     if det.excluded is not None and len(det.excluded):
         for reason, count in det.excluded["reason"].value_counts().items():

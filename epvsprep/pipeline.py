@@ -28,7 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from . import anatomy, ops
+from . import anatomy, ops, tissue
 from . import brain as brainm
 from . import qc as qcm
 from .cache import StepCache
@@ -104,6 +104,9 @@ class Preprocessed:
         How the brain mask was made (:meth:`epvsprep.brain.Extraction.record`).
     age_years : float or None
         The participant's age given to :func:`preprocess` (QC ranges only).
+    tissue : ndarray of uint8 or None, shape (I, J, K)
+        The subject's tissue classes (:func:`epvsprep.tissue.subject_tissue`; the context of the ePVS location
+        test); None when there are no regions.
     """
 
     originals: dict
@@ -124,6 +127,7 @@ class Preprocessed:
     template: dict = field(default_factory=dict)
     brain_extraction: dict = field(default_factory=dict)
     age_years: float | None = None
+    tissue: np.ndarray | None = None
 
 
 class FieldOfViewError(ops.ImageError):
@@ -331,6 +335,8 @@ def _anatomy(pre: Preprocessed, cache: StepCache, keys: list[str], reference: st
             pre.regions = anatomy.subject_regions(maps["labels"], pre.mask, kit.table)
             pre.icv_mask = (maps["icv_mask"] > 0) | pre.mask
             pre.icv_mm3 = anatomy.intracranial_volume_mm3(maps["icv_mask"], pre.mask, pre.voxel_mm3)
+            pre.tissue = tissue.subject_tissue(np.asanyarray(pre.n4.dataobj), pre.mask, maps["gm"], maps["wm"],
+                                               pre.regions, kit.table)
         gm, wm = qcm.tissue_masks(pre.mask, maps["gm"], maps["wm"])
         registration["template"] = {
             **_registration_record(meta, reference), "brain_mask_dice": round(meta["mask_dice"], 3),

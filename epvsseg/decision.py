@@ -10,7 +10,13 @@ The rule, in order:
 1. ``prob >= threshold`` (the boundary value counts as ePVS);
 2. keep 26-connected clusters of at least ``min_cluster_voxels`` voxels;
 3. exclude lacune-like and, when FLAIR is given, WMH-like clusters (:func:`epvsseg.exclusions.exclude_mimics`),
-   each excluded cluster reported with its reason.
+   each excluded cluster reported with its reason;
+4. when the subject's tissue classes are given (:func:`epvsprep.tissue.subject_tissue`, which the participant
+   level computes from the template registration), exclude clusters whose surroundings are not mostly white or
+   deep grey matter (:func:`epvsseg.exclusions.exclude_location`).
+
+The synthetic validation crops that choose a model's operating point carry no tissue classes, so step 4 is not
+part of that choice: the crops lie in white and deep grey matter, where the location test keeps clusters.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .exclusions import ExclusionParams, exclude_mimics
+from .exclusions import ExclusionParams, exclude_location, exclude_mimics
 from .postproc import remove_small_clusters
 
 
@@ -58,8 +64,9 @@ class Decision:
     mask : ndarray of bool, shape (I, J, K)
         The ePVS mask.
     excluded : pandas.DataFrame
-        One row per excluded mimic cluster (``reason`` ``lacune_candidate`` or ``wmh_candidate``, size, shape,
-        FLAIR ratio, centroid in mm; see :func:`epvsseg.exclusions.exclude_mimics`); empty when none.
+        One row per excluded cluster (``reason`` ``lacune_candidate``, ``wmh_candidate`` or
+        ``outside_wm_or_deep_gm``; size, shape, FLAIR ratio, context share, centroid in mm; see
+        :mod:`epvsseg.exclusions`); empty when none.
     """
 
     mask: np.ndarray
@@ -67,8 +74,8 @@ class Decision:
 
 
 def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain: np.ndarray,
-           flair: np.ndarray | None = None) -> Decision:
-    """Threshold, drop small clusters, exclude mimics: the ePVS mask of a probability map.
+           flair: np.ndarray | None = None, tissue: np.ndarray | None = None) -> Decision:
+    """Threshold, drop small clusters, exclude mimics and misplaced clusters: the ePVS mask of a probability map.
 
     Parameters
     ----------
@@ -83,6 +90,8 @@ def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain
     flair : ndarray, shape (I, J, K), optional
         FLAIR on the same grid, when the input combination includes FLAIR: enables the WMH test. Its scale
         does not matter (the test uses the ratio to the FLAIR median in ``brain``).
+    tissue : ndarray of uint8, shape (I, J, K), optional
+        The subject's tissue classes (:func:`epvsprep.tissue.subject_tissue`): enables the location test.
 
     Returns
     -------
@@ -94,6 +103,12 @@ def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain
         raise ValueError(f"decide: probability {prob.shape} and brain mask {brain.shape} must be the same 3D shape")
     if flair is not None and np.shape(flair) != prob.shape:
         raise ValueError(f"decide: FLAIR {np.shape(flair)} is not on the probability grid {prob.shape}")
+    if tissue is not None and np.shape(tissue) != prob.shape:
+        raise ValueError(f"decide: tissue classes {np.shape(tissue)} are not on the probability grid {prob.shape}")
     kept = remove_small_clusters(prob >= point.threshold, int(point.min_cluster_voxels))
     mask, excluded = exclude_mimics(kept, affine, brain=brain, flair=flair, params=point.exclusions)
+    if tissue is not None:
+        mask, misplaced = exclude_location(mask, affine, tissue, point.exclusions)
+        if len(misplaced):
+            excluded = pd.concat([excluded, misplaced], ignore_index=True) if len(excluded) else misplaced
     return Decision(mask, excluded)

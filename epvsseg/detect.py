@@ -104,7 +104,7 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
 
 def detect(volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarray, *,
            combination: Sequence[str], method: str = "unet", model: str | Path | ModelSpec | None = None,
-           device: str = "auto") -> Detection:
+           device: str = "auto", tissue: np.ndarray | None = None) -> Detection:
     """Detect ePVS on preprocessed volumes of one grid.
 
     Parameters
@@ -123,6 +123,9 @@ def detect(volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarr
         The U-Net model: shipped id, folder or spec (default: the shipped default). Ignored by Frangi.
     device : str
         ``auto``, ``cpu`` or ``cuda`` (U-Net; Frangi runs on the CPU).
+    tissue : ndarray of uint8, shape (I, J, K), optional
+        The subject's tissue classes (:func:`epvsprep.tissue.subject_tissue`): the U-Net's decision then
+        excludes clusters whose surroundings are not mostly white or deep grey matter (Frangi ignores it).
 
     Returns
     -------
@@ -151,7 +154,7 @@ def detect(volumes: Mapping[str, np.ndarray], mask: np.ndarray, affine: np.ndarr
     if combination not in spec.combinations:
         raise ValueError(f"{spec.path}: model {spec.model_id} does not serve {'+'.join(combination)} (served: "
                          f"{', '.join('+'.join(c) for c in spec.combinations)})")
-    return _detect_unet(volumes, mask, affine, combination, spec, device)
+    return _detect_unet(volumes, mask, affine, combination, spec, device, tissue)
 
 
 def _detect_frangi(volumes, mask, affine, combination) -> Detection:
@@ -172,7 +175,7 @@ def _detect_frangi(volumes, mask, affine, combination) -> Detection:
                           "docs/frangi.md. It is a detection score, not a calibrated probability.")
 
 
-def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: str) -> Detection:
+def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: str, tissue=None) -> Detection:
     from . import gpu, infer
     from .decision import decide
 
@@ -187,7 +190,7 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
     else:
         prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape))
     decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
-                      flair=volumes.get("FLAIR") if "FLAIR" in combination else None)
+                      flair=volumes.get("FLAIR") if "FLAIR" in combination else None, tissue=tissue)
     point = spec.operating_point
     return Detection(
         score=prob.astype(np.float32), mask=decision.mask, excluded=decision.excluded,
@@ -195,7 +198,7 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
         device=gpu.describe_device(dev), spec=spec,
         description=f"2.5D multi-channel U-Net {spec.model_id} on {' + '.join(combination)} "
                     f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels, "
-                    "mimic exclusions).",
+                    f"mimic exclusions{'' if tissue is None else ', location in white or deep grey matter'}).",
         score_description=f"ePVS probability from the U-Net {spec.model_id} (sigmoid output).")
 
 

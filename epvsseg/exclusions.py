@@ -8,8 +8,15 @@ Two mimics are tested after thresholding (STRIVE-style criteria; Wardlaw et al. 
 * **WMH candidate** (only when FLAIR is given): a cluster that is bright on FLAIR
   (ePVS are CSF-like, dark on FLAIR; white-matter hyperintensities are bright).
 
-Nothing is dropped silently: :func:`exclude_mimics` returns the kept mask and a table
-of every excluded cluster with its reason.
+A third test is about place, not shape (:func:`exclude_location`, only when the subject's tissue classes are
+given, :func:`epvsprep.tissue.subject_tissue`): ePVS are fluid around the perforating and medullary vessels of
+the white matter and of the deep grey structures, so the tissue *around* a cluster must be mostly white or
+deep grey matter. A cluster whose surroundings are mostly cortex, CSF or outside the brain (a sulcus, the
+cortical ribbon, a vessel in the subarachnoid space, the brain's edge) is an ``outside_wm_or_deep_gm``
+exclusion.
+
+Nothing is dropped silently: :func:`exclude_mimics` and :func:`exclude_location` return the kept mask and a
+table of every excluded cluster with its reason.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import pandas as pd
 from scipy import ndimage
 
 _S26 = np.ones((3, 3, 3), bool)
+#: Columns of the excluded-cluster tables.
+COLUMNS = ["reason", "n_voxels", "volume_mm3", "length_mm", "width_mm", "solidity", "flair_ratio",
+           "context_share", "centroid_x", "centroid_y", "centroid_z"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,9 @@ class ExclusionParams:
     lacune_min_roundness: float = 0.5  #: width / length at or above this (1 = sphere)
     lacune_min_solidity: float = 0.5  #: cluster volume / volume of its principal-axes ellipsoid at or above this
     wmh_flair_ratio: float = 1.25  #: FLAIR cluster mean / FLAIR median in brain at or above this
+    location_inner_mm: float = 1.0  #: surroundings: voxels farther than this from the cluster ...
+    location_outer_mm: float = 3.0  #: ... and at most this far (mm)
+    location_min_share: float = 0.5  #: share of the surroundings in white or deep grey matter, at least
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,12 +111,10 @@ def exclude_mimics(
     """
     from .postproc import cluster_geometry
 
-    columns = ["reason", "n_voxels", "volume_mm3", "length_mm", "width_mm", "solidity", "flair_ratio",
-               "centroid_x", "centroid_y", "centroid_z"]
     mask = np.asarray(mask, bool)
     labels, n = ndimage.label(mask, _S26)
     if n == 0:
-        return mask.copy(), pd.DataFrame(columns=columns)
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
     affine = np.asarray(affine, float)
     voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
     shape = cluster_geometry(labels, affine)
@@ -121,17 +132,87 @@ def exclude_mimics(
             wmh = ~lacune & (ratio >= params.wmh_flair_ratio)
     drop = lacune | wmh
     if not drop.any():
-        return mask.copy(), pd.DataFrame(columns=columns)
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
     dropped = index[drop]
     counts = np.bincount(labels.ravel())[dropped]
-    centroid_vox = np.atleast_2d(np.asarray(ndimage.center_of_mass(mask, labels, dropped), float))
-    centroid = centroid_vox @ affine[:3, :3].T + affine[:3, 3]
     excluded = pd.DataFrame({
         "reason": np.where(lacune[drop], "lacune_candidate", "wmh_candidate"),
         "n_voxels": counts, "volume_mm3": counts * voxel_mm3, "length_mm": length[drop], "width_mm": width[drop],
-        "solidity": solidity[drop], "flair_ratio": ratio[drop],
-        "centroid_x": centroid[:, 0], "centroid_y": centroid[:, 1], "centroid_z": centroid[:, 2],
-    }, columns=columns)
+        "solidity": solidity[drop], "flair_ratio": ratio[drop], "context_share": np.nan,
+        **_centroids(mask, labels, dropped, affine)}, columns=COLUMNS)
+    return mask & ~np.isin(labels, dropped), excluded
+
+
+def _centroids(mask: np.ndarray, labels: np.ndarray, index: np.ndarray, affine: np.ndarray) -> dict:
+    """``centroid_x/y/z`` (mm) of the clusters ``index`` of ``labels``."""
+    vox = np.atleast_2d(np.asarray(ndimage.center_of_mass(mask, labels, index), float))
+    mm = vox @ affine[:3, :3].T + affine[:3, 3]
+    return {"centroid_x": mm[:, 0], "centroid_y": mm[:, 1], "centroid_z": mm[:, 2]}
+
+
+def context_shares(labels: np.ndarray, n: int, tissue: np.ndarray, affine: np.ndarray,
+                   shell_mm: tuple[float, float]) -> np.ndarray:
+    """Share of each cluster's surroundings in white or deep grey matter, shape (n,); NaN with no surroundings.
+
+    The surroundings of a cluster are the voxels of no cluster whose distance to that cluster lies in
+    ``(shell_mm[0], shell_mm[1]]``. The inner millimetre is left out: it holds the cluster's own partial-volume
+    fringe, whose intensity lies between CSF and white matter and so looks like grey matter.
+    """
+    from epvsprep.tissue import TISSUE_CLASSES
+
+    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(axis=0))
+    margin = np.ceil(shell_mm[1] / spacing).astype(int) + 1
+    plausible = np.isin(tissue, [TISSUE_CLASSES.index("white_matter"), TISSUE_CLASSES.index("deep_grey_matter")])
+    share = np.full(n, np.nan)
+    for i, box in enumerate(ndimage.find_objects(labels, n)):
+        if box is None:
+            continue
+        grown = tuple(slice(max(b.start - m, 0), min(b.stop + m, size))
+                      for b, m, size in zip(box, margin, labels.shape))
+        local = labels[grown]
+        dist = ndimage.distance_transform_edt(local != i + 1, sampling=spacing)
+        shell = (dist > shell_mm[0]) & (dist <= shell_mm[1]) & (local == 0)
+        if shell.any():
+            share[i] = plausible[grown][shell].mean()
+    return share
+
+
+def exclude_location(mask: np.ndarray, affine: np.ndarray, tissue: np.ndarray,
+                     params: ExclusionParams = ExclusionParams()) -> tuple[np.ndarray, pd.DataFrame]:
+    """Remove clusters whose surroundings are not mostly white or deep grey matter.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (I, J, K)
+    affine : ndarray, shape (4, 4)
+    tissue : ndarray of uint8, shape (I, J, K)
+        Tissue classes (:func:`epvsprep.tissue.subject_tissue`).
+    params : ExclusionParams
+        ``location_inner_mm``, ``location_outer_mm`` and ``location_min_share``.
+
+    Returns
+    -------
+    kept : ndarray of bool
+    excluded : pandas.DataFrame
+        Columns as :func:`exclude_mimics`; ``reason`` ``outside_wm_or_deep_gm`` and ``context_share``.
+    """
+    mask = np.asarray(mask, bool)
+    labels, n = ndimage.label(mask, _S26)
+    if n == 0:
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
+    shell = (params.location_inner_mm, params.location_outer_mm)
+    share = context_shares(labels, n, np.asarray(tissue), affine, shell)
+    drop = ~(share >= params.location_min_share)  # no surroundings at all (NaN) is not white matter either
+    if not drop.any():
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
+    dropped = np.flatnonzero(drop) + 1
+    counts = np.bincount(labels.ravel(), minlength=n + 1)[dropped]
+    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
+    excluded = pd.DataFrame({
+        "reason": "outside_wm_or_deep_gm", "n_voxels": counts, "volume_mm3": counts * voxel_mm3,
+        "length_mm": np.nan, "width_mm": np.nan, "solidity": np.nan, "flair_ratio": np.nan,
+        "context_share": share[drop], **_centroids(mask, labels, dropped, np.asarray(affine, float))},
+        columns=COLUMNS)
     return mask & ~np.isin(labels, dropped), excluded
 
 

@@ -88,6 +88,63 @@ def test_shape_mismatch_is_refused():
                flair=np.ones((4, 4, 4)))
 
 
+# ---------------------------------------------------------------- the location test
+def _tissue_scene():
+    """White matter on x < 20 with a tube in it, cortex on x >= 20 with a tube in it, and a tube in WM whose
+    first millimetre around it is grey-matter-like (its own partial-volume fringe)."""
+    from epvsprep.tissue import TISSUE_CLASSES
+
+    tissue = np.full(SHAPE, TISSUE_CLASSES.index("white_matter"), np.uint8)
+    tissue[20:] = TISSUE_CLASSES.index("cortex")
+    prob = np.zeros(SHAPE)
+    parts = {name: np.zeros(SHAPE, bool) for name in ("wm_tube", "cortex_tube", "fringed_tube")}
+    parts["wm_tube"][8, 8, 5:15] = True
+    parts["cortex_tube"][30, 20, 5:15] = True
+    parts["fringed_tube"][8, 30, 5:15] = True
+    tissue[7:10, 29:32, 4:16] = TISSUE_CLASSES.index("cortex")
+    tissue[parts["fringed_tube"]] = TISSUE_CLASSES.index("csf")
+    for part in parts.values():
+        prob[part] = 0.9
+    return prob, parts, tissue
+
+
+def test_location_test_drops_the_cluster_in_cortex_and_reports_it():
+    prob, parts, tissue = _tissue_scene()
+    brain = np.ones(SHAPE, bool)
+    out = decide(prob, OperatingPoint(0.5, 2), affine=AFFINE, brain=brain, tissue=tissue)
+    np.testing.assert_array_equal(out.mask, parts["wm_tube"] | parts["fringed_tube"])
+    row = out.excluded.iloc[0]
+    assert len(out.excluded) == 1 and row["reason"] == "outside_wm_or_deep_gm"
+    assert row["n_voxels"] == 10 and row["context_share"] == 0.0 and row["centroid_x"] == pytest.approx(30.0)
+    without = decide(prob, OperatingPoint(0.5, 2), affine=AFFINE, brain=brain)  # no tissue: no location test
+    np.testing.assert_array_equal(without.mask, prob > 0.5)
+
+
+def test_location_test_at_the_border_follows_the_share_parameter():
+    from epvsseg.exclusions import context_shares
+
+    prob, _, tissue = _tissue_scene()
+    prob[:] = 0
+    prob[19, 10, 5:15] = 0.9  # on the WM side of the WM/cortex border: about half its surroundings are cortex
+    labels = (prob > 0.5).astype(int)
+    share = context_shares(labels, 1, tissue, AFFINE, (1.0, 3.0))[0]
+    assert 0.3 < share < 0.7
+    strict = OperatingPoint(0.5, 2, ExclusionParams(location_min_share=share + 0.01))
+    lenient = OperatingPoint(0.5, 2, ExclusionParams(location_min_share=share - 0.01))
+    assert not decide(prob, strict, affine=AFFINE, brain=np.ones(SHAPE, bool), tissue=tissue).mask.any()
+    assert decide(prob, lenient, affine=AFFINE, brain=np.ones(SHAPE, bool), tissue=tissue).mask.sum() == 10
+
+
+def test_location_and_mimic_exclusions_are_reported_together():
+    prob, parts, flair, brain = _scene()
+    _, tparts, tissue = _tissue_scene()
+    prob[tparts["cortex_tube"]] = 0.9
+    out = decide(prob, OperatingPoint(0.5, 2), affine=AFFINE, brain=brain, flair=flair, tissue=tissue)
+    assert sorted(out.excluded["reason"]) == ["lacune_candidate", "outside_wm_or_deep_gm", "wmh_candidate"]
+    with pytest.raises(ValueError, match="tissue classes"):
+        decide(prob, OperatingPoint(0.5, 2), affine=AFFINE, brain=brain, tissue=tissue[:4])
+
+
 # ---------------------------------------------------------------- training goes through decide
 torch = pytest.importorskip("torch")
 
