@@ -9,7 +9,10 @@ the left), cropped to the brain, each model's detected voxels filled in its colo
 ringed (5 mm) so that one-voxel clusters can be found. Writes
 ``docs/figures/real_overlays/<scan>.png`` (palette PNG, ~100-200 KB).
 
-Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3 benchmarks/models/epvs-unet25d-v4 [--scans a,b]
+A model named with the suffix ``@nolocation`` is drawn as decided without the location test
+(``real_scans.py --no-location``).
+
+Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3@nolocation epvs-unet25d-v3 [--scans a,b]
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def main() -> None:
         if not rs.prep_path(name).exists():
             print(f"{name}: not preprocessed ({rs.prep_path(name)}), skipped")
             continue
-        masks = {m: rs.load_detection(m, name) for m in opts.models}
+        masks = {m: rs.load_detection(m.split("@")[0], name, location=not m.endswith("@nolocation"))
+                 for m in opts.models}
         missing = [m for m, v in masks.items() if v is None]
         if missing:
             print(f"{name}: no detection by {', '.join(missing)} (run real_scans.py --model ...), skipped")

@@ -61,6 +61,21 @@ def test_unet_is_predict_then_decide_at_the_spec_operating_point(crop, monkeypat
     json.dumps(out.parameters)
 
 
+def test_unet_passes_the_tissue_classes_to_the_location_test(crop):
+    from epvsprep.tissue import TISSUE_CLASSES
+
+    volumes, mask, affine = crop
+    tissue = np.where(mask, TISSUE_CLASSES.index("white_matter"), 0).astype(np.uint8)
+    tissue[: mask.shape[0] // 2] = TISSUE_CLASSES.index("cortex")  # half the crop is "cortex"
+    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", tissue=tissue)
+    prob = infer.predict(volumes, mask, infer.load_model())
+    expected = decide(prob, load_spec().operating_point, affine=affine, brain=mask, tissue=tissue)
+    assert np.array_equal(out.mask, expected.mask) and out.excluded.equals(expected.excluded)
+    assert (out.excluded["reason"] == "outside_wm_or_deep_gm").any()
+    assert not out.mask[: mask.shape[0] // 2 - 3].any()
+    assert out.description.endswith("mimic exclusions, location in white or deep grey matter).")
+
+
 def test_unet_resamples_to_the_model_grid_and_back(crop, monkeypatch):
     volumes, mask, affine = crop
     sized = []
