@@ -161,12 +161,16 @@ def _pool_maps(rng: np.random.Generator) -> list[list[np.ndarray]]:
     return sessions
 
 
-def make_images(out: Path, ref: Path, n: int, seed: int = 0) -> float:
+def make_images(out: Path, ref: Path, n: int, seed: int = 0, *, voxels: bool = True) -> float:
     """Write the image pool once and hard-link it into every unit of the first ``n`` participants
-    (``ses-1..3``) under ``out``, and a reference mask per unit under ``ref``; return seconds."""
+    (``ses-1..3``) under ``out``, and a reference mask per unit under ``ref``; return seconds.
+
+    ``voxels``: also the units' voxel lists (``epvs_voxels``, :func:`bids_app.outputs.write_voxels`),
+    as the participant level writes them; without, the group level reads the images (older outputs).
+    """
     import nibabel as nib
 
-    from bids_app import io_spec
+    from bids_app import io_spec, outputs
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -181,17 +185,24 @@ def make_images(out: Path, ref: Path, n: int, seed: int = 0) -> float:
     table.to_csv(pool / "atlas.tsv", sep="\t", index=False)
     for p, maps in enumerate(_pool_maps(rng)):
         for j, lab in enumerate(maps):
+            mask = (lab > 0).astype(np.uint8)
             nib.save(nib.Nifti1Image(lab, affine), pool / f"clusters_{p}_{j}.nii.gz")
-            nib.save(nib.Nifti1Image((lab > 0).astype(np.uint8), affine), pool / f"mask_{p}_{j}.nii.gz")
+            nib.save(nib.Nifti1Image(mask, affine), pool / f"mask_{p}_{j}.nii.gz")
+            nib.save(nib.Nifti1Image(atlas * mask, affine), pool / f"epvs_regions_{p}_{j}.nii.gz")
             other = np.roll(lab > 0, 1, axis=0) & (lab % 7 != 0)  # shifted by 1 mm, every 7th cluster missed
             nib.save(nib.Nifti1Image(other.astype(np.uint8), affine), pool / f"ref_{p}_{j}.nii.gz")
+            if voxels:  # as the participant level writes them: after the images, with their header's grid
+                header = nib.load(pool / f"clusters_{p}_{j}.nii.gz").header
+                outputs.write_voxels(pool / f"voxels_{p}_{j}.npz", mask=mask, clusters=lab, epvs_regions=atlas * mask,
+                                     atlas=atlas, affine=header.get_best_affine(), zooms=header.get_zooms())
     for k in range(n):
         sub, p = f"{k + 1:04d}", k % POOL
         for j in range(SESSIONS):
             paths = io_spec.unit_paths(out, sub, str(j + 1))
-            for key, src in (("clusters_dseg", f"clusters_{p}_{j}.nii.gz"), ("epvs_mask", f"mask_{p}_{j}.nii.gz"),
-                             ("epvs_regions_dseg", "atlas.nii.gz"), ("regions_dseg", "atlas.nii.gz"),
-                             ("regions_tsv", "atlas.tsv")):
+            links = [("clusters_dseg", f"clusters_{p}_{j}.nii.gz"), ("epvs_mask", f"mask_{p}_{j}.nii.gz"),
+                     ("epvs_regions_dseg", f"epvs_regions_{p}_{j}.nii.gz"), ("regions_dseg", "atlas.nii.gz"),
+                     ("regions_tsv", "atlas.tsv")] + ([("epvs_voxels", f"voxels_{p}_{j}.npz")] if voxels else [])
+            for key, src in links:
                 os.link(pool / src, paths[key])
             target = ref / f"sub-{sub}" / f"ses-{j + 1}" / "anat" / f"sub-{sub}_ses-{j + 1}_label-PVS_mask.nii.gz"
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,12 @@ def entry(key: str) -> dict[str, Any]:
     KeyError
         ``key`` is not an output of the spec.
     """
+    return dict(_resolved(key))
+
+
+@lru_cache(maxsize=None)
+def _resolved(key: str) -> dict[str, Any]:
+    """:func:`entry`, cached (treat as read-only)."""
     outputs = load_spec()["outputs"]
     if key not in outputs:
         raise KeyError(f"{key!r} is not an output of bids_app/data/io_spec.json (known: {', '.join(outputs)})")
@@ -185,22 +191,35 @@ def unit_paths(output_dir: Path, subject: str | UnitId, session: str | None = No
     else:
         other = {k: v for k, v in (source_entities or {}).items() if k not in ("sub", "ses")}
         unit = UnitId.from_source({"sub": subject, **({"ses": session} if session else {}), **other}, combination)
-    return {key: path_of(output_dir, unit, key) for key in keys()}
+    namer = _Namer(output_dir, unit)
+    return {key: namer.path(key) for key in keys()}
 
 
 def path_of(output_dir: Path, unit: UnitId, key: str) -> Path:
     """Path of one output of ``unit`` (see :func:`unit_paths`)."""
-    spec, e = load_spec(), entry(key)
-    values = {"subject": unit.subject, "session": unit.session or "", "label": unit.label,
-              "combination": unit.desc, "reference": unit.reference,
-              "session_dir": f"ses-{unit.session}/" if unit.session else ""}
-    folder = Path(output_dir) / spec["folders"][e["folder"]].format(**values)
-    if "name" in e:
-        return folder / e["name"].format(**values)
-    base = unit.source_entities if e.get("source", True) else {
-        k: v for k, v in unit.source_entities.items() if k in ("sub", "ses")}
-    ents = {**base, **{k: v.format(**values) for k, v in e.get("entities", {}).items()}}
-    return folder / bids_name(ents, e["suffix"].format(**values), e["extension"])
+    return _Namer(output_dir, unit).path(key)
+
+
+class _Namer:
+    """Paths of one unit's outputs: the unit's placeholders, folders and entities worked out once."""
+
+    def __init__(self, output_dir: Path, unit: UnitId) -> None:
+        self.root = str(output_dir)
+        self.values = {"subject": unit.subject, "session": unit.session or "", "label": unit.label,
+                       "combination": unit.desc, "reference": unit.reference,
+                       "session_dir": f"ses-{unit.session}/" if unit.session else ""}
+        self.folders = {name: text.format(**self.values) for name, text in load_spec()["folders"].items()}
+        self.source = unit.source_entities
+        self.own = {k: v for k, v in self.source.items() if k in ("sub", "ses")}
+
+    def path(self, key: str) -> Path:
+        e = _resolved(key)
+        folder = self.folders[e["folder"]]
+        if "name" in e:
+            return Path(self.root, folder, e["name"].format(**self.values))
+        base = self.source if e.get("source", True) else self.own
+        ents = {**base, **{k: v.format(**self.values) for k, v in e.get("entities", {}).items()}}
+        return Path(self.root, folder, bids_name(ents, e["suffix"].format(**self.values), e["extension"]))
 
 
 def expected_keys(*, regions: bool, coregistered: bool) -> tuple[str, ...]:

@@ -452,7 +452,8 @@ NUMERIC = {
 }
 
 
-def read_unit(output_dir: Path, unit: UnitId, *, with_provenance: bool = False) -> UnitOutputs:
+def read_unit(output_dir: Path, unit: UnitId, *, with_provenance: bool = False,
+              paths: Mapping[str, Path] | None = None) -> UnitOutputs:
     """Read a unit's tables and sidecars back through the spec (images are only located, not loaded).
 
     Parameters
@@ -463,6 +464,8 @@ def read_unit(output_dir: Path, unit: UnitId, *, with_provenance: bool = False) 
         Which unit (:func:`bids_app.io_spec.find_units`, :func:`unit_id`).
     with_provenance : bool
         Also read ``logs/<label>_provenance.json`` (required then).
+    paths : mapping, optional
+        ``io_spec.unit_paths(output_dir, unit)``, when the caller has it already.
 
     Raises
     ------
@@ -470,7 +473,7 @@ def read_unit(output_dir: Path, unit: UnitId, *, with_provenance: bool = False) 
         A file the spec requires is missing or unreadable, lacks a required column or field, or
         holds a non-numeric or negative measure; the message names the file and the problem.
     """
-    paths = io_spec.unit_paths(output_dir, unit)
+    paths = dict(paths) if paths is not None else io_spec.unit_paths(output_dir, unit)
     out = UnitOutputs(unit, paths, clusters=_table(paths, "clusters_tsv"))
     if (out.clusters["volume_mm3"] < 0).any():
         raise TableError(f"{paths['clusters_tsv']}: negative cluster volume")
@@ -587,10 +590,12 @@ class UnitVoxels:
         The ePVS mask (uint8) and the cluster map (int32) at ``index``.
     epvs_regions : ndarray of uint8, shape (n,), or None
         The ePVS region map at ``index`` (None when the unit has no regions).
-    atlas_starts, atlas_labels : ndarray, shape (r,), or None
-        The region atlas (``regions_dseg``) as runs in linear-index order: run ``m`` covers
-        ``atlas_starts[m]`` up to the next start with label ``atlas_labels[m]`` (uint8); None
-        without regions.
+    atlas_ends, atlas_labels : ndarray, shape (r,), or None
+        The region atlas (``regions_dseg``) as runs in linear-index order: run ``m`` ends (exclusive)
+        at ``atlas_ends[m]`` (uint32) and has label ``atlas_labels[m]`` (uint8); None without
+        regions (or when not read).
+    atlas_present : ndarray of uint8, or None
+        The distinct labels of the atlas, sorted (0 included when some voxel is outside every region).
     """
 
     shape: tuple[int, int, int]
@@ -600,27 +605,27 @@ class UnitVoxels:
     mask: np.ndarray
     clusters: np.ndarray
     epvs_regions: np.ndarray | None = None
-    atlas_starts: np.ndarray | None = None
+    atlas_ends: np.ndarray | None = None
     atlas_labels: np.ndarray | None = None
+    atlas_present: np.ndarray | None = None
 
     def atlas_at(self, index: np.ndarray) -> np.ndarray:
-        """Atlas labels (uint8) at sorted or unsorted linear indices ``index``."""
-        if self.atlas_starts is None:
-            raise ValueError("this unit has no region atlas")
-        return self.atlas_labels[np.searchsorted(self.atlas_starts, index, side="right") - 1]
-
-    def atlas_present(self) -> np.ndarray:
-        """The distinct atlas labels of the grid, sorted (0 included when some voxel is outside every region)."""
-        if self.atlas_labels is None:
-            raise ValueError("this unit has no region atlas")
-        return np.unique(self.atlas_labels)
+        """Atlas labels (uint8) at linear indices ``index`` (sorted or not)."""
+        if self.atlas_ends is None:
+            raise ValueError("this unit's region atlas was not read (or it has none)")
+        return self.atlas_labels[self.atlas_ends.searchsorted(np.asarray(index).astype(np.uint32), side="right")]
 
 
 def _runs(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run lengths (uint32) and labels of a label image in Fortran (linear-index) order."""
+    """Run lengths (uint16; a run longer than 65535 voxels is split) and labels of a label image in
+    Fortran (linear-index) order."""
     flat = np.asarray(data).ravel(order="F")
     starts = np.r_[0, np.flatnonzero(flat[1:] != flat[:-1]) + 1]
-    return np.diff(np.r_[starts, flat.size]).astype(np.uint32), flat[starts]
+    lengths = np.diff(np.r_[starts, flat.size])
+    pieces = -(-lengths // 65535)  # ceil
+    starts = np.repeat(starts, pieces) + 65535 * (np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces,
+                                                                                        pieces))
+    return np.diff(np.r_[starts, flat.size]).astype(np.uint16), flat[starts]
 
 
 def write_voxels(target: Path, *, mask: np.ndarray, clusters: np.ndarray, affine: np.ndarray, zooms,
@@ -653,33 +658,35 @@ def write_voxels(target: Path, *, mask: np.ndarray, clusters: np.ndarray, affine
         arrays["epvs_regions"] = maps[2].ravel(order="F")[index]
     if atlas is not None:
         arrays["atlas_run_lengths"], arrays["atlas_run_labels"] = _runs(np.asarray(atlas, np.uint8))
+        arrays["atlas_present"] = np.flatnonzero(np.bincount(arrays["atlas_run_labels"])).astype(np.uint8)
     with atomic_path(target) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     return Path(target)
 
 
-def read_voxels(path: Path) -> UnitVoxels:
-    """Read a unit's voxel lists (:func:`write_voxels`).
+def read_voxels(path: Path, *, atlas: bool = True) -> UnitVoxels:
+    """Read a unit's voxel lists (:func:`write_voxels`); ``atlas=False`` leaves the region atlas unread.
 
     Raises
     ------
     TableError
         The file is missing, unreadable or lacks an array (the message names the file).
     """
+    wanted = ("shape", "affine", "zooms", "index", "mask", "clusters", "epvs_regions") + (
+        ("atlas_run_lengths", "atlas_run_labels", "atlas_present") if atlas else ())
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+            arrays = {k: data[k] for k in wanted if k in data.files}
     except FileNotFoundError as exc:
         raise TableError(f"{path}: missing") from exc
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, KeyError) as exc:
         raise TableError(f"{path}: not a readable voxel-list file ({type(exc).__name__}: {exc})") from exc
-    missing = [k for k in ("shape", "affine", "zooms", "index", "mask", "clusters") if k not in arrays]
+    missing = [k for k in wanted[:6] if k not in arrays]
     if missing:
         raise TableError(f"{path}: missing array(s) {', '.join(missing)}")
-    starts = labels = None
+    ends = None
     if "atlas_run_lengths" in arrays:
-        lengths = arrays["atlas_run_lengths"].astype(np.int64)
-        starts, labels = np.r_[0, np.cumsum(lengths)[:-1]], arrays["atlas_run_labels"]
+        ends = np.cumsum(arrays["atlas_run_lengths"], dtype=np.uint32)  # < 2**32 voxels
     return UnitVoxels(tuple(int(s) for s in arrays["shape"]), arrays["affine"],
                       tuple(float(z) for z in arrays["zooms"]), arrays["index"], arrays["mask"], arrays["clusters"],
-                      arrays.get("epvs_regions"), starts, labels)
+                      arrays.get("epvs_regions"), ends, arrays.get("atlas_run_labels"), arrays.get("atlas_present"))

@@ -95,15 +95,13 @@ def compare_unit(unit: Unit, other_path, *, pred_path=None) -> list[dict]:
     atlas = ours.atlas() if atlas_tsv is not None else None
     table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv")) if atlas is not None else None
     pred, ref = (sparse.VoxelSet(idx, shape, None if atlas is None else atlas.at(idx)) for idx in (p_idx, r_idx))
-    rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral",
-             **sparse.suite(pred, ref, spacing)}]
-    if atlas is not None:
-        present = set(atlas.present().tolist())
-        for rec in table.to_dict("records"):
-            index = int(rec["index"])
-            if index in present:
-                rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
-                             "hemisphere": str(rec["hemisphere"]), **sparse.suite(pred, ref, spacing, index)})
+    present = set(atlas.present().tolist()) if atlas is not None else set()
+    records = [rec for rec in (table.to_dict("records") if table is not None else ()) if int(rec["index"]) in present]
+    whole, *regional = sparse.suites(pred, ref, spacing, [int(rec["index"]) for rec in records])
+    rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral", **whole}]
+    for rec, numbers in zip(records, regional):
+        rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
+                     "hemisphere": str(rec["hemisphere"]), **numbers})
     return rows
 
 

@@ -142,7 +142,7 @@ def read_unit(unit: Unit) -> Unit:
         A table or sidecar of the unit is missing or unreadable, lacks a required column or field
         or holds a non-numeric measure; the message names the file.
     """
-    outs = _read_outputs(unit.output_dir, unit.id)
+    outs = _read_outputs(unit.output_dir, unit.id, paths=unit.paths)
     vol = outs.clusters["volume_mm3"].to_numpy(float)
     brain = outs.sidecars["brain_mask_json"]
     qc = brain.get("QC") if isinstance(brain.get("QC"), dict) else {}

@@ -116,7 +116,7 @@ class SessionClusters:
 def read_clusters(unit: Unit) -> SessionClusters:
     """Describe each cluster of a unit in one pass over its labelled voxels (:class:`~bids_app.group.maps.UnitMaps`:
     the unit's voxel lists, else its cluster and region images)."""
-    unit_maps = maps.UnitMaps(unit)
+    unit_maps = maps.UnitMaps(unit, atlas=False)
     grid, flat, lab = unit_maps.clusters()
     counts = np.bincount(lab) if lab.size else np.zeros(1, np.int64)
     ids = np.flatnonzero(counts)

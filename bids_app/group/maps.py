@@ -30,14 +30,16 @@ class UnitMaps:
     ----------
     unit : Unit
         The unit; its ``epvs_voxels`` file is used when present and not older than its cluster map.
+    atlas : bool
+        Whether the region atlas will be asked for (else it is not read from the voxel lists).
     """
 
-    def __init__(self, unit: Unit) -> None:
+    def __init__(self, unit: Unit, *, atlas: bool = True) -> None:
         self.unit = unit
         self.voxels: UnitVoxels | None = None
         path = unit.existing("epvs_voxels")
         if path is not None and not _older(path, unit.paths["clusters_dseg"]):
-            self.voxels = read_voxels(path)
+            self.voxels = read_voxels(path, atlas=atlas)
 
     # ---------------------------------------------------------------- ePVS mask (agreement)
     @cached_property
@@ -97,7 +99,7 @@ class UnitMaps:
         """
         if self.voxels is not None:
             v = self.voxels
-            return None if v.atlas_starts is None else Atlas(v.atlas_at, v.atlas_present)
+            return None if v.atlas_ends is None else Atlas(v.atlas_at, lambda: v.atlas_present.astype(np.int64))
         path = self.unit.existing("regions_dseg")
         if path is None:
             return None

@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..derivatives import init_output_dir, write_json, write_tsv
 from ..errors import EXIT_DATAERR, EXIT_OK, InputError, MissingInputError
 from . import agreement, collect, columns, longitudinal, reviewed, stats
+from .workers import Workers
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ def _age_lookup(participants: pd.DataFrame | None) -> dict[str, float]:
     return {pid: float(a) for pid, a in ages.items() if pd.notna(a)}
 
 
-def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
-    """Read every unit and build the cohort tables.
+def collect_tables(output_dir: Path, bids_dir: Path | None = None, workers: Workers | None = None) -> dict:
+    """Read every unit and build the cohort tables (the units' tables in ``workers`` when given).
 
     Returns
     -------
@@ -60,7 +61,7 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
             participants = collect.read_participants(bids_dir)
         except collect.TableError as exc:
             LOGGER.warning("%s (ages and covariates unavailable)", exc)
-    ok_units, base, long, failed_rows = _read_units(units)
+    ok_units, base, long, failed_rows = _read_units(units, workers or Workers(1))
     dates, session_age = _session_dates(bids_dir, ok_units)
     cohort = _cohort_table(output_dir, base, dates, session_age, _age_lookup(participants))
     outliers = stats.qc_outliers(cohort)
@@ -78,20 +79,33 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None) -> dict:
             "unreadable": int((failed["status"] == "unreadable").sum())}
 
 
-def _read_units(units: list) -> tuple[list, pd.DataFrame, pd.DataFrame, list[dict]]:
-    """Read every unit: the readable ones, their whole-brain rows, the long (region) rows, and the failures."""
+def _read_one(unit) -> tuple[dict | None, list[dict] | None, str | None]:
+    """One unit's summary and long rows, or the reason it is unreadable (a worker)."""
+    try:
+        collect.read_unit(unit)
+    except collect.TableError as exc:
+        return None, None, str(exc)
+    rows = collect.unit_rows(unit)
+    unit.regions = None  # keep memory bounded: the long rows hold what is needed
+    return unit.summary, rows, None
+
+
+def _read_units(units: list, workers: Workers) -> tuple[list, pd.DataFrame, pd.DataFrame, list[dict]]:
+    """Read every unit: the readable ones, their whole-brain rows, the long (region) rows, and the failures.
+
+    Only the summary and the long rows are kept per unit (memory grows with units x regions)."""
     base_rows, long_rows, failed_rows, ok_units = [], [], [], []
-    for unit, error in collect.iter_read(units):
+    for unit, (summary, rows, error) in zip(units, workers.map(_read_one, units)):
         if error is not None:
             LOGGER.error("%s", error)
             failed_rows.append({"unit": unit.label, "status": "unreadable", "exit_code": EXIT_DATAERR,
-                                "message": str(error)})
+                                "message": error})
             continue
+        unit.summary = summary
         ok_units.append(unit)
         base_rows.append({"unit": unit.key, "participant_id": unit.participant_id, "session_id": unit.session_id,
-                          "source_entities": unit.source_entities, "input_sequences": unit.combination, **unit.summary})
-        long_rows += collect.unit_rows(unit)
-        unit.regions = None  # keep memory bounded: the long rows hold what is needed
+                          "source_entities": unit.source_entities, "input_sequences": unit.combination, **summary})
+        long_rows += rows
     long = pd.DataFrame(long_rows, columns=["unit", *stats.UNIT_KEY, "name", "region", "hemisphere", *collect.MEASURES])
     base = pd.DataFrame(base_rows, columns=[c for c in columns.COHORT if c not in
                                             ("qc_outlier", "age", "acq_datetime", "report")])
@@ -204,25 +218,31 @@ def _track_series(job: tuple) -> tuple[pd.DataFrame | None, pd.DataFrame | None,
     return tracks, pairs, None
 
 
-def run_longitudinal(tables: dict, *, mode: str, seed: int = 42, nprocs: int = 1) -> dict:
+def run_longitudinal(tables: dict, *, mode: str, seed: int = 42, nprocs: int = 1,
+                     workers: Workers | None = None) -> dict:
     """Reliability, change, slopes and (unless ``mode == "none"``) cluster tracks through every session.
 
-    Series are tracked in ``nprocs`` worker processes when there are several.
+    Series are tracked in ``workers`` (else in ``nprocs`` processes) while this process computes
+    the statistics.
     """
+    if workers is None:
+        with Workers(nprocs) as own:
+            return run_longitudinal(tables, mode=mode, seed=seed, workers=own)
     long = tables["long"]
     series = stats.session_series(long, tables["dates"])
+    jobs = []
+    if mode != "none" and len(series):
+        by_key = {u.key: u for u in tables["units"]}
+        for (pid, combination), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
+            grp = grp.sort_values("order")
+            jobs.append((pid, combination, [by_key[k] for k in grp["unit"]], list(grp["session_id"]), mode, seed))
+    tracked = workers.submit(_track_series, jobs)
     icc, agree = stats.longitudinal_reliability(long, series)
     change = stats.longitudinal_change(long, series)
     slopes = stats.longitudinal_slopes(long, series)
     pair_rows, track_rows = [], []
-    if mode != "none" and len(series):
-        by_key = {u.key: u for u in tables["units"]}
-        jobs = []
-        for (pid, combination), grp in series.groupby(["participant_id", "input_sequences"], sort=True):
-            grp = grp.sort_values("order")
-            jobs.append((pid, combination, [by_key[k] for k in grp["unit"]], list(grp["session_id"]), mode, seed))
-        results = map_jobs(_track_series, jobs, nprocs)
-        for tracks, pairs, error in results:
+    if jobs:
+        for tracks, pairs, error in tracked():
             if error is not None:
                 LOGGER.warning("%s", error)
                 continue
@@ -250,9 +270,19 @@ def _compare_one(job: tuple) -> tuple[str, list[dict] | None, str | None]:
 
 def run_agreement(units: list, other_root: Path, nprocs: int = 1) -> dict:
     """Per-unit and per-region agreement with the masks of ``other_root`` (units in ``nprocs`` processes)."""
+    with Workers(nprocs) as workers:
+        return start_agreement(units, other_root, workers)()
+
+
+def start_agreement(units: list, other_root: Path, workers: Workers):
+    """Submit :func:`run_agreement`'s units to ``workers``; return a function that gives its result."""
+    compared = workers.submit(_compare_one, [(unit, Path(other_root)) for unit in units])
+    return lambda: _agreement_result(compared(), other_root)
+
+
+def _agreement_result(results: list, other_root: Path) -> dict:
+    """:func:`run_agreement`'s tables from the units' results."""
     rows, missing, errors = [], [], []
-    jobs = [(unit, Path(other_root)) for unit in units]
-    results = map_jobs(_compare_one, jobs, nprocs)
     for label, unit_rows, error in results:
         if error is not None:
             LOGGER.error("%s", error)
@@ -296,7 +326,7 @@ def _summaries(per_unit: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     return _with_first(pd.concat(parts, ignore_index=True), by)
 
 
-def run_reviewed(units: list, nprocs: int = 1) -> dict | None:
+def run_reviewed(units: list, nprocs: int = 1, workers: Workers | None = None) -> dict | None:
     """Automatic results against every reviewed mask, and raters against each other (None without reviews).
 
     Returns
@@ -314,7 +344,12 @@ def run_reviewed(units: list, nprocs: int = 1) -> dict | None:
     jobs += [(a.unit, a.path, b.path, {"rater_a": a.rater, "rater_b": b.rater, "mask_a": str(a.path)})
              for a, b in pairs]
     auto_rows, pair_rows, errors = [], [], []
-    for label, rows, error in map_jobs(_compare_masks, jobs, nprocs):
+    if workers is None:
+        with Workers(nprocs) as own:
+            results = own.map(_compare_masks, jobs)
+    else:
+        results = workers.map(_compare_masks, jobs)
+    for label, rows, error in results:
         if error is not None:
             LOGGER.error("%s", error)
             errors.append((label, error))
@@ -346,8 +381,14 @@ def run_group_level(config: RunConfig) -> int:
         ``participants.tsv``.
     """
     t0 = time.monotonic()
+    with Workers(int(config.nprocs or 1)) as workers:
+        return _run_group_level(config, workers, t0)
+
+
+def _run_group_level(config: RunConfig, workers: Workers, t0: float) -> int:
+    """:func:`run_group_level` with its worker processes."""
     output_dir = Path(config.output_dir)
-    tables = collect_tables(output_dir, config.bids_dir)
+    tables = collect_tables(output_dir, config.bids_dir, workers)
     if config.covariates:
         participants = tables["participants"]
         path = Path(config.bids_dir) / "participants.tsv"
@@ -357,6 +398,9 @@ def run_group_level(config: RunConfig) -> int:
         if absent:
             raise MissingInputError(f"no column(s) {', '.join(absent)} (columns: "
                                     f"{', '.join(participants.columns)})", path)
+    roots = {kind: root for kind, root in (("reference", config.reference_derivatives),
+                                           ("compare", config.compare_dir)) if root is not None}
+    pending = {kind: start_agreement(tables["units"], Path(root), workers) for kind, root in roots.items()}
     init_output_dir(output_dir, config.bids_dir)
     group = output_dir / "group"
     written = [
@@ -367,8 +411,7 @@ def run_group_level(config: RunConfig) -> int:
         _write(group, "qc_outliers", tables["outliers"], columns.OUTLIERS),
         _write(group, "models", tables["models"], columns.MODELS),
     ]
-    longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed,
-                             nprocs=max(1, int(config.nprocs or 1)))
+    longi = run_longitudinal(tables, mode=config.longitudinal_matching, seed=config.random_seed, workers=workers)
     if len(longi["series"]):
         written += [_write(group, "longitudinal_icc", longi["icc"], columns.LONG_ICC),
                     _write(group, "longitudinal_agreement", longi["agreement"], columns.LONG_AGREEMENT),
@@ -379,10 +422,8 @@ def run_group_level(config: RunConfig) -> int:
                         _write(group, "longitudinal_cluster_tracks", longi["tracks"], columns.LONG_TRACKS),
                         _write(group, "longitudinal_persistence", longi["persistence"], columns.LONG_PERSISTENCE)]
     comparisons = {}
-    for kind, root in (("reference", config.reference_derivatives), ("compare", config.compare_dir)):
-        if root is None:
-            continue
-        res = run_agreement(tables["units"], Path(root), nprocs=max(1, int(config.nprocs or 1)))
+    for kind, root in roots.items():
+        res = pending[kind]()
         comparisons[kind] = res
         for label, message in res["errors"]:
             tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]
@@ -393,7 +434,7 @@ def run_group_level(config: RunConfig) -> int:
         elif not res["errors"]:
             raise MissingInputError(f"no ePVS mask (*_label-PVS*_mask.nii.gz) for any of the "
                                     f"{len(tables['units'])} unit(s)", root)
-    rev = run_reviewed(tables["units"], nprocs=max(1, int(config.nprocs or 1)))
+    rev = run_reviewed(tables["units"], workers=workers)
     if rev is not None:
         for label, message in rev["errors"]:
             tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]
@@ -427,13 +468,3 @@ def run_group_level(config: RunConfig) -> int:
         LOGGER.error("%d derivative file(s) could not be read: see %s", unreadable, group / "failed.tsv")
         return InputError.exit_code
     return EXIT_OK
-
-
-def map_jobs(func, jobs: list, nprocs: int) -> list:
-    """``[func(job) for job in jobs]``, in ``nprocs`` processes when there are several jobs and processes."""
-    if nprocs <= 1 or len(jobs) <= 1:
-        return [func(job) for job in jobs]
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=nprocs) as pool:
-        return list(pool.map(func, jobs, chunksize=max(1, len(jobs) // (4 * nprocs))))

@@ -119,15 +119,17 @@ def _coords(idx: np.ndarray, shape) -> np.ndarray:
     return np.stack(np.unravel_index(idx, shape, order="F"), 1)
 
 
-def _neighbour_positions(idx: np.ndarray, ijk: np.ndarray, shape, offset) -> tuple[np.ndarray, np.ndarray]:
-    """For every voxel of the sorted set ``idx``: is its neighbour at ``offset`` in the set, and where.
+def _neighbour_positions(idx: np.ndarray, ijk: np.ndarray, shape, offsets) -> tuple[np.ndarray, np.ndarray]:
+    """For every voxel of the sorted set ``idx`` and every offset: is its neighbour there in the set, and where.
 
-    Returns (mask of voxels whose neighbour is in the set, the neighbour's position in ``idx``).
+    Returns (mask of voxels whose neighbour is in the set, the neighbour's position in ``idx``),
+    both of shape (len(offsets), len(idx)): one search for all offsets.
     """
-    moved = ijk + np.asarray(offset)
-    inside = np.all((moved >= 0) & (moved < np.asarray(shape)), axis=1)
+    offsets = np.asarray(offsets)
+    moved = ijk[None, :, :] + offsets[:, None, :]
+    inside = np.all((moved >= 0) & (moved < np.asarray(shape)), axis=2)
     strides = np.array([1, shape[0], shape[0] * shape[1]])
-    nb = idx + int(np.dot(offset, strides))
+    nb = idx[None, :] + (offsets @ strides)[:, None]
     pos = np.minimum(np.searchsorted(idx, nb), max(len(idx) - 1, 0))
     hit = inside & (idx[pos] == nb) if len(idx) else inside
     return hit, pos
@@ -161,21 +163,14 @@ class VoxelSet:
         self.region = np.zeros(len(idx), np.int64) if region is None else np.asarray(region, np.int64)
         n = len(self.idx)
         ijk = _coords(self.idx, self.shape) if n else np.zeros((0, 3), np.int64)
-        rows, cols = [], []
-        for offset in _FORWARD_26:
-            hit, pos = _neighbour_positions(self.idx, ijk, self.shape, offset)
-            rows.append(np.flatnonzero(hit))
-            cols.append(pos[hit])
-        r, c = (np.concatenate(rows), np.concatenate(cols)) if n else (np.zeros(0, int), np.zeros(0, int))
+        hit, pos = _neighbour_positions(self.idx, ijk, self.shape, _FORWARD_26)
+        r, c = np.nonzero(hit)[1], pos[hit]  # edges offset by offset, each in voxel order
         same = self.region[r] == self.region[c]
         self.labels_all = _connected(n, r, c)
         self.labels_region = _connected(n, r[same], c[same])
-        inner_all, inner_region = np.ones(n, bool), np.ones(n, bool)
-        for offset in _FACES:
-            hit, pos = _neighbour_positions(self.idx, ijk, self.shape, offset)
-            inner_all &= hit
-            inner_region &= hit & (self.region[pos] == self.region)
-        self.surface_all, self.surface_region = ~inner_all, ~inner_region
+        hit, pos = _neighbour_positions(self.idx, ijk, self.shape, _FACES)
+        self.surface_all = ~hit.all(axis=0)
+        self.surface_region = ~(hit & (self.region[pos] == self.region[None, :])).all(axis=0)
 
     def part(self, region: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Indices, cluster numbers and surface flags of the voxels of ``region`` (None: every voxel)."""
@@ -210,9 +205,14 @@ def _hd95(pts_p: np.ndarray, pts_r: np.ndarray) -> float:
     return float(np.percentile(distances, 95))
 
 
-def suite(pred: VoxelSet, ref: VoxelSet, spacing, region: int | None = None) -> dict[str, float]:
+def suite(pred: VoxelSet, ref: VoxelSet, spacing, region: int | None = None, *,
+          distances: dict | None = None) -> dict[str, float]:
     """:func:`epvsseg.metrics.agreement_suite` of two voxel sets (on one grid), over every voxel
-    (``region=None``) or within one region: both masks restricted to the region's voxels."""
+    (``region=None``) or within one region: both masks restricted to the region's voxels.
+
+    ``distances``: the surface distances of every region (:func:`_region_distances`), when
+    already computed.
+    """
     from epvsseg.metrics import ClusterAgreement, suite_record
 
     p_idx, p_lab, p_surf = pred.part(region)
@@ -223,9 +223,71 @@ def suite(pred: VoxelSet, ref: VoxelSet, spacing, region: int | None = None) -> 
     true = len(np.unique(p_lab[np.searchsorted(p_idx, both)]))
     ca = ClusterAgreement(len(np.unique(r_lab)), len(np.unique(p_lab)), detected, true)
     scale = np.asarray([float(z) for z in spacing])
-    hd = float("nan") if not n_p or not n_r else _hd95(_coords(p_idx[p_surf], pred.shape) * scale,
-                                                        _coords(r_idx[r_surf], ref.shape) * scale)
+    if not n_p or not n_r:
+        hd = float("nan")
+    elif distances is not None and region is not None:
+        hd = float(np.percentile(np.concatenate(distances[region]), 95))
+    else:
+        hd = _hd95(_coords(p_idx[p_surf], pred.shape) * scale, _coords(r_idx[r_surf], ref.shape) * scale)
     return suite_record(n_p, n_r, len(both), ca, hd, float(np.prod(scale)))
+
+
+def suites(pred: VoxelSet, ref: VoxelSet, spacing, regions) -> list[dict[str, float]]:
+    """:func:`suite` over every voxel, then within each of ``regions``: the same numbers, with the
+    counts of every region from one pass (:func:`_region_counts`) and the surface distances of all
+    regions from two k-d tree queries instead of two per region."""
+    from epvsseg.metrics import ClusterAgreement, suite_record
+
+    scale = np.asarray([float(z) for z in spacing])
+    distances = _region_distances(pred, ref, scale)
+    n_p, n_r, n_both, n_pc, n_rc, true, detected = _region_counts(pred, ref, max([0, *regions]) + 1)
+    out = [suite(pred, ref, spacing)]
+    for r in regions:
+        hd = float(np.percentile(np.concatenate(distances[r]), 95)) if n_p[r] and n_r[r] else float("nan")
+        ca = ClusterAgreement(int(n_rc[r]), int(n_pc[r]), int(detected[r]), int(true[r]))
+        out.append(suite_record(int(n_p[r]), int(n_r[r]), int(n_both[r]), ca, hd, float(np.prod(scale))))
+    return out
+
+
+def _region_counts(pred: VoxelSet, ref: VoxelSet, size: int) -> tuple[np.ndarray, ...]:
+    """Per region label (arrays of length >= ``size``): voxels of pred, of ref and of both; clusters
+    of pred and of ref within the region; pred clusters that overlap ref (true) and ref clusters
+    that overlap pred (detected), as :func:`suite` counts them region by region."""
+    size = max(size, int(pred.region.max(initial=0)) + 1, int(ref.region.max(initial=0)) + 1)
+    _, i_p, i_r = np.intersect1d(pred.idx, ref.idx, assume_unique=True, return_indices=True)
+
+    def per_region(values):
+        return np.bincount(values, minlength=size)
+
+    def cluster_regions(vs: VoxelSet) -> np.ndarray:  # region of each within-region cluster
+        out = np.zeros(int(vs.labels_region.max(initial=-1)) + 1, np.int64)
+        out[vs.labels_region] = vs.region
+        return out
+
+    p_cl, r_cl = cluster_regions(pred), cluster_regions(ref)
+    return (per_region(pred.region), per_region(ref.region), per_region(pred.region[i_p]), per_region(p_cl),
+            per_region(r_cl), per_region(p_cl[np.unique(pred.labels_region[i_p])]),
+            per_region(r_cl[np.unique(ref.labels_region[i_r])]))
+
+
+def _region_distances(pred: VoxelSet, ref: VoxelSet, scale: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per region: the distances (mm) from each surface voxel of one set to the nearest surface voxel
+    of the other set in the same region (pred -> ref, ref -> pred).
+
+    The region label enters the k-d trees as a fourth coordinate, ``label x tag`` with ``tag``
+    longer than the grid's diagonal, so a nearest neighbour is always in the same region when the
+    region has one, and the distance, computed with a zero fourth term, is the 3D one bit for bit.
+    """
+    from scipy.spatial import cKDTree
+
+    p_reg, r_reg = pred.region[pred.surface_region], ref.region[ref.surface_region]
+    if not len(p_reg) or not len(r_reg):
+        return {}
+    tag = float(2 * np.sum(np.asarray(pred.shape) * scale) + 1)
+    p_pts = np.c_[_coords(pred.idx[pred.surface_region], pred.shape) * scale, p_reg * tag]
+    r_pts = np.c_[_coords(ref.idx[ref.surface_region], ref.shape) * scale, r_reg * tag]
+    to_ref, to_pred = cKDTree(r_pts).query(p_pts)[0], cKDTree(p_pts).query(r_pts)[0]
+    return {int(g): (to_ref[p_reg == g], to_pred[r_reg == g]) for g in np.unique(p_reg)}
 
 
 def agreement_suite(p_idx: np.ndarray, r_idx: np.ndarray, shape, spacing) -> dict[str, float]:

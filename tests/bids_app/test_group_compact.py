@@ -3,6 +3,7 @@ the same numbers, byte for byte (issue #16 item 5)."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 
@@ -38,12 +39,12 @@ def test_voxel_lists_hold_the_written_images(tmp_path, regions):
     vol = sparse.read_volume(paths["clusters_dseg"])
     assert np.array_equal(v.affine, vol.affine) and v.zooms == vol.zooms  # exactly what a reader of the image gets
     if not regions:
-        assert v.epvs_regions is None and v.atlas_starts is None
+        assert v.epvs_regions is None and v.atlas_ends is None
         return
     assert np.array_equal(v.epvs_regions, _image(paths["epvs_regions_dseg"]).ravel(order="F")[union])
     atlas = _image(paths["regions_dseg"]).ravel(order="F")
     assert np.array_equal(v.atlas_at(np.arange(atlas.size)), atlas)
-    assert np.array_equal(v.atlas_present(), np.unique(atlas))
+    assert np.array_equal(v.atlas_present, np.unique(atlas))
 
 
 def test_flatnonzero_equals_numpy():
@@ -135,3 +136,23 @@ def test_rigid_matching_identical_from_voxel_lists_and_from_images(tmp_path):
     pd.testing.assert_frame_equal(with_lists.drop(columns="mi_after"), from_images.drop(columns="mi_after"))
     assert np.allclose(with_lists["mi_after"], from_images["mi_after"], rtol=1e-3)
     assert tuple(with_lists.set_index("name").loc["whole_brain", ["persisting", "vanished", "new"]]) == (18, 2, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_region_suites_equal_one_suite_per_region(seed):
+    """Two k-d tree queries for every region give each region's HD95 bit for bit (anisotropic voxels too)."""
+    rng = np.random.default_rng(seed)
+    shape, spacing = (30, 24, 18), ((0.47, 0.91, 1.3) if seed % 2 else (1.0, 1.0, 1.0))
+    atlas = rng.integers(0, 6, shape).astype(np.uint8)
+    atlas = np.repeat(np.repeat(atlas[::6, ::6, ::6], 6, 0), 6, 1).repeat(6, 2)[:30, :24, :18]  # blocky regions
+    pred = rng.random(shape) < 0.04
+    ref = (np.roll(pred, 1, axis=seed % 3) & (rng.random(shape) < 0.8)) | (rng.random(shape) < 0.01)
+    sets = [sparse.VoxelSet(i, shape, atlas.ravel(order="F")[i]) for i in
+            (np.flatnonzero(m.ravel(order="F")) for m in (pred, ref))]
+    regions = [int(r) for r in np.unique(atlas)] + [9]  # 9: a label without voxels
+    batched = sparse.suites(*sets, spacing, regions)
+    one_by_one = [sparse.suite(*sets, spacing)] + [sparse.suite(*sets, spacing, r) for r in regions]
+    assert len(batched) == len(regions) + 1
+    for a, b in zip(batched, one_by_one):
+        assert a.keys() == b.keys()
+        assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a), (a, b)
