@@ -15,6 +15,7 @@ region border is counted in both regions.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -45,8 +46,6 @@ def find_other_mask(root, unit: Unit) -> object:
     reviews by several raters are ambiguous); else, with several, the one with this unit's ``desc``
     wins, else the choice is ambiguous. Ambiguity raises a :class:`TableError` naming the folder.
     """
-    from pathlib import Path
-
     anat = Path(root) / unit.participant_id / (unit.session_id or "") / "anat"
     hits = sorted(p for p in anat.glob(f"{unit.stem}_*mask.nii.gz") if "_label-PVS" in p.name
                   and p.name[len(unit.stem)] == "_")
@@ -93,16 +92,31 @@ def compare_unit(unit: Unit, other_path, *, pred_path=None) -> list[dict]:
            "source_entities": unit.source_entities, "input_sequences": unit.combination, "other_mask": str(other_path)}
     atlas_tsv = unit.existing("regions_tsv")
     atlas = ours.atlas() if atlas_tsv is not None else None
-    table = _read_tsv(atlas_tsv, io_spec.required("regions_tsv")) if atlas is not None else None
+    table = _atlas_table(atlas_tsv) if atlas is not None else None
     pred, ref = (sparse.VoxelSet(idx, shape, None if atlas is None else atlas.at(idx)) for idx in (p_idx, r_idx))
     present = set(atlas.present().tolist()) if atlas is not None else set()
-    records = [rec for rec in (table.to_dict("records") if table is not None else ()) if int(rec["index"]) in present]
+    records = [rec for rec in (table or ()) if int(rec["index"]) in present]
     whole, *regional = sparse.suites(pred, ref, spacing, [int(rec["index"]) for rec in records])
     rows = [{**key, "name": WHOLE_BRAIN, "region": WHOLE_BRAIN, "hemisphere": "bilateral", **whole}]
     for rec, numbers in zip(records, regional):
         rows.append({**key, "name": str(rec["name"]), "region": str(rec["region"]),
                      "hemisphere": str(rec["hemisphere"]), **numbers})
     return rows
+
+
+def _atlas_table(path) -> tuple[dict, ...]:
+    """The rows of a unit's region look-up table (``regions_tsv``), parsed once per distinct content
+    (the units of a cohort share one atlas, so their tables are identical)."""
+    raw = Path(path).read_bytes()
+    if raw not in _ATLAS_TABLES:
+        if len(_ATLAS_TABLES) >= 8:
+            _ATLAS_TABLES.clear()
+        _ATLAS_TABLES[raw] = tuple(_read_tsv(path, io_spec.required("regions_tsv")).to_dict("records"))
+    return _ATLAS_TABLES[raw]
+
+
+#: Parsed region look-up tables by file content (:func:`_atlas_table`).
+_ATLAS_TABLES: dict[bytes, tuple[dict, ...]] = {}
 
 
 def agreement_summary(per_unit: pd.DataFrame) -> pd.DataFrame:

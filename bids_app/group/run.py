@@ -39,8 +39,12 @@ def _age_lookup(participants: pd.DataFrame | None) -> dict[str, float]:
     return {pid: float(a) for pid, a in ages.items() if pd.notna(a)}
 
 
-def collect_tables(output_dir: Path, bids_dir: Path | None = None, workers: Workers | None = None) -> dict:
+def collect_tables(output_dir: Path, bids_dir: Path | None = None, workers: Workers | None = None, *,
+                   early=None) -> dict:
     """Read every unit and build the cohort tables (the units' tables in ``workers`` when given).
+
+    ``early``: called with every unit found once their reading is submitted, to submit more work
+    to ``workers`` (the agreement) while this process builds the tables.
 
     Returns
     -------
@@ -61,7 +65,11 @@ def collect_tables(output_dir: Path, bids_dir: Path | None = None, workers: Work
             participants = collect.read_participants(bids_dir)
         except collect.TableError as exc:
             LOGGER.warning("%s (ages and covariates unavailable)", exc)
-    ok_units, base, long, failed_rows = _read_units(units, workers or Workers(1))
+    workers = workers or Workers(1)
+    reads = workers.submit(_read_one, units)
+    if early is not None:
+        early(units)
+    ok_units, base, long, failed_rows = _read_units(units, reads())
     dates, session_age = _session_dates(bids_dir, ok_units)
     cohort = _cohort_table(output_dir, base, dates, session_age, _age_lookup(participants))
     outliers = stats.qc_outliers(cohort)
@@ -90,12 +98,12 @@ def _read_one(unit) -> tuple[dict | None, list[dict] | None, str | None]:
     return unit.summary, rows, None
 
 
-def _read_units(units: list, workers: Workers) -> tuple[list, pd.DataFrame, pd.DataFrame, list[dict]]:
-    """Read every unit: the readable ones, their whole-brain rows, the long (region) rows, and the failures.
-
-    Only the summary and the long rows are kept per unit (memory grows with units x regions)."""
+def _read_units(units: list, results: list) -> tuple[list, pd.DataFrame, pd.DataFrame, list[dict]]:
+    """The units' :func:`_read_one` results: the readable units, their whole-brain rows, the long
+    (region) rows, and the failures. Only the summary and the long rows are kept per unit (memory
+    grows with units x regions)."""
     base_rows, long_rows, failed_rows, ok_units = [], [], [], []
-    for unit, (summary, rows, error) in zip(units, workers.map(_read_one, units)):
+    for unit, (summary, rows, error) in zip(units, results):
         if error is not None:
             LOGGER.error("%s", error)
             failed_rows.append({"unit": unit.label, "status": "unreadable", "exit_code": EXIT_DATAERR,
@@ -275,9 +283,15 @@ def run_agreement(units: list, other_root: Path, nprocs: int = 1) -> dict:
 
 
 def start_agreement(units: list, other_root: Path, workers: Workers):
-    """Submit :func:`run_agreement`'s units to ``workers``; return a function that gives its result."""
+    """Submit :func:`run_agreement`'s units to ``workers``; return a function that gives its result,
+    for the units it is given (``keep``; default all: units found unreadable since are left out)."""
     compared = workers.submit(_compare_one, [(unit, Path(other_root)) for unit in units])
-    return lambda: _agreement_result(compared(), other_root)
+
+    def result(keep: list | None = None) -> dict:
+        kept = None if keep is None else {id(u) for u in keep}
+        return _agreement_result([r for u, r in zip(units, compared()) if kept is None or id(u) in kept],
+                                 other_root)
+    return result
 
 
 def _agreement_result(results: list, other_root: Path) -> dict:
@@ -388,7 +402,14 @@ def run_group_level(config: RunConfig) -> int:
 def _run_group_level(config: RunConfig, workers: Workers, t0: float) -> int:
     """:func:`run_group_level` with its worker processes."""
     output_dir = Path(config.output_dir)
-    tables = collect_tables(output_dir, config.bids_dir, workers)
+    roots = {kind: root for kind, root in (("reference", config.reference_derivatives),
+                                           ("compare", config.compare_dir)) if root is not None}
+    pending = {}
+
+    def start(units: list) -> None:  # the agreement runs in the workers while the tables are built
+        pending.update({kind: start_agreement(units, Path(root), workers) for kind, root in roots.items()})
+
+    tables = collect_tables(output_dir, config.bids_dir, workers, early=start)
     if config.covariates:
         participants = tables["participants"]
         path = Path(config.bids_dir) / "participants.tsv"
@@ -398,9 +419,6 @@ def _run_group_level(config: RunConfig, workers: Workers, t0: float) -> int:
         if absent:
             raise MissingInputError(f"no column(s) {', '.join(absent)} (columns: "
                                     f"{', '.join(participants.columns)})", path)
-    roots = {kind: root for kind, root in (("reference", config.reference_derivatives),
-                                           ("compare", config.compare_dir)) if root is not None}
-    pending = {kind: start_agreement(tables["units"], Path(root), workers) for kind, root in roots.items()}
     init_output_dir(output_dir, config.bids_dir)
     group = output_dir / "group"
     written = [
@@ -423,7 +441,7 @@ def _run_group_level(config: RunConfig, workers: Workers, t0: float) -> int:
                         _write(group, "longitudinal_persistence", longi["persistence"], columns.LONG_PERSISTENCE)]
     comparisons = {}
     for kind, root in roots.items():
-        res = pending[kind]()
+        res = pending[kind](keep=tables["units"])
         comparisons[kind] = res
         for label, message in res["errors"]:
             tables["failed"].loc[len(tables["failed"])] = [label, "unreadable", EXIT_DATAERR, message]

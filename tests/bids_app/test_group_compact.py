@@ -156,3 +156,23 @@ def test_batched_region_suites_equal_one_suite_per_region(seed):
     for a, b in zip(batched, one_by_one):
         assert a.keys() == b.keys()
         assert all(a[k] == b[k] or (math.isnan(a[k]) and math.isnan(b[k])) for k in a), (a, b)
+
+
+def test_unreadable_unit_is_left_out_of_the_agreement_submitted_early(tmp_path):
+    """The agreement starts before the tables are read: a unit found unreadable meanwhile is left out,
+    and the tables do not depend on the number of processes."""
+    bids, out, ref = _cohort(tmp_path)
+    (bad,) = [u for u in collect.find_units(out) if u.key == "sub-02_ses-2_desc-T2w"]
+    bad.paths["clusters_tsv"].write_text("index\tname\n1\n")  # no volume_mm3 column
+    other = tmp_path / "out-2"
+    shutil.copytree(out, other)
+    assert _group(bids, out, ref, tmp_path / "w1", nprocs=2) == 65
+    assert _group(bids, other, ref, tmp_path / "w2", nprocs=1) == 65
+    for name in sorted(p.name for p in (out / "group").glob("*.tsv")):  # failed.tsv names the folder
+        mine = (out / "group" / name).read_text().replace(str(out), "OUT")
+        assert mine == (other / "group" / name).read_text().replace(str(other), "OUT"), name
+    agree = pd.read_csv(out / "group" / "agreement-reference_units.tsv", sep="\t")
+    assert len(agree.loc[agree["name"] == "whole_brain"]) == 8
+    assert not ((agree["participant_id"] == "sub-02") & (agree["session_id"] == "ses-2")).any()
+    failed = pd.read_csv(out / "group" / "failed.tsv", sep="\t")
+    assert failed["unit"].tolist() == ["sub-02_ses-2"] and failed["status"].tolist() == ["unreadable"]
