@@ -62,6 +62,17 @@ SCANS = [
 #: Not measured, and why.
 SKIPPED = {"CLEARSWI.jl Mag/Phase": "a 40x40x20 crop of a multi-echo GRE (4D, 3 echoes), not a whole brain",
            "ExploreASL DeepWM, AAL, CIT168 maxprob": "masks and atlases, not scans"}
+#: Images that are not a person's head in its own size: the done-when ranges are for native heads.
+NOT_NATIVE = {"colin27": "MNI space (Colin27 is registered and scaled to MNI305)",
+              "colin27_bet": "MNI space (Colin27 is registered and scaled to MNI305)",
+              "mni152_t1_brain": "MNI152 template (an average head enlarged by the affine to MNI space)",
+              "mni152_t2_brain": "MNI152 template (an average head enlarged by the affine to MNI space)",
+              "icbm2009a_t1": "ICBM152 2009a template (MNI space)",
+              "cit168_t1w": "CIT168 template in MNI152 2009c space",
+              "m2208_t2w": "spatially normalised (README: 'skull-stripped, normalised'; its grid is an MNI-like 1 mm box, "
+                           "x -74..+73, y -108..+76, z -72..+83 mm)"}
+#: Done-when limits of issue #18: adult ICV (L), a child's brain (L, age < 12), background share, Dice.
+ADULT_ICV_L, CHILD_BRAIN_L, MAX_BACKGROUND, MIN_DICE = (1.1, 1.9), (1.0, 1.5), 0.01, 0.95
 PAIRS = [("uih_132750", "uih_134917", "two sessions of one person (dcm_qa_uih)"),
          ("dbc_v01", "dbc_v02", "two sessions of one 6-year-old (DBC-Lab)"),
          ("mni152_t1_brain", "mni152_t2_brain", "T1w and T2w of one head (FSL MNI152)")]
@@ -215,6 +226,28 @@ def _scan_line(r: dict, current: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def done_when(r: dict) -> tuple[bool, str]:
+    """Whether one scan meets the done-when of issue #18 (volume range for the person, background share,
+    Dice against a reference), and why not."""
+    reasons = []
+    child = r["age_years"] is not None and r["age_years"] < 12
+    if child:
+        lo, hi = CHILD_BRAIN_L
+        if not lo <= r["brain_L"] <= hi:
+            reasons.append(f"brain {r['brain_L']:.3f} L outside {lo}-{hi} L for a {r['age_years']:g}-year-old")
+    elif r["icv_L"] is None:
+        reasons.append("no ICV")
+    elif not ADULT_ICV_L[0] <= r["icv_L"] <= ADULT_ICV_L[1]:
+        reasons.append(f"ICV {r['icv_L']:.3f} L outside {ADULT_ICV_L[0]}-{ADULT_ICV_L[1]} L")
+    if r["background_share"] > MAX_BACKGROUND:
+        reasons.append(f"background {100 * r['background_share']:.2f} % > 1 %")
+    if r.get("dice_vs_reference") is not None and r["dice_vs_reference"] < MIN_DICE:
+        reasons.append(f"Dice {r['dice_vs_reference']:.3f} < {MIN_DICE}")
+    if reasons and r["name"] in NOT_NATIVE:
+        reasons.append("not a native head: " + NOT_NATIVE[r["name"]])
+    return not reasons, "; ".join(reasons)
+
+
 def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | None,
              runtime_result: dict | None = None) -> str:
     from epvsprep import anatomy
@@ -237,6 +270,13 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
         lines += ["", "### Not rerun with this ICV method (rows of the previous run, template registration with an "
                   "8 mm margin: their ICV is the over-scaled one)", "", head.format(""), "|---" * 15 + "|"]
         lines += [_scan_line(r, False) for r in old]
+    lines += ["", "## Done-when of issue #18, per scan", "",
+              f"Adult ICV {ADULT_ICV_L[0]}-{ADULT_ICV_L[1]} L (a child under 12: brain {CHILD_BRAIN_L[0]}-"
+              f"{CHILD_BRAIN_L[1]} L), mask voxels at ~0 intensity <= {100 * MAX_BACKGROUND:g} %, Dice >= {MIN_DICE} "
+              "against a reference mask where one exists.", "", "| scan | set | verdict | why |", "|---|---|---|---|"]
+    for r in rows:
+        ok, why = done_when(r)
+        lines.append(f"| {r['name']} | {r['set']} | {'pass' if ok else 'fail'} | {why or '-'} |")
     lines += ["", "## ICV agreement", "",
               "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % | ICV affine diff % |",
               "|---|---|---|---|---|---|---|"]
@@ -262,6 +302,13 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
                              + " | ".join(f"{b / 1e3:.1f}" for b in bands)
                              + f" | {d['missing_mm3'] / 1e3:.1f} | {_fmt(d.get('extra_median_intensity'), '.2f')} | "
                                f"{_fmt(d.get('reference_rim_median_intensity'), '.2f')} |")
+    notes = RESULTS / "brain_masks_figure.md"  # written by a person who looked at the figure, not generated
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    rescan = RESULTS / "brain_masks_rescan.json"
+    if rescan.exists():
+        lines += ["", "## Why the two dcm_qa_uih sessions differ (evaluation-only: diagnosis, nothing chosen by it)",
+                  "", "Figure: `docs/figures/brain_masks_rescan.png`.", "", "```", rescan.read_text().strip(), "```"]
     if runtime_result:
         lines += ["", "## Runtime of the brain step", "", "```", json.dumps(runtime_result, indent=1), "```"]
     lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in SKIPPED.items()) + "."]
@@ -306,6 +353,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--differences", action="store_true",
                         help="where the saved masks differ from the reference masks (no preprocessing)")
+    parser.add_argument("--rescan", nargs=2, metavar=("A", "B"),
+                        help="diagnose the brain-mask difference of two scans of one head (from --masks)")
     parser.add_argument("--md-only", action="store_true", help="rewrite the tables from the saved json")
     parser.add_argument("--command", help="with --md-only: the command line(s) that made the rows")
     args = parser.parse_args(argv)
@@ -313,6 +362,13 @@ def main(argv=None) -> int:
         result = {"command": "python benchmarks/brain_masks.py --differences --masks <masks of the last run>",
                   "scans": reference_differences(args.masks)}
         _write(RESULTS / "brain_masks_differences.json", json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
+    if args.rescan:
+        result = rescan_geometry(*args.rescan, args.masks, ROOT / "docs/figures/brain_masks_rescan.png")
+        result["deepbet_inputs"] = {name: deepbet_inputs(name, args.masks) for name in args.rescan}
+        result["command"] = f"python benchmarks/brain_masks.py --rescan {' '.join(args.rescan)} --masks <masks>"
+        _write(RESULTS / "brain_masks_rescan.json", json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))
         return 0
     if args.md_only:
@@ -386,6 +442,151 @@ def reference_differences(masks: Path) -> dict:
                             "extra_by_world_z_band_mm3": bands}
         out[name] = entry
     return out
+
+
+AXES = ("left-right", "anterior-posterior", "inferior-superior")
+
+
+def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, seed: int = 1) -> dict:
+    """Where and why two scans of one head give different brain masks (the dcm_qa_uih pair: diagnosis only).
+
+    Both bias-corrected images (saved in ``masks`` by a benchmark run) are resampled to 1 mm; ``b`` is
+    registered to ``a`` rigidly (mask comparison: Dice, volume in one mask only by distance from the other's
+    edge and by height below the top of the brain) and by a 12-parameter affine (the images' relative
+    geometry: determinant and principal scalings of the linear part, with the anatomical axis each lies along).
+    The affine is fitted twice, once inside ``a``'s head, once inside its brain mask dilated by 5 mm. An
+    independent check that needs no registration of ``b``'s voxels: the extents (0.5-99.5 percentiles, mm)
+    of the white matter (brightest of three k-means intensity classes inside each mask eroded by 4 mm) along
+    the rigidly aligned axes. Last, ``b``'s mask mapped by the affine: what is left of the volume difference
+    once the images' geometry is matched is the part due to the masks themselves.
+    """
+    import ants
+    from scipy import ndimage
+    from scipy.cluster.vq import kmeans2
+
+    from epvsprep import brain
+    from epvsprep.ops import ants_seeded, ants_to_nib
+
+    def read(name: str, kind: str):
+        return ants.image_read(str(masks / f"{name}_{kind}.nii.gz"))
+
+    fa = ants.resample_image(read(a, "n4"), (1, 1, 1), False, 0)
+    fb = ants.resample_image(read(b, "n4"), (1, 1, 1), False, 0)
+    ma = ants.resample_image_to_target(read(a, "mask"), fa, interp_type="nearestNeighbor")
+    mb = ants.resample_image_to_target(read(b, "mask"), fb, interp_type="nearestNeighbor")
+    around = ants.morphology(ma, "dilate", 5, "binary")
+    with ants_seeded(seed):
+        rigid = ants.registration(fixed=fa, moving=fb, type_of_transform="Rigid", fixed_mask=around)
+    bw = ants.apply_transforms(fa, fb, rigid["fwdtransforms"])
+    mbw = ants.apply_transforms(fa, mb, rigid["fwdtransforms"], interpolator="nearestNeighbor")
+    x, y = ma.numpy() > 0, mbw.numpy() > 0
+    only_a, only_b = x & ~y, y & ~x
+    dist_b = ndimage.distance_transform_edt(~y)
+    top = int(np.flatnonzero(x.any(axis=(0, 1))).max())
+    out: dict = {"a": a, "b": b, "set": "evaluation-only (measured, nothing chosen by it)",
+                 "brain_a_cm3": round(float(x.sum()) / 1e3, 1), "brain_b_cm3": round(float(y.sum()) / 1e3, 1),
+                 "rigid_dice": round(dice(x, y), 4), "only_a_cm3": round(float(only_a.sum()) / 1e3, 1),
+                 "only_b_cm3": round(float(only_b.sum()) / 1e3, 1),
+                 "only_a_by_distance_from_b_cm3": {
+                     f"{lo}-{hi} mm": round(float((only_a & (dist_b > lo) & (dist_b <= hi)).sum()) / 1e3, 1)
+                     for lo, hi in ((0, 1), (1, 2), (2, 3), (3, 5), (5, 10), (10, 999))},
+                 "only_a_by_depth_below_top_cm3": {
+                     f"{lo}-{lo + 30} mm": round(float(only_a[:, :, max(top - lo - 30, 0):top - lo].sum()) / 1e3, 1)
+                     for lo in range(0, 150, 30)}}
+    head = ants.from_numpy(brain.head_mask(fa.numpy(), np.ones(3)).astype(np.float32), origin=fa.origin,
+                           spacing=fa.spacing, direction=fa.direction)
+    out["affine"] = {}
+    for label, region in (("head", head), ("brain mask + 5 mm", around)):
+        with ants_seeded(seed):
+            reg = ants.registration(fixed=fa, moving=bw, type_of_transform="Affine", fixed_mask=region,
+                                    aff_metric="mattes", aff_iterations=(200, 100, 50), aff_shrink_factors=(4, 2, 1),
+                                    aff_smoothing_sigmas=(2, 1, 0))
+        matrix = np.asarray(ants.read_transform(reg["fwdtransforms"][0]).parameters[:9]).reshape(3, 3)
+        u, sv, _ = np.linalg.svd(matrix)  # columns of u: directions in a's (LPS) space, a point of a -> b
+        out["affine"][label] = {
+            "determinant": round(float(np.linalg.det(matrix)), 4),
+            "scalings": {AXES[int(np.abs(u[:, k]).argmax())]: round(float(sv[k]), 4) for k in range(3)}}
+        if label == "head":
+            mba = ants.apply_transforms(fa, mbw, reg["fwdtransforms"], interpolator="nearestNeighbor").numpy() > 0
+            out["b_mask_affine_to_a"] = {"cm3": round(float(mba.sum()) / 1e3, 1), "dice": round(dice(x, mba), 4),
+                                         "volume_diff_percent": _diff_percent(float(x.sum()), float(mba.sum()))}
+    wm = {}
+    for name, img, m in ((a, fa.numpy(), x), (b, bw.numpy(), y)):
+        inner = ndimage.binary_erosion(m, iterations=4)
+        values = img[inner].astype(np.float64)
+        centres, _ = kmeans2(values[::20], np.percentile(values, [10, 50, 90]), minit="matrix", seed=seed)
+        centres = np.sort(centres)
+        white = ndimage.binary_opening(inner & (img > (centres[1] + centres[2]) / 2))
+        labels, _ = ndimage.label(white)
+        white = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+        idx = np.argwhere(white)
+        wm[name] = {"cm3": round(float(white.sum()) / 1e3, 1),
+                    "extent_mm": {AXES[k]: round(float(np.percentile(idx[:, k], 99.5) - np.percentile(idx[:, k], 0.5)), 1)
+                                  for k in range(3)}}
+    wm["ratio_b_over_a"] = {k: round(wm[b]["extent_mm"][k] / wm[a]["extent_mm"][k], 4) for k in AXES}
+    out["white_matter"] = wm
+    if figure is not None:
+        _rescan_figure(ants_to_nib(fa), bw.numpy(), x, y, a, b, figure)
+    return out
+
+
+def deepbet_inputs(name: str, masks: Path) -> dict:
+    """Brain-mask volume (L) of deepbet on one saved bias-corrected image (head-cropped as
+    :func:`epvsprep.brain.extract` does), fed three ways: as is; zero-padded by 20 % of the grid per axis (deepbet
+    crops a box of the brain + 10 % and clips it at the field of view); resampled to 1 mm isotropic first
+    (deepbet resizes by nearest neighbour). Does the field of view or the voxel size move the mask?"""
+    from nilearn.image import resample_img
+
+    from epvsprep import brain, ops
+
+    img = nib.load(masks / f"{name}_n4.nii.gz")
+    data = np.asanyarray(img.dataobj).astype(np.float32)
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0))
+    lowest = brain.head_crop(data, zooms)
+    sub = img.slicer[:, :, lowest:] if lowest else img
+
+    def padded(im: nib.Nifti1Image) -> tuple[nib.Nifti1Image, list[int]]:
+        vox = [int(np.ceil(0.2 * n)) for n in im.shape]
+        affine = im.affine.copy()
+        affine[:3, 3] -= affine[:3, :3] @ np.asarray(vox)
+        return nib.Nifti1Image(np.pad(np.asanyarray(im.dataobj).astype(np.float32), [(v, v) for v in vox]), affine), vox
+
+    def litres(mask: np.ndarray, im: nib.Nifti1Image) -> float:
+        return round(float(mask.sum() * abs(np.linalg.det(im.affine[:3, :3]))) / 1e6, 4)
+
+    out = {"head_crop_first_slice": lowest, "as_is_L": litres(np.asanyarray(ops.brain_mask(sub).dataobj) > 0, sub)}
+    big, vox = padded(sub)
+    mask = np.asanyarray(ops.brain_mask(big).dataobj) > 0
+    out["padded_20_percent_L"] = litres(mask[tuple(slice(v, v + n) for v, n in zip(vox, sub.shape))], sub)
+    iso = resample_img(sub, target_affine=np.eye(3), interpolation="linear", force_resample=True, copy_header=True)
+    out["isotropic_1mm_L"] = litres(np.asanyarray(ops.brain_mask(iso).dataobj) > 0, iso)
+    return out
+
+
+def _rescan_figure(img_a: nib.Nifti1Image, data_b: np.ndarray, x: np.ndarray, y: np.ndarray, a: str, b: str,
+                   path: Path) -> None:
+    """Both scans (b rigidly in a's 1 mm space) with both masks: a's in yellow, b's in cyan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data_a = np.asanyarray(img_a.dataobj)
+    centre = np.round(np.argwhere(x).mean(axis=0)).astype(int)
+    fig, axes = plt.subplots(2, 3, figsize=(12, 8.5), facecolor="black")
+    for row, (data, mask, title) in enumerate(((data_a, x, a), (data_b, y, f"{b} (rigidly aligned to {a})"))):
+        hi = np.percentile(data[mask], 99)
+        for axis, ax in enumerate(axes[row]):
+            sl = [slice(None)] * 3
+            sl[axis] = centre[axis] + (12 if axis == 0 else 0)
+            ax.imshow(data[tuple(sl)].T, cmap="gray", origin="lower", vmin=0, vmax=hi)
+            ax.contour(x[tuple(sl)].T, levels=[0.5], colors="yellow", linewidths=0.7)
+            ax.contour(y[tuple(sl)].T, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.set_axis_off()
+        axes[row, 1].set_title(f"{title}: mask of {a} yellow, of {b} cyan", color="white", fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.01, hspace=0.1, wspace=0.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=70, facecolor="black")
 
 
 def _write(path: Path, text: str) -> None:
