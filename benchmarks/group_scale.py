@@ -9,7 +9,9 @@ Two kinds of cohort:
 * *images* (``--image-sizes``): the same tables plus, for every unit, the images that cluster
   matching and the reference comparison read, at a realistic 1 mm grid (:data:`GRID`, 4.4 M
   voxels, gzipped NIfTI as the participant level writes them): the cluster map, the ePVS mask,
-  the region maps, and a reference mask per unit. Every participant has three sessions whose
+  the region maps, the unit's voxel lists (``epvs_voxels``, written after the images as the
+  participant level does; ``--no-voxels`` leaves them out, as in older output folders), and a
+  reference mask per unit. Every participant has three sessions whose
   cluster maps differ (clusters vanish, appear, reappear). To keep generation short, the images
   come from a pool of :data:`POOL` participants and are hard-linked into the units (reading cost
   is unchanged; the files are in the page cache, as they are right after the participant level
@@ -223,7 +225,8 @@ print("RESULT", code, wall, me.ru_maxrss / 1024, kids.ru_maxrss / 1024,
 """
 
 
-def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, nprocs: int = 1) -> dict:
+def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, nprocs: int = 1,
+             voxels: bool = True) -> dict:
     """Generate one cohort and time the group level on it (see the module docstring)."""
     root = workdir / f"n{n}{'-images' if images else ''}"
     t0 = time.perf_counter()
@@ -232,7 +235,7 @@ def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, 
     extra = []
     if images:
         ref = root / "reference"
-        make_images(out, ref, n)
+        make_images(out, ref, n, voxels=voxels)
         extra = ["--longitudinal-matching", "header", "--reference-derivatives", str(ref)]
     else:
         extra = ["--longitudinal-matching", "none"]
@@ -249,6 +252,7 @@ def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, 
         raise RuntimeError(f"the group level wrote no report (exit {code}): {proc.stderr[-3000:]}")
     group = out / "group"
     res = {"participants": n, "units": units, "sessions": SESSIONS if images else sessions, "images": images,
+           "voxel_lists": bool(images and voxels),
            "nprocs": nprocs, "exit_code": int(code), "wall_s": round(float(wall), 2),
            "peak_rss_mib": round(float(rss), 1), "peak_worker_rss_mib": round(float(child_rss), 1),
            "cpu_s": round(float(cpu), 1), "worker_cpu_s": round(float(child_cpu), 1),
@@ -271,21 +275,23 @@ def run_size(n: int, workdir: Path, *, sessions: int = 2, images: bool = False, 
 def _markdown(meta: dict) -> list[str]:
     """The results page: the command, one row per run, and the 1000 x 3 verdicts."""
     lines = ["# Group level at scale", "", f"Command: `{meta['command']}`", "",
-             f"{meta['date']}, {meta['cpus']} CPU cores shared with a model training job and other work (the load "
+             f"{meta['date']}, {meta['cpus']} CPU cores, shared with other work (the load "
              f"average is in the table), Python {meta['python']}. Synthetic derivatives (no real scan). *tables*: "
              "`--longitudinal-matching none`, everything read from tables and sidecars (cohort tables, regional "
              "statistics, QC outliers, longitudinal ICC over every session with the REML forms, slopes, change, "
              "covariate models on age and sex, HTML report). *images*: the same plus cluster tracking through the "
              "three sessions (`--longitudinal-matching header`) and the reference comparison "
-             "(`--reference-derivatives`) on 1 mm images of a 160 x 192 x 144 grid (five gzipped images read per "
-             "unit; the cluster map in the spec's int32). Peak memory: the group process and its largest worker "
+             "(`--reference-derivatives`) on 1 mm images of a 160 x 192 x 144 grid: each unit's voxel lists "
+             "(`epvs_voxels`, one small .npz) and its gzipped reference mask are read (*images, no voxel lists*: "
+             "the five gzipped images, the cluster map in the spec's int32). Peak memory: the group process and its largest worker "
              "(`ru_maxrss`). CPU: user + system seconds of the group process and of its workers together; "
              "CPU / --nprocs is the wall time the same work needs on that many idle cores.", "",
              "| kind | participants | sessions | units | --nprocs | wall time (s) | CPU, main + workers (s) "
              "| load average, start / end | peak memory, main / worker (MiB) | report (KiB) | ICC k |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in meta["results"]:
-        lines.append(f"| {'images' if r['images'] else 'tables'} | {r['participants']} | {r['sessions']} | "
+        kind = "tables" if not r["images"] else "images" if r.get("voxel_lists") else "images, no voxel lists"
+        lines.append(f"| {kind} | {r['participants']} | {r['sessions']} | "
                      f"{r['units']} | {r['nprocs']} | {r['wall_s']} | {r.get('cpu_s', '')} + "
                      f"{r.get('worker_cpu_s', '')} | {r.get('load_average_start', '')} / "
                      f"{r.get('load_average_end', '')} | {r['peak_rss_mib']} / {r['peak_worker_rss_mib']} | "
@@ -322,13 +328,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sessions", type=int, default=2, help="sessions per longitudinal participant (tables)")
     parser.add_argument("--image-sizes", type=int, nargs="*", default=[], help="cohorts with images (3 sessions)")
     parser.add_argument("--nprocs", type=int, default=1)
+    parser.add_argument("--no-voxels", action="store_true", help="image cohorts without the units' voxel lists")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/group_scale"))
     opts = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         runs = [(n, False) for n in opts.sizes] + [(n, True) for n in opts.image_sizes]
         for n, images in runs:
-            res = run_size(n, Path(tmp), sessions=opts.sessions, images=images, nprocs=opts.nprocs)
+            res = run_size(n, Path(tmp), sessions=opts.sessions, images=images, nprocs=opts.nprocs,
+                           voxels=not opts.no_voxels)
             print(res, flush=True)
             results.append(res)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
