@@ -78,13 +78,24 @@ class Extraction:
 
 
 def _largest_filled(mask: np.ndarray) -> np.ndarray:
-    """Largest 6-connected component of ``mask`` with its holes filled (bool, same shape)."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return np.zeros(mask.shape, bool)
+    """Largest 6-connected component of ``mask`` with its holes filled (bool, same shape).
+
+    Computed inside the bounding box of ``mask`` grown by one voxel (clipped at the grid): the same result as on
+    the whole grid (components lie inside the box, and the one-voxel rim of background joins every outside
+    region to the box's border, as the grid's border does), several times faster on a large field of view.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return out
+    box = tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2)
+                for idx in (np.flatnonzero(mask.any(axis=tuple(k for k in range(mask.ndim) if k != ax)))
+                            for ax in range(mask.ndim)))
+    labels, n = ndimage.label(mask[box])
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+    out[box] = ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+    return out
 
 
 def skull_stripped(data: np.ndarray, voxel_mm3: float) -> bool:

@@ -192,3 +192,30 @@ def test_report_qc_rows_show_age_ranges_background_and_a_failed_mask():
     adult = _qc_rows({**qc, "age_years": 40, "brain_mask_ok": True, "background_share": 0.001, "flags": []})
     assert adult["flags"] == []
     assert {m["label"]: m["ok"] for m in adult["measures"]}["Brain-mask volume"]
+
+
+def _largest_filled_whole_grid(mask):
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_largest_filled_in_its_bounding_box_equals_the_whole_grid(seed):
+    """The bounding-box shortcut of brain._largest_filled gives exactly the whole-grid result, also for masks
+    touching the grid's faces, with holes, ties and several components."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.binary_opening(rng.random((30, 26, 22)) > 0.55)
+    if seed % 2:
+        mask[:, :, 0] = True  # touches a face
+        mask[10:20, 8:18, 5:15] = True
+        mask[13:17, 11:15, 8:12] = False  # a hole
+    assert np.array_equal(brain._largest_filled(mask), _largest_filled_whole_grid(mask))
+    assert not brain._largest_filled(np.zeros((5, 5, 5), bool)).any()
