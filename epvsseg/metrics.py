@@ -273,17 +273,31 @@ def icc_all(ratings: np.ndarray, alpha: float = 0.05) -> dict[str, ICCResult]:
     if np.isfinite(rho) and rho < 1:
         a = k * rho / (n * (1 - rho))
         b = 1 + k * rho * (n - 1) / (n * (1 - rho))
-        nu = (a * jms + b * ems) ** 2 / ((a * jms) ** 2 / (k - 1) + (b * ems) ** 2 / df_e)
-        f_star = stats.f.ppf(q, df_b, nu)
-        f_low = stats.f.ppf(q, nu, df_b)
-        c = k * jms + (k * n - k - n) * ems
-        lo = n * (bms - f_star * ems) / (f_star * c + n * bms)
-        hi = n * (f_low * bms - ems) / (c + n * f_low * bms)
+        lo, hi = _icc21_bounds(n, k, bms, jms, ems, a, b, q)
     out["ICC(2,1)"] = ICCResult("ICC(2,1)", rho, lo, hi, f3, df_b, df_e, p3, n, k)
     out["ICC(2,k)"] = ICCResult("ICC(2,k)", rho_k, k * lo / (1 + (k - 1) * lo), k * hi / (1 + (k - 1) * hi),
                                 f3, df_b, df_e, p3, n, k)
     return {kind: ICCResult(*(float(v) if isinstance(v, (float, np.floating)) else v
                               for v in asdict(out[kind]).values())) for kind in ICC_KINDS}
+
+
+def _icc21_bounds(n: int, k: int, bms: float, jms: float, ems: float, a: float, b: float,
+                  q: float) -> tuple[float, float]:
+    """ICC(2,1) confidence bounds (McGraw & Wong 1996, Table 7; see :func:`icc_all`).
+
+    Satterthwaite's df is undefined when neither term has variance left (e.g. every subject has the same value
+    at a session, but sessions differ: no subject and no error variance): the bounds are then NaN.
+    """
+    from scipy import stats
+
+    den = (a * jms) ** 2 / (k - 1) + (b * ems) ** 2 / ((n - 1) * (k - 1))
+    c = k * jms + (k * n - k - n) * ems
+    if not den > 0:
+        return float("nan"), float("nan")
+    nu = (a * jms + b * ems) ** 2 / den
+    f_star, f_low = stats.f.ppf(q, n - 1, nu), stats.f.ppf(q, nu, n - 1)
+    return (n * (bms - f_star * ems) / (f_star * c + n * bms),
+            n * (f_low * bms - ems) / (c + n * f_low * bms))
 
 
 # ------------------------------------------------------------------ agreement of measurements

@@ -82,3 +82,11 @@ def test_degenerate_tables_are_nan():
     for table in (np.ones((5, 2)), np.zeros((1, 3)), np.array([[1.0, np.nan], [2.0, 3.0]])):
         res = metrics.icc_all(table)
         assert all(np.isnan(r.value) for r in res.values())
+
+
+def test_sessions_that_differ_while_subjects_agree_give_zero_with_undefined_bounds():
+    # every subject has the same value at a session, the sessions differ: no subject and no error variance,
+    # so ICC(2,1) is 0 and Satterthwaite's df is undefined (this used to raise ZeroDivisionError)
+    res = metrics.icc_all(np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))
+    assert res["ICC(2,1)"].value == 0.0
+    assert np.isnan(res["ICC(2,1)"].ci_low) and np.isnan(res["ICC(2,1)"].ci_high)
