@@ -27,7 +27,7 @@ Usage::
                                                              # processes may share it, see --prep-order)
     python benchmarks/real_scans.py --model epvs-unet25d-v3  # results/real_scans_<model>.md/.json (scans
                                                              # not preprocessed yet are reported as skipped)
-    python benchmarks/real_scans.py --compare OLD NEW        # results/real_scans.md, old beside new
+    python benchmarks/real_scans.py --compare OLD NEW [...]  # results/real_scans.md, old beside new
 """
 
 from __future__ import annotations
@@ -934,9 +934,9 @@ def _scans_section(results) -> list[str]:
     return lines
 
 
-def compare(old: str, new: str) -> None:
-    """``real_scans.md``: two models' committed results side by side."""
-    results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in (old, new)]  # file stems
+def compare(*stems: str) -> None:
+    """``real_scans.md``: committed results (``real_scans_<stem>.json``, oldest first) side by side."""
+    results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in stems]
     _write(RESULTS / "real_scans.md", report(results))
     print((RESULTS / "real_scans.md").read_text())
 
@@ -958,8 +958,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model id or folder (as the app's --model)")
     parser.add_argument("--prep-only", action="store_true", help="preprocess every scan into work/h17/prep")
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
-    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None,
-                        help="model ids whose results/real_scans_<id>.json to put side by side in real_scans.md")
+    parser.add_argument("--compare", nargs="+", metavar="STEM", default=None,
+                        help="two or more results/real_scans_<STEM>.json (oldest first) side by side in real_scans.md")
     parser.add_argument("--prep-order", default=None,
                         help="comma-separated scan names to preprocess, in this order (a second --prep-only process)")
     parser.add_argument("--kept-only", action="store_true",
