@@ -1,0 +1,125 @@
+"""What the location test costs on held-out synthetic brains, where every ePVS is known (issue #17).
+
+The synthetic benchmark (``bench_models.py``) has no template registration, so the app's location test
+(:func:`epvsseg.exclusions.exclude_location`) never runs there. Here each held-out test brain (the seeds of
+``bench_models.synthetic_cases``, ICBM 2009a anatomy, new deformations; never trained on) gets the tissue classes
+the participant level would compute, :func:`epvsprep.tissue.subject_tissue`, with the template's tissue fractions
+warped by the case's own deformation as priors (a registration without error, before the case's atrophy and
+sharpening) and the deep grey nuclei of those fractions as the deep regions. The model's mask is then decided
+without and with the test, and scored against the truth as ``bench_models`` does (pooled cluster rates, mean
+voxel Dice).
+
+Usage: python benchmarks/location_synthetic.py [--n 12] [--cache work/lead/bench-cache] [--combinations T2w ...]
+Writes ``benchmarks/results/location_synthetic.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RESULTS = ROOT / "benchmarks" / "results"
+DEEP_TABLE = pd.DataFrame({"index": [1], "region": ["basal_ganglia"]})
+
+
+def case_tissue(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, params: dict, priors) -> np.ndarray:
+    """Tissue classes of one synthetic case from the template fractions warped by its own deformation."""
+    from epvsprep.tissue import subject_tissue
+    from epvsseg.synth.anatomy import Deformation
+    from epvsseg.synth.render import DEEP_GM, _warp_priors
+
+    frac, _, _ = _warp_priors(priors, Deformation(params["deformation"]), affine, mask.shape)
+    deep = sum(frac[n] for n in DEEP_GM)
+    regions = (deep >= 0.5).astype(np.uint8)
+    return subject_tissue(image, mask, frac["gm"] + deep, frac["wm"], regions, DEEP_TABLE)
+
+
+def score(preds: list[np.ndarray], truths: list[np.ndarray]) -> dict:
+    from epvsseg import metrics
+
+    agreements = [metrics.cluster_agreement(p, t) for p, t in zip(preds, truths)]
+    sens, prec, f1 = metrics.pooled_rates(agreements)
+    return {"cluster_sensitivity": sens, "cluster_precision": prec, "cluster_f1": f1,
+            "dice": float(np.mean([metrics.dice(p, t) for p, t in zip(preds, truths)])),
+            "clusters_reported": int(sum(a.n_pred for a in agreements))}
+
+
+def run(n: int, cache: Path, combinations: list[tuple[str, ...]]) -> dict:
+    from bench_models import synthetic_cases
+
+    from epvsseg import infer, synth
+    from epvsseg.decision import decide
+    from epvsseg.spec import load_spec
+
+    spec = load_spec()
+    model = infer.load_model(spec)
+    priors = synth.load_priors()
+    cases = synthetic_cases(n, cache=cache)
+    out = {"model_id": spec.model_id, "n_cases": len(cases), "seeds": [c[5]["seed"] for c in cases], "results": {}}
+    for combo in combinations:
+        without, with_test, truths, seconds = [], [], [], []
+        for images, mask, affine, truth, _, info in cases:
+            prob = infer.predict({c: images[c] for c in combo}, mask, model)
+            flair = images.get("FLAIR") if "FLAIR" in combo else None
+            t0 = time.perf_counter()
+            tissue = case_tissue(images[combo[0]], mask, affine, _params(cache, info), priors)
+            seconds.append(time.perf_counter() - t0)
+            point = spec.operating_point
+            without.append(decide(prob, point, affine=affine, brain=mask, flair=flair).mask)
+            with_test.append(decide(prob, point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask)
+            truths.append(truth)
+        key = "+".join(combo)
+        out["results"][key] = {"without": score(without, truths), "with": score(with_test, truths),
+                               "tissue_seconds_mean": float(np.mean(seconds))}
+        print(key, json.dumps(out["results"][key]), flush=True)
+    return out
+
+
+def _params(cache: Path, info: dict) -> dict:
+    with np.load(cache / f"{info['anatomy']}-{info['seed']}.npz") as z:
+        return json.loads(str(z["params"]))
+
+
+def markdown(res: dict, command: str) -> str:
+    lines = ["# The location test on held-out synthetic brains (issue #17)\n\n",
+             f"Command: `{command}`. Model `{res['model_id']}` at its operating point; {res['n_cases']} held-out "
+             f"synthetic test brains (ICBM 2009a anatomy, seeds {res['seeds'][0]}-{res['seeds'][-1]}, the "
+             "`bench_models` test seeds, never trained on). Tissue classes: `epvsprep.tissue.subject_tissue` with the "
+             "template fractions warped by each case's own deformation as priors (see the script's docstring). "
+             "Pooled cluster rates, mean voxel Dice, against the known ePVS.\n\n",
+             "| inputs | decision | cluster sensitivity | cluster precision | cluster F1 | Dice | clusters reported |\n",
+             "| --- | --- | --- | --- | --- | --- | --- |\n"]
+    for key, r in res["results"].items():
+        for name in ("without", "with"):
+            s = r[name]
+            lines.append(f"| {key} | {name} the location test | {s['cluster_sensitivity']:.3f} | "
+                         f"{s['cluster_precision']:.3f} | {s['cluster_f1']:.3f} | {s['dice']:.3f} | "
+                         f"{s['clusters_reported']} |\n")
+    return "".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=12)
+    parser.add_argument("--cache", type=Path, default=ROOT / "work" / "lead" / "bench-cache")
+    parser.add_argument("--combinations", nargs="+", default=["T2w", "T2w+FLAIR", "T1w"])
+    opts = parser.parse_args()
+    res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations])
+    command = "python benchmarks/location_synthetic.py " + " ".join(sys.argv[1:])
+    (RESULTS / "location_synthetic.json").write_text(json.dumps({**res, "command": command}, indent=1) + "\n")
+    (RESULTS / "location_synthetic.md").write_text(markdown(res, command))
+    print((RESULTS / "location_synthetic.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
