@@ -54,18 +54,30 @@ def score(preds: list[np.ndarray], truths: list[np.ndarray]) -> dict:
             "clusters_reported": int(sum(a.n_pred for a in agreements))}
 
 
-def run(n: int, cache: Path, combinations: list[tuple[str, ...]]) -> dict:
+def anatomy_priors(anatomy: str):
+    """The priors the test brains of ``anatomy`` were rendered from (as ``bench_models.synthetic_cases``)."""
+    from epvsseg import synth
+
+    if anatomy == "colin27":
+        from epvsseg.synth.anatomies import colin27_tissue
+        from epvsseg.synth.priors import build_priors
+
+        return build_priors(1.0, tissue=colin27_tissue())
+    return synth.load_priors()
+
+
+def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str = "icbm2009a") -> dict:
     from bench_models import synthetic_cases
 
-    from epvsseg import infer, synth
+    from epvsseg import infer
     from epvsseg.decision import decide
     from epvsseg.spec import load_spec
 
     spec = load_spec()
     model = infer.load_model(spec)
-    priors = synth.load_priors()
-    cases = synthetic_cases(n, cache=cache)
-    out = {"model_id": spec.model_id, "n_cases": len(cases), "seeds": [c[5]["seed"] for c in cases], "results": {}}
+    priors = anatomy_priors(anatomy)
+    cases = synthetic_cases(n, anatomy=anatomy, cache=cache)
+    out = {"model_id": spec.model_id, "anatomy": anatomy, "n_cases": len(cases), "seeds": [c[5]["seed"] for c in cases], "results": {}}
     for combo in combinations:
         without, with_test, truths, seconds = [], [], [], []
         for images, mask, affine, truth, _, info in cases:
@@ -93,7 +105,7 @@ def _params(cache: Path, info: dict) -> dict:
 def markdown(res: dict, command: str) -> str:
     lines = ["# The location test on held-out synthetic brains (issue #17)\n\n",
              f"Command: `{command}`. Model `{res['model_id']}` at its operating point; {res['n_cases']} held-out "
-             f"synthetic test brains (ICBM 2009a anatomy, seeds {res['seeds'][0]}-{res['seeds'][-1]}, the "
+             f"synthetic test brains ({res['anatomy']} anatomy, seeds {res['seeds'][0]}-{res['seeds'][-1]}, the "
              "`bench_models` test seeds, never trained on). Tissue classes: `epvsprep.tissue.subject_tissue` with the "
              "template fractions warped by each case's own deformation as priors (see the script's docstring). "
              "Pooled cluster rates, mean voxel Dice, against the known ePVS.\n\n",
@@ -113,12 +125,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=12)
     parser.add_argument("--cache", type=Path, default=ROOT / "work" / "lead" / "bench-cache")
     parser.add_argument("--combinations", nargs="+", default=["T2w", "T2w+FLAIR", "T1w"])
+    parser.add_argument("--anatomy", choices=("icbm2009a", "colin27"), default="icbm2009a",
+                        help="colin27 needs Debian's mricron-data; results go to location_synthetic_colin27.*")
     opts = parser.parse_args()
-    res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations])
+    res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations], opts.anatomy)
     command = "python benchmarks/location_synthetic.py " + " ".join(sys.argv[1:])
-    (RESULTS / "location_synthetic.json").write_text(json.dumps({**res, "command": command}, indent=1) + "\n")
-    (RESULTS / "location_synthetic.md").write_text(markdown(res, command))
-    print((RESULTS / "location_synthetic.md").read_text())
+    stem = RESULTS / ("location_synthetic" + ("" if opts.anatomy == "icbm2009a" else f"_{opts.anatomy}"))
+    stem.with_suffix(".json").write_text(json.dumps({**res, "command": command}, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(res, command))
+    print(stem.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
