@@ -170,6 +170,12 @@ def _unit_failure(plan, exc: Exception, output_dir: Path, key: str | None, secon
     return result
 
 
+#: The report's words for the decision's exclusion reasons (``ExcludedClusters.reason``).
+EXCLUSION_WORDS = {"lacune_candidate": "lacune candidates (wide, round and solid)",
+                   "wmh_candidate": "WMH candidates (bright on FLAIR)",
+                   "outside_wm_or_deep_gm": "surroundings not mostly white or deep grey matter"}
+
+
 def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed: int = 42,
                  device: str = "auto", model: str | None = None, validation: dict | None = None) -> list[str]:
     """Preprocess, detect, measure and write every output of one unit; return output paths (relative).
@@ -196,7 +202,8 @@ def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed
     tick("detect")
     if det.excluded is not None and len(det.excluded):
         for reason, count in det.excluded["reason"].value_counts().items():
-            pre.warnings.append(f"{count} cluster(s) excluded as {reason.replace('_', ' ')} (see the mask sidecar)")
+            pre.warnings.append(f"{count} cluster(s) excluded: {EXCLUSION_WORDS.get(reason, reason)} "
+                                "(see the mask sidecar)")
     measures = measure_unit(pre, det, volumes, plan.reference)
     tick("clusters")
     enhanced = outputs.enhance_reference(pre, volumes[plan.reference], plan.reference)

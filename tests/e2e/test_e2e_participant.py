@@ -157,6 +157,12 @@ def test_region_outputs_follow_the_contract(run):
     # the run's BIDS validation is recorded and reported (this run skipped it)
     assert prov["validation"] == {"result": "skipped (--skip-bids-validation)"}
     assert "skipped (--skip-bids-validation)" in (run["out"] / "sub-01.html").read_text()
+    # the location test's exclusions are counted, in words, in the warnings the report shows
+    sidecar = json.loads((run["out"] / "sub-01/anat/sub-01_label-PVS_desc-T2w_mask.json").read_text())
+    n_location = sum(row["reason"] == "outside_wm_or_deep_gm" for row in sidecar["ExcludedClusters"])
+    assert n_location > 0
+    assert (f"{n_location} cluster(s) excluded: surroundings not mostly white or deep grey matter "
+            "(see the mask sidecar)") in prov["warnings"]
 
 
 def test_cluster_shape_signal_and_rating_estimates(run):
