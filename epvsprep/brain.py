@@ -88,9 +88,7 @@ def _largest_filled(mask: np.ndarray) -> np.ndarray:
     out = np.zeros(mask.shape, bool)
     if not mask.any():
         return out
-    box = tuple(slice(max(int(idx.min()) - 1, 0), int(idx.max()) + 2)
-                for idx in (np.flatnonzero(mask.any(axis=tuple(k for k in range(mask.ndim) if k != ax)))
-                            for ax in range(mask.ndim)))
+    box = ops.bounding_box(mask, 1)
     labels, n = ndimage.label(mask[box])
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .ops import bounding_box
+
 #: Polarity of ePVS (CSF-like) per sequence: True = brighter than the surrounding tissue.
 BRIGHT_EPVS: dict[str, bool] = {"T2w": True, "T1w": False, "FLAIR": False, "SWI": False}
 
@@ -142,7 +144,8 @@ def enhance(data: np.ndarray, mask: np.ndarray, spacing_mm, *, bright: bool,
     params = params or EnhanceParams()
     data, mask, spacing = _checked(data, mask, spacing_mm)
     sign = 1.0 if bright else -1.0
-    box = _bounding_box(mask, spacing, 3 * max(max(params.scales_mm), params.background_mm))
+    margin_mm = 3 * max(max(params.scales_mm), params.background_mm)
+    box = bounding_box(mask, np.ceil(margin_mm / spacing).astype(int))
     y = sign * data[box].astype(np.float32)
     inside = mask[box]
     filled = _fill_outside(y, inside, _sigma_vox(params.background_mm, spacing))
@@ -186,15 +189,6 @@ def _checked(data, mask, spacing_mm) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _sigma_vox(mm: float, spacing: np.ndarray) -> tuple[float, ...]:
     return tuple(float(mm / s) for s in spacing)
-
-
-def _bounding_box(mask: np.ndarray, spacing: np.ndarray, margin_mm: float) -> tuple[slice, ...]:
-    """The mask's bounding box grown by ``margin_mm`` (clipped to the image)."""
-    idx = np.argwhere(mask)
-    pad = np.ceil(margin_mm / spacing).astype(int)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _fill_outside(y: np.ndarray, inside: np.ndarray, sigma: tuple[float, ...]) -> np.ndarray:

@@ -332,6 +332,16 @@ def n4_bias_correct(
     return out
 
 
+def bounding_box(mask: np.ndarray, pad) -> tuple[slice, ...]:
+    """Bounding box of a non-empty ``mask`` grown by ``pad`` voxels (an int, or one per axis), clipped to the array."""
+    pad = np.broadcast_to(np.asarray(pad, int), (mask.ndim,))
+    out = []
+    for ax in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        out.append(slice(max(int(hit[0]) - int(pad[ax]), 0), min(int(hit[-1]) + int(pad[ax]) + 1, mask.shape[ax])))
+    return tuple(out)
+
+
 def robust_normalise(data: np.ndarray, mask: np.ndarray, *, low: float = 0.5, high: float = 99.5) -> np.ndarray:
     """Scale intensities so that the ``low``/``high`` percentiles inside ``mask`` map to 0/1.
 

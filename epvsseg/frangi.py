@@ -38,6 +38,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy import ndimage
 
+from epvsprep.ops import bounding_box
+
 from .postproc import cluster_principal_sd, filter_clusters, label_clusters
 
 logger = logging.getLogger(__name__)
@@ -189,18 +191,6 @@ def _check_volume(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray
     return data, mask
 
 
-def _bbox(mask: np.ndarray, pad: Sequence[int]) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` grown by ``pad`` voxels per axis, clipped to the array."""
-    out = []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        hit = np.flatnonzero(mask.any(axis=other))
-        lo = max(int(hit[0]) - int(pad[ax]), 0)
-        hi = min(int(hit[-1]) + int(pad[ax]) + 1, mask.shape[ax])
-        out.append(slice(lo, hi))
-    return tuple(out)
-
-
 def _hessian(padded: np.ndarray, flat_idx: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Hessian (mm^-2 intensity units) by central finite differences at the given voxels.
 
@@ -341,7 +331,7 @@ def vesselness(
 
     # Work inside the mask's bounding box, grown by the Gaussian support of the largest scale.
     pad = np.ceil(4.0 * max(scales) / spacing).astype(int) + 2
-    box = _bbox(mask, pad)
+    box = bounding_box(mask, pad)
     sub = np.asarray(data[box], dtype=np.float32)
     sub_mask = mask[box]
     coords = np.nonzero(sub_mask)

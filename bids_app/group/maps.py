@@ -68,7 +68,7 @@ class UnitMaps:
             sel = v.clusters != 0
             return sparse.Grid(v.shape, v.affine, v.zooms), v.index[sel], v.clusters[sel].astype(np.int64)
         vol = sparse.read_volume(self.unit.paths["clusters_dseg"])
-        data = vol.data if np.issubdtype(vol.data.dtype, np.integer) else np.rint(vol.data).astype(np.int32)
+        data = _integer_labels(vol.data)
         flat = np.flatnonzero(data.ravel(order="F"))
         return vol.grid, flat, data.ravel(order="F")[flat].astype(np.int64)
 
@@ -82,8 +82,7 @@ class UnitMaps:
         path = self.unit.existing("epvs_regions_dseg")
         if path is None:
             return None
-        vol = sparse.read_volume(path)
-        data = vol.data if np.issubdtype(vol.data.dtype, np.integer) else np.rint(vol.data).astype(np.int32)
+        data = _integer_labels(sparse.read_volume(path).data)
         if data.shape != tuple(shape):
             return None
         return data.ravel(order="F")[flat].astype(np.int64)
@@ -124,6 +123,11 @@ def _older(path, than) -> bool:
         return path.stat().st_mtime_ns < than.stat().st_mtime_ns
     except FileNotFoundError:
         return True
+
+
+def _integer_labels(data: np.ndarray) -> np.ndarray:
+    """A label image as integers (a float-stored label map is rounded)."""
+    return data if np.issubdtype(data.dtype, np.integer) else np.rint(data).astype(np.int32)
 
 
 def _labels_present(flat: np.ndarray) -> np.ndarray:

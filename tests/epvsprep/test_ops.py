@@ -261,3 +261,13 @@ def test_ants_seeded_sets_and_restores_the_registration_seed():
     with pytest.raises(RuntimeError), ants_seeded(7):
         raise RuntimeError("boom")
     assert ants.config._random_seed == before
+
+
+def test_bounding_box_grows_per_axis_and_clips_at_the_array():
+    from epvsprep.ops import bounding_box
+
+    mask = np.zeros((10, 12, 14), bool)
+    mask[2, 5:7, 13] = True
+    assert bounding_box(mask, 0) == (slice(2, 3), slice(5, 7), slice(13, 14))
+    assert bounding_box(mask, (1, 2, 3)) == (slice(1, 4), slice(3, 9), slice(10, 14))
+    assert bounding_box(mask, 5) == (slice(0, 8), slice(0, 12), slice(8, 14))
