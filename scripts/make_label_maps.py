@@ -22,7 +22,9 @@ its sha256, licence, citation, the steps and their settings). Steps per scan:
    Otsu threshold of the N4-corrected image;
 8. crop to the head (brain for skull-stripped scans) + 2 voxels;
 9. post-build (:func:`post_process`, also ``--post-only``): the ICBM 2009a thalamus placed through the affine
-   relabels GM/WM voxels (on T1w the thalamus falls into Atropos' WM class); gzip level 9.
+   relabels GM/WM voxels (on T1w the thalamus falls into Atropos' WM class); the sulci that the 1 mm
+   segmentation closed are opened (:func:`epvsseg.synth.label_maps.carve_sulci`: the crest of the distance
+   from WM in the cortex becomes CSF), once per map; gzip level 9.
 
 ITK runs on one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1``) and torch on one thread, so a
 rebuild is bit-identical. About 2-4 minutes per scan on one core.
@@ -125,7 +127,8 @@ def template_thalamus(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def post_process(folder: Path = OUT) -> None:
     """Apply the post-build steps to every map of the manifest (idempotent): the template thalamus on the
-    real-scan maps, the common header and gzip level 9; update sha256, bytes and label volumes."""
+    real-scan maps, the sulci a 1 mm segmentation closed opened once (``carve_sulci``), the common header and
+    gzip level 9; update sha256, bytes and label volumes."""
     path = folder / "MANIFEST.json"
     man = json.loads(path.read_text())
     for entry in man["anatomies"].values():
@@ -134,6 +137,11 @@ def post_process(folder: Path = OUT) -> None:
         if entry["sequence"] != "template":
             labels = template_thalamus(labels, src.affine)
             entry["thalamus"] = "ICBM 2009a thalamus (fraction >= 0.5) through the affine, where GM or WM"
+        if "sulci" not in entry:  # once: carving again would open the next crest
+            carved = lm.carve_sulci(labels)
+            entry["sulci"] = (f"carved: {int((carved != labels).sum())} cortical GM voxels on the crest of the "
+                              "distance from WM became CSF (epvsseg.synth.label_maps.carve_sulci)")
+            labels = carved
         entry["label_voxels"] = {k: int((labels == v).sum()) for k, v in lm.LABELS.items()}
         _save(_image(labels, src.affine), folder / entry["file"])
         entry["sha256"] = _sha256(folder / entry["file"])
@@ -369,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", type=Path, default=None,
                     help="only draw docs/figures/synth_label_maps.png and synth_randomised_draws.png into this folder")
     ap.add_argument("--post-only", action="store_true",
-                    help="only apply the post-build steps (template thalamus, gzip level 9) to the maps of the manifest")
+                    help="only apply the post-build steps (template thalamus, carved sulci, gzip level 9) to the maps "
+                         "of the manifest")
     args = ap.parse_args(argv)
     if args.post_only:
         post_process(args.out)
