@@ -417,18 +417,19 @@ def load_detection(model: str, scan: str, location: bool = True) -> np.ndarray |
 
 def trained_anatomies(spec) -> tuple[str, ...]:
     """Real anatomies (``epvsseg.synth.label_maps`` names) the model was trained on, from ``model.json``:
-    ``training.generator`` ``randomised`` with ``training.anatomies`` (comma-separated; empty = every shipped
-    one); none for the ``v3`` generator (ICBM 2009a average only)."""
+    ``training.generator`` ``randomised`` or ``mixed`` with ``training.anatomies`` (comma-separated; empty =
+    every shipped one), plus the ICBM 2009a average of the ``v3`` generator (its only anatomy)."""
     training = spec.meta.get("training", {})
-    if training.get("generator", "v3") != "randomised":
+    generator = training.get("generator", "v3")
+    if generator == "v3":
         return ("icbm2009a",)
     names = training.get("anatomies", "")
     names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    if names:
-        return tuple(names)
-    from epvsseg.synth import label_maps
+    if not names:
+        from epvsseg.synth import label_maps
 
-    return label_maps.anatomy_names()
+        names = list(label_maps.anatomy_names())
+    return tuple(dict.fromkeys(names + (["icbm2009a"] if generator == "mixed" else [])))
 
 
 def held_out(spec, scan: Scan) -> bool:

@@ -63,15 +63,16 @@ class TrainConfig:
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     min_sizes: tuple[int, ...] = (2, 3, 4, 5)
     combinations: tuple[tuple[str, ...], ...] = field(default_factory=lambda: load_spec(verify=False).combinations)
-    #: Data generator: ``"v3"`` (:func:`epvsseg.synth.render` from the ICBM average; the shipped models) or
-    #: ``"randomised"`` (:mod:`epvsseg.synth.randomised`: real anatomies, domain randomisation).
+    #: Data generator: ``"v3"`` (:func:`epvsseg.synth.render` from the ICBM average; the shipped models),
+    #: ``"randomised"`` (:mod:`epvsseg.synth.randomised`: real anatomies, domain randomisation) or ``"mixed"``
+    #: (the two in turn, seed by seed, for training and validation cases alike).
     generator: str = "v3"
     #: Comma-separated anatomies of the randomised generator (empty: every shipped one).
     anatomies: str = ""
 
 
 # ------------------------------------------------------------------- data
-GENERATORS: tuple[str, ...] = ("v3", "randomised")
+GENERATORS: tuple[str, ...] = ("v3", "randomised", "mixed")
 
 
 def _render_randomised(rng: np.random.Generator, roi: str, crop, anatomies: tuple[str, ...]):
@@ -122,16 +123,16 @@ def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: s
              anatomies: tuple[str, ...] = ()) -> list[Path]:
     """Render (or reuse) one cached ``.npz`` per seed, in parallel.
 
-    ``generator`` is ``"v3"`` (files ``case-<seed>.npz``) or ``"randomised"`` (``rcase-<seed>.npz``, on the
-    ``anatomies`` named, default all shipped ones).
+    ``generator`` is ``"v3"`` (files ``case-<seed>.npz``), ``"randomised"`` (``rcase-<seed>.npz``, on the
+    ``anatomies`` named, default all shipped ones) or ``"mixed"`` (v3 for even positions, randomised for odd).
     """
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; expected one of {GENERATORS}")
     folder.mkdir(parents=True, exist_ok=True)
-    if generator == "v3":
-        jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) for s in seeds]
-    else:
-        jobs = [(s, str(folder / f"rcase-{s}.npz"), tuple(crop), generator, tuple(anatomies)) for s in seeds]
+    kinds = {"v3": ["v3"], "randomised": ["randomised"], "mixed": ["v3", "randomised"]}[generator]
+    jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) if kind == "v3" else
+            (s, str(folder / f"rcase-{s}.npz"), tuple(crop), kind, tuple(anatomies))
+            for s, kind in zip(seeds, kinds * len(seeds))]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             return [Path(p) for p in pool.map(_render_case, jobs)]

@@ -146,6 +146,11 @@ def test_held_out_reads_the_models_training_record():
     class V3:
         meta = {"training": {"seed": 1}}
 
+    class Mixed:
+        meta = {"training": {"generator": "mixed", "anatomies": "otsu_T1w"}}
+
+    assert rs.trained_anatomies(Mixed) == ("otsu_T1w", "icbm2009a")
+
     xa30 = rs.BY_NAME["xa30_t1w"]
     assert rs.held_out(Randomised, xa30)
     assert not rs.held_out(Randomised, rs.BY_NAME["otsu_t1w"])

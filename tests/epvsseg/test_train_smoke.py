@@ -148,6 +148,22 @@ def test_generate_is_deterministic(tmp_path):
     assert a.stat().st_mtime_ns == mtime
 
 
+def test_mixed_generator_alternates_the_two_and_keeps_each_generators_cache(tmp_path):
+    seeds = [11, 12, 13]
+    paths = train.generate(seeds, tmp_path, (48, 48, 16), workers=1, generator="mixed", anatomies=("icbm2009a",))
+    assert [p.name for p in paths] == ["case-11.npz", "rcase-12.npz", "case-13.npz"]
+    params = [json.loads(str(_arrays(p)["params"])) for p in paths]
+    assert params[1]["generator"] == "randomised" and "generator" not in params[0]
+    # the same seeds through each generator alone give the same files
+    (v3,) = train.generate([11], tmp_path / "v3", (48, 48, 16), workers=1)
+    (rnd,) = train.generate([12], tmp_path / "rnd", (48, 48, 16), workers=1, generator="randomised",
+                            anatomies=("icbm2009a",))
+    assert np.array_equal(_arrays(v3)["img_T2w"], _arrays(paths[0])["img_T2w"])
+    assert np.array_equal(_arrays(rnd)["img_T2w"], _arrays(paths[1])["img_T2w"])
+    with pytest.raises(ValueError, match="unknown generator"):
+        train.generate(seeds, tmp_path, (48, 48, 16), workers=1, generator="v5")
+
+
 # ------------------------------------------------------------------------------------- the recipe and CLI
 def test_train_writes_a_model_the_application_loads(tmp_path):
     cfg = train.TrainConfig(out=str(tmp_path / "epvs-tiny"), seed=5, n_train=2, n_val=1, crop_vox=(48, 48, 16),
