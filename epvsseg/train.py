@@ -69,6 +69,9 @@ class TrainConfig:
     generator: str = "v3"
     #: Comma-separated anatomies of the randomised generator (empty: every shipped one).
     anatomies: str = ""
+    #: Where the network trains: ``cpu``, ``cuda`` or ``auto`` (:func:`epvsseg.infer.resolve_device`); the
+    #: cases are always rendered on the CPU.
+    device: str = "cpu"
 
 
 # ------------------------------------------------------------------- data
@@ -253,7 +256,7 @@ def _loss(logits, target):
     import torch
     import torch.nn.functional as F
 
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0))
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(3.0, device=logits.device))
     prob = torch.sigmoid(logits)
     inter = (prob * target).sum()
     dice = 1 - (2 * inter + 1) / (prob.sum() + target.sum() + 1)
@@ -290,7 +293,8 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
     from .infer import LoadedModel, predict
     from .metrics import cluster_agreement, dice, pooled_rates
 
-    model = LoadedModel(net, {"context_slices": context, "model_id": "val"}, Path("."), "cpu")
+    device = next((p.device.type for p in net.parameters()), "cpu")
+    model = LoadedModel(net, {"context_slices": context, "model_id": "val"}, Path("."), device)
     rules = {p: OperatingPoint(p[0], p[1], exclusions) for p in points}
     net.eval()
     out: dict = {p: {} for p in points}
@@ -418,9 +422,14 @@ def _initial_network(cfg: TrainConfig):
 
 
 def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Generator, cfg: TrainConfig) -> list:
-    """Train ``net`` in place; keep the weights with the best validation score; return the validation history."""
+    """Train ``net`` in place on ``cfg.device``; keep the weights with the best validation score (back on the
+    CPU); return the validation history."""
     import torch
 
+    from .infer import resolve_device
+
+    device = resolve_device(cfg.device)
+    net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     best, best_state, history = -1.0, None, []
@@ -428,7 +437,7 @@ def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Gen
     val_combinations = [("T2w",), ("T2w", "FLAIR", "T1w", "SWI"), ("T1w",), ("FLAIR",)]
     for it in range(1, cfg.iterations + 1):
         x, y = sample_batch(train_cases, rng, cfg)
-        loss = _loss(net(torch.from_numpy(x)), torch.from_numpy(y))
+        loss = _loss(net(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -438,12 +447,14 @@ def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Gen
         if it % cfg.val_every == 0 or it == cfg.iterations:
             scores = evaluate(net, val_cases[: max(4, len(val_cases) // 2)], val_combinations, context=cfg.context)
             score = _score(scores)
-            history.append({"iteration": it, "score": score, "val": scores, "elapsed_s": time.time() - t0})
+            history.append({"iteration": it, "score": score, "val": scores, "elapsed_s": time.time() - t0,
+                            "device": device})
             LOGGER.info("it %d validation %s", it, json.dumps(scores))
             if score > best:
                 best = score
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best_state)
+    net.to("cpu")
+    net.load_state_dict({k: v.cpu() for k, v in best_state.items()})
     return history
 
 

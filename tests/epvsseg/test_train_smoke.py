@@ -169,7 +169,7 @@ def test_train_writes_a_model_the_application_loads(tmp_path):
     cfg = train.TrainConfig(out=str(tmp_path / "epvs-tiny"), seed=5, n_train=2, n_val=1, crop_vox=(48, 48, 16),
                             iterations=4, val_every=2, batch=2, patch=32, base=4, depth=2, context=1, threads=1,
                             workers=1, cache_dir=str(tmp_path / "cache"), thresholds=(0.5, 0.9), min_sizes=(2, 3),
-                            combinations=(("T2w",), ("T1w",)))
+                            combinations=(("T2w",), ("T1w",)), device="auto")
     meta = train.train(cfg)
     out = tmp_path / "epvs-tiny"
     assert json.loads((out / "model.json").read_text()) == json.loads(json.dumps(meta))
@@ -185,6 +185,7 @@ def test_train_writes_a_model_the_application_loads(tmp_path):
     assert best == f"{spec.threshold}/{spec.min_cluster_voxels}"
     assert meta["validation"] == selection[best]
     assert [h["iteration"] for h in meta["training"]["history"]] == [2, 4]
+    assert {h["device"] for h in meta["training"]["history"]} == {"cpu"}  # "auto" without a GPU
     assert meta["training"]["seeds"] == np.random.default_rng(5).integers(0, 2**31 - 1, size=3).tolist()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
         f"case-{s}.npz" for s in meta["training"]["seeds"])
