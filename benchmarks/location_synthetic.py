@@ -10,7 +10,9 @@ without and with the test, and scored against the truth as ``bench_models`` does
 voxel Dice).
 
 Usage: python benchmarks/location_synthetic.py [--n 12] [--cache work/lead/bench-cache] [--combinations T2w ...]
-Writes ``benchmarks/results/location_synthetic.md`` and ``.json``.
+[--model ID_OR_FOLDER]. Writes ``benchmarks/results/location_synthetic[_<anatomy>][_<model>].md`` and ``.json``
+(no model suffix for the shipped default). Besides all cases, each combination is scored on the cases whose T2w
+was acquired in 2D (thick slices) and in 3D.
 """
 
 from __future__ import annotations
@@ -66,32 +68,46 @@ def anatomy_priors(anatomy: str):
     return synth.load_priors()
 
 
-def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str = "icbm2009a") -> dict:
+def _stratified(without: list, with_test: list, truths: list, modes: list[str]) -> dict:
+    """Scores without and with the test over all cases and over the cases of each T2w acquisition mode."""
+    out = {"without": score(without, truths), "with": score(with_test, truths)}
+    for mode in sorted(set(modes)):
+        keep = [i for i, m in enumerate(modes) if m == mode]
+        for name, preds in (("without", without), ("with", with_test)):
+            out[f"{name} T2w {mode}"] = score([preds[i] for i in keep], [truths[i] for i in keep])
+        out[f"n T2w {mode}"] = len(keep)
+    return out
+
+
+def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str = "icbm2009a",
+        model_id: str | None = None) -> dict:
     from bench_models import synthetic_cases
 
     from epvsseg import infer
     from epvsseg.decision import decide
     from epvsseg.spec import load_spec
 
-    spec = load_spec()
+    spec = load_spec(model_id)
     model = infer.load_model(spec)
     priors = anatomy_priors(anatomy)
     cases = synthetic_cases(n, anatomy=anatomy, cache=cache)
     out = {"model_id": spec.model_id, "anatomy": anatomy, "n_cases": len(cases), "seeds": [c[5]["seed"] for c in cases], "results": {}}
     for combo in combinations:
-        without, with_test, truths, seconds = [], [], [], []
+        without, with_test, truths, seconds, modes = [], [], [], [], []
         for images, mask, affine, truth, _, info in cases:
             prob = infer.predict({c: images[c] for c in combo}, mask, model)
             flair = images.get("FLAIR") if "FLAIR" in combo else None
             t0 = time.perf_counter()
-            tissue = case_tissue(images[combo[0]], mask, affine, _params(cache, info), priors)
+            params = _params(cache, info)
+            modes.append(params["acquisition"]["T2w"]["mode"])
+            tissue = case_tissue(images[combo[0]], mask, affine, params, priors)
             seconds.append(time.perf_counter() - t0)
             point = spec.operating_point
             without.append(decide(prob, point, affine=affine, brain=mask, flair=flair).mask)
             with_test.append(decide(prob, point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask)
             truths.append(truth)
         key = "+".join(combo)
-        out["results"][key] = {"without": score(without, truths), "with": score(with_test, truths),
+        out["results"][key] = {**_stratified(without, with_test, truths, modes),
                                "tissue_seconds_mean": float(np.mean(seconds))}
         print(key, json.dumps(out["results"][key]), flush=True)
     return out
@@ -112,11 +128,14 @@ def markdown(res: dict, command: str) -> str:
              "| inputs | decision | cluster sensitivity | cluster precision | cluster F1 | Dice | clusters reported |\n",
              "| --- | --- | --- | --- | --- | --- | --- |\n"]
     for key, r in res["results"].items():
-        for name in ("without", "with"):
-            s = r[name]
-            lines.append(f"| {key} | {name} the location test | {s['cluster_sensitivity']:.3f} | "
-                         f"{s['cluster_precision']:.3f} | {s['cluster_f1']:.3f} | {s['dice']:.3f} | "
-                         f"{s['clusters_reported']} |\n")
+        strata = [("", "")] + [(f" T2w {m}", f", cases with a {m} T2w ({r[f'n T2w {m}']})")
+                               for m in ("3D", "2D") if f"n T2w {m}" in r]
+        for suffix, label in strata:
+            for name in ("without", "with"):
+                s = r[name + suffix]
+                lines.append(f"| {key}{label} | {name} the location test | {s['cluster_sensitivity']:.3f} | "
+                             f"{s['cluster_precision']:.3f} | {s['cluster_f1']:.3f} | {s['dice']:.3f} | "
+                             f"{s['clusters_reported']} |\n")
     return "".join(lines)
 
 
@@ -127,10 +146,12 @@ def main() -> None:
     parser.add_argument("--combinations", nargs="+", default=["T2w", "T2w+FLAIR", "T1w"])
     parser.add_argument("--anatomy", choices=("icbm2009a", "colin27"), default="icbm2009a",
                         help="colin27 needs Debian's mricron-data; results go to location_synthetic_colin27.*")
+    parser.add_argument("--model", default=None, help="model id or folder (default: the shipped model)")
     opts = parser.parse_args()
-    res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations], opts.anatomy)
+    res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations], opts.anatomy, opts.model)
     command = "python benchmarks/location_synthetic.py " + " ".join(sys.argv[1:])
-    stem = RESULTS / ("location_synthetic" + ("" if opts.anatomy == "icbm2009a" else f"_{opts.anatomy}"))
+    stem = RESULTS / ("location_synthetic" + ("" if opts.anatomy == "icbm2009a" else f"_{opts.anatomy}")
+                      + ("" if opts.model is None else f"_{res['model_id']}"))
     stem.with_suffix(".json").write_text(json.dumps({**res, "command": command}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(res, command))
     print(stem.with_suffix(".md").read_text())
