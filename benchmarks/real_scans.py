@@ -97,7 +97,7 @@ SCANS: tuple[Scan, ...] = (
     Scan("xa30_t1w", "github_neurolabusc_dcm_qa_xa30/5_anat-T1w_acq-tfl.nii.gz", "T1w", TRAIN, inject=True,
          note="2 mm MPRAGE; in the training set, unused by a model whose training.anatomies leaves it out",
          anatomy="dcm_qa_xa30_T1w"),
-    Scan("mni152_t2w", "github_HCPpipelines/MNI152_T2_1mm_brain.nii.gz", "T2w", EVAL, average=True,
+    Scan("mni152_t2w", "github_HCPpipelines/MNI152_T2_1mm_brain.nii.gz", "T2w", EVAL, inject=True, average=True,
          note="FSL MNI152 T2w average"),
     Scan("mni152_t1w", "github_HCPpipelines/MNI152_T1_1mm_brain.nii.gz", "T1w", EVAL, inject=True,
          note="FSL MNI152 T1w average"),
@@ -621,7 +621,7 @@ def task_order(names: list[str]) -> list[tuple[str, str]]:
     averages, the adult rescan pair, every other scan as it is, the child pair, then the T1w injections."""
     t2w = [n for n in names if BY_NAME[n].inject and BY_NAME[n].sequence == "T2w"]
     tasks = [t for n in t2w for t in (("scan", n), ("inject", n))]
-    tasks += [("scan", n) for n in names if BY_NAME[n].average]
+    tasks += [("scan", n) for n in names if BY_NAME[n].average and ("scan", n) not in tasks]
     for pair, scans in RESCAN_PAIRS.items():
         tasks += [("scan", n) for n in scans if n in names and ("scan", n) not in tasks] + [("rescan", pair)]
         if pair.startswith("dcm_qa_uih"):
@@ -707,10 +707,12 @@ def save_results(results: dict) -> None:
 
 
 def summaries(records: list[dict]) -> dict:
-    """Injected-ePVS summaries: by sequence (the T2w set is the one with #17's targets), by scan, by burden."""
+    """Injected-ePVS summaries: by sequence over the real scans (the T2w set is the one with #17's targets), by
+    scan, by burden, and on the ePVS-free averages apart (``average ...``: there the reported count can follow
+    the injected one exactly, while a real scan's own ePVS add to every count of it)."""
     out = {}
     for seq in ("T2w", "T1w", "FLAIR"):
-        sel = [r for r in records if r["sequence"] == seq]
+        sel = [r for r in records if r["sequence"] == seq and not BY_NAME[r["scan"]].average]
         if sel:
             out[f"{seq} (all)"] = injected_summary(sel)
             for scan in dict.fromkeys(r["scan"] for r in sel):
@@ -718,6 +720,8 @@ def summaries(records: list[dict]) -> dict:
             for burden in ("low", "high"):
                 out[f"{seq} burden {burden}"] = injected_summary(
                     [r for r in sel if r["burden"] in ("0", burden)])
+        for scan in dict.fromkeys(r["scan"] for r in records if r["sequence"] == seq and BY_NAME[r["scan"]].average):
+            out[f"{seq} average {scan} (no ePVS)"] = injected_summary([r for r in records if r["scan"] == scan])
     return out
 
 
@@ -808,7 +812,9 @@ def _injected_section(results, head) -> list[str]:
              "-0.02 for v3); *added* ICC uses reported minus reported at burden 0. The sensitivity over injected "
              "clusters in white or deep grey matter uses the tissue classes of section 4 (the template's, not the "
              "app's location test): the injection keeps tubes away from CSF, not from the cortex of deep sulci, "
-             "where the location test excludes them. No held-out real FLAIR exists "
+             "where the location test excludes them. The MNI152 T2w average, where no ePVS survive the averaging, is "
+             "injected too but kept out of the pooled rows: its stratum (`average ...`) shows whether the reported "
+             "count follows the injected one where no real ePVS add to it. No held-out real FLAIR exists "
              "in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n\n"]
     for key in sums[0]:
         if " " not in key or not key.endswith("(all)"):
