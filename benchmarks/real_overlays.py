@@ -10,7 +10,8 @@ ringed (5 mm) so that one-voxel clusters can be found. Writes
 ``docs/figures/real_overlays/<scan>.png`` (palette PNG, ~100-200 KB).
 
 A model named with the suffix ``@nolocation`` is drawn as decided without the location test
-(``real_scans.py --no-location``).
+(``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green in the order named); a scan
+some model was not run on is drawn with the others.
 
 Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3@nolocation epvs-unet25d-v3 [--scans a,b]
 """
@@ -87,8 +88,14 @@ def to_palette_png(rgb_png: bytes) -> bytes:
     return out.getvalue()
 
 
-def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int], table) -> bytes:
-    """The figure as PNG bytes (palette-quantised)."""
+def _short(model: str) -> str:
+    """A model's id without its folder (``benchmarks/models/epvs-unet25d-v4@nolocation`` -> ``v4@nolocation``)."""
+    return model.rsplit("/", 1)[-1].replace("epvs-unet25d-", "")
+
+
+def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int], table,
+         colours: dict[str, str]) -> bytes:
+    """The figure as PNG bytes (palette-quantised); each model's voxels in its colour of ``colours``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +111,7 @@ def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int]
     fig, axes = plt.subplots(len(masks), len(slices), figsize=(panel * len(slices), (panel * height / width + 0.35)
                                                                  * len(masks) + 0.4), squeeze=False)
     for row, (model, mask) in enumerate(masks.items()):
-        colour = COLOURS[row % len(COLOURS)]
+        colour = colours[model]
         for col, (name, k) in enumerate(slices):
             ax = axes[row, col]
             img = prep.n4[box[0], box[1], k].T
@@ -112,11 +119,11 @@ def draw(prep: rs.Prepared, masks: dict[str, np.ndarray], counts: dict[str, int]
                       interpolation="nearest")
             m = mask[box[0], box[1], k].T
             n_here = mark(ax, m, colour, spacing)
-            ax.set_title(f"{model}: {name} (slice {k}), {n_here} clusters in it", fontsize=7.5, color="black")
+            ax.set_title(f"{_short(model)}: {name} (slice {k}), {n_here} clusters in it", fontsize=7.5, color="black")
             ax.set_xticks([])
             ax.set_yticks([])
-    summary = "; ".join(f"{m}: {counts[m]} clusters" for m in masks)
-    fig.suptitle(f"{prep.scan.name} ({prep.scan.sequence}, {prep.scan.dataset}): {summary}", fontsize=9)
+    summary = "; ".join(f"{_short(m)}: {counts[m]}" for m in masks)
+    fig.suptitle(f"{prep.scan.name} ({prep.scan.sequence}, {prep.scan.dataset}), clusters: {summary}", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.96), pad=0.4, h_pad=1.6)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -133,6 +140,7 @@ def main() -> None:
     from epvsseg.metrics import count_clusters
 
     table = load_kit().table
+    colours = {m: COLOURS[i % len(COLOURS)] for i, m in enumerate(opts.models)}  # a model keeps its colour
     names = opts.scans.split(",") if opts.scans else [s.name for s in rs.SCANS]
     OUT.mkdir(parents=True, exist_ok=True)
     for name in names:
@@ -143,10 +151,12 @@ def main() -> None:
                  for m in opts.models}
         missing = [m for m, v in masks.items() if v is None]
         if missing:
-            print(f"{name}: no detection by {', '.join(missing)} (run real_scans.py --model ...), skipped")
+            print(f"{name}: no detection by {', '.join(missing)} (run real_scans.py --model ...): drawn without")
+        masks = {m: v for m, v in masks.items() if v is not None}
+        if not masks:
             continue
         prep = rs.load_prepared(name)
-        png = draw(prep, masks, {m: count_clusters(v) for m, v in masks.items()}, table)
+        png = draw(prep, masks, {m: count_clusters(v) for m, v in masks.items()}, table, colours)
         target = OUT / f"{name}.png"
         tmp = target.with_suffix(".tmp.png")
         tmp.write_bytes(png)
