@@ -80,7 +80,7 @@ GIVEN_INPUT = {"dbc_v01": "given image is the cerebrum only (no cerebellum, brai
                           "a scale or age difference of the input, not a mask error"}
 #: Done-when limits of issue #18: adult ICV (L), a child's brain (L, age < 12), background share, Dice.
 ADULT_ICV_L, CHILD_BRAIN_L, MAX_BACKGROUND, MIN_DICE = (1.1, 1.9), (1.0, 1.5), 0.01, 0.95
-PAIRS = [("uih_132750", "uih_134917", "two sessions of one person (dcm_qa_uih)"),
+PAIRS = [("uih_132750", "uih_134917", "dcm_qa_uih pair (taken for one person; two heads: rescan_identity.md)"),
          ("dbc_v01", "dbc_v02", "two sessions of one 6-year-old (DBC-Lab)"),
          ("mni152_t1_brain", "mni152_t2_brain", "T1w and T2w of one head (FSL MNI152)")]
 
@@ -319,10 +319,13 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
         rs = json.loads(rescan.read_text())
         aff, left = rs["affine"]["head"], rs["b_mask_affine_to_a"]
         lines += ["", "## Why the two dcm_qa_uih sessions differ (evaluation-only: diagnosis, nothing chosen by it)",
-                  "", f"The one head measures {100 * (1 - aff['determinant']):.1f} % smaller in {rs['b']} than in "
+                  "", f"The head measures {100 * (1 - aff['determinant']):.1f} % smaller in {rs['b']} than in "
                   f"{rs['a']} (12-parameter affine, determinant {aff['determinant']:.4f}; scalings "
                   + ", ".join(f"{k} {v:.3f}" for k, v in aff["scalings"].items())
-                  + "; the white matter's extents agree): the images differ in scale. With that geometry matched "
+                  + "; the white matter's extents agree). They are two heads, not one head in two geometries: no "
+                  "affine makes the two brains' intensities agree, and their ventricles, corpus callosum and "
+                  "cerebellum differ (`rescan_identity.md`, `docs/figures/rescan_identity.png`). With size and shape "
+                  "matched "
                   f"(b's mask mapped by the affine) the masks differ by {left['volume_diff_percent']:.2f} % "
                   f"(Dice {left['dice']:.3f}); rigidly aligned, by {_diff_percent(rs['brain_a_cm3'], rs['brain_b_cm3']):.2f} % "
                   f"(Dice {rs['rigid_dice']:.3f}). deepbet fed the padded or isotropic image gives the same volumes "

@@ -853,7 +853,11 @@ def _rescan_section(results, head) -> list[str]:
              "(Mattes MI); each scan's detection moved onto the other's grid (linear, >= 0.5). A cluster (>= 3 "
              "voxels) persists when one of its voxels lies within 1.5 mm of a detection of the other scan; the "
              "share is pooled over both directions. Count difference: |a - b| / mean(a, b) of all reported "
-             "clusters. Both pairs are evaluation only; only the adult pair has a #17 target.\n\n" + head]
+             "clusters. Both pairs are evaluation only; only the adult pair has a #17 target. Neither is one head "
+             "scanned twice: the dcm_qa_uih images are of two heads (`rescan_identity.md`: NCC 0.68 after rigid and "
+             "0.69 after affine alignment, against 0.99 for one head) and the DBC-Lab brains differ in size by a "
+             "third (`brain_masks.md`), so no share found again can be expected to reach the target here.\n\n"
+             + head]
     for pair in RESCAN_PAIRS:
         rows = [next((r for r in res["rescan"] if r["pair"] == pair), None) for res in results]
         adult = pair.startswith("dcm_qa_uih")
