@@ -708,8 +708,9 @@ def save_results(results: dict) -> None:
 
 def summaries(records: list[dict]) -> dict:
     """Injected-ePVS summaries: by sequence over the real scans (the T2w set is the one with #17's targets), by
-    scan, by burden, and on the ePVS-free averages apart (``average ...``: there the reported count can follow
-    the injected one exactly, while a real scan's own ePVS add to every count of it)."""
+    scan, by burden, and on the averages apart (``average ...``: no individual's ePVS add to their counts, only
+    the few that lie at one place in almost everyone, so the reported count can follow the injected one, while
+    a real scan's own ePVS add to every count of it)."""
     out = {}
     for seq in ("T2w", "T1w", "FLAIR"):
         sel = [r for r in records if r["sequence"] == seq and not BY_NAME[r["scan"]].average]
@@ -721,7 +722,7 @@ def summaries(records: list[dict]) -> dict:
                 out[f"{seq} burden {burden}"] = injected_summary(
                     [r for r in sel if r["burden"] in ("0", burden)])
         for scan in dict.fromkeys(r["scan"] for r in records if r["sequence"] == seq and BY_NAME[r["scan"]].average):
-            out[f"{seq} average {scan} (no ePVS)"] = injected_summary([r for r in records if r["scan"] == scan])
+            out[f"{seq} average {scan}"] = injected_summary([r for r in records if r["scan"] == scan])
     return out
 
 
@@ -812,9 +813,10 @@ def _injected_section(results, head) -> list[str]:
              "-0.02 for v3); *added* ICC uses reported minus reported at burden 0. The sensitivity over injected "
              "clusters in white or deep grey matter uses the tissue classes of section 4 (the template's, not the "
              "app's location test): the injection keeps tubes away from CSF, not from the cortex of deep sulci, "
-             "where the location test excludes them. The MNI152 T2w average, where no ePVS survive the averaging, is "
-             "injected too but kept out of the pooled rows: its stratum (`average ...`) shows whether the reported "
-             "count follows the injected one where no real ePVS add to it. No held-out real FLAIR exists "
+             "where the location test excludes them. The MNI152 T2w average, where no individual's ePVS add to the "
+             "count (only the basal-ganglia ones almost everyone has survive the averaging: "
+             "`average_basal_ganglia.md`), is injected too but kept out of the pooled rows: its stratum "
+             "(`average ...`) shows whether the reported count follows the injected one there. No held-out real FLAIR exists "
              "in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n\n"]
     for key in sums[0]:
         if " " not in key or not key.endswith("(all)"):

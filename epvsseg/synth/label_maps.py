@@ -169,7 +169,6 @@ def anatomy_priors(name: str) -> AnatomyPriors:
     return build_priors(1.0, tissue=load_anatomy(name).tissue_maps())
 
 
-
 def carve_sulci(labels: np.ndarray, *, min_depth_mm: float = 1.5, max_curvature: float = -1.0) -> np.ndarray:
     """Open the sulci that a 1 mm tissue segmentation closed: cortical GM on the crest of the distance from
     white matter becomes CSF where the crest connects to the CSF outside the cortex.
@@ -183,8 +182,8 @@ def carve_sulci(labels: np.ndarray, *, min_depth_mm: float = 1.5, max_curvature:
     (the distances fan out), so it is traced by hysteresis: cortex at least ``min_depth_mm`` from white
     matter (more than one voxel of cortex on each side) with a Laplacian <= ``max_curvature`` / 2, in
     components that hold a voxel <= ``max_curvature`` and touch CSF or the space outside the brain,
-    becomes ``csf``. Both numbers come from this geometry and the
-    cortex's 1.5-4.5 mm thickness, not from a measurement. Returns a new array; only cortical ``gm`` changes.
+    becomes ``csf``. Both numbers come from this geometry and the cortex's 1.5-4.5 mm thickness, not from
+    a measurement. Returns a new array; only cortical ``gm`` changes.
     """
     distance = ndimage.distance_transform_edt(labels != LABELS["wm"]).astype(np.float32)
     laplace = ndimage.laplace(distance)
