@@ -28,7 +28,7 @@ import real_scans as rs  # noqa: E402
 
 AVERAGES = ("mni152_t2w", "icbm2009a_t1w", "mni152_t1w")
 FIGURE = ROOT / "docs" / "figures" / "average_basal_ganglia.png"
-COLOURS = ("#00e5ff", "#34c759", "#ffd60a")
+COLOURS = {"cyan": "#00e5ff", "green": "#34c759", "yellow": "#ffd60a"}
 
 
 def inferior_basal_ganglia(prep: rs.Prepared, table) -> np.ndarray:
@@ -66,13 +66,12 @@ def figure(models: list[str], path: Path) -> None:
     for ax in axes:
         ax.imshow(prep.n4[sl].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
         ax.set_axis_off()
-    for model, colour in zip(models, COLOURS):
+    for model, colour in zip(models, COLOURS.values()):
         det = rs.load_detection(model, "mni152_t2w")
         if det is not None and det[sl].any():
             axes[1].contour(det[sl].T.astype(float), [0.5], colors=colour, linewidths=0.9)
     axes[0].set_title("MNI152 T2w average, z = -8 mm (x -45..45, y -45..35 mm)", fontsize=10)
-    axes[1].set_title("clusters: " + ", ".join(f"{Path(m).name} ({c})" for m, c in zip(models, ("cyan", "green"))),
-                      fontsize=10)
+    axes[1].set_title("clusters: " + ", ".join(f"{Path(m).name} ({c})" for m, c in zip(models, COLOURS)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=70)
     plt.close(fig)
