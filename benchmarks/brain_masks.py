@@ -72,12 +72,8 @@ NOT_NATIVE = {"colin27": "MNI space (Colin27 is registered and scaled to MNI305)
               "m2208_t2w": "spatially normalised (README: 'skull-stripped, normalised'; its grid is an MNI-like 1 mm box, "
                            "x -74..+73, y -108..+76, z -72..+83 mm)"}
 #: Given (skull-stripped) images whose own content decides the done-when verdict, not the mask (the mask is the
-#: given brain): why, from the diagnosis of the pair (``--rescan``, section "Why the two DBC-Lab sessions differ").
-GIVEN_INPUT = {"dbc_v01": "given image is the cerebrum only (no cerebellum, brainstem cut short), "
-                          "measured against a whole-brain range",
-               "dbc_v02": "given image is the cerebrum only, like dbc_v01, and its brain is dbc_v01's shape at 0.66 "
-                          "times the volume (12-parameter affine: scalings 0.91 / 0.86 / 0.85, Dice 0.957 after it): "
-                          "a scale or age difference of the input, not a mask error"}
+#: given brain), as the figure shows; :func:`given_input_notes` adds what the pair's diagnosis measured.
+CEREBRUM_ONLY = "given image is the cerebrum only (no cerebellum, brainstem cut short), measured against a whole-brain range"
 #: Done-when limits of issue #18: adult ICV (L), a child's brain (L, age < 12), background share, Dice.
 ADULT_ICV_L, CHILD_BRAIN_L, MAX_BACKGROUND, MIN_DICE = (1.1, 1.9), (1.0, 1.5), 0.01, 0.95
 PAIRS = [("uih_132750", "uih_134917", "dcm_qa_uih pair (taken for one person; two heads: rescan_identity.md)"),
@@ -281,10 +277,11 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
               f"Adult ICV {ADULT_ICV_L[0]}-{ADULT_ICV_L[1]} L (a child under 12: brain {CHILD_BRAIN_L[0]}-"
               f"{CHILD_BRAIN_L[1]} L), mask voxels at ~0 intensity <= {100 * MAX_BACKGROUND:g} %, Dice >= {MIN_DICE} "
               "against a reference mask where one exists.", "", "| scan | set | verdict | why |", "|---|---|---|---|"]
+    given = given_input_notes()
     for r in rows:
         ok, why = done_when(r)
-        verdict = "pass" if ok else "fail (the input's, not the mask's)" if r["name"] in GIVEN_INPUT else "fail"
-        why = "; ".join(w for w in (why, GIVEN_INPUT.get(r["name"], "")) if w)
+        verdict = "pass" if ok else "fail (the input's, not the mask's)" if r["name"] in given else "fail"
+        why = "; ".join(w for w in (why, given.get(r["name"], "")) if w)
         lines.append(f"| {r['name']} | {r['set']} | {verdict} | {why or '-'} |")
     lines += ["", "## ICV agreement", "",
               "| pair | what | ICV a (L) | ICV b (L) | ICV diff % | brain diff % | ICV affine diff % |",
@@ -340,6 +337,21 @@ def markdown(rows: list[dict], pairs: list[dict], command: str, hdbet: dict | No
     return "\n".join(lines) + "\n"
 
 
+def given_input_notes() -> dict[str, str]:
+    """Why a given image, not its mask, decides its done-when row: the DBC-Lab brains are cerebrum-only, and V02
+    is V01's shape at another size, by the pair's diagnosis (``--rescan dbc_v01 dbc_v02``) where it was run."""
+    notes = {"dbc_v01": CEREBRUM_ONLY, "dbc_v02": CEREBRUM_ONLY + ", like dbc_v01"}
+    path, _ = rescan_paths("dbc_v01", "dbc_v02")
+    if path.exists():
+        rs = json.loads(path.read_text())
+        aff = rs["affine"]["head"]
+        notes["dbc_v02"] += (f"; its brain is dbc_v01's shape at {aff['determinant']:.2f} times the volume "
+                             f"(12-parameter affine: scalings {' / '.join(f'{v:.2f}' for v in aff['scalings'].values())}, "
+                             f"Dice {rs['b_mask_affine_to_a']['dice']:.3f} after it): a scale or age difference of the "
+                             "input, not a mask error")
+    return notes
+
+
 DBC_SOURCE = ("DBC-Lab/Brain_MRI_Enhancement (BME-X), `test_BIDS/sub-0001/`; the files are byte-identical to "
               "`../shared/data/github_DBC-Lab_Brain_MRI_Enhancement/` (same git blob hashes)")
 
@@ -375,8 +387,8 @@ def _dbc_section() -> list[str]:
             f"Measured (`{rs['command']}`; V02 rigidly and then affinely registered to V01 at 1 mm; json "
             f"`benchmarks/results/{path.name}`, figure `docs/figures/{figure.name}`):", "",
             f"- The masks are the given brains: V01 {rs['brain_a_cm3'] / 1e3:.3f} L, V02 {rs['brain_b_cm3'] / 1e3:.3f} L "
-            "(the non-zero voxels of each file give the same volumes), so the 0.748 L is the input's, not a "
-            "mask's.",
+            f"(the non-zero voxels of each file give the same volumes), so the {rs['brain_b_cm3'] / 1e3:.3f} L is the "
+            "input's, not a mask's.",
             "- Extents of the brains (mm, V01 / V02): " + ", ".join(
                 f"{k} {ext['dbc_v01']['brain_extent_mm'][k]} / {ext['dbc_v02']['brain_extent_mm'][k]}" for k in AXES)
             + f" (ratios {axes3(ext['brain_extent_mm_ratio_b_over_a'], '.3f')}); white matter's extents, ratios "
@@ -393,10 +405,12 @@ def _dbc_section() -> list[str]:
             "brain has no cerebellum\" holds for dbc_v01 too and explains nothing of the difference; both volumes "
             "are cerebrum-only volumes compared with whole-brain ranges.", "",
             "Verdict: not a mask error and not tissue missing from V02 only. The two given brains have one shape "
-            f"at two sizes: V02 is V01 scaled by about {aff['determinant'] ** (1 / 3):.2f} per axis (0.85-0.91). "
+            f"at two sizes: V02 is V01 scaled by about {aff['determinant'] ** (1 / 3):.2f} per axis "
+            f"({min(aff['scalings'].values()):.2f}-{max(aff['scalings'].values()):.2f}). "
             "Both headers say 0.8 mm isotropic, so either one header's voxel size is wrong (a scale difference "
-            "of the files) or V02 is a smaller, younger brain than its \"6 years\" (V01's 1.09 L "
-            "cerebrum is plausible at 6 years; a 0.75 L cerebrum is roughly the size of a child of one to two). "
+            f"of the files) or V02 is a smaller, younger brain than its \"6 years\" (V01's "
+            f"{rs['brain_a_cm3'] / 1e3:.2f} L cerebrum is plausible at 6 years; a {rs['brain_b_cm3'] / 1e3:.2f} L "
+            "cerebrum is roughly the size of a child of one to two). "
             "These files alone cannot tell the two apart, and no source gives another age, so the age used stays 6; dbc_v02's done-when row says "
             "\"fail (the input's, not the mask's)\" and the pair's 33 % ICV difference is not a measure of the "
             "ICV method's agreement between sessions."]
@@ -567,6 +581,7 @@ def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, see
 
     from epvsprep import brain
     from epvsprep.ops import ants_seeded, ants_to_nib
+    from epvsseg.synth.label_maps import largest_component
 
     def read(name: str, kind: str):
         return ants.image_read(str(masks / f"{name}_{kind}.nii.gz"))
@@ -612,17 +627,13 @@ def rescan_geometry(a: str, b: str, masks: Path, figure: Path | None = None, see
             b_affine = ants.apply_transforms(fa, bw, reg["fwdtransforms"]).numpy()
             out["b_mask_affine_to_a"] = {"cm3": round(float(mba.sum()) / 1e3, 1), "dice": round(dice(x, mba), 4),
                                          "volume_diff_percent": _diff_percent(float(x.sum()), float(mba.sum()))}
-    def largest(m: np.ndarray) -> np.ndarray:
-        labels, _ = ndimage.label(m)
-        return labels == np.bincount(labels.ravel())[1:].argmax() + 1
-
     wm, parts = {}, {}
     for name, img, m in ((a, fa.numpy(), x), (b, bw.numpy(), y)):
         inner = ndimage.binary_erosion(m, iterations=4)
         values = img[inner].astype(np.float64)
         centres, _ = kmeans2(values[::20], np.percentile(values, [10, 50, 90]), minit="matrix", seed=seed)
         centres = np.sort(centres)
-        white = largest(ndimage.binary_opening(inner & (img > (centres[1] + centres[2]) / 2)))
+        white = largest_component(ndimage.binary_opening(inner & (img > (centres[1] + centres[2]) / 2)))
         idx = np.argwhere(white)
         wm[name] = {"cm3": round(float(white.sum()) / 1e3, 1),
                     "extent_mm": {AXES[k]: round(float(np.percentile(idx[:, k], 99.5) - np.percentile(idx[:, k], 0.5)), 1)
@@ -683,12 +694,13 @@ def _rescan_figure(img_a: nib.Nifti1Image, data_b: np.ndarray, x: np.ndarray, y:
 
     data_a = np.asanyarray(img_a.dataobj)
     centre = np.round(np.argwhere(x).mean(axis=0)).astype(int)
-    rows = [(data_a, y, a), (data_b, y, f"{b} (rigidly aligned to {a})")]
+    # per row: image, the mask its grey scale is set in, b's mask drawn in cyan, title
+    rows = [(data_a, x, y, a), (data_b, y, y, f"{b} (rigidly aligned to {a})")]
     if data_b_affine is not None:
-        rows.append((data_b_affine, y_affine, f"{b} (12-parameter affine to {a})"))
+        rows.append((data_b_affine, y_affine, y_affine, f"{b} (12-parameter affine to {a})"))
     fig, axes = plt.subplots(len(rows), 3, figsize=(12, 4.25 * len(rows)), facecolor="black")
-    for row, (data, other, title) in enumerate(rows):
-        hi = np.percentile(data[other if row else x], 99)
+    for row, (data, scale_mask, other, title) in enumerate(rows):
+        hi = np.percentile(data[scale_mask], 99)
         for axis, ax in enumerate(axes[row]):
             sl = [slice(None)] * 3
             sl[axis] = centre[axis] + (12 if axis == 0 else 0)
