@@ -21,6 +21,7 @@ import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import cycle
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +133,10 @@ def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: s
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; expected one of {GENERATORS}")
     folder.mkdir(parents=True, exist_ok=True)
-    kinds = {"v3": ["v3"], "randomised": ["randomised"], "mixed": ["v3", "randomised"]}[generator]
+    kinds = cycle({"v3": ["v3"], "randomised": ["randomised"], "mixed": ["v3", "randomised"]}[generator])
     jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) if kind == "v3" else
             (s, str(folder / f"rcase-{s}.npz"), tuple(crop), kind, tuple(anatomies))
-            for s, kind in zip(seeds, kinds * len(seeds))]
+            for s, kind in zip(seeds, kinds)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             return [Path(p) for p in pool.map(_render_case, jobs)]
