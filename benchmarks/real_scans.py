@@ -532,22 +532,25 @@ def _plausible_sensitivity(injected: list[dict]) -> float | None:
     return sum(r["ref_plausible_detected"] for r in injected) / n if n else None
 
 
+def brain_1mm(prep: Prepared):
+    """The prepared brain (N4 image x brain mask) resampled to 1 mm, as a NIfTI image."""
+    import nibabel as nib
+    from nibabel.processing import resample_to_output
+
+    return resample_to_output(nib.Nifti1Image(prep.n4 * prep.mask, prep.affine), voxel_sizes=(1.0, 1.0, 1.0), order=1)
+
+
 def rigid_matrix(a: Prepared, b: Prepared, name: str) -> dict:
     """Rigid registration of b's brain to a's (1 mm copies; :func:`epvsprep.ops.register_rigid`), cached in
     ``work/h17/rescan``: the matrix maps a-space points (mm) to b-space points."""
     import nibabel as nib
-    from nibabel.processing import resample_to_output
 
     from epvsprep import ops
 
     path = WORK / "rescan" / f"{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-
-    def brain(p: Prepared):
-        return resample_to_output(nib.Nifti1Image(p.n4 * p.mask, p.affine), voxel_sizes=(1.0, 1.0, 1.0), order=1)
-
-    fixed, moving = brain(a), brain(b)
+    fixed, moving = brain_1mm(a), brain_1mm(b)
     fixed_mask = nib.Nifti1Image((np.asanyarray(fixed.dataobj) > 0).astype(np.uint8), fixed.affine)
     result = ops.register_rigid(moving, fixed, fixed_mask=fixed_mask, seed=42)
     record = {"matrix": result.matrix.tolist(), "ok": bool(result.ok), "mi_before": result.similarity_before,

@@ -45,17 +45,13 @@ SEED = 20261205
 
 
 def brain_1mm(name: str):
-    """The prepared brain of a real scan (N4 x mask) at 1 mm, as an ANTs image."""
-    import nibabel as nib
-    from nibabel.processing import resample_to_output
+    """The prepared brain of a real scan (:func:`real_scans.brain_1mm`) as an ANTs image."""
+    from real_scans import brain_1mm as prepared_brain
     from real_scans import load_prepared
 
     from epvsprep import ops
 
-    prep = load_prepared(name)
-    img = resample_to_output(nib.Nifti1Image((prep.n4 * prep.mask).astype(np.float32), prep.affine),
-                             voxel_sizes=(1.0, 1.0, 1.0), order=1)
-    return ops.nib_to_ants(img)
+    return ops.nib_to_ants(prepared_brain(load_prepared(name)))
 
 
 def ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
