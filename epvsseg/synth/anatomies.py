@@ -45,6 +45,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .label_maps import largest_component
 from .priors import TissueMaps, icbm_path
 
 LOGGER = logging.getLogger(__name__)
@@ -89,14 +90,6 @@ def find_colin27(path: str | os.PathLike | None = None) -> Path:
     return p
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    return lab == 1 + int(np.argmax(sizes))
-
-
 def _compute_colin27(src: Path, seed: int) -> dict[str, np.ndarray]:
     """Registration + segmentation + resampling; arrays on the ICBM 2009a grid (see module docstring)."""
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -108,7 +101,7 @@ def _compute_colin27(src: Path, seed: int) -> dict[str, np.ndarray]:
     if img.ndim != 3:
         raise ValueError(f"{src}: expected a 3D T1w image, got shape {img.shape}")
     data = np.asarray(img.dataobj, np.float32)
-    mask = _largest_component(ndimage.binary_fill_holes(data > 0))
+    mask = largest_component(ndimage.binary_fill_holes(data > 0))
     if mask.sum() < 500_000:
         raise ValueError(f"{src}: brain mask (non-zero voxels) has only {int(mask.sum())} voxels; "
                          "expected the brain-extracted Colin27 (ch2bet)")
