@@ -265,7 +265,8 @@ def _loss(logits, target):
 
 
 def score_grid(net, cases: list[Case], combinations, *, context: int, points: list[tuple[float, int]],
-               exclusions: ExclusionParams = ExclusionParams()) -> dict[tuple[float, int], dict]:
+               exclusions: ExclusionParams = ExclusionParams(), flip_tta: bool = False,
+               ) -> dict[tuple[float, int], dict]:
     """Voxel Dice and pooled cluster rates per combination at several operating points.
 
     One prediction per case and combination, turned into a mask by :func:`epvsseg.decision.decide` (the rule the
@@ -285,6 +286,8 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
         ``(threshold, min_cluster_voxels)`` pairs.
     exclusions : ExclusionParams
         Mimic-exclusion thresholds (a model's ``spec.exclusions``).
+    flip_tta : bool
+        Average each prediction with the one on the left-right flipped input (:func:`epvsseg.infer.predict`).
 
     Returns
     -------
@@ -303,7 +306,7 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
         dices: dict = {p: [] for p in points}
         agreements: dict = {p: [] for p in points}
         for case in cases:
-            prob = predict({c: case.images[c] for c in combination}, case.mask, model)
+            prob = predict({c: case.images[c] for c in combination}, case.mask, model, flip_tta=flip_tta)
             flair = case.images.get("FLAIR") if "FLAIR" in combination else None
             for p, rule in rules.items():
                 pred = decide(prob, rule, affine=case.affine, brain=case.mask, flair=flair).mask

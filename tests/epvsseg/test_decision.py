@@ -192,3 +192,22 @@ def test_score_grid_and_operating_point_go_through_decide():
     _, lenient = train.select_operating_point(net, cases, [("T2w",)], context=0, thresholds=(0.5,),
                                               min_sizes=(2,), exclusions=kept)
     assert lenient["0.5/2"]["T2w"]["cluster_f1"] < grid["0.5/2"]["T2w"]["cluster_f1"]
+
+
+def test_score_grid_scores_flip_averaged_predictions_when_asked(monkeypatch):
+    from epvsseg import infer, train
+
+    seen = []
+    plain = infer.predict
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("flip_tta", False))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "predict", spy)
+    cases, net = _cases(), _Bright()
+    flipped = train.score_grid(net, cases, [("T2w",)], context=0, points=[(0.5, 2)], flip_tta=True)
+    assert seen == [True]
+    # the stand-in network works voxel by voxel, so averaging with its mirrored pass changes nothing
+    assert flipped == train.score_grid(net, cases, [("T2w",)], context=0, points=[(0.5, 2)])
+    assert seen == [True, False]
