@@ -193,7 +193,7 @@ def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = 
     return cases
 
 
-def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = True):
+def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = True, within=None):
     """Write synthetic ePVS tubes into a real scan: CSF-level signal blended by partial-volume occupancy.
 
     ``bright``: the ePVS polarity of the sequence (T2w bright, T1w and FLAIR dark; ``epvsseg.detect.BRIGHT_EPVS``).
@@ -203,6 +203,9 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = Tr
     Directions are near-vertical (lenticulostriate / medullary course) within 30 degrees;
     lengths 3-15 mm; radii 0.4-1.1 mm. Returns the injected image and the label (the synthetic-data rule,
     :func:`epvsseg.synth.lesions.epvs_label`).
+
+    ``within``: a boolean map of where ePVS may lie (e.g. white and deep grey matter); seeds are drawn inside it
+    and each tube is cut at its border. ``None`` (the default) draws exactly as before it existed.
     """
     from scipy import ndimage
 
@@ -212,6 +215,8 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = Tr
     deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min())))
     values = data[mask]
     deep &= (data < np.percentile(values, 75)) if bright else (data > np.percentile(values, 25))
+    if within is not None:
+        deep &= within
     idx = np.argwhere(deep)
     n = int(rng.integers(*n_tubes))
     seeds_vox = idx[rng.choice(len(idx), size=n, replace=False)]
@@ -224,7 +229,7 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = Tr
     radii = np.repeat(rng.uniform(0.4, 1.1, n)[:, None], points.shape[1], axis=1)
     tubes = Tubes(points, radii, np.zeros(n, int))
     occ, _ = rasterise_tubes(tubes, affine, data.shape)
-    occ = occ * mask
+    occ = occ * (mask if within is None else mask & within)
     csf = (np.percentile(values, 98) * rng.uniform(0.85, 1.0) if bright
            else np.percentile(values, 2) * rng.uniform(1.0, 1.15))
     truth = epvs_label(occ, centreline_voxels(tubes, affine, data.shape)) > 0

@@ -156,12 +156,16 @@ def main() -> None:
         if not masks:
             continue
         prep = rs.load_prepared(name)
-        png = draw(prep, masks, {m: count_clusters(v) for m, v in masks.items()}, table, colours)
-        target = OUT / f"{name}.png"
-        tmp = target.with_suffix(".tmp.png")
-        tmp.write_bytes(png)
-        tmp.replace(target)
-        print(f"{target.relative_to(ROOT)}: {len(png) / 1024:.0f} KB")
+        save_png(draw(prep, masks, {m: count_clusters(v) for m, v in masks.items()}, table, colours),
+                 OUT / f"{name}.png")
+
+
+def save_png(png: bytes, target: Path) -> None:
+    """Write a figure atomically and say where, with its size."""
+    tmp = target.with_suffix(".tmp.png")
+    tmp.write_bytes(png)
+    tmp.replace(target)
+    print(f"{target.relative_to(ROOT)}: {len(png) / 1024:.0f} KB")
 
 
 if __name__ == "__main__":

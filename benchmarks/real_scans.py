@@ -9,8 +9,9 @@ Measures, each labelled with the data set it comes from (``SCANS`` gives every s
 
 1. **injected ePVS** (:func:`bench_models.inject_epvs`, with the sequence's polarity) on every evaluation-only
    real T2w and on the real T1w that neither model trained on, at three seeded burdens per scan (0, low,
-   high): cluster sensitivity, precision over new detections (clusters already detected before the injection
-   left out) and count ICC(2,1) across scan x burden;
+   high) and in two placements (:data:`PLACEMENTS`: anywhere in the brain away from CSF, and only in white and
+   deep grey matter): cluster sensitivity, precision over new detections (clusters already detected before the
+   injection left out) and count ICC(2,1) across scan x burden;
 2. **scan-rescan**: the ``dcm_qa_uih`` same-day pair (target) and the DBC-Lab child pair (no target), brains
    rigidly aligned (:func:`epvsprep.ops.register_rigid`): share of clusters (>= 3 voxels) found again in the
    other scan within 1.5 mm, and the relative count difference;
@@ -355,10 +356,19 @@ BURDENS = {"0": None, "low": (15, 35), "high": (90, 150)}
 SEED = 1_717_000
 
 
-def burden_rng(scan: str, burden: str) -> np.random.Generator:
+#: Where injected ePVS may lie, by the results key that holds their records: ``injected`` anywhere in the brain
+#: away from CSF (the first design, kept for comparison), ``injected_wm`` only in white and deep grey matter
+#: (:func:`plausible_region`), where ePVS are found and where the app looks for them.
+PLACEMENTS = {"injected": "anywhere in the brain away from CSF",
+              "injected_wm": "in white and deep grey matter only"}
+
+
+def burden_rng(scan: str, burden: str, placement: str = "injected") -> np.random.Generator:
+    """The seeded draw of one injection (``injected``: the seeds the first design had)."""
     import zlib
 
-    return np.random.default_rng([SEED, zlib.crc32(scan.encode()), list(BURDENS).index(burden)])
+    key = [SEED, zlib.crc32(scan.encode()), list(BURDENS).index(burden)]
+    return np.random.default_rng(key if placement == "injected" else key + [list(PLACEMENTS).index(placement)])
 
 
 def det_path(model_id: str, scan: str, burden: str = "0") -> Path:
@@ -441,18 +451,25 @@ def held_out(spec, scan: Scan) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the measures
-def injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
+def injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str = "injected",
+                   kept_only: bool = False) -> list[dict]:
     """One record per burden: injected clusters, detected clusters, and their agreement (kept beside the
-    model's detections, so that a rerun scores only new scans)."""
-    path = det_path(det_key(spec), prep.scan.name, "injected").with_suffix(".json")
+    model's detections, so that a rerun scores only new scans). ``placement``: a key of :data:`PLACEMENTS`;
+    ``kept_only``: only records kept by an earlier run (else none)."""
+    path = det_path(det_key(spec), prep.scan.name, placement).with_suffix(".json")
     if path.exists():
         return json.loads(path.read_text())
-    records = _injected_cases(spec, prep, baseline)
+    if kept_only:
+        return []
+    within = None if placement == "injected" else plausible_region(prep)
+    if placement != "injected" and within is None:
+        return []
+    records = _injected_cases(spec, prep, baseline, placement, within)
     _write(path, json.dumps(records))
     return records
 
 
-def _injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
+def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, within) -> list[dict]:
     from bench_models import inject_epvs, preexisting_clusters
 
     from epvsseg import metrics
@@ -464,32 +481,82 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray) -> list[dict]:
     for burden, tubes in BURDENS.items():
         if tubes is None:
             continue
-        image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden), tubes,
-                                   bright=BRIGHT_EPVS[prep.scan.sequence])
+        image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden, placement),
+                                   tubes, bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
         pred, seconds = detect_mask(spec, prep, image)
         ag = metrics.cluster_agreement(pred, truth)
         records.append({"scan": prep.scan.name, "sequence": prep.scan.sequence, "burden": burden,
                         "n_ref": ag.n_ref, "n_pred": ag.n_pred, "ref_detected": ag.ref_detected,
                         "pred_true": ag.pred_true, "pred_preexisting": preexisting_clusters(pred, truth, baseline),
+                        "pred_rim": rim_clusters(pred, truth, baseline, image != prep.n4),
+                        "by_contrast": found_by_contrast(prep, image, truth, pred, BRIGHT_EPVS[prep.scan.sequence]),
                         **found_in_plausible_tissue(prep, truth, pred), "seconds": round(seconds, 1)})
         print(json.dumps(records[-1]), flush=True)
     return records
 
 
+#: Bins of an injected cluster's contrast: its largest change of signal over the brain's spread on the side of
+#: the ePVS polarity (98th - 50th percentile when ePVS are bright, 50th - 2nd when dark).
+CONTRAST_BINS = (0.0, 0.5, 0.75, np.inf)
+
+
+def found_by_contrast(prep: Prepared, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, bright: bool) -> dict:
+    """Injected clusters and those a detection touches, per :data:`CONTRAST_BINS` bin (``"lo-hi"``: [n, found]).
+    A tube drawn into tissue already near CSF brightness (a T2w lesion, the deep grey nuclei) changes it little."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(truth, np.ones((3, 3, 3), bool))
+    if n == 0:
+        return {}
+    ids = np.arange(1, n + 1)
+    lo, mid, hi = np.percentile(prep.n4[prep.mask], [2, 50, 98])
+    change = np.asarray(ndimage.maximum(np.abs(image - prep.n4), labels, ids))
+    contrast = change / ((hi - mid) if bright else (mid - lo))
+    found = np.asarray(ndimage.maximum(pred, labels, ids), bool)
+    which = np.digitize(contrast, CONTRAST_BINS[1:-1])
+    return {f"{CONTRAST_BINS[b]}-{CONTRAST_BINS[b + 1]}": [int((which == b).sum()), int((found & (which == b)).sum())]
+            for b in range(len(CONTRAST_BINS) - 1)}
+
+
+def rim_clusters(pred: np.ndarray, truth: np.ndarray, before: np.ndarray, changed: np.ndarray) -> int:
+    """Detected clusters that miss the injected label and were not detected before, but touch voxels the
+    injection changed: they sit on an injected tube's partial-volume rim, below the label's occupancy rule."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(pred, np.ones((3, 3, 3), bool))
+    ids = np.arange(1, n + 1)
+    touches = [np.asarray(ndimage.maximum(m, lab, ids), bool) for m in (truth, before, changed)]
+    return int((~touches[0] & ~touches[1] & touches[2]).sum())
+
+
+def prepared_classes(prep: Prepared) -> np.ndarray | None:
+    """:func:`tissue_classes` of a preprocessed scan (None without the template's tissue maps)."""
+    from epvsprep.anatomy import load_kit
+
+    if not prep.info["has_tissue"]:
+        return None
+    table = load_kit().table
+    deep = table.loc[table["region"].isin(DEEP_REGIONS), "index"].to_numpy()
+    return tissue_classes(prep.mask, prep.gm, prep.wm, prep.regions, deep, np.sqrt((prep.affine[:3, :3] ** 2).sum(0)))
+
+
+def plausible_region(prep: Prepared) -> np.ndarray | None:
+    """White and deep grey matter (:data:`PLAUSIBLE`) of a preprocessed scan, or None without tissue maps."""
+    classes = prepared_classes(prep)
+    return None if classes is None else np.isin(classes, [TISSUES.index(t) for t in PLAUSIBLE])
+
+
 def found_in_plausible_tissue(prep: Prepared, truth: np.ndarray, pred: np.ndarray) -> dict:
     """Injected clusters that lie in white or deep grey matter by the benchmark's own tissue classes
     (:func:`tissue_classes`, majority of voxels; independent of the app's location test), and how many of them a
-    detection touches. The injection places tubes away from CSF but not away from the cortex of deep sulci."""
+    detection touches. The first placement keeps tubes away from CSF but not away from the cortex of deep sulci."""
     from scipy import ndimage
 
-    from epvsprep.anatomy import assign_clusters, load_kit
+    from epvsprep.anatomy import assign_clusters
 
-    if not prep.info["has_tissue"]:
+    classes = prepared_classes(prep)
+    if classes is None:
         return {}
-    table = load_kit().table
-    deep = table.loc[table["region"].isin(DEEP_REGIONS), "index"].to_numpy()
-    classes = tissue_classes(prep.mask, prep.gm, prep.wm, prep.regions, deep,
-                             np.sqrt((prep.affine[:3, :3] ** 2).sum(0)))
     labels, n = ndimage.label(truth, np.ones((3, 3, 3), bool))
     if n == 0:
         return {"n_ref_plausible": 0, "ref_plausible_detected": 0}
@@ -520,8 +587,27 @@ def injected_summary(records: list[dict]) -> dict:
             "sensitivity": sum(r["ref_detected"] for r in injected) / max(n_ref, 1),
             "precision_all": sum(r["pred_true"] for r in injected) / max(sum(r["n_pred"] for r in injected), 1),
             "precision_new": sum(r["pred_true"] for r in injected) / new if new > 0 else float("nan"),
+            "precision_new_rim": _rim_precision(injected, new),
             "count_icc21": metrics.icc(counts), "added_count_icc21": metrics.icc(added),
-            "sensitivity_plausible": _plausible_sensitivity(injected)}
+            "sensitivity_plausible": _plausible_sensitivity(injected),
+            "sensitivity_by_contrast": _contrast_sensitivity(injected)}
+
+
+def _contrast_sensitivity(injected: list[dict]) -> dict | None:
+    """Pooled sensitivity and count per contrast bin (:func:`found_by_contrast`; None for records before it)."""
+    if not all("by_contrast" in r for r in injected):
+        return None
+    bins = dict.fromkeys(b for r in injected for b in r["by_contrast"])
+    pooled = {b: np.sum([r["by_contrast"].get(b, [0, 0]) for r in injected], axis=0) for b in bins}
+    return {b: {"n": int(n), "sensitivity": float(f / n) if n else None} for b, (n, f) in pooled.items()}
+
+
+def _rim_precision(injected: list[dict], new: int) -> float | None:
+    """Precision over new detections that also counts those on an injected tube's rim (:func:`rim_clusters`;
+    None for records made before it)."""
+    if not all("pred_rim" in r for r in injected) or new <= 0:
+        return None
+    return sum(r["pred_true"] + r["pred_rim"] for r in injected) / new
 
 
 def _plausible_sensitivity(injected: list[dict]) -> float | None:
@@ -588,11 +674,9 @@ def plausibility(prep: Prepared, detected: np.ndarray, table) -> dict:
     from epvsprep.anatomy import assign_clusters
     from epvsseg.postproc import cluster_geometry, label_clusters
 
-    if not prep.info["has_tissue"]:
+    classes = prepared_classes(prep)
+    if classes is None:
         return {"scan": prep.scan.name, "available": False, "why": "template registration failed"}
-    spacing = np.sqrt((prep.affine[:3, :3] ** 2).sum(0))
-    deep = table.loc[table["region"].isin(DEEP_REGIONS), "index"].to_numpy()
-    classes = tissue_classes(prep.mask, prep.gm, prep.wm, prep.regions, deep, spacing)
     labels, n = label_clusters(detected)
     out = {"scan": prep.scan.name, "available": True, **tissue_shares(detected, labels, classes)}
     out["plausible_cluster_share"] = (sum(out["cluster_share"][t] for t in PLAUSIBLE) if n else None)
@@ -664,7 +748,7 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
     results = {"model_id": spec.model_id, "label": run_label(spec.model_id), "location_test": LOCATION,
                "weights_sha256": spec.sha256, "threshold": spec.threshold,
                "min_cluster_voxels": spec.min_cluster_voxels, "command": command, "scans": {},
-               "injected": [], "rescan": [], "plausibility": []}
+               **{placement: [] for placement in PLACEMENTS}, "rescan": [], "plausibility": []}
     missing = [n for n in names if not prep_path(n).exists()]
     for name in missing:
         print(f"{name}: not preprocessed (run --prep-only), skipped", flush=True)
@@ -687,7 +771,9 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
             results["plausibility"].append(plausibility(prep, det, table))
         elif task == "inject" and held_out(spec, BY_NAME[name]):
             prep = load_prepared(name)
-            results["injected"].extend(injected_cases(spec, prep, baseline_detection(spec, prep)[0]))
+            baseline = baseline_detection(spec, prep)[0]
+            for placement in PLACEMENTS:
+                results[placement].extend(injected_cases(spec, prep, baseline, placement, kept_only))
         elif task == "rescan" and all(n in results["scans"] for n in RESCAN_PAIRS[name]):
             a, b = (load_prepared(n) for n in RESCAN_PAIRS[name])
             results["rescan"].append(rescan(spec, name, a, b, baseline_detection(spec, a)[0],
@@ -702,8 +788,9 @@ def save_results(results: dict) -> None:
     order = [s.name for s in SCANS]
     results["scans"] = dict(sorted(results["scans"].items(), key=lambda kv: order.index(kv[0])))
     results["plausibility"].sort(key=lambda p: order.index(p["scan"]))
-    results["injected"].sort(key=lambda r: (order.index(r["scan"]), list(BURDENS).index(r["burden"])))
-    results["injected_summary"] = summaries(results["injected"])
+    for placement in PLACEMENTS:
+        results.setdefault(placement, []).sort(key=lambda r: (order.index(r["scan"]), list(BURDENS).index(r["burden"])))
+        results[f"{placement}_summary"] = summaries(results[placement])
     out = RESULTS / f"real_scans_{results['model_id']}{'' if results.get('location_test', True) else '_nolocation'}"
     _write(out.with_suffix(".json"), json.dumps(results, indent=1, default=float) + "\n")
     _write(out.with_suffix(".md"), report([results]))
@@ -757,10 +844,10 @@ def _cell(v, target=None, higher=True, nd=3) -> str:
     return _f(v, nd) if target is None else f"{_f(v, nd)} ({verdict(v, target, higher)})"
 
 
-def _common_injected(results: list[dict]) -> list[dict]:
+def _common_injected(results: list[dict], placement: str = "injected") -> list[dict]:
     """Each model's injected summaries restricted to the scans every model was scored on (held out by all)."""
-    common = set.intersection(*({r["scan"] for r in res["injected"]} for res in results))
-    return [summaries([r for r in res["injected"] if r["scan"] in common]) for res in results]
+    common = set.intersection(*({r["scan"] for r in res.get(placement, [])} for res in results))
+    return [summaries([r for r in res.get(placement, []) if r["scan"] in common]) for res in results]
 
 
 def report(results: list[dict]) -> str:
@@ -791,46 +878,78 @@ def report(results: list[dict]) -> str:
 
 
 INJECTED_ROWS = (("sensitivity", 0.80, True), ("precision_new", 0.85, True), ("count_icc21", 0.90, True),
-                 ("sensitivity_plausible", None, True), ("precision_all", None, True),
+                 ("sensitivity_plausible", None, True), ("precision_new_rim", None, True),
+                 ("precision_all", None, True),
                  ("added_count_icc21", None, True))
 LABELS = {"sensitivity": "cluster sensitivity",
           "sensitivity_plausible": "cluster sensitivity, injected clusters in white or deep grey matter", "precision_new": "precision over new detections",
+          "precision_new_rim": "precision over new detections, those on an injected tube's partial-volume rim "
+                               "counted as found",
+          "sensitivity_by_contrast": "cluster sensitivity by the injected cluster's contrast, < 0.5 / 0.5-0.75 / "
+                                     ">= 0.75 of the brain's spread (`found_by_contrast`)",
           "count_icc21": "count ICC(2,1)", "precision_all": "precision over all detections",
           "added_count_icc21": "count ICC(2,1) of added clusters", "persistence": "clusters found again",
           "count_difference": "relative count difference"}
 
 
+INJECTION_NOTES = {
+    "injected": "Seeds lie at least 10 mm inside the brain mask on non-CSF intensities, so some tubes lie in the "
+                "cortex of deep sulci, where ePVS are not rated and where the app's location test excludes what it "
+                "finds. The sensitivity over injected clusters in white or deep grey matter uses the tissue classes of "
+                "section 4 (the template's, not the app's location test).",
+    "injected_wm": "The same tubes with their own seeds, drawn only in white and deep grey matter (the tissue "
+                   "classes of section 4, from the template registration, not from the app's location test) and cut "
+                   "at its border: where ePVS are found and rated (centrum semiovale, basal ganglia), so every "
+                   "injected tube is one a reader would count. #17 names no placement; the targets are shown "
+                   "against both.",
+}
+
+
 def _injected_section(results, head) -> list[str]:
-    sums = _common_injected(results) if len(results) > 1 else [r["injected_summary"] for r in results]
-    scans = sorted({r["scan"] for r in results[0]["injected"]} & set.intersection(
-        *({r["scan"] for r in res["injected"]} for res in results)))
     lines = ["\n## 1. Injected ePVS on real scans\n\n",
              f"Synthetic ePVS tubes (`bench_models.inject_epvs`, CSF-like partial-volume signal with the sequence's "
              f"polarity: bright on T2w, dark on T1w) written into each held-out real scan at three seeded burdens: "
              f"0, low ({BURDENS['low'][0]}-{BURDENS['low'][1]} tubes), high ({BURDENS['high'][0]}-"
-             f"{BURDENS['high'][1]}). Scans: {', '.join(f'`{s}` ({BY_NAME[s].dataset})' for s in scans)}. "
+             f"{BURDENS['high'][1]}), in two placements (1a, 1b). "
              "Sensitivity: injected clusters touched by a detection. Precision over new detections: detected "
              "clusters that touch an injected one, over those not already detected on the scan before injection "
              "(real ePVS or steady false positives are left out). Count ICC(2,1): injected clusters vs all "
              "reported clusters across scan x burden (the `bench_models` definition, whose value on real T2w was "
-             "-0.02 for v3); *added* ICC uses reported minus reported at burden 0. The sensitivity over injected "
-             "clusters in white or deep grey matter uses the tissue classes of section 4 (the template's, not the "
-             "app's location test): the injection keeps tubes away from CSF, not from the cortex of deep sulci, "
-             "where the location test excludes them. The MNI152 T2w average, where no individual's ePVS add to the "
+             "-0.02 for v3); *added* ICC uses reported minus reported at burden 0, since a real scan's own ePVS "
+             "add to every count of it. The MNI152 T2w average, where no individual's ePVS add to the "
              "count (only the basal-ganglia ones almost everyone has survive the averaging: "
              "`average_basal_ganglia.md`), is injected too but kept out of the pooled rows: its stratum "
-             "(`average ...`) shows whether the reported count follows the injected one there. No held-out real FLAIR exists "
-             "in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n\n"]
+             "(`average ...`) shows whether the reported count follows the injected one there. No held-out real "
+             "FLAIR exists in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n"]
+    for number, placement in zip("ab", PLACEMENTS):
+        if all(res.get(placement) for res in results):
+            lines += _placement_section(results, head, placement, f"1{number}")
+    return lines
+
+
+def _contrast_cell(by_bin: dict | None) -> str:
+    """``sensitivity (n=...)`` per contrast bin, low to high."""
+    return "n/a" if not by_bin else " / ".join(f"{_f(v['sensitivity'])} (n={v['n']})" for v in by_bin.values())
+
+
+def _placement_section(results, head, placement: str, number: str) -> list[str]:
+    """The tables of one placement of the injected ePVS (:data:`PLACEMENTS`)."""
+    sums = _common_injected(results, placement) if len(results) > 1 else [r[f"{placement}_summary"] for r in results]
+    scans = sorted(set.intersection(*({r["scan"] for r in res[placement]} for res in results)))
+    lines = [f"\n### {number}. Injected {PLACEMENTS[placement]}\n\n{INJECTION_NOTES[placement]} Scans: "
+             f"{', '.join(f'`{s}` ({BY_NAME[s].dataset})' for s in scans)}.\n"]
     for key in sums[0]:
         if " " not in key or not key.endswith("(all)"):
             continue
         seq = key.split(" ")[0]
         target_note = " — #17 targets apply here" if seq == "T2w" else " — no #17 target (reported)"
-        lines.append(f"\n### {seq}, all held-out scans{target_note}\n\n" + head)
+        lines.append(f"\n#### {seq}, all held-out scans{target_note}\n\n" + head)
         for m, target, higher in INJECTED_ROWS:
             t = target if seq == "T2w" else None
             lines.append(f"| {LABELS[m]} ({seq}, {sums[0][key]['n_scans']} scans x 3 burdens) | "
                          + " | ".join(_cell(s.get(key, {}).get(m), t, higher) for s in sums) + " |\n")
+        lines.append(f"| {LABELS['sensitivity_by_contrast']} ({seq}) | "
+                     + " | ".join(_contrast_cell(s.get(key, {}).get("sensitivity_by_contrast")) for s in sums) + " |\n")
         lines.append(f"\nStrata ({seq}): sensitivity / precision over new / count ICC(2,1) / added-count ICC\n\n"
                      + head)
         for k in sums[0]:
@@ -843,8 +962,8 @@ def _injected_section(results, head) -> list[str]:
         " |\n|---|---|" + "---|" * len(ids) + "\n"
     lines.append("\nPer case (injected clusters / reported clusters / injected found / detections that are injected "
                  "ePVS):\n\n" + per_case)
-    for rec in results[0]["injected"]:
-        others = [next((r for r in res["injected"] if r["scan"] == rec["scan"] and r["burden"] == rec["burden"]),
+    for rec in results[0][placement]:
+        others = [next((r for r in res[placement] if r["scan"] == rec["scan"] and r["burden"] == rec["burden"]),
                        None) for res in results]
         lines.append(f"| {rec['scan']} | {rec['burden']} | " + " | ".join(
             "n/a" if o is None else f"{o['n_ref']} / {o['n_pred']} / {o['ref_detected']} / {o['pred_true']}"

@@ -36,6 +36,26 @@ def test_injection_follows_the_sequence_polarity(bright):
     assert (np.median(change) > 30) if bright else (np.median(change) < -30)
 
 
+def test_injection_within_a_region_stays_inside_it():
+    mask = _brain()
+    tissue = (np.where(mask, 100.0, 0.0) + np.random.default_rng(0).normal(0, 2, mask.shape)).astype(np.float32)
+    within = mask.copy()
+    within[:, :, : mask.shape[2] // 2] = False  # only the upper half may hold ePVS
+    image, truth = bench_models.inject_epvs(tissue, mask, np.eye(4), np.random.default_rng(2), (10, 12),
+                                            within=within)
+    assert truth.sum() > 20
+    assert not truth[~within].any()
+    assert np.array_equal(image[~within], tissue[~within])  # not even partial volume leaks out
+
+
+def test_injection_without_a_region_is_unchanged_by_its_option():
+    mask = _brain()
+    tissue = (np.where(mask, 100.0, 0.0) + np.random.default_rng(0).normal(0, 2, mask.shape)).astype(np.float32)
+    a = bench_models.inject_epvs(tissue, mask, np.eye(4), np.random.default_rng(3), (10, 12))
+    b = bench_models.inject_epvs(tissue, mask, np.eye(4), np.random.default_rng(3), (10, 12), within=mask)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])  # a region equal to the mask: same draw
+
+
 def test_persistence_counts_clusters_found_within_the_tolerance():
     labels = np.zeros((30, 30, 30), int)
     labels[5, 5, 5:9] = 1     # 4 voxels: the other scan has a voxel 1 mm away
@@ -125,6 +145,63 @@ def test_injected_summary_pools_and_leaves_out_preexisting_detections():
     assert s["precision_all"] == pytest.approx(28 / 33)
     assert s["n_scans"] == 2 and s["n_cases"] == 4
     assert -1.0 <= s["count_icc21"] <= 1.0 and s["added_count_icc21"] > s["count_icc21"]
+
+
+def test_rim_clusters_are_new_detections_on_voxels_the_injection_changed():
+    shape = (20, 20, 20)
+    truth, before, changed, pred = (np.zeros(shape, bool) for _ in range(4))
+    truth[5, 5, 5:10] = True
+    changed[4:7, 4:7, 4:11] = True          # the tube's partial-volume footprint
+    before[15, 15, 15] = True
+    pred[5, 5, 6] = True                     # on the label: found, not rim
+    pred[4, 4, 10] = pred[3, 3, 10] = True   # off the label, one voxel on the footprint: rim
+    pred[15, 15, 15:17] = True               # pre-existing
+    pred[10, 15, 2] = True                   # elsewhere: a false new detection
+    assert rs.rim_clusters(pred, truth, before, changed) == 1
+    assert rs.rim_clusters(pred, truth, before, np.zeros(shape, bool)) == 0
+    records = [{"scan": "a", "burden": "0", "n_ref": 0, "n_pred": 1, "ref_detected": 0, "pred_true": 0,
+                "pred_preexisting": 1},
+               {"scan": "a", "burden": "low", "n_ref": 1, "n_pred": 4, "ref_detected": 1, "pred_true": 1,
+                "pred_preexisting": 1, "pred_rim": 1}]
+    summary = rs.injected_summary(records)
+    assert summary["precision_new"] == pytest.approx(1 / 3)
+    assert summary["precision_new_rim"] == pytest.approx(2 / 3)
+
+
+def test_found_by_contrast_bins_injected_clusters_by_their_change_of_signal():
+    shape = (20, 20, 20)
+    mask = np.zeros(shape, bool)
+    mask[2:18, 2:18, 2:18] = True
+    n4 = np.zeros(shape)
+    n4[mask] = np.linspace(50, 150, mask.sum())   # 2nd / 50th / 98th percentiles: 52 / 100 / 148
+
+    class Prep:
+        pass
+
+    prep = Prep()
+    prep.n4, prep.mask = n4, mask
+    truth = np.zeros(shape, bool)
+    truth[5, 5, 5:8] = truth[10, 10, 5:8] = truth[14, 14, 5:8] = True
+    image = n4.copy()
+    image[5, 5, 5:8] += 10.0     # 10 / 48: low contrast, missed
+    image[10, 10, 5:8] += 30.0   # 0.62: middle, found
+    image[14, 14, 5:8] += 40.0   # 0.83: high, missed
+    pred = np.zeros(shape, bool)
+    pred[10, 10, 6] = True
+    out = rs.found_by_contrast(prep, image, truth, pred, bright=True)
+    assert out == {"0.0-0.5": [1, 0], "0.5-0.75": [1, 1], "0.75-inf": [1, 0]}
+    records = [{"scan": "a", "burden": "low", "n_ref": 3, "n_pred": 1, "ref_detected": 1, "pred_true": 1,
+                "pred_preexisting": 0, "by_contrast": out},
+               {"scan": "b", "burden": "low", "n_ref": 1, "n_pred": 1, "ref_detected": 1, "pred_true": 1,
+                "pred_preexisting": 0, "by_contrast": {"0.75-inf": [1, 1]}}]
+    pooled = rs.injected_summary(records)["sensitivity_by_contrast"]
+    assert pooled["0.75-inf"] == {"n": 2, "sensitivity": 0.5} and pooled["0.5-0.75"]["sensitivity"] == 1.0
+
+
+def test_second_placement_draws_its_own_seeds_and_keeps_the_first():
+    first = rs.burden_rng("clinical_t2w", "low").random()
+    assert rs.burden_rng("clinical_t2w", "low", "injected").random() == first
+    assert rs.burden_rng("clinical_t2w", "low", "injected_wm").random() != first
 
 
 def test_verdict_and_count_difference():
