@@ -34,9 +34,9 @@ def validation_cases(spec, workers: int) -> list:
     seeds = record["seeds"][record["n_train"]:]
     if record.get("generator", "v3") == "mixed" and record["n_train"] % 2:
         raise ValueError("mixed generator with an odd n_train: the validation kinds would not line up")
-    names = str(record.get("anatomies", "")).split(",")
     paths = train.generate(seeds, ROOT / record["cache_dir"], record["crop_vox"], workers,
-                           generator=record.get("generator", "v3"), anatomies=tuple(n for n in names if n))
+                           generator=record.get("generator", "v3"),
+                           anatomies=train.anatomy_list(record.get("anatomies", "")))
     return [train.load_case(p) for p in paths]
 
 

@@ -40,7 +40,7 @@ def main() -> None:
     from epvsseg.spec import load_spec
 
     prep = rs.load_prepared(opts.scan)
-    within = None if opts.placement == "injected" else rs.plausible_region(prep)
+    within = None if opts.placement == "injected" else rs.plausible_region(rs.prepared_classes(prep))
     image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, rs.burden_rng(opts.scan, opts.burden, opts.placement),
                                rs.BURDENS[opts.burden], bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
     masks = {"injected": truth}

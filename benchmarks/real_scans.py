@@ -433,8 +433,9 @@ def trained_anatomies(spec) -> tuple[str, ...]:
     generator = training.get("generator", "v3")
     if generator == "v3":
         return ("icbm2009a",)
-    names = training.get("anatomies", "")
-    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    from epvsseg.train import anatomy_list
+
+    names = list(anatomy_list(training.get("anatomies", "")))
     if not names:
         from epvsseg.synth import label_maps
 
@@ -461,15 +462,17 @@ def injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str = 
         return json.loads(path.read_text())
     if kept_only:
         return []
-    within = None if placement == "injected" else plausible_region(prep)
-    if placement != "injected" and within is None:
+    classes = prepared_classes(prep)
+    if placement != "injected" and classes is None:
         return []
-    records = _injected_cases(spec, prep, baseline, placement, within)
+    within = None if placement == "injected" else plausible_region(classes)
+    records = _injected_cases(spec, prep, baseline, placement, within, classes)
     _write(path, json.dumps(records))
     return records
 
 
-def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, within) -> list[dict]:
+def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, within,
+                    classes: np.ndarray | None) -> list[dict]:
     from bench_models import inject_epvs, preexisting_clusters
 
     from epvsseg import metrics
@@ -490,7 +493,7 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, 
                         "pred_true": ag.pred_true, "pred_preexisting": preexisting_clusters(pred, truth, baseline),
                         "pred_rim": rim_clusters(pred, truth, baseline, image != prep.n4),
                         "by_contrast": found_by_contrast(prep, image, truth, pred, BRIGHT_EPVS[prep.scan.sequence]),
-                        **found_in_plausible_tissue(prep, truth, pred), "seconds": round(seconds, 1)})
+                        **found_in_plausible_tissue(classes, truth, pred), "seconds": round(seconds, 1)})
         print(json.dumps(records[-1]), flush=True)
     return records
 
@@ -540,13 +543,12 @@ def prepared_classes(prep: Prepared) -> np.ndarray | None:
     return tissue_classes(prep.mask, prep.gm, prep.wm, prep.regions, deep, np.sqrt((prep.affine[:3, :3] ** 2).sum(0)))
 
 
-def plausible_region(prep: Prepared) -> np.ndarray | None:
-    """White and deep grey matter (:data:`PLAUSIBLE`) of a preprocessed scan, or None without tissue maps."""
-    classes = prepared_classes(prep)
-    return None if classes is None else np.isin(classes, [TISSUES.index(t) for t in PLAUSIBLE])
+def plausible_region(classes: np.ndarray) -> np.ndarray:
+    """White and deep grey matter (:data:`PLAUSIBLE`) of :func:`tissue_classes`."""
+    return np.isin(classes, [TISSUES.index(t) for t in PLAUSIBLE])
 
 
-def found_in_plausible_tissue(prep: Prepared, truth: np.ndarray, pred: np.ndarray) -> dict:
+def found_in_plausible_tissue(classes: np.ndarray | None, truth: np.ndarray, pred: np.ndarray) -> dict:
     """Injected clusters that lie in white or deep grey matter by the benchmark's own tissue classes
     (:func:`tissue_classes`, majority of voxels; independent of the app's location test), and how many of them a
     detection touches. The first placement keeps tubes away from CSF but not away from the cortex of deep sulci."""
@@ -554,14 +556,12 @@ def found_in_plausible_tissue(prep: Prepared, truth: np.ndarray, pred: np.ndarra
 
     from epvsprep.anatomy import assign_clusters
 
-    classes = prepared_classes(prep)
     if classes is None:
         return {}
     labels, n = ndimage.label(truth, np.ones((3, 3, 3), bool))
     if n == 0:
         return {"n_ref_plausible": 0, "ref_plausible_detected": 0}
-    owner = assign_clusters(labels, classes.astype(np.int64) + 1, n) - 1
-    plausible = np.isin(owner, [TISSUES.index(t) for t in PLAUSIBLE])
+    plausible = plausible_region(assign_clusters(labels, classes.astype(np.int64) + 1, n) - 1)
     touched = np.asarray(ndimage.maximum(pred, labels, np.arange(1, n + 1)), bool)
     return {"n_ref_plausible": int(plausible.sum()), "ref_plausible_detected": int((plausible & touched).sum())}
 

@@ -123,6 +123,13 @@ def brain_mask_of(case) -> np.ndarray:
     return np.asarray(mask, bool)
 
 
+def anatomy_list(anatomies: str | list[str]) -> tuple[str, ...]:
+    """The anatomy names of ``TrainConfig.anatomies`` (comma-separated, or a list as a ``model.json`` may hold),
+    stripped, empty ones left out (empty: every shipped anatomy, as :func:`generate` takes it)."""
+    names = anatomies.split(",") if isinstance(anatomies, str) else anatomies
+    return tuple(n.strip() for n in names if n.strip())
+
+
 def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: str = "v3",
              anatomies: tuple[str, ...] = ()) -> list[Path]:
     """Render (or reuse) one cached ``.npz`` per seed, in parallel.
@@ -382,7 +389,7 @@ def train(cfg: TrainConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     seeds = rng.integers(0, 2**31 - 1, size=cfg.n_train + cfg.n_val).tolist()
     t0 = time.time()
-    anatomies = tuple(a.strip() for a in cfg.anatomies.split(",") if a.strip())
+    anatomies = anatomy_list(cfg.anatomies)
     paths = generate(seeds, Path(cfg.cache_dir), cfg.crop_vox, cfg.workers, generator=cfg.generator,
                      anatomies=anatomies)
     t_data = time.time() - t0

@@ -228,6 +228,11 @@ def test_held_out_reads_the_models_training_record():
 
     assert rs.trained_anatomies(Mixed) == ("otsu_T1w", "icbm2009a")
 
+    class Spaced:
+        meta = {"training": {"generator": "randomised", "anatomies": ["otsu_T1w ", " ", "T1_head_ext2"]}}
+
+    assert rs.trained_anatomies(Spaced) == ("otsu_T1w", "T1_head_ext2")
+
     xa30 = rs.BY_NAME["xa30_t1w"]
     assert rs.held_out(Randomised, xa30)
     assert not rs.held_out(Randomised, rs.BY_NAME["otsu_t1w"])
