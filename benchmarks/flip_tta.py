@@ -36,7 +36,8 @@ def validation_cases(spec, workers: int) -> list:
         raise ValueError("mixed generator with an odd n_train: the validation kinds would not line up")
     paths = train.generate(seeds, ROOT / record["cache_dir"], record["crop_vox"], workers,
                            generator=record.get("generator", "v3"),
-                           anatomies=train.anatomy_list(record.get("anatomies", "")))
+                           anatomies=train.anatomy_list(record.get("anatomies", "")),
+                           randomised_version=int(record.get("randomised_version", 1)))
     return [train.load_case(p) for p in paths]
 
 

@@ -70,6 +70,9 @@ class TrainConfig:
     generator: str = "v3"
     #: Comma-separated anatomies of the randomised generator (empty: every shipped one).
     anatomies: str = ""
+    #: Parameter format of the randomised generator (:data:`epvsseg.synth.randomised.RANDOMISED_VERSIONS`): 2 adds
+    #: WMH and lacunes; 1 is v5's data (a ``model.json`` without this key was trained on version 1).
+    randomised_version: int = 2
     #: Where the network trains: ``cpu``, ``cuda`` or ``auto`` (:func:`epvsseg.infer.resolve_device`); the
     #: cases are always rendered on the CPU.
     device: str = "cpu"
@@ -79,19 +82,20 @@ class TrainConfig:
 GENERATORS: tuple[str, ...] = ("v3", "randomised", "mixed")
 
 
-def _render_randomised(rng: np.random.Generator, roi: str, crop, anatomies: tuple[str, ...]):
+def _render_randomised(rng: np.random.Generator, roi: str, crop, anatomies: tuple[str, ...], version: int):
     """One domain-randomised case (:mod:`epvsseg.synth.randomised`) on an anatomy drawn from ``anatomies``."""
     from .synth import label_maps, randomised
 
     names = tuple(anatomies) or label_maps.anatomy_names()
     anatomy = str(names[int(rng.integers(0, len(names)))])
-    params = randomised.sample_randomised(rng, anatomy, sequences=SEQUENCES, roi=roi, shape_vox=tuple(crop))
+    params = randomised.sample_randomised(rng, anatomy, sequences=SEQUENCES, roi=roi, shape_vox=tuple(crop),
+                                          version=version)
     return randomised.render_randomised(params)
 
 
 def _render_case(args) -> str:
     seed, path, crop, *rest = args
-    generator, anatomies = (rest[0], tuple(rest[1])) if rest else ("v3", ())
+    generator, anatomies, version = (rest[0], tuple(rest[1]), int(rest[2])) if rest else ("v3", (), 0)
     from . import synth
 
     path = Path(path)
@@ -100,7 +104,7 @@ def _render_case(args) -> str:
     rng = np.random.default_rng(seed)
     roi = rng.choice(list(ROI_WEIGHTS), p=list(ROI_WEIGHTS.values()))
     if generator == "randomised":
-        case = _render_randomised(rng, str(roi), crop, anatomies)
+        case = _render_randomised(rng, str(roi), crop, anatomies, version)
     else:
         params = synth.sample_params(rng, sequences=SEQUENCES, roi=str(roi), shape_vox=tuple(crop))
         case = synth.render(params, synth.load_priors())
@@ -131,18 +135,20 @@ def anatomy_list(anatomies: str | list[str]) -> tuple[str, ...]:
 
 
 def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: str = "v3",
-             anatomies: tuple[str, ...] = ()) -> list[Path]:
+             anatomies: tuple[str, ...] = (), randomised_version: int = 2) -> list[Path]:
     """Render (or reuse) one cached ``.npz`` per seed, in parallel.
 
-    ``generator`` is ``"v3"`` (files ``case-<seed>.npz``), ``"randomised"`` (``rcase-<seed>.npz``, on the
-    ``anatomies`` named, default all shipped ones) or ``"mixed"`` (v3 for even positions, randomised for odd).
+    ``generator`` is ``"v3"`` (files ``case-<seed>.npz``), ``"randomised"`` (``rcase-v<version>-<seed>.npz``,
+    on the ``anatomies`` named, default all shipped ones, in the generator's ``randomised_version``) or
+    ``"mixed"`` (v3 for even positions, randomised for odd).
     """
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; expected one of {GENERATORS}")
     folder.mkdir(parents=True, exist_ok=True)
     kinds = cycle({"v3": ["v3"], "randomised": ["randomised"], "mixed": ["v3", "randomised"]}[generator])
     jobs = [(s, str(folder / f"case-{s}.npz"), tuple(crop)) if kind == "v3" else
-            (s, str(folder / f"rcase-{s}.npz"), tuple(crop), kind, tuple(anatomies))
+            (s, str(folder / f"rcase-v{randomised_version}-{s}.npz"), tuple(crop), kind, tuple(anatomies),
+             randomised_version)
             for s, kind in zip(seeds, kinds)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -391,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     anatomies = anatomy_list(cfg.anatomies)
     paths = generate(seeds, Path(cfg.cache_dir), cfg.crop_vox, cfg.workers, generator=cfg.generator,
-                     anatomies=anatomies)
+                     anatomies=anatomies, randomised_version=cfg.randomised_version)
     t_data = time.time() - t0
     LOGGER.info("rendered %d cases in %.0f s", len(paths), t_data)
     train_cases = [load_case(p) for p in paths[: cfg.n_train]]

@@ -17,6 +17,11 @@ A case
    signal is CSF-like: the drawn CSF intensity moved by at most 25 % towards WM.
 3. *Vessels* (:func:`~epvsseg.synth.lesions.sample_vessels`): flow voids (dark) or bright (contrast or
    inflow); they are mimics (class 3) and never labelled ePVS.
+   *Lesions* (version 2, :data:`RANDOMISED_VERSION`): white-matter hyperintensities (periventricular rims and
+   deep blobs, mimic class 1) and lacunes (a CSF-like cavity with a gliotic rim, class 2), drawn as the default
+   engine draws them (:func:`~epvsseg.synth.render.sample_wmh_lacunes`) with a WMH signal per sequence
+   (:data:`WMH_RANGES`, relative to the drawn WM). ePVS run through WMH with their own signal, so the network
+   sees ePVS on a bright background, as in the patients whose scans have both; none lie in a lacune's cavity.
 4. *Contrast* per sequence: a mean and a within-label spread per label, drawn inside the orderings the
    sequence shows (:data:`INTENSITY_RANGES`, relative to WM = 1) or, with probability ``p_random``,
    uniformly in [0, 1] for every label (any contrast); smooth within-label texture; a 0.5-voxel blur
@@ -53,14 +58,20 @@ from .render import (
     EPVS_SHARE,
     ROI_CENTRES,
     SynthCase,
+    WmhLacunes,
     _lognormal_spec,
     _seed,
     _smooth_noise,
+    render_wmh_lacunes,
     sample_epvs_burden,
+    sample_wmh_lacunes,
 )
 
-#: Version of the parameter format of this generator.
-RANDOMISED_VERSION = 1
+#: Version of the parameter format of this generator: 1 (v5's training data) had no WMH or lacunes; 2 adds them
+#: (``params["lesions"]``), drawn after every version-1 choice, so a seed's version-1 draws stay its own.
+RANDOMISED_VERSION = 2
+#: Versions :func:`render_randomised` renders.
+RANDOMISED_VERSIONS = (1, 2)
 #: Sequences the generator renders.
 SEQUENCES_RANDOMISED: tuple[str, ...] = ("T2w", "FLAIR", "T1w", "SWI")
 #: Default crop, voxels.
@@ -86,6 +97,9 @@ INTENSITY_RANGES: dict[str, dict[str, tuple[float, float]]] = {
 }
 #: Smallest |CSF - WM| of a fully random contrast (the ePVS signal is tied to CSF; relative to the [0, 1] range).
 MIN_CSF_WM_CONTRAST = 0.15
+#: Mean WMH signal per sequence, relative to the case's white matter (lacunes' gliotic rims take it too).
+WMH_RANGES: dict[str, tuple[float, float]] = {"T2w": (1.3, 2.2), "FLAIR": (1.4, 2.6), "T1w": (0.55, 0.95),
+                                              "SWI": (0.95, 1.15)}
 #: Probability that a vessel is bright rather than a flow void, per sequence.
 P_BRIGHT_VESSEL = {"T2w": 0.1, "FLAIR": 0.15, "T1w": 0.4, "SWI": 0.0}
 #: Probability of a 2D (thick-slice) acquisition, per sequence.
@@ -167,9 +181,17 @@ def _draw_epvs(rng: np.random.Generator) -> dict:
             "tortuosity": round(float(rng.uniform(0.05, 0.3)), 4)}
 
 
+def _draw_lesions(rng: np.random.Generator, sequences: Sequence[str]) -> dict:
+    """WMH and lacunes (version 2): the default engine's geometry, a signal per sequence, a seed."""
+    return {**sample_wmh_lacunes(rng),
+            "wmh_signal": {s: round(float(rng.uniform(*WMH_RANGES[s])), 5) for s in sequences},
+            "lacune_signal": {s: round(float(rng.uniform(0.95, 1.05)), 5) for s in sequences},
+            "seed": _seed(rng)}
+
+
 def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequence[str] = SEQUENCES_RANDOMISED,
                       roi: str = "random", shape_vox: tuple[int, int, int] = DEFAULT_CROP,
-                      p_random: float = 0.2) -> dict:
+                      p_random: float = 0.2, version: int = RANDOMISED_VERSION) -> dict:
     """Draw every random choice of one domain-randomised case.
 
     Parameters
@@ -186,6 +208,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         Crop shape, voxels of 1 mm.
     p_random : float
         Probability that a sequence's label intensities are drawn fully at random (no ordering).
+    version : int
+        Parameter format (:data:`RANDOMISED_VERSIONS`); 1 reproduces v5's training data (no WMH or lacunes).
 
     Returns
     -------
@@ -197,6 +221,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         raise ValueError(f"unknown sequences {unknown}; expected among {tuple(INTENSITY_RANGES)}")
     if roi not in ROI_CENTRES:
         raise ValueError(f"unknown roi {roi!r}; expected one of {tuple(ROI_CENTRES)}")
+    if version not in RANDOMISED_VERSIONS:
+        raise ValueError(f"unknown randomised-generator version {version!r}; expected one of {RANDOMISED_VERSIONS}")
     box = ROI_CENTRES[roi]
     centre = [rng.uniform(*box["x"]), rng.uniform(*box["y"]), rng.uniform(*box["z"])]
     if box["mirror"] and rng.random() < 0.5:
@@ -205,8 +231,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
     if rng.random() < 0.15:
         cut = {"axis": int(rng.integers(0, 3)), "side": int(rng.integers(0, 2)),
                "fraction": round(float(rng.uniform(0.05, 0.3)), 4)}
-    return {
-        "generator": "randomised", "version": RANDOMISED_VERSION, "anatomy": str(anatomy),
+    params = {
+        "generator": "randomised", "version": int(version), "anatomy": str(anatomy),
         "sequences": [str(s) for s in sequences],
         "grid": {"roi": roi, "voxel_mm": [1.0, 1.0, 1.0], "shape_vox": [int(s) for s in shape_vox],
                  "centre_mm": [round(float(c), 4) for c in centre]},
@@ -225,6 +251,9 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         "seeds": {"epvs": _seed(rng), "vessels": _seed(rng), "texture": _seed(rng),
                   "noise": {s: _seed(rng) for s in sequences}},
     }
+    if version >= 2:
+        params["lesions"] = _draw_lesions(rng, sequences)
+    return params
 
 
 def _warp_labels(anat: Anatomy, deform: Deformation, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
@@ -257,9 +286,10 @@ def _ghost(img: np.ndarray, axis: int, amplitude: float, period: int) -> np.ndar
     return (img + np.float32(amplitude) * ghosts).astype(np.float32)
 
 
-def _compose(labels: np.ndarray, contrast: dict, texture: np.ndarray, occ: np.ndarray, vessel: np.ndarray,
+def _compose(labels: np.ndarray, contrast: dict, texture: np.ndarray, layers: list[tuple[np.ndarray, float]],
              skull: bool) -> np.ndarray:
-    """Noise-free image: per-label means with texture, 0.5-voxel blur, ePVS and vessels by occupancy."""
+    """Noise-free image: per-label means with texture, 0.5-voxel blur, then each ``(occupancy, signal)`` layer
+    (lesions, ePVS, vessels, in that order) replacing its fraction of the voxel."""
     from scipy import ndimage
 
     mean = np.zeros(256, np.float32)
@@ -272,8 +302,8 @@ def _compose(labels: np.ndarray, contrast: dict, texture: np.ndarray, occ: np.nd
             mean[_L[name]] = contrast["mean"]["background"]
     img = mean[labels] * (1.0 + spread[labels] * texture)
     img = ndimage.gaussian_filter(img, 0.5, mode="nearest")
-    img = img * (1.0 - occ) + occ * np.float32(contrast["epvs"])
-    img = img * (1.0 - vessel) + vessel * np.float32(contrast["vessel"])
+    for occ, signal in layers:
+        img = img * (1.0 - occ) + occ * np.float32(signal)
     return np.clip(img, 0.0, None).astype(np.float32)
 
 
@@ -293,6 +323,33 @@ def _acquire(signal: np.ndarray, affine: np.ndarray, acq: dict, seed: int, level
     return img.astype(np.float32)
 
 
+def _lesions(params: dict, labels: np.ndarray, tissue: np.ndarray, priors: AnatomyPriors, deform: Deformation,
+             affine: np.ndarray) -> WmhLacunes | None:
+    """WMH (in white matter, rims by the ventricles) and lacunes of version-2 parameters; None for version 1."""
+    from scipy import ndimage
+
+    if "lesions" not in params:
+        return None
+    vent = labels == _L["ventricle"]
+    dist_vent = (ndimage.distance_transform_edt(~vent, sampling=np.diag(affine)[:3]).astype(np.float32)
+                 if vent.any() else np.full(labels.shape, np.inf, np.float32))
+    return render_wmh_lacunes(np.random.default_rng(int(params["lesions"]["seed"])), params["lesions"], priors,
+                              deform, affine, labels.shape, wm_like=(labels == _L["wm"]).astype(np.float32),
+                              tissue=tissue, dist_vent=dist_vent)
+
+
+def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.ndarray,
+            vessel: np.ndarray) -> list[tuple[np.ndarray, float]]:
+    """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, then ePVS, then vessels."""
+    con = params["contrast"][sequence]
+    layers = []
+    if lesions is not None:
+        wmh = con["mean"]["wm"] * params["lesions"]["wmh_signal"][sequence]
+        cavity = con["mean"]["csf"] * params["lesions"]["lacune_signal"][sequence]
+        layers += [(lesions.wmh, wmh), (lesions.lacune_rim, wmh), (lesions.lacune, cavity)]
+    return layers + [(occ, con["epvs"]), (vessel, con["vessel"])]
+
+
 def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: AnatomyPriors | None = None) -> SynthCase:
     """Render a domain-randomised case (pure and deterministic given ``params`` and the anatomy).
 
@@ -309,13 +366,14 @@ def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: Anat
     Returns
     -------
     SynthCase
-        ``images`` per sequence (positive, unnormalised), ``label`` (ePVS), ``mimics`` (3 = vessel),
+        ``images`` per sequence (positive, unnormalised), ``label`` (ePVS), ``mimics`` (1 WMH, 2 lacune,
+        3 vessel),
         ``occupancy``, ``affine`` (1 mm crop, MNI-aligned mm of the deformed anatomy), ``brain`` (intracranial
         labels), ``stats`` (counts, the labels present, seconds).
     """
     t0 = time.perf_counter()
-    if params.get("generator") != "randomised" or int(params.get("version", -1)) != RANDOMISED_VERSION:
-        raise ValueError(f"not randomised-generator parameters of version {RANDOMISED_VERSION}: "
+    if params.get("generator") != "randomised" or int(params.get("version", -1)) not in RANDOMISED_VERSIONS:
+        raise ValueError(f"not randomised-generator parameters of a version in {RANDOMISED_VERSIONS}: "
                          f"generator={params.get('generator')!r}, version={params.get('version')!r}")
     anat = anatomy if anatomy is not None else load_anatomy(params["anatomy"])
     pri = priors if priors is not None else anatomy_priors(params["anatomy"])
@@ -338,20 +396,28 @@ def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: Anat
     ves, _ = sample_vessels(np.random.default_rng(int(params["seeds"]["vessels"])), params["vessels"], pri, deform)
     vessel, _ = rasterise_tubes(Tubes(ves.points, ves.radii, ves.region), affine, shape, supersample=2)
     vessel = np.minimum(vessel, np.isin(labels, BRAIN_LABELS).astype(np.float32))
-    mimics = np.where(vessel >= 0.5, 3, 0).astype(np.uint8)
-    occ[mimics > 0] = 0.0
+    lesions = _lesions(params, labels, tissue, pri, deform, affine)
+    mimics = np.zeros(shape, np.uint8)
+    if lesions is not None:
+        mimics[lesions.wmh >= 0.5] = 1
+        mimics[(lesions.lacune + lesions.lacune_rim) >= 0.5] = 2
+        occ = np.minimum(occ, 1.0 - lesions.lacune)  # ePVS run through WMH, not through a lacune's cavity
+    mimics[vessel >= 0.5] = 3
+    occ[mimics >= 2] = 0.0
     occ = np.minimum(occ, 1.0 - vessel)
     label = epvs_label(occ, centreline_voxels(tubes, affine, shape))
+    mimics[label > 0] = 0  # an ePVS through a WMH is labelled ePVS; the mimic map stays disjoint from the label
     texture = _smooth_noise(np.random.default_rng(int(params["seeds"]["texture"])), shape,
                             float(params["texture_scale_vox"]))
     images = {}
     for s in params["sequences"]:
         con = params["contrast"][s]
-        sig = _compose(labels, con, texture, occ, vessel, bool(params["skull"]))
+        sig = _compose(labels, con, texture, _layers(params, s, lesions, occ, vessel), bool(params["skull"]))
         level = float(np.mean([con["mean"][n] for n in ("gm", "wm")]))
         images[s] = _acquire(sig, affine, params["acquisition"][s], int(params["seeds"]["noise"][s]), level)
     stats = {"epvs_drawn": {r: int((tubes.region == i).sum()) for i, r in enumerate(EPVS_REGIONS)},
              "epvs_in_grid": int(present.sum()), "vessels": len(ves), "label_voxels": int(label.sum()),
+             **(lesions.counts if lesions is not None else {}),
              "labels_present": sorted(int(v) for v in np.unique(labels)),
              "seconds": round(time.perf_counter() - t0, 3)}
     return SynthCase(images=images, label=label, mimics=mimics, occupancy=occ.astype(np.float32), affine=affine,

@@ -124,6 +124,23 @@ def _seed(rng: np.random.Generator) -> int:
     return int(rng.integers(0, 2 ** 31 - 1))
 
 
+def _maybe_count(rng: np.random.Generator, p_zero: float, lo: float, hi: float) -> int:
+    """0 with probability ``p_zero``, else a count log-uniform in [lo, hi]."""
+    return 0 if rng.random() < p_zero else round(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def sample_wmh_lacunes(rng: np.random.Generator) -> dict:
+    """WMH (periventricular rims, deep blobs) and lacunes of one case: ``{"wmh": ..., "lacunes": ...}``."""
+    return {
+        "wmh": {"periventricular_mm": 0.0 if rng.random() < 0.3 else round(float(rng.uniform(1.0, 6.0)), 3),
+                "deep": _maybe_count(rng, 0.3, 1, 40),
+                "radius_mm": _lognormal_spec(2.5, 0.45, 1.0, 8.0),
+                "roughness": round(float(rng.uniform(0.1, 0.4)), 4)},
+        "lacunes": {"n": _maybe_count(rng, 0.5, 1, 6), "radius_mm": _lognormal_spec(3.0, 0.35, 1.5, 7.5),
+                    "rim_mm": round(float(rng.uniform(0.6, 1.5)), 4)},
+    }
+
+
 def sample_epvs_burden(rng: np.random.Generator) -> int:
     """Total ePVS count of a case: from few to many (the seed cohort averaged about 680)."""
     if rng.random() < 0.35:
@@ -191,22 +208,14 @@ def sample_params(rng: np.random.Generator, *, sequences: Sequence[str] = SEQUEN
     epvs = {"total": int(total), "counts": {n: int(c) for n, c in zip(names, counts)}, "geometry": geometry,
             "tortuosity": round(float(rng.uniform(0.05, 0.25)), 4)}
 
-    def maybe(p_zero: float, lo: float, hi: float) -> int:
-        return 0 if rng.random() < p_zero else round(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-
     mimics = {
-        "wmh": {"periventricular_mm": 0.0 if rng.random() < 0.3 else round(float(rng.uniform(1.0, 6.0)), 3),
-                "deep": maybe(0.3, 1, 40),
-                "radius_mm": _lognormal_spec(2.5, 0.45, 1.0, 8.0),
-                "roughness": round(float(rng.uniform(0.1, 0.4)), 4)},
-        "lacunes": {"n": maybe(0.5, 1, 6), "radius_mm": _lognormal_spec(3.0, 0.35, 1.5, 7.5),
-                    "rim_mm": round(float(rng.uniform(0.6, 1.5)), 4)},
-        "vessels": {"veins": maybe(0.05, 5, 60), "arteries": maybe(0.3, 1, 12),
+        **sample_wmh_lacunes(rng),
+        "vessels": {"veins": _maybe_count(rng, 0.05, 5, 60), "arteries": _maybe_count(rng, 0.3, 1, 12),
                     "diameter_mm": _lognormal_spec(0.9, 0.3, 0.5, 2.0),
                     "length_mm": _lognormal_spec(15.0, 0.4, 6.0, 40.0),
                     "tortuosity": round(float(rng.uniform(0.05, 0.2)), 4),
                     "swi_bloom": round(float(rng.uniform(1.3, 2.0)), 4)},
-        "microbleeds": {"n": maybe(0.5, 1, 15), "radius_mm": _lognormal_spec(1.4, 0.3, 0.8, 3.0),
+        "microbleeds": {"n": _maybe_count(rng, 0.5, 1, 15), "radius_mm": _lognormal_spec(1.4, 0.3, 0.8, 3.0),
                         "non_swi_fraction": round(float(rng.uniform(0.45, 0.8)), 4)},
     }
     return {
@@ -360,29 +369,10 @@ def _render_mimics(params: dict, priors: AnatomyPriors, deform: Deformation, aff
                    dist_vent: np.ndarray) -> _MimicFields:
     """WMH, lacunes, vessels and microbleeds of a case on the output grid."""
     mp = params["mimics"]
-    vox = float(np.mean(np.diag(affine)[:3]))
     rng = np.random.default_rng(int(params["seeds"]["mimics"]))
-    # WMH: periventricular caps/rims (thickness modulated by a smooth field) and deep blobs, in WM
-    pv = float(mp["wmh"]["periventricular_mm"])
-    wmh = np.zeros(shape, np.float32)
-    if pv > 0:
-        thick = pv * np.clip(0.6 + 0.4 * _smooth_noise(rng, shape, 6.0 / vox), 0.1, 1.6)
-        wmh = np.clip(0.5 + (thick - dist_vent) / 1.5, 0.0, 1.0)
-    blobs = sample_blobs(rng, priors, deform, {"centrum_semiovale": 0.6, "deep_wm": 0.4},
-                         int(mp["wmh"]["deep"]), mp["wmh"]["radius_mm"], elongation=2.0)
-    if len(blobs):
-        rough = _smooth_noise(rng, shape, 2.0 / vox)
-        wmh = np.maximum(wmh, rasterise_blobs(blobs, affine, shape, roughness=rough,
-                                              rough_amp=float(mp["wmh"]["roughness"])))
     wm_like = np.clip(1.3 * frac["wm"] / np.maximum(tissue, 1e-6), 0.0, 1.0) * tissue
-    wmh = (wmh * wm_like).astype(np.float32)
-    # lacunes: CSF-like core, gliotic rim
-    lac = sample_blobs(rng, priors, deform, {"basal_ganglia": 0.35, "thalamus": 0.2, "deep_wm": 0.25,
-                                             "centrum_semiovale": 0.2},
-                       int(mp["lacunes"]["n"]), mp["lacunes"]["radius_mm"], elongation=1.8)
-    core = rasterise_blobs(lac, affine, shape) * tissue
-    rim = np.clip(rasterise_blobs(lac, affine, shape, grow_mm=float(mp["lacunes"]["rim_mm"])) * tissue - core,
-                  0.0, 1.0)
+    wl = render_wmh_lacunes(rng, mp, priors, deform, affine, shape, wm_like=wm_like, tissue=tissue,
+                            dist_vent=dist_vent)
     # vessels: veins (dark and blooming on SWI) and arteries (flow voids)
     ves, is_vein = sample_vessels(rng, mp["vessels"], priors, deform)
     veins = Tubes(ves.points[is_vein], ves.radii[is_vein], ves.region[is_vein])
@@ -397,11 +387,51 @@ def _render_mimics(params: dict, priors: AnatomyPriors, deform: Deformation, aff
     mb_swi = rasterise_blobs(mb, affine, shape)
     small = Blobs(mb.centres, mb.radii * float(mp["microbleeds"]["non_swi_fraction"]), mb.rotations)
     return _MimicFields(
-        wmh=wmh, lacune=core, lacune_rim=rim, vein=vein, vein_swi=vein_swi, artery=artery,
+        wmh=wl.wmh, lacune=wl.lacune, lacune_rim=wl.lacune_rim, vein=vein, vein_swi=vein_swi, artery=artery,
         microbleed=rasterise_blobs(small, affine, shape), microbleed_swi=mb_swi,
-        counts={"wmh_deep_blobs": len(blobs), "lacunes": len(lac), "vessels": len(ves),
-                "microbleeds": len(mb)},
+        counts={**wl.counts, "vessels": len(ves), "microbleeds": len(mb)},
     )
+
+
+@dataclass
+class WmhLacunes:
+    """Soft occupancies (I, J, K) of WMH and of lacunes' CSF-like cores and gliotic rims."""
+
+    wmh: np.ndarray
+    lacune: np.ndarray
+    lacune_rim: np.ndarray
+    counts: dict
+
+
+def render_wmh_lacunes(rng: np.random.Generator, spec: dict, priors: AnatomyPriors, deform: Deformation,
+                       affine: np.ndarray, shape: tuple[int, int, int], *, wm_like: np.ndarray, tissue: np.ndarray,
+                       dist_vent: np.ndarray) -> WmhLacunes:
+    """WMH and lacunes of :func:`sample_wmh_lacunes` ``spec`` on the output grid.
+
+    WMH are periventricular rims (``dist_vent``: mm from the ventricles; thickness modulated by a smooth field)
+    and deep blobs, kept to white matter (``wm_like``, a [0, 1] weight); lacunes lie in brain ``tissue``.
+    """
+    vox = float(np.mean(np.diag(affine)[:3]))
+    pv = float(spec["wmh"]["periventricular_mm"])
+    wmh = np.zeros(shape, np.float32)
+    if pv > 0:
+        thick = pv * np.clip(0.6 + 0.4 * _smooth_noise(rng, shape, 6.0 / vox), 0.1, 1.6)
+        wmh = np.clip(0.5 + (thick - dist_vent) / 1.5, 0.0, 1.0)
+    blobs = sample_blobs(rng, priors, deform, {"centrum_semiovale": 0.6, "deep_wm": 0.4},
+                         int(spec["wmh"]["deep"]), spec["wmh"]["radius_mm"], elongation=2.0)
+    if len(blobs):
+        rough = _smooth_noise(rng, shape, 2.0 / vox)
+        wmh = np.maximum(wmh, rasterise_blobs(blobs, affine, shape, roughness=rough,
+                                              rough_amp=float(spec["wmh"]["roughness"])))
+    wmh = (wmh * wm_like).astype(np.float32)
+    lac = sample_blobs(rng, priors, deform, {"basal_ganglia": 0.35, "thalamus": 0.2, "deep_wm": 0.25,
+                                             "centrum_semiovale": 0.2},
+                       int(spec["lacunes"]["n"]), spec["lacunes"]["radius_mm"], elongation=1.8)
+    core = rasterise_blobs(lac, affine, shape) * tissue
+    rim = np.clip(rasterise_blobs(lac, affine, shape, grow_mm=float(spec["lacunes"]["rim_mm"])) * tissue - core,
+                  0.0, 1.0)
+    return WmhLacunes(wmh=wmh, lacune=core, lacune_rim=rim,
+                      counts={"wmh_deep_blobs": len(blobs), "lacunes": len(lac)})
 
 
 def _compose(sequence: str, params: dict, frac: dict[str, np.ndarray], texture: np.ndarray, m: _MimicFields,

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from epvsseg import train
 from epvsseg.synth import label_maps, randomised
 from epvsseg.synth.label_maps import LABELS
 
@@ -33,7 +34,7 @@ def test_sampling_is_seeded_and_json_serialisable():
     assert set(a["contrast"]) == set(a["acquisition"]) == {"T2w", "FLAIR", "T1w", "SWI"}
 
 
-def test_render_is_deterministic_and_a_function_of_the_json_params(anatomy):
+def test_render_is_deterministic_and_a_function_of_the_json_draw(anatomy):
     anat, pri = anatomy
     p = _draw(11)
     one = randomised.render_randomised(p, anat, pri)
@@ -93,11 +94,44 @@ def test_noise_free_composition_puts_the_drawn_intensities(anatomy):
     occ[8:12, 8:12, 8:16] = 1.0
     con = randomised._draw_contrast(np.random.default_rng(1), "T2w", p_random=0.0)
     con["spread"] = {k: 0.0 for k in con["spread"]}
-    img = randomised._compose(labels, con, np.zeros(labels.shape, np.float32), occ,
-                              np.zeros(labels.shape, np.float32), skull=True)
-    assert img[10, 10, 12] == pytest.approx(con["epvs"], rel=1e-5)
+    wmh = np.zeros(labels.shape, np.float32)
+    wmh[6:14, 6:14, 6:18] = 1.0  # a lesion around the ePVS
+    img = randomised._compose(labels, con, np.zeros(labels.shape, np.float32),
+                              [(wmh, 1.7), (occ, con["epvs"]), (np.zeros(labels.shape, np.float32), 0.0)], skull=True)
+    assert img[10, 10, 12] == pytest.approx(con["epvs"], rel=1e-5)  # the ePVS keeps its own signal in the WMH
+    assert img[7, 7, 12] == pytest.approx(1.7, rel=1e-5)
     assert img[2, 2, 15] == pytest.approx(con["mean"]["wm"], rel=1e-5)
     assert img[2, 2, 1] == pytest.approx(con["mean"]["csf"], rel=1e-5)
+
+
+def test_version_2_adds_lesions_after_the_version_1_draws():
+    v1 = _draw(8, version=1)
+    v2 = _draw(8)
+    assert v2["version"] == randomised.RANDOMISED_VERSION == train.TrainConfig.randomised_version == 2
+    assert "lesions" not in v1
+    assert {k: v for k, v in v2.items() if k not in ("lesions", "version")} == {
+        k: v for k, v in v1.items() if k != "version"}
+    for s, (lo, hi) in randomised.WMH_RANGES.items():
+        assert lo <= v2["lesions"]["wmh_signal"][s] <= hi
+    with pytest.raises(ValueError, match="version"):
+        _draw(8, version=3)
+
+
+def test_version_2_renders_wmh_lacunes_and_ePVS_through_wmh(anatomy):
+    params = _draw(11, shape_vox=(64, 64, 32))
+    params["lesions"]["wmh"].update(periventricular_mm=5.0, deep=30)
+    params["lesions"]["lacunes"]["n"] = 4
+    params["epvs"]["counts"] = {k: 4 * v for k, v in params["epvs"]["counts"].items()}
+    case = randomised.render_randomised(params, *anatomy)
+    assert (case.mimics == 1).sum() > 200 and (case.mimics == 2).any()
+    assert not np.any((case.label > 0) & (case.mimics > 0))
+    assert case.label[case.mimics == 0].any()
+    plain = randomised.render_randomised({**{k: v for k, v in params.items() if k != "lesions"}, "version": 1},
+                                         *anatomy)
+    assert not np.isin(plain.mimics, (1, 2)).any()
+    wmh = (case.mimics == 1) & (plain.mimics == 0) & (plain.label == 0)
+    assert np.median(case.images["T2w"][wmh]) > 1.1 * np.median(plain.images["T2w"][wmh])  # brighter than the WM
+    assert np.median(case.images["T1w"][wmh]) < np.median(plain.images["T1w"][wmh])  # darker on T1w
 
 
 def test_acquisitions_span_the_documented_ranges():
@@ -160,10 +194,11 @@ def test_training_runs_on_randomised_crops(tmp_path, anatomy):
     meta = train.train(cfg)
     assert meta["training"]["generator"] == "randomised" and meta["training"]["anatomies"] == ANATOMY
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
-        f"rcase-{s}.npz" for s in meta["training"]["seeds"])
-    with np.load(tmp_path / "cache" / f"rcase-{meta['training']['seeds'][0]}.npz") as z:
+        f"rcase-v2-{s}.npz" for s in meta["training"]["seeds"])
+    assert meta["training"]["randomised_version"] == 2
+    with np.load(tmp_path / "cache" / f"rcase-v2-{meta['training']['seeds'][0]}.npz") as z:
         params = json.loads(str(z["params"]))
-        assert params["generator"] == "randomised" and params["anatomy"] == ANATOMY
+        assert params["generator"] == "randomised" and params["anatomy"] == ANATOMY and params["version"] == 2
         assert z["img_T2w"].shape == (48, 48, 16)
     spec = load_spec(tmp_path / "epvs-rand", verify=True)
     assert infer.sha256_file(tmp_path / "epvs-rand" / "weights.pt") == spec.sha256

@@ -151,7 +151,10 @@ def test_generate_is_deterministic(tmp_path):
 def test_mixed_generator_alternates_the_two_and_keeps_each_generators_cache(tmp_path):
     seeds = [11, 12, 13]
     paths = train.generate(seeds, tmp_path, (48, 48, 16), workers=1, generator="mixed", anatomies=("icbm2009a",))
-    assert [p.name for p in paths] == ["case-11.npz", "rcase-12.npz", "case-13.npz"]
+    assert [p.name for p in paths] == ["case-11.npz", "rcase-v2-12.npz", "case-13.npz"]
+    (old,) = train.generate([12], tmp_path, (48, 48, 16), workers=1, generator="randomised",
+                            anatomies=("icbm2009a",), randomised_version=1)  # v5's data: its own file
+    assert old.name == "rcase-v1-12.npz" and json.loads(str(_arrays(old)["params"]))["version"] == 1
     params = [json.loads(str(_arrays(p)["params"])) for p in paths]
     assert params[1]["generator"] == "randomised" and "generator" not in params[0]
     # the same seeds through each generator alone give the same files
