@@ -350,6 +350,9 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
         ax = axes[i // cols, i % cols]
         ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=float(np.percentile(case.images[seq], 99.5)))
         ax.contour(np.rot90(case.label[:, :, k]), levels=[0.5], colors="red", linewidths=0.5)
+        for cls, colour in ((1, "yellow"), (2, "cyan")):  # WMH and lacunes (generator version 2)
+            if (case.mimics[:, :, k] == cls).any():
+                ax.contour(np.rot90(case.mimics[:, :, k] == cls), levels=[0.5], colors=colour, linewidths=0.5)
         acq = p["acquisition"][seq]
         flags = [acq["mode"] + (f" {max(acq['spacing_mm']):.1f}mm" if acq["mode"] == "2D" else ""),
                  "random" if p["contrast"][seq]["fully_random"] else "ordered",
@@ -361,7 +364,8 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
         ax.imshow(np.rot90(_real_slice(shared / rel)), cmap="gray")
         ax.set_title(f"real: {label}\n({use})", fontsize=7)
         ax.set_axis_off()
-    fig.suptitle("Randomised draws (red: ePVS label; the last two with p_random = 1) and real scans (bottom row)",
+    fig.suptitle("Randomised draws (red: ePVS label, yellow: WMH, cyan: lacune; the last two with p_random = 1) "
+                 "and real scans (bottom row)",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=70)
