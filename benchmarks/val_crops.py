@@ -1,0 +1,84 @@
+"""Several models on one model's synthetic validation crops, each at its own operating point (issue #17).
+
+A model's selection score is measured on its own validation crops, so two models trained on different data are
+not compared by their recorded scores. Here every model is scored on the same crops: the validation crops of
+the ``--crops`` model (the last ``n_val`` seeds of its ``model.json``, rendered again by
+:func:`epvsseg.train.generate` in its generator and version; synthetic, no evaluation-only scan), each model at
+its own threshold and minimum cluster size, through :func:`epvsseg.train.score_grid` (the application's
+decision, mimic exclusions included). Reported per model: the recipe's selection score (mean over combinations
+of cluster F1 + Dice) and per-combination cluster sensitivity, precision and F1.
+
+Usage::
+
+    python benchmarks/val_crops.py --crops benchmarks/models/epvs-unet25d-v6 \\
+        --models epvs-unet25d-v3 benchmarks/models/epvs-unet25d-v5 benchmarks/models/epvs-unet25d-v6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def score(model, cases: list, combos: list[tuple[str, ...]]) -> dict:
+    """Selection score and per-combination scores of ``model`` at its own operating point."""
+    from epvsseg import train
+
+    point = (float(model.spec.threshold), int(model.spec.min_cluster_voxels))
+    scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point])[point]
+    return {"point": list(point), "score": train._score(scores), "scores": scores}
+
+
+def report(crops_id: str, command: str, n_cases: int, results: dict) -> str:
+    combos = list(next(iter(results.values()))["scores"])
+    lines = [f"# Models on the validation crops of {crops_id}\n\n",
+             f"Produced by `{command}` ({n_cases} synthetic validation crops of {crops_id}; see the script's "
+             "docstring). Each model at its own operating point; score: mean over combinations of cluster F1 + "
+             "Dice. Cells: cluster sensitivity / precision / F1.\n\n",
+             "| model | point | score | " + " | ".join(combos) + " |\n", "|---|---|---|" + "---|" * len(combos) + "\n"]
+    for name, r in results.items():
+        cells = [f"{r['scores'][c]['cluster_sensitivity']:.3f} / {r['scores'][c]['cluster_precision']:.3f} / "
+                 f"{r['scores'][c]['cluster_f1']:.3f}" for c in combos]
+        lines.append(f"| {name} | {r['point'][0]} / {r['point'][1]} | {r['score']:.4f} | " + " | ".join(cells) + " |\n")
+    return "".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--crops", required=True, help="the model whose validation crops are scored (id or folder)")
+    parser.add_argument("--models", nargs="+", required=True, help="models to score (ids or folders)")
+    parser.add_argument("--workers", type=int, default=2, help="processes rendering the crops")
+    parser.add_argument("--threads", type=int, default=2)
+    opts = parser.parse_args()
+    import torch
+    from flip_tta import validation_cases
+
+    from epvsseg.infer import load_model
+
+    torch.set_num_threads(opts.threads)
+    owner = load_model(opts.crops)
+    cases = validation_cases(owner.spec, opts.workers)
+    combos = [tuple(c) for c in owner.spec.meta["training"]["combinations"]]
+    results = {}
+    for ref in opts.models:
+        model = load_model(ref)
+        results[model.model_id] = score(model, cases, combos)
+        print(json.dumps({model.model_id: round(results[model.model_id]["score"], 4)}), flush=True)
+    command = "python benchmarks/val_crops.py " + " ".join(sys.argv[1:])
+    out = RESULTS / f"val_crops_{owner.model_id}"
+    out.with_suffix(".json").write_text(json.dumps({"crops": owner.model_id, "command": command,
+                                                    "n_cases": len(cases), "models": results}, indent=1,
+                                                   default=float) + "\n")
+    out.with_suffix(".md").write_text(report(owner.model_id, command, len(cases), results))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
