@@ -10,7 +10,7 @@ ringed (5 mm) so that one-voxel clusters can be found. Writes
 ``docs/figures/real_overlays/<scan>.png`` (palette PNG, ~100-200 KB).
 
 A model named with the suffix ``@nolocation`` is drawn as decided without the location test
-(``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green in the order named); a scan
+(``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green, magenta in the order named); a scan
 some model was not run on is drawn with the others.
 
 Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3@nolocation epvs-unet25d-v3 [--scans a,b]
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import real_scans as rs  # noqa: E402
 
 OUT = ROOT / "docs" / "figures" / "real_overlays"
-COLOURS = ("#ff3b30", "#00e5ff", "#ffd60a", "#34c759")
+COLOURS = ("#ff3b30", "#00e5ff", "#ffd60a", "#34c759", "#ff2dd4")
 
 
 def pick_slices(prep: rs.Prepared, table) -> list[tuple[str, int]]:
