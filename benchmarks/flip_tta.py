@@ -76,27 +76,42 @@ def report(model_id: str, command: str, n_cases: int, result: dict) -> str:
     return "".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model id or folder (as the app's --model)")
+def add_crop_options(parser: argparse.ArgumentParser) -> None:
+    """The options of rendering and scoring validation crops (shared with ``val_crops.py``)."""
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the crops")
     parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args()
+
+
+def model_and_crops(ref: str, opts: argparse.Namespace) -> tuple:
+    """The model ``ref`` and its validation crops, torch limited to ``opts.threads``."""
     import torch
 
     from epvsseg.infer import load_model
 
     torch.set_num_threads(opts.threads)
-    model = load_model(opts.model)
-    cases = validation_cases(model.spec, opts.workers)
+    model = load_model(ref)
+    return model, validation_cases(model.spec, opts.workers)
+
+
+def write_results(stem: str, record: dict, markdown: str) -> None:
+    """``results/<stem>.json`` and ``.md``, and the table printed."""
+    out = RESULTS / stem
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1, default=float) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model id or folder (as the app's --model)")
+    add_crop_options(parser)
+    opts = parser.parse_args()
+    model, cases = model_and_crops(opts.model, opts)
     result = measure(model, cases)
     command = "python benchmarks/flip_tta.py " + " ".join(sys.argv[1:])
-    out = RESULTS / f"flip_tta_{model.model_id}"
-    out.with_suffix(".json").write_text(json.dumps({"model_id": model.model_id, "command": command,
-                                                    "n_cases": len(cases), **result}, indent=1, default=float) + "\n")
-    out.with_suffix(".md").write_text(report(model.model_id, command, len(cases), result))
-    print(out.with_suffix(".md").read_text())
-
+    write_results(f"flip_tta_{model.model_id}",
+                  {"model_id": model.model_id, "command": command, "n_cases": len(cases), **result},
+                  report(model.model_id, command, len(cases), result))
 
 if __name__ == "__main__":
     main()

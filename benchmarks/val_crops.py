@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -51,20 +50,16 @@ def report(crops_id: str, command: str, n_cases: int, results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--crops", required=True, help="the model whose validation crops are scored (id or folder)")
-    parser.add_argument("--models", nargs="+", required=True, help="models to score (ids or folders)")
-    parser.add_argument("--workers", type=int, default=2, help="processes rendering the crops")
-    parser.add_argument("--threads", type=int, default=2)
-    opts = parser.parse_args()
-    import torch
-    from flip_tta import validation_cases
+    from flip_tta import add_crop_options, model_and_crops, write_results
 
     from epvsseg.infer import load_model
 
-    torch.set_num_threads(opts.threads)
-    owner = load_model(opts.crops)
-    cases = validation_cases(owner.spec, opts.workers)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--crops", required=True, help="the model whose validation crops are scored (id or folder)")
+    parser.add_argument("--models", nargs="+", required=True, help="models to score (ids or folders)")
+    add_crop_options(parser)
+    opts = parser.parse_args()
+    owner, cases = model_and_crops(opts.crops, opts)
     combos = [tuple(c) for c in owner.spec.meta["training"]["combinations"]]
     results = {}
     for ref in opts.models:
@@ -72,13 +67,9 @@ def main() -> None:
         results[model.model_id] = score(model, cases, combos)
         print(json.dumps({model.model_id: round(results[model.model_id]["score"], 4)}), flush=True)
     command = "python benchmarks/val_crops.py " + " ".join(sys.argv[1:])
-    out = RESULTS / f"val_crops_{owner.model_id}"
-    out.with_suffix(".json").write_text(json.dumps({"crops": owner.model_id, "command": command,
-                                                    "n_cases": len(cases), "models": results}, indent=1,
-                                                   default=float) + "\n")
-    out.with_suffix(".md").write_text(report(owner.model_id, command, len(cases), results))
-    print(out.with_suffix(".md").read_text())
-
+    write_results(f"val_crops_{owner.model_id}",
+                  {"crops": owner.model_id, "command": command, "n_cases": len(cases), "models": results},
+                  report(owner.model_id, command, len(cases), results))
 
 if __name__ == "__main__":
     main()
