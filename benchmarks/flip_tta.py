@@ -113,5 +113,6 @@ def main() -> None:
                   {"model_id": model.model_id, "command": command, "n_cases": len(cases), **result},
                   report(model.model_id, command, len(cases), result))
 
+
 if __name__ == "__main__":
     main()

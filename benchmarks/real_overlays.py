@@ -7,11 +7,11 @@ the centrum semiovale (the same for its voxels) and half-way between them; witho
 brain's height. The bias-corrected image is shown in grey (neurological convention: the participant's left on
 the left), cropped to the brain, each model's detected voxels filled in its colour and
 ringed (5 mm) so that one-voxel clusters can be found. Writes
-``docs/figures/real_overlays/<scan>.png`` (palette PNG, ~100-200 KB).
+``docs/figures/real_overlays/<scan>.png`` (palette PNG, 0.1-1.2 MB with five models).
 
 A model named with the suffix ``@nolocation`` is drawn as decided without the location test
-(``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green, magenta in the order named); a scan
-some model was not run on is drawn with the others.
+(``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green, magenta in the order
+named); a scan some model was not run on is drawn with the others.
 
 Usage: python benchmarks/real_overlays.py --models epvs-unet25d-v3@nolocation epvs-unet25d-v3 [--scans a,b]
 """

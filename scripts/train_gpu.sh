@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the ePVS U-Net on one GPU: the device machine's CPU cores render the synthetic cases, its GPU trains.
-# The recipe is the CPU recipe of the latest model (docs/models.md) with more cases and iterations; the model
+# The recipe is the CPU recipe of v5/v6 (docs/models.md: the mixed generator, whose randomised half is version 2
+# with WMH and lacunes by default since v6) with more cases and iterations, warm-started from v3; the model
 # folder it writes records the device in model.json (training.device, and per validation in history).
 #
 # The device machine cannot reach PyPI and has no nibabel or pydot: download their wheels here first,
