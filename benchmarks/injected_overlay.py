@@ -32,17 +32,12 @@ def main() -> None:
     parser.add_argument("--burden", default="high", choices=[b for b, n in rs.BURDENS.items() if n])
     parser.add_argument("--models", nargs="+", required=True, help="model ids or folders")
     opts = parser.parse_args()
-    from bench_models import inject_epvs
-
     from epvsprep.anatomy import load_kit
-    from epvsseg.detect import BRIGHT_EPVS
     from epvsseg.metrics import count_clusters
     from epvsseg.spec import load_spec
 
     prep = rs.load_prepared(opts.scan)
-    within = None if opts.placement == "injected" else rs.plausible_region(rs.prepared_classes(prep))
-    image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, rs.burden_rng(opts.scan, opts.burden, opts.placement),
-                               rs.BURDENS[opts.burden], bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
+    image, truth = rs.inject(prep, opts.burden, opts.placement, rs.prepared_classes(prep))
     masks = {"injected": truth}
     for model in opts.models:
         masks[model] = rs.detect_mask(load_spec(model), prep, image)[0]

@@ -465,15 +465,26 @@ def injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str = 
     classes = prepared_classes(prep)
     if placement != "injected" and classes is None:
         return []
-    within = None if placement == "injected" else plausible_region(classes)
-    records = _injected_cases(spec, prep, baseline, placement, within, classes)
+    records = _injected_cases(spec, prep, baseline, placement, classes)
     _write(path, json.dumps(records))
     return records
 
 
-def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, within,
+def inject(prep: Prepared, burden: str, placement: str, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded injection this benchmark scores (image, label) at one burden and placement; ``classes``
+    (:func:`prepared_classes`) bound the tubes of every placement but the first."""
+    from bench_models import inject_epvs
+
+    from epvsseg.detect import BRIGHT_EPVS
+
+    within = None if placement == "injected" else plausible_region(classes)
+    return inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden, placement),
+                       BURDENS[burden], bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
+
+
+def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
                     classes: np.ndarray | None) -> list[dict]:
-    from bench_models import inject_epvs, preexisting_clusters
+    from bench_models import preexisting_clusters
 
     from epvsseg import metrics
     from epvsseg.detect import BRIGHT_EPVS
@@ -484,8 +495,7 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, 
     for burden, tubes in BURDENS.items():
         if tubes is None:
             continue
-        image, truth = inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden, placement),
-                                   tubes, bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
+        image, truth = inject(prep, burden, placement, classes)
         pred, seconds = detect_mask(spec, prep, image)
         ag = metrics.cluster_agreement(pred, truth)
         records.append({"scan": prep.scan.name, "sequence": prep.scan.sequence, "burden": burden,
@@ -503,19 +513,27 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str, 
 CONTRAST_BINS = (0.0, 0.5, 0.75, np.inf)
 
 
+def _touching(labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
+    """Which of the ``n`` clusters of ``labels`` have a voxel in ``mask`` (bool, one per cluster)."""
+    from scipy import ndimage
+
+    return np.asarray(ndimage.maximum(mask, labels, np.arange(1, n + 1)), bool)
+
+
 def found_by_contrast(prep: Prepared, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, bright: bool) -> dict:
     """Injected clusters and those a detection touches, per :data:`CONTRAST_BINS` bin (``"lo-hi"``: [n, found]).
     A tube drawn into tissue already near CSF brightness (a T2w lesion, the deep grey nuclei) changes it little."""
     from scipy import ndimage
 
-    labels, n = ndimage.label(truth, np.ones((3, 3, 3), bool))
+    from epvsseg.postproc import label_clusters
+
+    labels, n = label_clusters(truth)
     if n == 0:
         return {}
-    ids = np.arange(1, n + 1)
     lo, mid, hi = np.percentile(prep.n4[prep.mask], [2, 50, 98])
-    change = np.asarray(ndimage.maximum(np.abs(image - prep.n4), labels, ids))
+    change = np.asarray(ndimage.maximum(np.abs(image - prep.n4), labels, np.arange(1, n + 1)))
     contrast = change / ((hi - mid) if bright else (mid - lo))
-    found = np.asarray(ndimage.maximum(pred, labels, ids), bool)
+    found = _touching(labels, n, pred)
     which = np.digitize(contrast, CONTRAST_BINS[1:-1])
     return {f"{CONTRAST_BINS[b]}-{CONTRAST_BINS[b + 1]}": [int((which == b).sum()), int((found & (which == b)).sum())]
             for b in range(len(CONTRAST_BINS) - 1)}
@@ -524,11 +542,10 @@ def found_by_contrast(prep: Prepared, image: np.ndarray, truth: np.ndarray, pred
 def rim_clusters(pred: np.ndarray, truth: np.ndarray, before: np.ndarray, changed: np.ndarray) -> int:
     """Detected clusters that miss the injected label and were not detected before, but touch voxels the
     injection changed: they sit on an injected tube's partial-volume rim, below the label's occupancy rule."""
-    from scipy import ndimage
+    from epvsseg.postproc import label_clusters
 
-    lab, n = ndimage.label(pred, np.ones((3, 3, 3), bool))
-    ids = np.arange(1, n + 1)
-    touches = [np.asarray(ndimage.maximum(m, lab, ids), bool) for m in (truth, before, changed)]
+    lab, n = label_clusters(pred)
+    touches = [_touching(lab, n, m) for m in (truth, before, changed)]
     return int((~touches[0] & ~touches[1] & touches[2]).sum())
 
 
@@ -552,17 +569,16 @@ def found_in_plausible_tissue(classes: np.ndarray | None, truth: np.ndarray, pre
     """Injected clusters that lie in white or deep grey matter by the benchmark's own tissue classes
     (:func:`tissue_classes`, majority of voxels; independent of the app's location test), and how many of them a
     detection touches. The first placement keeps tubes away from CSF but not away from the cortex of deep sulci."""
-    from scipy import ndimage
-
     from epvsprep.anatomy import assign_clusters
+    from epvsseg.postproc import label_clusters
 
     if classes is None:
         return {}
-    labels, n = ndimage.label(truth, np.ones((3, 3, 3), bool))
+    labels, n = label_clusters(truth)
     if n == 0:
         return {"n_ref_plausible": 0, "ref_plausible_detected": 0}
     plausible = plausible_region(assign_clusters(labels, classes.astype(np.int64) + 1, n) - 1)
-    touched = np.asarray(ndimage.maximum(pred, labels, np.arange(1, n + 1)), bool)
+    touched = _touching(labels, n, pred)
     return {"n_ref_plausible": int(plausible.sum()), "ref_plausible_detected": int((plausible & touched).sum())}
 
 
