@@ -135,7 +135,8 @@ def anatomy_list(anatomies: str | list[str]) -> tuple[str, ...]:
 
 
 def generate(seeds: list[int], folder: Path, crop, workers: int, *, generator: str = "v3",
-             anatomies: tuple[str, ...] = (), randomised_version: int = 2) -> list[Path]:
+             anatomies: tuple[str, ...] = (),
+             randomised_version: int = TrainConfig.randomised_version) -> list[Path]:
     """Render (or reuse) one cached ``.npz`` per seed, in parallel.
 
     ``generator`` is ``"v3"`` (files ``case-<seed>.npz``), ``"randomised"`` (``rcase-v<version>-<seed>.npz``,
