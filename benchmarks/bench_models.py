@@ -193,6 +193,13 @@ def synthetic_cases(n: int, *, anatomy: str = "icbm2009a", cache: Path | None = 
     return cases
 
 
+def tissue_signal(data: np.ndarray, mask: np.ndarray, bright: bool) -> np.ndarray:
+    """Voxels of ``mask`` whose signal is tissue-like rather than CSF-like: below the brain's 75th percentile
+    when CSF (and ePVS) are bright, above its 25th when dark. :func:`inject_epvs` draws its seeds there."""
+    values = data[mask]
+    return mask & ((data < np.percentile(values, 75)) if bright else (data > np.percentile(values, 25)))
+
+
 def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = True, within=None):
     """Write synthetic ePVS tubes into a real scan: CSF-level signal blended by partial-volume occupancy.
 
@@ -212,9 +219,8 @@ def inject_epvs(data, mask, affine, rng, n_tubes=(60, 140), *, bright: bool = Tr
     from epvsseg.synth.lesions import Tubes, centreline_voxels, epvs_label, rasterise_tubes, trace_centrelines
 
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min())))
+    deep = ndimage.binary_erosion(mask, iterations=int(round(10 / spacing.min()))) & tissue_signal(data, mask, bright)
     values = data[mask]
-    deep &= (data < np.percentile(values, 75)) if bright else (data > np.percentile(values, 25))
     if within is not None:
         deep &= within
     idx = np.argwhere(deep)

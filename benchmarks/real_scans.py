@@ -9,8 +9,8 @@ Measures, each labelled with the data set it comes from (``SCANS`` gives every s
 
 1. **injected ePVS** (:func:`bench_models.inject_epvs`, with the sequence's polarity) on every evaluation-only
    real T2w and on the real T1w that neither model trained on, at three seeded burdens per scan (0, low,
-   high) and in two placements (:data:`PLACEMENTS`: anywhere in the brain away from CSF, and only in white and
-   deep grey matter): cluster sensitivity, precision over new detections (clusters already detected before the
+   high) and in three placements (:data:`PLACEMENTS`: anywhere in the brain away from CSF, only in white and
+   deep grey matter, and only there where the scan's own signal is tissue-like): cluster sensitivity, precision over new detections (clusters already detected before the
    injection left out) and count ICC(2,1) across scan x burden;
 2. **scan-rescan**: the ``dcm_qa_uih`` same-day pair (target) and the DBC-Lab child pair (no target), brains
    rigidly aligned (:func:`epvsprep.ops.register_rigid`): share of clusters (>= 3 voxels) found again in the
@@ -358,9 +358,12 @@ SEED = 1_717_000
 
 #: Where injected ePVS may lie, by the results key that holds their records: ``injected`` anywhere in the brain
 #: away from CSF (the first design, kept for comparison), ``injected_wm`` only in white and deep grey matter
-#: (:func:`plausible_region`), where ePVS are found and where the app looks for them.
+#: (:func:`plausible_region`), where ePVS are found and where the app looks for them, ``injected_tissue`` only
+#: where that white or deep grey matter also has tissue-like signal on the scan itself
+#: (:func:`bench_models.tissue_signal`; the template's classes put some ventricle, sulcus and lesion there).
 PLACEMENTS = {"injected": "anywhere in the brain away from CSF",
-              "injected_wm": "in white and deep grey matter only"}
+              "injected_wm": "in white and deep grey matter only",
+              "injected_tissue": "in white and deep grey matter of tissue-like signal only"}
 
 
 def burden_rng(scan: str, burden: str, placement: str = "injected") -> np.random.Generator:
@@ -473,13 +476,16 @@ def injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str = 
 def inject(prep: Prepared, burden: str, placement: str, classes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The seeded injection this benchmark scores (image, label) at one burden and placement; ``classes``
     (:func:`prepared_classes`) bound the tubes of every placement but the first."""
-    from bench_models import inject_epvs
+    from bench_models import inject_epvs, tissue_signal
 
     from epvsseg.detect import BRIGHT_EPVS
 
+    bright = BRIGHT_EPVS[prep.scan.sequence]
     within = None if placement == "injected" else plausible_region(classes)
+    if placement == "injected_tissue":
+        within &= tissue_signal(prep.n4, prep.mask, bright)
     return inject_epvs(prep.n4, prep.mask, prep.affine, burden_rng(prep.scan.name, burden, placement),
-                       BURDENS[burden], bright=BRIGHT_EPVS[prep.scan.sequence], within=within)
+                       BURDENS[burden], bright=bright, within=within)
 
 
 def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
@@ -503,6 +509,7 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
                         "pred_true": ag.pred_true, "pred_preexisting": preexisting_clusters(pred, truth, baseline),
                         "pred_rim": rim_clusters(pred, truth, baseline, image != prep.n4),
                         "by_contrast": found_by_contrast(prep, image, truth, pred, BRIGHT_EPVS[prep.scan.sequence]),
+                        "by_size": found_by_size(truth, pred),
                         **found_in_plausible_tissue(classes, truth, pred), "seconds": round(seconds, 1)})
         print(json.dumps(records[-1]), flush=True)
     return records
@@ -511,6 +518,9 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
 #: Bins of an injected cluster's contrast: its largest change of signal over the brain's spread on the side of
 #: the ePVS polarity (98th - 50th percentile when ePVS are bright, 50th - 2nd when dark).
 CONTRAST_BINS = (0.0, 0.5, 0.75, np.inf)
+#: Bins of an injected cluster's size in voxels (the shipped operating points keep clusters of at least 2 voxels;
+#: a tube cut at the border of its placement can leave a fragment of one or two).
+SIZE_BINS = (1, 3, 5, np.inf)
 
 
 def _touching(labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
@@ -532,11 +542,24 @@ def found_by_contrast(prep: Prepared, image: np.ndarray, truth: np.ndarray, pred
         return {}
     lo, mid, hi = np.percentile(prep.n4[prep.mask], [2, 50, 98])
     change = np.asarray(ndimage.maximum(np.abs(image - prep.n4), labels, np.arange(1, n + 1)))
-    contrast = change / ((hi - mid) if bright else (mid - lo))
-    found = _touching(labels, n, pred)
-    which = np.digitize(contrast, CONTRAST_BINS[1:-1])
-    return {f"{CONTRAST_BINS[b]}-{CONTRAST_BINS[b + 1]}": [int((which == b).sum()), int((found & (which == b)).sum())]
-            for b in range(len(CONTRAST_BINS) - 1)}
+    return _binned(change / ((hi - mid) if bright else (mid - lo)), _touching(labels, n, pred), CONTRAST_BINS)
+
+
+def found_by_size(truth: np.ndarray, pred: np.ndarray) -> dict:
+    """Injected clusters and those a detection touches, per :data:`SIZE_BINS` bin of their voxel count."""
+    from epvsseg.postproc import label_clusters
+
+    labels, n = label_clusters(truth)
+    if n == 0:
+        return {}
+    return _binned(np.bincount(labels.ravel(), minlength=n + 1)[1:], _touching(labels, n, pred), SIZE_BINS)
+
+
+def _binned(values: np.ndarray, found: np.ndarray, edges: tuple) -> dict:
+    """``{"lo-hi": [n, found]}`` of the clusters whose value lies in each bin ``[lo, hi)`` of ``edges``."""
+    which = np.digitize(values, edges[1:-1])
+    return {f"{edges[b]}-{edges[b + 1]}": [int((which == b).sum()), int((found & (which == b)).sum())]
+            for b in range(len(edges) - 1)}
 
 
 def rim_clusters(pred: np.ndarray, truth: np.ndarray, before: np.ndarray, changed: np.ndarray) -> int:
@@ -606,15 +629,17 @@ def injected_summary(records: list[dict]) -> dict:
             "precision_new_rim": _rim_precision(injected, new),
             "count_icc21": metrics.icc(counts), "added_count_icc21": metrics.icc(added),
             "sensitivity_plausible": _plausible_sensitivity(injected),
-            "sensitivity_by_contrast": _contrast_sensitivity(injected)}
+            "sensitivity_by_contrast": _binned_sensitivity(injected, "by_contrast"),
+            "sensitivity_by_size": _binned_sensitivity(injected, "by_size")}
 
 
-def _contrast_sensitivity(injected: list[dict]) -> dict | None:
-    """Pooled sensitivity and count per contrast bin (:func:`found_by_contrast`; None for records before it)."""
-    if not all("by_contrast" in r for r in injected):
+def _binned_sensitivity(injected: list[dict], key: str) -> dict | None:
+    """Pooled sensitivity and count per bin of ``key`` (``by_contrast``: :func:`found_by_contrast`, ``by_size``:
+    :func:`found_by_size`; None for records made before it)."""
+    if not all(key in r for r in injected):
         return None
-    bins = dict.fromkeys(b for r in injected for b in r["by_contrast"])
-    pooled = {b: np.sum([r["by_contrast"].get(b, [0, 0]) for r in injected], axis=0) for b in bins}
+    bins = dict.fromkeys(b for r in injected for b in r[key])
+    pooled = {b: np.sum([r[key].get(b, [0, 0]) for r in injected], axis=0) for b in bins}
     return {b: {"n": int(n), "sensitivity": float(f / n) if n else None} for b, (n, f) in pooled.items()}
 
 
@@ -903,6 +928,8 @@ LABELS = {"sensitivity": "cluster sensitivity",
                                "counted as found",
           "sensitivity_by_contrast": "cluster sensitivity by the injected cluster's contrast, < 0.5 / 0.5-0.75 / "
                                      ">= 0.75 of the brain's spread (`found_by_contrast`)",
+          "sensitivity_by_size": "cluster sensitivity by the injected cluster's size, 1-2 / 3-4 / >= 5 voxels "
+                                 "(`found_by_size`)",
           "count_icc21": "count ICC(2,1)", "precision_all": "precision over all detections",
           "added_count_icc21": "count ICC(2,1) of added clusters", "persistence": "clusters found again",
           "count_difference": "relative count difference"}
@@ -915,9 +942,18 @@ INJECTION_NOTES = {
                 "section 4 (the template's, not the app's location test).",
     "injected_wm": "The same tubes with their own seeds, drawn only in white and deep grey matter (the tissue "
                    "classes of section 4, from the template registration, not from the app's location test) and cut "
-                   "at its border: where ePVS are found and rated (centrum semiovale, basal ganglia), so every "
-                   "injected tube is one a reader would count. #17 names no placement; the targets are shown "
-                   "against both.",
+                   "at its border: where ePVS are found and rated (centrum semiovale, basal ganglia). The classes "
+                   "are the template's, registered: in atrophic brains some of their white and deep grey matter is "
+                   "ventricle, sulcus or infarct on the scan itself, where a tube of CSF-like signal cannot be seen "
+                   "(`docs/figures/injected_bright_background.png`); 1c leaves those places out. #17 names no "
+                   "placement; the targets are shown against each.",
+    "injected_tissue": "The tubes of 1b's design with their own seeds, drawn only where the template's white or deep "
+                       "grey matter also has tissue-like signal on the scan itself (below the brain's 75th "
+                       "percentile where ePVS are bright, above its 25th where dark: the rule 1a's seeds already "
+                       "obey, `bench_models.tissue_signal`), and cut at its border. It leaves out ventricles, sulci "
+                       "and infarcts the registration calls white matter, and lesions brighter than tissue (a T2w "
+                       "WMH), where an injected CSF-like tube changes little; so every injected tube is one a reader "
+                       "could see. The rule reads the scan before injection, never a model's output.",
 }
 
 
@@ -926,7 +962,7 @@ def _injected_section(results, head) -> list[str]:
              f"Synthetic ePVS tubes (`bench_models.inject_epvs`, CSF-like partial-volume signal with the sequence's "
              f"polarity: bright on T2w, dark on T1w) written into each held-out real scan at three seeded burdens: "
              f"0, low ({BURDENS['low'][0]}-{BURDENS['low'][1]} tubes), high ({BURDENS['high'][0]}-"
-             f"{BURDENS['high'][1]}), in two placements (1a, 1b). "
+             f"{BURDENS['high'][1]}), in three placements (1a-1c). "
              "Sensitivity: injected clusters touched by a detection. Precision over new detections: detected "
              "clusters that touch an injected one, over those not already detected on the scan before injection "
              "(real ePVS or steady false positives are left out). Count ICC(2,1): injected clusters vs all "
@@ -937,14 +973,14 @@ def _injected_section(results, head) -> list[str]:
              "`average_basal_ganglia.md`), is injected too but kept out of the pooled rows: its stratum "
              "(`average ...`) shows whether the reported count follows the injected one there. No held-out real "
              "FLAIR exists in `../shared/data` (the one FLAIR is a training scan), so there is no FLAIR row.\n"]
-    for number, placement in zip("ab", PLACEMENTS):
+    for number, placement in zip("abc", PLACEMENTS):
         if all(res.get(placement) for res in results):
             lines += _placement_section(results, head, placement, f"1{number}")
     return lines
 
 
-def _contrast_cell(by_bin: dict | None) -> str:
-    """``sensitivity (n=...)`` per contrast bin, low to high."""
+def _bins_cell(by_bin: dict | None) -> str:
+    """``sensitivity (n=...)`` per bin, low to high."""
     return "n/a" if not by_bin else " / ".join(f"{_f(v['sensitivity'])} (n={v['n']})" for v in by_bin.values())
 
 
@@ -964,8 +1000,8 @@ def _placement_section(results, head, placement: str, number: str) -> list[str]:
             t = target if seq == "T2w" else None
             lines.append(f"| {LABELS[m]} ({seq}, {sums[0][key]['n_scans']} scans x 3 burdens) | "
                          + " | ".join(_cell(s.get(key, {}).get(m), t, higher) for s in sums) + " |\n")
-        lines.append(f"| {LABELS['sensitivity_by_contrast']} ({seq}) | "
-                     + " | ".join(_contrast_cell(s.get(key, {}).get("sensitivity_by_contrast")) for s in sums) + " |\n")
+        for m in ("sensitivity_by_contrast", "sensitivity_by_size"):
+            lines.append(f"| {LABELS[m]} ({seq}) | " + " | ".join(_bins_cell(s.get(key, {}).get(m)) for s in sums) + " |\n")
         lines.append(f"\nStrata ({seq}): sensitivity / precision over new / count ICC(2,1) / added-count ICC\n\n"
                      + head)
         for k in sums[0]:

@@ -198,10 +198,46 @@ def test_found_by_contrast_bins_injected_clusters_by_their_change_of_signal():
     assert pooled["0.75-inf"] == {"n": 2, "sensitivity": 0.5} and pooled["0.5-0.75"]["sensitivity"] == 1.0
 
 
-def test_second_placement_draws_its_own_seeds_and_keeps_the_first():
+def test_found_by_size_bins_injected_clusters_by_their_voxel_count():
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2, 2, 2] = True                 # 1 voxel, found
+    truth[6, 6, 2:4] = True               # 2 voxels, missed
+    truth[10, 10, 2:6] = True             # 4 voxels, found
+    truth[14, 14, 2:12] = True            # 10 voxels, missed
+    pred = np.zeros_like(truth)
+    pred[2, 2, 2] = pred[10, 10, 5] = True
+    assert rs.found_by_size(truth, pred) == {"1-3": [2, 1], "3-5": [1, 1], "5-inf": [1, 0]}
+    pooled = rs.injected_summary([{"scan": "a", "burden": "low", "n_ref": 4, "n_pred": 2, "ref_detected": 2,
+                                   "pred_true": 2, "pred_preexisting": 0, "by_size": rs.found_by_size(truth, pred)}])
+    assert pooled["sensitivity_by_size"]["1-3"] == {"n": 2, "sensitivity": 0.5}
+    assert pooled["sensitivity_by_contrast"] is None  # records made before a measure have none of it
+
+
+def test_each_placement_draws_its_own_seeds_and_keeps_the_first():
     first = rs.burden_rng("clinical_t2w", "low").random()
     assert rs.burden_rng("clinical_t2w", "low", "injected").random() == first
-    assert rs.burden_rng("clinical_t2w", "low", "injected_wm").random() != first
+    draws = {rs.burden_rng("clinical_t2w", "low", p).random() for p in rs.PLACEMENTS}
+    assert len(draws) == len(rs.PLACEMENTS)
+
+
+@pytest.mark.parametrize("bright", [True, False])
+def test_tissue_placement_leaves_out_csf_like_signal_inside_white_matter(bright):
+    """A 'ventricle' the template calls white matter: 1b may put tubes in it, 1c never does."""
+    from types import SimpleNamespace
+
+    mask = _brain()
+    n4 = (np.where(mask, 100.0, 0.0) + np.random.default_rng(0).normal(0, 2, mask.shape)).astype(np.float32)
+    cavity = np.zeros(mask.shape, bool)
+    cavity[:, :, 20:26] = True  # a slab through the middle, CSF-like on the scan
+    n4[cavity] = 200.0 if bright else 20.0
+    classes = np.where(mask, rs.TISSUES.index("white matter"), 0).astype(np.uint8)
+    prep = SimpleNamespace(n4=n4, mask=mask, affine=np.eye(4),
+                           scan=SimpleNamespace(name="clinical_t2w" if bright else "colin27_t1w",
+                                                sequence="T2w" if bright else "T1w"))
+    wm = rs.inject(prep, "high", "injected_wm", classes)[1]
+    tissue = rs.inject(prep, "high", "injected_tissue", classes)[1]
+    assert wm[cavity].any()
+    assert tissue.sum() > 50 and not tissue[cavity].any()
 
 
 def test_verdict_and_count_difference():
