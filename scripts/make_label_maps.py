@@ -373,13 +373,51 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
     return out
 
 
+def figure_faint(out: Path, seeds: tuple[int, ...] = (3, 5, 8, 13)) -> Path:
+    """The same T2w draws in generator versions 2 and 3 (faint ePVS): a 48 mm square of the axial slice with the
+    most ePVS, and that slice's label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from epvsseg.synth import label_maps as maps
+    from epvsseg.synth import randomised
+
+    names = maps.anatomy_names()
+    fig, axes = plt.subplots(3, len(seeds), figsize=(3.2 * len(seeds), 9.6))
+    for j, seed in enumerate(seeds):
+        name = names[j % len(names)]
+        for i, version in enumerate((2, 3)):
+            p = randomised.sample_randomised(np.random.default_rng(seed), name, sequences=("T2w",), roi="centre",
+                                             shape_vox=(96, 96, 24), p_random=0.0, version=version)
+            case = randomised.render_randomised(p)
+            k = int(case.label.sum((0, 1)).argmax())
+            x, y = (int(np.clip(c, 24, 72)) for c in np.argwhere(case.label[:, :, k]).mean(0))
+            crop = (slice(x - 24, x + 24), slice(y - 24, y + 24), k)
+            top = float(np.percentile(case.images["T2w"], 99.5))
+            axes[i, j].imshow(np.rot90(case.images["T2w"][crop]), cmap="gray", vmin=0, vmax=top)
+            extra = f", spread {p['epvs_signal']['spread']:.2f}" if version == 3 else ""
+            axes[i, j].set_title(f"{name}, version {version}{extra}", fontsize=7)
+        axes[2, j].imshow(np.rot90(case.label[crop]), cmap="gray")
+        axes[2, j].set_title("ePVS label (both versions)", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle("The same T2w draws without (top) and with (middle) faint ePVS, and their label", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--only", nargs="*", default=None, help="names among the sources (and icbm2009a)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--figures", type=Path, default=None,
-                    help="only draw docs/figures/synth_label_maps.png and synth_randomised_draws.png into this folder")
+                    help="only draw docs/figures/synth_label_maps.png, synth_randomised_draws.png and "
+                         "synth_faint_epvs.png into this folder")
     ap.add_argument("--post-only", action="store_true",
                     help="only apply the post-build steps (template thalamus, carved sulci, gzip level 9) to the maps "
                          "of the manifest")
@@ -390,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures is not None:
         print(figure_label_maps(args.figures / "synth_label_maps.png", args.out))
         print(figure_draws(args.figures / "synth_randomised_draws.png", args.shared))
+        print(figure_faint(args.figures / "synth_faint_epvs.png"))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"

@@ -22,6 +22,10 @@ A case
    engine draws them (:func:`~epvsseg.synth.render.sample_wmh_lacunes`) with a WMH signal per sequence
    (:data:`WMH_RANGES`, relative to the drawn WM). ePVS run through WMH with their own signal, so the network
    sees ePVS on a bright background, as in the patients whose scans have both; none lie in a lacune's cavity.
+   *Faint ePVS* (version 3): the ePVS signal varies from tube to tube, moved further towards WM by up to
+   ``spread`` (drawn per case in [0, :data:`EPVS_FAINT_MAX`]) along a smooth random field, so one image holds
+   ePVS as bright as CSF beside ones little brighter than tissue (partial fluid filling; partial volume of a thin
+   space in a thick voxel), all labelled.
 4. *Contrast* per sequence: a mean and a within-label spread per label, drawn inside the orderings the
    sequence shows (:data:`INTENSITY_RANGES`, relative to WM = 1) or, with probability ``p_random``,
    uniformly in [0, 1] for every label (any contrast); smooth within-label texture; a 0.5-voxel blur
@@ -68,10 +72,13 @@ from .render import (
 )
 
 #: Version of the parameter format of this generator: 1 (v5's training data) had no WMH or lacunes; 2 adds them
-#: (``params["lesions"]``), drawn after every version-1 choice, so a seed's version-1 draws stay its own.
+#: (``params["lesions"]``), drawn after every version-1 choice, so a seed's version-1 draws stay its own; 3 adds
+#: faint ePVS (``params["epvs_signal"]``), drawn after every version-2 choice. The default stays 2.
 RANDOMISED_VERSION = 2
 #: Versions :func:`render_randomised` renders.
-RANDOMISED_VERSIONS = (1, 2)
+RANDOMISED_VERSIONS = (1, 2, 3)
+#: Version 3: largest extra move of an ePVS's signal towards WM (as a share of CSF - WM), on top of the case's own.
+EPVS_FAINT_MAX = 0.5
 #: Sequences the generator renders.
 SEQUENCES_RANDOMISED: tuple[str, ...] = ("T2w", "FLAIR", "T1w", "SWI")
 #: Default crop, voxels.
@@ -189,6 +196,13 @@ def _draw_lesions(rng: np.random.Generator, sequences: Sequence[str]) -> dict:
             "seed": _seed(rng)}
 
 
+def _draw_epvs_signal(rng: np.random.Generator) -> dict:
+    """How much fainter than the case's ePVS signal single ePVS may be (version 3): the spread and the scale of
+    the smooth field that varies it, and its seed."""
+    return {"spread": round(float(rng.uniform(0.0, EPVS_FAINT_MAX)), 5),
+            "scale_vox": round(float(rng.uniform(2.0, 6.0)), 4), "seed": _seed(rng)}
+
+
 def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequence[str] = SEQUENCES_RANDOMISED,
                       roi: str = "random", shape_vox: tuple[int, int, int] = DEFAULT_CROP,
                       p_random: float = 0.2, version: int = RANDOMISED_VERSION) -> dict:
@@ -209,7 +223,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
     p_random : float
         Probability that a sequence's label intensities are drawn fully at random (no ordering).
     version : int
-        Parameter format (:data:`RANDOMISED_VERSIONS`); 1 reproduces v5's training data (no WMH or lacunes).
+        Parameter format (:data:`RANDOMISED_VERSIONS`); 1 reproduces v5's training data (no WMH or lacunes), 2
+        v6's, 3 adds faint ePVS.
 
     Returns
     -------
@@ -253,6 +268,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
     }
     if version >= 2:
         params["lesions"] = _draw_lesions(rng, sequences)
+    if version >= 3:
+        params["epvs_signal"] = _draw_epvs_signal(rng)
     return params
 
 
@@ -286,8 +303,8 @@ def _ghost(img: np.ndarray, axis: int, amplitude: float, period: int) -> np.ndar
     return (img + np.float32(amplitude) * ghosts).astype(np.float32)
 
 
-def _compose(labels: np.ndarray, contrast: dict, texture: np.ndarray, layers: list[tuple[np.ndarray, float]],
-             skull: bool) -> np.ndarray:
+def _compose(labels: np.ndarray, contrast: dict, texture: np.ndarray,
+             layers: list[tuple[np.ndarray, float | np.ndarray]], skull: bool) -> np.ndarray:
     """Noise-free image: per-label means with texture, 0.5-voxel blur, then each ``(occupancy, signal)`` layer
     (lesions, ePVS, vessels, in that order) replacing its fraction of the voxel."""
     from scipy import ndimage
@@ -338,16 +355,30 @@ def _lesions(params: dict, labels: np.ndarray, tissue: np.ndarray, priors: Anato
                               tissue=tissue, dist_vent=dist_vent)
 
 
-def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.ndarray,
-            vessel: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, then ePVS, then vessels."""
+def _faintness(params: dict, shape: tuple[int, int, int]) -> np.ndarray | float:
+    """Extra move of the ePVS signal towards WM per voxel (version 3: ``spread`` x a smooth field uniform in
+    [0, 1]); 0 for earlier versions."""
+    from scipy.special import ndtr
+
+    if "epvs_signal" not in params:
+        return 0.0
+    sig = params["epvs_signal"]
+    field = _smooth_noise(np.random.default_rng(int(sig["seed"])), shape, float(sig["scale_vox"]))
+    return (np.float32(sig["spread"]) * ndtr(field)).astype(np.float32)
+
+
+def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.ndarray, vessel: np.ndarray,
+            faint: np.ndarray | float = 0.0) -> list[tuple[np.ndarray, float | np.ndarray]]:
+    """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, then ePVS (moved towards WM by
+    ``faint``, :func:`_faintness`), then vessels."""
     con = params["contrast"][sequence]
     layers = []
     if lesions is not None:
         wmh = con["mean"]["wm"] * params["lesions"]["wmh_signal"][sequence]
         cavity = con["mean"]["csf"] * params["lesions"]["lacune_signal"][sequence]
         layers += [(lesions.wmh, wmh), (lesions.lacune_rim, wmh), (lesions.lacune, cavity)]
-    return layers + [(occ, con["epvs"]), (vessel, con["vessel"])]
+    epvs = con["epvs"] + faint * np.float32(con["mean"]["wm"] - con["mean"]["csf"])
+    return layers + [(occ, epvs), (vessel, con["vessel"])]
 
 
 def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: AnatomyPriors | None = None) -> SynthCase:
@@ -409,10 +440,11 @@ def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: Anat
     mimics[label > 0] = 0  # an ePVS through a WMH is labelled ePVS; the mimic map stays disjoint from the label
     texture = _smooth_noise(np.random.default_rng(int(params["seeds"]["texture"])), shape,
                             float(params["texture_scale_vox"]))
+    faint = _faintness(params, shape)
     images = {}
     for s in params["sequences"]:
         con = params["contrast"][s]
-        sig = _compose(labels, con, texture, _layers(params, s, lesions, occ, vessel), bool(params["skull"]))
+        sig = _compose(labels, con, texture, _layers(params, s, lesions, occ, vessel, faint), bool(params["skull"]))
         level = float(np.mean([con["mean"][n] for n in ("gm", "wm")]))
         images[s] = _acquire(sig, affine, params["acquisition"][s], int(params["seeds"]["noise"][s]), level)
     stats = {"epvs_drawn": {r: int((tubes.region == i).sum()) for i, r in enumerate(EPVS_REGIONS)},

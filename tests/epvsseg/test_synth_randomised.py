@@ -114,7 +114,24 @@ def test_version_2_adds_lesions_after_the_version_1_draws():
     for s, (lo, hi) in randomised.WMH_RANGES.items():
         assert lo <= v2["lesions"]["wmh_signal"][s] <= hi
     with pytest.raises(ValueError, match="version"):
-        _draw(8, version=3)
+        _draw(8, version=max(randomised.RANDOMISED_VERSIONS) + 1)
+
+
+def test_version_3_draws_faint_epvs_after_the_version_2_draws(anatomy):
+    v2, v3 = _draw(9, version=2, shape_vox=(64, 64, 32)), _draw(9, version=3, shape_vox=(64, 64, 32))
+    assert {k: v for k, v in v3.items() if k not in ("epvs_signal", "version")} == {
+        k: v for k, v in v2.items() if k != "version"}
+    assert 0.0 <= v3["epvs_signal"]["spread"] <= randomised.EPVS_FAINT_MAX
+    v3["epvs_signal"]["spread"] = randomised.EPVS_FAINT_MAX
+    v3["epvs"]["counts"] = {k: 4 * v for k, v in v3["epvs"]["counts"].items()}
+    v2["epvs"]["counts"] = v3["epvs"]["counts"]
+    plain, faint = (randomised.render_randomised(p, *anatomy) for p in (v2, v3))
+    assert np.array_equal(plain.label, faint.label) and faint.label.sum() > 100  # the faint ePVS keep their label
+    for s, darker in (("T2w", True), ("T1w", False)):  # fainter: towards WM, darker on T2w, brighter on T1w
+        core = (faint.occupancy > 0.9) & (faint.label > 0)
+        ratio = faint.images[s][core] / np.maximum(plain.images[s][core], 1e-6)
+        assert (np.median(ratio) < 0.97) if darker else (np.median(ratio) > 1.03)
+        assert ratio.max() / ratio.min() > 1.2  # fainter in some places than in others
 
 
 def test_version_2_renders_wmh_lacunes_and_ePVS_through_wmh(anatomy):
