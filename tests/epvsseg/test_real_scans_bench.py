@@ -240,6 +240,24 @@ def test_tissue_placement_leaves_out_csf_like_signal_inside_white_matter(bright)
     assert tissue.sum() > 50 and not tissue[cavity].any()
 
 
+def test_a_placement_some_runs_lack_is_reported_for_the_runs_that_have_it():
+    def records(found):
+        return [{"scan": "clinical_t2w", "sequence": "T2w", "burden": "0", "n_ref": 0, "n_pred": 5, "ref_detected": 0,
+                 "pred_true": 0, "pred_preexisting": 5},
+                {"scan": "clinical_t2w", "sequence": "T2w", "burden": "low", "n_ref": 10, "n_pred": 5 + found,
+                 "ref_detected": found, "pred_true": found, "pred_preexisting": 5}]
+
+    new = {"model_id": "new", "injected": records(8), "injected_tissue": records(9)}
+    old = {"model_id": "old", "injected": records(6)}
+    for run in (new, old):
+        run.update({f"{p}_summary": rs.summaries(run[p]) for p in rs.PLACEMENTS if p in run})
+    md = "".join(rs._injected_section([old, new]))
+    first, tissue = md.split("### 1a.")[1].split("### 1c.")
+    assert "| old | new |" in first and "0.600" in first and "0.800" in first
+    assert "| new |" in tissue and "old" not in tissue.split("Not run")[0] and "0.900" in tissue
+    assert "Not run in this placement: old." in tissue and "### 1b." not in md
+
+
 def test_verdict_and_count_difference():
     assert rs.verdict(0.81, 0.80) == "met"
     assert rs.verdict(0.55, 0.80) == "missed by 0.25"
