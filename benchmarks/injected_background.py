@@ -92,7 +92,7 @@ def found_by_background(models: list[str], rows: list) -> list[str]:
         spec = load_spec(model)
         hit = {True: [0, 0], False: [0, 0]}
         for prep, labels, background, image in rows:
-            found = rs._touching(labels, int(labels.max()), rs.detect_mask(spec, prep, image)[0])
+            found = rs.touching(labels, int(labels.max()), rs.detect_mask(spec, prep, image)[0])
             for bright in (True, False):
                 sel = (background > BRIGHT) == bright
                 hit[bright][0] += int(sel.sum())

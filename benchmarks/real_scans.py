@@ -10,8 +10,9 @@ Measures, each labelled with the data set it comes from (``SCANS`` gives every s
 1. **injected ePVS** (:func:`bench_models.inject_epvs`, with the sequence's polarity) on every evaluation-only
    real T2w and on the real T1w that neither model trained on, at three seeded burdens per scan (0, low,
    high) and in three placements (:data:`PLACEMENTS`: anywhere in the brain away from CSF, only in white and
-   deep grey matter, and only there where the scan's own signal is tissue-like): cluster sensitivity, precision over new detections (clusters already detected before the
-   injection left out) and count ICC(2,1) across scan x burden;
+   deep grey matter, and only there where the scan's own signal is tissue-like): cluster sensitivity, precision
+   over new detections (clusters already detected before the injection left out) and count ICC(2,1) across
+   scan x burden;
 2. **scan-rescan**: the ``dcm_qa_uih`` same-day pair (target) and the DBC-Lab child pair (no target), brains
    rigidly aligned (:func:`epvsprep.ops.register_rigid`): share of clusters (>= 3 voxels) found again in the
    other scan within 1.5 mm, and the relative count difference;
@@ -523,7 +524,7 @@ CONTRAST_BINS = (0.0, 0.5, 0.75, np.inf)
 SIZE_BINS = (1, 3, 5, np.inf)
 
 
-def _touching(labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
+def touching(labels: np.ndarray, n: int, mask: np.ndarray) -> np.ndarray:
     """Which of the ``n`` clusters of ``labels`` have a voxel in ``mask`` (bool, one per cluster)."""
     from scipy import ndimage
 
@@ -542,7 +543,7 @@ def found_by_contrast(prep: Prepared, image: np.ndarray, truth: np.ndarray, pred
         return {}
     lo, mid, hi = np.percentile(prep.n4[prep.mask], [2, 50, 98])
     change = np.asarray(ndimage.maximum(np.abs(image - prep.n4), labels, np.arange(1, n + 1)))
-    return _binned(change / ((hi - mid) if bright else (mid - lo)), _touching(labels, n, pred), CONTRAST_BINS)
+    return _binned(change / ((hi - mid) if bright else (mid - lo)), touching(labels, n, pred), CONTRAST_BINS)
 
 
 def found_by_size(truth: np.ndarray, pred: np.ndarray) -> dict:
@@ -552,7 +553,7 @@ def found_by_size(truth: np.ndarray, pred: np.ndarray) -> dict:
     labels, n = label_clusters(truth)
     if n == 0:
         return {}
-    return _binned(np.bincount(labels.ravel(), minlength=n + 1)[1:], _touching(labels, n, pred), SIZE_BINS)
+    return _binned(np.bincount(labels.ravel(), minlength=n + 1)[1:], touching(labels, n, pred), SIZE_BINS)
 
 
 def _binned(values: np.ndarray, found: np.ndarray, edges: tuple) -> dict:
@@ -568,7 +569,7 @@ def rim_clusters(pred: np.ndarray, truth: np.ndarray, before: np.ndarray, change
     from epvsseg.postproc import label_clusters
 
     lab, n = label_clusters(pred)
-    touches = [_touching(lab, n, m) for m in (truth, before, changed)]
+    touches = [touching(lab, n, m) for m in (truth, before, changed)]
     return int((~touches[0] & ~touches[1] & touches[2]).sum())
 
 
@@ -601,7 +602,7 @@ def found_in_plausible_tissue(classes: np.ndarray | None, truth: np.ndarray, pre
     if n == 0:
         return {"n_ref_plausible": 0, "ref_plausible_detected": 0}
     plausible = plausible_region(assign_clusters(labels, classes.astype(np.int64) + 1, n) - 1)
-    touched = _touching(labels, n, pred)
+    touched = touching(labels, n, pred)
     return {"n_ref_plausible": int(plausible.sum()), "ref_plausible_detected": int((plausible & touched).sum())}
 
 
