@@ -71,5 +71,6 @@ def main() -> None:
                   {"crops": owner.model_id, "command": command, "n_cases": len(cases), "models": results},
                   report(owner.model_id, command, len(cases), results))
 
+
 if __name__ == "__main__":
     main()
