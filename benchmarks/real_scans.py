@@ -789,7 +789,7 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
     table = load_kit().table
     results = {"model_id": spec.model_id, "label": run_label(spec.model_id), "location_test": LOCATION,
                "weights_sha256": spec.sha256, "threshold": spec.threshold,
-               "min_cluster_voxels": spec.min_cluster_voxels, "command": command, "scans": {},
+               "min_cluster_voxels": spec.min_cluster_voxels, "peak_threshold": spec.peak_threshold, "command": command, "scans": {},
                **{placement: [] for placement in PLACEMENTS}, "rescan": [], "plausibility": []}
     missing = [n for n in names if not prep_path(n).exists()]
     for name in missing:
@@ -892,6 +892,11 @@ def _common_injected(results: list[dict], placement: str = "injected") -> list[d
     return [summaries([r for r in res.get(placement, []) if r["scan"] in common]) for res in results]
 
 
+def _peak(result: dict) -> str:
+    """``", peak threshold <p>"`` for a run whose model has one."""
+    return "" if result.get("peak_threshold") is None else f", peak threshold {result['peak_threshold']}"
+
+
 def _head(results: list[dict]) -> str:
     """The header of a table with one column per run."""
     return ("| measure (data set) | " + " | ".join(_label(r) for r in results) + " |\n|---|" + "---|" * len(results)
@@ -905,7 +910,7 @@ def report(results: list[dict]) -> str:
     lines = [f"# Real scans without labels: {' vs '.join(ids)}\n\n",
              "Issue #17, item 4. Produced by `benchmarks/real_scans.py` (seeded). Commands:\n\n",
              *[f"- `{r['command']}` (weights sha256 `{r['weights_sha256'][:16]}...`, threshold {r['threshold']}, "
-               f"min cluster {r['min_cluster_voxels']} voxels)\n" for r in results],
+               f"min cluster {r['min_cluster_voxels']} voxels{_peak(r)})\n" for r in results],
              "\nPreprocessing first: `python benchmarks/real_scans.py --prep-only` (once for all models). "
              "Every scan was preprocessed once by the app's own path (`epvsprep.pipeline.preprocess`: conform, "
              "N4, deepbet brain mask, template registration) and detected with `epvsseg.detect.detect` on the "

@@ -4,8 +4,8 @@ A model's selection score is measured on its own validation crops, so two models
 not compared by their recorded scores. Here every model is scored on the same crops: the validation crops of
 the ``--crops`` model (the last ``n_val`` seeds of its ``model.json``, rendered again by
 :func:`epvsseg.train.generate` in its generator and version; synthetic, no evaluation-only scan), each model at
-its own threshold and minimum cluster size, through :func:`epvsseg.train.score_grid` (the application's
-decision, mimic exclusions included). Reported per model: the recipe's selection score (mean over combinations
+its own threshold, minimum cluster size and peak threshold (when it has one), through
+:func:`epvsseg.train.score_grid` (the application's decision, mimic exclusions included). Reported per model: the recipe's selection score (mean over combinations
 of cluster F1 + Dice) and per-combination cluster sensitivity, precision and F1.
 
 Usage::
@@ -30,7 +30,8 @@ def score(model, cases: list, combos: list[tuple[str, ...]]) -> dict:
     """Selection score and per-combination scores of ``model`` at its own operating point."""
     from epvsseg import train
 
-    point = (float(model.spec.threshold), int(model.spec.min_cluster_voxels))
+    peak = getattr(model.spec, "peak_threshold", None)
+    point = (float(model.spec.threshold), int(model.spec.min_cluster_voxels)) + (() if peak is None else (peak,))
     scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point])[point]
     return {"point": list(point), "score": train._score(scores), "scores": scores}
 
@@ -45,7 +46,8 @@ def report(crops_id: str, command: str, n_cases: int, results: dict) -> str:
     for name, r in results.items():
         cells = [f"{r['scores'][c]['cluster_sensitivity']:.3f} / {r['scores'][c]['cluster_precision']:.3f} / "
                  f"{r['scores'][c]['cluster_f1']:.3f}" for c in combos]
-        lines.append(f"| {name} | {r['point'][0]} / {r['point'][1]} | {r['score']:.4f} | " + " | ".join(cells) + " |\n")
+        lines.append(f"| {name} | {' / '.join(str(v) for v in r['point'])} | {r['score']:.4f} | " + " | ".join(cells)
+                     + " |\n")
     return "".join(lines)
 
 

@@ -8,7 +8,9 @@ under exactly the rule the application applies, mimic exclusions included.
 The rule, in order:
 
 1. ``prob >= threshold`` (the boundary value counts as ePVS);
-2. keep 26-connected clusters of at least ``min_cluster_voxels`` voxels;
+2. keep 26-connected clusters of at least ``min_cluster_voxels`` voxels and, when the operating point has a
+   ``peak_threshold``, whose highest probability reaches it (hysteresis: a confident core decides whether a
+   cluster is reported, the lower ``threshold`` its extent);
 3. exclude lacune-like and, when FLAIR is given, WMH-like clusters (:func:`epvsseg.exclusions.exclude_mimics`),
    each excluded cluster reported with its reason;
 4. when the subject's tissue classes are given (:func:`epvsprep.tissue.subject_tissue`, which the participant
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .exclusions import ExclusionParams, exclude_location, exclude_mimics
-from .postproc import remove_small_clusters
+from .postproc import keep_peaked, remove_small_clusters
 
 
 @dataclass(frozen=True)
@@ -42,17 +44,24 @@ class OperatingPoint:
         Smallest 26-connected cluster kept, voxels (>= 1).
     exclusions : ExclusionParams
         Thresholds of the lacune and WMH mimic tests.
+    peak_threshold : float or None
+        Probability a cluster's highest voxel must reach for the cluster to be kept, in [``threshold``, 1);
+        ``None``: no such test (the same as ``peak_threshold == threshold``).
     """
 
     threshold: float
     min_cluster_voxels: int
     exclusions: ExclusionParams = field(default_factory=ExclusionParams)
+    peak_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.threshold) < 1.0:
             raise ValueError(f"operating point: threshold {self.threshold} is not in (0, 1)")
         if int(self.min_cluster_voxels) != self.min_cluster_voxels or self.min_cluster_voxels < 1:
             raise ValueError(f"operating point: min_cluster_voxels {self.min_cluster_voxels} is not an integer >= 1")
+        if self.peak_threshold is not None and not self.threshold <= float(self.peak_threshold) < 1.0:
+            raise ValueError(f"operating point: peak_threshold {self.peak_threshold} is not in "
+                             f"[threshold {self.threshold}, 1)")
 
 
 @dataclass(frozen=True)
@@ -75,14 +84,15 @@ class Decision:
 
 def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain: np.ndarray,
            flair: np.ndarray | None = None, tissue: np.ndarray | None = None) -> Decision:
-    """Threshold, drop small clusters, exclude mimics and misplaced clusters: the ePVS mask of a probability map.
+    """Threshold, drop small and unconfident clusters, exclude mimics and misplaced clusters: the ePVS mask of a probability map.
 
     Parameters
     ----------
     prob : ndarray, shape (I, J, K)
         ePVS probability (or score) in [0, 1].
     point : OperatingPoint
-        Threshold, minimum cluster size and exclusion thresholds (a model's ``spec.operating_point``).
+        Threshold, minimum cluster size, peak threshold and exclusion thresholds (a model's
+        ``spec.operating_point``).
     affine : ndarray, shape (4, 4)
         Voxel-to-mm affine of the grid (the lacune test measures widths in mm).
     brain : ndarray of bool, shape (I, J, K)
@@ -106,6 +116,8 @@ def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain
     if tissue is not None and np.shape(tissue) != prob.shape:
         raise ValueError(f"decide: tissue classes {np.shape(tissue)} are not on the probability grid {prob.shape}")
     kept = remove_small_clusters(prob >= point.threshold, int(point.min_cluster_voxels))
+    if point.peak_threshold is not None and point.peak_threshold > point.threshold:
+        kept = keep_peaked(kept, prob, point.peak_threshold)
     mask, excluded = exclude_mimics(kept, affine, brain=brain, flair=flair, params=point.exclusions)
     if tissue is not None:
         mask, misplaced = exclude_location(mask, affine, tissue, point.exclusions)

@@ -197,7 +197,8 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
         parameters={**spec.to_record(), "resampled_to_mm": voxel if resample else None},
         device=gpu.describe_device(dev), spec=spec,
         description=f"2.5D multi-channel U-Net {spec.model_id} on {' + '.join(combination)} "
-                    f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels, "
+                    f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels"
+                    f"{'' if point.peak_threshold is None else f' peaking >= {point.peak_threshold}'}, "
                     f"mimic exclusions{'' if tissue is None else ', location in white or deep grey matter'}).",
         score_description=f"ePVS probability from the U-Net {spec.model_id} (sigmoid output).")
 

@@ -210,6 +210,31 @@ def remove_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+def keep_peaked(mask: np.ndarray, prob: np.ndarray, peak: float) -> np.ndarray:
+    """Keep the 26-connected clusters of ``mask`` whose highest ``prob`` is at least ``peak``.
+
+    Parameters
+    ----------
+    mask : (I, J, K) ndarray
+        Binary mask in nibabel voxel order.
+    prob : (I, J, K) ndarray
+        Probability (or score) map on the same grid.
+    peak : float
+        Highest value a cluster must reach to be kept (``>=``).
+
+    Returns
+    -------
+    kept : (I, J, K) ndarray of bool
+        A new mask; the input is not modified.
+    """
+    labels, n = label_clusters(mask)
+    if n == 0:
+        return labels > 0
+    keep = np.zeros(n + 1, bool)
+    keep[1:] = np.asarray(ndimage.maximum(np.asarray(prob), labels, np.arange(1, n + 1))) >= peak
+    return keep[labels]
+
+
 def filter_clusters(
     mask: np.ndarray,
     spacing_mm: Sequence[float],

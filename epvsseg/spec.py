@@ -90,6 +90,9 @@ class ModelSpec:
         Mimic-exclusion thresholds (``"exclusions"`` in ``model.json``; defaults otherwise).
     sha256 : str
         sha256 of ``weights.pt``.
+    peak_threshold : float or None
+        Probability a cluster's highest voxel must reach for the cluster to be kept (``"peak_threshold"`` in
+        ``model.json``, in [``threshold``, 1)); ``None`` when the model has none.
     finetuned_from : str or None
         Id of the model it was fine-tuned from.
     meta : dict
@@ -109,6 +112,7 @@ class ModelSpec:
     min_cluster_voxels: int
     exclusions: ExclusionParams
     sha256: str
+    peak_threshold: float | None = None
     finetuned_from: str | None = None
     meta: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -124,14 +128,14 @@ class ModelSpec:
 
     @property
     def operating_point(self) -> OperatingPoint:
-        """The decision rule of the model (threshold, minimum cluster size, exclusions)."""
-        return OperatingPoint(self.threshold, self.min_cluster_voxels, self.exclusions)
+        """The decision rule of the model (threshold, minimum cluster size, exclusions, peak threshold)."""
+        return OperatingPoint(self.threshold, self.min_cluster_voxels, self.exclusions, self.peak_threshold)
 
     def to_record(self) -> dict[str, Any]:
         """JSON-able provenance the application writes into sidecars."""
         return {"model_id": self.model_id, "weights_sha256": self.sha256, "threshold": self.threshold,
-                "min_cluster_voxels": self.min_cluster_voxels, "exclusions": self.exclusions.to_dict(),
-                "finetuned_from": self.finetuned_from}
+                "min_cluster_voxels": self.min_cluster_voxels, "peak_threshold": self.peak_threshold,
+                "exclusions": self.exclusions.to_dict(), "finetuned_from": self.finetuned_from}
 
     def verify(self) -> None:
         """Check that ``weights.pt`` exists and its sha256 is :attr:`sha256`.
@@ -240,6 +244,9 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
     threshold = _number(meta["threshold"], "threshold", fail)
     if not 0.0 < threshold < 1.0:
         raise fail(f"threshold {threshold} is not in (0, 1)")
+    peak = meta.get("peak_threshold")
+    if peak is not None and not threshold <= _number(peak, "peak_threshold", fail) < 1.0:
+        raise fail(f"peak_threshold {peak} is not in [threshold {threshold}, 1)")
     voxel = _number(meta["voxel_mm"], "voxel_mm", fail)
     if voxel <= 0:
         raise fail(f"voxel_mm {voxel} is not positive")
@@ -253,7 +260,7 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         normalisation=meta["normalisation"], threshold=threshold,
         min_cluster_voxels=_integer(meta["min_cluster_voxels"], "min_cluster_voxels", 1, fail),
         exclusions=_exclusions(meta.get("exclusions"), fail), sha256=meta["sha256"],
-        finetuned_from=finetuned_from, meta=meta)
+        peak_threshold=None if peak is None else float(peak), finetuned_from=finetuned_from, meta=meta)
 
 
 def parse_combination(text: str) -> tuple[str, ...]:

@@ -63,6 +63,8 @@ class TrainConfig:
     t2w_fraction: float = 0.125
     thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     min_sizes: tuple[int, ...] = (2, 3, 4, 5)
+    #: Peak thresholds tried above each threshold (:func:`operating_points`); empty: no peak test.
+    peaks: tuple[float, ...] = ()
     combinations: tuple[tuple[str, ...], ...] = field(default_factory=lambda: load_spec(verify=False).combinations)
     #: Data generator: ``"v3"`` (:func:`epvsseg.synth.render` from the ICBM average; the shipped models),
     #: ``"randomised"`` (:mod:`epvsseg.synth.randomised`: real anatomies, domain randomisation) or ``"mixed"``
@@ -278,9 +280,8 @@ def _loss(logits, target):
     return bce + dice
 
 
-def score_grid(net, cases: list[Case], combinations, *, context: int, points: list[tuple[float, int]],
-               exclusions: ExclusionParams = ExclusionParams(), flip_tta: bool = False,
-               ) -> dict[tuple[float, int], dict]:
+def score_grid(net, cases: list[Case], combinations, *, context: int, points: list[tuple],
+               exclusions: ExclusionParams = ExclusionParams(), flip_tta: bool = False) -> dict[tuple, dict]:
     """Voxel Dice and pooled cluster rates per combination at several operating points.
 
     One prediction per case and combination, turned into a mask by :func:`epvsseg.decision.decide` (the rule the
@@ -296,8 +297,9 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
         Input combinations to score.
     context : int
         The network's 2.5D context (slices on each side).
-    points : list of (float, int)
-        ``(threshold, min_cluster_voxels)`` pairs.
+    points : list of tuple
+        ``(threshold, min_cluster_voxels)`` pairs or ``(threshold, min_cluster_voxels, peak_threshold)``
+        triples (:class:`epvsseg.decision.OperatingPoint`).
     exclusions : ExclusionParams
         Mimic-exclusion thresholds (a model's ``spec.exclusions``).
     flip_tta : bool
@@ -313,7 +315,7 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
 
     device = next((p.device.type for p in net.parameters()), "cpu")
     model = LoadedModel(net, {"context_slices": context, "model_id": "val"}, Path("."), device)
-    rules = {p: OperatingPoint(p[0], p[1], exclusions) for p in points}
+    rules = {p: OperatingPoint(p[0], p[1], exclusions, *p[2:]) for p in points}
     net.eval()
     out: dict = {p: {} for p in points}
     for combination in combinations:
@@ -336,32 +338,48 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
 
 def evaluate(net, cases: list[Case], combinations, *, context: int, threshold: float = 0.5,
              min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None,
-             exclusions: ExclusionParams = ExclusionParams()) -> dict:
+             exclusions: ExclusionParams = ExclusionParams(), peak_threshold: float | None = None) -> dict:
     """Voxel Dice and cluster F1 per combination on whole validation cases (through :func:`decide`).
 
     With ``thresholds``, returns ``{threshold: {combination: scores}}`` (one prediction per case and
     combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
+    ``peak_threshold`` (single threshold only): the operating point's peak test.
     """
     ths = tuple(thresholds) if thresholds else (threshold,)
-    grid = score_grid(net, cases, combinations, context=context, points=[(t, min_cluster_voxels) for t in ths],
-                      exclusions=exclusions)
-    out = {t: grid[(t, min_cluster_voxels)] for t in ths}
+    if thresholds and peak_threshold is not None:
+        raise ValueError("evaluate: a peak threshold goes with a single threshold, not a list")
+    peak = () if peak_threshold is None else (peak_threshold,)
+    grid = score_grid(net, cases, combinations, context=context,
+                      points=[(t, min_cluster_voxels, *peak) for t in ths], exclusions=exclusions)
+    out = {t: grid[(t, min_cluster_voxels, *peak)] for t in ths}
     return out if thresholds else out[threshold]
+
+
+def operating_points(thresholds, min_sizes, peaks=()) -> list[tuple]:
+    """The grid of a model's operating point: every ``(threshold, min voxels)``, then every
+    ``(threshold, min voxels, peak)`` with a peak of ``peaks`` above the threshold."""
+    plain = [(float(t), int(m)) for t in thresholds for m in min_sizes]
+    return plain + [(t, m, float(p)) for t, m in plain for p in peaks if p > t]
+
+
+def point_key(point: tuple) -> str:
+    """``"<threshold>/<min voxels>[/<peak>]"``: a point's key in ``operating_point_selection``."""
+    return "/".join(str(v) for v in point)
 
 
 def select_operating_point(net, cases: list[Case], combinations, *, context: int, thresholds: tuple[float, ...],
                            min_sizes: tuple[int, ...], exclusions: ExclusionParams = ExclusionParams(),
-                           ) -> tuple[tuple[float, int], dict]:
-    """The ``(threshold, min_cluster_voxels)`` with the best :func:`_score` on ``cases``, and the whole grid.
+                           peaks: tuple[float, ...] = ()) -> tuple[tuple, dict]:
+    """The point of :func:`operating_points` with the best :func:`_score` on ``cases``, and the whole grid.
 
     Every point is scored through :func:`epvsseg.decision.decide` with ``exclusions``, as the application
-    decides. The grid is returned as ``{"<threshold>/<min voxels>": {combination: scores}}`` (JSON-ready); ties
-    go to the first point in ``thresholds`` x ``min_sizes`` order.
+    decides. The grid is returned as ``{point_key: {combination: scores}}`` (JSON-ready); ties go to the first
+    point in grid order (without a peak test before with one).
     """
-    grid = score_grid(net, cases, combinations, context=context, points=[(t, m) for t in thresholds for m in min_sizes],
-                      exclusions=exclusions)
+    grid = score_grid(net, cases, combinations, context=context,
+                      points=operating_points(thresholds, min_sizes, peaks), exclusions=exclusions)
     best = max(grid, key=lambda p: _score(grid[p]))
-    return best, {f"{t}/{m}": v for (t, m), v in grid.items()}
+    return best, {point_key(p): v for p, v in grid.items()}
 
 
 def _score(scores: dict) -> float:
@@ -407,16 +425,16 @@ def train(cfg: TrainConfig) -> dict:
     t0 = time.time()
     history = _fit(net, train_cases, val_cases, rng, cfg)
     t_train = time.time() - t0
-    # operating point: threshold and minimum cluster size with the best mean (F1 + Dice) over all
-    # combinations on all validation cases
-    (threshold, min_voxels), selection = select_operating_point(
-        net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes)
-    LOGGER.info("operating point %.2f / %d voxels selected: %s", threshold, min_voxels,
+    # operating point: threshold, minimum cluster size (and peak threshold) with the best mean (F1 + Dice) over
+    # all combinations on all validation cases
+    point, selection = select_operating_point(
+        net, val_cases, cfg.combinations, context=cfg.context, thresholds=cfg.thresholds, min_sizes=cfg.min_sizes,
+        peaks=cfg.peaks)
+    LOGGER.info("operating point %s selected: %s", point_key(point),
                 {k: round(_score(v), 4) for k, v in selection.items()})
     training = {**asdict(cfg), "seeds": seeds, "render_s": round(t_data, 1), "train_s": round(t_train, 1),
                 "history": history, "initialised_from": init or None, "operating_point_selection": selection}
-    return _write_model(Path(cfg.out), net, kwargs, cfg, (threshold, min_voxels), training,
-                        selection[f"{threshold}/{min_voxels}"])
+    return _write_model(Path(cfg.out), net, kwargs, cfg, point, training, selection[point_key(point)])
 
 
 def _initial_network(cfg: TrainConfig):
@@ -476,7 +494,7 @@ def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Gen
     return history
 
 
-def _write_model(out: Path, net, kwargs: dict, cfg: TrainConfig, point: tuple[float, int], training: dict,
+def _write_model(out: Path, net, kwargs: dict, cfg: TrainConfig, point: tuple, training: dict,
                  validation: dict) -> dict:
     """Write ``weights.pt`` (float16) and ``model.json`` into ``out``; return the ``model.json`` content."""
     import torch
@@ -498,6 +516,7 @@ def _write_model(out: Path, net, kwargs: dict, cfg: TrainConfig, point: tuple[fl
         "labels": {"0": "background", "1": "ePVS"},
         "threshold": float(point[0]),
         "min_cluster_voxels": int(point[1]),
+        **({"peak_threshold": float(point[2])} if len(point) > 2 else {}),
         "training": training,
         "validation": validation,
         "commit": git_commit(),
@@ -513,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epvsseg.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="model folder to write")
     for f, default in TrainConfig.__dataclass_fields__.items():
-        if f in ("out", "combinations", "crop_vox", "thresholds", "min_sizes"):
+        if f in ("out", "combinations", "crop_vox", "thresholds", "min_sizes", "peaks"):
             continue
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(default.default), default=default.default)
     opts = vars(parser.parse_args(argv))
@@ -599,7 +618,7 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     combination = (tuple(cfg.combination),)
     spec = base.spec
     point = {"threshold": spec.threshold, "min_cluster_voxels": spec.min_cluster_voxels,
-             "exclusions": spec.exclusions}
+             "exclusions": spec.exclusions, "peak_threshold": spec.peak_threshold}
     results = []
     for i, test_idx in enumerate(folds):
         train_cases = [cases[j] for j in order if j not in set(test_idx)]

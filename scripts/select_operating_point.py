@@ -5,7 +5,8 @@ Usage: python scripts/select_operating_point.py [MODEL_DIR] [--cache-dir DIR] [-
 The validation crops are regenerated exactly as ``python -m epvsseg.train`` split them: the case seeds recorded in
 ``model.json`` (``training.seeds``), the first ``training.n_train`` for training and the next ``training.n_val``
 for validation, rendered by :func:`epvsseg.train.generate` at ``training.crop_vox`` (cached ``.npz`` files are
-reused). Every point of the recorded grid (``training.thresholds`` x ``training.min_sizes``) is scored with
+reused). Every point of the recorded grid (``training.thresholds`` x ``training.min_sizes``, with every
+``training.peaks`` above each threshold) is scored with
 :func:`epvsseg.train.select_operating_point`, i.e. through :func:`epvsseg.decision.decide` with the model's mimic
 exclusions, as the application decides.
 
@@ -52,15 +53,15 @@ def validation_seeds(training: dict, n_val: int | None = None) -> list[int]:
     return chosen[: n_val] if n_val else chosen
 
 
-def derive(model_dir: Path, cache_dir: Path, n_val: int | None = None) -> tuple[dict, tuple[float, int], dict]:
+def derive(model_dir: Path, cache_dir: Path, n_val: int | None = None) -> tuple[dict, tuple, dict]:
     """Score the recorded grid on the regenerated validation crops through ``decide``.
 
     Returns
     -------
     meta : dict
         The model's ``model.json`` as read.
-    best : (float, int)
-        The best ``(threshold, min_cluster_voxels)``.
+    best : tuple
+        The best ``(threshold, min_cluster_voxels[, peak_threshold])``.
     grid : dict
         ``{"<threshold>/<min voxels>": {combination: scores}}``.
     """
@@ -78,15 +79,15 @@ def derive(model_dir: Path, cache_dir: Path, n_val: int | None = None) -> tuple[
     model = infer.load_model(spec)
     best, grid = train.select_operating_point(
         model.net, cases, spec.combinations, context=spec.context_slices, thresholds=tuple(tr["thresholds"]),
-        min_sizes=tuple(tr["min_sizes"]), exclusions=spec.exclusions)
+        min_sizes=tuple(tr["min_sizes"]), exclusions=spec.exclusions, peaks=tuple(tr.get("peaks", ())))
     return meta, best, grid
 
 
-def record(meta: dict, best: tuple[float, int], grid: dict, *, n_cases: int, command: str) -> dict:
+def record(meta: dict, best: tuple, grid: dict, *, n_cases: int, command: str) -> dict:
     """``meta`` updated with the re-derived grid, its provenance and the validation scores (a new dict)."""
     meta = json.loads(json.dumps(meta))
     tr = meta["training"]
-    current = (float(meta["threshold"]), int(meta["min_cluster_voxels"]))
+    current = model_point(meta)
     if "operating_point_derivation" not in tr and "operating_point_selection" in tr:
         tr["operating_point_selection_without_exclusions"] = tr["operating_point_selection"]
     tr["operating_point_selection"] = grid
@@ -97,11 +98,17 @@ def record(meta: dict, best: tuple[float, int], grid: dict, *, n_cases: int, com
         "date": datetime.date.today().isoformat(),
         "command": command,
         "n_val_cases": n_cases,
-        "best": [float(best[0]), int(best[1])],
-        "applied": [float(best[0]), int(best[1])] == list(current),
+        "best": list(best),
+        "applied": tuple(best) == current,
     }
-    meta["validation"] = grid[f"{current[0]}/{current[1]}"]
+    meta["validation"] = grid[train.point_key(current)]
     return meta
+
+
+def model_point(meta: dict) -> tuple:
+    """``(threshold, min voxels[, peak])`` of a ``model.json``."""
+    peak = meta.get("peak_threshold")
+    return (float(meta["threshold"]), int(meta["min_cluster_voxels"])) + (() if peak is None else (float(peak),))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,16 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     n_cases = len(validation_seeds(meta["training"], opts.n_val))
     command = "python scripts/select_operating_point.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     new = record(meta, best, grid, n_cases=n_cases, command=command)
-    current = (new["threshold"], new["min_cluster_voxels"])
-    for key in sorted({f"{best[0]}/{best[1]}", f"{current[0]}/{current[1]}"}):
+    current = model_point(new)
+    for key in sorted({train.point_key(best), train.point_key(current)}):
         score = train._score(grid[key])
         print(f"{key}: mean F1 + Dice {score:.4f}  " + json.dumps({c: round(v["cluster_f1"], 4)
                                                                  for c, v in grid[key].items()}))
     if new["training"]["operating_point_derivation"]["applied"]:
-        print(f"{meta['model_id']}: the operating point {current[0]} / {current[1]} voxels is confirmed")
+        print(f"{meta['model_id']}: the operating point {train.point_key(current)} is confirmed")
     else:
-        print(f"{meta['model_id']}: best point {best[0]} / {best[1]} voxels differs from the model's {current[0]} / "
-              f"{current[1]}; threshold and min_cluster_voxels left unchanged (a new point needs a new benchmark)")
+        print(f"{meta['model_id']}: best point {train.point_key(best)} differs from the model's "
+              f"{train.point_key(current)}; the operating point is left unchanged (a new point needs a new benchmark)")
     if not opts.dry_run:
         (opts.model_dir / "model.json").write_text(json.dumps(new, indent=2) + "\n")
         print(opts.model_dir / "model.json")

@@ -57,7 +57,7 @@ def _threshold_lines(meta: dict) -> str:
 
     grid = meta["training"].get("operating_point_selection")
     if grid:
-        points = [tuple(k.split("/")) for k in grid]
+        points = [tuple(k.split("/")) for k in grid if k.count("/") == 1]  # the table leaves peak points out
         ths = sorted({t for t, _ in points}, key=float)
         sizes = sorted({m for _, m in points}, key=int)
         head = "| threshold | " + " | ".join(f"min {m} voxels" for m in sizes) + " |\n"
@@ -66,7 +66,7 @@ def _threshold_lines(meta: dict) -> str:
         return ("\n## Operating point\n\nChosen on the validation crops (never on the benchmark): the probability "
                 "threshold and minimum cluster size with the best mean over the served combinations of cluster F1 + "
                 f"voxel Dice. Selected: **{meta['threshold']}**, clusters of at least **{meta['min_cluster_voxels']}** "
-                "voxels." + _derivation_lines(meta) + "\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
+                "voxels" + _peak_words(meta, "**") + "." + _derivation_lines(meta) + "\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
     sel = meta["training"].get("threshold_selection")
     if not sel:
         return ""
@@ -74,6 +74,12 @@ def _threshold_lines(meta: dict) -> str:
     return ("\n## Operating threshold\n\nChosen on the validation crops (never on the benchmark): the threshold with "
             "the best mean over the served combinations of cluster F1 + voxel Dice. "
             f"Selected: **{meta['threshold']}**.\n\n| threshold | mean F1 + Dice |\n|---|---|\n" + rows)
+
+
+def _peak_words(meta: dict, bold: str = "") -> str:
+    """``", whose highest probability reaches <peak>"`` for a model with a peak threshold, else ``""``."""
+    peak = meta.get("peak_threshold")
+    return "" if peak is None else f", whose highest probability reaches {bold}{peak}{bold}"
 
 
 def main(folder: str) -> None:
@@ -98,7 +104,7 @@ def main(folder: str) -> None:
         f"- normalisation `{meta['normalisation']}`: each image divided by its median inside the brain mask, 0 outside, "
         "clipped to [0, 6];\n",
         f"- output: sigmoid probability; ePVS = probability >= {meta['threshold']}, 26-connected clusters of at least "
-        f"{meta['min_cluster_voxels']} voxels, then the lacune/WMH mimic exclusions of `epvsseg.exclusions` (one rule for the application, the "
+        f"{meta['min_cluster_voxels']} voxels{_peak_words(meta)}, then the lacune/WMH mimic exclusions of `epvsseg.exclusions` (one rule for the application, the "
         "choice of the operating point and the benchmark: `epvsseg.decision.decide`).\n",
         "\n## Training data and recipe\n",
         "Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from the "

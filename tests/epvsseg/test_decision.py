@@ -72,6 +72,32 @@ def test_threshold_boundary_counts_as_epvs():
     assert decide(exact, OperatingPoint(0.6, 2), affine=AFFINE, brain=np.ones(SHAPE, bool)).mask.sum() == 4
 
 
+def test_peak_threshold_keeps_the_whole_extent_of_confident_clusters_only():
+    prob = np.zeros(SHAPE)
+    prob[5, 5, 5:15] = 0.6   # a faint tube ...
+    prob[5, 5, 9] = 0.95     # ... with a confident core
+    prob[15, 15, 5:15] = 0.6  # a faint tube without one
+    prob[25, 25, 5:15] = 0.6
+    prob[25, 25, 10] = 0.8   # the peak exactly at the peak threshold counts
+    brain = np.ones(SHAPE, bool)
+    out = decide(prob, OperatingPoint(0.5, 2, peak_threshold=0.8), affine=AFFINE, brain=brain)
+    np.testing.assert_array_equal(np.argwhere(out.mask)[:, :2], [[5, 5]] * 10 + [[25, 25]] * 10)
+    plain = decide(prob, OperatingPoint(0.5, 2), affine=AFFINE, brain=brain)
+    assert plain.mask.sum() == 30
+    same = decide(prob, OperatingPoint(0.5, 2, peak_threshold=0.5), affine=AFFINE, brain=brain)
+    np.testing.assert_array_equal(same.mask, plain.mask)  # a peak at the threshold is no test
+    # the size test comes first: a confident 1-voxel speck is still dropped at min 2
+    prob[35, 35, 35] = 0.99
+    assert not decide(prob, OperatingPoint(0.5, 2, peak_threshold=0.8), affine=AFFINE, brain=brain).mask[35, 35, 35]
+
+
+@pytest.mark.parametrize(("peak", "message"), [(0.4, r"peak_threshold 0.4 is not in \[threshold 0.5, 1\)"),
+                                               (1.0, r"peak_threshold 1.0 is not in")])
+def test_invalid_peak_thresholds(peak, message):
+    with pytest.raises(ValueError, match=message):
+        OperatingPoint(0.5, 2, peak_threshold=peak)
+
+
 @pytest.mark.parametrize(("threshold", "min_voxels", "message"), [
     (0.0, 2, "threshold 0.0 is not in"), (1.0, 2, "threshold 1.0 is not in"), (0.5, 0, "min_cluster_voxels 0"),
     (0.5, 2.5, "min_cluster_voxels 2.5")])
@@ -192,6 +218,25 @@ def test_score_grid_and_operating_point_go_through_decide():
     _, lenient = train.select_operating_point(net, cases, [("T2w",)], context=0, thresholds=(0.5,),
                                               min_sizes=(2,), exclusions=kept)
     assert lenient["0.5/2"]["T2w"]["cluster_f1"] < grid["0.5/2"]["T2w"]["cluster_f1"]
+
+
+def test_operating_points_add_peaks_above_each_threshold_and_are_scored():
+    from epvsseg import train
+
+    points = train.operating_points((0.5, 0.8), (2, 3), peaks=(0.7, 0.8))
+    assert points == [(0.5, 2), (0.5, 3), (0.8, 2), (0.8, 3), (0.5, 2, 0.7), (0.5, 2, 0.8), (0.5, 3, 0.7),
+                      (0.5, 3, 0.8)]
+    assert train.operating_points((0.5,), (2,)) == [(0.5, 2)]
+    assert train.point_key((0.5, 2, 0.7)) == "0.5/2/0.7"
+    cases, net = _cases(), _Bright()  # probabilities ~1: every peak test passes, scores equal the plain point
+    best, grid = train.select_operating_point(net, cases, [("T2w",)], context=0, thresholds=(0.5,),
+                                              min_sizes=(2,), peaks=(0.7,))
+    assert set(grid) == {"0.5/2", "0.5/2/0.7"} and best == (0.5, 2)  # ties go to the point without a peak
+    assert grid["0.5/2/0.7"] == grid["0.5/2"]
+    with pytest.raises(ValueError, match="single threshold"):
+        train.evaluate(net, cases, [("T2w",)], context=0, thresholds=(0.5, 0.6), peak_threshold=0.7)
+    at_peak = train.evaluate(net, cases, [("T2w",)], context=0, threshold=0.5, peak_threshold=0.7)
+    assert at_peak["T2w"] == grid["0.5/2/0.7"]["T2w"]
 
 
 def test_score_grid_scores_flip_averaged_predictions_when_asked(monkeypatch):

@@ -32,8 +32,8 @@ def test_default_spec_and_record():
     assert s.combinations[0] == ("T2w", "FLAIR", "T1w", "SWI") and ("FLAIR",) in s.combinations
     record = s.to_record()
     assert record == {"model_id": s.model_id, "weights_sha256": s.sha256, "threshold": s.threshold,
-                      "min_cluster_voxels": s.min_cluster_voxels, "exclusions": ExclusionParams().to_dict(),
-                      "finetuned_from": None}
+                      "min_cluster_voxels": s.min_cluster_voxels, "peak_threshold": s.peak_threshold,
+                      "exclusions": ExclusionParams().to_dict(), "finetuned_from": None}
     json.dumps(record)
     assert infer.SERVED_COMBINATIONS == s.combinations  # the module name reads the spec
 
@@ -74,6 +74,15 @@ def test_folder_path_loads_with_exclusions_and_finetuned_from(folder):
     assert s.to_record()["exclusions"]["wmh_flair_ratio"] == 1.5
     assert s.to_record()["finetuned_from"] == "epvs-unet25d-v3"
     assert load_spec(s) is s
+    assert s.peak_threshold is None and s.operating_point.peak_threshold is None
+
+
+def test_peak_threshold_reaches_the_operating_point_and_the_record(folder):
+    threshold = json.loads((folder / "model.json").read_text())["threshold"]
+    _edit(folder, peak_threshold=0.9)
+    s = load_spec(folder)
+    assert s.peak_threshold == 0.9 and s.operating_point.peak_threshold == 0.9
+    assert s.operating_point.threshold == threshold and s.to_record()["peak_threshold"] == 0.9
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -95,6 +104,9 @@ def test_folder_path_loads_with_exclusions_and_finetuned_from(folder):
     ({"voxel_mm": 0}, "voxel_mm 0.0 is not positive"),
     ({"threshold": None}, "missing key(s) threshold"),
     ({"finetuned_from": 3}, "finetuned_from 3 is not a string"),
+    ({"peak_threshold": 0.1}, "peak_threshold 0.1 is not in [threshold"),
+    ({"peak_threshold": 1}, "peak_threshold 1 is not in [threshold"),
+    ({"peak_threshold": "high"}, "peak_threshold 'high' is not a finite number"),
 ])
 def test_invalid_model_json_names_file_and_problem(folder, changes, message):
     _edit(folder, **changes)

@@ -31,3 +31,8 @@ def test_each_model_is_scored_at_its_own_point(monkeypatch):
     assert out["point"] == [0.7, 3] and out["score"] == 0.7 + 0.5
     md = val_crops.report("m6", "cmd", 1, {"m3": out})
     assert "| m3 | 0.7 / 3 | 1.2000 | 0.700 / 0.700 / 0.700 | 0.700 / 0.700 / 0.700 |" in md
+    peaked = SimpleNamespace(net="net-b", context=1,
+                             spec=SimpleNamespace(threshold=0.4, min_cluster_voxels=2, peak_threshold=0.9))
+    out = val_crops.score(peaked, ["case"], [("T2w",)])
+    assert seen[-1] == ("net-b", 1, [(0.4, 2, 0.9)]) and out["point"] == [0.4, 2, 0.9]
+    assert "| m5p | 0.4 / 2 / 0.9 | 0.9000 |" in val_crops.report("m6", "cmd", 1, {"m5p": out})
