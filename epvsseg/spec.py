@@ -93,6 +93,9 @@ class ModelSpec:
     peak_threshold : float or None
         Probability a cluster's highest voxel must reach for the cluster to be kept (``"peak_threshold"`` in
         ``model.json``, in [``threshold``, 1)); ``None`` when the model has none.
+    flip_tta : bool
+        Whether inference averages each prediction with the one on the left-right flipped input (``"flip_tta"``
+        in ``model.json``; false when absent). Part of the model: its operating point was chosen so.
     finetuned_from : str or None
         Id of the model it was fine-tuned from.
     meta : dict
@@ -113,6 +116,7 @@ class ModelSpec:
     exclusions: ExclusionParams
     sha256: str
     peak_threshold: float | None = None
+    flip_tta: bool = False
     finetuned_from: str | None = None
     meta: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -135,7 +139,8 @@ class ModelSpec:
         """JSON-able provenance the application writes into sidecars."""
         return {"model_id": self.model_id, "weights_sha256": self.sha256, "threshold": self.threshold,
                 "min_cluster_voxels": self.min_cluster_voxels, "peak_threshold": self.peak_threshold,
-                "exclusions": self.exclusions.to_dict(), "finetuned_from": self.finetuned_from}
+                "flip_tta": self.flip_tta, "exclusions": self.exclusions.to_dict(),
+                "finetuned_from": self.finetuned_from}
 
     def verify(self) -> None:
         """Check that ``weights.pt`` exists and its sha256 is :attr:`sha256`.
@@ -247,6 +252,9 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
     peak = meta.get("peak_threshold")
     if peak is not None and not threshold <= _number(peak, "peak_threshold", fail) < 1.0:
         raise fail(f"peak_threshold {peak} is not in [threshold {threshold}, 1)")
+    flip = meta.get("flip_tta", False)
+    if not isinstance(flip, bool):
+        raise fail(f"flip_tta {flip!r} is not true or false")
     voxel = _number(meta["voxel_mm"], "voxel_mm", fail)
     if voxel <= 0:
         raise fail(f"voxel_mm {voxel} is not positive")
@@ -260,7 +268,7 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         normalisation=meta["normalisation"], threshold=threshold,
         min_cluster_voxels=_integer(meta["min_cluster_voxels"], "min_cluster_voxels", 1, fail),
         exclusions=_exclusions(meta.get("exclusions"), fail), sha256=meta["sha256"],
-        peak_threshold=None if peak is None else float(peak), finetuned_from=finetuned_from, meta=meta)
+        peak_threshold=None if peak is None else float(peak), flip_tta=flip, finetuned_from=finetuned_from, meta=meta)
 
 
 def parse_combination(text: str) -> tuple[str, ...]:

@@ -338,19 +338,21 @@ def score_grid(net, cases: list[Case], combinations, *, context: int, points: li
 
 def evaluate(net, cases: list[Case], combinations, *, context: int, threshold: float = 0.5,
              min_cluster_voxels: int = 2, thresholds: tuple[float, ...] | None = None,
-             exclusions: ExclusionParams = ExclusionParams(), peak_threshold: float | None = None) -> dict:
+             exclusions: ExclusionParams = ExclusionParams(), peak_threshold: float | None = None,
+             flip_tta: bool = False) -> dict:
     """Voxel Dice and cluster F1 per combination on whole validation cases (through :func:`decide`).
 
     With ``thresholds``, returns ``{threshold: {combination: scores}}`` (one prediction per case and
     combination, thresholded several ways); otherwise ``{combination: scores}`` at ``threshold``.
-    ``peak_threshold`` (single threshold only): the operating point's peak test.
+    ``peak_threshold`` (single threshold only): the operating point's peak test; ``flip_tta``: predictions
+    averaged with the flipped input (:func:`score_grid`).
     """
     ths = tuple(thresholds) if thresholds else (threshold,)
     if thresholds and peak_threshold is not None:
         raise ValueError("evaluate: a peak threshold goes with a single threshold, not a list")
     peak = () if peak_threshold is None else (peak_threshold,)
     grid = score_grid(net, cases, combinations, context=context,
-                      points=[(t, min_cluster_voxels, *peak) for t in ths], exclusions=exclusions)
+                      points=[(t, min_cluster_voxels, *peak) for t in ths], exclusions=exclusions, flip_tta=flip_tta)
     out = {t: grid[(t, min_cluster_voxels, *peak)] for t in ths}
     return out if thresholds else out[threshold]
 
@@ -618,7 +620,7 @@ def finetune(base, cases: list[Case], cfg: FinetuneConfig, out: Path | None = No
     combination = (tuple(cfg.combination),)
     spec = base.spec
     point = {"threshold": spec.threshold, "min_cluster_voxels": spec.min_cluster_voxels,
-             "exclusions": spec.exclusions, "peak_threshold": spec.peak_threshold}
+             "exclusions": spec.exclusions, "peak_threshold": spec.peak_threshold, "flip_tta": spec.flip_tta}
     results = []
     for i, test_idx in enumerate(folds):
         train_cases = [cases[j] for j in order if j not in set(test_idx)]

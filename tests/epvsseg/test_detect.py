@@ -103,6 +103,25 @@ def test_the_model_folder_spec_decides(crop, tmp_path):
     assert np.array_equal(as_spec.mask, strict.mask)
 
 
+def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_path):
+    volumes, mask, affine = crop
+    folder = tmp_path / "peaked"
+    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(threshold=0.4, peak_threshold=0.9, flip_tta=True)
+    (folder / "model.json").write_text(json.dumps(meta))
+    out = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
+    spec = load_spec(folder)
+    prob = infer.predict(volumes, mask, infer.load_model(spec), flip_tta=True)
+    assert np.array_equal(out.score, prob) and not np.array_equal(prob, infer.predict(volumes, mask,
+                                                                                      infer.load_model(spec)))
+    expected = decide(prob, spec.operating_point, affine=affine, brain=mask)
+    assert np.array_equal(out.mask, expected.mask) and out.mask.any()
+    assert out.parameters["peak_threshold"] == 0.9 and out.parameters["flip_tta"] is True
+    assert "clusters >= 2 voxels peaking >= 0.9," in out.description
+    assert "averaged with the left-right flipped input" in out.score_description
+
+
 def test_frangi_is_the_baseline_with_the_reference_polarity(crop):
     volumes, mask, affine = crop
     out = det.detect(volumes, mask, affine, combination=("T2w",), method="frangi", model="ignored")

@@ -33,7 +33,7 @@ def test_default_spec_and_record():
     record = s.to_record()
     assert record == {"model_id": s.model_id, "weights_sha256": s.sha256, "threshold": s.threshold,
                       "min_cluster_voxels": s.min_cluster_voxels, "peak_threshold": s.peak_threshold,
-                      "exclusions": ExclusionParams().to_dict(), "finetuned_from": None}
+                      "flip_tta": False, "exclusions": ExclusionParams().to_dict(), "finetuned_from": None}
     json.dumps(record)
     assert infer.SERVED_COMBINATIONS == s.combinations  # the module name reads the spec
 
@@ -83,6 +83,9 @@ def test_peak_threshold_reaches_the_operating_point_and_the_record(folder):
     s = load_spec(folder)
     assert s.peak_threshold == 0.9 and s.operating_point.peak_threshold == 0.9
     assert s.operating_point.threshold == threshold and s.to_record()["peak_threshold"] == 0.9
+    assert s.flip_tta is False and s.to_record()["flip_tta"] is False
+    _edit(folder, flip_tta=True)
+    assert load_spec(folder).flip_tta is True
 
 
 @pytest.mark.parametrize(("changes", "message"), [
@@ -107,6 +110,7 @@ def test_peak_threshold_reaches_the_operating_point_and_the_record(folder):
     ({"peak_threshold": 0.1}, "peak_threshold 0.1 is not in [threshold"),
     ({"peak_threshold": 1}, "peak_threshold 1 is not in [threshold"),
     ({"peak_threshold": "high"}, "peak_threshold 'high' is not a finite number"),
+    ({"flip_tta": "yes"}, "flip_tta 'yes' is not true or false"),
 ])
 def test_invalid_model_json_names_file_and_problem(folder, changes, message):
     _edit(folder, **changes)
