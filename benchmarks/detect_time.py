@@ -1,0 +1,65 @@
+"""Seconds of the U-Net detection on one preprocessed real 1 mm brain, per model (issue #17: <= 10 s on 2 cores).
+
+Times :func:`epvsseg.detect.detect` (inference, decision with the location test, the subject's tissue classes
+included) on a scan that ``benchmarks/real_scans.py --prep-only`` preprocessed, on the CPU, best of ``--repeat``
+runs after one warm-up, with ``--threads`` torch threads. Run it on an otherwise idle machine. Writes
+``benchmarks/results/detect_time.md``.
+
+Usage::
+
+    python benchmarks/detect_time.py --scan m2208_t2w --models benchmarks/models/epvs-unet25d-v5 \\
+        benchmarks/models/epvs-unet25d-v5-flip
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def best_seconds(spec, prep, repeat: int) -> float:
+    """The shortest of ``repeat`` timed detections after one untimed one."""
+    from real_scans import detect_mask
+
+    detect_mask(spec, prep, prep.n4)
+    return min(detect_mask(spec, prep, prep.n4)[1] for _ in range(repeat))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scan", default="m2208_t2w", help="a scan name of benchmarks/real_scans.py")
+    parser.add_argument("--models", nargs="+", required=True, help="model ids or folders")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    opts = parser.parse_args()
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(opts.threads))
+    import torch
+    from real_scans import load_prepared
+
+    from epvsseg.spec import load_spec
+
+    torch.set_num_threads(opts.threads)
+    prep = load_prepared(opts.scan)
+    rows = []
+    for ref in opts.models:
+        spec = load_spec(ref)
+        seconds = best_seconds(spec, prep, opts.repeat)
+        rows.append(f"| {spec.model_id} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} |\n")
+        print(rows[-1], end="", flush=True)
+    command = "python benchmarks/detect_time.py " + " ".join(sys.argv[1:])
+    text = (f"# Detection time on `{opts.scan}` ({prep.n4.shape}, CPU)\n\n"
+            f"Produced by `{command}` on {platform.machine()}, {opts.threads} torch threads, best of {opts.repeat} "
+            "after one warm-up; `epvsseg.detect.detect` with the location test (tissue classes included).\n\n"
+            "| model | flip averaging | seconds |\n|---|---|---|\n" + "".join(rows))
+    (ROOT / "benchmarks" / "results" / "detect_time.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
