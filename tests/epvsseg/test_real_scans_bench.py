@@ -258,6 +258,11 @@ def test_a_placement_some_runs_lack_is_reported_for_the_runs_that_have_it():
     assert "Not run in this placement: old." in tissue and "### 1b." not in md
 
 
+def test_the_commands_name_a_peak_threshold_and_flip_averaging():
+    assert rs._peak({"peak_threshold": None}) == "" and rs._peak({}) == ""
+    assert rs._peak({"peak_threshold": 0.9, "flip_tta": True}) == ", peak threshold 0.9, flip averaging"
+
+
 def test_verdict_and_count_difference():
     assert rs.verdict(0.81, 0.80) == "met"
     assert rs.verdict(0.55, 0.80) == "missed by 0.25"
