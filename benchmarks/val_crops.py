@@ -5,8 +5,9 @@ not compared by their recorded scores. Here every model is scored on the same cr
 the ``--crops`` model (the last ``n_val`` seeds of its ``model.json``, rendered again by
 :func:`epvsseg.train.generate` in its generator and version; synthetic, no evaluation-only scan), each model at
 its own threshold, minimum cluster size and peak threshold (when it has one), through
-:func:`epvsseg.train.score_grid` (the application's decision, mimic exclusions included). Reported per model: the recipe's selection score (mean over combinations
-of cluster F1 + Dice) and per-combination cluster sensitivity, precision and F1.
+:func:`epvsseg.train.score_grid` (the application's decision, mimic exclusions included). Reported per model:
+the recipe's selection score (mean over combinations of cluster F1 + Dice) and per-combination cluster
+sensitivity, precision and F1.
 
 Usage::
 

@@ -84,7 +84,8 @@ class Decision:
 
 def decide(prob: np.ndarray, point: OperatingPoint, *, affine: np.ndarray, brain: np.ndarray,
            flair: np.ndarray | None = None, tissue: np.ndarray | None = None) -> Decision:
-    """Threshold, drop small and unconfident clusters, exclude mimics and misplaced clusters: the ePVS mask of a probability map.
+    """The ePVS mask of a probability map: threshold, drop small and unconfident clusters, exclude mimics and
+    misplaced clusters.
 
     Parameters
     ----------
