@@ -101,17 +101,23 @@ def write_results(stem: str, record: dict, markdown: str) -> None:
     print(markdown)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run_on_own_crops(script: str, description: str, measure, report, extra: dict | None = None) -> None:
+    """The command line of a benchmark on one model's own validation crops: ``--model`` and the crop options,
+    ``measure(model, cases)``, then ``results/<script>_<model>.json`` (with ``extra``) and ``.md`` (``report``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", required=True, help="model id or folder (as the app's --model)")
     add_crop_options(parser)
     opts = parser.parse_args()
     model, cases = model_and_crops(opts.model, opts)
     result = measure(model, cases)
-    command = "python benchmarks/flip_tta.py " + " ".join(sys.argv[1:])
-    write_results(f"flip_tta_{model.model_id}",
-                  {"model_id": model.model_id, "command": command, "n_cases": len(cases), **result},
+    command = f"python benchmarks/{script}.py " + " ".join(sys.argv[1:])
+    write_results(f"{script}_{model.model_id}",
+                  {"model_id": model.model_id, "command": command, "n_cases": len(cases), **(extra or {}), **result},
                   report(model.model_id, command, len(cases), result))
+
+
+def main() -> None:
+    run_on_own_crops("flip_tta", __doc__.split("\n")[0], measure, report)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -70,18 +69,9 @@ def report(model_id: str, command: str, n_cases: int, result: dict) -> str:
 
 
 def main() -> None:
-    from flip_tta import add_crop_options, model_and_crops, write_results
+    from flip_tta import run_on_own_crops
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model id or folder (as the app's --model)")
-    add_crop_options(parser)
-    opts = parser.parse_args()
-    model, cases = model_and_crops(opts.model, opts)
-    result = measure(model, cases)
-    command = "python benchmarks/peak_threshold.py " + " ".join(sys.argv[1:])
-    write_results(f"peak_threshold_{model.model_id}",
-                  {"model_id": model.model_id, "command": command, "n_cases": len(cases), "peaks": list(PEAKS),
-                   **result}, report(model.model_id, command, len(cases), result))
+    run_on_own_crops("peak_threshold", __doc__.split("\n")[0], measure, report, {"peaks": list(PEAKS)})
 
 
 if __name__ == "__main__":
