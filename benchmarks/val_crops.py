@@ -31,8 +31,7 @@ def score(model, cases: list, combos: list[tuple[str, ...]]) -> dict:
     """Selection score and per-combination scores of ``model`` at its own operating point."""
     from epvsseg import train
 
-    peak = getattr(model.spec, "peak_threshold", None)
-    point = (float(model.spec.threshold), int(model.spec.min_cluster_voxels)) + (() if peak is None else (peak,))
+    point = model.spec.operating_point.grid_point
     scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point])[point]
     return {"point": list(point), "score": train._score(scores), "scores": scores}
 

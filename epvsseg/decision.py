@@ -63,6 +63,13 @@ class OperatingPoint:
             raise ValueError(f"operating point: peak_threshold {self.peak_threshold} is not in "
                              f"[threshold {self.threshold}, 1)")
 
+    @property
+    def grid_point(self) -> tuple:
+        """``(threshold, min_cluster_voxels[, peak_threshold])``: this point in a grid of
+        :func:`epvsseg.train.operating_points`."""
+        peak = () if self.peak_threshold is None else (float(self.peak_threshold),)
+        return (float(self.threshold), int(self.min_cluster_voxels)) + peak
+
 
 @dataclass(frozen=True)
 class Decision:

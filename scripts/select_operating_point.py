@@ -107,8 +107,7 @@ def record(meta: dict, best: tuple, grid: dict, *, n_cases: int, command: str) -
 
 def model_point(meta: dict) -> tuple:
     """``(threshold, min voxels[, peak])`` of a ``model.json``."""
-    peak = meta.get("peak_threshold")
-    return (float(meta["threshold"]), int(meta["min_cluster_voxels"])) + (() if peak is None else (float(peak),))
+    return spec_mod.spec_from_meta(meta, Path(str(meta["model_id"])) / "model.json").operating_point.grid_point
 
 
 def main(argv: list[str] | None = None) -> int:
