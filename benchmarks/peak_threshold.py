@@ -7,7 +7,8 @@ made where the recipe chooses its operating point: on the model's validation cro
 its ``model.json``, rendered again by :func:`epvsseg.train.generate`; synthetic, no evaluation-only scan), scored
 by :func:`epvsseg.train.score_grid` through the application's decision. The grid
 (:func:`epvsseg.train.operating_points`) is the recipe's thresholds x minimum cluster sizes, each also with every
-peak threshold of :data:`PEAKS` above it. Reported: the best point
+peak threshold of :data:`PEAKS` above it. A model whose ``model.json`` asks for flip averaging is scored with
+it. Reported: the best point
 without a peak threshold and the best with one, their selection score (mean over combinations of cluster F1 +
 Dice) and per-combination cluster sensitivity / precision / F1.
 
@@ -40,8 +41,8 @@ def measure(model, cases: list) -> dict:
     points = train.operating_points(record["thresholds"], record["min_sizes"], PEAKS)
     t0 = time.perf_counter()
     grid = train.score_grid(model.net, cases, combos, context=model.context, points=points,
-                            exclusions=model.spec.exclusions)
-    out = {"seconds": round(time.perf_counter() - t0, 1),
+                            exclusions=model.spec.exclusions, flip_tta=model.spec.flip_tta)
+    out = {"seconds": round(time.perf_counter() - t0, 1), "flip_tta": model.spec.flip_tta,
            "grid": {train.point_key(p): round(train._score(s), 4) for p, s in grid.items()}}
     for name, keep in (("plain", lambda p: len(p) == 2), ("peak", lambda p: len(p) == 3)):
         best = max((p for p in grid if keep(p)), key=lambda p: train._score(grid[p]))
@@ -54,7 +55,8 @@ def report(model_id: str, command: str, n_cases: int, result: dict) -> str:
     combos = list(result["plain"]["scores"])
     lines = [f"# A peak threshold on the validation crops of {model_id}\n\n",
              f"Produced by `{command}` ({n_cases} synthetic validation crops, the model's own; see the script's "
-             f"docstring; {len(result['grid'])} points scored in {result['seconds']} s on the CPU). Point: threshold "
+             f"docstring; {len(result['grid'])} points scored in {result['seconds']} s on the CPU"
+             f"{', with flip averaging' if result.get('flip_tta') else ''}). Point: threshold "
              "/ min cluster voxels [/ peak threshold]. Score: mean over combinations of cluster F1 + Dice. Cells: "
              "cluster sensitivity / precision / F1.\n\n",
              "| decision | best point | score | " + " | ".join(combos) + " |\n",
