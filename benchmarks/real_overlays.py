@@ -7,7 +7,7 @@ the centrum semiovale (the same for its voxels) and half-way between them; witho
 brain's height. The bias-corrected image is shown in grey (neurological convention: the participant's left on
 the left), cropped to the brain, each model's detected voxels filled in its colour and
 ringed (5 mm) so that one-voxel clusters can be found. Writes
-``docs/figures/real_overlays/<scan>.png`` (palette PNG, 0.1-1.2 MB with five models).
+``docs/figures/real_overlays/<scan>.png`` or ``<--out>/<scan>.png`` (palette PNG, 0.1-1.2 MB with five models).
 
 A model named with the suffix ``@nolocation`` is drawn as decided without the location test
 (``real_scans.py --no-location``). Each model keeps its colour (red, cyan, yellow, green, magenta in the order
@@ -135,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="model ids or folders, old first")
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"folder of the figures (default: {OUT.relative_to(ROOT)})")
     opts = parser.parse_args()
     from epvsprep.anatomy import load_kit
     from epvsseg.metrics import count_clusters
@@ -142,7 +143,7 @@ def main() -> None:
     table = load_kit().table
     colours = {m: COLOURS[i % len(COLOURS)] for i, m in enumerate(opts.models)}  # a model keeps its colour
     names = opts.scans.split(",") if opts.scans else [s.name for s in rs.SCANS]
-    OUT.mkdir(parents=True, exist_ok=True)
+    opts.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         if not rs.prep_path(name).exists():
             print(f"{name}: not preprocessed ({rs.prep_path(name)}), skipped")
@@ -157,7 +158,7 @@ def main() -> None:
             continue
         prep = rs.load_prepared(name)
         save_png(draw(prep, masks, {m: count_clusters(v) for m, v in masks.items()}, table, colours),
-                 OUT / f"{name}.png")
+                 opts.out / f"{name}.png")
 
 
 def save_png(png: bytes, target: Path) -> None:
@@ -165,7 +166,7 @@ def save_png(png: bytes, target: Path) -> None:
     tmp = target.with_suffix(".tmp.png")
     tmp.write_bytes(png)
     tmp.replace(target)
-    print(f"{target.relative_to(ROOT)}: {len(png) / 1024:.0f} KB")
+    print(f"{target}: {len(png) / 1024:.0f} KB")
 
 
 if __name__ == "__main__":
