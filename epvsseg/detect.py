@@ -188,8 +188,7 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
     if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
         prob = _predict_resampled(images, mask, spacing, model, dev)
     else:
-        prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape),
-                             flip_tta=spec.flip_tta)
+        prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape))
     decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
                       flair=volumes.get("FLAIR") if "FLAIR" in combination else None, tissue=tissue)
     point = spec.operating_point
@@ -216,8 +215,7 @@ def _predict_resampled(images, mask, spacing, model, dev: str) -> np.ndarray:
     small_shape = tuple(int(round(n * s / voxel)) for n, s in zip(mask.shape, spacing))
     small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
     small_mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
-    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_shape),
-                               flip_tta=model.spec.flip_tta)
+    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_shape))
     back = [a / b for a, b in zip(mask.shape, prob_small.shape)]
     prob = ndimage.zoom(prob_small, back, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
     pad = [(0, m - p) for m, p in zip(mask.shape, prob.shape)]

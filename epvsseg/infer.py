@@ -77,6 +77,11 @@ class LoadedModel:
         return self.spec.threshold if self.spec else float(self.meta["threshold"])
 
     @property
+    def flip_tta(self) -> bool:
+        """Whether the model averages with the left-right flipped input (``model.json`` ``flip_tta``)."""
+        return self.spec.flip_tta if self.spec else bool(self.meta.get("flip_tta", False))
+
+    @property
     def sequences(self) -> tuple[str, ...]:
         """Sequences of the input channels, in channel order."""
         return self.spec.input_sequences if self.spec else SEQUENCES
@@ -181,7 +186,7 @@ def stack_channels(volumes: Mapping[str, np.ndarray], shape: Sequence[int], cont
 
 
 def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedModel, *, batch: int = 8,
-            flip_tta: bool = False, amp_dtype: Any = AUTO) -> np.ndarray:
+            flip_tta: bool | None = None, amp_dtype: Any = AUTO) -> np.ndarray:
     """ePVS probability map for co-registered images on a common ~1 mm RAS+ grid.
 
     Parameters
@@ -196,8 +201,9 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
         Axial slices per forward pass. After an out-of-memory error (``torch.OutOfMemoryError``, on any
         device) the batch is halved and retried, down to 1; choose it from the free GPU memory with
         :func:`epvsseg.gpu.batch_for_memory` (as :func:`epvsseg.detect.detect` does).
-    flip_tta : bool
-        Average with the prediction on the left-right flipped input.
+    flip_tta : bool, optional
+        Average with the prediction on the left-right flipped input. None (default): as the model says
+        (:attr:`LoadedModel.flip_tta`), so that every caller reads a model's probability map the same way.
     amp_dtype : ``"auto"``, torch.dtype or None
         Autocast precision on ``model.device``'s type: ``"auto"`` is bfloat16 on CUDA (float16 where bfloat16
         is unsupported) and none on the CPU; ``None`` is float32 everywhere; a dtype (e.g. ``torch.bfloat16``)
@@ -216,6 +222,7 @@ def predict(images: Mapping[str, np.ndarray], mask: np.ndarray, model: LoadedMod
     keep = np.flatnonzero(mask.any(axis=(0, 1)))
     prob = np.zeros(mask.shape, np.float32)
     dtype = _autocast_dtype(model.device, amp_dtype)
+    flip_tta = model.flip_tta if flip_tta is None else flip_tta
     start = 0
     with torch.inference_mode():
         while start < keep.size:

@@ -112,9 +112,12 @@ def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_
     (folder / "model.json").write_text(json.dumps(meta))
     out = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
     spec = load_spec(folder)
-    prob = infer.predict(volumes, mask, infer.load_model(spec), flip_tta=True)
-    assert np.array_equal(out.score, prob) and not np.array_equal(prob, infer.predict(volumes, mask,
-                                                                                      infer.load_model(spec)))
+    model = infer.load_model(spec)
+    prob = infer.predict(volumes, mask, model, flip_tta=True)
+    assert np.array_equal(out.score, prob) and not np.array_equal(prob, infer.predict(volumes, mask, model,
+                                                                                      flip_tta=False))
+    # every caller of predict (benchmarks included) reads the model's flip averaging unless told otherwise
+    assert model.flip_tta and np.array_equal(infer.predict(volumes, mask, model), prob)
     expected = decide(prob, spec.operating_point, affine=affine, brain=mask)
     assert np.array_equal(out.mask, expected.mask) and out.mask.any()
     assert out.parameters["peak_threshold"] == 0.9 and out.parameters["flip_tta"] is True
