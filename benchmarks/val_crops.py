@@ -28,11 +28,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def score(model, cases: list, combos: list[tuple[str, ...]]) -> dict:
-    """Selection score and per-combination scores of ``model`` at its own operating point."""
+    """Selection score and per-combination scores of ``model`` as it decides: at its own operating point, with its
+    exclusion thresholds and its flip averaging."""
     from epvsseg import train
 
-    point = model.spec.operating_point.grid_point
-    scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point])[point]
+    rule = model.spec.operating_point
+    point = rule.grid_point
+    scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point],
+                              exclusions=rule.exclusions, flip_tta=model.spec.flip_tta)[point]
     return {"point": list(point), "score": train._score(scores), "scores": scores}
 
 
