@@ -1,9 +1,11 @@
-"""Seconds of the U-Net detection on one preprocessed real 1 mm brain, per model (issue #17: <= 10 s on 2 cores).
+"""Seconds and memory of the U-Net detection on one preprocessed real 1 mm brain, per model (issue #17: <= 10 s
+on 2 cores, <= 4 GB).
 
 Times :func:`epvsseg.detect.detect` (inference, decision with the location test, the subject's tissue classes
 included) on a scan that ``benchmarks/real_scans.py --prep-only`` preprocessed, on the CPU, best of ``--repeat``
-runs after one warm-up, with ``--threads`` torch threads. Run it on an otherwise idle machine. Writes
-``benchmarks/results/detect_time.md``.
+runs after one warm-up, with ``--threads`` torch threads. Each model runs in a fresh process, whose peak resident
+memory (``ru_maxrss``: Python, torch, the model, the scan and the detections) is reported beside its time. Run it
+on an otherwise idle machine. Writes ``benchmarks/results/detect_time.md``.
 
 Usage::
 
@@ -14,8 +16,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 
@@ -32,6 +36,20 @@ def best_seconds(spec, prep, repeat: int) -> float:
     return min(detect_mask(spec, prep, prep.n4)[1] for _ in range(repeat))
 
 
+def one_model(ref: str, opts: argparse.Namespace) -> str:
+    """The table row of model ``ref`` (run in a fresh process: its peak memory is the model's alone)."""
+    import torch
+    from real_scans import load_prepared
+
+    from epvsseg.spec import load_spec
+
+    torch.set_num_threads(opts.threads)
+    spec = load_spec(ref)
+    seconds = best_seconds(spec, load_prepared(opts.scan), opts.repeat)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return f"| {spec.model_id} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} | {peak_mb:.0f} |\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scan", default="m2208_t2w", help="a scan name of benchmarks/real_scans.py")
@@ -40,24 +58,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     opts = parser.parse_args()
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(opts.threads))
-    import torch
     from real_scans import load_prepared
 
-    from epvsseg.spec import load_spec
-
-    torch.set_num_threads(opts.threads)
-    prep = load_prepared(opts.scan)
+    shape = load_prepared(opts.scan).n4.shape
     rows = []
     for ref in opts.models:
-        spec = load_spec(ref)
-        seconds = best_seconds(spec, prep, opts.repeat)
-        rows.append(f"| {spec.model_id} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} |\n")
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            rows.append(pool.apply(one_model, (ref, opts)))
         print(rows[-1], end="", flush=True)
     command = "python benchmarks/detect_time.py " + " ".join(sys.argv[1:])
-    text = (f"# Detection time on `{opts.scan}` ({prep.n4.shape}, CPU)\n\n"
+    text = (f"# Detection time on `{opts.scan}` ({shape}, CPU)\n\n"
             f"Produced by `{command}` on {platform.machine()}, {opts.threads} torch threads, best of {opts.repeat} "
-            "after one warm-up; `epvsseg.detect.detect` with the location test (tissue classes included).\n\n"
-            "| model | flip averaging | seconds |\n|---|---|---|\n" + "".join(rows))
+            "after one warm-up; `epvsseg.detect.detect` with the location test (tissue classes included). Peak "
+            "memory: the resident peak of the fresh process that ran the model.\n\n"
+            "| model | flip averaging | seconds | peak memory (MB) |\n|---|---|---|---|\n" + "".join(rows))
     (ROOT / "benchmarks" / "results" / "detect_time.md").write_text(text)
 
 

@@ -8,9 +8,8 @@ its ``model.json``, rendered again by :func:`epvsseg.train.generate`; synthetic,
 by :func:`epvsseg.train.score_grid` through the application's decision. The grid
 (:func:`epvsseg.train.operating_points`) is the recipe's thresholds x minimum cluster sizes, each also with every
 peak threshold of :data:`PEAKS` above it. A model whose ``model.json`` asks for flip averaging is scored with
-it. Reported: the best point
-without a peak threshold and the best with one, their selection score (mean over combinations of cluster F1 +
-Dice) and per-combination cluster sensitivity / precision / F1.
+it. Reported: the best point without a peak threshold and the best with one, their selection score (mean over
+combinations of cluster F1 + Dice) and per-combination cluster sensitivity / precision / F1.
 
 Usage::
 
