@@ -41,17 +41,27 @@ def validation_cases(spec, workers: int) -> list:
     return [train.load_case(p) for p in paths]
 
 
+def score_as_decided(model, cases: list, combos, points: list[tuple], flip_tta: bool | None = None) -> dict:
+    """:func:`epvsseg.train.score_grid` of ``model`` with its own exclusion thresholds and, unless ``flip_tta``
+    says otherwise, its own flip averaging (the benchmarks on validation crops share it)."""
+    from epvsseg import train
+
+    return train.score_grid(model.net, cases, combos, context=model.context, points=points,
+                            exclusions=model.spec.exclusions,
+                            flip_tta=model.spec.flip_tta if flip_tta is None else flip_tta)
+
+
 def measure(model, cases: list) -> dict:
     """Best operating point, its selection score and per-combination F1, without and with flip averaging."""
     from epvsseg import train
 
     record = model.spec.meta["training"]
     combos = [tuple(c) for c in record["combinations"]]
-    points = [(t, m) for t in record["thresholds"] for m in record["min_sizes"]]
+    points = train.operating_points(record["thresholds"], record["min_sizes"])
     out = {}
     for flip in (False, True):
         t0 = time.perf_counter()
-        grid = train.score_grid(model.net, cases, combos, context=model.context, points=points, flip_tta=flip)
+        grid = score_as_decided(model, cases, combos, points, flip_tta=flip)
         best = max(grid, key=lambda p: train._score(grid[p]))
         out["flip" if flip else "plain"] = {
             "best_point": list(best), "score": train._score(grid[best]), "scores": grid[best],

@@ -33,14 +33,15 @@ PEAKS = (0.7, 0.8, 0.9)
 
 def measure(model, cases: list) -> dict:
     """Best point without and with a peak threshold, with their scores, and the whole grid's scores."""
+    from flip_tta import score_as_decided
+
     from epvsseg import train
 
     record = model.spec.meta["training"]
     combos = [tuple(c) for c in record["combinations"]]
     points = train.operating_points(record["thresholds"], record["min_sizes"], PEAKS)
     t0 = time.perf_counter()
-    grid = train.score_grid(model.net, cases, combos, context=model.context, points=points,
-                            exclusions=model.spec.exclusions, flip_tta=model.spec.flip_tta)
+    grid = score_as_decided(model, cases, combos, points)
     out = {"seconds": round(time.perf_counter() - t0, 1), "flip_tta": model.spec.flip_tta,
            "grid": {train.point_key(p): round(train._score(s), 4) for p, s in grid.items()}}
     for name, keep in (("plain", lambda p: len(p) == 2), ("peak", lambda p: len(p) == 3)):

@@ -893,7 +893,7 @@ def _common_injected(results: list[dict], placement: str = "injected") -> list[d
     return [summaries([r for r in res.get(placement, []) if r["scan"] in common]) for res in results]
 
 
-def _peak(result: dict) -> str:
+def _decision_words(result: dict) -> str:
     """``", peak threshold <p>"`` and ``", flip averaging"`` for a run whose model has them."""
     return ("" if result.get("peak_threshold") is None else f", peak threshold {result['peak_threshold']}") + \
         (", flip averaging" if result.get("flip_tta") else "")
@@ -912,7 +912,7 @@ def report(results: list[dict]) -> str:
     lines = [f"# Real scans without labels: {' vs '.join(ids)}\n\n",
              "Issue #17, item 4. Produced by `benchmarks/real_scans.py` (seeded). Commands:\n\n",
              *[f"- `{r['command']}` (weights sha256 `{r['weights_sha256'][:16]}...`, threshold {r['threshold']}, "
-               f"min cluster {r['min_cluster_voxels']} voxels{_peak(r)})\n" for r in results],
+               f"min cluster {r['min_cluster_voxels']} voxels{_decision_words(r)})\n" for r in results],
              "\nPreprocessing first: `python benchmarks/real_scans.py --prep-only` (once for all models). "
              "Every scan was preprocessed once by the app's own path (`epvsprep.pipeline.preprocess`: conform, "
              "N4, deepbet brain mask, template registration) and detected with `epvsseg.detect.detect` on the "

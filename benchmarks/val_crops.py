@@ -30,12 +30,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def score(model, cases: list, combos: list[tuple[str, ...]]) -> dict:
     """Selection score and per-combination scores of ``model`` as it decides: at its own operating point, with its
     exclusion thresholds and its flip averaging."""
+    from flip_tta import score_as_decided
+
     from epvsseg import train
 
-    rule = model.spec.operating_point
-    point = rule.grid_point
-    scores = train.score_grid(model.net, cases, combos, context=model.context, points=[point],
-                              exclusions=rule.exclusions, flip_tta=model.spec.flip_tta)[point]
+    point = model.spec.operating_point.grid_point
+    scores = score_as_decided(model, cases, combos, [point])[point]
     return {"point": list(point), "score": train._score(scores), "scores": scores}
 
 
