@@ -47,7 +47,8 @@ def one_model(ref: str, opts: argparse.Namespace) -> str:
     spec = load_spec(ref)
     seconds = best_seconds(spec, load_prepared(opts.scan), opts.repeat)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return f"| {spec.model_id} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} | {peak_mb:.0f} |\n"
+    networks = spec.architecture_kwargs.get("members", 1) if spec.architecture == "ensemble" else 1
+    return f"| {spec.model_id} | {networks} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} | {peak_mb:.0f} |\n"
 
 
 def main() -> None:
@@ -70,8 +71,10 @@ def main() -> None:
     text = (f"# Detection time on `{opts.scan}` ({shape}, CPU)\n\n"
             f"Produced by `{command}` on {platform.machine()}, {opts.threads} torch threads, best of {opts.repeat} "
             "after one warm-up; `epvsseg.detect.detect` with the location test (tissue classes included). Peak "
-            "memory: the resident peak of the fresh process that ran the model.\n\n"
-            "| model | flip averaging | seconds | peak memory (MB) |\n|---|---|---|---|\n" + "".join(rows))
+            "memory: the resident peak of the fresh process that ran the model. Networks: how many trained networks "
+            "the model averages (an ensemble, `scripts/make_ensemble.py`).\n\n"
+            "| model | networks | flip averaging | seconds | peak memory (MB) |\n|---|---|---|---|---|\n"
+            + "".join(rows))
     (ROOT / "benchmarks" / "results" / "detect_time.md").write_text(text)
 
 

@@ -790,7 +790,8 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
     results = {"model_id": spec.model_id, "label": run_label(spec.model_id), "location_test": LOCATION,
                "weights_sha256": spec.sha256, "threshold": spec.threshold,
                "min_cluster_voxels": spec.min_cluster_voxels, "peak_threshold": spec.peak_threshold,
-               "flip_tta": spec.flip_tta, "command": command, "scans": {},
+               "flip_tta": spec.flip_tta, "members": [m["model_id"] for m in spec.meta.get("members", [])],
+               "command": command, "scans": {},
                **{placement: [] for placement in PLACEMENTS}, "rescan": [], "plausibility": []}
     missing = [n for n in names if not prep_path(n).exists()]
     for name in missing:
@@ -894,9 +895,11 @@ def _common_injected(results: list[dict], placement: str = "injected") -> list[d
 
 
 def _decision_words(result: dict) -> str:
-    """``", peak threshold <p>"`` and ``", flip averaging"`` for a run whose model has them."""
+    """``", peak threshold <p>"``, ``", flip averaging"`` and ``", mean of <ids>"`` for a run whose model has them."""
+    members = result.get("members")
     return ("" if result.get("peak_threshold") is None else f", peak threshold {result['peak_threshold']}") + \
-        (", flip averaging" if result.get("flip_tta") else "")
+        (", flip averaging" if result.get("flip_tta") else "") + \
+        (f", mean of {' + '.join(members)}" if members else "")
 
 
 def _head(results: list[dict]) -> str:

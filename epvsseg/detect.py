@@ -200,8 +200,17 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
                     f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels"
                     f"{'' if point.peak_threshold is None else f' peaking >= {point.peak_threshold}'}, "
                     f"mimic exclusions{'' if tissue is None else ', location in white or deep grey matter'}).",
-        score_description=f"ePVS probability from the U-Net {spec.model_id} (sigmoid output"
-                          f"{', averaged with the left-right flipped input' if spec.flip_tta else ''}).")
+        score_description=f"ePVS probability from the U-Net {spec.model_id} ({_output_words(spec)}).")
+
+
+def _output_words(spec) -> str:
+    """How the probability is made from the network's output, in words for the reports."""
+    members = spec.meta.get("members") if spec.architecture == "ensemble" else None
+    words = "sigmoid output"
+    if members:
+        words = (f"sigmoid of the mean logit of {len(members)} networks: "
+                 + ", ".join(str(m.get("model_id", "?")) for m in members))
+    return words + (", averaged with the left-right flipped input" if spec.flip_tta else "")
 
 
 def _predict_resampled(images, mask, spacing, model, dev: str) -> np.ndarray:

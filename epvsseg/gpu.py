@@ -109,16 +109,18 @@ def spec_slice_bytes(spec: ModelSpec, height: int, width: int, *, dtype_bytes: i
 
     The slice is padded to a multiple of ``2**depth`` (as :func:`epvsseg.infer.predict` does) and
     :func:`unet_slice_bytes` is evaluated with ``in_channels``, ``base`` and ``depth`` from
-    ``spec.architecture_kwargs``.
+    ``spec.architecture_kwargs`` (of one member for an ``ensemble``, whose members run one after the other).
 
     Raises
     ------
     ValueError
         The spec's architecture is not a 2D U-Net with those keyword arguments.
     """
-    kwargs = spec.architecture_kwargs
+    architecture, kwargs = spec.architecture, spec.architecture_kwargs
+    if architecture == "ensemble":  # members run one after the other: one member's activations at a time
+        architecture, kwargs = kwargs.get("member"), kwargs.get("member_kwargs") or {}
     missing = [k for k in ("in_channels", "base", "depth") if k not in kwargs]
-    if spec.architecture != "unet2d" or missing:
+    if architecture != "unet2d" or missing:
         raise ValueError(f"{spec.path}: no memory model for architecture {spec.architecture!r} {kwargs}")
     multiple = 2 ** int(kwargs["depth"])
     h, w = (-(-int(n) // multiple) * multiple for n in (height, width))

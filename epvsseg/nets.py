@@ -140,8 +140,37 @@ class UNet3D(_UNet):
         super().__init__(in_channels, base, depth)
 
 
+class Ensemble(nn.Module):
+    """Several networks of one architecture whose logits are averaged (a mean of trained models).
+
+    Parameters
+    ----------
+    member : str
+        The members' registered architecture (not ``ensemble``).
+    member_kwargs : dict
+        Their keyword arguments (one architecture, so one input layout and one padding rule).
+    members : int
+        How many; their parameters are ``members.0.*``, ``members.1.*``, ... in the weights file.
+
+    Notes
+    -----
+    The members run one after the other on the same input, so an ensemble of ``n`` takes about ``n`` times
+    one member's time and no more memory than one member's activations at a time.
+    """
+
+    def __init__(self, member: str, member_kwargs: dict, members: int):
+        super().__init__()
+        if member == "ensemble" or members < 2:
+            raise ValueError(f"an ensemble needs >= 2 members of a plain architecture, got {members} x {member!r}")
+        self.members = nn.ModuleList(build(member, **member_kwargs) for _ in range(members))
+        self.depth = max(getattr(m, "depth", 0) for m in self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 #: Explicit architecture registry: name -> class (``model.json`` names one).
-ARCHITECTURES: dict[str, type[nn.Module]] = {"unet2d": UNet2D, "unet3d": UNet3D}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"unet2d": UNet2D, "unet3d": UNet3D, "ensemble": Ensemble}
 
 
 def build(architecture: str, **kwargs) -> nn.Module:

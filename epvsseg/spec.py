@@ -69,9 +69,11 @@ class ModelSpec:
     folder : Path
         Folder holding ``model.json`` and ``weights.pt``.
     architecture : str
-        Registered network name (:func:`epvsseg.nets.build`), e.g. ``unet2d``.
+        Registered network name (:func:`epvsseg.nets.build`), e.g. ``unet2d``, or ``ensemble`` (the mean logit
+        of several trained networks of one architecture).
     architecture_kwargs : dict
-        Keyword arguments of the network (``in_channels``, ``base``, ``depth``).
+        Keyword arguments of the network (``in_channels``, ``base``, ``depth``; for an ensemble ``member``,
+        ``member_kwargs``, ``members``).
     input_sequences : tuple of str
         Sequences of the input channels, in channel order.
     context_slices : int
@@ -241,11 +243,7 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         raise fail(f"architecture_kwargs {kwargs!r} is not an object")
     sequences = _sequences(meta["input_sequences"], fail)
     context = _integer(meta["context_slices"], "context_slices", 0, fail)
-    if meta["architecture"] == "unet2d":
-        expected = len(sequences) * (2 * context + 1) + len(sequences)
-        if kwargs.get("in_channels") != expected:
-            raise fail(f"architecture_kwargs.in_channels {kwargs.get('in_channels')!r} does not match "
-                       f"{len(sequences)} input sequences with context_slices {context} (expected {expected})")
+    _check_input_channels(meta["architecture"], kwargs, len(sequences), context, fail)
     threshold = _number(meta["threshold"], "threshold", fail)
     if not 0.0 < threshold < 1.0:
         raise fail(f"threshold {threshold} is not in (0, 1)")
@@ -269,6 +267,22 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         min_cluster_voxels=_integer(meta["min_cluster_voxels"], "min_cluster_voxels", 1, fail),
         exclusions=_exclusions(meta.get("exclusions"), fail), sha256=meta["sha256"],
         peak_threshold=None if peak is None else float(peak), flip_tta=flip, finetuned_from=finetuned_from, meta=meta)
+
+
+def _check_input_channels(architecture: str, kwargs: dict, n_sequences: int, context: int, fail,
+                          key: str = "architecture_kwargs") -> None:
+    """A 2.5D network (``unet2d``, or an ``ensemble`` of them) must take the channels its inputs make."""
+    if architecture == "ensemble":
+        member_kwargs = kwargs.get("member_kwargs")
+        if not isinstance(member_kwargs, dict):
+            raise fail(f"{key}.member_kwargs {member_kwargs!r} is not an object")
+        _check_input_channels(kwargs.get("member"), member_kwargs, n_sequences, context, fail,
+                              f"{key}.member_kwargs")
+    elif architecture == "unet2d":
+        expected = n_sequences * (2 * context + 1) + n_sequences
+        if kwargs.get("in_channels") != expected:
+            raise fail(f"{key}.in_channels {kwargs.get('in_channels')!r} does not match "
+                       f"{n_sequences} input sequences with context_slices {context} (expected {expected})")
 
 
 def parse_combination(text: str) -> tuple[str, ...]:

@@ -261,6 +261,7 @@ def test_a_placement_some_runs_lack_is_reported_for_the_runs_that_have_it():
 def test_the_commands_name_a_peak_threshold_and_flip_averaging():
     assert rs._decision_words({"peak_threshold": None}) == "" and rs._decision_words({}) == ""
     assert rs._decision_words({"peak_threshold": 0.9, "flip_tta": True}) == ", peak threshold 0.9, flip averaging"
+    assert rs._decision_words({"members": ["a", "b"], "flip_tta": False}) == ", mean of a + b"
 
 
 def test_verdict_and_count_difference():
