@@ -7,7 +7,9 @@ Usage::
 
 The members must share one architecture and input layout (``architecture``, ``architecture_kwargs``,
 ``input_sequences``, ``context_slices``, ``voxel_mm``, ``normalisation``). The new ``weights.pt`` holds their
-parameters as ``members.<i>.*`` of :class:`epvsseg.nets.Ensemble`, which averages their logits.
+parameters as ``members.<i>.*`` of :class:`epvsseg.nets.Ensemble`, which averages their logits. A member's own
+flip averaging is not carried over (``members`` in ``model.json`` records it); the ensemble's ``flip_tta`` is
+false, so each member runs once per slice.
 
 The operating point of an ensemble is chosen like any model's, on synthetic validation crops: the folder takes
 the ``training`` record of the **last** member, so ``benchmarks/peak_threshold.py`` scores it on that member's
