@@ -47,8 +47,8 @@ def one_model(ref: str, opts: argparse.Namespace) -> str:
     spec = load_spec(ref)
     seconds = best_seconds(spec, load_prepared(opts.scan), opts.repeat)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    networks = spec.architecture_kwargs.get("members", 1) if spec.architecture == "ensemble" else 1
-    return f"| {spec.model_id} | {networks} | {'yes' if spec.flip_tta else 'no'} | {seconds:.1f} | {peak_mb:.0f} |\n"
+    networks, flip = len(spec.members) or 1, "yes" if spec.flip_tta else "no"
+    return f"| {spec.model_id} | {networks} | {flip} | {seconds:.1f} | {peak_mb:.0f} |\n"
 
 
 def main() -> None:

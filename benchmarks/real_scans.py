@@ -790,7 +790,7 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
     results = {"model_id": spec.model_id, "label": run_label(spec.model_id), "location_test": LOCATION,
                "weights_sha256": spec.sha256, "threshold": spec.threshold,
                "min_cluster_voxels": spec.min_cluster_voxels, "peak_threshold": spec.peak_threshold,
-               "flip_tta": spec.flip_tta, "members": [m["model_id"] for m in spec.meta.get("members", [])],
+               "flip_tta": spec.flip_tta, "members": list(spec.members),
                "command": command, "scans": {},
                **{placement: [] for placement in PLACEMENTS}, "rescan": [], "plausibility": []}
     missing = [n for n in names if not prep_path(n).exists()]

@@ -205,11 +205,9 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
 
 def _output_words(spec) -> str:
     """How the probability is made from the network's output, in words for the reports."""
-    members = spec.meta.get("members") if spec.architecture == "ensemble" else None
     words = "sigmoid output"
-    if members:
-        words = (f"sigmoid of the mean logit of {len(members)} networks: "
-                 + ", ".join(str(m.get("model_id", "?")) for m in members))
+    if spec.members:
+        words = f"sigmoid of the mean logit of {len(spec.members)} networks: {', '.join(spec.members)}"
     return words + (", averaged with the left-right flipped input" if spec.flip_tta else "")
 
 

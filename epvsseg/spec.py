@@ -133,6 +133,15 @@ class ModelSpec:
         return self.folder / "weights.pt"
 
     @property
+    def members(self) -> tuple[str, ...]:
+        """Model ids of the networks an ``ensemble`` averages (``model.json`` ``members``, else ``member <i>``
+        for each of ``architecture_kwargs.members``); empty for a single network."""
+        if self.architecture != "ensemble":
+            return ()
+        listed = self.meta.get("members") or [{} for _ in range(int(self.architecture_kwargs.get("members", 0)))]
+        return tuple(str(m.get("model_id", f"member {i}")) for i, m in enumerate(listed))
+
+    @property
     def operating_point(self) -> OperatingPoint:
         """The decision rule of the model (threshold, minimum cluster size, exclusions, peak threshold)."""
         return OperatingPoint(self.threshold, self.min_cluster_voxels, self.exclusions, self.peak_threshold)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,9 @@ def test_a_written_ensemble_folder_predicts_the_mean_logit(tmp_path, demo_t2w):
     assert np.allclose(ensemble[mask], expected[mask], atol=2e-3)
     assert not np.allclose(ensemble[mask], np.exp(-np.logaddexp(0, -logits[0][mask])), atol=2e-3)
     assert gpu.spec_slice_bytes(spec, 64, 64) == gpu.spec_slice_bytes(load_spec(members[0]), 64, 64)
+    assert spec.members == ("epvs-unet25d-v3", "other") and load_spec(members[0]).members == ()
+    unlisted = replace(spec, meta={k: v for k, v in spec.meta.items() if k != "members"})
+    assert unlisted.members == ("member 0", "member 1")  # a hand-written folder: counted from architecture_kwargs
     assert "mean logit of 2 networks: epvs-unet25d-v3, other" in det._output_words(spec)
 
 
