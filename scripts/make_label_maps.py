@@ -373,9 +373,17 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
     return out
 
 
-def figure_faint(out: Path, seeds: tuple[int, ...] = (3, 5, 8, 13)) -> Path:
-    """The same T2w draws in generator versions 2 and 3 (faint ePVS): a 48 mm square of the axial slice with the
-    most ePVS, and that slice's label."""
+#: What each later generator version adds, for :func:`figure_against_v2`: title and the drawn parameter shown.
+_VERSION_FIGURES = {
+    3: ("faint ePVS", lambda p: f", spread {p['epvs_signal']['spread']:.2f}"),
+    4: ("spots", lambda p: f", {p['spots']['count']} spots up to {p['spots']['max_contrast']:.2f}"),
+}
+
+
+def figure_against_v2(out: Path, version: int, seeds: tuple[int, ...] = (3, 5, 8, 13)) -> Path:
+    """The same T2w draws in generator version 2 and a later ``version`` (3: faint ePVS, 4: spots): a 48 mm square
+    of the axial slice with the most ePVS, and that slice's label (version 3) or the later draw minus version 2
+    (version 4, whose spots are faint by design)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,26 +392,34 @@ def figure_faint(out: Path, seeds: tuple[int, ...] = (3, 5, 8, 13)) -> Path:
     from epvsseg.synth import label_maps as maps
     from epvsseg.synth import randomised
 
+    what, extra = _VERSION_FIGURES[version]
     names = maps.anatomy_names()
     fig, axes = plt.subplots(3, len(seeds), figsize=(3.2 * len(seeds), 9.6))
     for j, seed in enumerate(seeds):
         name = names[j % len(names)]
-        for i, version in enumerate((2, 3)):
+        images = []
+        for i, v in enumerate((2, version)):
             p = randomised.sample_randomised(np.random.default_rng(seed), name, sequences=("T2w",), roi="centre",
-                                             shape_vox=(96, 96, 24), p_random=0.0, version=version)
+                                             shape_vox=(96, 96, 24), p_random=0.0, version=v)
             case = randomised.render_randomised(p)
             k = int(case.label.sum((0, 1)).argmax())
             x, y = (int(np.clip(c, 24, 72)) for c in np.argwhere(case.label[:, :, k]).mean(0))
             crop = (slice(x - 24, x + 24), slice(y - 24, y + 24), k)
             top = float(np.percentile(case.images["T2w"], 99.5))
-            axes[i, j].imshow(np.rot90(case.images["T2w"][crop]), cmap="gray", vmin=0, vmax=top)
-            extra = f", spread {p['epvs_signal']['spread']:.2f}" if version == 3 else ""
-            axes[i, j].set_title(f"{name}, version {version}{extra}", fontsize=7)
-        axes[2, j].imshow(np.rot90(case.label[crop]), cmap="gray")
-        axes[2, j].set_title("ePVS label (both versions)", fontsize=7)
+            images.append(case.images["T2w"][crop])
+            axes[i, j].imshow(np.rot90(images[-1]), cmap="gray", vmin=0, vmax=top)
+            axes[i, j].set_title(f"{name}, version {v}{extra(p) if v == version else ''}", fontsize=7)
+        if version == 4:
+            diff = images[1] - images[0]
+            lim = max(float(np.abs(diff).max()), 1e-6)
+            axes[2, j].imshow(np.rot90(diff), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            axes[2, j].set_title(f"version {version} - version 2 (red: brighter)", fontsize=7)
+        else:
+            axes[2, j].imshow(np.rot90(case.label[crop]), cmap="gray")
+            axes[2, j].set_title("ePVS label (both versions)", fontsize=7)
     for ax in axes.ravel():
         ax.set_axis_off()
-    fig.suptitle("The same T2w draws without (top) and with (middle) faint ePVS, and their label", fontsize=9)
+    fig.suptitle(f"The same T2w draws without (top) and with (middle) {what}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)
@@ -416,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None, help="names among the sources (and icbm2009a)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--figures", type=Path, default=None,
-                    help="only draw docs/figures/synth_label_maps.png, synth_randomised_draws.png and "
-                         "synth_faint_epvs.png into this folder")
+                    help="only draw docs/figures/synth_label_maps.png, synth_randomised_draws.png, "
+                         "synth_faint_epvs.png and synth_spots.png into this folder")
     ap.add_argument("--post-only", action="store_true",
                     help="only apply the post-build steps (template thalamus, carved sulci, gzip level 9) to the maps "
                          "of the manifest")
@@ -428,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.figures is not None:
         print(figure_label_maps(args.figures / "synth_label_maps.png", args.out))
         print(figure_draws(args.figures / "synth_randomised_draws.png", args.shared))
-        print(figure_faint(args.figures / "synth_faint_epvs.png"))
+        print(figure_against_v2(args.figures / "synth_faint_epvs.png", 3))
+        print(figure_against_v2(args.figures / "synth_spots.png", 4))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"

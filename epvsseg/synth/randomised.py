@@ -26,6 +26,10 @@ A case
    ``spread`` (drawn per case in [0, :data:`EPVS_FAINT_MAX`]) along a smooth random field, so one image holds
    ePVS as bright as CSF beside ones little brighter than tissue (partial fluid filling; partial volume of a thin
    space in a thick voxel), all labelled.
+   *Spots* (version 4, built on version 2 without version 3's faint ePVS): small round or slightly oval blobs
+   in tissue, at most :data:`SPOT_MAX_CONTRAST` of the way from tissue towards the ePVS signal (a few the other
+   way), never labelled: the fine texture of real tissue (small vessels, noise, partial volume) that is not a
+   tube, so that the network learns that a faint dot without a tube's length is not an ePVS.
 4. *Contrast* per sequence: a mean and a within-label spread per label, drawn inside the orderings the
    sequence shows (:data:`INTENSITY_RANGES`, relative to WM = 1) or, with probability ``p_random``,
    uniformly in [0, 1] for every label (any contrast); smooth within-label texture; a 0.5-voxel blur
@@ -73,10 +77,18 @@ from .render import (
 
 #: Version of the parameter format of this generator: 1 (v5's training data) had no WMH or lacunes; 2 adds them
 #: (``params["lesions"]``), drawn after every version-1 choice, so a seed's version-1 draws stay its own; 3 adds
-#: faint ePVS (``params["epvs_signal"]``), drawn after every version-2 choice. The default stays 2.
+#: faint ePVS (``params["epvs_signal"]``), drawn after every version-2 choice; 4 adds spots (``params["spots"]``)
+#: to version 2, drawn after every version-2 choice, without version 3's faint ePVS. The default stays 2.
 RANDOMISED_VERSION = 2
 #: Versions :func:`render_randomised` renders.
-RANDOMISED_VERSIONS = (1, 2, 3)
+RANDOMISED_VERSIONS = (1, 2, 3, 4)
+#: Version 4: most spots per case, their Gaussian width (sigma, mm, per axis and case) and their largest peak move
+#: towards the ePVS signal (share of ePVS - tissue); labelled ePVS sit at least 75 % of the way before partial volume.
+SPOT_MAX_COUNT = 800
+SPOT_SIGMA_MM = (0.4, 1.0)
+SPOT_MAX_CONTRAST = 0.45
+#: Version 4: share of spots that move away from the ePVS signal (darker on T2w, brighter on T1w).
+SPOT_P_OPPOSITE = 0.2
 #: Version 3: largest extra move of an ePVS's signal towards WM (as a share of CSF - WM), on top of the case's own.
 EPVS_FAINT_MAX = 0.5
 #: Sequences the generator renders.
@@ -203,6 +215,14 @@ def _draw_epvs_signal(rng: np.random.Generator) -> dict:
             "scale_vox": round(float(rng.uniform(2.0, 6.0)), 4), "seed": _seed(rng)}
 
 
+def _draw_spots(rng: np.random.Generator) -> dict:
+    """Spots of version 4: how many, how wide and how strong at most, and their seed (their places and peaks are
+    drawn at render time from the seed)."""
+    return {"count": int(rng.integers(0, SPOT_MAX_COUNT + 1)),
+            "sigma_mm": rng.uniform(*SPOT_SIGMA_MM, 3).round(4).tolist(),
+            "max_contrast": round(float(rng.uniform(0.2, SPOT_MAX_CONTRAST)), 5), "seed": _seed(rng)}
+
+
 def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequence[str] = SEQUENCES_RANDOMISED,
                       roi: str = "random", shape_vox: tuple[int, int, int] = DEFAULT_CROP,
                       p_random: float = 0.2, version: int = RANDOMISED_VERSION) -> dict:
@@ -224,7 +244,7 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         Probability that a sequence's label intensities are drawn fully at random (no ordering).
     version : int
         Parameter format (:data:`RANDOMISED_VERSIONS`); 1 reproduces v5's training data (no WMH or lacunes), 2
-        v6's, 3 adds faint ePVS.
+        v6's, 3 adds faint ePVS (v7's), 4 adds spots to version 2.
 
     Returns
     -------
@@ -268,8 +288,10 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
     }
     if version >= 2:
         params["lesions"] = _draw_lesions(rng, sequences)
-    if version >= 3:
+    if version == 3:
         params["epvs_signal"] = _draw_epvs_signal(rng)
+    if version == 4:
+        params["spots"] = _draw_spots(rng)
     return params
 
 
@@ -367,16 +389,49 @@ def _faintness(params: dict, shape: tuple[int, int, int]) -> np.ndarray | float:
     return (np.float32(sig["spread"]) * ndtr(field)).astype(np.float32)
 
 
+def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Spot fields ``(towards, away)`` of version 4 (each in [0, max_contrast]), in tissue and off the ePVS label
+    (and its 1-voxel rim); None for other versions.
+
+    Each spot is a Gaussian of the case's width per axis (``sigma_mm``, :data:`SPOT_SIGMA_MM`: at most 2.5 : 1,
+    never a tube) centred on a random tissue voxel, with a peak drawn in [0.3, 1] x ``max_contrast``."""
+    from scipy import ndimage
+
+    if "spots" not in params:
+        return None
+    sp = params["spots"]
+    rng = np.random.default_rng(int(sp["seed"]))
+    where = np.flatnonzero(tissue > 0)
+    n = int(sp["count"]) if len(where) else 0
+    centres = where[rng.integers(0, max(len(where), 1), n)]
+    peaks = rng.uniform(0.3, 1.0, n) * float(sp["max_contrast"])
+    side = rng.random(n) < SPOT_P_OPPOSITE
+    sigma = np.asarray(sp["sigma_mm"], float)
+    fields = np.zeros((2, tissue.size), np.float32)
+    for k in (0, 1):
+        np.add.at(fields[k], centres[side == bool(k)], peaks[side == bool(k)])
+    keep = (tissue > 0) & ~ndimage.binary_dilation(label > 0)
+    norm = np.float32((2.0 * np.pi) ** 1.5 * np.prod(sigma))  # a lone impulse becomes a Gaussian of its peak
+    out = [np.minimum(ndimage.gaussian_filter(f.reshape(tissue.shape), sigma, mode="constant") * norm,
+                      np.float32(sp["max_contrast"])) * keep for f in fields]
+    return out[0], out[1]
+
+
 def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.ndarray, vessel: np.ndarray,
-            faint: np.ndarray | float = 0.0) -> list[tuple[np.ndarray, float | np.ndarray]]:
-    """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, then ePVS (moved towards WM by
-    ``faint``, :func:`_faintness`), then vessels."""
+            faint: np.ndarray | float = 0.0,
+            spots: tuple[np.ndarray, np.ndarray] | None = None) -> list[tuple[np.ndarray, float | np.ndarray]]:
+    """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, spots (:func:`_spots`: towards the
+    ePVS signal, and away from it by the same step), then ePVS (moved towards WM by ``faint``,
+    :func:`_faintness`), then vessels."""
     con = params["contrast"][sequence]
     layers = []
     if lesions is not None:
         wmh = con["mean"]["wm"] * params["lesions"]["wmh_signal"][sequence]
         cavity = con["mean"]["csf"] * params["lesions"]["lacune_signal"][sequence]
         layers += [(lesions.wmh, wmh), (lesions.lacune_rim, wmh), (lesions.lacune, cavity)]
+    if spots is not None:
+        away = max(2.0 * con["mean"]["wm"] - con["epvs"], 0.0)
+        layers += [(spots[0], con["epvs"]), (spots[1], away)]
     epvs = con["epvs"] + faint * np.float32(con["mean"]["wm"] - con["mean"]["csf"])
     return layers + [(occ, epvs), (vessel, con["vessel"])]
 
@@ -441,10 +496,12 @@ def render_randomised(params: dict, anatomy: Anatomy | None = None, priors: Anat
     texture = _smooth_noise(np.random.default_rng(int(params["seeds"]["texture"])), shape,
                             float(params["texture_scale_vox"]))
     faint = _faintness(params, shape)
+    spots = _spots(params, tissue, label)
     images = {}
     for s in params["sequences"]:
         con = params["contrast"][s]
-        sig = _compose(labels, con, texture, _layers(params, s, lesions, occ, vessel, faint), bool(params["skull"]))
+        sig = _compose(labels, con, texture, _layers(params, s, lesions, occ, vessel, faint, spots),
+                       bool(params["skull"]))
         level = float(np.mean([con["mean"][n] for n in ("gm", "wm")]))
         images[s] = _acquire(sig, affine, params["acquisition"][s], int(params["seeds"]["noise"][s]), level)
     stats = {"epvs_drawn": {r: int((tubes.region == i).sum()) for i, r in enumerate(EPVS_REGIONS)},

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from epvsseg import train
 from epvsseg.synth import label_maps, randomised
@@ -132,6 +133,31 @@ def test_version_3_draws_faint_epvs_after_the_version_2_draws(anatomy):
         ratio = faint.images[s][core] / np.maximum(plain.images[s][core], 1e-6)
         assert (np.median(ratio) < 0.97) if darker else (np.median(ratio) > 1.03)
         assert ratio.max() / ratio.min() > 1.2  # fainter in some places than in others
+
+
+def test_version_4_adds_unlabelled_spots_to_version_2(anatomy):
+    v2, v4 = _draw(9, version=2, shape_vox=(64, 64, 32)), _draw(9, version=4, shape_vox=(64, 64, 32))
+    assert {k: v for k, v in v4.items() if k not in ("spots", "version")} == {
+        k: v for k, v in v2.items() if k != "version"}
+    assert "epvs_signal" not in v4  # not version 3's faint ePVS
+    v4["spots"].update(count=randomised.SPOT_MAX_COUNT, max_contrast=randomised.SPOT_MAX_CONTRAST)
+    v4["acquisition"]["T2w"].update(snr=1e6, gibbs=None, ghost=None, mode="3D", spacing_mm=[1.0] * 3,
+                                    thickness_mm=[1.0] * 3, psf_sigma_vox=[0.0] * 3, gamma=1.0)
+    v2["acquisition"] = v4["acquisition"]
+    plain, spotted = (randomised.render_randomised(p, *anatomy) for p in (v2, v4))
+    assert np.array_equal(plain.label, spotted.label) and np.array_equal(plain.mimics, spotted.mimics)
+    moved = np.abs(spotted.images["T2w"] - plain.images["T2w"]) > 1e-3 * plain.images["T2w"].max()
+    assert moved.sum() > 500
+    near_label = ndimage.binary_dilation(plain.label > 0)
+    assert not np.any(moved & near_label)  # never on an ePVS or its rim
+    towards = spotted.images["T2w"] > plain.images["T2w"]
+    assert towards[moved].mean() > 0.6  # most spots move towards the (bright) ePVS signal on T2w
+    con = v4["contrast"]["T2w"]
+    labels = randomised._warp_labels(anatomy[0], randomised.Deformation(v4["deformation"]),
+                                     spotted.affine, spotted.label.shape)
+    scale = np.median(plain.images["T2w"][(labels == LABELS["wm"]) & ~moved]) / con["mean"]["wm"]
+    step = (spotted.images["T2w"] - plain.images["T2w"]).max() / (scale * (con["epvs"] - con["mean"]["wm"]))
+    assert 0.1 < step < 0.6  # a spot is fainter than an ePVS (at least 75 % of the way, before partial volume)
 
 
 def test_version_2_renders_wmh_lacunes_and_ePVS_through_wmh(anatomy):
