@@ -312,3 +312,20 @@ def test_task_order_puts_the_t2w_targets_first_and_does_each_task_once():
     assert all(t != "scan" for t, _ in tasks[first_t1w_injection:])
     rescans = [n for t, n in tasks if t == "rescan"]
     assert rescans == list(rs.RESCAN_PAIRS)
+
+
+def test_training_scan_counts_fall_as_the_threshold_rises():
+    import types
+
+    import training_scan_counts as tsc
+
+    from epvsseg.spec import load_spec
+
+    mask = _brain((64, 64, 48), 22.0)
+    tissue = np.where(mask, 100.0, 0.0) + np.random.default_rng(0).normal(0, 2, mask.shape)
+    tissue[28:36, 20:44, 20:28] = 250.0  # a ventricle: CSF sets the brain's bright end, as in a T2w
+    image, _ = bench_models.inject_epvs(tissue.astype(np.float32), mask, np.eye(4), np.random.default_rng(4), (25, 30))
+    prep = types.SimpleNamespace(scan=types.SimpleNamespace(sequence="T2w"), n4=image, mask=mask, affine=np.eye(4),
+                                 tissue=lambda _image: None)
+    found = tsc.counts(load_spec("epvs-unet25d-v3"), prep, (0.2, 0.6, 0.9999))
+    assert found[0] >= found[1] >= found[2] and found[0] > found[2]  # the threshold is the one thing that moves
