@@ -421,8 +421,8 @@ def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.nda
             faint: np.ndarray | float = 0.0,
             spots: tuple[np.ndarray, np.ndarray] | None = None) -> list[tuple[np.ndarray, float | np.ndarray]]:
     """The ``(occupancy, signal)`` layers of one sequence: WMH and lacunes, spots (:func:`_spots`: towards the
-    ePVS signal, and away from it by the same step), then ePVS (moved towards WM by ``faint``,
-    :func:`_faintness`), then vessels."""
+    ePVS signal, and away from it, to WM's mirror image of the ePVS signal, clipped at 0), then ePVS (moved
+    towards WM by ``faint``, :func:`_faintness`), then vessels."""
     con = params["contrast"][sequence]
     layers = []
     if lesions is not None:
