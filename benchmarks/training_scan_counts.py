@@ -33,10 +33,9 @@ THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8)
 
 def counts(spec, prep, thresholds) -> list[int]:
     """Clusters the decision keeps on one prepared scan at each threshold (the model's other settings)."""
-    from scipy import ndimage
-
     from epvsseg.decision import decide
     from epvsseg.detect import detect
+    from epvsseg.metrics import count_clusters
 
     tissue = prep.tissue(prep.n4)
     score = detect({prep.scan.sequence: prep.n4}, prep.mask, prep.affine, combination=(prep.scan.sequence,),
@@ -46,7 +45,7 @@ def counts(spec, prep, thresholds) -> list[int]:
         point = dataclasses.replace(spec.operating_point, threshold=t,
                                     peak_threshold=None if spec.peak_threshold is None else max(spec.peak_threshold, t))
         mask = decide(score, point, affine=prep.affine, brain=prep.mask, tissue=tissue).mask
-        out.append(int(ndimage.label(mask, np.ones((3, 3, 3)))[1]))
+        out.append(count_clusters(mask))
     return out
 
 
