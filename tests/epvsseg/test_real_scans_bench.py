@@ -329,3 +329,44 @@ def test_training_scan_counts_fall_as_the_threshold_rises():
                                  tissue=lambda _image: None)
     found = tsc.counts(load_spec("epvs-unet25d-v3"), prep, (0.2, 0.6, 0.9999))
     assert found[0] >= found[1] >= found[2] and found[0] > found[2]  # the threshold is the one thing that moves
+
+
+def _operating_point_cases():
+    """One scan at burdens 0 / low / high: injected blobs score 0.9, a steady blob 0.9 at every burden, and the
+    injection brings new false blobs that score 0.65 (between the thresholds 0.6 and 0.7)."""
+    import real_operating_point as rop
+
+    brain = _brain((40, 40, 40), 18.0)
+    cases = []
+    for burden, n_true, n_false in (("0", 0, 0), ("low", 2, 1), ("high", 5, 3)):
+        score, truth = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, bool)
+        score[20:22, 20:22, 8:10] = 0.9  # there before the injection
+        for i in range(n_true):
+            truth[8 + 5 * i:10 + 5 * i, 12:14, 20:22] = True
+        score[truth] = 0.9
+        for i in range(n_false):
+            score[8 + 5 * i:10 + 5 * i, 26:28, 28:30] = 0.65
+        cases.append(rop.Case("a", "T1w", burden, score, truth, None, np.eye(4), brain))
+    return cases
+
+
+def test_real_operating_point_prefers_the_threshold_that_drops_new_false_clusters(tmp_path):
+    import json
+
+    import real_operating_point as rop
+
+    from epvsseg.spec import load_spec
+
+    spec = load_spec("epvs-unet25d-v3")
+    grid = rop.score_grid(spec, _operating_point_cases(), [(0.6, 2), (0.7, 2), (0.95, 2)])
+    assert grid["0.6/2"]["sensitivity"] == grid["0.7/2"]["sensitivity"] == 1.0
+    assert grid["0.6/2"]["precision_new"] == pytest.approx(7 / 11)  # 4 new false clusters among 11 new
+    assert grid["0.7/2"]["precision_new"] == 1.0 and grid["0.95/2"]["sensitivity"] == 0.0
+    assert grid["0.7/2"]["uninjected_clusters"] == 1  # the steady blob, neither right nor wrong
+    best = rop.chosen(grid)
+    assert best == "0.7/2"
+    out = tmp_path / "v3-real"
+    rop.write_model(spec, best, out, "the test", "none")
+    written = load_spec(out)  # verifies the copied weights against model.json's sha256
+    assert (written.threshold, written.min_cluster_voxels, written.sha256) == (0.7, 2, spec.sha256)
+    assert json.loads((out / "model.json").read_text())["operating_point_from"]["weights_of"] == spec.model_id
