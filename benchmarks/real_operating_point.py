@@ -51,8 +51,7 @@ RULE = ("the best F1 of sensitivity and precision over new detections, pooled ov
 class Case:
     """One training scan at one burden: the probability map, the injected truth, the tissue classes, the grid."""
 
-    scan: str
-    sequence: str
+    scan: real_scans.Scan
     burden: str
     score: np.ndarray
     truth: np.ndarray
@@ -75,8 +74,7 @@ def make_case(spec, prep, burden: str) -> Case:
         with np.load(path) as z:
             tissue = z["tissue"] if z["tissue"].size else None
             truth = np.unpackbits(z["truth"], count=prep.mask.size).reshape(prep.mask.shape).astype(bool)
-            return Case(prep.scan.name, prep.scan.sequence, burden, z["score"].astype(np.float32), truth, tissue,
-                        prep.affine, prep.mask)
+            return Case(prep.scan, burden, z["score"].astype(np.float32), truth, tissue, prep.affine, prep.mask)
     if real_scans.BURDENS[burden] is None:
         image, truth = prep.n4, np.zeros(prep.mask.shape, bool)
     else:
@@ -90,7 +88,7 @@ def make_case(spec, prep, burden: str) -> Case:
                         tissue=np.zeros(0, np.uint8) if tissue is None else tissue)
     tmp.replace(path)
     print(f"{prep.scan.name} {burden}: probability map ready", flush=True)
-    return Case(prep.scan.name, prep.scan.sequence, burden, score, truth, tissue, prep.affine, prep.mask)
+    return Case(prep.scan, burden, score, truth, tissue, prep.affine, prep.mask)
 
 
 def training_cases(spec) -> list[Case]:
@@ -108,21 +106,12 @@ def training_cases(spec) -> list[Case]:
 
 def records_at(point, cases: list[Case]) -> list[dict]:
     """``real_scans`` records (one per scan and burden) of the decision at ``point``."""
-    from bench_models import preexisting_clusters
-
-    from epvsseg import metrics
     from epvsseg.decision import decide
 
-    masks = {(c.scan, c.burden): decide(c.score, point, affine=c.affine, brain=c.brain, tissue=c.tissue).mask
+    masks = {(c.scan.name, c.burden): decide(c.score, point, affine=c.affine, brain=c.brain, tissue=c.tissue).mask
              for c in cases}
-    records = []
-    for c in cases:
-        pred, baseline = masks[(c.scan, c.burden)], masks[(c.scan, "0")]
-        ag = metrics.cluster_agreement(pred, c.truth)
-        records.append({"scan": c.scan, "sequence": c.sequence, "burden": c.burden, "n_ref": ag.n_ref,
-                        "n_pred": ag.n_pred, "ref_detected": ag.ref_detected, "pred_true": ag.pred_true,
-                        "pred_preexisting": preexisting_clusters(pred, c.truth, baseline)})
-    return records
+    return [real_scans.agreement_record(c.scan, c.burden, masks[(c.scan.name, c.burden)], c.truth,
+                                        masks[(c.scan.name, "0")]) for c in cases]
 
 
 def f1(summary: dict) -> float:
@@ -146,7 +135,7 @@ def score_grid(spec, cases: list[Case], points) -> dict[str, dict]:
 
     grid = {}
     for point in points:
-        op = OperatingPoint(point[0], point[1], spec.exclusions, point[2] if len(point) > 2 else None)
+        op = OperatingPoint(point[0], point[1], spec.exclusions, *point[2:])
         records = records_at(op, cases)
         summary = pooled(records)
         summary["f1"] = f1(summary)

@@ -489,10 +489,21 @@ def inject(prep: Prepared, burden: str, placement: str, classes: np.ndarray | No
                        BURDENS[burden], bright=bright, within=within)
 
 
-def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
-                    classes: np.ndarray | None) -> list[dict]:
+def agreement_record(scan: Scan, burden: str, pred: np.ndarray, truth: np.ndarray, before: np.ndarray) -> dict:
+    """The counts every injected record holds (:func:`injected_summary` reads them): injected and detected
+    clusters, their agreement, and the false detections already there ``before`` the injection."""
     from bench_models import preexisting_clusters
 
+    from epvsseg import metrics
+
+    ag = metrics.cluster_agreement(pred, truth)
+    return {"scan": scan.name, "sequence": scan.sequence, "burden": burden, "n_ref": ag.n_ref, "n_pred": ag.n_pred,
+            "ref_detected": ag.ref_detected, "pred_true": ag.pred_true,
+            "pred_preexisting": preexisting_clusters(pred, truth, before)}
+
+
+def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
+                    classes: np.ndarray | None) -> list[dict]:
     from epvsseg import metrics
     from epvsseg.detect import BRIGHT_EPVS
 
@@ -504,10 +515,7 @@ def _injected_cases(spec, prep: Prepared, baseline: np.ndarray, placement: str,
             continue
         image, truth = inject(prep, burden, placement, classes)
         pred, seconds = detect_mask(spec, prep, image)
-        ag = metrics.cluster_agreement(pred, truth)
-        records.append({"scan": prep.scan.name, "sequence": prep.scan.sequence, "burden": burden,
-                        "n_ref": ag.n_ref, "n_pred": ag.n_pred, "ref_detected": ag.ref_detected,
-                        "pred_true": ag.pred_true, "pred_preexisting": preexisting_clusters(pred, truth, baseline),
+        records.append({**agreement_record(prep.scan, burden, pred, truth, baseline),
                         "pred_rim": rim_clusters(pred, truth, baseline, image != prep.n4),
                         "by_contrast": found_by_contrast(prep, image, truth, pred, BRIGHT_EPVS[prep.scan.sequence]),
                         "by_size": found_by_size(truth, pred),

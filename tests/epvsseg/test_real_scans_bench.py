@@ -346,7 +346,7 @@ def _operating_point_cases():
         score[truth] = 0.9
         for i in range(n_false):
             score[8 + 5 * i:10 + 5 * i, 26:28, 28:30] = 0.65
-        cases.append(rop.Case("a", "T1w", burden, score, truth, None, np.eye(4), brain))
+        cases.append(rop.Case(rs.Scan("a", "a.nii.gz", "T1w", rs.TRAIN), burden, score, truth, None, np.eye(4), brain))
     return cases
 
 
