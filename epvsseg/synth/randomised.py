@@ -30,6 +30,12 @@ A case
    in tissue, at most :data:`SPOT_MAX_CONTRAST` of the way from tissue towards the ePVS signal (a few the other
    way), never labelled: the fine texture of real tissue (small vessels, noise, partial volume) that is not a
    tube, so that the network learns that a faint dot without a tube's length is not an ePVS.
+   *Spots near ePVS* (version 5, version 4 otherwise): a share of the spots (drawn per case in
+   :data:`SPOT_NEAR_SHARE`) is centred :data:`SPOT_NEAR_MM` from an ePVS, the rest anywhere in tissue. With
+   version 4's uniform spots, a faint dot is rarely near an ePVS, so having ePVS nearby makes one more likely to
+   be an ePVS; on real scans the networks read it so (an ePVS injected nearby raised the score of faint
+   structures within 16 mm: ``benchmarks/context_priming.py``). Here the neighbourhood of an ePVS holds
+   unlabelled spots too.
 4. *Contrast* per sequence: a mean and a within-label spread per label, drawn inside the orderings the
    sequence shows (:data:`INTENSITY_RANGES`, relative to WM = 1) or, with probability ``p_random``,
    uniformly in [0, 1] for every label (any contrast); smooth within-label texture; a 0.5-voxel blur
@@ -78,10 +84,11 @@ from .render import (
 #: Version of the parameter format of this generator: 1 (v5's training data) had no WMH or lacunes; 2 adds them
 #: (``params["lesions"]``), drawn after every version-1 choice, so a seed's version-1 draws stay its own; 3 adds
 #: faint ePVS (``params["epvs_signal"]``), drawn after every version-2 choice; 4 adds spots (``params["spots"]``)
-#: to version 2, drawn after every version-2 choice, without version 3's faint ePVS. The default stays 2.
+#: to version 2, drawn after every version-2 choice, without version 3's faint ePVS; 5 places a share of version
+#: 4's spots near ePVS (``params["spots"]["near_share"]``, drawn after version 4's). The default stays 2.
 RANDOMISED_VERSION = 2
 #: Versions :func:`render_randomised` renders.
-RANDOMISED_VERSIONS = (1, 2, 3, 4)
+RANDOMISED_VERSIONS = (1, 2, 3, 4, 5)
 #: Version 4: most spots per case, their Gaussian width (sigma, mm, per axis and case) and their largest peak move
 #: towards the ePVS signal (share of ePVS - tissue); labelled ePVS sit at least 75 % of the way before partial volume.
 SPOT_MAX_COUNT = 800
@@ -89,6 +96,10 @@ SPOT_SIGMA_MM = (0.4, 1.0)
 SPOT_MAX_CONTRAST = 0.45
 #: Version 4: share of spots that move away from the ePVS signal (darker on T2w, brighter on T1w).
 SPOT_P_OPPOSITE = 0.2
+#: Version 5: range of the per-case share of spots centred near an ePVS, and how near (mm from the ePVS label:
+#: beyond its 1-voxel rim, within the 16 mm over which an injected ePVS raised the scores on real scans).
+SPOT_NEAR_SHARE = (0.3, 0.8)
+SPOT_NEAR_MM = (2.0, 12.0)
 #: Version 3: largest extra move of an ePVS's signal towards WM (as a share of CSF - WM), on top of the case's own.
 EPVS_FAINT_MAX = 0.5
 #: Sequences the generator renders.
@@ -215,12 +226,15 @@ def _draw_epvs_signal(rng: np.random.Generator) -> dict:
             "scale_vox": round(float(rng.uniform(2.0, 6.0)), 4), "seed": _seed(rng)}
 
 
-def _draw_spots(rng: np.random.Generator) -> dict:
+def _draw_spots(rng: np.random.Generator, near: bool = False) -> dict:
     """Spots of version 4: how many, how wide and how strong at most, and their seed (their places and peaks are
-    drawn at render time from the seed)."""
-    return {"count": int(rng.integers(0, SPOT_MAX_COUNT + 1)),
-            "sigma_mm": rng.uniform(*SPOT_SIGMA_MM, 3).round(4).tolist(),
-            "max_contrast": round(float(rng.uniform(0.2, SPOT_MAX_CONTRAST)), 5), "seed": _seed(rng)}
+    drawn at render time from the seed); with ``near`` (version 5), the share of them centred near an ePVS."""
+    spots = {"count": int(rng.integers(0, SPOT_MAX_COUNT + 1)),
+             "sigma_mm": rng.uniform(*SPOT_SIGMA_MM, 3).round(4).tolist(),
+             "max_contrast": round(float(rng.uniform(0.2, SPOT_MAX_CONTRAST)), 5), "seed": _seed(rng)}
+    if near:
+        spots["near_share"] = round(float(rng.uniform(*SPOT_NEAR_SHARE)), 4)
+    return spots
 
 
 def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequence[str] = SEQUENCES_RANDOMISED,
@@ -244,7 +258,7 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         Probability that a sequence's label intensities are drawn fully at random (no ordering).
     version : int
         Parameter format (:data:`RANDOMISED_VERSIONS`); 1 reproduces v5's training data (no WMH or lacunes), 2
-        v6's, 3 adds faint ePVS (v7's), 4 adds spots to version 2.
+        v6's, 3 adds faint ePVS (v7's), 4 adds spots to version 2 (v8's), 5 places some spots near ePVS.
 
     Returns
     -------
@@ -290,8 +304,8 @@ def sample_randomised(rng: np.random.Generator, anatomy: str, *, sequences: Sequ
         params["lesions"] = _draw_lesions(rng, sequences)
     if version == 3:
         params["epvs_signal"] = _draw_epvs_signal(rng)
-    if version == 4:
-        params["spots"] = _draw_spots(rng)
+    if version in (4, 5):
+        params["spots"] = _draw_spots(rng, near=version == 5)
     return params
 
 
@@ -394,7 +408,9 @@ def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndar
     (and its 1-voxel rim); None for other versions.
 
     Each spot is a Gaussian of the case's width per axis (``sigma_mm``, :data:`SPOT_SIGMA_MM`: at most 2.5 : 1,
-    never a tube) centred on a random tissue voxel, with a peak drawn in [0.3, 1] x ``max_contrast``."""
+    never a tube) centred on a random tissue voxel (version 5: ``near_share`` of them on one
+    :data:`SPOT_NEAR_MM` from the label, where the crop has such voxels), with a peak drawn in [0.3, 1] x
+    ``max_contrast``."""
     from scipy import ndimage
 
     if "spots" not in params:
@@ -403,7 +419,7 @@ def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndar
     rng = np.random.default_rng(int(sp["seed"]))
     where = np.flatnonzero(tissue > 0)
     n = int(sp["count"]) if len(where) else 0
-    centres = where[rng.integers(0, max(len(where), 1), n)]
+    centres = _spot_centres(rng, where, n, sp.get("near_share"), tissue, label)
     peaks = rng.uniform(0.3, 1.0, n) * float(sp["max_contrast"])
     side = rng.random(n) < SPOT_P_OPPOSITE
     sigma = np.asarray(sp["sigma_mm"], float)
@@ -415,6 +431,21 @@ def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndar
     out = [np.minimum(ndimage.gaussian_filter(f.reshape(tissue.shape), sigma, mode="constant") * norm,
                       np.float32(sp["max_contrast"])) * keep for f in fields]
     return out[0], out[1]
+
+
+def _spot_centres(rng: np.random.Generator, where: np.ndarray, n: int, near_share: float | None,
+                  tissue: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Flat indices of ``n`` spot centres among the tissue voxels ``where``; with ``near_share`` (version 5), that
+    share of them among the tissue voxels :data:`SPOT_NEAR_MM` from the label (all anywhere when there are none)."""
+    from scipy import ndimage
+
+    if near_share is None:
+        return where[rng.integers(0, max(len(where), 1), n)]
+    dist = ndimage.distance_transform_edt(label == 0).ravel()
+    near = where[(dist[where] > SPOT_NEAR_MM[0]) & (dist[where] <= SPOT_NEAR_MM[1])] if label.any() else where[:0]
+    n_near = int(round(near_share * n)) if len(near) else 0
+    return np.concatenate([near[rng.integers(0, len(near), n_near)] if n_near else near[:0],
+                           where[rng.integers(0, max(len(where), 1), n - n_near)]])
 
 
 def _layers(params: dict, sequence: str, lesions: WmhLacunes | None, occ: np.ndarray, vessel: np.ndarray,

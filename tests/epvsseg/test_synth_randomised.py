@@ -160,6 +160,26 @@ def test_version_4_adds_unlabelled_spots_to_version_2(anatomy):
     assert 0.1 < step < 0.6  # a spot is fainter than an ePVS (at least 75 % of the way, before partial volume)
 
 
+def test_version_5_centres_a_share_of_version_4s_spots_near_epvs(anatomy):
+    v4, v5 = _draw(9, version=4, shape_vox=(64, 64, 32)), _draw(9, version=5, shape_vox=(64, 64, 32))
+    assert {k: v for k, v in v5.items() if k not in ("spots", "version")} == {
+        k: v for k, v in v4.items() if k not in ("spots", "version")}
+    assert {k: v for k, v in v5["spots"].items() if k != "near_share"} == v4["spots"]
+    assert randomised.SPOT_NEAR_SHARE[0] <= v5["spots"]["near_share"] <= randomised.SPOT_NEAR_SHARE[1]
+    label = randomised.render_randomised(v4, *anatomy).label
+    tissue = np.ones(label.shape, np.float32)
+    where = np.flatnonzero(tissue)
+    dist = ndimage.distance_transform_edt(label == 0).ravel()
+    near = (dist > randomised.SPOT_NEAR_MM[0]) & (dist <= randomised.SPOT_NEAR_MM[1])
+    shares = [near[randomised._spot_centres(np.random.default_rng(1), where, 2000, share, tissue, label)].mean()
+              for share in (None, 1.0, 0.5)]
+    assert shares[1] == 1.0  # all near the label
+    assert abs(shares[2] - (0.5 + 0.5 * near.mean())) < 0.05  # half near, half anywhere
+    assert abs(shares[0] - near.mean()) < 0.05  # version 4: anywhere
+    empty = np.zeros_like(label)
+    assert len(randomised._spot_centres(np.random.default_rng(1), where, 50, 1.0, tissue, empty)) == 50
+
+
 def test_version_2_renders_wmh_lacunes_and_ePVS_through_wmh(anatomy):
     params = _draw(11, shape_vox=(64, 64, 32))
     params["lesions"]["wmh"].update(periventricular_mm=5.0, deep=30)
