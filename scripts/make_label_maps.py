@@ -377,13 +377,15 @@ def figure_draws(out: Path, shared: Path, n: int = 12, seed: int = 17) -> Path:
 _VERSION_FIGURES = {
     3: ("faint ePVS", lambda p: f", spread {p['epvs_signal']['spread']:.2f}"),
     4: ("spots", lambda p: f", {p['spots']['count']} spots up to {p['spots']['max_contrast']:.2f}"),
+    5: ("spots, a share near ePVS", lambda p: f", {p['spots']['count']} spots, {p['spots']['near_share']:.0%} near"),
 }
 
 
 def figure_against_v2(out: Path, version: int, seeds: tuple[int, ...] = (3, 5, 8, 13)) -> Path:
-    """The same T2w draws in generator version 2 and a later ``version`` (3: faint ePVS, 4: spots): a 48 mm square
-    of the axial slice with the most ePVS, and that slice's label (version 3) or the later draw minus version 2
-    (version 4, whose spots are faint by design)."""
+    """The same T2w draws in generator version 2 and a later ``version`` (3: faint ePVS, 4: spots, 5: spots, a
+    share near ePVS): a 48 mm square of the axial slice with the most ePVS, and that slice's label (version 3) or
+    the later draw minus version 2 (versions 4 and 5, whose spots are faint by design; the label's outline in
+    green)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,10 +411,11 @@ def figure_against_v2(out: Path, version: int, seeds: tuple[int, ...] = (3, 5, 8
             images.append(case.images["T2w"][crop])
             axes[i, j].imshow(np.rot90(images[-1]), cmap="gray", vmin=0, vmax=top)
             axes[i, j].set_title(f"{name}, version {v}{extra(p) if v == version else ''}", fontsize=7)
-        if version == 4:
+        if version in (4, 5):
             diff = images[1] - images[0]
             lim = max(float(np.abs(diff).max()), 1e-6)
             axes[2, j].imshow(np.rot90(diff), cmap="RdBu_r", vmin=-lim, vmax=lim)
+            axes[2, j].contour(np.rot90(case.label[crop] > 0), [0.5], colors="g", linewidths=0.6)
             axes[2, j].set_title(f"version {version} - version 2 (red: brighter)", fontsize=7)
         else:
             axes[2, j].imshow(np.rot90(case.label[crop]), cmap="gray")
@@ -433,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--figures", type=Path, default=None,
                     help="only draw docs/figures/synth_label_maps.png, synth_randomised_draws.png, "
-                         "synth_faint_epvs.png and synth_spots.png into this folder")
+                         "synth_faint_epvs.png, synth_spots.png and synth_spots_near.png into this folder")
     ap.add_argument("--post-only", action="store_true",
                     help="only apply the post-build steps (template thalamus, carved sulci, gzip level 9) to the maps "
                          "of the manifest")
@@ -446,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(figure_draws(args.figures / "synth_randomised_draws.png", args.shared))
         print(figure_against_v2(args.figures / "synth_faint_epvs.png", 3))
         print(figure_against_v2(args.figures / "synth_spots.png", 4))
+        print(figure_against_v2(args.figures / "synth_spots_near.png", 5))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"

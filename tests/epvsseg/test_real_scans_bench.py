@@ -370,3 +370,36 @@ def test_real_operating_point_prefers_the_threshold_that_drops_new_false_cluster
     written = load_spec(out)  # verifies the copied weights against model.json's sha256
     assert (written.threshold, written.min_cluster_voxels, written.sha256) == (0.7, 2, spec.sha256)
     assert json.loads((out / "model.json").read_text())["operating_point_from"]["weights_of"] == spec.model_id
+
+
+def test_context_priming_sorts_new_false_detections_by_what_brought_them():
+    import context_priming as cp
+
+    shape = (40, 40, 40)
+    mask, was, unplaced, truth, changed = (np.zeros(shape, bool) for _ in range(5))
+    before, after = np.zeros(shape, np.float32), np.full(shape, 0.9, np.float32)
+    truth[5:8, 5, 5] = changed[4:11, 5, 5] = True
+    mask[5:8, 5, 5] = True  # found: not a false detection
+    mask[10:12, 20, 20] = was[10:12, 20, 20] = True  # there before: neither right nor wrong
+    mask[9:11, 5, 5] = True  # on the injected tube's changed rim, beyond its label
+    mask[5:7, 15, 5] = True  # primed: below the threshold before
+    before[5:7, 15, 5] = 0.4
+    mask[30:32, 30, 30] = True  # grown: above the threshold before, on one voxel (too small)
+    before[30, 30, 30] = 0.8
+    mask[30:32, 10, 10] = unplaced[30:32, 10, 10] = True  # relocated: the location test dropped it before
+    before[30:32, 10, 10] = 0.7
+    dist = cp.injected_distance(rop_case(truth))
+    rows = cp.classify(mask, (was, unplaced | was), truth, changed, dist, (before, after), 0.6)
+    assert sorted((r["class"], r["before"]) for r in rows) == [
+        ("grown", 0.8), ("primed", 0.4), ("relocated", 0.7), ("rim", 0.0)]
+    primed = next(r for r in rows if r["class"] == "primed")
+    assert primed["distance_mm"] == pytest.approx(10.0)  # (5, 15, 5) to (5, 5, 5)
+    assert primed["centre_vox"] == [6, 15, 5]  # (5.5 rounded to even, 15, 5)
+    assert np.isinf(cp.injected_distance(rop_case(np.zeros(shape, bool)))).all()
+
+
+def rop_case(truth):
+    import real_operating_point as rop
+
+    return rop.Case(scan=None, burden="high", score=np.zeros(truth.shape, np.float32), truth=truth, tissue=None,
+                    affine=np.eye(4), brain=np.ones(truth.shape, bool))
