@@ -31,11 +31,10 @@ A case
    way), never labelled: the fine texture of real tissue (small vessels, noise, partial volume) that is not a
    tube, so that the network learns that a faint dot without a tube's length is not an ePVS.
    *Spots near ePVS* (version 5, version 4 otherwise): a share of the spots (drawn per case in
-   :data:`SPOT_NEAR_SHARE`) is centred :data:`SPOT_NEAR_MM` from an ePVS, the rest anywhere in tissue. With
-   version 4's uniform spots, a faint dot is rarely near an ePVS, so having ePVS nearby makes one more likely to
-   be an ePVS; on real scans the networks read it so (an ePVS injected nearby raised the score of faint
-   structures within 16 mm: ``benchmarks/context_priming.py``). Here the neighbourhood of an ePVS holds
-   unlabelled spots too.
+   :data:`SPOT_NEAR_SHARE`) is centred :data:`SPOT_NEAR_MM` from an ePVS, the rest anywhere in tissue. On real
+   scans an ePVS injected nearby raises the scores of faint structures within about 16 mm
+   (``benchmarks/context_priming.py``); the hypothesis was that uniform spots, rarely beside an ePVS, teach that
+   prior. A model trained on it (v9, ``docs/models.md``) primed as much as one trained on version 4.
 4. *Contrast* per sequence: a mean and a within-label spread per label, drawn inside the orderings the
    sequence shows (:data:`INTENSITY_RANGES`, relative to WM = 1) or, with probability ``p_random``,
    uniformly in [0, 1] for every label (any contrast); smooth within-label texture; a 0.5-voxel blur
@@ -419,7 +418,7 @@ def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndar
     rng = np.random.default_rng(int(sp["seed"]))
     where = np.flatnonzero(tissue > 0)
     n = int(sp["count"]) if len(where) else 0
-    centres = _spot_centres(rng, where, n, sp.get("near_share"), tissue, label)
+    centres = _spot_centres(rng, where, n, sp.get("near_share"), label)
     peaks = rng.uniform(0.3, 1.0, n) * float(sp["max_contrast"])
     side = rng.random(n) < SPOT_P_OPPOSITE
     sigma = np.asarray(sp["sigma_mm"], float)
@@ -434,7 +433,7 @@ def _spots(params: dict, tissue: np.ndarray, label: np.ndarray) -> tuple[np.ndar
 
 
 def _spot_centres(rng: np.random.Generator, where: np.ndarray, n: int, near_share: float | None,
-                  tissue: np.ndarray, label: np.ndarray) -> np.ndarray:
+                  label: np.ndarray) -> np.ndarray:
     """Flat indices of ``n`` spot centres among the tissue voxels ``where``; with ``near_share`` (version 5), that
     share of them among the tissue voxels :data:`SPOT_NEAR_MM` from the label (all anywhere when there are none)."""
     from scipy import ndimage
