@@ -46,6 +46,8 @@ import real_scans  # noqa: E402
 DISTANCE_EDGES = (0.0, 2.0, 4.0, 8.0, 16.0, 32.0, np.inf)
 #: A voxel enters the score field when its score is at least this before or after; a change counts beyond STEP.
 FIELD_FLOOR, STEP = 0.3, 0.2
+#: "Near" an injected ePVS (mm): beyond this the injection changed almost no score in the first runs.
+NEAR_MM = 16.0
 #: Classes of a new false detection (see the module's docstring).
 CLASSES = ("rim", "primed", "grown", "relocated")
 #: The real T2w that ``real_scans.py`` injects ePVS into (evaluation only; averages left out).
@@ -198,11 +200,12 @@ def measure(spec, which: str) -> dict:
 
 
 def _brain_share_near(cases: list[rop.Case]) -> float:
-    """Share of brain voxels within 16 mm of an injected voxel, over the high-burden cases (the chance level)."""
+    """Share of brain voxels within :data:`NEAR_MM` of an injected voxel, over the high-burden cases (the chance
+    level)."""
     inside = total = 0
     for case in (c for c in cases if c.burden == "high"):
         d = injected_distance(case)[case.brain]
-        inside, total = inside + int((d <= 16.0).sum()), total + d.size
+        inside, total = inside + int((d <= NEAR_MM).sum()), total + d.size
     return inside / total if total else float("nan")
 
 
@@ -214,7 +217,7 @@ def summary(result: dict) -> dict:
         part = [r for r in rows if r["class"] == cls]
         d = np.array([r["distance_mm"] for r in part])
         out[cls] = {"n": len(part),
-                    "within_16mm": float((d <= 16.0).mean()) if len(d) else None,
+                    "within_16mm": float((d <= NEAR_MM).mean()) if len(d) else None,
                     "median_distance_mm": float(np.median(d)) if len(d) else None,
                     "median_before": float(np.median([r["before"] for r in part])) if part else None,
                     "median_after": float(np.median([r["after"] for r in part])) if part else None}
