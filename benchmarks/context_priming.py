@@ -97,17 +97,23 @@ def before_masks(before: rop.Case, spec) -> tuple[np.ndarray, np.ndarray]:
                         tissue=tissue).mask for tissue in (before.tissue, None))
 
 
-def new_false(case: rop.Case, before: rop.Case, was: tuple[np.ndarray, np.ndarray], spec,
-              dist: np.ndarray) -> list[dict]:
+def injected_image(case: rop.Case) -> tuple[np.ndarray, np.ndarray]:
+    """The scan's image before and after the injection of ``case`` (re-made from the seeds; the cache keeps only
+    the truth)."""
+    prep = real_scans.load_prepared(case.scan.name)
+    image, _ = real_scans.inject(prep, case.burden, rop.PLACEMENT, real_scans.prepared_classes(prep))
+    return prep.n4, image
+
+
+def new_false(case: rop.Case, before: rop.Case, was: tuple[np.ndarray, np.ndarray], spec, dist: np.ndarray,
+              changed: np.ndarray) -> list[dict]:
     """Every new false detection of ``case`` at the model's point (:func:`classify`; ``was``:
-    :func:`before_masks` of ``before``)."""
+    :func:`before_masks` of ``before``; ``changed``: the voxels the injection changed)."""
     from epvsseg.decision import decide
 
     point = spec.operating_point
     mask = decide(case.score, point, affine=case.affine, brain=case.brain, tissue=case.tissue).mask
-    prep = real_scans.load_prepared(case.scan.name)
-    image, truth = real_scans.inject(prep, case.burden, rop.PLACEMENT, real_scans.prepared_classes(prep))
-    rows = classify(mask, was, truth, image != prep.n4, dist, (before.score, case.score), point.threshold)
+    rows = classify(mask, was, case.truth, changed, dist, (before.score, case.score), point.threshold)
     return [{"scan": case.scan.name, "burden": case.burden, **r} for r in rows]
 
 
@@ -147,11 +153,10 @@ def figure(spec, which: str, path: Path, n: int = 8, seed: int = 0) -> None:
     zero = {c.scan.name: c for c in cases if c.burden == "0"}
     found = []
     for case in (c for c in cases if c.burden == "high"):
-        prep = real_scans.load_prepared(case.scan.name)
-        image, truth = real_scans.inject(prep, "high", rop.PLACEMENT, real_scans.prepared_classes(prep))
+        plain, image = injected_image(case)
         rows = new_false(case, zero[case.scan.name], before_masks(zero[case.scan.name], spec), spec,
-                         injected_distance(case))
-        found += [(case, zero[case.scan.name], prep.n4, image, r["centre_vox"]) for r in rows if r["class"] == "primed"]
+                         injected_distance(case), image != plain)
+        found += [(case, zero[case.scan.name], plain, image, r["centre_vox"]) for r in rows if r["class"] == "primed"]
     pick = np.random.default_rng(seed).permutation(len(found))[:n]
     fig, axes = plt.subplots(len(pick), 4, figsize=(7.2, 1.9 * len(pick)), squeeze=False)
     for row, k in zip(axes, pick):
@@ -187,6 +192,7 @@ def measure(spec, which: str) -> dict:
     was = {name: before_masks(c, spec) for name, c in zero.items()}
     field: dict[str, list[int]] = {}
     detections: list[dict] = []
+    near = [0, 0]  # brain voxels within NEAR_MM of an injected voxel, brain voxels (high burden: the chance level)
     for case in cases:
         if case.burden == "0":
             continue
@@ -194,19 +200,11 @@ def measure(spec, which: str) -> dict:
         if case.burden == "high":
             for k, v in field_counts(case, zero[case.scan.name], dist).items():
                 field[k] = [a + b for a, b in zip(field.get(k, [0, 0, 0]), v)]
-        detections += new_false(case, zero[case.scan.name], was[case.scan.name], spec, dist)
-    brain_share = _brain_share_near(cases)
-    return {"scans": sorted(zero), "field": field, "new_false": detections, "brain_within_16mm": brain_share}
-
-
-def _brain_share_near(cases: list[rop.Case]) -> float:
-    """Share of brain voxels within :data:`NEAR_MM` of an injected voxel, over the high-burden cases (the chance
-    level)."""
-    inside = total = 0
-    for case in (c for c in cases if c.burden == "high"):
-        d = injected_distance(case)[case.brain]
-        inside, total = inside + int((d <= NEAR_MM).sum()), total + d.size
-    return inside / total if total else float("nan")
+            near = [near[0] + int((dist[case.brain] <= NEAR_MM).sum()), near[1] + int(case.brain.sum())]
+        plain, image = injected_image(case)
+        detections += new_false(case, zero[case.scan.name], was[case.scan.name], spec, dist, image != plain)
+    return {"scans": sorted(zero), "field": field, "new_false": detections,
+            "brain_within_16mm": near[0] / near[1] if near[1] else float("nan")}
 
 
 def summary(result: dict) -> dict:
