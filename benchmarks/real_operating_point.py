@@ -82,6 +82,7 @@ def make_case(spec, prep, burden: str) -> Case:
     tissue = prep.tissue(image)
     score = detect({prep.scan.sequence: image}, prep.mask, prep.affine, combination=(prep.scan.sequence,),
                    model=spec, device="cpu", tissue=tissue).score
+    score = score.astype(np.float16).astype(np.float32)  # as the cache keeps it, so that a rerun decides the same
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, score=score.astype(np.float16), truth=np.packbits(truth),
