@@ -173,7 +173,8 @@ def _unit_failure(plan, exc: Exception, output_dir: Path, key: str | None, secon
 #: The report's words for the decision's exclusion reasons (``ExcludedClusters.reason``).
 EXCLUSION_WORDS = {"lacune_candidate": "lacune candidates (wide, round and solid)",
                    "wmh_candidate": "WMH candidates (bright on FLAIR)",
-                   "outside_wm_or_deep_gm": "surroundings not mostly white or deep grey matter"}
+                   "outside_wm_or_deep_gm": "surroundings not mostly white or deep grey matter",
+                   "not_found_alone": "not found by the network with the other clusters filled in"}
 
 
 def process_unit(plan, *, bids_dir: Path, output_dir: Path, work_dir: Path, seed: int = 42,

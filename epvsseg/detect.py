@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from epvsprep import enhance
 
@@ -177,20 +178,25 @@ def _detect_frangi(volumes, mask, affine, combination) -> Detection:
 
 def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: str, tissue=None) -> Detection:
     from . import gpu, infer
-    from .decision import decide
+    from .decision import Decision, decide
 
     dev = infer.resolve_device(device)
     model = infer.load_model(spec, device=dev)
     images = {c: volumes[c] for c in combination}
     spacing = voxel_spacing(affine)
     voxel = spec.voxel_mm
-    resample = max(abs(s - voxel) / voxel for s in spacing) > RESAMPLE_TOLERANCE
+    resample = needs_resampling(affine, spec)
     if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
         prob = _predict_resampled(images, mask, spacing, model, dev)
     else:
         prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape))
     decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
                       flair=volumes.get("FLAIR") if "FLAIR" in combination else None, tissue=tissue)
+    if spec.isolation is not None:
+        kept, alone = isolate_clusters(decision.mask, images, mask, affine, model)
+        if len(alone):
+            decision = Decision(kept, pd.concat([decision.excluded, alone], ignore_index=True)
+                                if len(decision.excluded) else alone)
     point = spec.operating_point
     return Detection(
         score=prob.astype(np.float32), mask=decision.mask, excluded=decision.excluded,
@@ -199,7 +205,8 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
         description=f"2.5D multi-channel U-Net {spec.model_id} on {' + '.join(combination)} "
                     f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels"
                     f"{'' if point.peak_threshold is None else f' peaking >= {point.peak_threshold}'}, "
-                    f"mimic exclusions{'' if tissue is None else ', location in white or deep grey matter'}).",
+                    f"mimic exclusions{'' if tissue is None else ', location in white or deep grey matter'}"
+                    f"{'' if spec.isolation is None else ', found with the other clusters filled in'}).",
         score_description=f"ePVS probability from the U-Net {spec.model_id} ({_output_words(spec)}).")
 
 
@@ -211,19 +218,71 @@ def _output_words(spec) -> str:
     return words + (", averaged with the left-right flipped input" if spec.flip_tta else "")
 
 
+def needs_resampling(affine: np.ndarray, spec: ModelSpec) -> bool:
+    """Whether an input of this grid is resampled to the model's voxel size (by more than
+    :data:`RESAMPLE_TOLERANCE` off it along any axis)."""
+    return max(abs(s - spec.voxel_mm) / spec.voxel_mm for s in voxel_spacing(affine)) > RESAMPLE_TOLERANCE
+
+
+def isolate_clusters(decided: np.ndarray, images, brain: np.ndarray, affine: np.ndarray, model, params=None,
+                     ) -> tuple[np.ndarray, pd.DataFrame]:
+    """The isolation test (:mod:`epvsseg.isolation`) of a decided mask, on the grid the model saw the input on.
+
+    Parameters
+    ----------
+    decided : ndarray of bool
+        The decision's mask on the input grid.
+    images : mapping
+        Sequence -> the model's input volumes on that grid.
+    brain : ndarray of bool
+    affine : ndarray, shape (4, 4)
+    model : epvsseg.infer.LoadedModel
+        Its spec gives the operating point and, unless ``params`` is given, the isolation parameters.
+
+    Returns
+    -------
+    kept : ndarray of bool
+    excluded : pandas.DataFrame
+        The clusters not found alone (:func:`epvsseg.isolation.keep_alone`).
+    """
+    from .isolation import isolated_probability, keep_alone
+
+    spec = model.spec
+    params = spec.isolation if params is None else params
+    if needs_resampling(affine, spec):  # on the model's grid, as the probability was made, and back
+        zoom = _zoom(voxel_spacing(affine), spec.voxel_mm)
+        small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
+        # a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the model's grid
+        alone = _zoom_back(isolated_probability(small, _zoom_mask(brain, zoom), _zoom_mask(decided, zoom, 0.25),
+                                                model, params=params), brain.shape)
+    else:
+        alone = isolated_probability(images, brain, decided, model, params=params)
+    return keep_alone(decided, alone, spec.operating_point, affine)
+
+
 def _predict_resampled(images, mask, spacing, model, dev: str) -> np.ndarray:
     """Probability on the model's grid (linear zoom to ``spec.voxel_mm``), zoomed back onto ``mask``'s grid."""
-    from scipy import ndimage
-
     from . import gpu, infer
 
-    voxel = model.spec.voxel_mm
-    zoom = [s / voxel for s in spacing]
-    small_shape = tuple(int(round(n * s / voxel)) for n, s in zip(mask.shape, spacing))
+    zoom = _zoom(spacing, model.spec.voxel_mm)
     small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
-    small_mask = ndimage.zoom(mask.astype(np.float32), zoom, order=1) > 0.5
-    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_shape))
-    back = [a / b for a, b in zip(mask.shape, prob_small.shape)]
-    prob = ndimage.zoom(prob_small, back, order=1)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
-    pad = [(0, m - p) for m, p in zip(mask.shape, prob.shape)]
-    return np.pad(prob, pad) * mask
+    small_mask = _zoom_mask(mask, zoom)
+    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_mask.shape))
+    return _zoom_back(prob_small, mask.shape) * mask
+
+
+def _zoom(spacing, voxel: float) -> list[float]:
+    """Zoom factors from an input's voxel size to the model's."""
+    return [s / voxel for s in spacing]
+
+
+def _zoom_mask(mask: np.ndarray, zoom, level: float = 0.5) -> np.ndarray:
+    """A mask on the zoomed grid (linear zoom of its indicator, above ``level``)."""
+    return ndimage.zoom(np.asarray(mask, np.float32), zoom, order=1) > level
+
+
+def _zoom_back(small: np.ndarray, shape) -> np.ndarray:
+    """A map of the model's grid zoomed (linear) onto the input grid ``shape``, cropped or zero-padded to it."""
+    back = [a / b for a, b in zip(shape, small.shape)]
+    out = ndimage.zoom(small, back, order=1)[: shape[0], : shape[1], : shape[2]]
+    return np.pad(out, [(0, m - p) for m, p in zip(shape, out.shape)])

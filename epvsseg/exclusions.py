@@ -31,7 +31,7 @@ from scipy import ndimage
 _S26 = np.ones((3, 3, 3), bool)
 #: Columns of the excluded-cluster tables.
 COLUMNS = ["reason", "n_voxels", "volume_mm3", "length_mm", "width_mm", "solidity", "flair_ratio",
-           "context_share", "centroid_x", "centroid_y", "centroid_z"]
+           "context_share", "alone_peak", "centroid_x", "centroid_y", "centroid_z"]
 
 
 @dataclass(frozen=True)
@@ -139,11 +139,11 @@ def exclude_mimics(
         "reason": np.where(lacune[drop], "lacune_candidate", "wmh_candidate"),
         "n_voxels": counts, "volume_mm3": counts * voxel_mm3, "length_mm": length[drop], "width_mm": width[drop],
         "solidity": solidity[drop], "flair_ratio": ratio[drop], "context_share": np.nan,
-        **_centroids(mask, labels, dropped, affine)}, columns=COLUMNS)
+        **centroids(mask, labels, dropped, affine)}, columns=COLUMNS)
     return mask & ~np.isin(labels, dropped), excluded
 
 
-def _centroids(mask: np.ndarray, labels: np.ndarray, index: np.ndarray, affine: np.ndarray) -> dict:
+def centroids(mask: np.ndarray, labels: np.ndarray, index: np.ndarray, affine: np.ndarray) -> dict:
     """``centroid_x/y/z`` (mm) of the clusters ``index`` of ``labels``."""
     vox = np.atleast_2d(np.asarray(ndimage.center_of_mass(mask, labels, index), float))
     mm = vox @ affine[:3, :3].T + affine[:3, 3]
@@ -211,7 +211,7 @@ def exclude_location(mask: np.ndarray, affine: np.ndarray, tissue: np.ndarray,
     excluded = pd.DataFrame({
         "reason": "outside_wm_or_deep_gm", "n_voxels": counts, "volume_mm3": counts * voxel_mm3,
         "length_mm": np.nan, "width_mm": np.nan, "solidity": np.nan, "flair_ratio": np.nan,
-        "context_share": share[drop], **_centroids(mask, labels, dropped, np.asarray(affine, float))},
+        "context_share": share[drop], **centroids(mask, labels, dropped, np.asarray(affine, float))},
         columns=COLUMNS)
     return mask & ~np.isin(labels, dropped), excluded
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .decision import OperatingPoint
 from .exclusions import ExclusionParams
+from .isolation import IsolationParams
 
 #: Default model folder under ``epvsseg/weights``.
 DEFAULT_MODEL = "epvs-unet25d-v3"
@@ -98,6 +99,9 @@ class ModelSpec:
     flip_tta : bool
         Whether inference averages each prediction with the one on the left-right flipped input (``"flip_tta"``
         in ``model.json``; false when absent). Part of the model: its operating point was chosen so.
+    isolation : IsolationParams or None
+        The isolation test (:mod:`epvsseg.isolation`: a cluster is kept only when the network finds it with the
+        other clusters filled in; ``"isolation"`` in ``model.json``); ``None`` when the model has none.
     finetuned_from : str or None
         Id of the model it was fine-tuned from.
     meta : dict
@@ -119,6 +123,7 @@ class ModelSpec:
     sha256: str
     peak_threshold: float | None = None
     flip_tta: bool = False
+    isolation: IsolationParams | None = None
     finetuned_from: str | None = None
     meta: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -151,6 +156,7 @@ class ModelSpec:
         return {"model_id": self.model_id, "weights_sha256": self.sha256, "threshold": self.threshold,
                 "min_cluster_voxels": self.min_cluster_voxels, "peak_threshold": self.peak_threshold,
                 "flip_tta": self.flip_tta, "exclusions": self.exclusions.to_dict(),
+                "isolation": None if self.isolation is None else self.isolation.to_dict(),
                 "finetuned_from": self.finetuned_from}
 
     def verify(self) -> None:
@@ -275,7 +281,8 @@ def spec_from_meta(meta: Any, path: Path) -> ModelSpec:
         normalisation=meta["normalisation"], threshold=threshold,
         min_cluster_voxels=_integer(meta["min_cluster_voxels"], "min_cluster_voxels", 1, fail),
         exclusions=_exclusions(meta.get("exclusions"), fail), sha256=meta["sha256"],
-        peak_threshold=None if peak is None else float(peak), flip_tta=flip, finetuned_from=finetuned_from, meta=meta)
+        peak_threshold=None if peak is None else float(peak), flip_tta=flip,
+        isolation=_isolation(meta.get("isolation"), fail), finetuned_from=finetuned_from, meta=meta)
 
 
 def _check_input_channels(architecture: str, kwargs: dict, n_sequences: int, context: int, fail,
@@ -351,3 +358,20 @@ def _exclusions(value: Any, fail) -> ExclusionParams:
         if _number(v, f"exclusions.{key}", fail) <= 0:
             raise fail(f"exclusions.{key} {v!r} is not positive")
     return ExclusionParams(**{k: float(v) for k, v in value.items()})
+
+
+def _isolation(value: Any, fail) -> IsolationParams | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise fail(f"isolation {value!r} is not an object")
+    known = {f.name for f in fields(IsolationParams)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise fail(f"isolation: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    numbers = {k: _number(v, f"isolation.{k}", fail) for k, v in value.items()}
+    integral = {k: int(v) for k, v in numbers.items() if k in ("window", "margin") and v.is_integer()}
+    try:
+        return IsolationParams(**{**numbers, **integral})
+    except ValueError as err:
+        raise fail(str(err)) from None

@@ -125,6 +125,28 @@ def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_
     assert "averaged with the left-right flipped input" in out.score_description
 
 
+@pytest.mark.parametrize("voxel", [1.0, 0.6])
+def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(crop, tmp_path, voxel):
+    from epvsseg.isolation import REASON
+
+    volumes, mask, affine = crop
+    affine = affine.copy()
+    affine[:3, :3] *= voxel  # 0.6 mm: the test runs on the model's grid, its verdict lands on the input's
+    folder = tmp_path / "alone"
+    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(isolation={"window": 48, "margin": 1, "sigma": 2.0})
+    (folder / "model.json").write_text(json.dumps(meta))
+    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    out = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
+    assert np.array_equal(out.score, first.score) and not (out.mask & ~first.mask).any()
+    gone = out.excluded[out.excluded["reason"] == REASON]
+    assert len(gone) >= 1 and gone["alone_peak"].notna().all()
+    assert int(gone["n_voxels"].sum()) == int(first.mask.sum() - out.mask.sum())
+    assert out.parameters["isolation"] == {"window": 48, "margin": 1, "sigma": 2.0}
+    assert out.description.endswith("mimic exclusions, found with the other clusters filled in).")
+
+
 def test_frangi_is_the_baseline_with_the_reference_polarity(crop):
     volumes, mask, affine = crop
     out = det.detect(volumes, mask, affine, combination=("T2w",), method="frangi", model="ignored")

@@ -33,7 +33,8 @@ def test_default_spec_and_record():
     record = s.to_record()
     assert record == {"model_id": s.model_id, "weights_sha256": s.sha256, "threshold": s.threshold,
                       "min_cluster_voxels": s.min_cluster_voxels, "peak_threshold": s.peak_threshold,
-                      "flip_tta": False, "exclusions": ExclusionParams().to_dict(), "finetuned_from": None}
+                      "flip_tta": False, "exclusions": ExclusionParams().to_dict(), "isolation": None,
+                      "finetuned_from": None}
     json.dumps(record)
     assert infer.SERVED_COMBINATIONS == s.combinations  # the module name reads the spec
 

@@ -1,0 +1,165 @@
+"""The isolation test on the real *training* scans (issue #17, session 17): is the window wide enough, and what
+does the test do to injected ePVS?
+
+The isolation test (:mod:`epvsseg.isolation`) asks the network once more, per detected cluster, what it sees with
+the other clusters filled in, and keeps the cluster only when it passes the operating point on that view. Two
+measurements, both on the scans ``benchmarks/real_scans.py`` marks *training* (never an evaluation-only scan):
+
+1. **window**: with nothing filled, the isolated view differs from the whole-slice view only by the crop. For
+   windows of 64, 96 and 128 voxels, the share of a model's clusters (at its point, location test on, burden 0)
+   that the crop alone keeps, and the share of their voxels (through the app's path). The window the
+   model folder names should keep nearly all: otherwise the test would judge the crop, not the neighbours.
+2. **injected**: ePVS injected as ``real_operating_point.py`` injects them (``injected_tissue`` placement, its
+   seeds, burdens 0 / low / high; the same cached probability maps), decided at the model's point with the
+   location test, then with and without the isolation test: sensitivity and precision over new detections pooled
+   over the scans and burdens (``real_scans.injected_summary``), and what the test removes at burden 0.
+
+Usage::
+
+    python benchmarks/isolation_training.py --model benchmarks/models/epvs-unet25d-v3-alone \\
+        --out benchmarks/results/isolation_training_epvs-unet25d-v3-alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import real_operating_point as rop  # noqa: E402
+import real_scans  # noqa: E402
+
+#: Windows the crop check compares, voxels.
+WINDOWS = (64, 96, 128)
+
+
+def case_image(prep, burden: str) -> np.ndarray:
+    """The scan's image of one case (re-made from the seeds; the case cache keeps only the truth)."""
+    if real_scans.BURDENS[burden] is None:
+        return prep.n4
+    return real_scans.inject(prep, burden, rop.PLACEMENT, real_scans.prepared_classes(prep))[0]
+
+
+def first_look(case: rop.Case, spec) -> np.ndarray:
+    """The decision at the model's point with the location test, before the isolation test."""
+    from epvsseg.decision import decide
+
+    return decide(case.score, spec.operating_point, affine=case.affine, brain=case.brain, tissue=case.tissue).mask
+
+
+def window_check(spec, net, prep, mask: np.ndarray) -> dict[str, list[float]]:
+    """Per window: ``[clusters, voxels]`` the crop alone keeps, as shares of the first look's."""
+    from unittest import mock
+
+    import epvsseg.isolation as isolation
+    from epvsseg.detect import isolate_clusters
+    from epvsseg.postproc import label_clusters
+
+    n = label_clusters(mask)[1]
+    out = {}
+    with mock.patch.object(isolation, "filled", lambda image, holes, brain, sigma: np.array(image, np.float32)):
+        for window in WINDOWS:
+            kept, _ = isolate_clusters(mask, {prep.scan.sequence: prep.n4}, prep.mask, prep.affine, net,
+                                       isolation.IsolationParams(window=window))
+            out[str(window)] = [label_clusters(kept)[1] / n if n else float("nan"),
+                                float(kept.sum() / mask.sum()) if n else float("nan")]
+    return out
+
+
+def measure(spec, maps_of=None) -> dict:
+    """Both measurements on every training scan with tissue classes (``maps_of``: a model with the same weights
+    whose cached probability maps of ``real_operating_point.py`` serve as the first look)."""
+    from epvsseg import infer
+    from epvsseg.detect import isolate_clusters
+    from epvsseg.postproc import label_clusters
+
+    net = infer.load_model(spec, device="cpu")
+    maps = maps_of or spec
+    records = {"first look": [], "isolation test": []}
+    windows, removed, seconds = {}, {}, []
+    for scan in (s for s in real_scans.SCANS if s.dataset == real_scans.TRAIN):
+        prep = real_scans.load_prepared(scan.name)
+        if real_scans.prepared_classes(prep) is None:
+            continue
+        cases = [rop.make_case(maps, prep, burden) for burden in real_scans.BURDENS]
+        masks = {}
+        for case in cases:
+            first = first_look(case, spec)
+            start = time.perf_counter()
+            alone, excluded = isolate_clusters(first, {scan.sequence: case_image(prep, case.burden)}, prep.mask,
+                                               prep.affine, net)
+            seconds.append(time.perf_counter() - start)
+            masks[case.burden] = (first, alone)
+            if case.burden == "0":
+                windows[scan.name] = window_check(spec, net, prep, first)
+                removed[scan.name] = [label_clusters(first)[1], len(excluded)]
+            print(f"{scan.name} {case.burden}: {len(excluded)} clusters not found alone", flush=True)
+        for case in cases:
+            for k, name in enumerate(records):
+                records[name].append(real_scans.agreement_record(scan, case.burden, masks[case.burden][k],
+                                                                 case.truth, masks["0"][k]))
+    return {"model": spec.model_id, "isolation": spec.isolation.to_dict(), "windows": windows,
+            "uninjected_removed": removed, "seconds": seconds,
+            "injected": {name: rop.pooled(recs) for name, recs in records.items()}}
+
+
+def report(result: dict, command: str) -> str:
+    """The markdown of :func:`measure`'s result."""
+    lines = [f"# The isolation test of `{result['model']}` on the real training scans (issue #17)\n\n",
+             f"Command: `{command}`. Isolation parameters: {result['isolation']}. Training scans only (T1w and one "
+             "FLAIR); nothing here is an evaluation-only scan.\n\n",
+             "## The crop alone (nothing filled), burden 0\n\n",
+             "Share of the model's clusters (its point, location test on) the crop alone keeps / share of their voxels "
+             "it keeps (the test's path as the app runs it, on the model's 1 mm grid for other voxel sizes):\n\n",
+             "| scan | clusters | " + " | ".join(f"window {w}" for w in WINDOWS) + " |\n",
+             "| --- | --- |" + " --- |" * len(WINDOWS) + "\n"]
+    for scan, row in result["windows"].items():
+        cells = " | ".join(f"{row[str(w)][0]:.3f} / {row[str(w)][1]:.3f}" for w in WINDOWS)
+        lines.append(f"| {scan} | {result['uninjected_removed'][scan][0]} | {cells} |\n")
+    lines += ["\n## Injected ePVS (burdens 0 / low / high), pooled\n\n",
+              "| decision | sensitivity | precision over new | F1 | clusters at burden 0 |\n| --- | --- | --- | --- | --- |\n"]
+    for name, s in result["injected"].items():
+        lines.append(f"| {name} | {s['sensitivity']:.3f} | {s['precision_new']:.3f} | {rop.f1(s):.3f} | "
+                     f"{s.get('uninjected_clusters', '-')} |\n")
+    removed = result["uninjected_removed"]
+    lines.append(f"\nAt burden 0 the test removes {sum(r[1] for r in removed.values())} of "
+                 f"{sum(r[0] for r in removed.values())} clusters ("
+                 + ", ".join(f"{k} {r[1]}/{r[0]}" for k, r in removed.items()) + "). "
+                 f"Time of the test per case: median {np.median(result['seconds']):.1f} s, "
+                 f"max {max(result['seconds']):.1f} s (2-core CPU, other jobs may have shared it).\n")
+    return "".join(lines)
+
+
+def main() -> None:
+    from epvsseg.spec import load_spec
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a model folder with an isolation entry")
+    parser.add_argument("--out", type=Path, required=True, help="results stem (.md and .json)")
+    parser.add_argument("--maps-of", default=None,
+                        help="a model with the same weights whose cached probability maps to use (e.g. epvs-unet25d-v3)")
+    opts = parser.parse_args()
+    spec = load_spec(opts.model)
+    if spec.isolation is None:
+        parser.error(f"{spec.path}: the model has no isolation entry")
+    maps_of = None if opts.maps_of is None else load_spec(opts.maps_of)
+    if maps_of is not None and maps_of.sha256 != spec.sha256:
+        parser.error(f"--maps-of {opts.maps_of}: its weights are not those of {opts.model}")
+    command = "python benchmarks/isolation_training.py " + " ".join(sys.argv[1:])
+    result = measure(spec, maps_of)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
+    opts.out.with_suffix(".md").write_text(report(result, command))
+    print(report(result, command))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""The isolation test: a cluster is kept only when the network still finds it with the other clusters out of view.
+
+Issue #17's context-priming benchmark (``benchmarks/context_priming.py``, ``docs/real_scans.md``) found that the
+networks lower their bar for faint dots around a clear ePVS: nine in ten of the false new detections on real T2w
+with injected ePVS were structures of the scan pushed over the threshold by an ePVS injected within about 16 mm.
+A reported count is then not a sum of local decisions. This test asks the network a second time, once per
+detected cluster, what it sees at that cluster when every *other* detected cluster is filled with the tissue
+around it:
+
+1. every detected cluster, dilated by ``margin`` voxels, is filled in every input image by a normalised
+   convolution of the image outside the clusters (Gaussian, ``sigma`` voxels) inside the brain;
+2. for each cluster and each axial slice it spans, the network sees a ``window`` x ``window`` in-plane patch
+   centred on the cluster, from the filled images with the cluster's own (dilated) voxels put back;
+3. the cluster is kept when at least ``min_cluster_voxels`` of its voxels reach the threshold in these isolated
+   views (and, with a peak threshold, its highest isolated probability reaches it): the operating point's own
+   rule, applied to what the cluster shows on its own.
+
+The probability map the application writes stays the network's first look; the test only removes clusters, and
+reports each with its reason (``not_found_alone``) in the mask's excluded clusters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+#: The reason recorded for a cluster the test removes.
+REASON = "not_found_alone"
+
+
+@dataclass(frozen=True)
+class IsolationParams:
+    """Parameters of the isolation test (``"isolation"`` in ``model.json``).
+
+    Attributes
+    ----------
+    window : int
+        In-plane side of the patch the network sees around a cluster, voxels (a multiple of 16).
+    margin : int
+        Voxels around every cluster that are filled with it (its partial-volume fringe).
+    sigma : float
+        Gaussian standard deviation of the normalised convolution that fills the clusters, voxels.
+    """
+
+    window: int = 96
+    margin: int = 1
+    sigma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if int(self.window) != self.window or self.window < 16 or self.window % 16:
+            raise ValueError(f"isolation: window {self.window} is not a multiple of 16")
+        if int(self.margin) != self.margin or self.margin < 0:
+            raise ValueError(f"isolation: margin {self.margin} is not an integer >= 0")
+        if not self.sigma > 0:
+            raise ValueError(f"isolation: sigma {self.sigma} is not > 0")
+
+    def to_dict(self) -> dict:
+        """JSON-able form (the ``model.json`` entry)."""
+        return asdict(self)
+
+
+def filled(image: np.ndarray, holes: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:
+    """``image`` with the voxels of ``holes`` replaced by the Gaussian-weighted mean of the brain around them.
+
+    Computed in the bounding box of ``holes`` grown by the filter's reach (4 ``sigma``), where it equals the
+    whole-volume normalised convolution.
+    """
+    out = np.array(image, np.float32)
+    holes = np.asarray(holes, bool) & brain
+    if not holes.any():
+        return out
+    reach = int(4 * sigma + 0.5)
+    box = tuple(slice(max(b.start - reach, 0), b.stop + reach) for b in ndimage.find_objects(holes.astype(np.int8))[0])
+    support = brain[box] & ~holes[box]
+    num = ndimage.gaussian_filter(np.where(support, out[box], 0.0).astype(np.float32), sigma)
+    den = ndimage.gaussian_filter(support.astype(np.float32), sigma)
+    fill = np.divide(num, den, out=np.zeros_like(num), where=den > 1e-3)
+    out[box] = np.where(holes[box], fill, out[box])
+    return out
+
+
+def _padded(volume: np.ndarray, window: int) -> np.ndarray:
+    """``volume`` zero-padded by ``window`` voxels at the end of the two in-plane axes (as
+    :func:`epvsseg.nets.pad_to_multiple` pads a whole slice)."""
+    return np.pad(volume, ((0, window), (0, window), (0, 0)))
+
+
+def _origin(extent: slice, size: int, window: int, grid: int) -> int:
+    """Start of a ``window`` centred on ``extent`` and inside ``[0, size)`` where it fits, a multiple of ``grid``."""
+    centre = (extent.start + extent.stop - 1) // 2
+    start = (centre - window // 2) // grid * grid
+    return int(np.clip(start, 0, max(size - window, 0) // grid * grid))
+
+
+def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarray], labels: np.ndarray,
+                   label: int, box: tuple[slice, ...], *, sequences, context: int, window: int, margin: int,
+                   grid: int) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
+    """The isolated 2.5D inputs of one cluster, one per axial slice it spans.
+
+    ``norm``, ``lonely`` and ``labels`` are padded in-plane (:func:`_padded`); ``box`` is the cluster's bounding
+    box. The window lies inside the volume where it fits (the network then sees no edge the whole slice does not
+    have) and its origin is a multiple of ``grid`` (the network's pooling factor), so that the network sees the
+    cluster on the pooling grid of whole-slice inference.
+
+    Returns
+    -------
+    inputs : ndarray, shape (n_slices, C, window, window)
+        Channel layout of :func:`epvsseg.infer.stack_channels`.
+    own : ndarray of bool, shape (window, window, n_slices)
+        The cluster's voxels and their ``margin`` (the voxels of the volume it shows) in each centre slice.
+    cut : tuple of slices
+        Where ``own`` lies in the padded volume.
+    """
+    nk = labels.shape[2]
+    i0, j0 = (_origin(b, padded - window, window, grid) for b, padded in zip(box[:2], labels.shape[:2]))
+    inplane = (slice(i0, i0 + window), slice(j0, j0 + window))
+    ks = np.clip(np.arange(box[2].start - context, box[2].stop + context), 0, nk - 1)
+    own = labels[inplane + (ks,)] == label
+    grown = ndimage.binary_dilation(own, iterations=margin) if margin else own
+    n = box[2].stop - box[2].start
+    width = 2 * context + 1
+    out = np.zeros((n, len(sequences) * (width + 1), window, window), np.float32)
+    for c, name in enumerate(sequences):
+        if name not in norm:
+            continue
+        view = np.where(grown, norm[name][inplane + (ks,)], lonely[name][inplane + (ks,)])
+        for o in range(width):
+            out[:, c * width + o] = np.moveaxis(view[:, :, o:o + n], 2, 0)
+        out[:, len(sequences) * width + c] = 1.0
+    return out, grown[:, :, context:context + n], inplane + (box[2],)
+
+
+def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, mask: np.ndarray, model, *,
+                         params: IsolationParams = IsolationParams(), batch: int = 64) -> np.ndarray:
+    """The probability of every voxel of ``mask``'s clusters, and of their ``margin``, when its cluster is seen
+    alone (0 elsewhere; where two clusters' margins meet, the higher).
+
+    The margin is kept so that a map of the model's grid can be zoomed back onto a finer or coarser input grid
+    without mixing a cluster's edge with zeros.
+
+    Parameters
+    ----------
+    images : mapping
+        Sequence -> bias-corrected volume on the model's grid (the sequences the model is given).
+    brain : ndarray of bool
+        Brain mask on that grid.
+    mask : ndarray of bool
+        The detected clusters (26-connected) on that grid.
+    model : epvsseg.infer.LoadedModel
+    params : IsolationParams
+    batch : int
+        Patches (cluster slices) per forward pass.
+
+    Returns
+    -------
+    ndarray of float32, the grid's shape
+    """
+    brain = np.asarray(brain, bool)
+    mask = np.asarray(mask, bool) & brain
+    alone = np.zeros(brain.shape, np.float32)
+    if mask.any():
+        box = _around_brain(brain, params.window // 2, model.context, 2 ** model.net.depth)
+        alone[box] = _isolated({c: np.asarray(v, np.float32)[box] for c, v in images.items()}, brain[box],
+                               mask[box], model, params, batch)
+    return alone
+
+
+def _around_brain(brain: np.ndarray, half: int, context: int, grid: int) -> tuple[slice, slice, slice]:
+    """The brain's bounding box grown by ``half`` in-plane and ``context`` slices, its in-plane start a multiple
+    of ``grid`` (so that crops of it keep whole-slice inference's pooling grid)."""
+    box = ndimage.find_objects(brain.astype(np.int8))[0]
+    grow = (half, half, context)
+    starts = [max(b.start - g, 0) for b, g in zip(box, grow)]
+    starts = [st // grid * grid if axis < 2 else st for axis, st in enumerate(starts)]
+    return tuple(slice(st, min(b.stop + g, size)) for st, b, g, size in zip(starts, box, grow, brain.shape))
+
+
+def _isolated(images, brain, mask, model, params: IsolationParams, batch: int) -> np.ndarray:
+    """:func:`isolated_probability` on a crop around the brain."""
+    from .infer import normalise
+    from .postproc import label_clusters
+
+    labels, n = label_clusters(mask)
+    window = params.window
+    alone = _padded(np.zeros(labels.shape, np.float32), window)
+    holes = ndimage.binary_dilation(labels > 0, iterations=params.margin) if params.margin else labels > 0
+    norm = {c: normalise(v, brain) for c, v in images.items()}
+    lonely = {c: _padded(filled(v, holes, brain, params.sigma), window) for c, v in norm.items()}
+    norm = {c: _padded(v, window) for c, v in norm.items()}
+    padded = _padded(labels, window)
+    grid = 2 ** model.net.depth
+    pending = []
+    for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        pending.append(cluster_inputs(norm, lonely, padded, label, box, sequences=model.sequences,
+                                      context=model.context, window=window, margin=params.margin, grid=grid))
+        if sum(len(p[0]) for p in pending) >= batch or label == n:
+            _score(pending, alone, model)
+            pending = []
+    return alone[:-window, :-window]
+
+
+def _score(pending: list, alone: np.ndarray, model) -> None:
+    """Run the network on the inputs of :func:`cluster_inputs` and write each cluster's voxels into ``alone``."""
+    import torch
+
+    from .infer import _autocast_dtype, _forward
+
+    xb = torch.from_numpy(np.concatenate([x for x, _, _ in pending]))
+    with torch.inference_mode():
+        prob = _forward(model, xb, _autocast_dtype(model.device, "auto"), model.flip_tta)
+    at = 0
+    for x, own, cut in pending:
+        block = alone[cut]  # a view: written in place
+        block[own] = np.maximum(block[own], np.moveaxis(prob[at:at + len(x)], 0, 2)[own])
+        at += len(x)
+
+
+def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+    """The clusters of ``mask`` that pass the operating point's rule on their isolated probability ``alone``.
+
+    A cluster is kept when at least ``point.min_cluster_voxels`` of its voxels reach ``point.threshold`` in
+    ``alone`` (:func:`isolated_probability`, on ``mask``'s grid) and, with a peak threshold, its highest value
+    there reaches it.
+
+    Returns
+    -------
+    kept : ndarray of bool
+    excluded : pandas.DataFrame
+        Columns as :func:`epvsseg.exclusions.exclude_mimics`; ``reason`` :data:`REASON` and ``alone_peak``.
+    """
+    from .exclusions import COLUMNS, centroids
+    from .postproc import label_clusters
+
+    mask = np.asarray(mask, bool)
+    labels, n = label_clusters(mask)
+    if n == 0:
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
+    index = np.arange(1, n + 1)
+    counts = np.asarray(ndimage.sum(alone >= point.threshold, labels, index))
+    peaks = np.asarray(ndimage.maximum(alone, labels, index), float)
+    peak = point.threshold if point.peak_threshold is None else point.peak_threshold
+    drop = (counts < point.min_cluster_voxels) | (peaks < peak)
+    if not drop.any():
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
+    dropped = index[drop]
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[dropped]
+    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
+    excluded = pd.DataFrame({"reason": REASON, "n_voxels": sizes, "volume_mm3": sizes * voxel_mm3,
+                             "alone_peak": peaks[drop], **centroids(mask, labels, dropped, np.asarray(affine, float))},
+                            columns=COLUMNS)
+    return mask & ~np.isin(labels, dropped), excluded
+

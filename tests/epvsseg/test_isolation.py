@@ -1,0 +1,103 @@
+"""The isolation test (epvsseg.isolation): each cluster seen by the network with the other clusters filled in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from epvsseg import infer
+from epvsseg.decision import OperatingPoint
+from epvsseg.isolation import REASON, IsolationParams, filled, isolated_probability, keep_alone
+
+AFFINE = np.eye(4)
+
+
+class _NeighbourhoodNet(nn.Module):
+    """A stand-in network whose logit at a voxel reads the voxel and the mean of a wide square around it.
+
+    ``logit = 4 * x + 40 * mean_25x25(x) - 49`` on the centre T2w slice: on a background of 1, a dot of 2 scores
+    below 0 alone (4 * 2 + 40 * ~1 - 49 < 0) and above 0 beside a large bright cluster, which raises the mean.
+    """
+
+    depth = 3
+
+    def __init__(self, context: int):
+        super().__init__()
+        self.centre = context  # the T2w centre slice is channel ``context``
+        self.box = nn.AvgPool2d(25, stride=1, padding=12, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centre = x[:, self.centre:self.centre + 1]
+        return 4 * centre + 40 * self.box(centre) - 49
+
+
+def _stand_in(context: int = 1) -> infer.LoadedModel:
+    return infer.LoadedModel(net=_NeighbourhoodNet(context).eval(), meta={"context_slices": context},
+                             folder=Path("."), device="cpu")
+
+
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 64 x 64 x 6 brain of intensity 1 with a bright 9 x 9 cluster and a faint dot 8 voxels from it."""
+    image = np.ones((64, 64, 6), np.float32)
+    image[20:29, 20:29, 2:4] = 6.0
+    image[36, 24, 2:4] = 2.0
+    return image, np.ones(image.shape, bool), image[..., :] > 1.5, np.zeros(image.shape, bool)
+
+
+def test_a_cluster_that_needs_its_neighbour_is_dropped_and_the_neighbour_kept():
+    image, brain, mask, _ = _scene()
+    model = _stand_in()
+    prob = infer.predict({"T2w": image}, brain, model)
+    assert prob[36, 24, 2] > 0.5 and prob[24, 24, 2] > 0.5  # the whole-slice look finds both
+    alone = isolated_probability({"T2w": image}, brain, mask, model, params=IsolationParams(window=64))
+    assert alone[36, 24, 2] < 0.5 < alone[24, 24, 2]
+    kept, excluded = keep_alone(mask, alone, OperatingPoint(0.5, 2), AFFINE)
+    assert kept[24, 24, 2] and not kept[36, 24, 2]
+    assert list(excluded["reason"]) == [REASON] and excluded["n_voxels"].iloc[0] == 2
+    assert excluded["alone_peak"].iloc[0] < 0.5 and excluded["centroid_x"].iloc[0] == pytest.approx(36)
+
+
+def test_with_nothing_filled_the_isolated_look_is_the_whole_slice_look():
+    """Same channels, same slices, same pooling grid: with the window covering the slice, the clusters' isolated
+    probabilities are predict's."""
+    from epvsseg.spec import load_spec
+
+    model = infer.load_model(load_spec(), device="cpu")
+    rng = np.random.default_rng(0)
+    image = rng.normal(1.0, 0.05, (64, 64, 12)).astype(np.float32)
+    image[20:22, 30, 3:9] = 2.5
+    image[41, 13:15, 9:12] = 2.2  # up to the last slice: its context repeats it
+    brain = np.ones(image.shape, bool)
+    prob = infer.predict({"T2w": image}, brain, model)
+    mask = prob >= 0.3
+    assert mask.sum() >= 8
+    import epvsseg.isolation as isolation
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(isolation, "filled", lambda image, holes, brain, sigma: image)
+        alone = isolated_probability({"T2w": image}, brain, mask, model, params=IsolationParams(window=64))
+    np.testing.assert_allclose(alone[mask], prob[mask], atol=1e-4)
+    from scipy import ndimage
+
+    fringe = ndimage.binary_dilation(mask) & ~mask  # margin 1: the voxels each cluster shows with itself
+    assert alone[fringe].any() and not alone[~(mask | fringe)].any()
+
+
+def test_filled_holes_take_the_tissue_around_them():
+    image = np.ones((20, 20, 5), np.float32)
+    image[8:11, 8:11, 2] = 9.0
+    holes = image > 2
+    out = filled(image, holes, np.ones(image.shape, bool), 2.0)
+    np.testing.assert_allclose(out[holes], 1.0, atol=1e-5)
+    assert (out[~holes] == image[~holes]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [({"window": 40}, "multiple of 16"), ({"margin": -1}, "margin"),
+                                             ({"sigma": 0}, "sigma")])
+def test_bad_parameters_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        IsolationParams(**kwargs)
