@@ -345,16 +345,21 @@ def _combinations(value: Any, sequences: tuple[str, ...], fail) -> tuple[tuple[s
     return tuple(combinations)
 
 
+def _known_object(value: Any, key: str, params_type, fail) -> dict:
+    """``value`` as an object whose keys are fields of ``params_type`` (else ``fail`` names the problem)."""
+    if not isinstance(value, dict):
+        raise fail(f"{key} {value!r} is not an object")
+    known = {f.name for f in fields(params_type)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise fail(f"{key}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return value
+
+
 def _exclusions(value: Any, fail) -> ExclusionParams:
     if value is None:
         return ExclusionParams()
-    if not isinstance(value, dict):
-        raise fail(f"exclusions {value!r} is not an object")
-    known = {f.name for f in fields(ExclusionParams)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise fail(f"exclusions: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    for key, v in value.items():
+    for key, v in _known_object(value, "exclusions", ExclusionParams, fail).items():
         if _number(v, f"exclusions.{key}", fail) <= 0:
             raise fail(f"exclusions.{key} {v!r} is not positive")
     return ExclusionParams(**{k: float(v) for k, v in value.items()})
@@ -363,13 +368,8 @@ def _exclusions(value: Any, fail) -> ExclusionParams:
 def _isolation(value: Any, fail) -> IsolationParams | None:
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise fail(f"isolation {value!r} is not an object")
-    known = {f.name for f in fields(IsolationParams)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise fail(f"isolation: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    numbers = {k: _number(v, f"isolation.{k}", fail) for k, v in value.items()}
+    numbers = {k: _number(v, f"isolation.{k}", fail)
+               for k, v in _known_object(value, "isolation", IsolationParams, fail).items()}
     integral = {k: int(v) for k, v in numbers.items() if k in ("window", "margin") and v.is_integer()}
     try:
         return IsolationParams(**{**numbers, **integral})
