@@ -206,14 +206,19 @@ def exclude_location(mask: np.ndarray, affine: np.ndarray, tissue: np.ndarray,
     if not drop.any():
         return mask.copy(), pd.DataFrame(columns=COLUMNS)
     dropped = np.flatnonzero(drop) + 1
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[dropped]
-    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
-    excluded = pd.DataFrame({
-        "reason": "outside_wm_or_deep_gm", "n_voxels": counts, "volume_mm3": counts * voxel_mm3,
-        "length_mm": np.nan, "width_mm": np.nan, "solidity": np.nan, "flair_ratio": np.nan,
-        "context_share": share[drop], **centroids(mask, labels, dropped, np.asarray(affine, float))},
-        columns=COLUMNS)
-    return mask & ~np.isin(labels, dropped), excluded
+    return mask & ~np.isin(labels, dropped), excluded_table("outside_wm_or_deep_gm", mask, labels, dropped, affine,
+                                                            context_share=share[drop])
+
+
+def excluded_table(reason: str, mask: np.ndarray, labels: np.ndarray, dropped: np.ndarray, affine: np.ndarray,
+                   **columns) -> pd.DataFrame:
+    """The excluded-cluster rows (:data:`COLUMNS`) of the clusters ``dropped`` of ``labels``, with one ``reason``,
+    their size, volume and centroid, and the test's own ``columns`` (the others NaN)."""
+    affine = np.asarray(affine, float)
+    counts = np.bincount(labels.ravel(), minlength=int(dropped.max()) + 1)[dropped]
+    voxel_mm3 = float(abs(np.linalg.det(affine[:3, :3])))
+    return pd.DataFrame({"reason": reason, "n_voxels": counts, "volume_mm3": counts * voxel_mm3, **columns,
+                         **centroids(mask, labels, dropped, affine)}, columns=COLUMNS)
 
 
 def summarise(excluded: pd.DataFrame) -> Mapping[str, int]:

@@ -232,7 +232,7 @@ def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -
     excluded : pandas.DataFrame
         Columns as :func:`epvsseg.exclusions.exclude_mimics`; ``reason`` :data:`REASON` and ``alone_peak``.
     """
-    from .exclusions import COLUMNS, centroids
+    from .exclusions import COLUMNS, excluded_table
     from .postproc import label_clusters
 
     mask = np.asarray(mask, bool)
@@ -247,10 +247,6 @@ def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -
     if not drop.any():
         return mask.copy(), pd.DataFrame(columns=COLUMNS)
     dropped = index[drop]
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)[dropped]
-    voxel_mm3 = float(abs(np.linalg.det(np.asarray(affine, float)[:3, :3])))
-    excluded = pd.DataFrame({"reason": REASON, "n_voxels": sizes, "volume_mm3": sizes * voxel_mm3,
-                             "alone_peak": peaks[drop], **centroids(mask, labels, dropped, np.asarray(affine, float))},
-                            columns=COLUMNS)
-    return mask & ~np.isin(labels, dropped), excluded
+    return mask & ~np.isin(labels, dropped), excluded_table(REASON, mask, labels, dropped, affine,
+                                                            alone_peak=peaks[drop])
 
