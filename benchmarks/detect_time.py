@@ -5,7 +5,7 @@ Times :func:`epvsseg.detect.detect` (inference, decision with the location test,
 included) on a scan that ``benchmarks/real_scans.py --prep-only`` preprocessed, on the CPU, best of ``--repeat``
 runs after one warm-up, with ``--threads`` torch threads. Each model runs in a fresh process, whose peak resident
 memory (``ru_maxrss``: Python, torch, the model, the scan and the detections) is reported beside its time. Run it
-on an otherwise idle machine. Writes ``benchmarks/results/detect_time.md``.
+on an otherwise idle machine. Writes ``--out`` (default ``benchmarks/results/detect_time.md``).
 
 Usage::
 
@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", required=True, help="model ids or folders")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "detect_time.md",
+                        help="the results table (markdown)")
     opts = parser.parse_args()
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(opts.threads))
     from real_scans import load_prepared
@@ -75,7 +77,7 @@ def main() -> None:
             "the model averages (an ensemble, `scripts/make_ensemble.py`).\n\n"
             "| model | networks | flip averaging | seconds | peak memory (MB) |\n|---|---|---|---|---|\n"
             + "".join(rows))
-    (ROOT / "benchmarks" / "results" / "detect_time.md").write_text(text)
+    opts.out.write_text(text)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,8 @@ def _forward(model: LoadedModel, xb, dtype, flip_tta: bool) -> np.ndarray:
     from .nets import pad_to_multiple
 
     xb, (h, w) = pad_to_multiple(xb.to(model.device), 2 ** model.net.depth)
+    # channels-last (NHWC) convolutions: about 1.5x faster on the CPU (oneDNN), same values to float rounding
+    xb = xb.contiguous(memory_format=torch.channels_last)
     with torch.autocast(torch.device(model.device).type, dtype=dtype, enabled=dtype is not None):
         logits = model.net(xb)
         if flip_tta:

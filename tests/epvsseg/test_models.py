@@ -75,6 +75,27 @@ def test_flip_tta_runs(demo_t2w):
     assert np.isfinite(prob).all()
 
 
+def test_predict_is_the_network_on_each_slice_stack(demo_t2w):
+    """``predict`` (channels-last inputs, batches, padding) gives the sigmoid of the network run on plain
+    contiguous 2.5D stacks of each slice, to float rounding."""
+    import torch
+
+    from epvsseg.nets import pad_to_multiple
+
+    crop, mask = _golden_input(demo_t2w)
+    crop, mask = crop[:, :, 20:26], mask[:, :, 20:26]
+    model = infer.load_model()
+    prob = infer.predict({"T2w": crop}, mask, model, batch=4)
+    norm = {"T2w": infer.normalise(crop.astype(np.float32), mask)}
+    x = torch.from_numpy(infer.stack_channels(norm, mask.shape, model.context, model.sequences))
+    xb, (h, w) = pad_to_multiple(x, 2 ** model.net.depth)
+    with torch.inference_mode():
+        expected = torch.sigmoid(model.net(xb.contiguous()))[:, 0, :h, :w].numpy()
+    expected = np.where(mask, np.moveaxis(expected, 0, 2), 0.0)
+    assert np.abs(prob - expected).max() < 1e-4
+    assert (prob >= model.threshold).any()  # the crop holds detections, so the comparison is not of zeros
+
+
 def make_golden(demo_t2w: Path) -> None:  # pragma: no cover - run by hand after training
     crop, mask = _golden_input(demo_t2w)
     model = infer.load_model()
