@@ -252,9 +252,10 @@ def isolate_clusters(decided: np.ndarray, images, brain: np.ndarray, affine: np.
     if needs_resampling(affine, spec):  # on the model's grid, as the probability was made, and back
         zoom = _zoom(voxel_spacing(affine), spec.voxel_mm)
         small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
-        # a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the model's grid
+        # a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the model's grid;
+        # one voxel read out beyond the margin, so that zooming back never reads a zero beside a cluster's voxel
         alone = _zoom_back(isolated_probability(small, _zoom_mask(brain, zoom), _zoom_mask(decided, zoom, 0.25),
-                                                model, params=params), brain.shape)
+                                                model, params=params, readout=1), brain.shape)
     else:
         alone = isolated_probability(images, brain, decided, model, params=params)
     return keep_alone(decided, alone, spec.operating_point, affine)

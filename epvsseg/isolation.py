@@ -98,7 +98,7 @@ def _origin(extent: slice, size: int, window: int, grid: int) -> int:
 
 def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarray], labels: np.ndarray,
                    label: int, box: tuple[slice, ...], *, sequences, context: int, window: int, margin: int,
-                   grid: int) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
+                   grid: int, readout: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
     """The isolated 2.5D inputs of one cluster, one per axial slice it spans.
 
     ``norm``, ``lonely`` and ``labels`` are padded in-plane (:func:`_padded`); ``box`` is the cluster's bounding
@@ -111,7 +111,8 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
     inputs : ndarray, shape (n_slices, C, window, window)
         Channel layout of :func:`epvsseg.infer.stack_channels`.
     own : ndarray of bool, shape (window, window, n_slices)
-        The cluster's voxels and their ``margin`` (the voxels of the volume it shows) in each centre slice.
+        The voxels whose isolated probability is read out in each centre slice: the cluster's voxels and their
+        ``margin`` (the voxels of the volume it shows), grown by ``readout`` more.
     cut : tuple of slices
         Where ``own`` lies in the padded volume.
     """
@@ -121,6 +122,7 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
     ks = np.clip(np.arange(box[2].start - context, box[2].stop + context), 0, nk - 1)
     own = labels[inplane + (ks,)] == label
     grown = ndimage.binary_dilation(own, iterations=margin) if margin else own
+    read = ndimage.binary_dilation(grown, iterations=readout) if readout else grown
     n = box[2].stop - box[2].start
     width = 2 * context + 1
     out = np.zeros((n, len(sequences) * (width + 1), window, window), np.float32)
@@ -131,16 +133,19 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
         for o in range(width):
             out[:, c * width + o] = np.moveaxis(view[:, :, o:o + n], 2, 0)
         out[:, len(sequences) * width + c] = 1.0
-    return out, grown[:, :, context:context + n], inplane + (box[2],)
+    return out, read[:, :, context:context + n], inplane + (box[2],)
 
 
 def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, mask: np.ndarray, model, *,
-                         params: IsolationParams = IsolationParams(), batch: int = 64) -> np.ndarray:
-    """The probability of every voxel of ``mask``'s clusters, and of their ``margin``, when its cluster is seen
-    alone (0 elsewhere; where two clusters' margins meet, the higher).
+                         params: IsolationParams = IsolationParams(), batch: int = 64, readout: int = 0,
+                         ) -> np.ndarray:
+    """The probability of every voxel of ``mask``'s clusters, of their ``margin`` and of ``readout`` voxels more,
+    when its cluster is seen alone (0 elsewhere; where two clusters' voxels read out meet, the higher).
 
-    The margin is kept so that a map of the model's grid can be zoomed back onto a finer or coarser input grid
-    without mixing a cluster's edge with zeros.
+    The voxels around a cluster are kept so that a map of the model's grid can be zoomed back onto a finer or
+    coarser input grid without mixing a cluster's edge with zeros: a linear zoom reads, for a voxel of the input
+    grid, the model-grid voxels on both sides of it, which for a cluster that straddles model-grid voxels lie up to
+    one voxel beyond its margin (``readout`` 1; :func:`epvsseg.detect.isolate_clusters`).
 
     Parameters
     ----------
@@ -154,6 +159,9 @@ def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, ma
     params : IsolationParams
     batch : int
         Patches (cluster slices) per forward pass.
+    readout : int
+        Voxels beyond the margin whose probability is read out (they are not put back: the network sees there
+        what the filled images hold).
 
     Returns
     -------
@@ -165,7 +173,7 @@ def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, ma
     if mask.any():
         box = _around_brain(brain, params.window // 2, model.context, 2 ** model.net.depth)
         alone[box] = _isolated({c: np.asarray(v, np.float32)[box] for c, v in images.items()}, brain[box],
-                               mask[box], model, params, batch)
+                               mask[box], model, params, batch, readout)
     return alone
 
 
@@ -179,7 +187,7 @@ def _around_brain(brain: np.ndarray, half: int, context: int, grid: int) -> tupl
     return tuple(slice(st, min(b.stop + g, size)) for st, b, g, size in zip(starts, box, grow, brain.shape))
 
 
-def _isolated(images, brain, mask, model, params: IsolationParams, batch: int) -> np.ndarray:
+def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, readout: int) -> np.ndarray:
     """:func:`isolated_probability` on a crop around the brain."""
     from .infer import normalise
     from .postproc import label_clusters
@@ -195,8 +203,11 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int) -
     grid = 2 ** model.net.depth
     pending = []
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
+        if readout:  # read out the slices beside the cluster too
+            box = box[:2] + (slice(max(box[2].start - readout, 0), min(box[2].stop + readout, labels.shape[2])),)
         pending.append(cluster_inputs(norm, lonely, padded, label, box, sequences=model.sequences,
-                                      context=model.context, window=window, margin=params.margin, grid=grid))
+                                      context=model.context, window=window, margin=params.margin, grid=grid,
+                                      readout=readout))
         if sum(len(p[0]) for p in pending) >= batch or label == n:
             _score(pending, alone, model)
             pending = []

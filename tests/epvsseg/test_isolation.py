@@ -61,9 +61,10 @@ def test_a_cluster_that_needs_its_neighbour_is_dropped_and_the_neighbour_kept():
     assert excluded["alone_peak"].iloc[0] < 0.5 and excluded["centroid_x"].iloc[0] == pytest.approx(36)
 
 
-def test_with_nothing_filled_the_isolated_look_is_the_whole_slice_look():
-    """Same channels, same slices, same pooling grid: with the window covering the slice, the clusters' isolated
-    probabilities are predict's."""
+def _dots_with_nothing_filled(readout: int = 0):
+    """Two small bright clusters on noise, the shipped network's whole-slice probability, its mask at 0.3, and
+    their isolated probability with nothing filled."""
+    import epvsseg.isolation as isolation
     from epvsseg.spec import load_spec
 
     model = infer.load_model(load_spec(), device="cpu")
@@ -75,16 +76,40 @@ def test_with_nothing_filled_the_isolated_look_is_the_whole_slice_look():
     prob = infer.predict({"T2w": image}, brain, model)
     mask = prob >= 0.3
     assert mask.sum() >= 8
-    import epvsseg.isolation as isolation
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(isolation, "filled", lambda image, holes, brain, sigma: image)
-        alone = isolated_probability({"T2w": image}, brain, mask, model, params=IsolationParams(window=64))
-    np.testing.assert_allclose(alone[mask], prob[mask], atol=1e-4)
+        alone = isolated_probability({"T2w": image}, brain, mask, model, params=IsolationParams(window=64),
+                                     readout=readout)
+    return prob, mask, alone
+
+
+def test_with_nothing_filled_the_isolated_look_is_the_whole_slice_look():
+    """Same channels, same slices, same pooling grid: with the window covering the slice, the clusters' isolated
+    probabilities are predict's."""
     from scipy import ndimage
 
+    prob, mask, alone = _dots_with_nothing_filled()
+    np.testing.assert_allclose(alone[mask], prob[mask], atol=1e-4)
     fringe = ndimage.binary_dilation(mask) & ~mask  # margin 1: the voxels each cluster shows with itself
     assert alone[fringe].any() and not alone[~(mask | fringe)].any()
+
+
+def test_readout_reads_one_voxel_more_and_changes_nothing_it_puts_back():
+    """``readout`` 1 (used where the map is zoomed back onto another grid): the ring beyond the margin, and the
+    slice beside each cluster, are read out with the network's values; the cluster's own values do not move."""
+    from scipy import ndimage
+
+    prob, mask, alone = _dots_with_nothing_filled()
+    _, _, wider = _dots_with_nothing_filled(readout=1)
+    np.testing.assert_allclose(wider[mask], alone[mask], atol=1e-6)
+    read = wider > 0
+    np.testing.assert_allclose(wider[read], prob[read], atol=1e-4)
+    labels, n = ndimage.label(mask, np.ones((3, 3, 3)))
+    for label in range(1, n + 1):  # each cluster's ring, on its slices and one on each side
+        ring = ndimage.binary_dilation(labels == label, iterations=2)
+        ring[..., ~ndimage.binary_dilation((labels == label).any(axis=(0, 1)))] = False
+        assert read[ring].all()
+    assert read.sum() > (alone > 0).sum()
 
 
 def test_filled_holes_take_the_tissue_around_them():
