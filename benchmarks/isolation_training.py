@@ -60,15 +60,15 @@ def window_check(spec, net, prep, mask: np.ndarray) -> dict[str, list[float]]:
     from unittest import mock
 
     import epvsseg.isolation as isolation
-    from epvsseg.detect import isolate_clusters
+    from epvsseg.detect import ModelGrid, isolate_clusters
     from epvsseg.postproc import label_clusters
 
     n = label_clusters(mask)[1]
     out = {}
+    grid = ModelGrid.of({prep.scan.sequence: prep.n4}, prep.mask, prep.affine, spec)
     with mock.patch.object(isolation, "filled", lambda image, holes, brain, sigma: np.array(image, np.float32)):
         for window in WINDOWS:
-            kept, _ = isolate_clusters(mask, {prep.scan.sequence: prep.n4}, prep.mask, prep.affine, net,
-                                       isolation.IsolationParams(window=window))
+            kept, _ = isolate_clusters(mask, grid, prep.affine, net, isolation.IsolationParams(window=window))
             out[str(window)] = [label_clusters(kept)[1] / n if n else float("nan"),
                                 float(kept.sum() / mask.sum()) if n else float("nan")]
     return out
@@ -78,7 +78,7 @@ def measure(spec, maps_of=None) -> dict:
     """Both measurements on every training scan with tissue classes (``maps_of``: a model with the same weights
     whose cached probability maps of ``real_operating_point.py`` serve as the first look)."""
     from epvsseg import infer
-    from epvsseg.detect import isolate_clusters
+    from epvsseg.detect import ModelGrid, isolate_clusters
     from epvsseg.postproc import label_clusters
 
     net = infer.load_model(spec, device="cpu")
@@ -94,8 +94,8 @@ def measure(spec, maps_of=None) -> dict:
         for case in cases:
             first = first_look(case, spec)
             start = time.perf_counter()
-            alone, excluded = isolate_clusters(first, {scan.sequence: case_image(prep, case.burden)}, prep.mask,
-                                               prep.affine, net)
+            grid = ModelGrid.of({scan.sequence: case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
+            alone, excluded = isolate_clusters(first, grid, prep.affine, net)
             seconds.append(time.perf_counter() - start)
             masks[case.burden] = (first, alone)
             if case.burden == "0":

@@ -85,7 +85,7 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
 
     from epvsseg import infer
     from epvsseg.decision import decide
-    from epvsseg.detect import isolate_clusters
+    from epvsseg.detect import ModelGrid, isolate_clusters
     from epvsseg.spec import load_spec
 
     spec = load_spec(model_id)
@@ -109,7 +109,8 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
             without.append(decide(prob, point, affine=affine, brain=mask, flair=flair).mask)
             decided = decide(prob, point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask
             if spec.isolation is not None:  # the app's decision goes on with the isolation test
-                decided = isolate_clusters(decided, {c: images[c] for c in combo}, mask, affine, model)[0]
+                grid = ModelGrid.of({c: images[c] for c in combo}, mask, affine, spec)
+                decided = isolate_clusters(decided, grid, affine, model)[0]
             with_test.append(decided)
             truths.append(truth)
         key = "+".join(combo)

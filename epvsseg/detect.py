@@ -182,25 +182,20 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
 
     dev = infer.resolve_device(device)
     model = infer.load_model(spec, device=dev)
-    images = {c: volumes[c] for c in combination}
-    spacing = voxel_spacing(affine)
-    voxel = spec.voxel_mm
-    resample = needs_resampling(affine, spec)
-    if resample:  # to the model's voxel size and back (linear), e.g. for 0.5 mm or thick-slice inputs
-        prob = _predict_resampled(images, mask, spacing, model, dev)
-    else:
-        prob = infer.predict(images, mask, model, batch=gpu.inference_batch(dev, spec, mask.shape))
+    grid = ModelGrid.of({c: volumes[c] for c in combination}, mask, affine, spec)
+    prob = grid.to_input(infer.predict(grid.images, grid.brain, model,
+                                       batch=gpu.inference_batch(dev, spec, grid.brain.shape)))
     decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
                       flair=volumes.get("FLAIR") if "FLAIR" in combination else None, tissue=tissue)
     if spec.isolation is not None:
-        kept, alone = isolate_clusters(decision.mask, images, mask, affine, model)
+        kept, alone = isolate_clusters(decision.mask, grid, affine, model)
         if len(alone):
             decision = Decision(kept, pd.concat([decision.excluded, alone], ignore_index=True)
                                 if len(decision.excluded) else alone)
     point = spec.operating_point
     return Detection(
         score=prob.astype(np.float32), mask=decision.mask, excluded=decision.excluded,
-        parameters={**spec.to_record(), "resampled_to_mm": voxel if resample else None},
+        parameters={**spec.to_record(), "resampled_to_mm": None if grid.zoom is None else spec.voxel_mm},
         device=gpu.describe_device(dev), spec=spec,
         description=f"2.5D multi-channel U-Net {spec.model_id} on {' + '.join(combination)} "
                     f"(probability >= {point.threshold}, clusters >= {point.min_cluster_voxels} voxels"
@@ -224,7 +219,54 @@ def needs_resampling(affine: np.ndarray, spec: ModelSpec) -> bool:
     return max(abs(s - spec.voxel_mm) / spec.voxel_mm for s in voxel_spacing(affine)) > RESAMPLE_TOLERANCE
 
 
-def isolate_clusters(decided: np.ndarray, images, brain: np.ndarray, affine: np.ndarray, model, params=None,
+@dataclass(frozen=True)
+class ModelGrid:
+    """The model's input images and brain mask on the grid the network sees them on, made once per detection.
+
+    That is the input's own grid where its voxels are within :data:`RESAMPLE_TOLERANCE` of the model's
+    (``zoom`` None), otherwise its linear zoom to ``spec.voxel_mm`` (e.g. 0.5 mm or thick-slice inputs): the
+    probability and the isolation test are both computed there and zoomed back.
+
+    Attributes
+    ----------
+    images : dict
+        Sequence -> volume on the model's grid.
+    brain : ndarray of bool
+        Brain mask on the model's grid.
+    input_brain : ndarray of bool
+        Brain mask on the input grid.
+    zoom : tuple of float or None
+        Zoom factors from the input grid to the model's; None when they are the same grid.
+    """
+
+    images: dict[str, np.ndarray]
+    brain: np.ndarray
+    input_brain: np.ndarray
+    zoom: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, images: Mapping[str, np.ndarray], brain: np.ndarray, affine: np.ndarray,
+           spec: ModelSpec) -> ModelGrid:
+        """The grid of ``spec``'s model for volumes of the grid ``affine`` (:func:`needs_resampling`)."""
+        brain = np.asarray(brain, bool)
+        if not needs_resampling(affine, spec):
+            return cls(dict(images), brain, brain)
+        zoom = tuple(s / spec.voxel_mm for s in voxel_spacing(affine))
+        return cls({c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}, _zoom_mask(brain, zoom),
+                   brain, zoom)
+
+    def to_model(self, mask: np.ndarray, level: float = 0.5) -> np.ndarray:
+        """A mask of the input grid on the model's (voxels whose zoomed indicator exceeds ``level``)."""
+        return mask if self.zoom is None else _zoom_mask(mask, self.zoom, level)
+
+    def to_input(self, values: np.ndarray) -> np.ndarray:
+        """A map of the model's grid on the input grid (linear zoom back, 0 outside the brain)."""
+        if self.zoom is None:
+            return values
+        return _zoom_back(values, self.input_brain.shape) * self.input_brain
+
+
+def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, model, params=None,
                      ) -> tuple[np.ndarray, pd.DataFrame]:
     """The isolation test (:mod:`epvsseg.isolation`) of a decided mask, on the grid the model saw the input on.
 
@@ -232,10 +274,10 @@ def isolate_clusters(decided: np.ndarray, images, brain: np.ndarray, affine: np.
     ----------
     decided : ndarray of bool
         The decision's mask on the input grid.
-    images : mapping
-        Sequence -> the model's input volumes on that grid.
-    brain : ndarray of bool
+    grid : ModelGrid
+        The model's inputs (:meth:`ModelGrid.of`).
     affine : ndarray, shape (4, 4)
+        Voxel-to-mm affine of the input grid.
     model : epvsseg.infer.LoadedModel
         Its spec gives the operating point and, unless ``params`` is given, the isolation parameters.
 
@@ -249,32 +291,13 @@ def isolate_clusters(decided: np.ndarray, images, brain: np.ndarray, affine: np.
 
     spec = model.spec
     params = spec.isolation if params is None else params
-    if needs_resampling(affine, spec):  # on the model's grid, as the probability was made, and back
-        zoom = _zoom(voxel_spacing(affine), spec.voxel_mm)
-        small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
-        # a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the model's grid;
-        # one voxel read out beyond the margin, so that zooming back never reads a zero beside a cluster's voxel
-        alone = _zoom_back(isolated_probability(small, _zoom_mask(brain, zoom), _zoom_mask(decided, zoom, 0.25),
-                                                model, params=params, readout=1), brain.shape)
-    else:
-        alone = isolated_probability(images, brain, decided, model, params=params)
-    return keep_alone(decided, alone, spec.operating_point, affine)
-
-
-def _predict_resampled(images, mask, spacing, model, dev: str) -> np.ndarray:
-    """Probability on the model's grid (linear zoom to ``spec.voxel_mm``), zoomed back onto ``mask``'s grid."""
-    from . import gpu, infer
-
-    zoom = _zoom(spacing, model.spec.voxel_mm)
-    small = {c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}
-    small_mask = _zoom_mask(mask, zoom)
-    prob_small = infer.predict(small, small_mask, model, batch=gpu.inference_batch(dev, model.spec, small_mask.shape))
-    return _zoom_back(prob_small, mask.shape) * mask
-
-
-def _zoom(spacing, voxel: float) -> list[float]:
-    """Zoom factors from an input's voxel size to the model's."""
-    return [s / voxel for s in spacing]
+    # On a zoomed grid: a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the
+    # model's grid, and one voxel read out beyond the margin, so that zooming back never reads a zero beside a
+    # cluster's voxel.
+    resampled = grid.zoom is not None
+    alone = isolated_probability(grid.images, grid.brain, grid.to_model(decided, 0.25), model, params=params,
+                                 readout=int(resampled))
+    return keep_alone(decided, grid.to_input(alone), spec.operating_point, affine)
 
 
 def _zoom_mask(mask: np.ndarray, zoom, level: float = 0.5) -> np.ndarray:

@@ -126,7 +126,9 @@ def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_
 
 
 @pytest.mark.parametrize("voxel", [1.0, 0.6])
-def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(crop, tmp_path, voxel):
+def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(crop, tmp_path, voxel, monkeypatch):
+    from scipy import ndimage
+
     from epvsseg.isolation import REASON
 
     volumes, mask, affine = crop
@@ -138,7 +140,11 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     meta.update(isolation={"window": 48, "margin": 1, "sigma": 2.0})
     (folder / "model.json").write_text(json.dumps(meta))
     first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    zoomed, zoom = [], ndimage.zoom
+    monkeypatch.setattr(ndimage, "zoom", lambda a, *args, **kw: zoomed.append(np.shape(a)) or zoom(a, *args, **kw))
     out = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
+    # on a resampled grid the image and the brain are zoomed once for both looks, the decided clusters once
+    assert zoomed.count(mask.shape) == (3 if voxel != 1.0 else 0)
     assert np.array_equal(out.score, first.score) and not (out.mask & ~first.mask).any()
     gone = out.excluded[out.excluded["reason"] == REASON]
     assert len(gone) >= 1 and gone["alone_peak"].notna().all()
