@@ -14,10 +14,17 @@ measurements, both on the scans ``benchmarks/real_scans.py`` marks *training* (n
    location test, then with and without the isolation test: sensitivity and precision over new detections pooled
    over the scans and burdens (``real_scans.injected_summary``), and what the test removes at burden 0.
 
+3. **thick** (``--thick``, session 19): the same scans made thick-sliced (pairs of axial slices averaged, the
+   tissue maps likewise, the truth as their union: 2 mm slices from 1 mm), so that the app resamples them to the
+   model's grid and back as it does a 2 mm-slice T2w; ePVS injected on the thin scan before averaging. First look
+   (the app's detection at the first model's point, location test on) against each model's isolation test.
+
 Usage::
 
     python benchmarks/isolation_training.py --model benchmarks/models/epvs-unet25d-v3-alone \\
         --out benchmarks/results/isolation_training_epvs-unet25d-v3-alone
+    python benchmarks/isolation_training.py --thick --model benchmarks/models/epvs-unet25d-v3-alone \\
+        benchmarks/models/epvs-unet25d-v3-stronger --out benchmarks/results/isolation_training_thick_epvs-unet25d-v3
 """
 
 from __future__ import annotations
@@ -95,7 +102,7 @@ def measure(spec, maps_of=None) -> dict:
             first = first_look(case, spec)
             start = time.perf_counter()
             grid = ModelGrid.of({scan.sequence: case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
-            alone, excluded = isolate_clusters(first, grid, prep.affine, net)
+            alone, excluded = isolate_clusters(first, grid, prep.affine, net, prob=grid.to_model(case.score))
             seconds.append(time.perf_counter() - start)
             masks[case.burden] = (first, alone)
             if case.burden == "0":
@@ -109,6 +116,84 @@ def measure(spec, maps_of=None) -> dict:
     return {"model": spec.model_id, "isolation": spec.isolation.to_dict(), "windows": windows,
             "uninjected_removed": removed, "seconds": seconds,
             "injected": {name: rop.pooled(recs) for name, recs in records.items()}}
+
+
+def thicker(volume: np.ndarray, how: str) -> np.ndarray:
+    """Pairs of slices along the third axis made one: their ``mean``, ``max`` (a label's union) or the first
+    (``first``: atlas labels)."""
+    n = volume.shape[2] // 2 * 2
+    a, b = volume[..., 0:n:2], volume[..., 1:n:2]
+    if how == "mean":
+        return (a.astype(np.float32) + b) / 2
+    return np.maximum(a, b) if how == "max" else a
+
+
+def thick_prepared(prep):
+    """A preprocessed scan with 2x thicker slices along its third axis (the affine's origin moves half a slice)."""
+    from dataclasses import replace
+
+    affine = prep.affine.copy()
+    affine[:3, 3] += 0.5 * affine[:3, 2]
+    affine[:3, 2] *= 2
+    return replace(prep, n4=thicker(prep.n4, "mean"), mask=thicker(prep.mask, "mean") >= 0.5, affine=affine,
+                   regions=thicker(prep.regions, "first"), gm=thicker(prep.gm, "mean"), wm=thicker(prep.wm, "mean"))
+
+
+def measure_thick(specs) -> dict:
+    """First look and each model's isolation test on the training scans made thick (slices <= 1.2 mm before)."""
+    from epvsseg import infer
+    from epvsseg.decision import decide
+    from epvsseg.detect import ModelGrid, detect, isolate_clusters, voxel_spacing
+
+    nets = [infer.load_model(spec, device="cpu") for spec in specs]
+    first_spec = specs[0]
+    records = {"first look": [], **{spec.model_id: [] for spec in specs}}
+    scans = []
+    for scan in (s for s in real_scans.SCANS if s.dataset == real_scans.TRAIN):
+        prep = real_scans.load_prepared(scan.name)
+        classes = real_scans.prepared_classes(prep)
+        if classes is None or voxel_spacing(prep.affine)[2] > 1.2:
+            continue
+        thick, masks = thick_prepared(prep), {}
+        for burden in real_scans.BURDENS:
+            image, truth = prep.n4, np.zeros(prep.mask.shape, bool)
+            if real_scans.BURDENS[burden] is not None:
+                image, truth = real_scans.inject(prep, burden, rop.PLACEMENT, classes)
+            image, truth = thicker(image, "mean"), thicker(truth, "max") & thick.mask
+            tissue = thick.tissue(image)
+            score = detect({scan.sequence: image}, thick.mask, thick.affine, combination=(scan.sequence,),
+                           model=first_spec, device="cpu", tissue=tissue).score
+            first = decide(score, first_spec.operating_point, affine=thick.affine, brain=thick.mask,
+                           tissue=tissue).mask
+            grid = ModelGrid.of({scan.sequence: image}, thick.mask, thick.affine, first_spec)
+            masks[burden] = {"truth": truth, "first look": first}
+            for spec, net in zip(specs, nets):
+                masks[burden][spec.model_id] = isolate_clusters(first, grid, thick.affine, net,
+                                                                prob=grid.to_model(score))[0]
+        for burden, case in masks.items():
+            for name, recs in records.items():
+                recs.append(real_scans.agreement_record(scan, burden, case[name], case["truth"], masks["0"][name]))
+        scans.append(scan.name)
+        print(f"{scan.name}: thick {thick.n4.shape}", flush=True)
+    return {"models": [spec.model_id for spec in specs], "scans": scans,
+            "isolation": {spec.model_id: spec.isolation.to_dict() for spec in specs},
+            "injected": {name: rop.pooled(recs) for name, recs in records.items()}}
+
+
+def report_thick(result: dict, command: str) -> str:
+    """The markdown of :func:`measure_thick`'s result."""
+    lines = ["# The isolation test on the real training scans made thick-sliced (issue #17)\n\n",
+             f"Command: `{command}`. Training scans only, pairs of axial slices averaged (2x thicker slices), "
+             f"resampled by the app to the model's grid: {', '.join(result['scans'])}. ePVS injected on the thin "
+             "scan (burdens 0 / low / high) before averaging; first look at the first model's point with the "
+             "location test.\n\n",
+             "| decision | sensitivity | precision over new | F1 | added-count ICC(2,1) |\n",
+             "| --- | --- | --- | --- | --- |\n"]
+    for name, s in result["injected"].items():
+        label = name if name == "first look" else f"{name} (isolation {result['isolation'][name]})"
+        lines.append(f"| {label} | {s['sensitivity']:.3f} | {s['precision_new']:.3f} | {rop.f1(s):.3f} | "
+                     f"{s['added_count_icc21']:.3f} |\n")
+    return "".join(lines)
 
 
 def report(result: dict, command: str) -> str:
@@ -141,23 +226,31 @@ def main() -> None:
     from epvsseg.spec import load_spec
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="a model folder with an isolation entry")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="a model folder with an isolation entry (with --thick: one or more, same weights)")
+    parser.add_argument("--thick", action="store_true", help="the training scans made thick-sliced (measurement 3)")
     parser.add_argument("--out", type=Path, required=True, help="results stem (.md and .json)")
     parser.add_argument("--maps-of", default=None,
                         help="a model with the same weights whose cached probability maps to use (e.g. epvs-unet25d-v3)")
     opts = parser.parse_args()
-    spec = load_spec(opts.model)
-    if spec.isolation is None:
-        parser.error(f"{spec.path}: the model has no isolation entry")
+    specs = [load_spec(m) for m in opts.model]
+    for spec in specs:
+        if spec.isolation is None:
+            parser.error(f"{spec.path}: the model has no isolation entry")
+        if spec.sha256 != specs[0].sha256:
+            parser.error(f"{spec.path}: its weights are not those of {specs[0].path}")
+    if len(specs) > 1 and not opts.thick:
+        parser.error("more than one --model needs --thick")
     maps_of = None if opts.maps_of is None else load_spec(opts.maps_of)
-    if maps_of is not None and maps_of.sha256 != spec.sha256:
-        parser.error(f"--maps-of {opts.maps_of}: its weights are not those of {opts.model}")
+    if maps_of is not None and maps_of.sha256 != specs[0].sha256:
+        parser.error(f"--maps-of {opts.maps_of}: its weights are not those of {opts.model[0]}")
     command = "python benchmarks/isolation_training.py " + " ".join(sys.argv[1:])
-    result = measure(spec, maps_of)
+    result = measure_thick(specs) if opts.thick else measure(specs[0], maps_of)
+    text = (report_thick if opts.thick else report)(result, command)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1) + "\n")
-    opts.out.with_suffix(".md").write_text(report(result, command))
-    print(report(result, command))
+    opts.out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
             decided = decide(prob, point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask
             if spec.isolation is not None:  # the app's decision goes on with the isolation test
                 grid = ModelGrid.of({c: images[c] for c in combo}, mask, affine, spec)
-                decided = isolate_clusters(decided, grid, affine, model)[0]
+                decided = isolate_clusters(decided, grid, affine, model, prob=grid.to_model(prob))[0]
             with_test.append(decided)
             truths.append(truth)
         key = "+".join(combo)

@@ -183,12 +183,12 @@ def _detect_unet(volumes, mask, affine, combination, spec: ModelSpec, device: st
     dev = infer.resolve_device(device)
     model = infer.load_model(spec, device=dev)
     grid = ModelGrid.of({c: volumes[c] for c in combination}, mask, affine, spec)
-    prob = grid.to_input(infer.predict(grid.images, grid.brain, model,
-                                       batch=gpu.inference_batch(dev, spec, grid.brain.shape)))
+    seen = infer.predict(grid.images, grid.brain, model, batch=gpu.inference_batch(dev, spec, grid.brain.shape))
+    prob = grid.to_input(seen)
     decision = decide(prob, spec.operating_point, affine=affine, brain=mask,
                       flair=volumes.get("FLAIR") if "FLAIR" in combination else None, tissue=tissue)
     if spec.isolation is not None:
-        kept, alone = isolate_clusters(decision.mask, grid, affine, model)
+        kept, alone = isolate_clusters(decision.mask, grid, affine, model, prob=seen)
         if len(alone):
             decision = Decision(kept, pd.concat([decision.excluded, alone], ignore_index=True)
                                 if len(decision.excluded) else alone)
@@ -255,9 +255,12 @@ class ModelGrid:
         return cls({c: ndimage.zoom(v, zoom, order=1) for c, v in images.items()}, _zoom_mask(brain, zoom),
                    brain, zoom)
 
-    def to_model(self, mask: np.ndarray, level: float = 0.5) -> np.ndarray:
-        """A mask of the input grid on the model's (voxels whose zoomed indicator exceeds ``level``)."""
-        return mask if self.zoom is None else _zoom_mask(mask, self.zoom, level)
+    def to_model(self, volume: np.ndarray, level: float | None = None) -> np.ndarray:
+        """A volume of the input grid on the model's: a map zoomed linearly, or with ``level`` a mask (the voxels
+        whose zoomed indicator exceeds it)."""
+        if self.zoom is None:
+            return volume
+        return ndimage.zoom(volume, self.zoom, order=1) if level is None else _zoom_mask(volume, self.zoom, level)
 
     def to_input(self, values: np.ndarray) -> np.ndarray:
         """A map of the model's grid on the input grid (linear zoom back, 0 outside the brain)."""
@@ -266,8 +269,8 @@ class ModelGrid:
         return _zoom_back(values, self.input_brain.shape) * self.input_brain
 
 
-def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, model, params=None,
-                     ) -> tuple[np.ndarray, pd.DataFrame]:
+def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, model, params=None, *,
+                     prob: np.ndarray | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """The isolation test (:mod:`epvsseg.isolation`) of a decided mask, on the grid the model saw the input on.
 
     Parameters
@@ -280,6 +283,9 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
         Voxel-to-mm affine of the input grid.
     model : epvsseg.infer.LoadedModel
         Its spec gives the operating point and, unless ``params`` is given, the isolation parameters.
+    prob : ndarray, optional
+        The first look's probability on the model's grid (``grid.brain``'s shape); needed with fill
+        ``"stronger"``.
 
     Returns
     -------
@@ -296,7 +302,7 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
     # cluster's voxel.
     resampled = grid.zoom is not None
     alone = isolated_probability(grid.images, grid.brain, grid.to_model(decided, 0.25), model, params=params,
-                                 readout=int(resampled))
+                                 readout=int(resampled), prob=prob)
     return keep_alone(decided, grid.to_input(alone), spec.operating_point, affine)
 
 

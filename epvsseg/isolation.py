@@ -7,8 +7,9 @@ A reported count is then not a sum of local decisions. This test asks the networ
 detected cluster, what it sees at that cluster when every *other* detected cluster is filled with the tissue
 around it:
 
-1. every detected cluster, dilated by ``margin`` voxels, is filled in every input image by a normalised
-   convolution of the image outside the clusters (Gaussian, ``sigma`` voxels) inside the brain;
+1. every detected cluster (with ``fill`` ``"stronger"``: every cluster whose first-look peak probability is higher
+   than the tested cluster's), dilated by ``margin`` voxels, is filled in every input image by a normalised
+   convolution of the image outside the filled clusters (Gaussian, ``sigma`` voxels) inside the brain;
 2. for each cluster and each axial slice it spans, the network sees a ``window`` x ``window`` in-plane patch
    centred on the cluster, from the filled images with the cluster's own (dilated) voxels put back;
 3. the cluster is kept when at least ``min_cluster_voxels`` of its voxels reach the threshold in these isolated
@@ -31,6 +32,9 @@ from scipy import ndimage
 #: The reason recorded for a cluster the test removes.
 REASON = "not_found_alone"
 
+#: Values of :attr:`IsolationParams.fill`.
+FILLS = ("all", "stronger")
+
 
 @dataclass(frozen=True)
 class IsolationParams:
@@ -44,11 +48,16 @@ class IsolationParams:
         Voxels around every cluster that are filled with it (its partial-volume fringe).
     sigma : float
         Gaussian standard deviation of the normalised convolution that fills the clusters, voxels.
+    fill : {"all", "stronger"}
+        Which other clusters are filled when one is tested: all of them, or only those whose first-look peak
+        probability is higher than its own (a cluster is then tested against priming by stronger neighbours only,
+        and the strongest cluster keeps its first look).
     """
 
     window: int = 96
     margin: int = 1
     sigma: float = 2.0
+    fill: str = "all"
 
     def __post_init__(self) -> None:
         if int(self.window) != self.window or self.window < 16 or self.window % 16:
@@ -57,6 +66,8 @@ class IsolationParams:
             raise ValueError(f"isolation: margin {self.margin} is not an integer >= 0")
         if not self.sigma > 0:
             raise ValueError(f"isolation: sigma {self.sigma} is not > 0")
+        if self.fill not in FILLS:
+            raise ValueError(f"isolation: fill {self.fill!r} is not one of {', '.join(FILLS)}")
 
     def to_dict(self) -> dict:
         """JSON-able form (the ``model.json`` entry)."""
@@ -116,10 +127,7 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
     cut : tuple of slices
         Where ``own`` lies in the padded volume.
     """
-    nk = labels.shape[2]
-    i0, j0 = (_origin(b, padded - window, window, grid) for b, padded in zip(box[:2], labels.shape[:2]))
-    inplane = (slice(i0, i0 + window), slice(j0, j0 + window))
-    ks = np.clip(np.arange(box[2].start - context, box[2].stop + context), 0, nk - 1)
+    inplane, ks = _window(box, labels.shape, context=context, window=window, grid=grid)
     own = labels[inplane + (ks,)] == label
     grown = ndimage.binary_dilation(own, iterations=margin) if margin else own
     read = ndimage.binary_dilation(grown, iterations=readout) if readout else grown
@@ -136,9 +144,18 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
     return out, read[:, :, context:context + n], inplane + (box[2],)
 
 
+def _window(box: tuple[slice, ...], shape, *, context: int, window: int, grid: int,
+            ) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The in-plane window of a cluster's bounding box ``box`` in a padded volume of ``shape``, and the slices its
+    2.5D inputs read (the box's slices and ``context`` on each side, repeated at the volume's ends)."""
+    i0, j0 = (_origin(b, padded - window, window, grid) for b, padded in zip(box[:2], shape[:2]))
+    ks = np.clip(np.arange(box[2].start - context, box[2].stop + context), 0, shape[2] - 1)
+    return (slice(i0, i0 + window), slice(j0, j0 + window)), ks
+
+
 def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, mask: np.ndarray, model, *,
                          params: IsolationParams = IsolationParams(), batch: int = 64, readout: int = 0,
-                         ) -> np.ndarray:
+                         prob: np.ndarray | None = None) -> np.ndarray:
     """The probability of every voxel of ``mask``'s clusters, of their ``margin`` and of ``readout`` voxels more,
     when its cluster is seen alone (0 elsewhere; where two clusters' voxels read out meet, the higher).
 
@@ -162,18 +179,23 @@ def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, ma
     readout : int
         Voxels beyond the margin whose probability is read out (they are not put back: the network sees there
         what the filled images hold).
+    prob : ndarray, optional
+        The first look's probability on that grid; needed (for the clusters' peaks) with ``params.fill``
+        ``"stronger"``.
 
     Returns
     -------
     ndarray of float32, the grid's shape
     """
+    if params.fill == "stronger" and prob is None:
+        raise ValueError("isolation: fill 'stronger' needs the first look's probability (prob)")
     brain = np.asarray(brain, bool)
     mask = np.asarray(mask, bool) & brain
     alone = np.zeros(brain.shape, np.float32)
     if mask.any():
         box = _around_brain(brain, params.window // 2, model.context, 2 ** model.net.depth)
         alone[box] = _isolated({c: np.asarray(v, np.float32)[box] for c, v in images.items()}, brain[box],
-                               mask[box], model, params, batch, readout)
+                               mask[box], model, params, batch, readout, None if prob is None else prob[box])
     return alone
 
 
@@ -187,7 +209,7 @@ def _around_brain(brain: np.ndarray, half: int, context: int, grid: int) -> tupl
     return tuple(slice(st, min(b.stop + g, size)) for st, b, g, size in zip(starts, box, grow, brain.shape))
 
 
-def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, readout: int) -> np.ndarray:
+def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, readout: int, prob) -> np.ndarray:
     """:func:`isolated_probability` on a crop around the brain."""
     from .infer import normalise
     from .postproc import label_clusters
@@ -195,9 +217,8 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, r
     labels, n = label_clusters(mask)
     window = params.window
     alone = _padded(np.zeros(labels.shape, np.float32), window)
-    holes = ndimage.binary_dilation(labels > 0, iterations=params.margin) if params.margin else labels > 0
     norm = {c: normalise(v, brain) for c, v in images.items()}
-    lonely = {c: _padded(filled(v, holes, brain, params.sigma), window) for c, v in norm.items()}
+    lonely, stronger = _lonely(norm, labels, brain, params, prob)
     norm = {c: _padded(v, window) for c, v in norm.items()}
     padded = _padded(labels, window)
     grid = 2 ** model.net.depth
@@ -205,6 +226,8 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, r
     for label, box in enumerate(ndimage.find_objects(labels), start=1):
         if readout:  # read out the slices beside the cluster too
             box = box[:2] + (slice(max(box[2].start - readout, 0), min(box[2].stop + readout, labels.shape[2])),)
+        if stronger is not None:  # this cluster's own holes
+            stronger.fill_around(label, box, norm, lonely, context=model.context, window=window, grid=grid)
         pending.append(cluster_inputs(norm, lonely, padded, label, box, sequences=model.sequences,
                                       context=model.context, window=window, margin=params.margin, grid=grid,
                                       readout=readout))
@@ -212,6 +235,55 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, r
             _score(pending, alone, model)
             pending = []
     return alone[:-window, :-window]
+
+
+def _lonely(norm, labels, brain, params: IsolationParams, prob):
+    """The filled images, padded, and with fill ``"stronger"`` the :class:`_Stronger` that rewrites them around
+    each cluster (None with fill ``"all"``, whose holes are every cluster's)."""
+    window = params.window
+    if params.fill == "all":
+        holes = ndimage.binary_dilation(labels > 0, iterations=params.margin) if params.margin else labels > 0
+        return {c: _padded(filled(v, holes, brain, params.sigma), window) for c, v in norm.items()}, None
+    peaks = np.asarray(ndimage.maximum(prob, labels, np.arange(1, labels.max() + 1)), np.float32)
+    stronger = _Stronger(_padded(_covering_peak(labels, peaks, params.margin), window), peaks,
+                         _padded(brain, window), params.sigma)
+    return {c: _padded(v, window) for c, v in norm.items()}, stronger
+
+
+def _covering_peak(labels: np.ndarray, peaks: np.ndarray, margin: int) -> np.ndarray:
+    """Per voxel, the highest first-look peak among the clusters whose voxels, grown by ``margin`` (as the holes
+    are grown), cover it; 0 where none does."""
+    top = np.concatenate([[0.0], peaks]).astype(np.float32)[labels]
+    cross = ndimage.generate_binary_structure(3, 1)
+    for _ in range(margin):
+        top = ndimage.grey_dilation(top, footprint=cross)
+    return top
+
+
+@dataclass(frozen=True)
+class _Stronger:
+    """Fill ``"stronger"``: the holes of one cluster are the grown clusters with a higher first-look peak.
+
+    ``covering`` (:func:`_covering_peak`) and ``brain`` are padded as the images are (:func:`_padded`).
+    """
+
+    covering: np.ndarray
+    peaks: np.ndarray
+    brain: np.ndarray
+    sigma: float
+
+    def fill_around(self, label: int, box, norm, lonely, *, context: int, window: int, grid: int) -> None:
+        """Write into ``lonely`` (in place), over the region ``label``'s inputs read, ``norm`` with the stronger
+        clusters filled: :func:`filled` on that region grown by the filter's reach, as on the whole volume."""
+        inplane, ks = _window(box, self.covering.shape, context=context, window=window, grid=grid)
+        region = inplane + (slice(int(ks.min()), int(ks.max()) + 1),)
+        reach = int(4 * self.sigma + 0.5)
+        grown = tuple(slice(max(r.start - reach, 0), min(r.stop + reach, size))
+                      for r, size in zip(region, self.covering.shape))
+        inner = tuple(slice(r.start - g.start, r.stop - g.start) for r, g in zip(region, grown))
+        holes = self.covering[grown] > self.peaks[label - 1]
+        for c, v in norm.items():
+            lonely[c][region] = filled(v[grown], holes, self.brain[grown], self.sigma)[inner]
 
 
 def _score(pending: list, alone: np.ndarray, model) -> None:

@@ -368,10 +368,11 @@ def _exclusions(value: Any, fail) -> ExclusionParams:
 def _isolation(value: Any, fail) -> IsolationParams | None:
     if value is None:
         return None
-    numbers = {k: _number(v, f"isolation.{k}", fail)
-               for k, v in _known_object(value, "isolation", IsolationParams, fail).items()}
+    known = _known_object(value, "isolation", IsolationParams, fail)
+    words = {k: v for k, v in known.items() if k == "fill"}
+    numbers = {k: _number(v, f"isolation.{k}", fail) for k, v in known.items() if k not in words}
     integral = {k: int(v) for k, v in numbers.items() if k in ("window", "margin") and v.is_integer()}
     try:
-        return IsolationParams(**{**numbers, **integral})
+        return IsolationParams(**{**numbers, **integral, **words})
     except ValueError as err:
         raise fail(str(err)) from None

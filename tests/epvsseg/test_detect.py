@@ -125,8 +125,9 @@ def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_
     assert "averaged with the left-right flipped input" in out.score_description
 
 
-@pytest.mark.parametrize("voxel", [1.0, 0.6])
-def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(crop, tmp_path, voxel, monkeypatch):
+@pytest.mark.parametrize("voxel, fill", [(1.0, "all"), (0.6, "all"), (1.0, "stronger"), (0.6, "stronger")])
+def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(crop, tmp_path, voxel, fill,
+                                                                                monkeypatch):
     from scipy import ndimage
 
     from epvsseg.isolation import REASON
@@ -137,7 +138,7 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     folder = tmp_path / "alone"
     shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
     meta = json.loads((folder / "model.json").read_text())
-    meta.update(isolation={"window": 48, "margin": 1, "sigma": 2.0})
+    meta.update(isolation={"window": 48, "margin": 1, "sigma": 2.0, "fill": fill})
     (folder / "model.json").write_text(json.dumps(meta))
     first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
     zoomed, zoom = [], ndimage.zoom
@@ -149,7 +150,7 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     gone = out.excluded[out.excluded["reason"] == REASON]
     assert len(gone) >= 1 and gone["alone_peak"].notna().all()
     assert int(gone["n_voxels"].sum()) == int(first.mask.sum() - out.mask.sum())
-    assert out.parameters["isolation"] == {"window": 48, "margin": 1, "sigma": 2.0}
+    assert out.parameters["isolation"] == {"window": 48, "margin": 1, "sigma": 2.0, "fill": fill}
     assert out.description.endswith("mimic exclusions, found with the other clusters filled in).")
 
 

@@ -61,6 +61,45 @@ def test_a_cluster_that_needs_its_neighbour_is_dropped_and_the_neighbour_kept():
     assert excluded["alone_peak"].iloc[0] < 0.5 and excluded["centroid_x"].iloc[0] == pytest.approx(36)
 
 
+def _two_primed_squares() -> tuple[np.ndarray, np.ndarray]:
+    """Two 5 x 5 squares 8 voxels apart, each too faint to be found alone by the stand-in, each found beside the
+    other; the first a little brighter."""
+    image = np.ones((64, 64, 6), np.float32)
+    image[20:25, 20:25, 2:4] = 1.82
+    image[20:25, 33:38, 2:4] = 1.80
+    return image, np.ones(image.shape, bool)
+
+
+@pytest.mark.parametrize("fill, kept_squares", [("all", (False, False)), ("stronger", (True, False))])
+def test_fill_stronger_fills_only_the_clusters_that_peak_higher(fill, kept_squares):
+    image, brain = _two_primed_squares()
+    model = _stand_in()
+    prob = infer.predict({"T2w": image}, brain, model)
+    mask = prob >= 0.5
+    assert mask[22, 22, 2] and mask[22, 35, 2] and prob[22, 22, 2] > prob[22, 35, 2]  # the first look finds both
+    params = IsolationParams(window=64, fill=fill)
+    alone = isolated_probability({"T2w": image}, brain, mask, model, params=params, prob=prob)
+    kept, excluded = keep_alone(mask, alone, OperatingPoint(0.5, 2), AFFINE)
+    # "all": each loses the other; "stronger": the brighter keeps its first look, the fainter loses it
+    assert (bool(kept[22, 22, 2]), bool(kept[22, 35, 2])) == kept_squares
+    if fill == "stronger":
+        np.testing.assert_allclose(alone[mask & (np.arange(64)[None, :, None] < 28)],
+                                   prob[mask & (np.arange(64)[None, :, None] < 28)], atol=1e-5)
+        with pytest.raises(ValueError, match="fill 'stronger' needs the first look's probability"):
+            isolated_probability({"T2w": image}, brain, mask, model, params=params)
+
+
+def test_fill_stronger_is_fill_all_for_the_weakest_cluster():
+    """The weakest cluster's holes are every other cluster: the two fills give it the same isolated look."""
+    image, brain, mask, _ = _scene()
+    model = _stand_in()
+    prob = infer.predict({"T2w": image}, brain, model)
+    looks = [isolated_probability({"T2w": image}, brain, mask, model, params=IsolationParams(window=64, fill=f),
+                                  prob=prob) for f in ("all", "stronger")]
+    dot = mask & (np.arange(64)[:, None, None] > 30)
+    np.testing.assert_allclose(looks[1][dot], looks[0][dot], atol=1e-5)
+
+
 def _dots_with_nothing_filled(readout: int = 0):
     """Two small bright clusters on noise, the shipped network's whole-slice probability, its mask at 0.3, and
     their isolated probability with nothing filled."""
