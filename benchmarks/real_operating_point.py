@@ -62,7 +62,8 @@ class Case:
 
 def case_path(spec, scan: str, burden: str) -> Path:
     """Where one case's probability map, truth and tissue classes are kept (per model and weights digest)."""
-    return real_scans.WORK / "oppoint" / real_scans.det_key(spec) / f"{scan}__{burden}.npz"
+    digest = real_scans.prep_digest(scan)[:8]
+    return real_scans.WORK / "oppoint" / real_scans.det_key(spec) / f"{scan}-{digest}__{burden}.npz"
 
 
 def make_case(spec, prep, burden: str) -> Case:

@@ -35,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -221,6 +222,29 @@ class Prepared:
         return subject_tissue(image, self.mask, self.gm, self.wm, self.regions, load_kit().table)
 
 
+#: The arrays of a preprocessed scan that its detections and injections depend on (:func:`prep_digest`).
+PREP_ARRAYS = ("n4", "mask", "affine", "regions", "gm", "wm")
+
+
+def prep_digest(name: str) -> str:
+    """sha256 (first 16 hex digits) of a preprocessed scan's arrays, kept beside it in a ``.sha256`` file.
+
+    ``--prep-only`` preprocesses with one ITK thread, which makes it repeatable (with more, ITK's multithreaded
+    metric makes the template registration differ from run to run); other machines or library builds may still
+    differ: two runs compare only where their scans' digests agree (:func:`report` says where not).
+    """
+    path = prep_path(name)
+    kept = path.with_suffix(".sha256")
+    if kept.exists() and kept.stat().st_mtime >= path.stat().st_mtime:
+        return kept.read_text().strip()
+    digest = hashlib.sha256()
+    with np.load(path) as z:
+        for key in PREP_ARRAYS:
+            digest.update(np.ascontiguousarray(z[key]).tobytes())
+    kept.write_text(digest.hexdigest()[:16] + "\n")
+    return digest.hexdigest()[:16]
+
+
 def load_prepared(name: str) -> Prepared:
     with np.load(prep_path(name)) as z:
         return Prepared(BY_NAME[name], z["n4"], z["mask"].astype(bool), z["affine"], z["regions"],
@@ -376,8 +400,9 @@ def burden_rng(scan: str, burden: str, placement: str = "injected") -> np.random
 
 
 def det_path(model_id: str, scan: str, burden: str = "0") -> Path:
-    """Where a model's detection on a scan is kept (``model_id``: the id, or id and weights digest)."""
-    return WORK / "det" / model_id / f"{scan}__{burden}.npz"
+    """Where a model's detection on a scan is kept (``model_id``: the id, or id and weights digest), named by
+    the scan's preprocessing (:func:`prep_digest`): a scan preprocessed again is detected again."""
+    return WORK / "det" / model_id / f"{scan}-{prep_digest(scan)[:8]}__{burden}.npz"
 
 
 def det_key(spec, location: bool | None = None) -> str:
@@ -422,6 +447,8 @@ def load_detection(model: str, scan: str, location: bool = True) -> np.ndarray |
     with the location test), or None."""
     from epvsseg.spec import load_spec
 
+    if not prep_path(scan).exists():
+        return None
     path = det_path(det_key(load_spec(model, verify=False), location), scan)
     if not path.exists():
         return None
@@ -818,7 +845,7 @@ def run_model(model: str, names: list[str], command: str, kept_only: bool = Fals
                 "sequence": prep.scan.sequence, "dataset": prep.scan.dataset, "held_out": held_out(spec, prep.scan),
                 "note": prep.scan.note, "n_clusters": count_clusters(det),
                 "detected_mm3": float(det.sum() * abs(np.linalg.det(prep.affine[:3, :3]))),
-                "seconds": round(seconds, 1), "qc_flags": prep.info["qc_flags"]}
+                "seconds": round(seconds, 1), "qc_flags": prep.info["qc_flags"], "prep_sha256": prep_digest(name)}
             print(json.dumps({name: results["scans"][name]}), flush=True)
             results["plausibility"].append(plausibility(prep, det, table))
         elif task == "inject" and held_out(spec, BY_NAME[name]):
@@ -935,12 +962,31 @@ def report(results: list[dict]) -> str:
                          f"{', '.join(f'`{n}`' for n in r.get('not_preprocessed', [])) or 'none'}. Not detected: "
                          f"{', '.join(f'`{t}`' for t in r.get('not_run', [])) or 'none'}. Every number below is "
                          "over the scans it names.\n")
+    lines += _prep_mismatch(results)
     lines += _injected_section(results)
     lines += _rescan_section(results, head)
     lines += _average_section(results, head)
     lines += _plausibility_section(results, head)
     lines += _scans_section(results)
     return "".join(lines)
+
+
+def _prep_mismatch(results: list[dict]) -> list[str]:
+    """A warning naming the scans whose preprocessing differs between the runs side by side, or is unrecorded
+    (runs before the digest was kept): their injected ePVS, tissue classes and detections need not be the same."""
+    if len(results) < 2:
+        return []
+    differ = [name for name in results[0]["scans"]
+              if len({r["scans"].get(name, {}).get("prep_sha256", "unrecorded") for r in results}) > 1
+              or results[0]["scans"][name].get("prep_sha256") is None]
+    if not differ:
+        return []
+    per_run = "; ".join(f"{_label(r)}: " + ", ".join(r["scans"].get(n, {}).get("prep_sha256", "unrecorded")[:10]
+                                                     for n in differ) for r in results)
+    return [f"\n**Not the same preprocessing.** The runs side by side were made on preprocessings that differ or "
+            f"are unrecorded for {', '.join(f'`{n}`' for n in differ)} (`prep_sha256`, in order: {per_run}). "
+            "Their injected ePVS are drawn within each preprocessing's tissue classes, so those rows compare "
+            "different injections: rerun the models on one preprocessing before reading a difference.\n"]
 
 
 INJECTED_ROWS = (("sensitivity", 0.80, True), ("precision_new", 0.85, True), ("count_icc21", 0.90, True),
@@ -1189,7 +1235,9 @@ def main() -> None:
     if opts.compare:
         compare(*opts.compare)
         return
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(opts.threads))
+    # one ITK thread for preprocessing: ITK's multithreaded MattesMI makes the template registration (regions,
+    # GM/WM, hence the injections) differ between runs with more (docs/reliability.md)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1" if opts.prep_only else str(opts.threads)
     import torch
 
     torch.set_num_threads(opts.threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -403,3 +404,27 @@ def rop_case(truth):
 
     return rop.Case(scan=None, burden="high", score=np.zeros(truth.shape, np.float32), truth=truth, tissue=None,
                     affine=np.eye(4), brain=np.ones(truth.shape, bool))
+
+
+def test_runs_on_different_preprocessings_are_flagged(tmp_path, monkeypatch):
+    monkeypatch.setattr(rs, "WORK", tmp_path)
+    rs.prep_path("a_t2w").parent.mkdir(parents=True)
+    arrays = {k: np.zeros((2, 2, 2)) for k in rs.PREP_ARRAYS}
+    np.savez(rs.prep_path("a_t2w"), **arrays, info="{}")
+    digest = rs.prep_digest("a_t2w")
+    assert len(digest) == 16 and rs.prep_digest("a_t2w") == digest  # kept beside the scan, read back
+    kept = rs.det_path("m-1234", "a_t2w")
+    np.savez(rs.prep_path("a_t2w"), **{**arrays, "mask": np.ones((2, 2, 2))}, info="{}")
+    os.utime(rs.prep_path("a_t2w"), (1e10, 1e10))  # newer than its kept digest: computed again
+    assert rs.prep_digest("a_t2w") != digest
+    assert rs.det_path("m-1234", "a_t2w") != kept  # a detection on the old preprocessing is not reused
+
+    def run(model, digests):
+        return {"model_id": model, "scans": {n: {} if d is None else {"prep_sha256": d} for n, d in digests.items()}}
+
+    same = [run("old", {"a_t2w": "1" * 16, "b_t1w": "2" * 16}), run("new", {"a_t2w": "1" * 16, "b_t1w": "2" * 16})]
+    assert rs._prep_mismatch(same) == [] and rs._prep_mismatch(same[:1]) == []
+    text = "".join(rs._prep_mismatch([run("old", {"a_t2w": None, "b_t1w": "2" * 16}),
+                                      run("new", {"a_t2w": "1" * 16, "b_t1w": "2" * 16})]))
+    assert "Not the same preprocessing" in text and "`a_t2w`" in text and "`b_t1w`" not in text
+    assert "old: unrecorded" in text and "new: 1111111111" in text
