@@ -81,16 +81,21 @@ def window_check(spec, net, prep, mask: np.ndarray) -> dict[str, list[float]]:
     return out
 
 
-def measure(spec, maps_of=None) -> dict:
+def measure(spec, maps_of=None, thresholds: tuple = (None,)) -> dict:
     """Both measurements on every training scan with tissue classes (``maps_of``: a model with the same weights
-    whose cached probability maps of ``real_operating_point.py`` serve as the first look)."""
+    whose cached probability maps of ``real_operating_point.py`` serve as the first look; ``thresholds``: the
+    probabilities a cluster must reach alone, None for the model's own, each measured on the same isolated maps)."""
+    from dataclasses import replace
+
     from epvsseg import infer
-    from epvsseg.detect import ModelGrid, isolate_clusters
+    from epvsseg.detect import ModelGrid, isolated_map
+    from epvsseg.isolation import keep_alone
     from epvsseg.postproc import label_clusters
 
     net = infer.load_model(spec, device="cpu")
     maps = maps_of or spec
-    records = {"first look": [], "isolation test": []}
+    params = {alone_label(t): replace(spec.isolation, threshold=t) if t else spec.isolation for t in thresholds}
+    records = {"first look": [], **{name: [] for name in params}}
     windows, removed, seconds = {}, {}, []
     for scan in (s for s in real_scans.SCANS if s.dataset == real_scans.TRAIN):
         prep = real_scans.load_prepared(scan.name)
@@ -102,9 +107,12 @@ def measure(spec, maps_of=None) -> dict:
             first = first_look(case, spec)
             start = time.perf_counter()
             grid = ModelGrid.of({scan.sequence: case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
-            alone, excluded = isolate_clusters(first, grid, prep.affine, net, prob=grid.to_model(case.score))
+            alone = isolated_map(first, grid, net, spec.isolation, prob=grid.to_model(case.score))
             seconds.append(time.perf_counter() - start)
-            masks[case.burden] = (first, alone)
+            kept = {name: keep_alone(first, alone, p.point(spec.operating_point), prep.affine)
+                    for name, p in params.items()}
+            masks[case.burden] = [first] + [mask for mask, _ in kept.values()]
+            excluded = next(iter(kept.values()))[1]
             if case.burden == "0":
                 windows[scan.name] = window_check(spec, net, prep, first)
                 removed[scan.name] = [label_clusters(first)[1], len(excluded)]
@@ -116,6 +124,11 @@ def measure(spec, maps_of=None) -> dict:
     return {"model": spec.model_id, "isolation": spec.isolation.to_dict(), "windows": windows,
             "uninjected_removed": removed, "seconds": seconds,
             "injected": {name: rop.pooled(recs) for name, recs in records.items()}}
+
+
+def alone_label(threshold: float | None) -> str:
+    """The row of a decision in :func:`measure`'s result: the test at the model's point or at ``threshold``."""
+    return "isolation test" if threshold is None else f"isolation test, alone >= {threshold:g}"
 
 
 def thicker(volume: np.ndarray, how: str) -> np.ndarray:
@@ -230,6 +243,9 @@ def main() -> None:
                         help="a model folder with an isolation entry (with --thick: one or more, same weights)")
     parser.add_argument("--thick", action="store_true", help="the training scans made thick-sliced (measurement 3)")
     parser.add_argument("--out", type=Path, required=True, help="results stem (.md and .json)")
+    parser.add_argument("--alone-thresholds", nargs="+", type=float, default=None,
+                        help="also decide with these probabilities a cluster must reach alone (rows beside the "
+                             "model's own; the isolated maps are computed once)")
     parser.add_argument("--maps-of", default=None,
                         help="a model with the same weights whose cached probability maps to use (e.g. epvs-unet25d-v3)")
     opts = parser.parse_args()
@@ -245,7 +261,8 @@ def main() -> None:
     if maps_of is not None and maps_of.sha256 != specs[0].sha256:
         parser.error(f"--maps-of {opts.maps_of}: its weights are not those of {opts.model[0]}")
     command = "python benchmarks/isolation_training.py " + " ".join(sys.argv[1:])
-    result = measure_thick(specs) if opts.thick else measure(specs[0], maps_of)
+    thresholds = (None, *(opts.alone_thresholds or ()))
+    result = measure_thick(specs) if opts.thick else measure(specs[0], maps_of, thresholds)
     text = (report_thick if opts.thick else report)(result, command)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.with_suffix(".json").write_text(json.dumps({**result, "command": command}, indent=1) + "\n")

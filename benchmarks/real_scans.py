@@ -981,12 +981,17 @@ def _prep_mismatch(results: list[dict]) -> list[str]:
               or results[0]["scans"][name].get("prep_sha256") is None]
     if not differ:
         return []
-    per_run = "; ".join(f"{_label(r)}: " + ", ".join(r["scans"].get(n, {}).get("prep_sha256", "unrecorded")[:10]
-                                                     for n in differ) for r in results)
+    per_run = "; ".join(f"{_label(r)}: {_digests(r, differ)}" for r in results)
     return [f"\n**Not the same preprocessing.** The runs side by side were made on preprocessings that differ or "
             f"are unrecorded for {', '.join(f'`{n}`' for n in differ)} (`prep_sha256`, in order: {per_run}). "
             "Their injected ePVS are drawn within each preprocessing's tissue classes, so those rows compare "
             "different injections: rerun the models on one preprocessing before reading a difference.\n"]
+
+
+def _digests(result: dict, names: list[str]) -> str:
+    """A run's preprocessing digests of the scans named, shortened (``unrecorded`` once when none is recorded)."""
+    digests = [result["scans"].get(n, {}).get("prep_sha256", "unrecorded")[:10] for n in names]
+    return "unrecorded" if set(digests) == {"unrecorded"} else ", ".join(digests)
 
 
 INJECTED_ROWS = (("sensitivity", 0.80, True), ("precision_new", 0.85, True), ("count_icc21", 0.90, True),
@@ -1196,11 +1201,11 @@ def _scans_section(results) -> list[str]:
     return lines
 
 
-def compare(*stems: str) -> None:
-    """``real_scans.md``: committed results (``real_scans_<stem>.json``, oldest first) side by side."""
+def compare(*stems: str, out: str = "real_scans") -> None:
+    """``<out>.md``: committed results (``real_scans_<stem>.json``, oldest first) side by side."""
     results = [json.loads((RESULTS / f"real_scans_{m}.json").read_text()) for m in stems]
-    _write(RESULTS / "real_scans.md", report(results))
-    print((RESULTS / "real_scans.md").read_text())
+    _write(RESULTS / f"{out}.md", report(results))
+    print((RESULTS / f"{out}.md").read_text())
 
 
 def prep_all(scans: list[Scan]) -> None:
@@ -1222,6 +1227,8 @@ def main() -> None:
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
     parser.add_argument("--compare", nargs="+", metavar="STEM", default=None,
                         help="two or more results/real_scans_<STEM>.json (oldest first) side by side in real_scans.md")
+    parser.add_argument("--compare-out", default="real_scans",
+                        help="name of --compare's table in benchmarks/results (default real_scans: real_scans.md)")
     parser.add_argument("--prep-order", default=None,
                         help="comma-separated scan names to preprocess, in this order (a second --prep-only process)")
     parser.add_argument("--kept-only", action="store_true",
@@ -1233,7 +1240,7 @@ def main() -> None:
     global LOCATION
     LOCATION = not opts.no_location
     if opts.compare:
-        compare(*opts.compare)
+        compare(*opts.compare, out=opts.compare_out)
         return
     # one ITK thread for preprocessing: ITK's multithreaded MattesMI makes the template registration (regions,
     # GM/WM, hence the injections) differ between runs with more (docs/reliability.md)

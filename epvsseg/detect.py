@@ -293,17 +293,26 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
     excluded : pandas.DataFrame
         The clusters not found alone (:func:`epvsseg.isolation.keep_alone`).
     """
-    from .isolation import isolated_probability, keep_alone
+    from .isolation import keep_alone
 
-    spec = model.spec
-    params = spec.isolation if params is None else params
+    params = model.spec.isolation if params is None else params
+    alone = isolated_map(decided, grid, model, params, prob=prob)
+    return keep_alone(decided, alone, params.point(model.spec.operating_point), affine)
+
+
+def isolated_map(decided: np.ndarray, grid: ModelGrid, model, params, *, prob: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """The probability of ``decided``'s clusters, each seen alone (:func:`epvsseg.isolation.isolated_probability`),
+    on the input grid (arguments as :func:`isolate_clusters`)."""
+    from .isolation import isolated_probability
+
     # On a zoomed grid: a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the
     # model's grid, and one voxel read out beyond the margin, so that zooming back never reads a zero beside a
     # cluster's voxel.
     resampled = grid.zoom is not None
     alone = isolated_probability(grid.images, grid.brain, grid.to_model(decided, 0.25), model, params=params,
                                  readout=int(resampled), prob=prob)
-    return keep_alone(decided, grid.to_input(alone), spec.operating_point, affine)
+    return grid.to_input(alone)
 
 
 def _zoom_mask(mask: np.ndarray, zoom, level: float = 0.5) -> np.ndarray:

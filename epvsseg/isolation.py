@@ -23,7 +23,7 @@ reports each with its reason (``not_found_alone``) in the mask's excluded cluste
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -52,12 +52,15 @@ class IsolationParams:
         Which other clusters are filled when one is tested: all of them, or only those whose first-look peak
         probability is higher than its own (a cluster is then tested against priming by stronger neighbours only,
         and the strongest cluster keeps its first look).
+    threshold : float or None
+        The probability a cluster's voxels must reach alone (:meth:`point`); None: the model's threshold.
     """
 
     window: int = 96
     margin: int = 1
     sigma: float = 2.0
     fill: str = "all"
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.window) != self.window or self.window < 16 or self.window % 16:
@@ -68,10 +71,20 @@ class IsolationParams:
             raise ValueError(f"isolation: sigma {self.sigma} is not > 0")
         if self.fill not in FILLS:
             raise ValueError(f"isolation: fill {self.fill!r} is not one of {', '.join(FILLS)}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ValueError(f"isolation: threshold {self.threshold} is not in (0, 1)")
+
+    def point(self, point):
+        """The operating point a cluster must pass alone: the model's ``point`` with :attr:`threshold`, if set, as
+        its threshold (its minimum cluster size and peak threshold stay)."""
+        return point if self.threshold is None else replace(point, threshold=float(self.threshold))
 
     def to_dict(self) -> dict:
-        """JSON-able form (the ``model.json`` entry)."""
-        return asdict(self)
+        """JSON-able form (the ``model.json`` entry; ``threshold`` only when set)."""
+        out = asdict(self)
+        if self.threshold is None:
+            del out["threshold"]
+        return out
 
 
 def filled(image: np.ndarray, holes: np.ndarray, brain: np.ndarray, sigma: float) -> np.ndarray:

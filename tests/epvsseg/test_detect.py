@@ -135,11 +135,7 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     volumes, mask, affine = crop
     affine = affine.copy()
     affine[:3, :3] *= voxel  # 0.6 mm: the test runs on the model's grid, its verdict lands on the input's
-    folder = tmp_path / "alone"
-    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
-    meta = json.loads((folder / "model.json").read_text())
-    meta.update(isolation={"window": 48, "margin": 1, "sigma": 2.0, "fill": fill})
-    (folder / "model.json").write_text(json.dumps(meta))
+    folder = _alone_folder(tmp_path / "alone", {"window": 48, "margin": 1, "sigma": 2.0, "fill": fill})
     first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
     zoomed, zoom = [], ndimage.zoom
     monkeypatch.setattr(ndimage, "zoom", lambda a, *args, **kw: zoomed.append(np.shape(a)) or zoom(a, *args, **kw))
@@ -152,6 +148,27 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     assert int(gone["n_voxels"].sum()) == int(first.mask.sum() - out.mask.sum())
     assert out.parameters["isolation"] == {"window": 48, "margin": 1, "sigma": 2.0, "fill": fill}
     assert out.description.endswith("mimic exclusions, found with the other clusters filled in).")
+
+
+def _alone_folder(folder, isolation: dict):
+    """v3's folder with an isolation entry."""
+    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta.update(isolation=isolation)
+    (folder / "model.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_lower_threshold_alone_keeps_more_of_the_first_look(crop, tmp_path):
+    volumes, mask, affine = crop
+    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    own = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu",
+                     model=_alone_folder(tmp_path / "own", {"window": 48}))
+    low = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu",
+                     model=_alone_folder(tmp_path / "low", {"window": 48, "threshold": 0.2}))
+    assert not (own.mask & ~low.mask).any() and not (low.mask & ~first.mask).any()
+    assert low.mask.sum() > own.mask.sum()  # some cluster reaches 0.2 but not the model's 0.6 alone
+    assert low.parameters["isolation"]["threshold"] == 0.2 and "threshold" not in own.parameters["isolation"]
 
 
 def test_frangi_is_the_baseline_with_the_reference_polarity(crop):

@@ -59,6 +59,21 @@ def test_a_cluster_that_needs_its_neighbour_is_dropped_and_the_neighbour_kept():
     assert kept[24, 24, 2] and not kept[36, 24, 2]
     assert list(excluded["reason"]) == [REASON] and excluded["n_voxels"].iloc[0] == 2
     assert excluded["alone_peak"].iloc[0] < 0.5 and excluded["centroid_x"].iloc[0] == pytest.approx(36)
+    # a probability to reach alone below every voxel of the primed cluster keeps it
+    lowest = float(alone[mask & (np.arange(64)[:, None, None] > 30)].min())
+    assert 0.02 < lowest < 0.5
+    low = IsolationParams(window=64, threshold=lowest - 0.01)
+    relaxed, excluded = keep_alone(mask, alone, low.point(OperatingPoint(0.5, 2)), AFFINE)
+    assert relaxed[36, 24, 2] and relaxed[24, 24, 2] and excluded.empty
+
+
+def test_the_threshold_alone_is_the_models_unless_set():
+    point = OperatingPoint(0.6, 2, peak_threshold=0.9)
+    assert IsolationParams().point(point) is point and "threshold" not in IsolationParams().to_dict()
+    assert IsolationParams(threshold=0.4).point(point) == OperatingPoint(0.4, 2, peak_threshold=0.9)
+    assert IsolationParams(threshold=0.4).to_dict()["threshold"] == 0.4
+    with pytest.raises(ValueError, match="threshold 1.2 is not in"):
+        IsolationParams(threshold=1.2)
 
 
 def _two_primed_squares() -> tuple[np.ndarray, np.ndarray]:

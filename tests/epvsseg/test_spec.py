@@ -108,6 +108,7 @@ def test_peak_threshold_reaches_the_operating_point_and_the_record(folder):
     ({"isolation": {"window": 40}}, "isolation: window 40 is not a multiple of 16"),
     ({"isolation": {"margin": "a"}}, "isolation.margin 'a' is not a finite number"),
     ({"isolation": {"fill": "weaker"}}, "isolation: fill 'weaker' is not one of all, stronger"),
+    ({"isolation": {"threshold": 0}}, "isolation: threshold 0.0 is not in"),
     ({"context_slices": 1}, "in_channels 24 does not match 4 input sequences with context_slices 1 (expected 16)"),
     ({"voxel_mm": 0}, "voxel_mm 0.0 is not positive"),
     ({"threshold": None}, "missing key(s) threshold"),
