@@ -973,14 +973,15 @@ def report(results: list[dict]) -> str:
 
 def _prep_mismatch(results: list[dict]) -> list[str]:
     """A warning naming the scans whose preprocessing differs between the runs side by side, or is unrecorded
-    (runs before the digest was kept): their injected ePVS, tissue classes and detections need not be the same."""
+    (runs before the digest was kept): their injected ePVS, tissue classes and detections need not be the same.
+    Where all agree, a line saying so."""
     if len(results) < 2:
         return []
     differ = [name for name in results[0]["scans"]
               if len({r["scans"].get(name, {}).get("prep_sha256", "unrecorded") for r in results}) > 1
               or results[0]["scans"][name].get("prep_sha256") is None]
     if not differ:
-        return []
+        return ["\nEvery scan had the same preprocessing in every run side by side (`prep_sha256` agree).\n"]
     per_run = "; ".join(f"{_label(r)}: {_digests(r, differ)}" for r in results)
     return [f"\n**Not the same preprocessing.** The runs side by side were made on preprocessings that differ or "
             f"are unrecorded for {', '.join(f'`{n}`' for n in differ)} (`prep_sha256`, in order: {per_run}). "
