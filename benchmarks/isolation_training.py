@@ -94,7 +94,8 @@ def measure(spec, maps_of=None, thresholds: tuple = (None,)) -> dict:
 
     net = infer.load_model(spec, device="cpu")
     maps = maps_of or spec
-    params = {alone_label(t): replace(spec.isolation, threshold=t) if t else spec.isolation for t in thresholds}
+    params = {alone_label(t): replace(spec.isolation, threshold=t) if t is not None else spec.isolation
+              for t in thresholds}
     records = {"first look": [], **{name: [] for name in params}}
     windows, removed, seconds = {}, {}, []
     for scan in (s for s in real_scans.SCANS if s.dataset == real_scans.TRAIN):

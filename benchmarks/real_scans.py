@@ -30,6 +30,7 @@ Usage::
     python benchmarks/real_scans.py --model epvs-unet25d-v3  # results/real_scans_<model>.md/.json (scans
                                                              # not preprocessed yet are reported as skipped)
     python benchmarks/real_scans.py --compare OLD NEW [...]  # results/real_scans.md, old beside new
+                                                             # (--compare-out NAME: results/NAME.md)
 """
 
 from __future__ import annotations
@@ -1227,7 +1228,7 @@ def main() -> None:
     parser.add_argument("--prep-only", action="store_true", help="preprocess every scan into work/h17/prep")
     parser.add_argument("--scans", default=None, help="comma-separated scan names (default: all)")
     parser.add_argument("--compare", nargs="+", metavar="STEM", default=None,
-                        help="two or more results/real_scans_<STEM>.json (oldest first) side by side in real_scans.md")
+                        help="two or more results/real_scans_<STEM>.json (oldest first) side by side (see --compare-out)")
     parser.add_argument("--compare-out", default="real_scans",
                         help="name of --compare's table in benchmarks/results (default real_scans: real_scans.md)")
     parser.add_argument("--prep-order", default=None,
