@@ -31,6 +31,7 @@ Usage::
                                                              # not preprocessed yet are reported as skipped)
     python benchmarks/real_scans.py --compare OLD NEW [...]  # results/real_scans.md, old beside new
                                                              # (--compare-out NAME: results/NAME.md)
+    python benchmarks/real_scans.py --check-prep epvs-unet25d-v3  # this machine's preprocessing = that run's?
 """
 
 from __future__ import annotations
@@ -1210,6 +1211,22 @@ def compare(*stems: str, out: str = "real_scans") -> None:
     print((RESULTS / f"{out}.md").read_text())
 
 
+def check_prep(stem: str) -> list[str]:
+    """Whether this machine's preprocessing of each scan is the one a committed run (``real_scans_<stem>.json``)
+    used: one line per scan, ``same``, ``differs``, ``not recorded`` or ``not preprocessed here``."""
+    recorded = json.loads((RESULTS / f"real_scans_{stem}.json").read_text())["scans"]
+    lines = []
+    for name, record in recorded.items():
+        if not prep_path(name).exists():
+            verdict = "not preprocessed here"
+        elif "prep_sha256" not in record:
+            verdict = "not recorded"
+        else:
+            verdict = "same" if prep_digest(name) == record["prep_sha256"] else "differs"
+        lines.append(f"{name}: {verdict}")
+    return lines
+
+
 def prep_all(scans: list[Scan]) -> None:
     """Preprocess the scans in order; a scan that fails is reported and the others go on."""
     for scan in scans:
@@ -1231,6 +1248,8 @@ def main() -> None:
                         help="two or more results/real_scans_<STEM>.json (oldest first) side by side (see --compare-out)")
     parser.add_argument("--compare-out", default="real_scans",
                         help="name of --compare's table in benchmarks/results (default real_scans: real_scans.md)")
+    parser.add_argument("--check-prep", metavar="STEM", default=None,
+                        help="is this machine's preprocessing the one results/real_scans_<STEM>.json used? (per scan)")
     parser.add_argument("--prep-order", default=None,
                         help="comma-separated scan names to preprocess, in this order (a second --prep-only process)")
     parser.add_argument("--kept-only", action="store_true",
@@ -1243,6 +1262,9 @@ def main() -> None:
     LOCATION = not opts.no_location
     if opts.compare:
         compare(*opts.compare, out=opts.compare_out)
+        return
+    if opts.check_prep:
+        print("\n".join(check_prep(opts.check_prep)))
         return
     # one ITK thread for preprocessing: ITK's multithreaded MattesMI makes the template registration (regions,
     # GM/WM, hence the injections) differ between runs with more (docs/reliability.md)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -428,3 +429,16 @@ def test_runs_on_different_preprocessings_are_flagged(tmp_path, monkeypatch):
                                       run("new", {"a_t2w": "1" * 16, "b_t1w": "2" * 16})]))
     assert "Not the same preprocessing" in text and "`a_t2w`" in text and "`b_t1w`" not in text
     assert "old: unrecorded" in text and "new: 1111111111" in text
+
+
+def test_check_prep_says_per_scan_whether_a_run_used_this_preprocessing(tmp_path, monkeypatch):
+    monkeypatch.setattr(rs, "WORK", tmp_path / "work")
+    monkeypatch.setattr(rs, "RESULTS", tmp_path)
+    rs.prep_path("a_t2w").parent.mkdir(parents=True)
+    for name in ("a_t2w", "b_t2w", "c_t1w"):
+        np.savez(rs.prep_path(name), **{k: np.full((2, 2, 2), len(name)) for k in rs.PREP_ARRAYS}, info="{}")
+    scans = {"a_t2w": {"prep_sha256": rs.prep_digest("a_t2w")}, "b_t2w": {"prep_sha256": "0" * 16},
+             "c_t1w": {}, "d_t1w": {"prep_sha256": "1" * 16}}
+    (tmp_path / "real_scans_m.json").write_text(json.dumps({"scans": scans}))
+    assert rs.check_prep("m") == ["a_t2w: same", "b_t2w: differs", "c_t1w: not recorded",
+                                  "d_t1w: not preprocessed here"]
