@@ -113,7 +113,7 @@ def measure(spec, maps_of=None, thresholds: tuple = (None,)) -> dict:
             kept = {name: keep_alone(first, alone, p.point(spec.operating_point), prep.affine)
                     for name, p in params.items()}
             masks[case.burden] = [first] + [mask for mask, _ in kept.values()]
-            excluded = next(iter(kept.values()))[1]
+            excluded = kept[alone_label(None)][1]
             if case.burden == "0":
                 windows[scan.name] = window_check(spec, net, prep, first)
                 removed[scan.name] = [label_clusters(first)[1], len(excluded)]
@@ -157,7 +157,7 @@ def measure_thick(specs) -> dict:
     """First look and each model's isolation test on the training scans made thick (slices <= 1.2 mm before)."""
     from epvsseg import infer
     from epvsseg.decision import decide
-    from epvsseg.detect import ModelGrid, detect, isolate_clusters, voxel_spacing
+    from epvsseg.detect import ModelGrid, isolate_clusters, voxel_spacing
 
     nets = [infer.load_model(spec, device="cpu") for spec in specs]
     first_spec = specs[0]
@@ -174,16 +174,14 @@ def measure_thick(specs) -> dict:
             if real_scans.BURDENS[burden] is not None:
                 image, truth = real_scans.inject(prep, burden, rop.PLACEMENT, classes)
             image, truth = thicker(image, "mean"), thicker(truth, "max") & thick.mask
-            tissue = thick.tissue(image)
-            score = detect({scan.sequence: image}, thick.mask, thick.affine, combination=(scan.sequence,),
-                           model=first_spec, device="cpu", tissue=tissue).score
-            first = decide(score, first_spec.operating_point, affine=thick.affine, brain=thick.mask,
-                           tissue=tissue).mask
+            # the app's first look (detect's path without its isolation test), on the model's grid and back
             grid = ModelGrid.of({scan.sequence: image}, thick.mask, thick.affine, first_spec)
+            seen = infer.predict(grid.images, grid.brain, nets[0])
+            first = decide(grid.to_input(seen), first_spec.operating_point, affine=thick.affine, brain=thick.mask,
+                           tissue=thick.tissue(image)).mask
             masks[burden] = {"truth": truth, "first look": first}
             for spec, net in zip(specs, nets):
-                masks[burden][spec.model_id] = isolate_clusters(first, grid, thick.affine, net,
-                                                                prob=grid.to_model(score))[0]
+                masks[burden][spec.model_id] = isolate_clusters(first, grid, thick.affine, net, prob=seen)[0]
         for burden, case in masks.items():
             for name, recs in records.items():
                 recs.append(real_scans.agreement_record(scan, burden, case[name], case["truth"], masks["0"][name]))
