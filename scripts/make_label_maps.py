@@ -429,6 +429,47 @@ def figure_against_v2(out: Path, version: int, seeds: tuple[int, ...] = (3, 5, 8
     return out
 
 
+def figure_few_epvs(out: Path, n: int = 4) -> Path:
+    """Version 6 beside version 4: the first ``n`` seeds whose version-6 draw has few ePVS, one per anatomy, as
+    T2w slices (the axial slice with most of version 4's ePVS) and the ePVS labels projected over the crop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from epvsseg.synth import label_maps as maps
+    from epvsseg.synth import randomised
+
+    names = maps.anatomy_names()
+    fig, axes = plt.subplots(3, n, figsize=(3.2 * n, 9.6))
+    seed = 0
+    for j in range(n):
+        name = names[j % len(names)]
+        draw = {}
+        while not draw.get(6, {}).get("few_epvs"):
+            seed += 1
+            draw = {v: randomised.sample_randomised(np.random.default_rng(seed), name, sequences=("T2w",),
+                                                    roi="centre", shape_vox=(96, 96, 24), p_random=0.0, version=v)
+                    for v in (4, 6)}
+        cases = {v: randomised.render_randomised(p) for v, p in draw.items()}
+        k = int(cases[4].label.sum((0, 1)).argmax())
+        top = float(np.percentile(cases[4].images["T2w"], 99.5))
+        for i, v in enumerate((4, 6)):
+            axes[i, j].imshow(np.rot90(cases[v].images["T2w"][:, :, k]), cmap="gray", vmin=0, vmax=top)
+            axes[i, j].contour(np.rot90(cases[v].label[:, :, k] > 0), [0.5], colors="g", linewidths=0.6)
+            axes[i, j].set_title(f"{name}, version {v}: {draw[v]['epvs']['total']} ePVS in the brain", fontsize=7)
+        axes[2, j].imshow(np.rot90(cases[4].label.max(2) > 0), cmap="gray", alpha=0.5)
+        axes[2, j].contour(np.rot90(cases[6].label.max(2) > 0), [0.5], colors="g", linewidths=0.8)
+        axes[2, j].set_title("labels over the crop: version 4 (grey), version 6 (green)", fontsize=7)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle("The same T2w draws in version 4 (top) and with few ePVS, version 6 (middle)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
@@ -436,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--figures", type=Path, default=None,
                     help="only draw docs/figures/synth_label_maps.png, synth_randomised_draws.png, "
-                         "synth_faint_epvs.png, synth_spots.png and synth_spots_near.png into this folder")
+                         "synth_faint_epvs.png, synth_spots.png, synth_spots_near.png and synth_few_epvs.png into this folder")
     ap.add_argument("--post-only", action="store_true",
                     help="only apply the post-build steps (template thalamus, carved sulci, gzip level 9) to the maps "
                          "of the manifest")
@@ -450,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print(figure_against_v2(args.figures / "synth_faint_epvs.png", 3))
         print(figure_against_v2(args.figures / "synth_spots.png", 4))
         print(figure_against_v2(args.figures / "synth_spots_near.png", 5))
+        print(figure_few_epvs(args.figures / "synth_few_epvs.png"))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"

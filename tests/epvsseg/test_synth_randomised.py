@@ -179,6 +179,25 @@ def test_version_5_centres_a_share_of_version_4s_spots_near_epvs(anatomy):
     assert len(randomised._spot_centres(np.random.default_rng(1), where, 50, 1.0, empty)) == 50
 
 
+def test_version_6_gives_a_share_of_version_4s_cases_few_epvs(anatomy):
+    draws = [(_draw(seed, version=4), _draw(seed, version=6)) for seed in range(40)]
+    for v4, v6 in draws:
+        assert {k: v for k, v in v6.items() if k not in ("epvs", "few_epvs", "version")} == {
+            k: v for k, v in v4.items() if k not in ("epvs", "version")}
+        if not v6["few_epvs"]:
+            assert v6["epvs"] == v4["epvs"]
+            continue
+        assert v6["epvs"]["geometry"] == v4["epvs"]["geometry"]
+        assert randomised.SPARSE_TOTAL[0] <= v6["epvs"]["total"] == sum(v6["epvs"]["counts"].values()) \
+            <= randomised.SPARSE_TOTAL[1]
+        assert all(v4["epvs"]["counts"][r] > 0 for r, n in v6["epvs"]["counts"].items() if n)  # the case's regions
+    few = [v6["few_epvs"] for _, v6 in draws]
+    assert 0.3 < np.mean(few) < 0.7  # SPARSE_SHARE = 0.5
+    v4, v6 = next((v4, v6) for v4, v6 in draws if v6["few_epvs"] and v4["epvs"]["total"] >= 20 * v6["epvs"]["total"])
+    many, few = (randomised.render_randomised(p, *anatomy).label > 0 for p in (v4, v6))
+    assert many.sum() > 5 * few.sum()
+
+
 def test_version_2_renders_wmh_lacunes_and_ePVS_through_wmh(anatomy):
     params = _draw(11, shape_vox=(64, 64, 32))
     params["lesions"]["wmh"].update(periventricular_mm=5.0, deep=30)
