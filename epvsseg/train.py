@@ -268,6 +268,47 @@ def widen_context(state: dict, old_context: int, new_context: int, n_sequences: 
     return {**state, key: new}
 
 
+def widen_base(state: dict, fresh: dict, old_base: int, new_base: int) -> dict:
+    """Map a U-Net's weights to more feature maps per level (warm start of a ``base`` change).
+
+    ``fresh`` is the wider network's own initial state. Every old channel keeps its weights and its place (in a
+    decoder's concatenated input the skip half moves behind the wider up-sampled half); the new channels keep
+    their fresh weights from every input, and every weight *from* a new channel *into* an old one starts at
+    zero, so the widened network computes exactly what the old one did until training changes it (batch norm
+    is per channel, so the old channels' statistics are untouched).
+    """
+    if new_base < old_base:
+        raise ValueError(f"cannot narrow the network from base {old_base} to {new_base}")
+    ratio = new_base / old_base
+    out = {}
+    for key, new in fresh.items():
+        old = state[key]
+        if old.shape == new.shape:
+            out[key] = old
+            continue
+        places = [_channel_places(key, dim, old.shape[dim], new.shape[dim], ratio) for dim in range(old.ndim)]
+        t = new.clone()
+        if old.ndim == 4:  # a weight: silence what flows from new channels into old ones
+            o, i = (1, 0) if key.startswith("up.") else (0, 1)  # ConvTranspose2d weights are (in, out, kh, kw)
+            new_in = np.setdiff1d(np.arange(new.shape[i]), places[i])
+            t[np.ix_(*((places[o], new_in) if o == 0 else (new_in, places[o])))] = 0
+        t[np.ix_(*places)] = old
+        out[key] = t
+    return out
+
+
+def _channel_places(key: str, dim: int, n_old: int, n_new: int, ratio: float) -> np.ndarray:
+    """Where the old channels of axis ``dim`` of weight ``key`` sit in the widened network."""
+    if n_old == n_new:
+        return np.arange(n_old)
+    if key.startswith("dec.") and key.endswith(".0.weight") and dim == 1:  # input: [up-sampled, skip]
+        half_old, half_new = n_old // 2, n_new // 2
+        return np.concatenate([np.arange(half_old), half_new + np.arange(half_old)])
+    if round(n_old * ratio) != n_new:
+        raise ValueError(f"{key}: axis {dim} has {n_old} -> {n_new} channels, not {ratio:g} times as many")
+    return np.arange(n_old)
+
+
 # --------------------------------------------------------------- training
 def _loss(logits, target):
     import torch
@@ -450,13 +491,16 @@ def _initial_network(cfg: TrainConfig):
     from .infer import load_model
 
     base = load_model(cfg.init)  # warm start from an earlier model (its id and hash are recorded)
-    old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"]}
-    if old_kwargs != kwargs or base.context > cfg.context:
+    old_base = base.spec.architecture_kwargs.get("base")
+    old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"], "base": cfg.base}
+    if old_kwargs != kwargs or base.context > cfg.context or old_base > cfg.base:
         raise ValueError(f"--init {cfg.init}: architecture {base.spec.architecture_kwargs} (context "
                          f"{base.context}) does not fit {kwargs} (context {cfg.context})")
     state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
-    net.load_state_dict(widen_context(state, base.context, cfg.context))
-    return net, kwargs, {"model_id": base.model_id, "sha256": base.spec.sha256, "context": base.context}
+    state = widen_context(state, base.context, cfg.context)
+    net.load_state_dict(widen_base(state, net.state_dict(), old_base, cfg.base))
+    return net, kwargs, {"model_id": base.model_id, "sha256": base.spec.sha256, "context": base.context,
+                         "base": old_base}
 
 
 def _fit(net, train_cases: list[Case], val_cases: list[Case], rng: np.random.Generator, cfg: TrainConfig) -> list:

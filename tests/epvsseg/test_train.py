@@ -1,4 +1,4 @@
-"""Training recipe helpers: combination sampling and the context-widening warm start."""
+"""Training recipe helpers: combination sampling and the warm starts that widen the context or the network."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from epvsseg import infer
 from epvsseg.nets import build, n_input_channels
-from epvsseg.train import TrainConfig, combination_weights, widen_context
+from epvsseg.train import TrainConfig, _initial_network, combination_weights, widen_base, widen_context
 
 
 def test_default_training_combinations_are_the_default_models():
@@ -42,3 +42,26 @@ def test_widened_context_computes_what_the_narrow_model_did():
     assert np.abs(a - b).max() < 1e-4
     with pytest.raises(ValueError, match="narrow"):
         widen_context(state, 2, 1)
+
+
+def test_widened_network_computes_what_the_narrow_model_did():
+    base = infer.load_model(infer.DEFAULT_MODEL)
+    old = base.spec.architecture_kwargs["base"]
+    cfg = TrainConfig(out="", init=infer.DEFAULT_MODEL, context=base.context, base=old + 8)
+    net, kwargs, init = _initial_network(cfg)
+    assert kwargs["base"] == old + 8 and init["base"] == old
+    assert sum(p.numel() for p in net.parameters()) > 2 * sum(p.numel() for p in base.net.parameters())
+    wide = infer.LoadedModel(net.eval(), {"context_slices": base.context}, base.folder, "cpu")  # no spec: a new net
+    rng = np.random.default_rng(1)
+    vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
+    vol[18:21, 20:23, :] = 4.0
+    mask = np.ones(vol.shape, bool)
+    a = infer.predict({"T2w": vol}, mask, base)
+    b = infer.predict({"T2w": vol}, mask, wide)
+    assert a.max() > 0.1
+    assert np.abs(a - b).max() < 1e-4
+    # the new channels are live: their fresh weights from the input are kept, not zeroed
+    first = next(k for k, v in net.state_dict().items() if v.ndim == 4)
+    assert net.state_dict()[first][old:].abs().sum() > 0
+    with pytest.raises(ValueError, match="narrow"):
+        widen_base(base.net.state_dict(), build("unet2d", **{**kwargs, "base": old - 8}).state_dict(), old, old - 8)
