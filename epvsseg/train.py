@@ -493,8 +493,8 @@ def _initial_network(cfg: TrainConfig):
     base = load_model(cfg.init)  # warm start from an earlier model (its id and hash are recorded)
     old_base = base.spec.architecture_kwargs.get("base")
     old_kwargs = {**base.spec.architecture_kwargs, "in_channels": kwargs["in_channels"], "base": cfg.base}
-    if old_kwargs != kwargs or base.context > cfg.context or old_base > cfg.base:
-        raise ValueError(f"--init {cfg.init}: architecture {base.spec.architecture_kwargs} (context "
+    if base.spec.architecture != "unet2d" or old_kwargs != kwargs or base.context > cfg.context or old_base > cfg.base:
+        raise ValueError(f"--init {cfg.init}: {base.spec.architecture} {base.spec.architecture_kwargs} (context "
                          f"{base.context}) does not fit {kwargs} (context {cfg.context})")
     state = {k: v.float() if v.is_floating_point() else v for k, v in base.net.state_dict().items()}
     state = widen_context(state, base.context, cfg.context)

@@ -65,3 +65,5 @@ def test_widened_network_computes_what_the_narrow_model_did():
     assert net.state_dict()[first][old:].abs().sum() > 0
     with pytest.raises(ValueError, match="narrow"):
         widen_base(base.net.state_dict(), build("unet2d", **{**kwargs, "base": old - 8}).state_dict(), old, old - 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        _initial_network(TrainConfig(out="", init=infer.DEFAULT_MODEL, context=base.context, base=old - 8))
