@@ -31,15 +31,7 @@ def test_widened_context_computes_what_the_narrow_model_did():
     net = build(base.spec.architecture,
                 **{**base.spec.architecture_kwargs, "in_channels": n_input_channels(wide_ctx)})
     net.load_state_dict(widen_context(state, base.context, wide_ctx))
-    wide = infer.LoadedModel(net.eval(), {"context_slices": wide_ctx}, base.folder, "cpu")  # no spec: a new net
-    rng = np.random.default_rng(0)
-    vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
-    vol[18:21, 20:23, :] = 4.0  # a bright vertical tube, so the output is not trivially zero
-    mask = np.ones(vol.shape, bool)
-    a = infer.predict({"T2w": vol}, mask, base)
-    b = infer.predict({"T2w": vol}, mask, wide)
-    assert a.max() > 0.1
-    assert np.abs(a - b).max() < 1e-4
+    _assert_same_predictions(base, net, wide_ctx, seed=0)
     with pytest.raises(ValueError, match="narrow"):
         widen_context(state, 2, 1)
 
@@ -51,15 +43,7 @@ def test_widened_network_computes_what_the_narrow_model_did():
     net, kwargs, init = _initial_network(cfg)
     assert kwargs["base"] == old + 8 and init["base"] == old
     assert sum(p.numel() for p in net.parameters()) > 2 * sum(p.numel() for p in base.net.parameters())
-    wide = infer.LoadedModel(net.eval(), {"context_slices": base.context}, base.folder, "cpu")  # no spec: a new net
-    rng = np.random.default_rng(1)
-    vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
-    vol[18:21, 20:23, :] = 4.0
-    mask = np.ones(vol.shape, bool)
-    a = infer.predict({"T2w": vol}, mask, base)
-    b = infer.predict({"T2w": vol}, mask, wide)
-    assert a.max() > 0.1
-    assert np.abs(a - b).max() < 1e-4
+    _assert_same_predictions(base, net, base.context, seed=1)
     # the new channels are live: their fresh weights from the input are kept, not zeroed
     first = next(k for k, v in net.state_dict().items() if v.ndim == 4)
     assert net.state_dict()[first][old:].abs().sum() > 0
@@ -67,3 +51,16 @@ def test_widened_network_computes_what_the_narrow_model_did():
         widen_base(base.net.state_dict(), build("unet2d", **{**kwargs, "base": old - 8}).state_dict(), old, old - 8)
     with pytest.raises(ValueError, match="does not fit"):
         _initial_network(TrainConfig(out="", init=infer.DEFAULT_MODEL, context=base.context, base=old - 8))
+
+
+def _assert_same_predictions(base, net, context: int, seed: int):
+    """``net`` (a warm-started network with ``context`` slices each side) predicts what ``base`` does."""
+    wide = infer.LoadedModel(net.eval(), {"context_slices": context}, base.folder, "cpu")  # no spec: a new net
+    rng = np.random.default_rng(seed)
+    vol = rng.gamma(4.0, 0.25, (40, 48, 10)).astype(np.float32)
+    vol[18:21, 20:23, :] = 4.0  # a bright vertical tube, so the output is not trivially zero
+    mask = np.ones(vol.shape, bool)
+    a = infer.predict({"T2w": vol}, mask, base)
+    b = infer.predict({"T2w": vol}, mask, wide)
+    assert a.max() > 0.1
+    assert np.abs(a - b).max() < 1e-4
