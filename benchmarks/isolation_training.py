@@ -48,13 +48,6 @@ import real_scans  # noqa: E402
 WINDOWS = (64, 96, 128)
 
 
-def case_image(prep, burden: str) -> np.ndarray:
-    """The scan's image of one case (re-made from the seeds; the case cache keeps only the truth)."""
-    if real_scans.BURDENS[burden] is None:
-        return prep.n4
-    return real_scans.inject(prep, burden, rop.PLACEMENT, real_scans.prepared_classes(prep))[0]
-
-
 def first_look(case: rop.Case, spec) -> np.ndarray:
     """The decision at the model's point with the location test, before the isolation test."""
     from epvsseg.decision import decide
@@ -107,7 +100,7 @@ def measure(spec, maps_of=None, thresholds: tuple = (None,)) -> dict:
         for case in cases:
             first = first_look(case, spec)
             start = time.perf_counter()
-            grid = ModelGrid.of({scan.sequence: case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
+            grid = ModelGrid.of({scan.sequence: rop.case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
             alone = isolated_map(first, grid, net, spec.isolation, prob=grid.to_model(case.score))
             seconds.append(time.perf_counter() - start)
             kept = {name: keep_alone(first, alone, p.point(spec.operating_point), prep.affine)

@@ -6,7 +6,12 @@ chooses the point where the negatives are real. Into every scan ``benchmarks/rea
 (never an evaluation-only one) it injects ePVS tubes as that benchmark does (placement ``injected_tissue``, its
 seeds, burdens 0 / low / high), computes the app's probability map of each case once (``epvsseg.detect.detect``)
 and the tissue classes of the location test, then decides every point of the recipe's grid
-(``epvsseg.train.operating_points``) through ``epvsseg.decision.decide``, as the app decides.
+(``epvsseg.train.operating_points``; ``--thresholds`` and ``--min-sizes`` narrow it) through
+``epvsseg.decision.decide``, as the app decides. A model with an isolation test (``"isolation"`` in its
+``model.json``, :mod:`epvsseg.isolation`) is decided with it, as ``epvsseg.detect.detect`` runs it after the
+decision: each point's clusters are seen alone and must pass that point (session 23: the point of a model whose
+app removes context-primed clusters is chosen with them removed). The test costs seconds per case and point, so
+narrow the grid for such a model.
 
 Each point is scored over all training scans and burdens together (``real_scans.injected_summary``): sensitivity
 to the injected clusters and precision over new detections (detections not already there at burden 0: a scan's
@@ -22,6 +27,10 @@ Usage::
     python benchmarks/real_operating_point.py --model epvs-unet25d-v3 \\
         --out benchmarks/results/real_operating_point_epvs-unet25d-v3 \\
         --write-model benchmarks/models/epvs-unet25d-v3-real
+    python benchmarks/real_operating_point.py --model benchmarks/models/epvs-unet25d-v11-alone \\
+        --maps-of benchmarks/models/epvs-unet25d-v11 --thresholds 0.2 0.3 0.4 0.5 0.6 --min-sizes 2 \\
+        --out benchmarks/results/real_operating_point_epvs-unet25d-v11-alone \\
+        --write-model benchmarks/models/epvs-unet25d-v11-alone-real
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ import real_scans  # noqa: E402
 PLACEMENT = "injected_tissue"
 RULE = ("the best F1 of sensitivity and precision over new detections, pooled over ePVS injected at burdens 0 / low / "
         "high (real_scans.py's injected_tissue placement and seeds) into every real training scan of "
-        "benchmarks/real_scans.py, each point decided as the app decides (location test on); ties: grid order")
+        "benchmarks/real_scans.py, each point decided as the app decides (location test on; the model's isolation "
+        "test, if it has one); ties: grid order")
 
 
 @dataclasses.dataclass
@@ -93,6 +103,44 @@ def make_case(spec, prep, burden: str) -> Case:
     return Case(prep.scan, burden, score, truth, tissue, prep.affine, prep.mask)
 
 
+def case_image(prep, burden: str) -> np.ndarray:
+    """The scan's image of one case (re-made from the seeds; the case cache keeps only the truth)."""
+    if real_scans.BURDENS[burden] is None:
+        return prep.n4
+    return real_scans.inject(prep, burden, PLACEMENT, real_scans.prepared_classes(prep))[0]
+
+
+@dataclasses.dataclass
+class Isolation:
+    """The model's isolation test as the app runs it after the decision: the network and each case's inputs on the
+    model's grid (``epvsseg.detect.ModelGrid``), made once for every point."""
+
+    net: object
+    params: object
+    grids: dict
+
+    @classmethod
+    def of(cls, spec, cases: list[Case]) -> Isolation:
+        from epvsseg import infer
+        from epvsseg.detect import ModelGrid
+
+        grids = {}
+        for case in cases:
+            prep = real_scans.load_prepared(case.scan.name)
+            grids[(case.scan.name, case.burden)] = ModelGrid.of({case.scan.sequence: case_image(prep, case.burden)},
+                                                                prep.mask, prep.affine, spec)
+        return cls(infer.load_model(spec, device="cpu"), spec.isolation, grids)
+
+    def kept(self, case: Case, mask: np.ndarray, point) -> np.ndarray:
+        """The clusters of ``mask`` (decided at ``point``) that pass ``point`` seen alone."""
+        from epvsseg.detect import isolated_map
+        from epvsseg.isolation import keep_alone
+
+        grid = self.grids[(case.scan.name, case.burden)]
+        alone = isolated_map(mask, grid, self.net, self.params, prob=grid.to_model(case.score))
+        return keep_alone(mask, alone, self.params.point(point), case.affine)[0]
+
+
 def training_cases(spec) -> list[Case]:
     """Every training scan of ``real_scans.SCANS`` at every burden (scans without tissue classes are skipped: the
     injected_tissue placement needs them)."""
@@ -106,12 +154,17 @@ def training_cases(spec) -> list[Case]:
     return cases
 
 
-def records_at(point, cases: list[Case]) -> list[dict]:
-    """``real_scans`` records (one per scan and burden) of the decision at ``point``."""
+def decided(case: Case, point, isolation: Isolation | None = None) -> np.ndarray:
+    """The app's decision of one case at ``point``: location test, then the isolation test if there is one."""
     from epvsseg.decision import decide
 
-    masks = {(c.scan.name, c.burden): decide(c.score, point, affine=c.affine, brain=c.brain, tissue=c.tissue).mask
-             for c in cases}
+    mask = decide(case.score, point, affine=case.affine, brain=case.brain, tissue=case.tissue).mask
+    return mask if isolation is None else isolation.kept(case, mask, point)
+
+
+def records_at(point, cases: list[Case], isolation: Isolation | None = None) -> list[dict]:
+    """``real_scans`` records (one per scan and burden) of the decision at ``point``."""
+    masks = {(c.scan.name, c.burden): decided(c, point, isolation) for c in cases}
     return [real_scans.agreement_record(c.scan, c.burden, masks[(c.scan.name, c.burden)], c.truth,
                                         masks[(c.scan.name, "0")]) for c in cases]
 
@@ -130,7 +183,7 @@ def pooled(records: list[dict]) -> dict:
     return summary
 
 
-def score_grid(spec, cases: list[Case], points) -> dict[str, dict]:
+def score_grid(spec, cases: list[Case], points, isolation: Isolation | None = None) -> dict[str, dict]:
     """``{point_key: summary}`` for every point, with ``f1`` and ``uninjected_clusters`` (burden 0, all scans)."""
     from epvsseg.decision import OperatingPoint
     from epvsseg.train import point_key
@@ -138,7 +191,7 @@ def score_grid(spec, cases: list[Case], points) -> dict[str, dict]:
     grid = {}
     for point in points:
         op = OperatingPoint(point[0], point[1], spec.exclusions, *point[2:])
-        records = records_at(op, cases)
+        records = records_at(op, cases, isolation)
         summary = pooled(records)
         summary["f1"] = f1(summary)
         summary["uninjected_clusters"] = sum(r["n_pred"] for r in records if r["burden"] == "0")
@@ -181,6 +234,8 @@ def report(spec, grid: dict[str, dict], best: str, command: str) -> str:
              f"Command: `{command}`.\n\nRule ({RULE}); nothing of the evaluation-only scans is read. Scans: "
              f"{', '.join(grid[best]['by_sequence'])} training scans of `real_scans.py`. "
              f"Chosen: **{best}** (the model's own point: {own}).\n",
+             "" if spec.isolation is None else f"Every point decided with the model's isolation test, "
+             f"{spec.isolation.to_dict()}: its clusters seen alone must pass that point.\n",
              "| point (threshold / min voxels [/ peak]) | sensitivity | precision over new | F1 | added-count ICC | "
              "clusters at burden 0 (all scans) |", "|---|---|---|---|---|---|"]
     for k in rows:
@@ -205,16 +260,28 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="results path without suffix (.md and .json)")
     parser.add_argument("--peaks", nargs="*", type=float, default=[], help="peak thresholds to try (default none)")
     parser.add_argument("--write-model", type=Path, help="write a model folder with the chosen point")
+    parser.add_argument("--thresholds", nargs="+", type=float, default=list(TrainConfig.thresholds),
+                        help="thresholds of the grid (default the recipe's)")
+    parser.add_argument("--min-sizes", nargs="+", type=int, default=list(TrainConfig.min_sizes),
+                        help="minimum cluster sizes of the grid (default the recipe's)")
+    parser.add_argument("--maps-of", default=None,
+                        help="a model with the same weights whose kept probability maps to use (the first look of a "
+                             "model with an isolation test is its weights' map)")
     opts = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
     spec = load_spec(opts.model)
-    grid = score_grid(spec, training_cases(spec), operating_points(TrainConfig.thresholds, TrainConfig.min_sizes,
-                                                                 opts.peaks))
+    maps_of = spec if opts.maps_of is None else load_spec(opts.maps_of)
+    if maps_of.sha256 != spec.sha256:
+        parser.error(f"--maps-of {opts.maps_of}: its weights are not those of {opts.model}")
+    cases = training_cases(maps_of)
+    isolation = None if spec.isolation is None else Isolation.of(spec, cases)
+    grid = score_grid(spec, cases, operating_points(opts.thresholds, opts.min_sizes, opts.peaks), isolation)
     best = chosen(grid)
     command = "python benchmarks/real_operating_point.py " + " ".join(sys.argv[1:])
     opts.out.with_suffix(".json").write_text(json.dumps({"model": spec.model_id, "sha256": spec.sha256, "rule": RULE,
+                                                        "isolation": spec.isolation and spec.isolation.to_dict(),
                                                         "chosen": best, "grid": grid}, indent=1) + "\n")
     opts.out.with_suffix(".md").write_text(report(spec, grid, best, command))
     if opts.write_model:

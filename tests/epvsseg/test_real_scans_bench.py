@@ -374,6 +374,31 @@ def test_real_operating_point_prefers_the_threshold_that_drops_new_false_cluster
     assert json.loads((out / "model.json").read_text())["operating_point_from"]["weights_of"] == spec.model_id
 
 
+def test_real_operating_point_decides_each_point_with_the_isolation_test_at_that_point(monkeypatch):
+    """With an isolation test every point is decided as the app decides it: the clusters of that point seen alone
+    (here 0.2 below their first look) must pass that point, not the model's own."""
+    import types
+
+    import real_operating_point as rop
+
+    import epvsseg.detect
+    from epvsseg.isolation import IsolationParams
+    from epvsseg.spec import load_spec
+
+    cases = _operating_point_cases()
+    same = types.SimpleNamespace(to_model=lambda volume: volume)
+    isolation = rop.Isolation(None, IsolationParams(), {(c.scan.name, c.burden): same for c in cases})
+    monkeypatch.setattr(epvsseg.detect, "isolated_map",
+                        lambda mask, grid, net, params, prob: np.where(mask, prob - 0.2, 0.0))
+    spec = load_spec("epvs-unet25d-v3")
+    grid = rop.score_grid(spec, cases, [(0.4, 2), (0.6, 2), (0.8, 2)], isolation)
+    assert grid["0.4/2"]["precision_new"] == pytest.approx(7 / 11)  # 0.45 alone passes 0.4
+    assert grid["0.6/2"]["precision_new"] == 1.0 and grid["0.6/2"]["sensitivity"] == 1.0
+    assert grid["0.8/2"]["sensitivity"] == 0.0  # 0.9 at first look, 0.7 alone: below 0.8
+    plain = rop.score_grid(spec, cases, [(0.8, 2)])
+    assert plain["0.8/2"]["sensitivity"] == 1.0
+
+
 def test_context_priming_sorts_new_false_detections_by_what_brought_them():
     import context_priming as cp
 
