@@ -253,11 +253,13 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, r
 def _lonely(norm, labels, brain, params: IsolationParams, prob):
     """The filled images, padded, and with fill ``"stronger"`` the :class:`_Stronger` that rewrites them around
     each cluster (None with fill ``"all"``, whose holes are every cluster's)."""
+    from .postproc import cluster_maxima
+
     window = params.window
     if params.fill == "all":
         holes = ndimage.binary_dilation(labels > 0, iterations=params.margin) if params.margin else labels > 0
         return {c: _padded(filled(v, holes, brain, params.sigma), window) for c, v in norm.items()}, None
-    peaks = np.asarray(ndimage.maximum(prob, labels, np.arange(1, labels.max() + 1)), np.float32)
+    peaks = cluster_maxima(prob, labels, int(labels.max())).astype(np.float32)
     stronger = _Stronger(_padded(_covering_peak(labels, peaks, params.margin), window), peaks,
                          _padded(brain, window), params.sigma)
     return {c: _padded(v, window) for c, v in norm.items()}, stronger
@@ -329,18 +331,16 @@ def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -
         Columns as :func:`epvsseg.exclusions.exclude_mimics`; ``reason`` :data:`REASON` and ``alone_peak``.
     """
     from .exclusions import COLUMNS, excluded_table
-    from .postproc import label_clusters
+    from .postproc import cluster_maxima, label_clusters
 
     mask = np.asarray(mask, bool)
     labels, n = label_clusters(mask)
     if n == 0:
         return mask.copy(), pd.DataFrame(columns=COLUMNS)
     index = np.arange(1, n + 1)
-    # read on the clusters' voxels only: ndimage.maximum sorts what it is given, and the whole volume took a second
-    inside = labels > 0
-    members, values = labels[inside], np.asarray(alone)[inside]
-    counts = np.asarray(ndimage.sum(values >= point.threshold, members, index))
-    peaks = np.asarray(ndimage.maximum(values, members, index), float)
+    counts = np.bincount(labels[labels > 0], weights=(np.asarray(alone) >= point.threshold)[labels > 0],
+                         minlength=n + 1)[1:]
+    peaks = cluster_maxima(alone, labels, n)
     peak = point.threshold if point.peak_threshold is None else point.peak_threshold
     drop = (counts < point.min_cluster_voxels) | (peaks < peak)
     if not drop.any():

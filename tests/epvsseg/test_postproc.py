@@ -264,3 +264,14 @@ def test_cluster_table_shape_orientation_intensity_and_edge():
     assert table["touches_brain_edge"].tolist() == [False, False, True]
     with pytest.raises(ValueError, match="image 'T2w' shape"):
         cluster_table(labels, affine, images={"T2w": t2[:, :, :5]})
+
+
+def test_cluster_maxima_are_each_clusters_highest_value():
+    from epvsseg.postproc import cluster_maxima
+
+    rng = np.random.default_rng(3)
+    labels, n = label_clusters(rng.random((30, 30, 20)) > 0.9)
+    values = rng.random(labels.shape)
+    values[labels == 0] = 2.0  # outside every cluster: must not be read
+    expected = [values[labels == k].max() for k in range(1, n + 1)]
+    np.testing.assert_array_equal(cluster_maxima(values, labels, n), expected)
