@@ -48,13 +48,6 @@ import real_scans  # noqa: E402
 WINDOWS = (64, 96, 128)
 
 
-def first_look(case: rop.Case, spec) -> np.ndarray:
-    """The decision at the model's point with the location test, before the isolation test."""
-    from epvsseg.decision import decide
-
-    return decide(case.score, spec.operating_point, affine=case.affine, brain=case.brain, tissue=case.tissue).mask
-
-
 def window_check(spec, net, prep, mask: np.ndarray) -> dict[str, list[float]]:
     """Per window: ``[clusters, voxels]`` the crop alone keeps, as shares of the first look's."""
     from unittest import mock
@@ -98,7 +91,7 @@ def measure(spec, maps_of=None, thresholds: tuple = (None,)) -> dict:
         cases = [rop.make_case(maps, prep, burden) for burden in real_scans.BURDENS]
         masks = {}
         for case in cases:
-            first = first_look(case, spec)
+            first = rop.decided(case, spec.operating_point)  # the first look, before the isolation test
             start = time.perf_counter()
             grid = ModelGrid.of({scan.sequence: rop.case_image(prep, case.burden)}, prep.mask, prep.affine, spec)
             alone = isolated_map(first, grid, net, spec.isolation, prob=grid.to_model(case.score))

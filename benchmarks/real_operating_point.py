@@ -124,9 +124,9 @@ class Isolation:
         from epvsseg import infer
         from epvsseg.detect import ModelGrid
 
-        grids = {}
+        grids, preps = {}, {}
         for case in cases:
-            prep = real_scans.load_prepared(case.scan.name)
+            prep = preps.setdefault(case.scan.name, real_scans.load_prepared(case.scan.name))
             grids[(case.scan.name, case.burden)] = ModelGrid.of({case.scan.sequence: case_image(prep, case.burden)},
                                                                 prep.mask, prep.affine, spec)
         return cls(infer.load_model(spec, device="cpu"), spec.isolation, grids)
@@ -233,11 +233,12 @@ def report(spec, grid: dict[str, dict], best: str, command: str) -> str:
     lines = [f"# Operating point of `{spec.model_id}` on real training scans with injected ePVS\n",
              f"Command: `{command}`.\n\nRule ({RULE}); nothing of the evaluation-only scans is read. Scans: "
              f"{', '.join(grid[best]['by_sequence'])} training scans of `real_scans.py`. "
-             f"Chosen: **{best}** (the model's own point: {own}).\n",
-             "" if spec.isolation is None else f"Every point decided with the model's isolation test, "
-             f"{spec.isolation.to_dict()}: its clusters seen alone must pass that point.\n",
-             "| point (threshold / min voxels [/ peak]) | sensitivity | precision over new | F1 | added-count ICC | "
-             "clusters at burden 0 (all scans) |", "|---|---|---|---|---|---|"]
+             f"Chosen: **{best}** (the model's own point: {own}).\n"]
+    if spec.isolation is not None:
+        lines.append(f"Every point decided with the model's isolation test, {spec.isolation.to_dict()}: its clusters "
+                     "seen alone must pass that point.\n")
+    lines += ["| point (threshold / min voxels [/ peak]) | sensitivity | precision over new | F1 | added-count ICC | "
+              "clusters at burden 0 (all scans) |", "|---|---|---|---|---|---|"]
     for k in rows:
         g = grid[k]
         mark = " (chosen)" if k == best else " (own)" if k == own else ""

@@ -338,8 +338,8 @@ def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -
     if n == 0:
         return mask.copy(), pd.DataFrame(columns=COLUMNS)
     index = np.arange(1, n + 1)
-    counts = np.bincount(labels[labels > 0], weights=(np.asarray(alone) >= point.threshold)[labels > 0],
-                         minlength=n + 1)[1:]
+    inside = labels > 0
+    counts = np.bincount(labels[inside], weights=np.asarray(alone)[inside] >= point.threshold, minlength=n + 1)[1:]
     peaks = cluster_maxima(alone, labels, n)
     peak = point.threshold if point.peak_threshold is None else point.peak_threshold
     drop = (counts < point.min_cluster_voxels) | (peaks < peak)
