@@ -136,9 +136,9 @@ class Isolation:
         from epvsseg.detect import isolated_map
         from epvsseg.isolation import keep_alone
 
-        grid = self.grids[(case.scan.name, case.burden)]
-        alone = isolated_map(mask, grid, self.net, self.params, prob=grid.to_model(case.score))
-        return keep_alone(mask, alone, self.params.point(point), case.affine)[0]
+        grid, alone_point = self.grids[(case.scan.name, case.burden)], self.params.point(point)
+        alone = isolated_map(mask, grid, self.net, self.params, prob=grid.to_model(case.score), point=alone_point)
+        return keep_alone(mask, alone, alone_point, case.affine)[0]
 
 
 def training_cases(spec) -> list[Case]:

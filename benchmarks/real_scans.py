@@ -419,13 +419,20 @@ def run_label(model_id: str) -> str:
     return f"{model_id} + location test" if LOCATION else f"{model_id}, no location test"
 
 
-def detect_mask(spec, prep: Prepared, image: np.ndarray) -> tuple[np.ndarray, float]:
-    """The app's detection (:func:`epvsseg.detect.detect`, CPU) on one preprocessed image; mask and seconds."""
+def detect_mask(spec, prep: Prepared, image: np.ndarray, tissue: np.ndarray | None = None
+                ) -> tuple[np.ndarray, float]:
+    """The app's detection (:func:`epvsseg.detect.detect`, CPU) on one preprocessed image; mask and seconds.
+
+    ``tissue``: the image's tissue classes, if already computed (they are then not in the seconds); otherwise they
+    are computed here when the location test is on.
+    """
     from epvsseg.detect import detect
 
     t0 = time.perf_counter()
+    if tissue is None and LOCATION:
+        tissue = prep.tissue(image)
     det = detect({prep.scan.sequence: image}, prep.mask, prep.affine, combination=(prep.scan.sequence,),
-                 model=spec, device="cpu", tissue=prep.tissue(image) if LOCATION else None)
+                 model=spec, device="cpu", tissue=tissue)
     return det.mask, time.perf_counter() - t0
 
 

@@ -296,14 +296,19 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
     from .isolation import keep_alone
 
     params = model.spec.isolation if params is None else params
-    alone = isolated_map(decided, grid, model, params, prob=prob)
-    return keep_alone(decided, alone, params.point(model.spec.operating_point), affine)
+    point = params.point(model.spec.operating_point)
+    return keep_alone(decided, isolated_map(decided, grid, model, params, prob=prob, point=point), point, affine)
 
 
-def isolated_map(decided: np.ndarray, grid: ModelGrid, model, params, *, prob: np.ndarray | None = None
-                 ) -> np.ndarray:
+def isolated_map(decided: np.ndarray, grid: ModelGrid, model, params, *, prob: np.ndarray | None = None,
+                 point=None) -> np.ndarray:
     """The probability of ``decided``'s clusters, each seen alone (:func:`epvsseg.isolation.isolated_probability`),
-    on the input grid (arguments as :func:`isolate_clusters`)."""
+    on the input grid (arguments as :func:`isolate_clusters`).
+
+    With ``point`` (the operating point the clusters will be judged by) and no resampling, a cluster that passes it
+    on its fullest slice is not looked at on its others (``isolated_probability``'s ``point``: same clusters kept).
+    On a zoomed grid every slice is seen, as the decision is then made on the input grid after zooming back.
+    """
     from .isolation import isolated_probability
 
     # On a zoomed grid: a lower level than the brain's, so that a small cluster of a finer input keeps voxels on the
@@ -311,7 +316,7 @@ def isolated_map(decided: np.ndarray, grid: ModelGrid, model, params, *, prob: n
     # cluster's voxel.
     resampled = grid.zoom is not None
     alone = isolated_probability(grid.images, grid.brain, grid.to_model(decided, 0.25), model, params=params,
-                                 readout=int(resampled), prob=prob)
+                                 readout=int(resampled), prob=prob, point=None if resampled else point)
     return grid.to_input(alone)
 
 

@@ -122,8 +122,9 @@ def _origin(extent: slice, size: int, window: int, grid: int) -> int:
 
 def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarray], labels: np.ndarray,
                    label: int, box: tuple[slice, ...], *, sequences, context: int, window: int, margin: int,
-                   grid: int, readout: int = 0) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice]]:
-    """The isolated 2.5D inputs of one cluster, one per axial slice it spans.
+                   grid: int, readout: int = 0, rows: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice, slice], np.ndarray]:
+    """The isolated 2.5D inputs of one cluster, one per axial slice it spans (or per slice of ``rows``).
 
     ``norm``, ``lonely`` and ``labels`` are padded in-plane (:func:`_padded`); ``box`` is the cluster's bounding
     box. The window lies inside the volume where it fits (the network then sees no edge the whole slice does not
@@ -132,29 +133,35 @@ def cluster_inputs(norm: Mapping[str, np.ndarray], lonely: Mapping[str, np.ndarr
 
     Returns
     -------
-    inputs : ndarray, shape (n_slices, C, window, window)
+    inputs : ndarray, shape (len(rows), C, window, window)
         Channel layout of :func:`epvsseg.infer.stack_channels`.
     own : ndarray of bool, shape (window, window, n_slices)
-        The voxels whose isolated probability is read out in each centre slice: the cluster's voxels and their
-        ``margin`` (the voxels of the volume it shows), grown by ``readout`` more.
+        The voxels whose isolated probability is read out in each centre slice of ``rows`` (False in the box's
+        other slices): the cluster's voxels and their ``margin`` (the voxels of the volume it shows), grown by
+        ``readout`` more.
     cut : tuple of slices
         Where ``own`` lies in the padded volume.
+    rows : ndarray of int
+        The box's slices (0 = its first) the inputs are of; default all of them.
     """
     inplane, ks = _window(box, labels.shape, context=context, window=window, grid=grid)
     own = labels[inplane + (ks,)] == label
     grown = ndimage.binary_dilation(own, iterations=margin) if margin else own
     read = ndimage.binary_dilation(grown, iterations=readout) if readout else grown
     n = box[2].stop - box[2].start
+    rows = np.arange(n) if rows is None else np.asarray(rows, int)
     width = 2 * context + 1
-    out = np.zeros((n, len(sequences) * (width + 1), window, window), np.float32)
+    out = np.zeros((rows.size, len(sequences) * (width + 1), window, window), np.float32)
     for c, name in enumerate(sequences):
         if name not in norm:
             continue
         view = np.where(grown, norm[name][inplane + (ks,)], lonely[name][inplane + (ks,)])
         for o in range(width):
-            out[:, c * width + o] = np.moveaxis(view[:, :, o:o + n], 2, 0)
+            out[:, c * width + o] = np.moveaxis(view[:, :, rows + o], 2, 0)
         out[:, len(sequences) * width + c] = 1.0
-    return out, read[:, :, context:context + n], inplane + (box[2],)
+    read = read[:, :, context:context + n]
+    read[:, :, np.setdiff1d(np.arange(n), rows)] = False
+    return out, read, inplane + (box[2],), rows
 
 
 def _window(box: tuple[slice, ...], shape, *, context: int, window: int, grid: int,
@@ -168,7 +175,7 @@ def _window(box: tuple[slice, ...], shape, *, context: int, window: int, grid: i
 
 def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, mask: np.ndarray, model, *,
                          params: IsolationParams = IsolationParams(), batch: int = 64, readout: int = 0,
-                         prob: np.ndarray | None = None) -> np.ndarray:
+                         prob: np.ndarray | None = None, point=None) -> np.ndarray:
     """The probability of every voxel of ``mask``'s clusters, of their ``margin`` and of ``readout`` voxels more,
     when its cluster is seen alone (0 elsewhere; where two clusters' voxels read out meet, the higher).
 
@@ -195,6 +202,11 @@ def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, ma
     prob : ndarray, optional
         The first look's probability on that grid; needed (for the clusters' peaks) with ``params.fill``
         ``"stronger"``.
+    point : epvsseg.decision.OperatingPoint, optional
+        The point :func:`keep_alone` will judge the clusters by on this grid. When given, each cluster is first
+        seen on the axial slice that holds most of its voxels, and on its other slices only if that slice alone
+        does not pass ``point``: the clusters kept are the same (a cluster's count and peak can only grow with
+        more slices), the network runs on fewer views, and a kept cluster's map is 0 on the slices not seen.
 
     Returns
     -------
@@ -208,7 +220,7 @@ def isolated_probability(images: Mapping[str, np.ndarray], brain: np.ndarray, ma
     if mask.any():
         box = _around_brain(brain, params.window // 2, model.context, 2 ** model.net.depth)
         alone[box] = _isolated({c: np.asarray(v, np.float32)[box] for c, v in images.items()}, brain[box],
-                               mask[box], model, params, batch, readout, None if prob is None else prob[box])
+                               mask[box], model, params, batch, readout, None if prob is None else prob[box], point)
     return alone
 
 
@@ -222,7 +234,8 @@ def _around_brain(brain: np.ndarray, half: int, context: int, grid: int) -> tupl
     return tuple(slice(st, min(b.stop + g, size)) for st, b, g, size in zip(starts, box, grow, brain.shape))
 
 
-def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, readout: int, prob) -> np.ndarray:
+def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, readout: int, prob,
+              point) -> np.ndarray:
     """:func:`isolated_probability` on a crop around the brain."""
     from .infer import normalise
     from .postproc import label_clusters
@@ -232,22 +245,58 @@ def _isolated(images, brain, mask, model, params: IsolationParams, batch: int, r
     alone = _padded(np.zeros(labels.shape, np.float32), window)
     norm = {c: normalise(v, brain) for c, v in images.items()}
     lonely, stronger = _lonely(norm, labels, brain, params, prob)
-    norm = {c: _padded(v, window) for c, v in norm.items()}
-    padded = _padded(labels, window)
-    grid = 2 ** model.net.depth
-    pending = []
-    for label, box in enumerate(ndimage.find_objects(labels), start=1):
-        if readout:  # read out the slices beside the cluster too
-            box = box[:2] + (slice(max(box[2].start - readout, 0), min(box[2].stop + readout, labels.shape[2])),)
-        if stronger is not None:  # this cluster's own holes
-            stronger.fill_around(label, box, norm, lonely, context=model.context, window=window, grid=grid)
-        pending.append(cluster_inputs(norm, lonely, padded, label, box, sequences=model.sequences,
-                                      context=model.context, window=window, margin=params.margin, grid=grid,
-                                      readout=readout))
-        if sum(len(p[0]) for p in pending) >= batch or label == n:
-            _score(pending, alone, model)
-            pending = []
+    views = _Views({c: _padded(v, window) for c, v in norm.items()}, lonely, stronger, _padded(labels, window),
+                   model, params, readout)
+    boxes = [box[:2] + (slice(max(box[2].start - readout, 0), min(box[2].stop + readout, labels.shape[2])),)
+             for box in ndimage.find_objects(labels)]  # with readout, the slices beside the cluster too
+    every = dict(enumerate(boxes, start=1))
+    if point is None:
+        views.score(every, {}, alone, batch)
+        return alone[:-window, :-window]
+    first = {label: [_fullest(labels[box] == label)] for label, box in every.items()}
+    views.score(every, first, alone, batch)
+    failing = np.flatnonzero(_failing(alone[:-window, :-window], labels, n, point)[0]) + 1
+    rest = {label: np.delete(np.arange(every[label][2].stop - every[label][2].start), first[label])
+            for label in failing}
+    views.score({label: every[label] for label in failing if rest[label].size}, rest, alone, batch)
     return alone[:-window, :-window]
+
+
+def _fullest(own: np.ndarray) -> int:
+    """The axial slice (index along the last axis) holding most of the voxels of ``own``."""
+    return int(np.argmax(own.sum(axis=(0, 1))))
+
+
+@dataclass(frozen=True)
+class _Views:
+    """What the isolated views of a detection's clusters are made from (padded: :func:`_padded`)."""
+
+    norm: dict
+    lonely: dict
+    stronger: object  # _Stronger or None
+    labels: np.ndarray
+    model: object
+    params: IsolationParams
+    readout: int
+
+    def score(self, boxes: Mapping[int, tuple], rows: Mapping[int, np.ndarray], alone: np.ndarray,
+              batch: int) -> None:
+        """Run the network on the views of the clusters ``boxes`` (label -> bounding box) on their slices ``rows``
+        (label -> the box's slices; all where absent), ``batch`` views at a time, writing into ``alone``."""
+        model, window = self.model, self.params.window
+        grid = 2 ** model.net.depth
+        pending = []
+        for i, (label, box) in enumerate(boxes.items()):
+            if self.stronger is not None:  # this cluster's own holes
+                self.stronger.fill_around(label, box, self.norm, self.lonely, context=model.context, window=window,
+                                          grid=grid)
+            pending.append(cluster_inputs(self.norm, self.lonely, self.labels, label, box,
+                                          sequences=model.sequences, context=model.context, window=window,
+                                          margin=self.params.margin, grid=grid, readout=self.readout,
+                                          rows=rows.get(label)))
+            if sum(len(p[0]) for p in pending) >= batch or i == len(boxes) - 1:
+                _score(pending, alone, model)
+                pending = []
 
 
 def _lonely(norm, labels, brain, params: IsolationParams, prob):
@@ -307,13 +356,15 @@ def _score(pending: list, alone: np.ndarray, model) -> None:
 
     from .infer import _autocast_dtype, _forward
 
-    xb = torch.from_numpy(np.concatenate([x for x, _, _ in pending]))
+    xb = torch.from_numpy(np.concatenate([x for x, _, _, _ in pending]))
     with torch.inference_mode():
         prob = _forward(model, xb, _autocast_dtype(model.device, "auto"), model.flip_tta)
     at = 0
-    for x, own, cut in pending:
+    for x, own, cut, rows in pending:
+        seen = np.zeros(own.shape, np.float32)
+        seen[:, :, rows] = np.moveaxis(prob[at:at + len(x)], 0, 2)
         block = alone[cut]  # a view: written in place
-        block[own] = np.maximum(block[own], np.moveaxis(prob[at:at + len(x)], 0, 2)[own])
+        block[own] = np.maximum(block[own], seen[own])
         at += len(x)
 
 
@@ -331,21 +382,27 @@ def keep_alone(mask: np.ndarray, alone: np.ndarray, point, affine: np.ndarray) -
         Columns as :func:`epvsseg.exclusions.exclude_mimics`; ``reason`` :data:`REASON` and ``alone_peak``.
     """
     from .exclusions import COLUMNS, excluded_table
-    from .postproc import cluster_maxima, label_clusters
+    from .postproc import label_clusters
 
     mask = np.asarray(mask, bool)
     labels, n = label_clusters(mask)
     if n == 0:
         return mask.copy(), pd.DataFrame(columns=COLUMNS)
-    index = np.arange(1, n + 1)
+    drop, peaks = _failing(alone, labels, n, point)
+    if not drop.any():
+        return mask.copy(), pd.DataFrame(columns=COLUMNS)
+    dropped = np.arange(1, n + 1)[drop]
+    return mask & ~np.isin(labels, dropped), excluded_table(REASON, mask, labels, dropped, affine,
+                                                            alone_peak=peaks[drop])
+
+
+def _failing(alone: np.ndarray, labels: np.ndarray, n: int, point) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster of ``labels`` (1..n): whether it fails ``point``'s rule on ``alone`` (fewer than
+    ``min_cluster_voxels`` voxels at the threshold, or a peak below the peak threshold), and its peak there."""
+    from .postproc import cluster_maxima
+
     inside = labels > 0
     counts = np.bincount(labels[inside], weights=np.asarray(alone)[inside] >= point.threshold, minlength=n + 1)[1:]
     peaks = cluster_maxima(alone, labels, n)
     peak = point.threshold if point.peak_threshold is None else point.peak_threshold
-    drop = (counts < point.min_cluster_voxels) | (peaks < peak)
-    if not drop.any():
-        return mask.copy(), pd.DataFrame(columns=COLUMNS)
-    dropped = index[drop]
-    return mask & ~np.isin(labels, dropped), excluded_table(REASON, mask, labels, dropped, affine,
-                                                            alone_peak=peaks[drop])
-
+    return (counts < point.min_cluster_voxels) | (peaks < peak), peaks

@@ -67,6 +67,37 @@ def test_a_cluster_that_needs_its_neighbour_is_dropped_and_the_neighbour_kept():
     assert relaxed[36, 24, 2] and relaxed[24, 24, 2] and excluded.empty
 
 
+class _Counting(nn.Module):
+    """A network wrapper that counts the views (batch rows) it is run on."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.inner, self.depth, self.views = net, net.depth, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.views += len(x)
+        return self.inner(x)
+
+
+def test_a_point_spares_the_other_slices_of_a_cluster_its_fullest_slice_passes_and_keeps_the_same_clusters():
+    image, brain, mask, _ = _scene()  # the bright cluster and the dot each span slices 2 and 3
+    params, point = IsolationParams(window=64), OperatingPoint(0.5, 2)
+    looks = {}
+    for given in (None, point):
+        model = _stand_in()
+        model.net = _Counting(model.net)
+        alone = isolated_probability({"T2w": image}, brain, mask, model, params=params, point=given)
+        looks[given] = (alone, model.net.views, *keep_alone(mask, alone, point, AFFINE))
+    (every, n_every, kept_every, out_every), (spared, n_spared, kept_spared, out_spared) = looks.values()
+    assert n_every == 4 and n_spared == 3  # the bright cluster's second slice is not looked at
+    assert every[24, 24, 3] > 0.5 and spared[24, 24, 3] == 0 and spared[24, 24, 2] == every[24, 24, 2]
+    np.testing.assert_array_equal(kept_spared, kept_every)
+    assert not kept_spared[36, 24, 2] and kept_spared[24, 24, 3]
+    # the dot fails on its first slice, so it is seen on both, and its peak alone is the same
+    np.testing.assert_array_equal(spared[36, 24], every[36, 24])
+    assert list(out_spared["alone_peak"]) == list(out_every["alone_peak"])
+
+
 def test_the_threshold_alone_is_the_models_unless_set():
     point = OperatingPoint(0.6, 2, peak_threshold=0.9)
     assert IsolationParams().point(point) is point and "threshold" not in IsolationParams().to_dict()

@@ -389,7 +389,7 @@ def test_real_operating_point_decides_each_point_with_the_isolation_test_at_that
     same = types.SimpleNamespace(to_model=lambda volume: volume)
     isolation = rop.Isolation(None, IsolationParams(), {(c.scan.name, c.burden): same for c in cases})
     monkeypatch.setattr(epvsseg.detect, "isolated_map",
-                        lambda mask, grid, net, params, prob: np.where(mask, prob - 0.2, 0.0))
+                        lambda mask, grid, net, params, prob, point: np.where(mask, prob - 0.2, 0.0))
     spec = load_spec("epvs-unet25d-v3")
     grid = rop.score_grid(spec, cases, [(0.4, 2), (0.6, 2), (0.8, 2)], isolation)
     assert grid["0.4/2"]["precision_new"] == pytest.approx(7 / 11)  # 0.45 alone passes 0.4
