@@ -22,7 +22,7 @@ from .exclusions import ExclusionParams
 from .isolation import IsolationParams
 
 #: Default model folder under ``epvsseg/weights``.
-DEFAULT_MODEL = "epvs-unet25d-v3"
+DEFAULT_MODEL = "epvs-unet25d-v11-alone-real"
 
 #: Sequences a 2.5D input can hold, in the order of their channels (the same as :data:`epvsseg.nets.SEQUENCES`).
 KNOWN_SEQUENCES: tuple[str, ...] = ("T2w", "T1w", "FLAIR", "SWI")

@@ -20,7 +20,7 @@ def _f(v, nd=3):
 
 _CLI_SKIP = ("out", "combinations", "crop_vox", "thresholds", "seeds", "render_s", "train_s", "history",
              "initialised_from", "threshold_selection", "operating_point_selection", "min_sizes", "cache_dir",
-             "operating_point_derivation", "operating_point_selection_without_exclusions")
+             "operating_point_derivation", "operating_point_selection_without_exclusions", "peaks")
 
 
 def _cli_args(tr: dict) -> str:
@@ -32,8 +32,10 @@ def _init_line(tr: dict) -> str:
     init = tr.get("initialised_from")
     if not init:
         return "- initialised at random (seeded).\n"
-    return (f"- warm start: initialised from `{init['model_id']}` (weights sha256 `{init['sha256'][:16]}...`, shipped "
-            "beside this model, itself reproducible from its own card), then trained with the recipe above.\n")
+    where = ("shipped beside this model" if (ROOT / "epvsseg" / "weights" / init["model_id"]).is_dir() else
+             f"kept in `benchmarks/models/{init['model_id']}`")
+    return (f"- warm start: initialised from `{init['model_id']}` (weights sha256 `{init['sha256'][:16]}...`, {where}, "
+            "itself reproducible from its own recipe), then trained with the recipe above.\n")
 
 
 def _derivation_lines(meta: dict) -> str:
@@ -63,9 +65,11 @@ def _threshold_lines(meta: dict) -> str:
         head = "| threshold | " + " | ".join(f"min {m} voxels" for m in sizes) + " |\n"
         rows = "".join(f"| {t} | " + " | ".join(f"{mean_score(grid[f'{t}/{m}']):.3f}" for m in sizes) + " |\n"
                        for t in ths)
+        best = max(points, key=lambda tm: mean_score(grid[f"{tm[0]}/{tm[1]}"]))
+        chosen = best if meta.get("operating_point_from") else (meta["threshold"], meta["min_cluster_voxels"])
         return ("\n## Operating point\n\nChosen on the validation crops (never on the benchmark): the probability "
                 "threshold and minimum cluster size with the best mean over the served combinations of cluster F1 + "
-                f"voxel Dice. Selected: **{meta['threshold']}**, clusters of at least **{meta['min_cluster_voxels']}** "
+                f"voxel Dice. Selected: **{chosen[0]}**, clusters of at least **{chosen[1]}** "
                 "voxels" + _peak_words(meta, "**") + "." + _derivation_lines(meta) + "\n\n" + head + "|---|" + "---|" * len(sizes) + "\n" + rows)
     sel = meta["training"].get("threshold_selection")
     if not sel:
@@ -80,6 +84,68 @@ def _peak_words(meta: dict, bold: str = "") -> str:
     """``", whose highest probability reaches <peak>"`` for a model with a peak threshold, else ``""``."""
     peak = meta.get("peak_threshold")
     return "" if peak is None else f", whose highest probability reaches {bold}{peak}{bold}"
+
+
+def _data_words(tr: dict) -> str:
+    """What the synthetic training data was made from: the ICBM average alone, or the anatomies of the real training
+    scans with the domain-randomised generator."""
+    common = ("randomised multi-sequence intensities, bias, noise, blur and 2D/3D acquisitions, partial-volume ePVS "
+              "tubes and mimics (WMH, lacunes, vessels, microbleeds), see `docs/synthetic_data.md`.\n\n")
+    if not tr.get("anatomies"):
+        return ("Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from "
+                "the ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, " + common)
+    return ("Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here), generator "
+            f"`{tr['generator']}` (randomised version {tr.get('randomised_version', 'n/a')}): anatomies "
+            f"{', '.join(f'`{a}`' for a in tr['anatomies'].split(','))} (the ICBM 2009a average and label maps "
+            "built from the real scans `../shared/README.md` marks *training*; never an evaluation-only scan), with "
+            "random deformations, domain-randomised per-label intensities, " + common)
+
+
+def _isolation_line(meta: dict) -> str:
+    """The isolation test's line of the output description, for a model that has one."""
+    iso = meta.get("isolation")
+    if not iso:
+        return ""
+    return ("- then the isolation test (`epvsseg.isolation`): each cluster is kept only if the network still finds it, "
+            "at the same operating point, with the other detected clusters filled with the tissue around them "
+            f"(parameters {iso}).\n")
+
+
+def _real_point_lines(meta: dict) -> str:
+    """For a model whose shipped point was chosen on the real training scans: that choice (it overrides the point the
+    validation crops chose, shown above)."""
+    how = meta.get("operating_point_from")
+    if not how:
+        return ""
+    return ("\n### The shipped point: chosen on real training scans\n\nThe point above is the weights' own, chosen on "
+            f"synthetic crops. This model ships **{meta['threshold']}** / **{meta['min_cluster_voxels']}** voxels, "
+            f"chosen by: {how['rule']}. Command: `{how['command']}`; results `{how['results']}`. No evaluation-only "
+            "scan took part.\n")
+
+
+def _as_app_lines(model_id: str) -> str:
+    """Held-out synthetic brains decided as the application decides (location and isolation tests included), from
+    ``benchmarks/results/location_synthetic(_colin27)_<model>.json`` when they exist."""
+    lines = []
+    for stem, title in (("location_synthetic", "ICBM 2009a anatomy"), ("location_synthetic_colin27", "Colin27")):
+        path = ROOT / "benchmarks" / "results" / f"{stem}_{model_id}.json"
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())
+        lines.append(f"\n{res['n_cases']} held-out synthetic brains, {title}, with {res['with']} "
+                     f"(`{path.relative_to(ROOT)}`, `{res['command']}`):\n\n| combination | cluster sensitivity | "
+                     "cluster precision | cluster F1 | voxel Dice |\n|---|---|---|---|---|\n")
+        for combination, rows in res["results"].items():
+            for key, label in (("with", combination), ("with T2w 2D", f"{combination}, 2D T2w cases")):
+                if key in rows:
+                    r = rows[key]
+                    lines.append(f"| {label} | {_f(r['cluster_sensitivity'])} | {_f(r['cluster_precision'])} | "
+                                 f"{_f(r['cluster_f1'])} | {_f(r['dice'])} |\n")
+    if not lines:
+        return ""
+    return ("\n## Held-out synthetic brains, decided as the application decides\n" + "".join(lines)
+            + f"\nReal scans without labels (injected ePVS, averages, rescans, plausibility): "
+              f"`benchmarks/results/real_scans_{model_id}.md` and `docs/models.md`.\n")
 
 
 def main(folder: str) -> None:
@@ -106,11 +172,9 @@ def main(folder: str) -> None:
         f"- output: sigmoid probability; ePVS = probability >= {meta['threshold']}, 26-connected clusters of at least "
         f"{meta['min_cluster_voxels']} voxels{_peak_words(meta)}, then the lacune/WMH mimic exclusions of `epvsseg.exclusions` (one rule for the application, the "
         "choice of the operating point and the benchmark: `epvsseg.decision.decide`).\n",
+        _isolation_line(meta),
         "\n## Training data and recipe\n",
-        "Trained only on synthetic data from `epvsseg.synth` (no labelled real scans exist here): anatomy from the "
-        "ICBM152 2009a tissue maps and the CIT168 atlas with random deformations, randomised multi-sequence "
-        "intensities, bias, noise, blur and 2D/3D acquisitions, partial-volume ePVS tubes and mimics (WMH, "
-        "lacunes, vessels, microbleeds), see `docs/synthetic_data.md`.\n\n",
+        _data_words(tr),
         f"- seed {tr['seed']}; {tr['n_train']} training and {tr['n_val']} validation crops of {tr['crop_vox']} voxels "
         f"(case seeds listed in model.json); {tr['iterations']} iterations, batch {tr['batch']}, patches "
         f"{tr['patch']}x{tr['patch']}, AdamW, one-cycle LR {tr['lr']}, BCE (pos_weight 3) + soft Dice loss; "
@@ -125,7 +189,8 @@ def main(folder: str) -> None:
         _init_line(tr),
         "\nReproduce: `python -m epvsseg.train --out DIR " + _cli_args(tr) + "` at that commit.\n",
         _threshold_lines(meta),
-        "\n## Validation (synthetic validation crops, best checkpoint, at the operating point"
+        _real_point_lines(meta),
+        "\n## Validation (synthetic validation crops, best checkpoint, at the validation crops' operating point"
         + (", through `decide` with the exclusions" if tr.get("operating_point_derivation") else "") + ")\n\n",
         "| combination | voxel Dice | cluster sensitivity | cluster precision | cluster F1 |\n|---|---|---|---|---|\n",
     ]
@@ -145,6 +210,7 @@ def main(folder: str) -> None:
         if s:
             lines.append(f"\nInference: {s['seconds_per_1mm_brain']:.1f} s per 1 mm brain on {s['threads']} CPU "
                          f"threads, peak RAM {s['peak_ram_mb']:.0f} MB.\n")
+    lines.append(_as_app_lines(meta["model_id"]))
     lines += [
         "\n## Limitations\n",
         "- Never trained or validated on manually labelled real scans: real-data accuracy is unknown. The "

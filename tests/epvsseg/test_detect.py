@@ -16,7 +16,11 @@ pytest.importorskip("torch")
 from epvsseg import detect as det  # noqa: E402
 from epvsseg import frangi, gpu, infer  # noqa: E402
 from epvsseg.decision import decide  # noqa: E402
-from epvsseg.spec import SpecError, load_spec, weights_root  # noqa: E402
+from epvsseg.spec import DEFAULT_MODEL, SpecError, load_spec, weights_root  # noqa: E402
+
+#: A shipped model without the isolation test (the default before session 24): its detection is predict, then
+#: decide. The tests of that path and of folders derived from it use it by name.
+V3 = "epvs-unet25d-v3"
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,9 @@ def test_unet_is_predict_then_decide_at_the_spec_operating_point(crop, monkeypat
     volumes, mask, affine = crop
     sized = []
     monkeypatch.setattr(gpu, "inference_batch", lambda dev, spec, shape: sized.append(tuple(shape)) or 8)
-    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
-    spec = load_spec()
-    prob = infer.predict(volumes, mask, infer.load_model())
+    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", model=V3)
+    spec = load_spec(V3)
+    prob = infer.predict(volumes, mask, infer.load_model(V3))
     expected = decide(prob, spec.operating_point, affine=affine, brain=mask)
     assert out.score.dtype == np.float32 and np.array_equal(out.score, prob)
     assert out.mask.dtype == bool and np.array_equal(out.mask, expected.mask) and out.mask.any()
@@ -61,15 +65,31 @@ def test_unet_is_predict_then_decide_at_the_spec_operating_point(crop, monkeypat
     json.dumps(out.parameters)
 
 
+def test_the_default_model_decides_then_keeps_the_clusters_found_alone(crop):
+    """The default model has the isolation test: its mask is the decision's, less the clusters not found alone."""
+    volumes, mask, affine = crop
+    spec = load_spec()
+    assert spec.model_id == DEFAULT_MODEL and spec.isolation is not None
+    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    model = infer.load_model()
+    prob = infer.predict(volumes, mask, model)
+    decided = decide(prob, spec.operating_point, affine=affine, brain=mask)
+    grid = det.ModelGrid.of(volumes, mask, affine, spec)
+    kept, alone = det.isolate_clusters(decided.mask, grid, affine, model, prob=prob)
+    assert np.array_equal(out.score, prob) and np.array_equal(out.mask, kept) and out.mask.any()
+    assert len(alone) >= 1 and len(out.excluded) == len(decided.excluded) + len(alone)  # the test removed some
+    assert out.description.endswith("mimic exclusions, found with the other clusters filled in).")
+
+
 def test_unet_passes_the_tissue_classes_to_the_location_test(crop):
     from epvsprep.tissue import TISSUE_CLASSES
 
     volumes, mask, affine = crop
     tissue = np.where(mask, TISSUE_CLASSES.index("white_matter"), 0).astype(np.uint8)
     tissue[: mask.shape[0] // 2] = TISSUE_CLASSES.index("cortex")  # half the crop is "cortex"
-    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", tissue=tissue)
-    prob = infer.predict(volumes, mask, infer.load_model())
-    expected = decide(prob, load_spec().operating_point, affine=affine, brain=mask, tissue=tissue)
+    out = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", tissue=tissue, model=V3)
+    prob = infer.predict(volumes, mask, infer.load_model(V3))
+    expected = decide(prob, load_spec(V3).operating_point, affine=affine, brain=mask, tissue=tissue)
     assert np.array_equal(out.mask, expected.mask) and out.excluded.equals(expected.excluded)
     assert (out.excluded["reason"] == "outside_wm_or_deep_gm").any()
     assert not out.mask[: mask.shape[0] // 2 - 3].any()
@@ -91,11 +111,11 @@ def test_unet_resamples_to_the_model_grid_and_back(crop, monkeypatch):
 def test_the_model_folder_spec_decides(crop, tmp_path):
     volumes, mask, affine = crop
     folder = tmp_path / "strict"
-    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    shutil.copytree(weights_root() / V3, folder)
     meta = json.loads((folder / "model.json").read_text())
     meta.update(threshold=0.95, min_cluster_voxels=5, exclusions={"lacune_min_diameter_mm": 2.0})
     (folder / "model.json").write_text(json.dumps(meta))
-    default = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    default = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", model=V3)
     strict = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
     assert strict.parameters["threshold"] == 0.95 and strict.parameters["exclusions"]["lacune_min_diameter_mm"] == 2
     assert strict.mask.sum() < default.mask.sum() and not (strict.mask & ~default.mask).any()
@@ -106,7 +126,7 @@ def test_the_model_folder_spec_decides(crop, tmp_path):
 def test_a_folder_with_a_peak_threshold_and_flip_averaging_decides_so(crop, tmp_path):
     volumes, mask, affine = crop
     folder = tmp_path / "peaked"
-    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    shutil.copytree(weights_root() / V3, folder)
     meta = json.loads((folder / "model.json").read_text())
     meta.update(threshold=0.4, peak_threshold=0.9, flip_tta=True)
     (folder / "model.json").write_text(json.dumps(meta))
@@ -136,7 +156,7 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
     affine = affine.copy()
     affine[:3, :3] *= voxel  # 0.6 mm: the test runs on the model's grid, its verdict lands on the input's
     folder = _alone_folder(tmp_path / "alone", {"window": 48, "margin": 1, "sigma": 2.0, "fill": fill})
-    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", model=V3)
     zoomed, zoom = [], ndimage.zoom
     monkeypatch.setattr(ndimage, "zoom", lambda a, *args, **kw: zoomed.append(np.shape(a)) or zoom(a, *args, **kw))
     out = det.detect(volumes, mask, affine, combination=("T2w",), model=folder, device="cpu")
@@ -152,7 +172,7 @@ def test_a_folder_with_the_isolation_test_removes_only_clusters_not_found_alone(
 
 def _alone_folder(folder, isolation: dict):
     """v3's folder with an isolation entry."""
-    shutil.copytree(weights_root() / "epvs-unet25d-v3", folder)
+    shutil.copytree(weights_root() / V3, folder)
     meta = json.loads((folder / "model.json").read_text())
     meta.update(isolation=isolation)
     (folder / "model.json").write_text(json.dumps(meta))
@@ -161,7 +181,7 @@ def _alone_folder(folder, isolation: dict):
 
 def test_a_lower_threshold_alone_keeps_more_of_the_first_look(crop, tmp_path):
     volumes, mask, affine = crop
-    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu")
+    first = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu", model=V3)
     own = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu",
                      model=_alone_folder(tmp_path / "own", {"window": 48}))
     low = det.detect(volumes, mask, affine, combination=("T2w",), device="cpu",
@@ -190,6 +210,6 @@ def test_refusals_name_the_problem(crop, tmp_path):
         det.detect({**volumes, "FLAIR": volumes["T2w"]}, mask, affine, combination=("T2w", "FLAIR"), method="frangi")
     with pytest.raises(ValueError, match="unknown method 'svm'"):
         det.detect(volumes, mask, affine, combination=("T2w",), method="svm")
-    only_flair = replace(load_spec(), combinations=(("FLAIR",),))
+    only_flair = replace(load_spec(V3), combinations=(("FLAIR",),))
     with pytest.raises(ValueError, match=r"model.json: model epvs-unet25d-v3 does not serve T2w \(served: FLAIR\)"):
         det.detect(volumes, mask, affine, combination=("T2w",), model=only_flair)

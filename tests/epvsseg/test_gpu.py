@@ -50,10 +50,10 @@ def test_memory_model_bounds_the_measured_peak(in_channels, base, depth, batch):
 
 def test_slice_bytes_of_the_default_model_at_1mm():
     spec = load_spec()
-    assert spec.architecture_kwargs == {"in_channels": 24, "base": 16, "depth": 3}  # the case measured above
+    assert spec.architecture_kwargs == {"in_channels": 24, "base": 24, "depth": 3}
     fp16 = gpu.spec_slice_bytes(spec, 197, 233, dtype_bytes=2)  # padded to 200 x 240 (multiple of 2**3)
     fp32 = gpu.spec_slice_bytes(spec, 197, 233, dtype_bytes=4)
-    assert fp16 == unet_slice_bytes(200, 240, in_channels=24, base=16, depth=3, dtype_bytes=2)
+    assert fp16 == unet_slice_bytes(200, 240, in_channels=24, base=24, depth=3, dtype_bytes=2)
     assert fp16 < fp32
     assert 5e6 < fp16 < 5e7  # tens of MB per 1 mm axial slice: a whole brain fits a small GPU
     assert batch_for_memory(6 * 1024**3, fp16, 190) == 190

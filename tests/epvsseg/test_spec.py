@@ -10,6 +10,7 @@ import pytest
 
 from epvsseg import infer, spec
 from epvsseg.exclusions import ExclusionParams
+from epvsseg.isolation import IsolationParams
 from epvsseg.spec import SpecError, WeightsError, load_spec
 
 
@@ -28,13 +29,14 @@ def test_shipped_models_load_and_verify(model_id):
 def test_default_spec_and_record():
     s = load_spec()
     assert s.model_id == spec.DEFAULT_MODEL
-    assert s.architecture_kwargs == {"in_channels": 24, "base": 16, "depth": 3}
+    assert s.architecture_kwargs == {"in_channels": 24, "base": 24, "depth": 3}
     assert s.combinations[0] == ("T2w", "FLAIR", "T1w", "SWI") and ("FLAIR",) in s.combinations
+    assert s.isolation == IsolationParams(window=96, margin=1, sigma=2.0)  # the default decides with the test
     record = s.to_record()
-    assert record == {"model_id": s.model_id, "weights_sha256": s.sha256, "threshold": s.threshold,
-                      "min_cluster_voxels": s.min_cluster_voxels, "peak_threshold": s.peak_threshold,
-                      "flip_tta": False, "exclusions": ExclusionParams().to_dict(), "isolation": None,
-                      "finetuned_from": None}
+    assert record == {"model_id": s.model_id, "weights_sha256": s.sha256, "threshold": 0.3,
+                      "min_cluster_voxels": 2, "peak_threshold": None,
+                      "flip_tta": False, "exclusions": ExclusionParams().to_dict(),
+                      "isolation": {"window": 96, "margin": 1, "sigma": 2.0, "fill": "all"}, "finetuned_from": None}
     json.dumps(record)
     assert infer.SERVED_COMBINATIONS == s.combinations  # the module name reads the spec
 

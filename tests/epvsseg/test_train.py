@@ -37,9 +37,10 @@ def test_widened_context_computes_what_the_narrow_model_did():
 
 
 def test_widened_network_computes_what_the_narrow_model_did():
-    base = infer.load_model(infer.DEFAULT_MODEL)
+    narrow = "epvs-unet25d-v3"  # 16 feature maps, widened to 24 as v11 was made from v10
+    base = infer.load_model(narrow)
     old = base.spec.architecture_kwargs["base"]
-    cfg = TrainConfig(out="", init=infer.DEFAULT_MODEL, context=base.context, base=old + 8)
+    cfg = TrainConfig(out="", init=narrow, context=base.context, base=old + 8)
     net, kwargs, init = _initial_network(cfg)
     assert kwargs["base"] == old + 8 and init["base"] == old
     assert sum(p.numel() for p in net.parameters()) > 2 * sum(p.numel() for p in base.net.parameters())
@@ -50,7 +51,7 @@ def test_widened_network_computes_what_the_narrow_model_did():
     with pytest.raises(ValueError, match="narrow"):
         widen_base(base.net.state_dict(), build("unet2d", **{**kwargs, "base": old - 8}).state_dict(), old, old - 8)
     with pytest.raises(ValueError, match="does not fit"):
-        _initial_network(TrainConfig(out="", init=infer.DEFAULT_MODEL, context=base.context, base=old - 8))
+        _initial_network(TrainConfig(out="", init=narrow, context=base.context, base=old - 8))
 
 
 def _assert_same_predictions(base, net, context: int, seed: int):
