@@ -5,9 +5,9 @@ Times :func:`epvsseg.detect.detect` (inference, decision with the location test,
 that has one) on a scan that ``benchmarks/real_scans.py --prep-only`` preprocessed, on the CPU, best of
 ``--repeat`` runs after one warm-up, with ``--threads`` torch threads. The subject's tissue classes the location
 test reads are computed by the participant level's preprocessing (``epvsprep.pipeline``), not by ``detect``: they
-are timed apart, in their own column (tables before session 24 counted them in the detection's seconds). Each model runs in a fresh process, whose peak resident
-memory (``ru_maxrss``: Python, torch, the model, the scan and the detections) is reported beside its time. Run it
-on an otherwise idle machine. Writes ``--out`` (default ``benchmarks/results/detect_time.md``).
+are timed apart, in their own column (tables before session 24 counted them in the detection's seconds). Each
+model runs in a fresh process, whose peak resident memory (``ru_maxrss``: Python, torch, the model, the scan and
+the detections) is reported beside its time. Run it on an otherwise idle machine. Writes ``--out`` (default ``benchmarks/results/detect_time.md``).
 
 Usage::
 

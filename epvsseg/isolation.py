@@ -16,6 +16,10 @@ around it:
    views (and, with a peak threshold, its highest isolated probability reaches it): the operating point's own
    rule, applied to what the cluster shows on its own.
 
+Since that rule can only be passed more easily with more slices, the application first shows each cluster on the
+slice holding most of its voxels and its other slices only when that one does not pass (``point`` of
+:func:`isolated_probability`): the same clusters are kept with about half the views.
+
 The probability map the application writes stays the network's first look; the test only removes clusters, and
 reports each with its reason (``not_found_alone``) in the mask's excluded clusters.
 """
