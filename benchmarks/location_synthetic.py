@@ -155,11 +155,13 @@ def main() -> None:
     parser.add_argument("--anatomy", choices=("icbm2009a", "colin27"), default="icbm2009a",
                         help="colin27 needs Debian's mricron-data; results go to location_synthetic_colin27.*")
     parser.add_argument("--model", default=None, help="model id or folder (default: the shipped model)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results stem (.md and .json); default location_synthetic[_<anatomy>][_<model>]")
     opts = parser.parse_args()
     res = run(opts.n, opts.cache, [tuple(c.split("+")) for c in opts.combinations], opts.anatomy, opts.model)
     command = "python benchmarks/location_synthetic.py " + " ".join(sys.argv[1:])
-    stem = RESULTS / ("location_synthetic" + ("" if opts.anatomy == "icbm2009a" else f"_{opts.anatomy}")
-                      + ("" if opts.model is None else f"_{res['model_id']}"))
+    stem = opts.out or RESULTS / ("location_synthetic" + ("" if opts.anatomy == "icbm2009a" else f"_{opts.anatomy}")
+                                  + ("" if opts.model is None else f"_{res['model_id']}"))
     stem.with_suffix(".json").write_text(json.dumps({**res, "command": command}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(res, command))
     print(stem.with_suffix(".md").read_text())

@@ -41,6 +41,13 @@ def measure(bids: Path, out: Path, work: Path, label: str, nprocs: int, method: 
             "wall_s": wall, "combination": "+".join(prov["combination"]), "timings_s": prov["timings_s"]}
 
 
+def _model_words(method: str) -> str:
+    """`` (default model `<id>`)`` for the U-Net, so that a table names the model it measured."""
+    from epvsseg.spec import DEFAULT_MODEL
+
+    return f" (default model `{DEFAULT_MODEL}`)" if method == "unet" else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nprocs", type=int, default=1)
@@ -58,7 +65,8 @@ def main() -> None:
         "# Peak memory of one participant task",
         "",
         f"Measured by `benchmarks/participant_memory.py` on {platform.machine()}, {opts.nprocs} core(s) per task "
-        f"(`--nprocs {opts.nprocs}`), method `{opts.method}`, Python {platform.python_version()}, on a shared "
+        f"(`--nprocs {opts.nprocs}`), method `{opts.method}`{_model_words(opts.method)}, Python "
+        f"{platform.python_version()}, on a shared "
         "2-core machine. One fresh process per participant, as a SLURM array task runs it; peak resident "
         "memory of the process tree (`getrusage(RUSAGE_CHILDREN).ru_maxrss`).",
         "",
