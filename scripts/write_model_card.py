@@ -125,9 +125,11 @@ def _real_point_lines(meta: dict) -> str:
 
 def _as_app_lines(model_id: str) -> str:
     """Held-out synthetic brains decided as the application decides (location and isolation tests included), from
-    ``benchmarks/results/location_synthetic(_colin27)_<model>.json`` when they exist."""
+    ``benchmarks/results/location_synthetic(_four_more|_colin27)_<model>.json`` when they exist."""
     lines = []
-    for stem, title in (("location_synthetic", "ICBM 2009a anatomy"), ("location_synthetic_colin27", "Colin27")):
+    for stem, title in (("location_synthetic", "ICBM 2009a anatomy"),
+                        ("location_synthetic_four_more", "ICBM 2009a anatomy, the other four combinations"),
+                        ("location_synthetic_colin27", "Colin27")):
         path = ROOT / "benchmarks" / "results" / f"{stem}_{model_id}.json"
         if not path.exists():
             continue
