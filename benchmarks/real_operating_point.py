@@ -126,19 +126,20 @@ class Isolation:
 
         grids, preps = {}, {}
         for case in cases:
-            prep = preps.setdefault(case.scan.name, real_scans.load_prepared(case.scan.name))
+            if case.scan.name not in preps:  # each scan loaded once for its burdens
+                preps[case.scan.name] = real_scans.load_prepared(case.scan.name)
+            prep = preps[case.scan.name]
             grids[(case.scan.name, case.burden)] = ModelGrid.of({case.scan.sequence: case_image(prep, case.burden)},
                                                                 prep.mask, prep.affine, spec)
         return cls(infer.load_model(spec, device="cpu"), spec.isolation, grids)
 
     def kept(self, case: Case, mask: np.ndarray, point) -> np.ndarray:
         """The clusters of ``mask`` (decided at ``point``) that pass ``point`` seen alone."""
-        from epvsseg.detect import isolated_map
-        from epvsseg.isolation import keep_alone
+        from epvsseg.detect import isolate_clusters
 
-        grid, alone_point = self.grids[(case.scan.name, case.burden)], self.params.point(point)
-        alone = isolated_map(mask, grid, self.net, self.params, prob=grid.to_model(case.score), point=alone_point)
-        return keep_alone(mask, alone, alone_point, case.affine)[0]
+        grid = self.grids[(case.scan.name, case.burden)]
+        return isolate_clusters(mask, grid, case.affine, self.net, self.params, prob=grid.to_model(case.score),
+                                point=point)[0]
 
 
 def training_cases(spec) -> list[Case]:

@@ -270,7 +270,7 @@ class ModelGrid:
 
 
 def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, model, params=None, *,
-                     prob: np.ndarray | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+                     prob: np.ndarray | None = None, point=None) -> tuple[np.ndarray, pd.DataFrame]:
     """The isolation test (:mod:`epvsseg.isolation`) of a decided mask, on the grid the model saw the input on.
 
     Parameters
@@ -286,6 +286,9 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
     prob : ndarray, optional
         The first look's probability on the model's grid (``grid.brain``'s shape); needed with fill
         ``"stronger"``.
+    point : epvsseg.decision.OperatingPoint, optional
+        The point ``decided`` was decided at (default the model's): its clusters must pass it alone (with the
+        isolation parameters' own threshold, if set).
 
     Returns
     -------
@@ -296,7 +299,7 @@ def isolate_clusters(decided: np.ndarray, grid: ModelGrid, affine: np.ndarray, m
     from .isolation import keep_alone
 
     params = model.spec.isolation if params is None else params
-    point = params.point(model.spec.operating_point)
+    point = params.point(model.spec.operating_point if point is None else point)
     return keep_alone(decided, isolated_map(decided, grid, model, params, prob=prob, point=point), point, affine)
 
 

@@ -65,8 +65,8 @@ def _threshold_lines(meta: dict) -> str:
         head = "| threshold | " + " | ".join(f"min {m} voxels" for m in sizes) + " |\n"
         rows = "".join(f"| {t} | " + " | ".join(f"{mean_score(grid[f'{t}/{m}']):.3f}" for m in sizes) + " |\n"
                        for t in ths)
-        best = max(points, key=lambda tm: mean_score(grid[f"{tm[0]}/{tm[1]}"]))
-        chosen = best if meta.get("operating_point_from") else (meta["threshold"], meta["min_cluster_voxels"])
+        chosen = (max(points, key=lambda tm: mean_score(grid[f"{tm[0]}/{tm[1]}"])) if meta.get("operating_point_from")
+                  else (meta["threshold"], meta["min_cluster_voxels"]))  # the crops' own choice
         return ("\n## Operating point\n\nChosen on the validation crops (never on the benchmark): the probability "
                 "threshold and minimum cluster size with the best mean over the served combinations of cluster F1 + "
                 f"voxel Dice. Selected: **{chosen[0]}**, clusters of at least **{chosen[1]}** "
