@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import infer3d  # noqa: E402  (benchmarks/infer3d.py, beside this script)
+from peak_memory import vm_hwm_mib  # noqa: E402
 
 from epvsseg import infer, metrics, postproc, train  # noqa: E402
 from epvsseg.nets import SEQUENCES, build, n_input_channels  # noqa: E402
@@ -181,19 +182,6 @@ def best_threshold(by_t: dict) -> float:
 
 
 # ------------------------------------------------------------------ speed
-def vm_hwm_mib() -> float:
-    """Peak resident set of this process (``VmHWM``, MiB).
-
-    ``getrusage(RUSAGE_SELF).ru_maxrss`` is reported too, but on Linux a child started with fork + exec keeps
-    the parent's high-water mark there, so it overstates a fresh worker's peak when the parent is large (as it
-    is here, holding the training crops); ``VmHWM`` belongs to the new address space only.
-    """
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def speed_worker(arch: str, weights: str, kwargs: dict, context: int, threads: int, shape, tile, overlap) -> dict:
     """Whole-volume inference time and peak RSS of one network (run in a fresh process)."""
     import torch

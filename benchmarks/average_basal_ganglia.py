@@ -9,7 +9,8 @@ mostly in the warped atlas's basal ganglia below the anterior commissure (z <= 0
 space, which these averages are in), and draws that slice of the MNI152 T2w with each model's clusters.
 
 Usage: python benchmarks/average_basal_ganglia.py --models epvs-unet25d-v3 work/v5/epvs-unet25d-v5
-Writes ``benchmarks/results/average_basal_ganglia.md`` and ``docs/figures/average_basal_ganglia.png``.
+Writes ``benchmarks/results/<out>.md`` and ``docs/figures/<out>.png`` (``--out``, default
+``average_basal_ganglia``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import real_scans as rs  # noqa: E402
 
 AVERAGES = ("mni152_t2w", "icbm2009a_t1w", "mni152_t1w")
-FIGURE = ROOT / "docs" / "figures" / "average_basal_ganglia.png"
-COLOURS = {"cyan": "#00e5ff", "green": "#34c759", "yellow": "#ffd60a"}
+FIGURES = ROOT / "docs" / "figures"
+COLOURS = {"cyan": "#00e5ff", "yellow": "#ffd60a", "magenta": "#ff2d95"}
 
 
 def inferior_basal_ganglia(prep: rs.Prepared, table) -> np.ndarray:
@@ -71,8 +72,10 @@ def figure(models: list[str], path: Path) -> None:
         if det is not None and det[sl].any():
             axes[1].contour(det[sl].T.astype(float), [0.5], colors=colour, linewidths=0.9)
     axes[0].set_title("MNI152 T2w average, z = -8 mm (x -45..45, y -45..35 mm)", fontsize=10)
-    axes[1].set_title("clusters: " + ", ".join(f"{Path(m).name} ({c})" for m, c in zip(models, COLOURS)), fontsize=10)
+    axes[1].set_title("clusters:\n" + "\n".join(f"{Path(m).name} ({c})" for m, c in zip(models, COLOURS)),
+                      fontsize=10)
     fig.tight_layout()
+    fig.subplots_adjust(top=0.86)
     fig.savefig(path, dpi=70)
     plt.close(fig)
 
@@ -80,6 +83,8 @@ def figure(models: list[str], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--out", default="average_basal_ganglia",
+                        help="name of the table (benchmarks/results/NAME.md) and figure (docs/figures/NAME.png)")
     opts = parser.parse_args()
     from epvsprep.anatomy import load_kit
 
@@ -93,14 +98,14 @@ def main() -> None:
             if det is not None:
                 n, inside = count(det, region)
                 rows.append(f"| `{name}` ({rs.BY_NAME[name].dataset}) | {Path(model).name} | {n} | {inside} |\n")
-    figure(opts.models, FIGURE)
+    figure(opts.models, FIGURES / f"{opts.out}.png")
     text = ("# Clusters on the template averages, and how many lie in the inferior basal ganglia (#17)\n\n"
             f"Command: `python benchmarks/average_basal_ganglia.py {' '.join(sys.argv[1:])}`. Detections: "
             "`real_scans.py` (app decision, location test on). Inferior basal ganglia: the warped atlas's "
             "basal-ganglia voxels at z <= 0 mm (the averages are in MNI space); a cluster counts there when most "
-            "of its voxels are. Figure: `docs/figures/average_basal_ganglia.png`.\n\n"
+            f"of its voxels are. Figure: `docs/figures/{opts.out}.png`.\n\n"
             "| average | model | clusters | in the inferior basal ganglia |\n|---|---|---|---|\n" + "".join(rows))
-    (rs.RESULTS / "average_basal_ganglia.md").write_text(text)
+    (rs.RESULTS / f"{opts.out}.md").write_text(text)
     print(text)
 
 

@@ -6,8 +6,8 @@ that has one) on a scan that ``benchmarks/real_scans.py --prep-only`` preprocess
 ``--repeat`` runs after one warm-up, with ``--threads`` torch threads. The subject's tissue classes the location
 test reads are computed by the participant level's preprocessing (``epvsprep.pipeline``), not by ``detect``: they
 are timed apart, in their own column (tables before session 24 counted them in the detection's seconds). Each
-model runs in a fresh process, whose peak resident memory (``ru_maxrss``: Python, torch, the model, the scan and
-the detections) is reported beside its time. Run it on an otherwise idle machine. Writes ``--out`` (default ``benchmarks/results/detect_time.md``).
+model runs in a fresh process, whose peak resident memory (``VmHWM``, ``peak_memory.vm_hwm_mib``: Python, torch,
+the model, the scan and the detections; session 25 and later) is reported beside its time. Run it on an otherwise idle machine. Writes ``--out`` (default ``benchmarks/results/detect_time.md``).
 
 Usage::
 
@@ -21,7 +21,6 @@ import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ def _seconds(function, *args) -> float:
 def one_model(ref: str, opts: argparse.Namespace) -> str:
     """The table row of model ``ref`` (run in a fresh process: its peak memory is the model's alone)."""
     import torch
+    from peak_memory import vm_hwm_mib
     from real_scans import load_prepared
 
     from epvsseg.spec import load_spec
@@ -58,7 +58,7 @@ def one_model(ref: str, opts: argparse.Namespace) -> str:
     torch.set_num_threads(opts.threads)
     spec = load_spec(ref)
     seconds, tissue = best_seconds(spec, load_prepared(opts.scan), opts.repeat)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = vm_hwm_mib()
     networks, flip = len(spec.members) or 1, "yes" if spec.flip_tta else "no"
     isolation = "yes" if spec.isolation is not None else "no"
     return f"| {spec.model_id} | {networks} | {flip} | {isolation} | {seconds:.1f} | {tissue:.1f} | {peak_mb:.0f} |\n"

@@ -46,6 +46,22 @@ def case_tissue(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, params:
     return subject_tissue(image, mask, frac["gm"] + deep, frac["wm"], regions, DEEP_TABLE)
 
 
+def as_app(prob: np.ndarray, images: dict, mask: np.ndarray, affine: np.ndarray, combo: tuple[str, ...], model,
+           tissue: np.ndarray) -> np.ndarray:
+    """The application's mask of one case from its probability: the decision at the model's point with the mimic
+    exclusions and the location test, then the isolation test where the model has one (as ``epvsseg.detect``)."""
+    from epvsseg.decision import decide
+    from epvsseg.detect import ModelGrid, isolate_clusters
+
+    spec = model.spec
+    flair = images.get("FLAIR") if "FLAIR" in combo else None
+    decided = decide(prob, spec.operating_point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask
+    if spec.isolation is not None:
+        grid = ModelGrid.of({c: images[c] for c in combo}, mask, affine, spec)
+        decided = isolate_clusters(decided, grid, affine, model, prob=grid.to_model(prob))[0]
+    return decided
+
+
 def score(preds: list[np.ndarray], truths: list[np.ndarray]) -> dict:
     from epvsseg import metrics
 
@@ -85,7 +101,6 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
 
     from epvsseg import infer
     from epvsseg.decision import decide
-    from epvsseg.detect import ModelGrid, isolate_clusters
     from epvsseg.spec import load_spec
 
     spec = load_spec(model_id)
@@ -101,17 +116,12 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
             prob = infer.predict({c: images[c] for c in combo}, mask, model)
             flair = images.get("FLAIR") if "FLAIR" in combo else None
             t0 = time.perf_counter()
-            params = _params(cache, info)
+            params = case_params(cache, info)
             modes.append(params["acquisition"]["T2w"]["mode"])
             tissue = case_tissue(images[combo[0]], mask, affine, params, priors)
             seconds.append(time.perf_counter() - t0)
-            point = spec.operating_point
-            without.append(decide(prob, point, affine=affine, brain=mask, flair=flair).mask)
-            decided = decide(prob, point, affine=affine, brain=mask, flair=flair, tissue=tissue).mask
-            if spec.isolation is not None:  # the app's decision goes on with the isolation test
-                grid = ModelGrid.of({c: images[c] for c in combo}, mask, affine, spec)
-                decided = isolate_clusters(decided, grid, affine, model, prob=grid.to_model(prob))[0]
-            with_test.append(decided)
+            without.append(decide(prob, spec.operating_point, affine=affine, brain=mask, flair=flair).mask)
+            with_test.append(as_app(prob, images, mask, affine, combo, model, tissue))
             truths.append(truth)
         key = "+".join(combo)
         out["results"][key] = {**_stratified(without, with_test, truths, modes),
@@ -120,7 +130,8 @@ def run(n: int, cache: Path, combinations: list[tuple[str, ...]], anatomy: str =
     return out
 
 
-def _params(cache: Path, info: dict) -> dict:
+def case_params(cache: Path, info: dict) -> dict:
+    """The generator's parameters of one cached test brain (``synth.render`` re-renders it from them)."""
     with np.load(cache / f"{info['anatomy']}-{info['seed']}.npz") as z:
         return json.loads(str(z["params"]))
 
