@@ -381,5 +381,5 @@ def _qc(pre: Preprocessed, gm, wm, registration: dict, meta: Mapping[str, Any] |
                             f"template brain overlaps the brain mask with Dice {meta['mask_dice']:.2f} < 0.8): "
                             "region measures are unreliable; check the regions figure")
     said = {"small brain mask", "large brain mask", "brain mask failed", "brain mask disagrees with template"}
-    pre.warnings.extend(f"QC flag: {f}" for f in flags if "registration" not in f and f not in said)
+    pre.warnings.extend(qcm.flag_warning(f) for f in flags if "registration" not in f and f not in said)
     return {**measures, "flags": flags}

@@ -49,6 +49,15 @@ _FLAG_TEXT = {
     ("background_share", "high"): "brain mask includes empty background",
 }
 
+#: What a flag means for the ePVS measures, said with its warning (:func:`flag_warning`). Low grey/white CNR: the one
+#: such real scan benchmarked (``dbc_v02_t1w``, a child's second session, whose white matter is hardly darker than
+#: its cortex) got 96 ePVS clusters from the default model against 8 on the same child's other session
+#: (``benchmarks/results/real_scans_epvs-unet25d-v11-alone-real.md``).
+FLAG_ADVICE = {
+    "low CNR": "grey and white matter hardly differ on this image; ePVS detection is not validated on such contrast "
+               "(it can mark texture as ePVS): check the overlays before using the counts",
+}
+
 #: Plausible brain-mask and intracranial volumes (mm³) by age (years): ``(min_age, max_age, brain, icv)``
 #: with ``brain``/``icv`` = ``(low, high)``. Sources: adult ICV 1.1-1.9 L (issue #18; the range of healthy
 #: adult men and women, e.g. the ICV distributions reported with FreeSurfer's eTIV); total brain volume
@@ -181,6 +190,13 @@ def flags(measures: Mapping[str, Any], ranges: Mapping[str, tuple[float | None, 
         if not reg.get("ok", True):
             out.append(f"{sequence} registration failed")
     return out
+
+
+def flag_warning(flag: str) -> str:
+    """The warning of one QC flag: ``"QC flag: <flag>"``, and what it means for the ePVS measures where
+    :data:`FLAG_ADVICE` says."""
+    advice = FLAG_ADVICE.get(flag)
+    return f"QC flag: {flag}" + (f": {advice}" if advice else "")
 
 
 def voxel_size_flags(spacing_mm: tuple[float, float, float], *, max_mm: float = 3.0) -> list[str]:

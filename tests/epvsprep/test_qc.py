@@ -68,6 +68,12 @@ def test_flags():
     assert qc.voxel_size_flags((1.0, 1.0, 1.0)) == []
 
 
+def test_a_low_cnr_warning_says_what_it_means_for_the_epvs_counts_and_other_flags_stay_plain():
+    low_cnr = qc.flag_warning(qc.flags({"cnr": 0.06})[0])
+    assert low_cnr.startswith("QC flag: low CNR: ") and "not validated" in low_cnr
+    assert qc.flag_warning("low SNR") == "QC flag: low SNR"
+
+
 def test_volume_ranges_by_age():
     child, adult, unknown = qc.volume_ranges(6), qc.volume_ranges(45), qc.volume_ranges(None)
     assert child["brain_volume_mm3"] == (0.9e6, 1.6e6) and adult["icv_mm3"] == (1.1e6, 1.9e6)
