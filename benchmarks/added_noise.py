@@ -11,9 +11,15 @@ clusters reported where nothing was injected, the sensitivity to the injected cl
 detections (detections not already there at burden 0 of the *clean* scan: clusters the noise brings are new and
 false).
 
-Usage: python benchmarks/added_noise.py [--model ID] [--scans coreg_qa_t1w ...] [--threads 2]
-Writes ``benchmarks/results/added_noise_<model>.md`` and ``.json``. Needs ``python benchmarks/real_scans.py
---prep-only``.
+``--perturbation contrast`` tests the next premise the same way: the grey/white contrast of each scan reduced by a
+fraction ``level`` (0, 50 and 90 %, fixed beforehand): every voxel moved by ``level`` x (median WM - median GM of
+the clean scan, the QC's template masks) x its white-matter weight (the app's white-matter class of the clean scan,
+smoothed with a 1-voxel Gaussian), so that white matter approaches cortex while an ePVS keeps its contrast to the
+white matter around it. The grey/white CNR of ``epvsprep.qc`` is reported per level (its QC flags < 0.3).
+
+Usage: python benchmarks/added_noise.py [--perturbation noise|contrast] [--model ID] [--scans coreg_qa_t1w ...]
+[--threads 2]. Writes ``benchmarks/results/added_noise_<model>.md`` (``reduced_contrast_<model>.md`` with
+``contrast``) and ``.json``. Needs ``python benchmarks/real_scans.py --prep-only``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import real_operating_point as rop  # noqa: E402
 import real_scans as rs  # noqa: E402
 
-LEVELS = (0.0, 0.04, 0.08)
+#: Perturbation -> its levels (fixed before any measurement) and the stem of its results.
+PERTURBATIONS = {"noise": ((0.0, 0.04, 0.08), "added_noise"), "contrast": ((0.0, 0.5, 0.9), "reduced_contrast")}
 BURDENS = ("0", "high")
 SCANS = ("coreg_qa_t1w", "otsu_t1w", "synthsr_flair", "icbm2009a_t1w", "head_ext2_t1w")
 SEED = 2_512_070
@@ -47,36 +54,55 @@ def rician(image: np.ndarray, brain: np.ndarray, level: float, rng: np.random.Ge
     return np.where(brain, noisy, image).astype(np.float32)
 
 
-def scan_records(spec, name: str) -> list[dict]:
-    """One record per noise level and burden of one training scan (``real_scans.agreement_record`` + SNR)."""
+def less_contrast(image: np.ndarray, prep, level: float, gm: np.ndarray, wm: np.ndarray,
+                  wm_weight: np.ndarray) -> np.ndarray:
+    """``image`` with its grey/white contrast reduced by ``level`` (see the module docstring)."""
+    if level == 0:
+        return image
+    step = float(np.median(prep.n4[wm]) - np.median(prep.n4[gm]))
+    return np.where(prep.mask, image - level * step * wm_weight, image).astype(np.float32)
+
+
+def scan_records(spec, name: str, perturbation: str) -> list[dict]:
+    """One record per level and burden of one training scan (``real_scans.agreement_record`` + SNR and CNR)."""
+    from scipy import ndimage
+
     from epvsprep import qc
+    from epvsprep.tissue import TISSUE_CLASSES
 
     prep = rs.load_prepared(name)
     if prep.scan.dataset != rs.TRAIN:
         raise SystemExit(f"{name}: an evaluation-only scan ({prep.scan.dataset}); this benchmark reads training "
                          "scans only")
-    wm = prep.mask & (prep.wm >= 0.9)
+    gm, wm = qc.tissue_masks(prep.mask, prep.gm, prep.wm)
+    wm_weight = ndimage.gaussian_filter(
+        (prep.tissue(prep.n4) == TISSUE_CLASSES.index("white_matter")).astype(np.float32), 1.0)
     images = {b: rop.case_image(prep, b) for b in BURDENS}
     truths = {"0": np.zeros(prep.mask.shape, bool),
               "high": rs.inject(prep, "high", rop.PLACEMENT, rs.prepared_classes(prep))[1]}
+    levels = PERTURBATIONS[perturbation][0]
     clean = None
     records = []
-    for i, level in enumerate(LEVELS):
+    for i, level in enumerate(levels):
         for burden in BURDENS:
-            rng = np.random.default_rng([SEED, rs.SCANS.index(prep.scan), i, BURDENS.index(burden)])
-            image = rician(images[burden], prep.mask, level, rng)
+            if perturbation == "noise":
+                rng = np.random.default_rng([SEED, rs.SCANS.index(prep.scan), i, BURDENS.index(burden)])
+                image = rician(images[burden], prep.mask, level, rng)
+            else:
+                image = less_contrast(images[burden], prep, level, gm, wm, wm_weight)
             pred, seconds = rs.detect_mask(spec, prep, image)
-            clean = pred if clean is None else clean  # the clean scan at burden 0: what was there before
+            clean = pred if clean is None else clean  # the clean scan at burden 0 (first): what was there before
             record = rs.agreement_record(prep.scan, burden, pred, truths[burden], clean)
-            records.append({**record, "level": level, "snr_wm": qc.snr(image, wm), "seconds": seconds})
+            records.append({**record, "level": level, "snr_wm": qc.snr(image, wm), "cnr": qc.cnr(image, gm, wm),
+                            "seconds": seconds})
             print(json.dumps(records[-1]), flush=True)
     return records
 
 
-def summary(records: list[dict]) -> dict:
+def summary(records: list[dict], levels) -> dict:
     """Per level: pooled sensitivity and precision over new detections (burden high), clusters at burden 0."""
     out = {}
-    for level in LEVELS:
+    for level in levels:
         at = [r for r in records if r["level"] == level]
         high = [r for r in at if r["burden"] == "high"]
         new = sum(r["n_pred"] - r["pred_preexisting"] for r in high)
@@ -84,27 +110,35 @@ def summary(records: list[dict]) -> dict:
             "sensitivity": sum(r["ref_detected"] for r in high) / max(sum(r["n_ref"] for r in high), 1),
             "precision_new": sum(r["pred_true"] for r in high) / new if new else float("nan"),
             "clusters_uninjected": sum(r["n_pred"] for r in at if r["burden"] == "0"),
-            "snr_wm_median": float(np.median([r["snr_wm"] for r in at]))}
+            "snr_wm_median": float(np.median([r["snr_wm"] for r in at])),
+            "cnr_median": float(np.median([r["cnr"] for r in at if "cnr" in r] or [np.nan]))}
     return out
 
 
+TITLES = {"noise": ("Added noise", "Rician noise of SD = level x the median brain intensity"),
+          "contrast": ("Reduced grey/white contrast", "grey/white contrast reduced by the fraction level (module "
+                       "docstring)")}
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# Added noise on real training scans: {result['model_id']}\n\n",
+    title, words = TITLES[result["perturbation"]]
+    levels = result["levels"]
+    lines = [f"# {title} on real training scans: {result['model_id']}\n\n",
              f"Produced by `benchmarks/added_noise.py` (seeded): `{result['command']}`. Scans (all *training*): "
-             f"{', '.join(f'`{s}`' for s in result['scans'])}. Rician noise of SD = level x the median brain "
-             "intensity; ePVS injected at burden high (`injected_tissue`); precision over new detections counts "
-             "every detection not on the clean, uninjected scan.\n\n",
-             "| noise level | median WM SNR | clusters where nothing was injected | sensitivity | precision over new |\n"
-             "|---|---|---|---|---|\n"]
+             f"{', '.join(f'`{s}`' for s in result['scans'])}. {words}; ePVS injected at burden high "
+             "(`injected_tissue`); precision over new detections counts every detection not on the clean, "
+             "uninjected scan.\n\n",
+             "| level | median WM SNR | median grey/white CNR | clusters where nothing was injected | sensitivity | "
+             "precision over new |\n|---|---|---|---|---|---|\n"]
     for level, s in result["summary"].items():
-        lines.append(f"| {level} | {s['snr_wm_median']:.1f} | {s['clusters_uninjected']} | {s['sensitivity']:.3f} | "
-                     f"{s['precision_new']:.3f} |\n")
+        lines.append(f"| {level} | {s['snr_wm_median']:.1f} | {s['cnr_median']:.2f} | {s['clusters_uninjected']} | "
+                     f"{s['sensitivity']:.3f} | {s['precision_new']:.3f} |\n")
     lines.append("\nPer scan (clusters where nothing was injected / sensitivity / WM SNR):\n\n"
-                 "| scan | " + " | ".join(f"level {lv:g}" for lv in LEVELS) + " |\n|---|"
-                 + "---|" * len(LEVELS) + "\n")
+                 "| scan | " + " | ".join(f"level {lv:g}" for lv in levels) + " |\n|---|"
+                 + "---|" * len(levels) + "\n")
     for scan in result["scans"]:
         cells = []
-        for level in LEVELS:
+        for level in levels:
             zero, high = (next(r for r in result["records"] if r["scan"] == scan and r["level"] == level
                                and r["burden"] == b) for b in BURDENS)
             cells.append(f"{zero['n_pred']} / {high['ref_detected'] / max(high['n_ref'], 1):.3f} / "
@@ -115,6 +149,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--perturbation", choices=tuple(PERTURBATIONS), default="noise")
     parser.add_argument("--model", default=None, help="model id or folder (default: the shipped default)")
     parser.add_argument("--scans", nargs="+", default=list(SCANS))
     parser.add_argument("--threads", type=int, default=2)
@@ -125,10 +160,12 @@ def main() -> None:
 
     torch.set_num_threads(opts.threads)
     spec = load_spec(opts.model)
-    records = [r for name in opts.scans for r in scan_records(spec, name)]
+    levels, name = PERTURBATIONS[opts.perturbation]
+    records = [r for scan in opts.scans for r in scan_records(spec, scan, opts.perturbation)]
     result = {"model_id": spec.model_id, "command": " ".join(["python benchmarks/added_noise.py", *sys.argv[1:]]),
-              "scans": opts.scans, "levels": list(LEVELS), "summary": summary(records), "records": records}
-    stem = rs.RESULTS / f"added_noise_{spec.model_id}"
+              "perturbation": opts.perturbation, "scans": opts.scans, "levels": list(levels),
+              "summary": summary(records, levels), "records": records}
+    stem = rs.RESULTS / f"{name}_{spec.model_id}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))

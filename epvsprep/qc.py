@@ -52,7 +52,9 @@ _FLAG_TEXT = {
 #: What a flag means for the ePVS measures, said with its warning (:func:`flag_warning`). Low grey/white CNR: the one
 #: such real scan benchmarked (``dbc_v02_t1w``, a child's second session, whose white matter is hardly darker than
 #: its cortex) got 96 ePVS clusters from the default model against 8 on the same child's other session
-#: (``benchmarks/results/real_scans_epvs-unet25d-v11-alone-real.md``).
+#: (``benchmarks/results/real_scans_epvs-unet25d-v11-alone-real.md``); on real training scans whose contrast was
+#: reduced to that CNR, the precision over new detections fell from 0.91 to 0.78
+#: (``benchmarks/results/reduced_contrast_epvs-unet25d-v11-alone-real.md``).
 FLAG_ADVICE = {
     "low CNR": "grey and white matter hardly differ on this image; ePVS detection is not validated on such contrast "
                "(it can mark texture as ePVS): check the overlays before using the counts",
