@@ -14,10 +14,13 @@ Three held-out test sets, none of whose cases was seen in training:
 For every model combination and for Frangi: voxel Dice, cluster-level sensitivity, precision and F1
 (26-connected), count and volume ICC(2,1) against the truth across cases, per-case records and strata
 (T2w acquisition 3D or 2D, ePVS burden); the fraction of WMH and
-lacune mimics labelled ePVS; inference time per 1 mm brain and peak RAM on this machine's CPU.
-Writes ``benchmarks/results/models.md`` and ``.json``.
+lacune mimics labelled ePVS; the time and peak memory of the application's detection of a 1 mm brain on this
+machine's CPU. The U-Net's masks are made as the application makes them (:func:`detect_unet`). Writes
+``benchmarks/results/models.md`` and ``.json`` (``--speed-only`` measures the speed again into the committed results
+of ``--model``: ``models.json``, or ``models_<model_id>.json`` of a model benchmarked before the default changed).
 
-Usage: python benchmarks/bench_models.py [--n-synth 12] [--n-colin 6] [--threads 2] [--cache DIR]
+Usage: python benchmarks/bench_models.py [--n-synth 12] [--n-colin 6] [--threads 2] [--cache DIR] [--model ID]
+[--speed-only]
 """
 
 from __future__ import annotations
