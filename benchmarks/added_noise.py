@@ -75,11 +75,12 @@ def scan_records(spec, name: str, perturbation: str) -> list[dict]:
         raise SystemExit(f"{name}: an evaluation-only scan ({prep.scan.dataset}); this benchmark reads training "
                          "scans only")
     gm, wm = qc.tissue_masks(prep.mask, prep.gm, prep.wm)
-    wm_weight = ndimage.gaussian_filter(
-        (prep.tissue(prep.n4) == TISSUE_CLASSES.index("white_matter")).astype(np.float32), 1.0)
-    images = {b: rop.case_image(prep, b) for b in BURDENS}
-    truths = {"0": np.zeros(prep.mask.shape, bool),
-              "high": rs.inject(prep, "high", rop.PLACEMENT, rs.prepared_classes(prep))[1]}
+    if perturbation == "contrast":  # the white-matter weight of less_contrast
+        wm_weight = ndimage.gaussian_filter(
+            (prep.tissue(prep.n4) == TISSUE_CLASSES.index("white_matter")).astype(np.float32), 1.0)
+    injected, truth = rs.inject(prep, "high", rop.PLACEMENT, rs.prepared_classes(prep))
+    images = {"0": prep.n4, "high": injected}
+    truths = {"0": np.zeros(prep.mask.shape, bool), "high": truth}
     levels = PERTURBATIONS[perturbation][0]
     clean = None
     records = []

@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+from model_results import RESULTS, committed  # noqa: E402  (benchmarks/model_results.py)
+
 from epvsseg import frangi, infer, metrics, synth  # noqa: E402
 from epvsseg.detect import detect  # noqa: E402
 from epvsseg.nets import SEQUENCES  # noqa: E402
@@ -45,7 +47,7 @@ from epvsseg.nets import SEQUENCES  # noqa: E402
 BRIGHT = {"T2w": True, "T1w": False, "FLAIR": False}
 TEST_SEED = 990_000  # training seeds come from a generator seeded with the training seed; these are apart
 SPEED_SCAN = "github_neurolabusc_Clinical/T2.nii.gz"  #: the real T2w (under ``SHARED``) the speed is measured on
-RESULTS_JSON = ROOT / "benchmarks" / "results" / "models.json"
+RESULTS_JSON = RESULTS / "models.json"
 
 
 def detect_unet(model, images, mask, affine, combination):
@@ -388,20 +390,14 @@ def speed_again(model, opts) -> None:
     """``--speed-only``: the speed of the committed results of this model and weights (``models.json``, or
     ``models_<model_id>.json`` for a model benchmarked before the default changed) measured again, its command kept
     beside it."""
-    path = next((p for p in (RESULTS_JSON, RESULTS_JSON.with_name(f"models_{model.model_id}.json"))
-                 if p.exists() and _of_model(json.loads(p.read_text()), model)), None)
+    path, results = committed(model.model_id, model.spec.sha256)
     if path is None:
         raise SystemExit(f"no committed bench_models results of {model.model_id} with these weights")
-    results = json.loads(path.read_text())
     real_t2w_cases()  # the speed scan's brain mask
     results["speed"] = {**detection_speed(opts.model, opts.threads),
                         "command": " ".join(["python benchmarks/bench_models.py", *sys.argv[1:]])}
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, model, path.with_suffix(".md"))
-
-
-def _of_model(results: dict, model) -> bool:
-    return (results.get("model_id"), results.get("weights_sha256")) == (model.model_id, model.spec.sha256)
 
 
 def _f(v, nd=3):

@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import model_results  # noqa: E402  (benchmarks/model_results.py)
 
 
 def _f(v, nd=3):
@@ -150,15 +153,9 @@ def _as_app_lines(model_id: str) -> str:
               f"`benchmarks/results/real_scans_{model_id}.md` and `docs/models.md`.\n")
 
 
-def held_out_benchmark(meta: dict, results: Path = ROOT / "benchmarks" / "results") -> tuple[Path | None, dict | None]:
-    """The committed ``bench_models.py`` results of this model and weights in ``results``: ``models.json`` (the
-    shipped default's) or ``models_<model_id>.json`` (a model benchmarked before the default changed); (None, None)
-    if neither is of them."""
-    for path in (results / "models.json", results / f"models_{meta['model_id']}.json"):
-        bench = json.loads(path.read_text()) if path.exists() else None
-        if bench and (bench.get("model_id"), bench.get("weights_sha256")) == (meta["model_id"], meta["sha256"]):
-            return path, bench
-    return None, None
+def held_out_benchmark(meta: dict, results: Path = model_results.RESULTS) -> tuple[Path | None, dict | None]:
+    """The committed ``bench_models.py`` results of the card's model and weights (:func:`model_results.committed`)."""
+    return model_results.committed(meta["model_id"], meta["sha256"], results)
 
 
 def main(folder: str) -> None:
